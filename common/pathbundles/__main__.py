@@ -1,0 +1,5 @@
+"""``python -m pathbundles ...``: see :mod:`pathbundles.cli`."""
+
+from pathbundles.cli import main
+
+main()

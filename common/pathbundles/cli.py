@@ -1,0 +1,75 @@
+"""The ``pathbundles`` command line (python-fire). Each verb prints JSON and imports its module on demand."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _print_json(result: Any) -> None:
+    print(json.dumps(result, indent=2, default=str))
+
+
+def info(slide: str, backend: str = "auto") -> None:
+    """Print a slide's backend, vendor, levels (sizes, downsamples, um/px) and level-0 mpp as JSON."""
+    from pathbundles.wsi import slide_info
+
+    _print_json(slide_info(slide, backend=backend))
+
+
+def tissue(slide: str, out: str, mpp: float = 8.0, backend: str = "auto") -> None:
+    """Write the Otsu tissue mask of SLIDE as a PNG (white = tissue) at about ``mpp`` um/px."""
+    from pathbundles.tissue import tissue_mask
+    from pathbundles.wsi import open_slide
+
+    with open_slide(slide, backend=backend) as opened:
+        mask = tissue_mask(opened, mpp=mpp)
+    mask.save_png(out)
+    _print_json({"out": str(Path(out).resolve()), "mpp": mask.mpp, "shape_hw": list(mask.mask.shape),
+                 "tissue_fraction": float(mask.mask.mean())})
+
+
+def phantom(outdir: str, kind: str = "metastasis", n: int = 4, seed: int = 0) -> None:
+    """Generate a deterministic phantom dataset (kind: metastasis | mitosis | multiclass) into OUTDIR."""
+    from pathbundles.phantom import make_phantom
+
+    _print_json({"dataset": str(make_phantom(outdir, kind=kind, n=n, seed=seed))})
+
+
+def froc(masks: str, detections: str, out: str, level0_mpp: float = 0.243, mask_downsample: float = 32) -> None:
+    """Camelyon16 FROC from tumour masks (DIR/<slide>.png|.tif) and detection CSVs (DIR/<slide>.csv)."""
+    from pathbundles.metrics.commands import froc_command
+
+    _print_json(froc_command(masks, detections, out, level0_mpp=level0_mpp, mask_downsample=mask_downsample))
+
+
+def mitosis_f1(truth: str, detections: str, out: str, radius_px: float = 30.0, score_threshold: float = 0.0) -> None:
+    """Mitosis precision/recall/F1 from centroid CSVs (truth x,y; detections x,y,score), one file per image."""
+    from pathbundles.metrics.commands import mitosis_f1_command
+
+    _print_json(mitosis_f1_command(truth, detections, out, radius_px=radius_px, score_threshold=score_threshold))
+
+
+def iou(truth: str, pred: str, out: str, num_classes: int) -> None:
+    """Per-class IoU, recall, precision and mean IoU of PNG label maps (label 0 = unannotated, ignored)."""
+    from pathbundles.metrics.commands import iou_command
+
+    _print_json(iou_command(truth, pred, out, num_classes=num_classes))
+
+
+COMMANDS = {
+    "info": info,
+    "tissue": tissue,
+    "phantom": phantom,
+    "froc": froc,
+    "mitosis_f1": mitosis_f1,
+    "iou": iou,
+}
+
+
+def main() -> None:
+    """Entry point of ``python -m pathbundles`` and the ``pathbundles`` console script."""
+    import fire
+
+    fire.Fire(COMMANDS, name="pathbundles")
