@@ -1,0 +1,189 @@
+"""Metric commands on files: froc, mitosis_f1, iou, called directly, through ``python -m pathbundles`` and from a
+bundle config; malformed input is reported with file and line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pathbundles.errors import InputError
+from pathbundles.metrics.commands import froc_command, iou_command, mitosis_f1_command
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write_csv(path: Path, rows: list) -> None:
+    path.write_text("".join(",".join(str(v) for v in row) + "\n" for row in rows))
+
+
+@pytest.fixture()
+def froc_dirs(tmp_path: Path) -> tuple[Path, Path]:
+    """tumour_a: mask with tumour = 1 (PNG), tumour_b: mask with 255 (TIFF) and no CSV, normal_c: CSV only."""
+    import tifffile
+
+    masks, detections = tmp_path / "masks", tmp_path / "detections"
+    masks.mkdir()
+    detections.mkdir()
+    mask = np.zeros((80, 80), dtype=np.uint8)
+    mask[10:50, 10:50] = 1  # 311 um square at 7.776 um/px: a lesion
+    Image.fromarray(mask).save(masks / "tumour_a.png")
+    tifffile.imwrite(masks / "tumour_b.tif", mask * 255)
+    # tumour_a: lesion hit at 0.9 and again at 0.5, FP at 0.7 (x = 70 * 32 lies outside the lesion)
+    _write_csv(detections / "tumour_a.csv", [[0.9, 20 * 32, 20 * 32], [0.5, 30 * 32, 30 * 32], [0.7, 70 * 32, 10]])
+    _write_csv(detections / "normal_c.csv", [[0.6, 100, 100]])
+    return masks, detections
+
+
+def _expected_froc() -> dict:
+    """Slides 3, lesions 2 (tumour_a found at 0.9, tumour_b missed). FPs 0.7, 0.6.
+    Curve: (0,0) (0,1/2)@0.9 (1/3,1/2)@0.7 (2/3,1/2)@0.6 (2/3,1/2)@0.5 -> sensitivity 1/2 at every rate."""
+    return {"froc": 0.5, "sensitivity": {k: 0.5 for k in ("0.25", "0.5", "1", "2", "4", "8")},
+            "n_slides": 3, "n_lesions": 2, "n_itc": 0}
+
+
+def test_froc_command(froc_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    masks, detections = froc_dirs
+    result = froc_command(masks, detections, tmp_path / "out" / "result.json")
+    assert result == _expected_froc()
+    assert json.loads((tmp_path / "out" / "result.json").read_text()) == result
+
+
+def test_froc_mask_downsample_and_mpp_are_used(froc_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    masks, detections = froc_dirs
+    # Read at downsample 16 from 0.243 um/px, the 40 px squares are 155 um wide (+ 75 um growth < 275 um): ITC only.
+    with pytest.raises(InputError, match="isolated tumour cells"):
+        froc_command(masks, detections, tmp_path / "r.json", level0_mpp=0.243, mask_downsample=16)
+    # From 0.5 um/px at downsample 16 they are 320 um wide again: lesions. The 0.5 hit now falls at mask pixel 60,
+    # outside the lesion: a third FP, which changes no sensitivity (1/2 throughout).
+    result = froc_command(masks, detections, tmp_path / "r.json", level0_mpp=0.5, mask_downsample=16)
+    assert result == _expected_froc()
+
+
+def test_froc_malformed_csv_names_file_and_line(froc_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    masks, detections = froc_dirs
+    (detections / "normal_c.csv").write_text("0.5,1,2\n0.4,abc,3\n")
+    with pytest.raises(InputError, match=r"normal_c\.csv, line 2"):
+        froc_command(masks, detections, tmp_path / "r.json")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_froc_mask_that_is_not_an_image(froc_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    masks, detections = froc_dirs
+    (masks / "broken.png").write_bytes(b"not a png at all")
+    with pytest.raises(InputError, match=r"broken\.png: not a readable image"):
+        froc_command(masks, detections, tmp_path / "r.json")
+
+
+def test_mitosis_f1_command(tmp_path: Path) -> None:
+    truth, detections = tmp_path / "truth", tmp_path / "det"
+    truth.mkdir()
+    detections.mkdir()
+    _write_csv(truth / "img1.csv", [[100, 100], [300, 300]])
+    _write_csv(detections / "img1.csv", [[110, 100, 0.9], [600, 600, 0.4]])
+    _write_csv(truth / "img2.csv", [])  # an image with no mitoses
+    _write_csv(detections / "img2.csv", [[5, 5, 0.8]])
+    result = mitosis_f1_command(truth, detections, tmp_path / "f1.json", radius_px=30)
+    assert result == {"precision": pytest.approx(1 / 3), "recall": 0.5, "f1": pytest.approx(0.4),
+                      "tp": 1, "fp": 2, "fn": 1}
+    thresholded = mitosis_f1_command(truth, detections, tmp_path / "f1.json", radius_px=30, score_threshold=0.85)
+    assert (thresholded["tp"], thresholded["fp"], thresholded["fn"]) == (1, 0, 1)
+
+
+def test_mitosis_f1_mismatched_stems_and_bad_rows(tmp_path: Path) -> None:
+    truth, detections = tmp_path / "truth", tmp_path / "det"
+    truth.mkdir()
+    detections.mkdir()
+    _write_csv(truth / "img1.csv", [[1, 1]])
+    _write_csv(detections / "img9.csv", [[1, 1, 0.5]])
+    with pytest.raises(InputError, match=r"img9\.csv: no ground truth"):
+        mitosis_f1_command(truth, detections, tmp_path / "f1.json")
+    (detections / "img9.csv").unlink()
+    (detections / "img1.csv").write_text("1,1,0.5\n2,two,0.5\n")
+    with pytest.raises(InputError, match=r"img1\.csv, line 2"):
+        mitosis_f1_command(truth, detections, tmp_path / "f1.json")
+    (detections / "img1.csv").write_text("1,1\n")
+    with pytest.raises(InputError, match="x,y,score"):
+        mitosis_f1_command(truth, detections, tmp_path / "f1.json")
+
+
+def _iou_dirs(tmp_path: Path) -> tuple[Path, Path]:
+    truth, pred = tmp_path / "truth", tmp_path / "pred"
+    truth.mkdir()
+    pred.mkdir()
+    Image.fromarray(np.array([[0, 1, 1, 2], [0, 1, 2, 2], [0, 0, 3, 3]], dtype=np.uint8)).save(truth / "a.png")
+    Image.fromarray(np.array([[2, 1, 2, 2], [3, 1, 2, 0], [1, 1, 3, 1]], dtype=np.uint8)).save(pred / "a.png")
+    return truth, pred
+
+
+def test_iou_command(tmp_path: Path) -> None:
+    truth, pred = _iou_dirs(tmp_path)
+    result = iou_command(truth, pred, tmp_path / "iou.json", num_classes=4)
+    # Same hand case as test_metrics_other; class 4 appears nowhere: null, left out of the mean.
+    assert result["iou"] == {"1": 0.5, "2": 0.5, "3": 0.5, "4": None}
+    assert result["mean_iou"] == pytest.approx(0.5)
+    assert result["recall"]["1"] == pytest.approx(2 / 3) and result["precision"]["3"] == 1.0
+    assert json.loads((tmp_path / "iou.json").read_text()) == result
+
+
+def test_iou_shape_mismatch_and_missing_partner(tmp_path: Path) -> None:
+    truth, pred = _iou_dirs(tmp_path)
+    Image.fromarray(np.zeros((5, 5), dtype=np.uint8)).save(pred / "a.png")
+    with pytest.raises(InputError, match=r"a\.png: shape"):
+        iou_command(truth, pred, tmp_path / "iou.json", num_classes=3)
+    Image.fromarray(np.zeros((3, 4), dtype=np.uint8)).save(truth / "b.png")
+    with pytest.raises(InputError, match=r"b\.png: no file 'b'"):
+        iou_command(truth, pred, tmp_path / "iou.json", num_classes=3)
+
+
+def test_command_line(froc_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    if not (REPO / "common" / "pathbundles" / "__main__.py").exists():
+        pytest.skip("python -m pathbundles is not wired yet")
+    masks, detections = froc_dirs
+    env = {**os.environ, "PYTHONPATH": str(REPO / "common")}
+    out = tmp_path / "cli.json"
+    run = subprocess.run([sys.executable, "-m", "pathbundles", "froc", "--masks", str(masks), "--detections",
+                          str(detections), "--level0_mpp", "0.243", "--mask_downsample", "32", "--out", str(out)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(out.read_text()) == _expected_froc()
+    seg = tmp_path / "seg"
+    seg.mkdir()
+    truth, pred = _iou_dirs(seg)
+    run = subprocess.run([sys.executable, "-m", "pathbundles", "iou", "--truth", str(truth), "--pred", str(pred),
+                          "--num_classes", "3", "--out", str(tmp_path / "iou.json")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "iou.json").read_text())["mean_iou"] == pytest.approx(0.5)
+    # mitosis_f1, and a malformed row reported with its file and line.
+    mitosis_truth, mitosis_det = tmp_path / "mt", tmp_path / "md"
+    mitosis_truth.mkdir()
+    mitosis_det.mkdir()
+    _write_csv(mitosis_truth / "hpf.csv", [[10, 10]])
+    (mitosis_det / "hpf.csv").write_text("12,10,0.9\n50,50,x\n")
+    command = [sys.executable, "-m", "pathbundles", "mitosis_f1", "--truth", str(mitosis_truth), "--detections",
+               str(mitosis_det), "--radius_px", "30", "--score_threshold", "0.0", "--out", str(tmp_path / "f1.json")]
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode != 0 and "hpf.csv, line 2" in run.stderr
+    (mitosis_det / "hpf.csv").write_text("12,10,0.9\n50,50,0.2\n")
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "f1.json").read_text()) == {"precision": 0.5, "recall": 1.0,
+                                                              "f1": pytest.approx(2 / 3), "tp": 1, "fp": 1, "fn": 0}
+
+
+def test_bundle_config_can_run_a_command(froc_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    """An evaluate.json can call the command through MONAI's config parser."""
+    from monai.bundle import ConfigParser
+
+    masks, detections = froc_dirs
+    parser = ConfigParser({"froc": {"_target_": "pathbundles.metrics.commands.froc_command", "masks": str(masks),
+                                    "detections": str(detections), "out": str(tmp_path / "bundle.json"),
+                                    "level0_mpp": 0.243, "mask_downsample": 32}})
+    assert parser.get_parsed_content("froc") == _expected_froc()

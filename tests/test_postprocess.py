@@ -1,0 +1,130 @@
+"""Post-processing: map geometry, ScanNet components, NMS (against the repeated-argmax definition), SegMitos blobs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from pathbundles.postprocess import MapGeometry, detections_from_components, mitosis_blobs, non_maximum_suppression
+
+LEVEL0_MPP = 0.243
+MAP_MPP = 0.243 * 32  # a level-5-like map: 32 level-0 px per map pixel
+
+
+def test_geometry_default_origin_is_the_pixel_centre() -> None:
+    g = MapGeometry.from_mpp(MAP_MPP, LEVEL0_MPP)
+    assert g.step_px == pytest.approx(32.0)
+    xy = g.to_level0(np.array([[0, 0], [1, 2]]))
+    np.testing.assert_allclose(xy, [[16, 16], [2 * 32 + 16, 32 + 16]])
+    # The Camelyon16 hit test floor(x / 32) lands back on the map pixel.
+    assert np.floor(xy[1] / 32).tolist() == [2, 1]
+
+
+def test_geometry_scannet_origin() -> None:
+    """ScanNet Eq. 4: map index k -> level-0 k * Sd + Lf / 2 (Sd = 32, Lf = 244), here on a region at (1000, 2000)."""
+    g = MapGeometry.from_mpp(32 * LEVEL0_MPP, LEVEL0_MPP, origin_xy=(1000 + 122, 2000 + 122))
+    np.testing.assert_allclose(g.to_level0(np.array([[3, 5]])), [[1000 + 5 * 32 + 122, 2000 + 3 * 32 + 122]])
+
+
+def test_components_one_detection_each_including_the_last_label() -> None:
+    prob = np.zeros((20, 20), dtype=np.float32)
+    prob[2:6, 2:6] = 0.7
+    prob[3, 4] = 0.9            # the maximum of component 1
+    prob[12:16, 12:18] = 0.6
+    prob[14, 16] = 0.8          # maximum of the last component (label n, which a range(n) loop drops)
+    prob[10, 2] = 0.99          # a single pixel: removed by the opening
+    det = detections_from_components(prob, MAP_MPP, LEVEL0_MPP, threshold=0.5, opening_px=1)
+    assert det.shape == (2, 3)
+    np.testing.assert_allclose(det[:, 0], [0.9, 0.8], rtol=1e-6)
+    np.testing.assert_allclose(det[:, 1:], [[4 * 32 + 16, 3 * 32 + 16], [16 * 32 + 16, 14 * 32 + 16]])
+    # Without opening the lone pixel is a detection too, and it is the best one.
+    raw = detections_from_components(prob, MAP_MPP, LEVEL0_MPP, opening_px=0)
+    assert raw.shape == (3, 3) and raw[0, 0] == pytest.approx(0.99)
+
+
+def test_components_diagonal_pixels_are_one_component() -> None:
+    prob = np.zeros((5, 5), dtype=np.float32)
+    prob[1, 1], prob[2, 2] = 0.7, 0.6
+    det = detections_from_components(prob, MAP_MPP, LEVEL0_MPP, opening_px=0)
+    assert len(det) == 1  # 8-connectivity
+
+
+def test_components_empty_map() -> None:
+    assert detections_from_components(np.zeros((8, 8)), MAP_MPP, LEVEL0_MPP).shape == (0, 3)
+
+
+def _nms_reference(prob: np.ndarray, radius_px: float, threshold: float) -> list[tuple[float, int, int]]:
+    """The paper's definition, literally: argmax, emit, zero the disk, repeat."""
+    work = prob.astype(np.float64).copy()
+    rows, cols = np.mgrid[: prob.shape[0], : prob.shape[1]]
+    out = []
+    while work.max() > threshold:
+        r, c = np.unravel_index(np.argmax(work), work.shape)
+        out.append((float(work[r, c]), int(r), int(c)))
+        work[(rows - r) ** 2 + (cols - c) ** 2 <= radius_px ** 2] = 0
+    return out
+
+
+def test_nms_hand_case() -> None:
+    prob = np.zeros((10, 10), dtype=np.float32)
+    prob[2, 2], prob[2, 4], prob[2, 8] = 0.9, 0.8, 0.7   # (2, 4) is 2 px from the maximum, (2, 8) 6 px
+    prob[9, 9] = 0.4                                       # below the threshold
+    # radius 3 map px = 3 * 7.776 um
+    det = non_maximum_suppression(prob, MAP_MPP, LEVEL0_MPP, radius_um=3 * MAP_MPP, threshold=0.5)
+    np.testing.assert_allclose(det[:, 0], [0.9, 0.7], rtol=1e-6)
+    np.testing.assert_allclose(det[:, 1:], [[2 * 32 + 16, 2 * 32 + 16], [8 * 32 + 16, 2 * 32 + 16]])
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float32, st.tuples(st.integers(1, 12), st.integers(1, 12)),
+              elements=st.sampled_from([0.0, 0.2, 0.55, 0.6, 0.6, 0.8, 0.95])),
+       st.floats(0.0, 4.0), st.sampled_from([0.0, 0.5]))
+def test_nms_equals_repeated_argmax(prob: np.ndarray, radius_px: float, threshold: float) -> None:
+    det = non_maximum_suppression(prob, 1.0, 1.0, radius_um=radius_px, threshold=threshold, origin_xy=(0, 0))
+    expected = _nms_reference(prob, radius_px, threshold)
+    assert [(round(s, 6), int(y), int(x)) for s, x, y in det] == [(round(s, 6), r, c) for s, r, c in expected]
+
+
+def test_nms_rejects_a_negative_threshold() -> None:
+    with pytest.raises(ValueError, match="threshold"):
+        non_maximum_suppression(np.zeros((3, 3)), 1.0, 1.0, radius_um=1.0, threshold=-0.1)
+
+
+def _disk_map(shape: tuple[int, int], centres: list[tuple[int, int, float, float]]) -> np.ndarray:
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    prob = np.zeros(shape, dtype=np.float32)
+    for r, c, radius, value in centres:
+        prob[(rows - r) ** 2 + (cols - c) ** 2 <= radius ** 2] = value
+    return prob
+
+
+def test_blobs_area_score_and_weighted_centroid() -> None:
+    # An HPF at 0.25 um/px: a big confident blob, a small confident one, a big faint one.
+    prob = _disk_map((200, 200), [(50, 60, 12, 0.9), (150, 150, 5, 1.0), (140, 40, 12, 0.45)])
+    blobs = mitosis_blobs(prob, 0.25, 0.25, origin_xy=(0, 0), sigma_um=0.5)
+    assert blobs.shape == (3, 4)
+    # Area alone (> 12.5 um^2 = 200 px) drops the small blob; score alone (> 0.5) the faint one; both keep one.
+    by_area = mitosis_blobs(prob, 0.25, 0.25, origin_xy=(0, 0), sigma_um=0.5, min_area_um2=12.5)
+    by_score = mitosis_blobs(prob, 0.25, 0.25, origin_xy=(0, 0), sigma_um=0.5, min_mean_score=0.5)
+    kept = mitosis_blobs(prob, 0.25, 0.25, origin_xy=(0, 0), sigma_um=0.5, min_mean_score=0.5, min_area_um2=12.5)
+    assert sorted(by_area[:, 1].round().tolist()) == [40, 60]
+    assert sorted(by_score[:, 1].round().tolist()) == [60, 150]
+    assert kept.shape == (1, 4)
+    # Symmetric blob: the probability-weighted centroid is its centre (x = col, y = row), area ~ pi r^2 px.
+    np.testing.assert_allclose(kept[0, 1:3], [60, 50], atol=0.05)
+    assert kept[0, 3] == pytest.approx(np.pi * 12 ** 2 * 0.25 ** 2, rel=0.15)
+    assert 0.5 < kept[0, 0] <= 0.9
+
+
+def test_blobs_positions_follow_the_map_geometry() -> None:
+    prob = _disk_map((60, 60), [(20, 30, 6, 0.9)])
+    # A map at 0.5 um/px of an image at 0.25 um/px (step 2), whose pixel (0, 0) centre is at level-0 (100, 200).
+    blobs = mitosis_blobs(prob, 0.5, 0.25, origin_xy=(100, 200), sigma_um=0.5)
+    np.testing.assert_allclose(blobs[0, 1:3], [100 + 30 * 2, 200 + 20 * 2], atol=0.1)
+
+
+def test_blobs_constant_map_has_none() -> None:
+    assert mitosis_blobs(np.full((30, 30), 0.3), 0.25, 0.25).shape == (0, 4)
