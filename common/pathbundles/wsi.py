@@ -1,0 +1,674 @@
+"""Whole-slide images: one `Slide` interface over cuCIM, OpenSlide and a tile-aware tifffile reader.
+
+Conventions (see docs/ARCHITECTURE.md): positions are level-0 pixels as (x, y); region sizes are (width, height);
+returned arrays are uint8 (H, W, 3) RGB; resolution is micrometres per pixel (mpp), never a level number. Pixels
+outside the slide read as white (255) and RGBA is composited on white.
+
+`Slide` holds all logic (level choice, reads at any mpp with anti-aliased resampling, bounds and padding,
+validation, info); each backend subclass implements five small methods (`_open`, `_geometry`, `_read_level`,
+`_file_mpp`, `_close`). MONAI is imported only when `TiledTiffWSIReader` is first used.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import importlib
+import math
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pathbundles.errors import SlideError
+
+BACKENDS = ("cucim", "openslide", "tifffile")
+
+# PIL needs a row band of source pixels per call; this bounds the memory of a whole-slide thumbnail read.
+_THUMBNAIL_BAND_SOURCE_PX = 1 << 24
+# OpenSlide's default tile cache is 32 MiB; the tifffile backend keeps the same budget so benchmarks compare alike.
+_TILE_CACHE_BYTES = 32 << 20
+
+
+class Slide(abc.ABC):
+    """A whole-slide image opened by one backend; use `open_slide` to make one.
+
+    Args:
+        path: the slide file.
+        mpp: level-0 resolution in um/px, a number or (mpp_x, mpp_y); overrides the file's value (for files that
+            store none, such as a single Camelyon16 level saved as TIFF).
+
+    Attributes:
+        path: the slide file.
+        backend: "cucim", "openslide" or "tifffile".
+        vendor: the format as the backend names it ("aperio", "generic-tiff", ...).
+        level_dimensions: [(width, height), ...] per level, in that level's pixels.
+        level_downsamples: level-0 pixels per level pixel, as the file states them (never assumed 2**level).
+        associated_images: names of non-pyramid images in the file (thumbnail, label, macro).
+    """
+
+    backend: str = ""
+
+    def __init__(self, path: str | os.PathLike, mpp: float | tuple[float, float] | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise SlideError(self.path, "file does not exist" if not self.path.exists() else "not a regular file")
+        if mpp is not None:
+            mpp_xy = (float(mpp), float(mpp)) if np.isscalar(mpp) else tuple(float(v) for v in mpp)
+            if len(mpp_xy) != 2 or min(mpp_xy) <= 0 or not all(math.isfinite(v) for v in mpp_xy):
+                raise SlideError(self.path, f"mpp override must be positive um/px, got {mpp!r}")
+            mpp = mpp_xy
+        self._mpp_override: tuple[float, float] | None = mpp
+        try:
+            self._open()
+            dims, self.vendor, self.associated_images = self._geometry()
+        except SlideError:
+            self._safe_close()
+            raise
+        except ImportError as exc:
+            raise SlideError(self.path, f"the {self.backend} backend is not installed ({exc})") from exc
+        except Exception as exc:  # backends raise their own types; the caller needs the file and the cause
+            self._safe_close()
+            raise SlideError(self.path, f"not a whole-slide image the {self.backend} backend can read "
+                                        f"({type(exc).__name__}: {exc})") from exc
+        if not dims:
+            raise SlideError(self.path, f"the {self.backend} backend found no image levels")
+        self.level_dimensions: list[tuple[int, int]] = [(int(w), int(h)) for w, h in dims]
+        w0, h0 = self.level_dimensions[0]
+        # OpenSlide's definition: the mean of the width and height ratios, so every backend reports the same value.
+        self.level_downsamples: list[float] = [(w0 / w + h0 / h) / 2 for w, h in self.level_dimensions]
+
+    # ---- backend interface -------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _open(self) -> None:
+        """Open the file; raise anything on failure (the base class turns it into a SlideError)."""
+
+    @abc.abstractmethod
+    def _geometry(self) -> tuple[list[tuple[int, int]], str, list[str]]:
+        """Return ([(width, height) per level], vendor, associated image names)."""
+
+    @abc.abstractmethod
+    def _read_level(self, level: int, level_xy: tuple[int, int], size_px: tuple[int, int]) -> np.ndarray:
+        """Return uint8 (h, w, 1|3|4) pixels of a region lying inside the level, position and size in level pixels."""
+
+    @abc.abstractmethod
+    def _file_mpp(self) -> tuple[float, float] | None:
+        """Return the level-0 (mpp_x, mpp_y) in um/px the file states, or None."""
+
+    @abc.abstractmethod
+    def _close(self) -> None:
+        """Release the backend's handles."""
+
+    # ---- geometry and resolution -------------------------------------------------------------------------------
+
+    @property
+    def level_count(self) -> int:
+        """Number of pyramid levels."""
+        return len(self.level_dimensions)
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 (width, height) in pixels."""
+        return self.level_dimensions[0]
+
+    @property
+    def file_mpp(self) -> tuple[float, float] | None:
+        """Level-0 (mpp_x, mpp_y) in um/px: the override given to `open_slide`, else the file's value, else None."""
+        return self._mpp_override or self._file_mpp()
+
+    @property
+    def mpp(self) -> tuple[float, float]:
+        """Level-0 (mpp_x, mpp_y) in um/px; raises SlideError naming the file when it is unknown."""
+        mpp = self.file_mpp
+        if mpp is None:
+            raise SlideError(self.path, "the slide states no resolution (mpp); pass mpp= to open_slide")
+        return mpp
+
+    def level_mpp(self, level: int) -> tuple[float, float]:
+        """(mpp_x, mpp_y) in um/px of a pyramid level.
+
+        Args:
+            level: pyramid level index.
+        """
+        self._check_level(level)
+        w0, h0 = self.dimensions
+        w, h = self.level_dimensions[level]
+        mpp_x, mpp_y = self.mpp
+        return mpp_x * (w0 / w), mpp_y * (h0 / h)
+
+    def info(self) -> dict[str, Any]:
+        """JSON-ready summary: backend, vendor, levels (size, downsample, mpp), level-0 mpp or None, associated."""
+        known = self.file_mpp is not None
+        levels = [{"level": i, "width": w, "height": h, "downsample": self.level_downsamples[i],
+                   "mpp": list(self.level_mpp(i)) if known else None}
+                  for i, (w, h) in enumerate(self.level_dimensions)]
+        return {"path": str(self.path), "backend": self.backend, "vendor": self.vendor,
+                "level_count": self.level_count, "levels": levels,
+                "mpp": list(self.mpp) if known else None, "associated_images": list(self.associated_images)}
+
+    # ---- reads ---------------------------------------------------------------------------------------------------
+
+    def read_level_region(self, level: int, level0_xy: tuple[int, int], size_px: tuple[int, int]) -> np.ndarray:
+        """Read pixels of one pyramid level as they are stored.
+
+        Args:
+            level: pyramid level index.
+            level0_xy: top-left corner (x, y) in level-0 pixels; the region starts at the level pixel nearest to
+                level0_xy / downsample, so level pixel positions survive a round trip through level 0.
+            size_px: (width, height) in pixels of `level`.
+
+        Returns:
+            uint8 array (height, width, 3), RGB; pixels outside the slide are white.
+        """
+        self._check_level(level)
+        ds = self.level_downsamples[level]
+        level_xy = (round(level0_xy[0] / ds), round(level0_xy[1] / ds))
+        return self._read_level_px(level, level_xy, self._check_size(size_px))
+
+    def read_region(self, level0_xy: tuple[float, float], size_px: tuple[int, int], mpp: float,
+                    tolerance: float = 0.1) -> np.ndarray:
+        """Read a region at any resolution.
+
+        A level whose mpp is within `tolerance` of `mpp` is returned unchanged; otherwise the covering region of the
+        coarsest finer level is area-averaged (anti-aliased) to `mpp`, or bilinearly upsampled when `mpp` is finer
+        than level 0.
+
+        Args:
+            level0_xy: top-left corner (x, y) in level-0 pixels.
+            size_px: (width, height) of the output in pixels at `mpp`.
+            mpp: requested resolution in um/px.
+            tolerance: relative mpp difference accepted without resampling (0.1 = 10 %).
+
+        Returns:
+            uint8 array (height, width, 3), RGB; pixels outside the slide are white.
+        """
+        from PIL import Image
+
+        w, h = self._check_size(size_px)
+        if not mpp > 0:
+            raise SlideError(self.path, f"requested mpp must be positive um/px, got {mpp!r}")
+        level, exact = self._choose_level(float(mpp), tolerance)
+        ds = self.level_downsamples[level]
+        x, y = level0_xy[0] / ds, level0_xy[1] / ds
+        if exact:  # rounded like read_level_region, so a level read through either method is the same
+            return self._read_level_px(level, (round(x), round(y)), (w, h))
+        level_mpp_x, level_mpp_y = self.level_mpp(level)
+        # Level pixels per output pixel; the source box keeps sub-pixel offsets so neighbouring reads tile exactly.
+        span_x, span_y = w * mpp / level_mpp_x, h * mpp / level_mpp_y
+        x0, y0 = math.floor(x), math.floor(y)
+        x1, y1 = math.ceil(x + span_x), math.ceil(y + span_y)
+        source = self._read_level_px(level, (x0, y0), (x1 - x0, y1 - y0))
+        box = (x - x0, y - y0, x - x0 + span_x, y - y0 + span_y)
+        resample = Image.Resampling.BOX if span_x >= w else Image.Resampling.BILINEAR
+        return np.asarray(Image.fromarray(source).resize((w, h), resample, box=box))
+
+    def read_thumbnail(self, mpp: float, tolerance: float = 0.1) -> tuple[np.ndarray, float]:
+        """Read the whole slide at about `mpp` (for tissue masks, typically 8 um/px).
+
+        Args:
+            mpp: wanted resolution in um/px.
+            tolerance: relative mpp difference for which a pyramid level is used as it is.
+
+        Returns:
+            (uint8 array (height, width, 3), actual mpp in um/px); the output size is rounded to whole pixels, so
+            the actual mpp (measured along x) differs slightly from `mpp` unless a level matched.
+        """
+        if not mpp > 0:
+            raise SlideError(self.path, f"requested mpp must be positive um/px, got {mpp!r}")
+        level, exact = self._choose_level(float(mpp), tolerance)
+        (w0, h0), (mpp_x, mpp_y) = self.dimensions, self.mpp
+        if exact:
+            actual = self.level_mpp(level)[0]
+            out_w, out_h = self.level_dimensions[level]
+        else:
+            out_w, out_h = max(1, round(w0 * mpp_x / mpp)), max(1, round(h0 * mpp_y / mpp))
+            actual = w0 * mpp_x / out_w
+        source_per_row = out_w * (actual / self.level_mpp(level)[0]) ** 2
+        band = max(1, int(_THUMBNAIL_BAND_SOURCE_PX // source_per_row))
+        rows = [self.read_region((0, top * actual / mpp_y), (out_w, min(band, out_h - top)), actual, tolerance)
+                for top in range(0, out_h, band)]
+        return np.concatenate(rows, axis=0), actual
+
+    # ---- lifecycle -----------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the file; further reads are invalid."""
+        self._safe_close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Re-open by path in the receiving process: backend handles cannot be pickled (DataLoader workers).
+        return type(self), (self.path, self._mpp_override)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({str(self.path)!r}, vendor={self.vendor!r}, "
+                f"level_dimensions={self.level_dimensions})")
+
+    # ---- helpers -------------------------------------------------------------------------------------------------
+
+    def _safe_close(self) -> None:
+        try:
+            self._close()
+        except Exception:  # closing a half-opened handle must not hide the error that made us close it
+            pass
+
+    def _check_level(self, level: int) -> None:
+        if not (isinstance(level, (int, np.integer)) and 0 <= level < len(self.level_dimensions)):
+            raise SlideError(self.path, f"no pyramid level {level!r}: the slide has levels 0..{self.level_count - 1}")
+
+    def _check_size(self, size_px: tuple[int, int]) -> tuple[int, int]:
+        w, h = (int(v) for v in size_px)
+        if w <= 0 or h <= 0 or (w, h) != tuple(size_px):
+            raise SlideError(self.path, f"region size must be positive whole pixels (width, height), got {size_px!r}")
+        return w, h
+
+    def _choose_level(self, mpp: float, tolerance: float) -> tuple[int, bool]:
+        """Return (level, True) for a level within tolerance of `mpp`, else (coarsest finer level, False)."""
+        level_mpps = [sum(self.level_mpp(i)) / 2 for i in range(self.level_count)]
+        closest = min(range(self.level_count), key=lambda i: abs(level_mpps[i] - mpp))
+        if abs(level_mpps[closest] - mpp) <= tolerance * mpp:
+            return closest, True
+        finer = [i for i in range(self.level_count) if level_mpps[i] < mpp]
+        return (max(finer, key=level_mpps.__getitem__) if finer else 0), False
+
+    def _read_level_px(self, level: int, level_xy: tuple[int, int], size_px: tuple[int, int]) -> np.ndarray:
+        """Read (w, h) pixels of `level` at level position (x, y), white outside the level, always RGB."""
+        (x, y), (w, h) = level_xy, size_px
+        lw, lh = self.level_dimensions[level]
+        cx0, cy0, cx1, cy1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
+        if cx0 >= cx1 or cy0 >= cy1:
+            return np.full((h, w, 3), 255, np.uint8)
+        try:
+            pixels = self._read_level(level, (cx0, cy0), (cx1 - cx0, cy1 - cy0))
+        except SlideError:
+            raise
+        except Exception as exc:
+            raise SlideError(self.path, f"cannot read level {level} region at level pixels ({cx0}, {cy0}) size "
+                                        f"({cx1 - cx0}, {cy1 - cy0}): {type(exc).__name__}: {exc}") from exc
+        if (cx0, cy0, cx1, cy1) == (x, y, x + w, y + h):  # nothing to pad: skip the copy into the white canvas
+            return np.ascontiguousarray(_as_rgb(pixels))
+        out = np.full((h, w, 3), 255, np.uint8)
+        out[cy0 - y:cy1 - y, cx0 - x:cx1 - x] = _as_rgb(pixels)
+        return out
+
+
+def _as_rgb(pixels: np.ndarray) -> np.ndarray:
+    """Gray -> RGB by repetition; RGBA -> RGB composited on white (straight, not premultiplied, alpha)."""
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    if pixels.shape[-1] == 1:
+        return np.repeat(pixels, 3, axis=-1)
+    if pixels.shape[-1] == 4 and pixels[..., 3].min() < 255:  # opaque pixels (the usual case) need no blending
+        alpha = pixels[..., 3:].astype(np.uint16)
+        blended = (pixels[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255
+        return blended.astype(np.uint8)
+    return pixels[..., :3]
+
+
+# ---- tifffile backend -------------------------------------------------------------------------------------------
+
+
+class TiffSlide(Slide):
+    """Pure-Python tiled TIFF/SVS reader that decodes only the tiles (or strips) a region touches.
+
+    Levels: the first page, then either its SubIFDs or later top-level pages that are tiled, smaller, of the same
+    aspect ratio and marked reduced-resolution (NewSubfileType bit 0; Aperio SVS levels carry no mark, so for SVS
+    any such tiled page counts). Stripped pages (the SVS thumbnail) and label/macro pages are never levels.
+    """
+
+    backend = "tifffile"
+
+    def _open(self) -> None:
+        import tifffile
+
+        self._tif = tifffile.TiffFile(self.path)
+        self._raw = open(self.path, "rb")
+        self._lock = threading.Lock()
+        self._cache: collections.OrderedDict[tuple[int, int], np.ndarray | None] = collections.OrderedDict()
+        self._cache_bytes = 0
+
+    def _geometry(self) -> tuple[list[tuple[int, int]], str, list[str]]:
+        tif = self._tif
+        first = tif.pages.first
+        self._levels = [first]
+        candidates = list(first.pages) if first.subifds else list(tif.pages)[1:]
+        for page in candidates:
+            prev = self._levels[-1]
+            reduced = tif.is_svs or (page.subfiletype & 1)
+            if (page.is_tiled and reduced and not page.subfiletype & ~1
+                    and page.samplesperpixel == first.samplesperpixel and page.dtype == first.dtype
+                    and page.imagewidth < prev.imagewidth and page.imagelength < prev.imagelength
+                    and _similar_ratio(first.imagewidth / page.imagewidth, first.imagelength / page.imagelength)):
+                self._levels.append(page)
+        file_size = os.fstat(self._raw.fileno()).st_size
+        for i, page in enumerate(self._levels):
+            self._check_page(i, page, file_size)
+        associated = []
+        if tif.is_svs:
+            for index, page in enumerate(tif.pages):
+                words = page.description.split("\n")[1].split() if "\n" in page.description else []
+                if words and words[0] in ("label", "macro"):
+                    associated.append(words[0])
+                elif index == 1 and not page.is_tiled:
+                    associated.append("thumbnail")
+        dims = [(p.imagewidth, p.imagelength) for p in self._levels]
+        return dims, "aperio" if tif.is_svs else "generic-tiff", sorted(associated)
+
+    def _check_page(self, level: int, page: Any, file_size: int) -> None:
+        if page.dtype != np.uint8 or page.samplesperpixel not in (1, 3, 4):
+            raise SlideError(self.path, f"level {level} has {page.samplesperpixel} samples of {page.dtype}; "
+                                        "the tifffile backend reads 8-bit gray, RGB or RGBA")
+        if page.samplesperpixel > 1 and page.planarconfig != 1:
+            raise SlideError(self.path, f"level {level} stores colour planes separately, which the tifffile "
+                                        "backend does not read")
+        ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts) if n]
+        if not ends or max(ends) > file_size:
+            raise SlideError(self.path, f"file is truncated: level {level} tile data ends at byte "
+                                        f"{max(ends, default=0)} but the file has {file_size} bytes")
+
+    def _file_mpp(self) -> tuple[float, float] | None:
+        first = self._tif.pages.first
+        if self._tif.is_svs:
+            match = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", first.description)
+            if match and float(match.group(1)) > 0:
+                return float(match.group(1)), float(match.group(1))
+        um_per_unit = {2: 25400.0, 3: 10000.0}.get(int(first.tags.valueof("ResolutionUnit", 2)))
+        xres, yres = first.tags.valueof("XResolution"), first.tags.valueof("YResolution")
+        if um_per_unit is None or not xres or not yres or not xres[0] or not yres[0]:
+            return None
+        # Rationals are (numerator, denominator) pixels per unit.
+        return um_per_unit * xres[1] / xres[0], um_per_unit * yres[1] / yres[0]
+
+    def _read_level(self, level: int, level_xy: tuple[int, int], size_px: tuple[int, int]) -> np.ndarray:
+        page = self._levels[level]
+        # Strips are tiles as wide as the image.
+        tile_w, tile_h = (page.tilewidth, page.tilelength) if page.is_tiled else (page.imagewidth, page.rowsperstrip)
+        across = -(-page.imagewidth // tile_w)
+        (x, y), (w, h) = level_xy, size_px
+        out = np.full((h, w, page.samplesperpixel), 255, np.uint8)
+        for ty in range(y // tile_h, (y + h - 1) // tile_h + 1):
+            for tx in range(x // tile_w, (x + w - 1) // tile_w + 1):
+                tile = self._tile(level, ty * across + tx)
+                if tile is None:  # an empty tile (byte count 0) is background
+                    continue
+                ox0, oy0 = max(x, tx * tile_w), max(y, ty * tile_h)
+                ox1, oy1 = min(x + w, (tx + 1) * tile_w), min(y + h, (ty + 1) * tile_h)
+                out[oy0 - y:oy1 - y, ox0 - x:ox1 - x] = tile[oy0 - ty * tile_h:oy1 - ty * tile_h,
+                                                              ox0 - tx * tile_w:ox1 - tx * tile_w]
+        return out
+
+    def _tile(self, level: int, index: int) -> np.ndarray | None:
+        """Decoded tile `index` of `level` as (rows, cols, samples), through a small LRU cache."""
+        key = (level, index)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        tile = self._decode_tile(level, index)
+        with self._lock:
+            if key in self._cache:  # another thread decoded it meanwhile
+                return self._cache[key]
+            self._cache[key] = tile
+            self._cache_bytes += 0 if tile is None else tile.nbytes
+            while self._cache_bytes > _TILE_CACHE_BYTES and len(self._cache) > 1:
+                _, old = self._cache.popitem(last=False)
+                self._cache_bytes -= 0 if old is None else old.nbytes
+        return tile
+
+    def _decode_tile(self, level: int, index: int) -> np.ndarray | None:
+        page = self._levels[level]
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+        if not count:
+            return None
+        data = self._read_bytes(offset, count)
+        if len(data) < count:
+            raise SlideError(self.path, f"file is truncated: level {level} tile {index} needs bytes "
+                                        f"{offset}..{offset + count}")
+        # TiffPage.decode handles JPEGTables, YCbCr and predictors; it returns (depth, rows, cols, samples).
+        decoded, _, _ = page.decode(data, index, jpegtables=page.jpegtables, jpegheader=page.jpegheader)
+        return decoded[0]
+
+    def _read_bytes(self, offset: int, count: int) -> bytes:
+        # pread has no shared file position, so threads and forked DataLoader workers can read concurrently.
+        if hasattr(os, "pread"):
+            return os.pread(self._raw.fileno(), count, offset)
+        with self._lock:
+            self._raw.seek(offset)
+            return self._raw.read(count)
+
+    def _close(self) -> None:
+        for handle in ("_tif", "_raw"):
+            if hasattr(self, handle):
+                getattr(self, handle).close()
+
+
+def _similar_ratio(ratio_x: float, ratio_y: float) -> bool:
+    """True when two downsample ratios agree within 10 % (tile padding makes them differ slightly)."""
+    return abs(ratio_x - ratio_y) <= 0.1 * max(ratio_x, ratio_y)
+
+
+# ---- OpenSlide backend ------------------------------------------------------------------------------------------
+
+
+class OpenSlideSlide(Slide):
+    """Reader backed by openslide-python (with the openslide-bin wheel for the C library).
+
+    At a level whose downsample is not a whole number OpenSlide places the region at a fractional level pixel and
+    interpolates, so its pixels there can differ by a few grey levels from the stored ones (the tifffile backend
+    returns them unchanged). OpenSlide does not read SubIFD pyramids: such files open with level 0 only.
+    """
+
+    backend = "openslide"
+
+    def _open(self) -> None:
+        import openslide
+
+        self._osr = openslide.OpenSlide(str(self.path))
+
+    def _geometry(self) -> tuple[list[tuple[int, int]], str, list[str]]:
+        vendor = self._osr.properties.get("openslide.vendor") or "unknown"
+        return list(self._osr.level_dimensions), vendor, sorted(self._osr.associated_images)
+
+    def _read_level(self, level: int, level_xy: tuple[int, int], size_px: tuple[int, int]) -> np.ndarray:
+        from PIL import Image
+
+        ds = self.level_downsamples[level]
+        location = (round(level_xy[0] * ds), round(level_xy[1] * ds))
+        region = self._osr.read_region(location, level, size_px)  # RGBA, straight alpha
+        # Compositing in PIL (C) is several times faster than numpy for the usual fully opaque region.
+        if region.getchannel("A").getextrema()[0] < 255:
+            region = Image.alpha_composite(Image.new("RGBA", region.size, "white"), region)
+        return np.asarray(region.convert("RGB"))
+
+    def _file_mpp(self) -> tuple[float, float] | None:
+        props = self._osr.properties
+        try:
+            mpp = float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"])
+        except (KeyError, ValueError):
+            return None
+        return mpp if min(mpp) > 0 else None
+
+    def _close(self) -> None:
+        if hasattr(self, "_osr"):
+            self._osr.close()
+
+
+# ---- cuCIM backend ----------------------------------------------------------------------------------------------
+
+
+class CuCIMSlide(Slide):
+    """Reader backed by cuCIM (`cucim.CuImage`); optional, imported only when used."""
+
+    backend = "cucim"
+
+    def _open(self) -> None:
+        from cucim import CuImage
+
+        self._img = CuImage(str(self.path))
+
+    def _geometry(self) -> tuple[list[tuple[int, int]], str, list[str]]:
+        metadata = self._img.metadata
+        vendor = "aperio" if "aperio" in metadata else "generic-tiff"
+        return [tuple(d) for d in self._img.resolutions["level_dimensions"]], vendor, sorted(
+            self._img.associated_images)
+
+    def _read_level(self, level: int, level_xy: tuple[int, int], size_px: tuple[int, int]) -> np.ndarray:
+        ds = self.level_downsamples[level]
+        location = (round(level_xy[0] * ds), round(level_xy[1] * ds))
+        return np.asarray(self._img.read_region(location=location, size=tuple(size_px), level=level))
+
+    def _file_mpp(self) -> tuple[float, float] | None:
+        metadata = self._img.metadata
+        aperio_mpp = float(metadata.get("aperio", {}).get("MPP") or 0)
+        if aperio_mpp > 0:
+            return aperio_mpp, aperio_mpp
+        cucim_md = metadata.get("cucim", {})
+        spacing, units = cucim_md.get("spacing") or [], cucim_md.get("spacing_units") or []
+        # cuCIM lists spacing as (y, x, ...) with per-axis units.
+        if len(spacing) >= 2 and spacing[0] and spacing[1] and all(u == "micrometer" for u in units[:2]):
+            return float(spacing[1]), float(spacing[0])
+        return None
+
+    def _close(self) -> None:
+        if hasattr(self, "_img"):
+            self._img.close()
+
+
+# ---- entry points -----------------------------------------------------------------------------------------------
+
+_BACKEND_CLASSES: dict[str, type[Slide]] = {"cucim": CuCIMSlide, "openslide": OpenSlideSlide, "tifffile": TiffSlide}
+_BACKEND_MODULES = {"cucim": "cucim", "openslide": "openslide", "tifffile": "tifffile"}
+
+
+def available_backends() -> list[str]:
+    """Backends whose library imports here, in `auto` preference order (cuCIM, OpenSlide, tifffile)."""
+    found = []
+    for name in BACKENDS:
+        try:
+            importlib.import_module(_BACKEND_MODULES[name])
+        except Exception:  # a missing wheel or a broken native library both mean "not available"
+            continue
+        found.append(name)
+    return found
+
+
+def open_slide(path: str | os.PathLike, backend: str = "auto",
+               mpp: float | tuple[float, float] | None = None) -> Slide:
+    """Open a whole-slide image.
+
+    Args:
+        path: slide file (SVS, tiled/pyramidal TIFF, or any format the chosen backend reads).
+        backend: "auto" (cuCIM, else OpenSlide, else tifffile, whichever imports first), "cucim", "openslide" or
+            "tifffile".
+        mpp: level-0 resolution in um/px (number or (mpp_x, mpp_y)) overriding the file's value.
+
+    Returns:
+        a `Slide`; use it as a context manager or call `close()`.
+    """
+    name = backend.lower()
+    if name == "auto":
+        found = available_backends()
+        if not found:
+            raise SlideError(path, "no slide backend is installed (need cucim, openslide-python or tifffile)")
+        name = found[0]
+    if name not in _BACKEND_CLASSES:
+        raise SlideError(path, f"unknown backend {backend!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
+    return _BACKEND_CLASSES[name](path, mpp=mpp)
+
+
+def slide_info(path: str | os.PathLike, backend: str = "auto",
+               mpp: float | tuple[float, float] | None = None) -> dict[str, Any]:
+    """Summarise a slide for `python -m pathbundles info SLIDE`.
+
+    Args:
+        path: slide file.
+        backend: as in `open_slide`.
+        mpp: optional level-0 override in um/px.
+
+    Returns:
+        dict with path, backend, vendor, level_count, levels [{level, width, height, downsample, mpp}], level-0
+        mpp [x, y] in um/px or None, associated_images.
+    """
+    with open_slide(path, backend=backend, mpp=mpp) as slide:
+        return slide.info()
+
+
+# ---- MONAI adapter ----------------------------------------------------------------------------------------------
+
+
+def _build_monai_reader() -> type:
+    """Create `TiledTiffWSIReader` (a `monai.data.wsi_reader.BaseWSIReader`); importing MONAI takes seconds."""
+    from monai.data.wsi_reader import BaseWSIReader
+    from monai.utils import ensure_tuple
+
+    class TiledTiffWSIReader(BaseWSIReader):
+        """MONAI reader over `TiffSlide`: decodes only the tiles a patch touches (MONAI's tifffile backend decodes
+        a whole level per patch).
+
+        Follows MONAI's conventions: `location` is (row, col) = (y, x) in level-0 pixels, `size` is (height, width)
+        at the level, mpp pairs are (mpp_y, mpp_x) in um/px.
+
+        Args:
+            slide_mpp: level-0 resolution in um/px for files that store none (number or (mpp_x, mpp_y)).
+            kwargs: passed to `BaseWSIReader` (level, mpp, mpp_rtol, channel_dim, dtype, mode, ...).
+        """
+
+        supported_suffixes = ["tif", "tiff", "svs"]
+        backend = "tifffile"
+
+        def __init__(self, slide_mpp: float | tuple[float, float] | None = None, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.slide_mpp = slide_mpp
+
+        def read(self, data: Any, **kwargs: Any) -> TiffSlide | list[TiffSlide]:
+            slides = [TiffSlide(path, mpp=kwargs.get("slide_mpp", self.slide_mpp)) for path in ensure_tuple(data)]
+            return slides if len(slides) > 1 else slides[0]
+
+        def get_level_count(self, wsi: TiffSlide) -> int:
+            return wsi.level_count
+
+        def get_size(self, wsi: TiffSlide, level: int) -> tuple[int, int]:
+            width, height = wsi.level_dimensions[level]
+            return height, width
+
+        def get_downsample_ratio(self, wsi: TiffSlide, level: int) -> float:
+            return wsi.level_downsamples[level]
+
+        def get_file_path(self, wsi: TiffSlide) -> str:
+            return str(wsi.path.resolve())
+
+        def get_mpp(self, wsi: TiffSlide, level: int) -> tuple[float, float]:
+            mpp_x, mpp_y = wsi.level_mpp(level)
+            return mpp_y, mpp_x
+
+        def get_power(self, wsi: TiffSlide, level: int) -> float:
+            raise ValueError(f"{wsi.path}: objective power is not read by this reader; use mpp or level")
+
+        def _get_patch(self, wsi: TiffSlide, location: tuple[int, int], size: tuple[int, int], level: int,
+                       dtype: Any, mode: str) -> np.ndarray:
+            patch = wsi.read_level_region(level, (location[1], location[0]), (size[1], size[0]))
+            if mode == "RGBA":
+                patch = np.concatenate([patch, np.full(patch.shape[:2] + (1,), 255, np.uint8)], axis=-1)
+            return np.moveaxis(patch.astype(dtype, copy=False), -1, self.channel_dim)
+
+    TiledTiffWSIReader.__module__ = __name__
+    return TiledTiffWSIReader
+
+
+def __getattr__(name: str) -> Any:
+    # Built on first access so that `import pathbundles.wsi` never imports MONAI; cached as a real module attribute
+    # so pickling (DataLoader workers) finds the class by name.
+    if name == "TiledTiffWSIReader":
+        cls = _build_monai_reader()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,408 @@
+"""Tests of pathbundles.wsi: backends agree pixel for pixel, geometry and mpp come from the file, reads at any mpp,
+tile-only decoding, the MONAI adapter, and bad input raising SlideError that names the file."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from pathbundles import wsi
+from pathbundles.errors import SlideError
+
+CMU = "CMU-1-Small-Region.svs"
+CAMELYON = "camelyon16_tumor_001_level5.tif"
+CAMELYON_MPP = 0.243 * 32
+GENERATED_MPP = 0.25
+LEVEL0_WH = (2112, 1712)  # not a multiple of the 256 tile (edge tiles are partial), but of 16 (whole downsamples)
+
+
+def _backend_param(name: str):
+    marks = []
+    if name == "cucim" and importlib.util.find_spec("cucim") is None:
+        marks.append(pytest.mark.skip(reason="cuCIM is an optional extra and not installed (needs a CUDA machine)"))
+    if name == "openslide" and importlib.util.find_spec("openslide") is None:
+        marks.append(pytest.mark.skip(reason="openslide-python is not installed"))
+    return pytest.param(name, marks=marks, id=name)
+
+
+ALL_BACKENDS = [_backend_param(name) for name in ("cucim", "openslide", "tifffile")]
+OTHER_BACKENDS = [_backend_param(name) for name in ("cucim", "openslide")]  # compared against tifffile
+
+
+def _pyramid(level0: np.ndarray, step: int, count: int) -> list[np.ndarray]:
+    """Levels made by `step` x `step` block means, cropping rows/columns that do not fill a block."""
+    levels = [level0]
+    for _ in range(count - 1):
+        prev = levels[-1]
+        h, w = prev.shape[0] // step, prev.shape[1] // step
+        blocks = prev[:h * step, :w * step].reshape(h, step, w, step, 3).astype(np.float64)
+        levels.append(blocks.mean(axis=(1, 3)).round().astype(np.uint8))
+    return levels
+
+
+def _write_pyramid(path: Path, levels: list[np.ndarray], compression: str, subifds: bool,
+                   unit: str = "CENTIMETER") -> None:
+    um_per_unit = {"CENTIMETER": 1e4, "INCH": 25400.0}[unit]
+    with tifffile.TiffWriter(path) as writer:
+        for i, level in enumerate(levels):
+            level_mpp = GENERATED_MPP * levels[0].shape[1] / level.shape[1]
+            options = dict(tile=(256, 256), compression=compression, photometric="rgb",
+                           resolution=(um_per_unit / level_mpp,) * 2, resolutionunit=unit)
+            if i == 0:
+                writer.write(level, subifds=len(levels) - 1 if subifds else None, **options)
+            else:
+                writer.write(level, subfiletype=1, **options)
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[np.ndarray]]]:
+    """Small pyramidal TIFFs: {name: (path, the level arrays written)} with 2x and 4x steps, JPEG and deflate,
+    reduced pages (NewSubfileType=1) and a SubIFD pyramid; resolution tags in centimetres (0.25 um/px)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(7)
+    w, h = LEVEL0_WH
+    coarse = rng.random((h // 16 + 2, w // 16 + 2, 3))
+    smooth = ndimage.zoom(coarse, (16, 16, 1), order=1)[:h, :w]
+    level0 = (smooth * 180 + 40 + rng.integers(0, 20, (h, w, 3))).astype(np.uint8)  # fine texture for resampling
+    folder = tmp_path_factory.mktemp("pyramids")
+    variants = {"jpeg_2x": ("jpeg", 2, 3, False), "deflate_2x": ("zlib", 2, 3, False),
+                "deflate_4x": ("zlib", 4, 3, False), "deflate_subifd_2x": ("zlib", 2, 3, True),
+                "deflate_odd_4x": ("zlib", 4, 3, False)}
+    out = {}
+    for name, (compression, step, count, subifds) in variants.items():
+        # The odd variant's levels have non-integer downsamples (2100 / 131 = 16.03), as real scans do.
+        levels = _pyramid(level0[:1700, :2100] if "odd" in name else level0, step, count)
+        _write_pyramid(folder / f"{name}.tif", levels, compression, subifds)
+        out[name] = (folder / f"{name}.tif", levels)
+    return out
+
+
+def _regions(width: int, height: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(level_xy, size) pairs in level pixels: inside, across tile boundaries, across each edge, outside."""
+    return [((10, 20), (100, 80)), ((200, 230), (300, 290)), ((width - 150, height - 100), (300, 250)),
+            ((-40, -30), (120, 100)), ((width + 5, 0), (50, 50))]
+
+
+def _expected(level: np.ndarray, xy: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    out = np.full((size[1], size[0], 3), 255, np.uint8)
+    (x, y), (w, h) = xy, size
+    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, level.shape[1]), min(y + h, level.shape[0])
+    if x0 < x1 and y0 < y1:
+        out[y0 - y:y1 - y, x0 - x:x1 - x] = level[y0:y1, x0:x1]
+    return out
+
+
+# ---- real slides ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_svs_geometry_mpp_and_associated_pages(shared_data: Path, backend: str) -> None:
+    with wsi.open_slide(shared_data / CMU, backend=backend) as slide:
+        assert slide.backend == backend
+        assert slide.vendor == "aperio"
+        assert slide.level_dimensions == [(2220, 2967)]  # thumbnail, label and macro pages are not levels
+        assert slide.level_downsamples == [1.0]
+        assert slide.mpp == pytest.approx((0.499, 0.499))
+        assert {"thumbnail", "label", "macro"} <= set(slide.associated_images)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_camelyon_level5_tiff_needs_explicit_mpp(shared_data: Path, backend: str) -> None:
+    with wsi.open_slide(shared_data / CAMELYON, backend=backend) as slide:
+        assert slide.level_dimensions == [(3072, 7168)]
+        assert slide.file_mpp is None
+        with pytest.raises(SlideError, match=rf"{CAMELYON}.*no resolution"):
+            _ = slide.mpp
+        with pytest.raises(SlideError, match=rf"{CAMELYON}.*no resolution"):
+            slide.read_region((0, 0), (10, 10), mpp=8.0)
+    with wsi.open_slide(shared_data / CAMELYON, backend=backend, mpp=CAMELYON_MPP) as slide:
+        assert slide.mpp == pytest.approx((CAMELYON_MPP, CAMELYON_MPP))
+        thumb, actual = slide.read_thumbnail(8.0)  # 7.776 is within 10 %: the level itself, not resampled
+        assert thumb.shape == (7168, 3072, 3) and actual == pytest.approx(CAMELYON_MPP)
+
+
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+@pytest.mark.parametrize("name", [CMU, CAMELYON])
+def test_backends_agree_on_real_slides(shared_data: Path, name: str, backend: str) -> None:
+    with wsi.open_slide(shared_data / name, backend="tifffile", mpp=1.0) as ours, \
+            wsi.open_slide(shared_data / name, backend=backend, mpp=1.0) as other:
+        width, height = ours.dimensions
+        for xy, size in _regions(width, height) + [((230, 470), (256, 256))]:
+            a = ours.read_level_region(0, xy, size)
+            b = other.read_level_region(0, xy, size)
+            assert a.shape == (size[1], size[0], 3) and a.dtype == np.uint8
+            assert np.abs(a.astype(int) - b).mean() < 2, (xy, size)  # same JPEG decoder family, same colours
+            outside = _expected(np.zeros((height, width, 3), np.uint8), xy, size) == 255
+            assert (a[outside] == 255).all() and (b[outside] == 255).all()
+
+
+# ---- generated pyramids -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_generated_pyramid_geometry(generated: dict, backend: str) -> None:
+    for name, (path, levels) in generated.items():
+        with wsi.open_slide(path, backend=backend) as slide:
+            # OpenSlide does not read SubIFD pyramids: it sees level 0 only.
+            count = 1 if "subifd" in name and backend == "openslide" else len(levels)
+            assert slide.level_dimensions == [(a.shape[1], a.shape[0]) for a in levels[:count]], name
+            step = 4 if "4x" in name else 2
+            assert slide.level_downsamples[:2] == pytest.approx([1.0, step][:count])
+            assert slide.mpp == pytest.approx((GENERATED_MPP, GENERATED_MPP))
+            width = slide.level_dimensions[-1][0]
+            assert slide.level_mpp(count - 1)[0] == pytest.approx(GENERATED_MPP * levels[0].shape[1] / width)
+
+
+@pytest.mark.parametrize("name", ["deflate_2x", "deflate_4x", "deflate_subifd_2x", "deflate_odd_4x", "jpeg_2x"])
+def test_tifffile_reads_the_pixels_written(generated: dict, name: str) -> None:
+    path, levels = generated[name]
+    with wsi.open_slide(path, backend="tifffile") as slide:
+        for level, array in enumerate(levels):
+            for xy, size in _regions(array.shape[1], array.shape[0]):
+                ds = slide.level_downsamples[level]
+                got = slide.read_level_region(level, (round(xy[0] * ds), round(xy[1] * ds)), size)
+                want = _expected(array, xy, size)
+                if name.startswith("deflate"):
+                    np.testing.assert_array_equal(got, want)
+                else:
+                    assert np.abs(got.astype(int) - want).mean() < 8  # JPEG loss on a noisy texture
+
+
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+@pytest.mark.parametrize("name", ["deflate_2x", "deflate_4x", "deflate_subifd_2x", "deflate_odd_4x", "jpeg_2x"])
+def test_backends_agree_on_generated(generated: dict, name: str, backend: str) -> None:
+    path, _ = generated[name]
+    with wsi.open_slide(path, backend="tifffile") as ours, wsi.open_slide(path, backend=backend) as other:
+        for level in range(other.level_count):
+            width, height = other.level_dimensions[level]
+            ds = other.level_downsamples[level]
+            for xy, size in _regions(width, height):
+                level0_xy = (round(xy[0] * ds), round(xy[1] * ds))
+                a = ours.read_level_region(level, level0_xy, size)
+                b = other.read_level_region(level, level0_xy, size)
+                if name.startswith("deflate") and ds.is_integer():
+                    np.testing.assert_array_equal(a, b)
+                else:  # JPEG decoders, or OpenSlide interpolating at a fractional level offset
+                    assert np.abs(a.astype(int) - b).mean() < 2
+
+
+def test_generated_pyramid_in_inches(tmp_path: Path) -> None:
+    level0 = np.random.default_rng(1).integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    _write_pyramid(tmp_path / "inch.tif", [level0], "zlib", subifds=False, unit="INCH")
+    with wsi.open_slide(tmp_path / "inch.tif", backend="tifffile") as slide:
+        assert slide.mpp == pytest.approx((GENERATED_MPP, GENERATED_MPP))
+
+
+def test_rgba_is_composited_on_white(tmp_path: Path) -> None:
+    rgba = np.zeros((256, 256, 4), np.uint8)
+    rgba[..., :3] = (200, 100, 50)
+    rgba[:, 128:, 3] = 255  # left half fully transparent, right half opaque
+    rgba[:10, 128:, 3] = 128
+    tifffile.imwrite(tmp_path / "rgba.tif", rgba, tile=(128, 128), photometric="rgb", extrasamples=["unassalpha"])
+    with wsi.open_slide(tmp_path / "rgba.tif", backend="tifffile") as slide:
+        got = slide.read_level_region(0, (0, 0), (256, 256))
+    assert (got[:, :128] == 255).all()
+    assert (got[10:, 128:] == (200, 100, 50)).all()
+    np.testing.assert_array_equal(got[0, 200], (227, 177, 152))  # half alpha: halfway to white
+
+
+# ---- reads at an mpp ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("factor", [2, 3])
+def test_read_region_resamples_between_levels(generated: dict, backend: str, factor: int) -> None:
+    """deflate_4x has levels at 0.25, 1.0 and 4.0 um/px: 0.5 and 0.75 must be area-averaged from level 0."""
+    path, levels = generated["deflate_4x"]
+    x, y, w, h = 300, 212, 200, 150
+    block = levels[0][y:y + h * factor, x:x + w * factor].reshape(h, factor, w, factor, 3)
+    reference = block.astype(np.float64).mean(axis=(1, 3))
+    with wsi.open_slide(path, backend=backend) as slide:
+        got = slide.read_region((x, y), (w, h), mpp=GENERATED_MPP * factor)
+    assert got.shape == (h, w, 3) and got.dtype == np.uint8
+    assert np.abs(got - reference).max() <= 1.0
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_read_region_at_a_level_mpp_returns_that_level(generated: dict, backend: str) -> None:
+    path, levels = generated["deflate_4x"]
+    with wsi.open_slide(path, backend=backend) as slide:
+        got = slide.read_region((400, 800), (120, 90), mpp=1.02)  # level 1 is 1.0 um/px, within 10 %
+    np.testing.assert_array_equal(got, levels[1][200:290, 100:220])
+
+
+def test_read_region_finer_than_level0_upsamples(generated: dict) -> None:
+    path, levels = generated["deflate_2x"]
+    with wsi.open_slide(path, backend="tifffile") as slide:
+        got = slide.read_region((100, 100), (80, 60), mpp=GENERATED_MPP / 2)
+    assert got.shape == (60, 80, 3)
+    assert np.abs(got.astype(float).mean() - levels[0][100:130, 100:140].mean()) < 2
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_read_thumbnail(generated: dict, shared_data: Path, backend: str) -> None:
+    with wsi.open_slide(shared_data / CMU, backend=backend) as slide:
+        thumb, actual = slide.read_thumbnail(8.0)
+    assert thumb.shape == (round(2967 * 0.499 / 8), round(2220 * 0.499 / 8), 3)
+    assert actual == pytest.approx(8.0, rel=0.01)
+    assert thumb.mean() < 250  # tissue, not an all-white read
+    path, levels = generated["deflate_4x"]
+    with wsi.open_slide(path, backend=backend) as slide:
+        thumb, actual = slide.read_thumbnail(2.0)  # between levels 1 (1.0) and 2 (4.0): resampled from level 1
+    assert actual == pytest.approx(2.0, rel=0.01)
+    reference = levels[1][:thumb.shape[0] * 2, :thumb.shape[1] * 2].reshape(thumb.shape[0], 2, -1, 2, 3).mean((1, 3))
+    assert np.abs(thumb - reference).max() <= 1.0
+
+
+# ---- the tifffile backend decodes only touched tiles ---------------------------------------------------------
+
+
+def test_tifffile_decodes_only_touched_tiles(generated: dict, shared_data: Path, monkeypatch) -> None:
+    decoded: list[tuple[int, int]] = []
+    original = wsi.TiffSlide._decode_tile
+
+    def counting(self, level: int, index: int):
+        decoded.append((level, index))
+        return original(self, level, index)
+
+    monkeypatch.setattr(wsi.TiffSlide, "_decode_tile", counting)
+    with wsi.open_slide(generated["jpeg_2x"][0], backend="tifffile") as slide:
+        slide.read_level_region(0, (300, 300), (256, 256))  # 256 tiles: spans 2 x 2
+        assert sorted(decoded) == [(0, 10), (0, 11), (0, 19), (0, 20)]  # of 9 x 7 tiles
+        decoded.clear()
+        slide.read_level_region(0, (768, 512), (256, 256))  # aligned: one tile
+        assert decoded == [(0, 21)]
+        decoded.clear()
+        slide.read_level_region(0, (768, 512), (256, 256))  # cached
+        assert decoded == []
+    with wsi.open_slide(shared_data / CMU, backend="tifffile") as slide:
+        decoded.clear()
+        slide.read_level_region(0, (1000, 1500), (244, 244))
+        assert 1 <= len(decoded) <= 4  # of 130 tiles
+
+
+# ---- MONAI adapter ----------------------------------------------------------------------------------------------
+
+
+def test_import_does_not_import_monai() -> None:
+    code = "import sys, pathbundles.wsi; assert 'monai' not in sys.modules, 'monai imported'"
+    common = str(Path(wsi.__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": common})
+
+
+def test_monai_reader_matches_slide(generated: dict, shared_data: Path) -> None:
+    from monai.data import MaskedPatchWSIDataset, PatchWSIDataset
+
+    reader_cls = wsi.TiledTiffWSIReader
+    path, _ = generated["jpeg_2x"]
+    reader = reader_cls(channel_dim=0)
+    handle = reader.read(str(path))
+    with wsi.open_slide(path, backend="tifffile") as slide:
+        # MONAI: location (row, col) at level 0, size (height, width) at the level.
+        patch, meta = reader.get_data(handle, location=(600, 300), size=(90, 120), level=1)
+        np.testing.assert_array_equal(patch, slide.read_level_region(1, (300, 600), (120, 90)).transpose(2, 0, 1))
+        patch, _ = reader.get_data(handle, location=(600, 300), size=(90, 120), mpp=GENERATED_MPP * 4)
+        np.testing.assert_array_equal(patch, slide.read_level_region(2, (300, 600), (120, 90)).transpose(2, 0, 1))
+    assert meta["backend"] == "tifffile" and meta["path"] == str(path.resolve())
+    assert reader.get_mpp(handle, 1) == pytest.approx((2 * GENERATED_MPP, 2 * GENERATED_MPP))
+
+    data = [{"image": str(shared_data / CMU), "location": [1500, 1000], "size": [64, 64], "level": 0, "label": 1}]
+    sample = PatchWSIDataset(data, center_location=False, reader=reader_cls)[0]
+    with wsi.open_slide(shared_data / CMU, backend="tifffile") as slide:
+        expected = slide.read_level_region(0, (1000, 1500), (64, 64)).transpose(2, 0, 1)
+    np.testing.assert_array_equal(np.asarray(sample["image"]), expected)
+
+    # MaskedPatchWSIDataset: a tissue mask from the whole level, then patches through the same reader.
+    path, _ = generated["deflate_4x"]
+    masked = MaskedPatchWSIDataset([{"image": str(path)}], patch_size=64, patch_level=0, mask_level=2,
+                                   reader=reader_cls)
+    sample = masked[len(masked) // 2]
+    row, col = (int(v) for v in sample["image"].meta["location"])
+    with wsi.open_slide(path, backend="tifffile") as slide:
+        expected = slide.read_level_region(0, (col, row), (64, 64)).transpose(2, 0, 1)
+    np.testing.assert_array_equal(np.asarray(sample["image"]), expected)
+
+
+# ---- info, pickling, bad input -------------------------------------------------------------------------------
+
+
+def test_slide_info_is_json_ready(generated: dict) -> None:
+    info = wsi.slide_info(generated["deflate_4x"][0], backend="tifffile")
+    json.dumps(info)
+    assert info["backend"] == "tifffile" and info["vendor"] == "generic-tiff"
+    assert [(lv["width"], lv["height"]) for lv in info["levels"]] == [(2112, 1712), (528, 428), (132, 107)]
+    assert info["levels"][1]["mpp"] == pytest.approx([1.0, 1.0])
+    assert info["mpp"] == pytest.approx([0.25, 0.25]) and info["associated_images"] == []
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_slide_pickles_by_path(generated: dict, backend: str) -> None:
+    with wsi.open_slide(generated["deflate_2x"][0], backend=backend, mpp=0.3) as slide:
+        clone = pickle.loads(pickle.dumps(slide))
+        assert clone.mpp == (0.3, 0.3)
+        np.testing.assert_array_equal(clone.read_level_region(1, (64, 64), (50, 40)),
+                                      slide.read_level_region(1, (64, 64), (50, 40)))
+        clone.close()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_bad_files_raise_slide_error_naming_the_file(generated: dict, tmp_path: Path, backend: str) -> None:
+    missing = tmp_path / "absent.svs"
+    with pytest.raises(SlideError, match=r"absent\.svs: file does not exist"):
+        wsi.open_slide(missing, backend=backend)
+
+    text = tmp_path / "notes.svs"
+    text.write_text("not a slide\n")
+    with pytest.raises(SlideError, match=r"notes\.svs: not a whole-slide image") as info:
+        wsi.open_slide(text, backend=backend)
+    assert info.value.__cause__ is not None
+
+    data = generated["deflate_4x"][0].read_bytes()
+    for keep in (0.6, 0.99):
+        truncated = tmp_path / f"cut{int(keep * 100)}.tif"
+        truncated.write_bytes(data[:int(len(data) * keep)])
+        # tifffile checks every tile's byte range at open; OpenSlide fails while hashing the tiles.
+        problem = "file is truncated" if backend == "tifffile" else "not a whole-slide image"
+        with pytest.raises(SlideError, match=rf"{truncated.name}: {problem}"):
+            with wsi.open_slide(truncated, backend=backend) as slide:
+                for level in range(slide.level_count):
+                    slide.read_level_region(level, (0, 0), slide.level_dimensions[level])
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_bad_requests_raise_slide_error_naming_the_file(generated: dict, backend: str) -> None:
+    path = generated["deflate_2x"][0]
+    with wsi.open_slide(path, backend=backend) as slide:
+        with pytest.raises(SlideError, match=rf"{path.name}: no pyramid level 3"):
+            slide.read_level_region(3, (0, 0), (10, 10))
+        with pytest.raises(SlideError, match=rf"{path.name}: no pyramid level -1"):
+            slide.level_mpp(-1)
+        for size in [(0, 10), (10, -5)]:
+            with pytest.raises(SlideError, match=rf"{path.name}: region size must be positive"):
+                slide.read_level_region(0, (0, 0), size)
+            with pytest.raises(SlideError, match=rf"{path.name}: region size must be positive"):
+                slide.read_region((0, 0), size, mpp=0.5)
+        with pytest.raises(SlideError, match=rf"{path.name}: requested mpp must be positive"):
+            slide.read_thumbnail(0.0)
+    with pytest.raises(SlideError, match=rf"{path.name}: mpp override must be positive"):
+        wsi.open_slide(path, backend=backend, mpp=-1.0)
+
+
+def test_unknown_backend(generated: dict) -> None:
+    with pytest.raises(SlideError, match="unknown backend 'pillow'"):
+        wsi.open_slide(generated["deflate_2x"][0], backend="pillow")
+
+
+def test_auto_backend_prefers_cucim_then_openslide() -> None:
+    found = wsi.available_backends()
+    assert "tifffile" in found
+    assert found == [name for name in ("cucim", "openslide", "tifffile") if name in found]
