@@ -1,0 +1,710 @@
+"""Result writers: streaming pyramidal TIFF, disk-backed stitching canvas, overlay PNGs, detection CSV/GeoJSON.
+
+Every file is written through :func:`pathbundles.atomic.atomic_path`, so an exception part-way leaves neither the
+final file nor a temporary one.
+
+Pyramidal TIFF layout (what :func:`write_pyramid_tiff` produces and what OpenSlide, MONAI and tifffile read):
+
+- one top-level, tiled page per level, full resolution first; reduced levels carry ``NewSubfileType = 1``
+  (SubIFDs are not used: OpenSlide's generic-TIFF driver and MONAI only see top-level pages);
+- ``XResolution``/``YResolution`` in pixels per centimetre (``ResolutionUnit = 3``) on every page, i.e.
+  ``10_000 / mpp`` at that level;
+- an ``ImageDescription`` holding JSON: ``{"pathbundles": "pyramid", "mpp": <level-0 um/px>, "level": k,
+  "level_mpp": [x, y], "downsample": [x, y], ...caller's fields}``. :func:`read_pyramid_mpp` reads the
+  level-0 mpp back with tifffile (from the JSON, else from the resolution tags).
+
+OpenSlide (4.0, "generic-tiff" vendor) opens these files, reports ``openslide.mpp-x/y`` from the resolution tags
+and the JSON as ``openslide.comment``. It reads uint8 RGB and uint8 grey (as R = G = B), JPEG or deflate; it
+cannot read float32 pages and keeps only the high byte of uint16. So write probability maps meant for
+OpenSlide/MONAI viewers as uint8 (probability * 255, say so in ``description``); float32 maps are for tifffile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import imagecodecs
+import numpy as np
+import tifffile
+from numpy.typing import ArrayLike, DTypeLike
+from PIL import Image
+
+from pathbundles.atomic import atomic_path
+from pathbundles.errors import InputError
+from pathbundles.progress import progress
+
+__all__ = [
+    "BandSource",
+    "colormap_lut",
+    "DiskCanvas",
+    "read_detections_csv",
+    "read_detections_geojson",
+    "read_pyramid_mpp",
+    "write_detections_csv",
+    "write_detections_geojson",
+    "write_label_overlay_png",
+    "write_overlay_png",
+    "write_pyramid_tiff",
+]
+
+_COMPRESSIONS = ("deflate", "zlib", "jpeg", "none")
+# Column chunk (in output elements) for downsampling: bounds the temporaries to a few MB whatever the slide width.
+_CHUNK_ELEMS = 1 << 20
+# Raw bytes above which the file is written as BigTIFF; well under 4 GiB so that compressed data that grew
+# (incompressible tiles) and the IFDs still fit in 32-bit offsets otherwise.
+_BIGTIFF_BYTES = 2**31
+# tifffile keeps this many bytes of tiles in flight when it compresses (JPEG) on several threads.
+_ENCODE_BUFFER_BYTES = 16 << 20
+# Deflate tiles are encoded here, with zlib-ng where imagecodecs has it: several times faster than the libdeflate
+# encoder tifffile picks, and the same zlib stream (TIFF compression 8) for every reader.
+_zlib_encode = imagecodecs.zlibng_encode if imagecodecs.ZLIBNG.available else imagecodecs.zlib_encode
+
+
+class BandSource(Protocol):
+    """What :func:`write_pyramid_tiff` reads: ``shape`` (H, W) or (H, W, C), ``dtype``, and full-width row bands
+    ``source[y0:y1]`` returning an array of shape (y1 - y0, W[, C])."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def __getitem__(self, rows: slice) -> ArrayLike: ...
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pyramidal TIFF
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def write_pyramid_tiff(path: str | os.PathLike, source: BandSource, *, mpp: float, tile_px: int = 256,
+                       compression: str = "deflate", quality: int = 90, deflate_level: int = 6,
+                       min_level_px: int = 256, downsample_step: int = 2, resample: str = "area",
+                       description: Mapping[str, Any] | str | None = None,
+                       tmp_dir: str | os.PathLike | None = None) -> Path:
+    """Stream ``source`` into a tiled pyramidal TIFF without holding any level in memory.
+
+    Level 0 is read in bands of ``tile_px`` rows. Each band is downsampled and appended to a raw temporary file,
+    which is then streamed as the next level in the same way, until the smaller side is ``<= min_level_px``.
+    Memory stays at a few bands of the widest level whatever the image height.
+
+    Args:
+        path: output ``.tif``/``.tiff``.
+        source: (H, W) or (H, W, C) with C in {1, 3}, any dtype but bool; see :class:`BandSource`.
+            ``np.ndarray``, ``np.memmap`` and :class:`DiskCanvas` qualify, as does a lazy renderer.
+        mpp: level-0 resolution in um/px (both axes).
+        tile_px: tile side in pixels, a multiple of 16 (TIFF rule) and of ``downsample_step``.
+        compression: ``"deflate"`` (alias ``"zlib"``, lossless: label and probability maps), ``"jpeg"``
+            (uint8 with 1 or 3 channels only: RGB slides) or ``"none"``.
+        quality: JPEG quality, 1..100.
+        deflate_level: zlib level, 1 (fast) .. 9 (small).
+        min_level_px: stop adding levels once the smaller side of the last level is at most this (pixels).
+        downsample_step: linear factor between consecutive levels (2 or 4 usual); sizes are ceil-divided.
+        resample: ``"area"`` (block mean over the pixels inside the image, rounded for integers) or
+            ``"nearest"`` (top-left pixel of each block: use it for label maps, where a mean is meaningless).
+        description: extra JSON fields for the ImageDescription (e.g. ``{"scale": "probability * 255"}``);
+            a plain string is stored as ``{"note": description}``.
+        tmp_dir: folder for the raw temporaries of the reduced levels (default: the output folder, so that
+            they never land on a RAM-backed /tmp). Removed on success and on failure.
+
+    Returns:
+        The final path.
+    """
+    final = Path(path)
+    shape = tuple(int(n) for n in source.shape)
+    dtype = np.dtype(source.dtype)
+    _check_pyramid_args(shape, dtype, mpp, tile_px, compression, quality, deflate_level, min_level_px,
+                        downsample_step, resample)
+    samples = 1 if len(shape) == 2 else shape[2]
+    level_hw = _level_sizes(shape[:2], downsample_step, min_level_px)
+    raw_bytes = sum(h * w for h, w in level_hw) * samples * dtype.itemsize
+    downsample = _area_downsample if resample == "area" else _nearest_downsample
+    extra = {"note": description} if isinstance(description, str) else dict(description or {})
+
+    page_args: dict[str, Any] = {
+        "dtype": dtype, "tile": (tile_px, tile_px), "photometric": "rgb" if samples == 3 else "minisblack",
+        "resolutionunit": "CENTIMETER", "software": "pathbundles", "metadata": None,
+        "buffersize": _ENCODE_BUFFER_BYTES,
+    }
+    if compression == "jpeg":
+        page_args.update(compression="jpeg", compressionargs={"level": quality})
+    elif compression in ("deflate", "zlib"):
+        page_args.update(compression="zlib")
+
+    n_tiles = sum(math.ceil(h / tile_px) * math.ceil(w / tile_px) for h, w in level_hw)
+    tmp_parent = Path(tmp_dir) if tmp_dir is not None else final.parent
+    tmp_parent.mkdir(parents=True, exist_ok=True)
+    with (atomic_path(final) as tmp,
+          tempfile.TemporaryDirectory(prefix=f".{final.stem}-levels-", dir=tmp_parent) as level_dir,
+          progress(total=n_tiles, desc=final.name) as bar,
+          tifffile.TiffWriter(tmp, bigtiff=raw_bytes > _BIGTIFF_BYTES, byteorder="<") as tif):
+        level_source: BandSource = source
+        for level, (h, w) in enumerate(level_hw):
+            level_shape = (h, w) if samples == 1 else (h, w, samples)
+            next_raw = Path(level_dir) / f"level{level + 1}.raw" if level + 1 < len(level_hw) else None
+            scale_x, scale_y = shape[1] / w, shape[0] / h
+            # The caller's fields first, so that none of them can shadow the mpp a reader relies on.
+            fields = {**extra, "pathbundles": "pyramid", "mpp": mpp, "level": level,
+                      "level_mpp": [mpp * scale_x, mpp * scale_y], "downsample": [scale_x, scale_y]}
+            with open(next_raw, "wb") if next_raw is not None else contextlib.nullcontext() as sink:
+
+                def on_band(band: np.ndarray, sink: Any = sink) -> None:
+                    if sink is not None:
+                        # Written band by band: the next level never exists in memory as a whole.
+                        np.ascontiguousarray(downsample(band, downsample_step)).tofile(sink)
+
+                tiles = _iter_tiles(level_source, level_shape, dtype, tile_px, on_band, bar.update)
+                if compression in ("deflate", "zlib"):
+                    tiles = _deflate_tiles(tiles, tile_px, deflate_level)
+                else:
+                    # Copies, so that a band is freed while tifffile still buffers its tiles for the encoder
+                    # threads (it would make them contiguous anyway); edge tiles are zero-padded by tifffile.
+                    tiles = (np.ascontiguousarray(tile) for tile in tiles)
+                tif.write(
+                    tiles,
+                    shape=level_shape,
+                    subfiletype=1 if level else 0,
+                    resolution=(10_000 / (mpp * scale_x), 10_000 / (mpp * scale_y)),
+                    description=json.dumps(fields),
+                    **page_args,
+                )
+            if next_raw is not None:
+                next_h, next_w = level_hw[level + 1]
+                level_source = _RawBands(next_raw, (next_h, next_w) + level_shape[2:], dtype)
+    return final
+
+
+def read_pyramid_mpp(path: str | os.PathLike) -> float:
+    """Level-0 resolution (um/px) of a TIFF written by :func:`write_pyramid_tiff` (or any TIFF with resolution
+    tags in cm or inch), read with tifffile; the JSON ImageDescription wins over the tags.
+
+    Raises:
+        InputError: the file states no usable resolution.
+    """
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages.first
+        with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
+            fields = json.loads(page.description)
+            if fields.get("pathbundles") == "pyramid":
+                return float(fields["mpp"])
+        tags = page.tags
+        unit_um = {2: 25_400.0, 3: 10_000.0}.get(int(tags.valueof("ResolutionUnit", 2)))
+        xres = tags.valueof("XResolution")
+        if unit_um is None or xres is None or xres[0] == 0:
+            raise InputError(path, "no mpp: neither a pathbundles JSON description nor XResolution in cm/inch")
+        return unit_um * xres[1] / xres[0]
+
+
+def _check_pyramid_args(shape: tuple[int, ...], dtype: np.dtype, mpp: float, tile_px: int, compression: str,
+                        quality: int, deflate_level: int, min_level_px: int, downsample_step: int,
+                        resample: str) -> None:
+    """Raise ValueError naming the first argument of :func:`write_pyramid_tiff` that cannot work."""
+    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3)) or min(shape[:2]) < 1:
+        raise ValueError(f"source shape {shape}: expected (H, W) or (H, W, C) with C in (1, 3), H, W >= 1")
+    if dtype == np.bool_ or dtype.kind not in "uif":
+        raise ValueError(f"source dtype {dtype}: expected an integer or float dtype (bool: use uint8 0/255)")
+    if not (math.isfinite(mpp) and mpp > 0):
+        raise ValueError(f"mpp {mpp}: expected a positive number of um/px")
+    if tile_px < 16 or tile_px % 16:
+        raise ValueError(f"tile_px {tile_px}: TIFF tiles must be a positive multiple of 16")
+    if compression not in _COMPRESSIONS:
+        raise ValueError(f"compression {compression!r}: expected one of {_COMPRESSIONS}")
+    if compression == "jpeg" and (dtype != np.uint8):
+        raise ValueError(f"compression 'jpeg' needs uint8 data, got {dtype}: use 'deflate' for maps")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"quality {quality}: expected 1..100")
+    if not 1 <= deflate_level <= 9:
+        raise ValueError(f"deflate_level {deflate_level}: expected 1..9")
+    if min_level_px < 1:
+        raise ValueError(f"min_level_px {min_level_px}: expected >= 1")
+    if downsample_step < 2 or tile_px % downsample_step:
+        raise ValueError(f"downsample_step {downsample_step}: expected >= 2 and dividing tile_px {tile_px}")
+    if resample not in ("area", "nearest"):
+        raise ValueError(f"resample {resample!r}: expected 'area' or 'nearest'")
+
+
+def _level_sizes(hw: tuple[int, int], step: int, min_level_px: int) -> list[tuple[int, int]]:
+    """(H, W) of every level: ceil-divide by ``step`` until the smaller side is <= ``min_level_px``."""
+    sizes = [hw]
+    while min(sizes[-1]) > min_level_px:
+        h, w = sizes[-1]
+        sizes.append((-(-h // step), -(-w // step)))
+    return sizes
+
+
+def _iter_tiles(source: BandSource, shape: tuple[int, ...], dtype: np.dtype, tile_px: int,
+                on_band: Callable[[np.ndarray], None], on_tile: Callable[[], Any]) -> Iterator[np.ndarray]:
+    """Yield row-major tiles of ``source`` as views of one band at a time (edge tiles uncut)."""
+    h, w = shape[:2]
+    for y0 in range(0, h, tile_px):
+        y1 = min(h, y0 + tile_px)
+        band = np.asarray(source[y0:y1])
+        if band.ndim == 3 and len(shape) == 2 and band.shape[2] == 1:
+            band = band[..., 0]
+        if band.shape != (y1 - y0, *shape[1:]) or band.dtype != dtype:
+            raise ValueError(f"source[{y0}:{y1}] gave {band.shape} {band.dtype}, "
+                             f"expected {(y1 - y0, *shape[1:])} {dtype}")
+        on_band(band)
+        for x0 in range(0, w, tile_px):
+            yield band[:, x0:x0 + tile_px]
+            on_tile()
+        del band
+
+
+def _deflate_tiles(tiles: Iterator[np.ndarray], tile_px: int, level: int) -> Iterator[bytes]:
+    """zlib-encode tiles, zero-padding edge tiles to ``tile_px`` (tifffile writes encoded bytes as given)."""
+    for tile in tiles:
+        if tile.shape[:2] != (tile_px, tile_px):
+            full = np.zeros((tile_px, tile_px, *tile.shape[2:]), tile.dtype)
+            full[:tile.shape[0], :tile.shape[1]] = tile
+            tile = full
+        # TIFF data are little-endian here (TiffWriter byteorder "<"), whatever the source's byte order.
+        yield _zlib_encode(np.ascontiguousarray(tile, tile.dtype.newbyteorder("<")), level=level)
+
+
+class _RawBands:
+    """Row bands of a C-order raw file, read with plain file reads (no mmap, so nothing stays resident)."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.path, self.shape, self.dtype = path, shape, dtype
+        self._row_items = int(np.prod(shape[1:]))
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        y0, y1, _ = rows.indices(self.shape[0])
+        count = (y1 - y0) * self._row_items
+        band = np.fromfile(self.path, self.dtype, count=count, offset=y0 * self._row_items * self.dtype.itemsize)
+        return band.reshape((y1 - y0, *self.shape[1:]))
+
+
+def _area_downsample(band: np.ndarray, step: int) -> np.ndarray:
+    """Block mean over ``step`` x ``step`` blocks; partial blocks at the bottom/right average their pixels only.
+
+    Strided in-place adds over column chunks: several times faster than a reshape-and-sum reduction, with
+    temporaries of a few MB whatever the band width. Integers are rounded half up.
+    """
+    h, w = band.shape[:2]
+    rest = band.shape[2:]
+    oh, ow = -(-h // step), -(-w // step)
+    is_int = band.dtype.kind in "ui"
+    acc_dtype = np.uint16 if band.dtype == np.uint8 else (np.int64 if is_int else np.float64)
+    out = np.empty((oh, ow, *rest), band.dtype)
+    chunk_ow = max(1, _CHUNK_ELEMS // max(1, oh * int(np.prod(rest))))
+    for ox0 in range(0, ow, chunk_ow):
+        ox1 = min(ow, ox0 + chunk_ow)
+        part = band[:, ox0 * step:ox1 * step]
+        padded_hw = (oh * step, (ox1 - ox0) * step)
+        partial = part.shape[:2] != padded_hw
+        if partial:
+            # Zero padding adds nothing to the sums; the counts below leave it out of the mean.
+            full = np.zeros((*padded_hw, *rest), band.dtype)
+            full[:part.shape[0], :part.shape[1]] = part
+            part = full
+        rows = part[0::step].astype(acc_dtype)
+        for i in range(1, step):
+            rows += part[i::step]
+        sums = rows[:, 0::step].copy()
+        for i in range(1, step):
+            sums += rows[:, i::step]
+        if not partial:
+            counts: Any = step * step  # a scalar divisor: the common case, and much faster than an array
+        else:
+            row_n = np.minimum(step, h - np.arange(oh) * step)
+            col_n = np.minimum(step, w - np.arange(ox0, ox1) * step)
+            counts = np.multiply.outer(row_n, col_n).astype(acc_dtype).reshape((oh, ox1 - ox0) + (1,) * len(rest))
+        if is_int:
+            sums += counts // 2
+            sums //= counts
+        else:
+            sums /= counts
+        out[:, ox0:ox1] = sums
+    return out
+
+
+def _nearest_downsample(band: np.ndarray, step: int) -> np.ndarray:
+    """Top-left pixel of every ``step`` x ``step`` block (label maps)."""
+    return band[::step, ::step]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Disk-backed canvas
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class DiskCanvas:
+    """A numpy memmap in a temporary file for stitching tiles into a slide-sized array.
+
+    ``canvas[y0:y1, x0:x1] = tile`` writes, ``canvas[y0:y1]`` reads (a copy, valid after :meth:`close`), so a
+    canvas is a ``source`` for :func:`write_pyramid_tiff`. With ``weighted=True`` tiles are instead added with
+    :meth:`accumulate` and reads return the weighted mean (``fill`` where nothing was added): overlapping
+    predictions (strides smaller than the tile, test-time augmentation) average instead of overwriting.
+
+    Args:
+        shape: (H, W) or (H, W, C) in canvas pixels (e.g. probability-map pixels, not level-0 pixels).
+        dtype: dtype of what reads return.
+        fill: initial value everywhere.
+        dir: folder of the temporary file(s) (default: the system temp folder; prefer a disk-backed folder for
+            slide-sized canvases).
+        weighted: keep float sums and a float32 weight plane for :meth:`accumulate`.
+
+    The files are removed by :meth:`close`, on leaving a ``with`` block, or when the canvas is garbage-collected.
+    Pages written through the memmap count towards the process RSS until the kernel writes them back; they are
+    file-backed and reclaimable, not anonymous memory.
+    """
+
+    def __init__(self, shape: Sequence[int], dtype: DTypeLike, fill: float = 0, dir: str | os.PathLike | None = None,
+                 weighted: bool = False) -> None:
+        self.shape = tuple(int(n) for n in shape)
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(self.shape)
+        if self.ndim not in (2, 3) or min(self.shape) < 1:
+            raise ValueError(f"canvas shape {self.shape}: expected (H, W) or (H, W, C), all >= 1")
+        self.fill = fill
+        self.weighted = weighted
+        self._paths: list[str] = []
+        self._maps: list[np.memmap] = []
+        self._finalizer = weakref.finalize(self, _release, self._maps, self._paths)
+        if weighted:
+            sum_dtype = np.float64 if self.dtype == np.float64 else np.float32
+            self._data = self._new_map(self.shape, sum_dtype, 0, dir)
+            self._weight = self._new_map(self.shape[:2], np.float32, 0, dir)
+        else:
+            self._data = self._new_map(self.shape, self.dtype, fill, dir)
+
+    def _new_map(self, shape: tuple[int, ...], dtype: DTypeLike, fill: float,
+                 dir: str | os.PathLike | None) -> np.memmap:
+        fd, name = tempfile.mkstemp(prefix=".pathbundles-canvas-", suffix=".raw", dir=dir)
+        self._paths.append(name)
+        dtype = np.dtype(dtype)
+        row = np.full(shape[1:], fill, dtype)
+        with os.fdopen(fd, "wb") as f:
+            if fill == 0:
+                f.truncate(int(np.prod(shape)) * dtype.itemsize)  # sparse file: zeros cost no disk or time
+            else:
+                # Filled by plain writes, not through the map, so the fill never becomes resident memory.
+                block = np.broadcast_to(row, (max(1, (8 << 20) // max(1, row.nbytes)), *row.shape)).copy()
+                for y0 in range(0, shape[0], block.shape[0]):
+                    block[:min(block.shape[0], shape[0] - y0)].tofile(f)
+        mapped = np.memmap(name, dtype, "r+", shape=shape)
+        self._maps.append(mapped)
+        return mapped
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        self._check_open()
+        if not self.weighted:
+            return np.array(self._data[key])
+        sums = np.asarray(self._data[key], np.float64)
+        weight = np.asarray(self._weight[key if not isinstance(key, tuple) else key[:2]], np.float64)
+        if sums.ndim > weight.ndim:
+            weight = weight[..., None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(weight > 0, sums / weight, self.fill)
+        return (np.rint(mean) if self.dtype.kind in "ui" else mean).astype(self.dtype)
+
+    def __setitem__(self, key: Any, value: ArrayLike) -> None:
+        self._check_open()
+        if self.weighted:
+            raise TypeError("a weighted DiskCanvas takes tiles through accumulate(), not item assignment")
+        self._data[key] = value
+
+    def accumulate(self, top_left_rc: tuple[int, int], tile: ArrayLike, weight: float | ArrayLike = 1.0) -> None:
+        """Add ``weight * tile`` at ``top_left_rc`` (canvas row, col); parts outside the canvas are dropped.
+
+        Args:
+            top_left_rc: (row, col) of the tile's first pixel in canvas pixels; may be negative.
+            tile: (h, w) or (h, w, C) values.
+            weight: scalar or (h, w) weights (e.g. a window that favours tile centres).
+        """
+        self._check_open()
+        if not self.weighted:
+            raise TypeError("accumulate() needs DiskCanvas(..., weighted=True)")
+        tile = np.asarray(tile, np.float64)
+        w_plane = np.broadcast_to(np.asarray(weight, np.float64), tile.shape[:2])
+        r0, c0 = top_left_rc
+        r1, c1 = r0 + tile.shape[0], c0 + tile.shape[1]
+        cr0, cc0 = max(r0, 0), max(c0, 0)
+        cr1, cc1 = min(r1, self.shape[0]), min(c1, self.shape[1])
+        if cr0 >= cr1 or cc0 >= cc1:
+            return
+        inner = (slice(cr0 - r0, cr1 - r0), slice(cc0 - c0, cc1 - c0))
+        w_in = w_plane[inner]
+        t_in = tile[inner] * (w_in[..., None] if tile.ndim == 3 else w_in)
+        self._data[cr0:cr1, cc0:cc1] += t_in.astype(self._data.dtype)
+        self._weight[cr0:cr1, cc0:cc1] += w_in.astype(np.float32)
+
+    def flush(self) -> None:
+        """Write dirty pages to the file (lets the kernel drop them from memory)."""
+        self._check_open()
+        for mapped in self._maps:
+            mapped.flush()
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def close(self) -> None:
+        """Unmap and delete the temporary file(s); reads and writes raise afterwards."""
+        self._finalizer()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError("DiskCanvas is closed")
+
+    def __enter__(self) -> DiskCanvas:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else self._paths[0]
+        return f"DiskCanvas(shape={self.shape}, dtype={self.dtype}, weighted={self.weighted}, {state})"
+
+
+def _release(maps: list[np.memmap], paths: list[str]) -> None:
+    """Close the memmaps and remove their files (module-level so the finalizer keeps no canvas alive)."""
+    for mapped in maps:
+        mapped._mmap.close()  # type: ignore[attr-defined]
+    maps.clear()
+    for name in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Overlay PNGs
+# ---------------------------------------------------------------------------------------------------------------
+
+# Piecewise-linear colormaps as (position, value) anchors per channel (matplotlib's segment data for jet/hot).
+_COLORMAPS: dict[str, tuple[Sequence[tuple[float, float]], ...]] = {
+    "jet": (((0, 0), (0.35, 0), (0.66, 1), (0.89, 1), (1, 0.5)),
+            ((0, 0), (0.125, 0), (0.375, 1), (0.64, 1), (0.91, 0), (1, 0)),
+            ((0, 0.5), (0.11, 1), (0.34, 1), (0.65, 0), (1, 0))),
+    "hot": (((0, 0.0416), (0.365079, 1), (1, 1)),
+            ((0, 0), (0.365079, 0), (0.746032, 1), (1, 1)),
+            ((0, 0), (0.746032, 0), (1, 1))),
+    "gray": (((0, 0), (1, 1)),) * 3,
+}
+
+
+def colormap_lut(cmap: str | ArrayLike) -> np.ndarray:
+    """A (256, 3) uint8 lookup table from a name in ("jet", "hot", "gray") or from a (256, 3) array."""
+    if isinstance(cmap, str):
+        if cmap not in _COLORMAPS:
+            raise ValueError(f"cmap {cmap!r}: expected one of {sorted(_COLORMAPS)} or a (256, 3) uint8 array")
+        x = np.linspace(0, 1, 256)
+        channels = [np.interp(x, *zip(*anchors)) for anchors in _COLORMAPS[cmap]]
+        return np.rint(np.stack(channels, axis=1) * 255).astype(np.uint8)
+    lut = np.asarray(cmap)
+    if lut.shape != (256, 3):
+        raise ValueError(f"cmap array of shape {lut.shape}: expected (256, 3)")
+    return lut.astype(np.uint8)
+
+
+def write_overlay_png(path: str | os.PathLike, rgb_thumbnail: ArrayLike, prob_map: ArrayLike, *,
+                      alpha: float = 0.5, threshold: float | None = None, cmap: str | ArrayLike = "jet",
+                      value_range: tuple[float, float] | None = None, resample: str = "bilinear") -> Path:
+    """Colour a probability map over a slide thumbnail and write an RGB PNG of the thumbnail's size.
+
+    Args:
+        path: output ``.png``.
+        rgb_thumbnail: (h, w, 3) uint8 (an alpha channel is dropped).
+        prob_map: (H, W) map covering the same slide area at any resolution; resized to (h, w).
+        alpha: opacity of the colour, 0..1.
+        threshold: colour only where the probability (in 0..1 after scaling) is >= threshold; None: everywhere.
+        cmap: colormap name ("jet", "hot", "gray") or a (256, 3) uint8 lookup table.
+        value_range: map values shown as 0 and 1; default (0, 1) for floats, (0, dtype max) for integers
+            (so a uint8 map stored as probability * 255 reads right).
+        resample: "bilinear" (smooth) or "nearest" (keeps the map's pixels visible).
+    """
+    rgb = _as_rgb(rgb_thumbnail)
+    prob = np.asarray(prob_map)
+    if prob.ndim != 2:
+        raise ValueError(f"prob_map shape {prob.shape}: expected (H, W)")
+    if value_range is None:
+        value_range = (0.0, float(np.iinfo(prob.dtype).max)) if prob.dtype.kind in "ui" else (0.0, 1.0)
+    lo, hi = value_range
+    scaled = np.clip((prob.astype(np.float32) - lo) / (hi - lo), 0, 1)
+    scaled = _resize(scaled, rgb.shape[:2], resample)
+    colour = colormap_lut(cmap)[np.rint(scaled * 255).astype(np.uint8)]
+    weight = np.full(scaled.shape, alpha, np.float32)
+    if threshold is not None:
+        weight[scaled < threshold] = 0
+    return _write_blend(path, rgb, colour, weight)
+
+
+def write_label_overlay_png(path: str | os.PathLike, rgb: ArrayLike, label_map: ArrayLike,
+                            palette: Mapping[int, Sequence[int]], *, alpha: float = 0.5) -> Path:
+    """Colour a multi-class label map over a thumbnail (nearest-neighbour resize) and write an RGB PNG.
+
+    Args:
+        path: output ``.png``.
+        rgb: (h, w, 3) uint8 thumbnail (an alpha channel is dropped).
+        label_map: (H, W) integer labels covering the same slide area at any resolution.
+        palette: label -> (r, g, b) 0..255. Labels absent from it (e.g. background 0) are left uncoloured.
+        alpha: opacity of the colour, 0..1.
+    """
+    base = _as_rgb(rgb)
+    labels = np.asarray(label_map)
+    if labels.ndim != 2 or labels.dtype.kind not in "ui":
+        raise ValueError(f"label_map {labels.shape} {labels.dtype}: expected (H, W) integers")
+    labels = _resize(labels, base.shape[:2], "nearest")
+    colour = np.zeros(base.shape, np.uint8)
+    weight = np.zeros(labels.shape, np.float32)
+    for label, rgb_value in palette.items():
+        hit = labels == label
+        colour[hit] = rgb_value
+        weight[hit] = alpha
+    return _write_blend(path, base, colour, weight)
+
+
+def _as_rgb(image: ArrayLike) -> np.ndarray:
+    rgb = np.asarray(image)
+    if rgb.ndim != 3 or rgb.shape[2] not in (3, 4) or rgb.dtype != np.uint8:
+        raise ValueError(f"thumbnail {rgb.shape} {rgb.dtype}: expected (h, w, 3) uint8 RGB")
+    return rgb[..., :3]
+
+
+def _resize(image: np.ndarray, hw: tuple[int, int], resample: str) -> np.ndarray:
+    """Resize a 2-D array to ``hw``: nearest by index (any dtype) or bilinear (float32, PIL antialiases)."""
+    if image.shape == hw:
+        return image
+    if resample == "nearest":
+        rows = np.minimum((np.arange(hw[0]) + 0.5) * image.shape[0] / hw[0], image.shape[0] - 1).astype(np.intp)
+        cols = np.minimum((np.arange(hw[1]) + 0.5) * image.shape[1] / hw[1], image.shape[1] - 1).astype(np.intp)
+        return image[rows[:, None], cols[None, :]]
+    if resample == "bilinear":
+        resized = Image.fromarray(image.astype(np.float32)).resize((hw[1], hw[0]), Image.BILINEAR)
+        return np.asarray(resized)
+    raise ValueError(f"resample {resample!r}: expected 'bilinear' or 'nearest'")
+
+
+def _write_blend(path: str | os.PathLike, rgb: np.ndarray, colour: np.ndarray, weight: np.ndarray) -> Path:
+    blended = rgb * (1 - weight[..., None]) + colour * weight[..., None]
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.rint(blended).astype(np.uint8)).save(tmp, format="PNG")
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Detections: (N, 3) float arrays of [probability, x, y], x and y in level-0 pixels
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _as_detections(detections: ArrayLike) -> np.ndarray:
+    """``detections`` as an (N, 3) float64 array [probability, x, y]; N = 0 allowed."""
+    array = np.asarray(detections, np.float64)
+    if array.size == 0:
+        return array.reshape(0, 3)
+    if array.ndim != 2 or array.shape[1] != 3 or not np.isfinite(array).all():
+        raise ValueError(f"detections of shape {array.shape}: expected finite (N, 3) rows [probability, x, y]")
+    return array
+
+
+def write_detections_csv(path: str | os.PathLike, detections: ArrayLike) -> Path:
+    """Write detections in the Camelyon16 format: no header, one ``probability,x,y`` row per detection
+    (10 significant digits).
+
+    Args:
+        path: output ``.csv``.
+        detections: (N, 3) array-like of [probability, x, y], x and y in level-0 pixels.
+    """
+    rows = _as_detections(detections)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="ascii", newline="\n") as f:
+        for p, x, y in rows:
+            f.write(f"{p:.10g},{x:.10g},{y:.10g}\n")
+    return Path(path)
+
+
+def read_detections_csv(path: str | os.PathLike) -> np.ndarray:
+    """Read a Camelyon16 detection CSV (no header, ``probability,x,y`` per line; blank lines skipped).
+
+    Returns:
+        (N, 3) float64 [probability, x, y], x and y in level-0 pixels.
+
+    Raises:
+        InputError: naming the file and 1-based line of the first row that is not three finite numbers.
+    """
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            fields = line.split(",")
+            try:
+                values = [float(v) for v in fields]
+            except ValueError:
+                values = []
+            if len(values) != 3 or not all(map(math.isfinite, values)):
+                raise InputError(path, f"expected three numbers 'probability,x,y', got {line.rstrip()!r}",
+                                 line=line_no)
+            rows.append(values)
+    return np.array(rows, np.float64).reshape(-1, 3)
+
+
+def write_detections_geojson(path: str | os.PathLike, detections: ArrayLike, mpp: float | None = None, *,
+                             object_type: str = "detection", class_name: str = "Tumor",
+                             color: Sequence[int] = (200, 0, 0)) -> Path:
+    """Write detections as a GeoJSON FeatureCollection of Points that QuPath imports.
+
+    Each feature: ``Point [x, y]`` in level-0 pixels, properties ``{"score": p, "objectType": object_type,
+    "classification": {"name": class_name, "color": color}, "measurements": {"score": p}}``.
+
+    Args:
+        path: output ``.geojson``/``.json``.
+        detections: (N, 3) array-like of [probability, x, y], x and y in level-0 pixels.
+        mpp: level-0 um/px of the slide, recorded in the collection's ``properties`` when given.
+        object_type: QuPath object type, ``"detection"`` or ``"annotation"``.
+        class_name: QuPath classification name.
+        color: classification colour (r, g, b) 0..255.
+    """
+    if object_type not in ("detection", "annotation"):
+        raise ValueError(f"object_type {object_type!r}: expected 'detection' or 'annotation'")
+    classification = {"name": class_name, "color": [int(c) for c in color]}
+    features = [
+        {"type": "Feature",
+         "geometry": {"type": "Point", "coordinates": [float(x), float(y)]},
+         "properties": {"score": float(p), "objectType": object_type, "classification": classification,
+                        "measurements": {"score": float(p)}}}
+        for p, x, y in _as_detections(detections)
+    ]
+    collection: dict[str, Any] = {"type": "FeatureCollection", "features": features}
+    collection["properties"] = {"coordinates": "level-0 pixels (x, y)",
+                                **({"mpp": float(mpp)} if mpp is not None else {})}
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(collection, f)
+    return Path(path)
+
+
+def read_detections_geojson(path: str | os.PathLike) -> np.ndarray:
+    """Read Point features with a ``score`` property (as :func:`write_detections_geojson` writes them).
+
+    Returns:
+        (N, 3) float64 [score, x, y], x and y in the file's coordinates (level-0 pixels for our files).
+
+    Raises:
+        InputError: naming the file, and the line for invalid JSON or the feature index for a bad feature.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            collection = json.load(f)
+    except json.JSONDecodeError as err:
+        raise InputError(path, f"invalid JSON: {err.msg}", line=err.lineno) from err
+    if not isinstance(collection, dict) or collection.get("type") != "FeatureCollection":
+        raise InputError(path, "expected a GeoJSON FeatureCollection")
+    rows = []
+    for i, feature in enumerate(collection.get("features", [])):
+        try:
+            geometry, props = feature["geometry"], feature["properties"]
+            if geometry["type"] != "Point":
+                raise ValueError(f"geometry {geometry['type']!r} is not a Point")
+            x, y = (float(v) for v in geometry["coordinates"][:2])
+            rows.append((float(props["score"]), x, y))
+        except (KeyError, TypeError, ValueError) as err:
+            raise InputError(path, f"feature {i}: expected a Point with a numeric 'score' property ({err})") from err
+    return np.array(rows, np.float64).reshape(-1, 3)
