@@ -170,7 +170,7 @@ def test_command_line(froc_dirs: tuple[Path, Path], tmp_path: Path) -> None:
     command = [sys.executable, "-m", "pathbundles", "mitosis_f1", "--truth", str(mitosis_truth), "--detections",
                str(mitosis_det), "--radius_px", "30", "--score_threshold", "0.0", "--out", str(tmp_path / "f1.json")]
     run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
-    assert run.returncode != 0 and "hpf.csv, line 2" in run.stderr
+    assert run.returncode == 2 and "hpf.csv, line 2" in run.stderr and "Traceback" not in run.stderr
     (mitosis_det / "hpf.csv").write_text("12,10,0.9\n50,50,0.2\n")
     run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr

@@ -69,7 +69,18 @@ COMMANDS = {
 
 
 def main() -> None:
-    """Entry point of ``python -m pathbundles`` and the ``pathbundles`` console script."""
+    """Entry point of ``python -m pathbundles`` and the ``pathbundles`` console script.
+
+    A bad input file ends the command with its message (file, line, problem) on stderr and exit status 2.
+    """
+    import sys
+
     import fire
 
-    fire.Fire(COMMANDS, name="pathbundles")
+    from pathbundles.errors import PathBundlesError
+
+    try:
+        fire.Fire(COMMANDS, name="pathbundles")
+    except PathBundlesError as err:
+        print(f"pathbundles: error: {err}", file=sys.stderr)
+        sys.exit(2)

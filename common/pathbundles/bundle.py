@@ -1,0 +1,117 @@
+"""Helpers that bundle configs call: where the running bundle is, and the cached phantom demo data."""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+#: Demo datasets: (phantom kind, number of slides, seed) per split. Training and held-out data never share a seed.
+DEMO_DATASETS: dict[tuple[str, str], tuple[int, int]] = {
+    ("metastasis", "train"): (8, 0),
+    ("metastasis", "val"): (2, 500),
+    ("metastasis", "test"): (6, 1000),
+    ("mitosis", "train"): (24, 0),
+    ("mitosis", "test"): (12, 1000),
+    ("multiclass", "train"): (4, 0),
+    ("multiclass", "test"): (2, 1000),
+}
+
+
+def root_of_running_bundle(default: str | os.PathLike = ".") -> str:
+    """The bundle folder of the config given to ``python -m monai.bundle ... --config_file``.
+
+    Makes ``python -m monai.bundle run --config_file bundles/x/configs/inference.json`` work from any working
+    directory, and from a copy of the bundle anywhere (``registry export``). ``--bundle_root`` on the command line
+    still overrides it; ``default`` is returned when no config file is on the command line.
+    """
+    argv = sys.argv
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--config_file=") else \
+            (argv[i + 1] if arg == "--config_file" and i + 1 < len(argv) else None)
+        if value is None:
+            continue
+        try:
+            files = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            files = value.split(",")
+        first = Path(files[0] if isinstance(files, (list, tuple)) else str(files)).resolve()
+        return str(first.parent.parent if first.parent.name == "configs" else first.parent)
+    return str(Path(default).resolve())
+
+
+def cache_dir() -> Path:
+    """Where generated demo data lives: ``$PATHBUNDLES_CACHE`` or ``~/.cache/pathbundles``."""
+    return Path(os.environ.get("PATHBUNDLES_CACHE", Path.home() / ".cache" / "pathbundles"))
+
+
+def demo_dataset(kind: str = "metastasis", split: str = "test") -> Path:
+    """``dataset.json`` of a deterministic phantom demo dataset, generated on first use into :func:`cache_dir`.
+
+    Generation goes to a temporary folder renamed into place at the end, so an interrupted run leaves no
+    half-made dataset behind.
+    """
+    from pathbundles.phantom import make_phantom
+
+    n, seed = DEMO_DATASETS[(kind, split)]
+    final = cache_dir() / f"phantom-{kind}-n{n}-seed{seed}"
+    if not (final / "dataset.json").exists():
+        tmp = final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
+        try:
+            make_phantom(tmp, kind=kind, n=n, seed=seed)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final / "dataset.json"
+
+
+def demo_datalist(kind: str = "metastasis", split: str = "test", first: int | None = None) -> list[dict]:
+    """Items of a demo dataset with absolute paths (optionally only the ``first`` ones)."""
+    from pathbundles.sampling import read_datalist
+
+    items = read_datalist(demo_dataset(kind, split))
+    return items[:first] if first is not None else items
+
+
+SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".bif")
+
+
+def datalist(source: str | os.PathLike | None = None, kind: str = "metastasis", split: str = "test",
+             first: int | None = None) -> list[dict]:
+    """The slides a bundle run works on.
+
+    Args:
+        source: ``None`` for the phantom demo data; a ``dataset.json`` datalist; or a folder of slides (every file
+            with a slide suffix, sorted by name).
+        kind, split, first: which demo data, and how many of its items, when ``source`` is ``None``.
+    """
+    from pathbundles.errors import InputError
+    from pathbundles.sampling import read_datalist
+
+    if source is None:
+        return demo_datalist(kind, split, first)
+    path = Path(source)
+    if path.is_dir():
+        slides = sorted(p for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES)
+        if not slides:
+            raise InputError(path, f"no slide files ({', '.join(SLIDE_SUFFIXES)}) in this folder")
+        return [{"image": str(p.resolve())} for p in slides]
+    return read_datalist(path, split=None)
+
+
+def report_outputs(writer: object) -> dict:
+    """Print (and return) where a :class:`pathbundles.slide_inference.SlideMapWriter` put each slide's outputs."""
+    import json
+
+    report = {"output_dir": str(Path(writer.output_dir).resolve()),
+              "slide_scores": str((Path(writer.output_dir) / "slide_scores.csv").resolve()),
+              "slides": {name: {"score": score, "n_detections": n,
+                                **{k: str(v.resolve()) for k, v in writer.outputs(name).items()}}
+                         for name, (score, n) in writer.scores.items()}}
+    print(json.dumps(report, indent=2))
+    return report

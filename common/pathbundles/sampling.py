@@ -1,0 +1,182 @@
+"""Training patch samplers over annotated slides.
+
+``ClassBalancedPatchDataset`` draws patches as ScanNet and the spatial LSTM paper do: pick a class (normal or
+tumour) with equal probability, then uniformly a slide that has that class, then a location of that class on it.
+Locations come from the tissue mask (~8 um/px) and the rasterised tumour annotations on the same grid; a patch's
+label is its pool's (tumour pools keep away from the lesion border by one mask pixel, normal pools by two).
+Hard negatives (false positives mined from an earlier model) join the normal pool.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from pathbundles.slide_inference import SlideHandles, slide_name
+from pathbundles.tissue import LevelMask
+
+logger = logging.getLogger(__name__)
+
+NORMAL, TUMOUR = 0, 1
+
+
+@dataclass
+class SlideLocations:
+    """Candidate patch centres of one slide, as mask pixels (row, col) of a grid with ``downsample`` level-0 px."""
+
+    name: str
+    path: str
+    downsample: float
+    level0_mpp: float
+    pools: dict[int, np.ndarray]
+    grid_shape: tuple[int, int]
+    hard_negatives: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # level-0 (x, y)
+
+    def in_pool(self, label: int, level0_xy: np.ndarray) -> np.ndarray:
+        """Whether each level-0 (x, y) lies in a mask cell of the ``label`` pool."""
+        grid = np.zeros(self.grid_shape, bool)
+        grid[tuple(self.pools[label].T)] = True
+        rc = np.floor(np.asarray(level0_xy, float).reshape(-1, 2)[:, ::-1] / self.downsample).astype(np.int64)
+        inside = (rc >= 0).all(1) & (rc < np.asarray(self.grid_shape)).all(1)
+        out = np.zeros(len(rc), bool)
+        out[inside] = grid[rc[inside, 0], rc[inside, 1]]
+        return out
+
+
+def tumour_grid(item: dict, tissue: LevelMask) -> np.ndarray:
+    """Tumour mask of a datalist item on the grid of ``tissue`` (same shape and level-0 frame).
+
+    Uses ``annotation`` (ASAP XML, NCRF JSON or GeoJSON polygons) when the item has one, else ``mask`` (an image
+    over the whole slide, tumour > 0), else an empty mask (a normal slide).
+    """
+    from pathbundles.annotations import rasterize, read_annotations
+
+    if item.get("annotation"):
+        return rasterize(read_annotations(item["annotation"]), tissue.mask.shape, tissue.downsample) > 0
+    if item.get("mask"):
+        mask = LevelMask.load_mask(item["mask"], tissue.level0_size, tissue.level0_mpp)
+        rows, cols = np.indices(tissue.mask.shape)
+        return mask.at_level0((cols + 0.5) * tissue.downsample, (rows + 0.5) * tissue.downsample) > 0
+    return np.zeros(tissue.mask.shape, bool)
+
+
+def locate(data: Sequence[dict], backend: str = "auto", tissue_mpp: float = 8.0) -> list[SlideLocations]:
+    """Tissue and tumour locations of every training slide (one tissue mask per slide)."""
+    from pathbundles.tissue import tissue_mask
+    from pathbundles.wsi import open_slide
+
+    out = []
+    for item in data:
+        name, path = slide_name(item)
+        with open_slide(path, backend=backend) as slide:
+            tissue = tissue_mask(slide, mpp=tissue_mpp)
+            level0_mpp = float(slide.mpp[0])
+        tumour = tumour_grid(item, tissue)
+        pools = {TUMOUR: np.argwhere(ndimage.binary_erosion(tumour, iterations=1)),
+                 NORMAL: np.argwhere(tissue.mask & ~ndimage.binary_dilation(tumour, iterations=2))}
+        out.append(SlideLocations(name, path, tissue.downsample, level0_mpp, pools, tissue.mask.shape))
+        logger.info("%s: %d tumour and %d normal candidate cells", name, len(pools[TUMOUR]), len(pools[NORMAL]))
+    return out
+
+
+class ClassBalancedPatchDataset(torch.utils.data.Dataset):
+    """Class-balanced random patches of ``read_px`` pixels at ``mpp`` from annotated slides.
+
+    Each item is a dict ``image`` (3, read_px, read_px) uint8 tensor (then ``transform``), ``label`` (1, 1) long
+    tensor (the shape of a ScanNet output for a 244 px patch), ``location`` level-0 (x, y) of the patch centre.
+    Random draws use torch's RNG, so ``monai.utils.set_determinism`` makes a run repeatable and each DataLoader
+    worker and epoch draws different patches.
+
+    Args:
+        data: datalist dicts with ``image`` and optionally ``annotation`` or ``mask`` (tumour ground truth).
+        read_px: side of the region read (patch plus room for rotation/scaling/translation augmentation).
+        mpp: resolution of the patches (um/px).
+        samples_per_epoch: length of the dataset.
+        hard_negative_fraction: share of normal draws taken from mined hard negatives, when there are any.
+        fixed: draw item ``i`` from a generator seeded with ``(seed, i)`` (a fixed validation set).
+        seed: seed of ``fixed`` draws.
+        backend: slide reader backend.
+        transform: MONAI dict transform applied to each item.
+    """
+
+    def __init__(self, data: Sequence[dict], read_px: int, mpp: float, samples_per_epoch: int = 1024,
+                 hard_negative_fraction: float = 0.5, fixed: bool = False, seed: int = 0, backend: str = "auto",
+                 tissue_mpp: float = 8.0, transform: Callable[[dict], dict] | None = None) -> None:
+        self.read_px, self.mpp, self.length = int(read_px), float(mpp), int(samples_per_epoch)
+        self.hard_negative_fraction, self.fixed, self.seed = hard_negative_fraction, fixed, seed
+        self.transform = transform
+        self.slides = locate(data, backend=backend, tissue_mpp=tissue_mpp)
+        self.handles = SlideHandles(backend)
+        for cls in (NORMAL, TUMOUR):
+            if not any(len(s.pools[cls]) for s in self.slides):
+                raise ValueError(f"no slide in the datalist has {'tumour' if cls else 'normal'} tissue to sample")
+
+    def __len__(self) -> int:
+        return self.length
+
+    def add_hard_negatives(self, slide_path: str, level0_xy: np.ndarray) -> int:
+        """Add mined false positives (level-0 (x, y) patch centres) of the slide at ``slide_path``."""
+        for s in self.slides:
+            if s.path == str(slide_path):
+                s.hard_negatives = np.concatenate([s.hard_negatives, np.asarray(level0_xy, float).reshape(-1, 2)])
+                return len(s.hard_negatives)
+        raise KeyError(f"{slide_path} is not a training slide of this dataset")
+
+    @property
+    def n_hard_negatives(self) -> int:
+        return int(sum(len(s.hard_negatives) for s in self.slides))
+
+    def draw(self, rng: np.random.Generator) -> tuple[SlideLocations, float, float, int]:
+        """One (slide, level-0 x, level-0 y, label) draw: class first, then slide, then location."""
+        label = int(rng.integers(2))
+        hard = [s for s in self.slides if len(s.hard_negatives)]
+        if label == NORMAL and hard and rng.random() < self.hard_negative_fraction:
+            slide = hard[rng.integers(len(hard))]
+            x, y = slide.hard_negatives[rng.integers(len(slide.hard_negatives))]
+            return slide, float(x), float(y), label
+        candidates = [s for s in self.slides if len(s.pools[label])]
+        slide = candidates[rng.integers(len(candidates))]
+        row, col = slide.pools[label][rng.integers(len(slide.pools[label]))]
+        jitter = rng.random(2)
+        return slide, (col + jitter[0]) * slide.downsample, (row + jitter[1]) * slide.downsample, label
+
+    def __getitem__(self, i: int) -> dict:
+        seed = (self.seed, i) if self.fixed else int(torch.randint(0, 2**62, (1,)).item())
+        slide, x, y, label = self.draw(np.random.default_rng(seed))
+        half = self.read_px / 2 * self.mpp / slide.level0_mpp
+        region = self.handles(slide.path).read_region((int(round(x - half)), int(round(y - half))),
+                                                      (self.read_px, self.read_px), self.mpp)
+        item = {"image": torch.from_numpy(np.ascontiguousarray(region.transpose(2, 0, 1))),
+                "label": torch.full((1, 1), label, dtype=torch.long),
+                "location": torch.tensor([x, y], dtype=torch.float64)}
+        return self.transform(item) if self.transform is not None else item
+
+
+def read_datalist(path: str | Path, split: str | None = None) -> list[dict]:
+    """Items of a ``dataset.json`` (``{"items": [...]}`` or a list) with paths made absolute; optional split filter."""
+    import json
+
+    from pathbundles.errors import InputError
+
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(path, f"cannot read the datalist: {err}") from err
+    items = doc["items"] if isinstance(doc, dict) else doc
+    out = []
+    for item in items:
+        item = dict(item) if isinstance(item, dict) else {"image": item}
+        if split is not None and item.get("split", split) != split:
+            continue
+        for key in ("image", "annotation", "mask", "labels", "partial_labels", "centroids"):
+            if item.get(key):
+                item[key] = str((path.parent / item[key]).resolve())
+        out.append(item)
+    return out

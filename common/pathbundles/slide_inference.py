@@ -1,0 +1,334 @@
+"""Whole-slide inference as MONAI components: a dataset of tissue ROIs over many slides and a handler that stitches
+each ROI's output tile into a per-slide probability map on disk, then writes the map, overlay, detections and score.
+
+Geometry (``MapGrid``): ROIs lie on a grid anchored at level-0 (0, 0) with stride ``roi_stride_px`` pixels at the
+scanning resolution ``scan_mpp``; ROI (r, c) reads ``read_px`` x ``read_px`` pixels from scan pixel
+``(c * roi_stride_px, r * roi_stride_px)`` and yields a ``tile_px`` x ``tile_px`` output tile that fills map rows
+``r * tile_px ...`` and columns ``c * tile_px ...``. Map pixel ``k`` is centred on scan pixel
+``map_origin_px + k * map_step_px``; multiply by ``scan_mpp / level0_mpp`` for level-0 pixels.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pathbundles.atomic import atomic_path
+from pathbundles.errors import PathBundlesError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MapGrid:
+    """How ROI outputs tile a slide's map. All lengths in pixels at the scanning resolution.
+
+    Args:
+        read_px: side of the region read per ROI.
+        roi_stride_px: distance between neighbouring ROIs.
+        tile_px: map pixels per ROI side.
+        map_step_px: scan pixels between neighbouring map pixels.
+        map_origin_px: scan pixel on which map pixel 0 is centred.
+    """
+
+    read_px: int
+    roi_stride_px: int
+    tile_px: int
+    map_step_px: float
+    map_origin_px: float
+
+    def map_shape(self, scan_size_wh: tuple[float, float]) -> tuple[int, int]:
+        """(H, W) of the map of a slide whose size at the scanning resolution is ``scan_size_wh`` (w, h)."""
+        return (max(1, math.ceil(scan_size_wh[1] / self.map_step_px)),
+                max(1, math.ceil(scan_size_wh[0] / self.map_step_px)))
+
+
+@dataclass
+class SlidePlan:
+    """One slide of a run: where it is, its geometry, and the ROIs that cover its tissue."""
+
+    name: str
+    path: str
+    level0_mpp: float = 0.0
+    level0_size: tuple[int, int] = (0, 0)
+    map_shape: tuple[int, int] = (0, 0)
+    rois_rc: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
+    error: str | None = None
+
+    @property
+    def n_rois(self) -> int:
+        return int(len(self.rois_rc))
+
+
+def slide_name(item: dict | str) -> tuple[str, str]:
+    """(name, path) of a datalist item: a path, or a dict with ``image`` (and optionally ``name``)."""
+    path = item if isinstance(item, str) else str(item["image"])
+    name = Path(path).stem if isinstance(item, str) else str(item.get("name") or Path(path).stem)
+    return name, path
+
+
+def plan_slides(data: Sequence[dict | str], grid: MapGrid, scan_mpp: float, *, backend: str = "auto",
+                tissue_mpp: float = 8.0, mpp_override: float | None = None) -> list[SlidePlan]:
+    """Open every slide once, build its tissue mask and list the ROIs (r, c) whose read footprint has tissue.
+
+    A slide that cannot be opened gets ``error`` set (logged with its name) instead of stopping the run.
+    """
+    from pathbundles.tissue import tissue_mask
+    from pathbundles.wsi import open_slide
+
+    plans = []
+    for item in data:
+        name, path = slide_name(item)
+        plan = SlidePlan(name=name, path=path)
+        try:
+            with open_slide(path, backend=backend, mpp=mpp_override) as slide:
+                plan.level0_mpp = float(slide.mpp[0])
+                plan.level0_size = tuple(int(v) for v in slide.level_dimensions[0])
+                scale = plan.level0_mpp / scan_mpp
+                plan.map_shape = grid.map_shape((plan.level0_size[0] * scale, plan.level0_size[1] * scale))
+                mask = tissue_mask(slide, mpp=tissue_mpp)
+                origins = mask.tile_origins(grid.read_px, grid.roi_stride_px, scan_mpp)
+            step0 = grid.roi_stride_px * scan_mpp / plan.level0_mpp
+            plan.rois_rc = np.unique(np.rint(np.asarray(origins, dtype=np.float64)[:, ::-1] / step0).astype(np.int64),
+                                     axis=0).reshape(-1, 2)
+        except (PathBundlesError, OSError, ValueError) as err:
+            plan.error = str(err)
+            logger.error("skipping slide %s: %s", name, err)
+        plans.append(plan)
+    return plans
+
+
+class SlideHandles:
+    """Slides opened lazily and kept open, one handle per path per process (each DataLoader worker has its own)."""
+
+    def __init__(self, backend: str = "auto", mpp_override: float | None = None) -> None:
+        self.backend, self.mpp_override = backend, mpp_override
+        self._open: dict[str, Any] = {}
+
+    def __call__(self, path: str) -> Any:
+        if path not in self._open:
+            from pathbundles.wsi import open_slide
+
+            self._open[path] = open_slide(path, backend=self.backend, mpp=self.mpp_override)
+        return self._open[path]
+
+    def __getstate__(self) -> dict:
+        # Open slide handles do not cross process boundaries: workers reopen what they read.
+        return {"backend": self.backend, "mpp_override": self.mpp_override, "_open": {}}
+
+
+class SlideROIDataset(torch.utils.data.Dataset):
+    """Tissue ROIs of many slides, read at ``scan_mpp``; one item per ROI.
+
+    Items are dicts: ``image`` (3, read_px, read_px) uint8 tensor (after ``transform``), ``slide_index``,
+    ``roi_row``, ``roi_col`` and ``error`` ("" when the read succeeded). Slides are opened lazily once per
+    DataLoader worker, so reading overlaps with the network in worker processes.
+
+    Args:
+        data: slide paths or datalist dicts with ``image``.
+        grid: the ROI/map geometry.
+        scan_mpp: the resolution the network reads (um/px).
+        backend: slide reader backend ("auto", "openslide", "tifffile", "cucim").
+        tissue_mpp: resolution of the tissue mask (um/px).
+        mpp_override: level-0 um/px for slides whose files carry none.
+        transform: a MONAI dict transform applied to each item.
+    """
+
+    def __init__(self, data: Sequence[dict | str], grid: MapGrid, scan_mpp: float, backend: str = "auto",
+                 tissue_mpp: float = 8.0, mpp_override: float | None = None,
+                 transform: Callable[[dict], dict] | None = None) -> None:
+        self.grid, self.scan_mpp, self.backend, self.mpp_override = grid, float(scan_mpp), backend, mpp_override
+        self.transform = transform
+        self.plans = plan_slides(data, grid, scan_mpp, backend=backend, tissue_mpp=tissue_mpp,
+                                 mpp_override=mpp_override)
+        self.index = [(s, r, c) for s, plan in enumerate(self.plans) for r, c in plan.rois_rc]
+        self.slides = SlideHandles(backend, mpp_override)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        s, r, c = self.index[i]
+        plan, grid = self.plans[s], self.grid
+        step0 = grid.roi_stride_px * self.scan_mpp / plan.level0_mpp
+        error = ""
+        try:
+            region = self.slides(plan.path).read_region((int(round(c * step0)), int(round(r * step0))),
+                                                (grid.read_px, grid.read_px), self.scan_mpp)
+        except (PathBundlesError, OSError, ValueError) as err:
+            region, error = np.zeros((grid.read_px, grid.read_px, 3), np.uint8), f"{plan.path}: {err}"
+        item = {"image": torch.from_numpy(np.ascontiguousarray(region.transpose(2, 0, 1))),
+                "slide_index": s, "roi_row": int(r), "roi_col": int(c), "error": error}
+        return self.transform(item) if self.transform is not None else item
+
+
+class SlideMapWriter:
+    """Ignite handler: stitch ROI tiles into per-slide maps on disk and write each slide's outputs when complete.
+
+    For slide ``name`` under ``output_dir``: ``maps/name.tif`` (probability x 255 as a tiled pyramidal TIFF with
+    mpp tags), ``overlays/name.png``, ``detections/name.csv`` (Camelyon16 ``prob,x,y`` at level 0) and
+    ``detections/name.geojson``; and one ``slide_scores.csv`` (``name,score,n_detections``) for the run. A slide
+    without tissue gets an all-zero map, no detections and score 0. A slide that fails is reported by name, gets
+    no output, and the run raises at the end after finishing the other slides.
+
+    Args:
+        dataset: the ``SlideROIDataset`` being run (its plans give each slide's geometry).
+        output_dir: folder for all outputs.
+        detect: ``f(prob_map, map_mpp, level0_mpp, origin_xy) -> (N, >=3) [score, x, y, ...]`` level-0
+            detections, e.g. ``pathbundles.postprocess.detections_from_components``.
+        prob_channel: channel of the network output holding the tumour probability.
+        overlay_mpp: resolution of the overlay thumbnail (um/px).
+        pred_key: key of the prediction in ``engine.state.output``.
+    """
+
+    def __init__(self, dataset: SlideROIDataset, output_dir: str, detect: Callable[..., np.ndarray],
+                 prob_channel: int = 1, overlay_mpp: float = 16.0, pred_key: str = "pred") -> None:
+        self.dataset, self.output_dir, self.detect = dataset, Path(output_dir), detect
+        self.prob_channel, self.overlay_mpp, self.pred_key = prob_channel, overlay_mpp, pred_key
+        self._canvas: dict[int, Any] = {}
+        self._done_rois: dict[int, int] = {}
+        self.failed: dict[str, str] = {}
+        self.scores: dict[str, tuple[float, int]] = {}
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        # EPOCH_COMPLETED (not COMPLETED): metric handlers and trackers that read the outputs run on it after us.
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.completed)
+
+    def _canvas_for(self, s: int) -> Any:
+        if s not in self._canvas:
+            from pathbundles.writers import DiskCanvas
+
+            self._canvas[s] = DiskCanvas(self.dataset.plans[s].map_shape, np.float32, fill=0.0)
+        return self._canvas[s]
+
+    def iteration_completed(self, engine: Any) -> None:
+        batch, output = engine.state.batch, engine.state.output
+        for item, out in zip(batch, output):
+            s = int(item["slide_index"])
+            plan = self.dataset.plans[s]
+            if plan.error is None and item["error"]:
+                plan.error = str(item["error"])
+                logger.error("slide %s failed: %s", plan.name, plan.error)
+            if plan.error is None:
+                tile = out[self.pred_key][self.prob_channel].detach().float().cpu().numpy()
+                paste_tile(self._canvas_for(s), plan.map_shape, int(item["roi_row"]), int(item["roi_col"]), tile)
+            self._done_rois[s] = self._done_rois.get(s, 0) + 1
+            if self._done_rois[s] == plan.n_rois:
+                self._finish(s)
+
+    def completed(self, engine: Any = None) -> None:
+        """Finish slides without ROIs (no tissue), write ``slide_scores.csv``, raise if any slide failed."""
+        for s, plan in enumerate(self.dataset.plans):
+            if plan.name not in self.scores and plan.name not in self.failed:
+                self._finish(s)
+        with atomic_path(self.output_dir / "slide_scores.csv") as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["name", "score", "n_detections"])
+            for name, (score, n) in self.scores.items():
+                writer.writerow([name, f"{score:.6f}", n])
+        if self.failed:
+            listing = "; ".join(f"{name}: {why}" for name, why in self.failed.items())
+            raise RuntimeError(f"{len(self.failed)} slide(s) failed, the others were written: {listing}")
+
+    def outputs(self, name: str) -> dict[str, Path]:
+        """The files written for slide ``name``."""
+        return {"map": self.output_dir / "maps" / f"{name}.tif",
+                "overlay": self.output_dir / "overlays" / f"{name}.png",
+                "detections": self.output_dir / "detections" / f"{name}.csv",
+                "geojson": self.output_dir / "detections" / f"{name}.geojson"}
+
+    def _finish(self, s: int) -> None:
+        plan = self.dataset.plans[s]
+        canvas = self._canvas.pop(s, None)
+        try:
+            if plan.error is not None:
+                raise RuntimeError(plan.error)
+            self._write_slide(plan, canvas)
+        except Exception as err:  # noqa: BLE001 - one slide's failure must not stop the others
+            self.failed[plan.name] = str(err)
+            for path in self.outputs(plan.name).values():
+                path.unlink(missing_ok=True)
+            logger.error("slide %s failed: %s", plan.name, err)
+        finally:
+            if canvas is not None:
+                canvas.close()
+
+    def _write_slide(self, plan: SlidePlan, canvas: Any) -> None:
+        from pathbundles.wsi import open_slide
+        from pathbundles.writers import (write_detections_csv, write_detections_geojson, write_overlay_png,
+                                         write_pyramid_tiff)
+
+        grid, scan_mpp = self.dataset.grid, self.dataset.scan_mpp
+        # Post-processing needs the whole map (connected components); it is at the scan stride (Sd = 8-32 px), so a
+        # Camelyon16 slide's map is at most a few hundred MB. The TIFF is streamed from the disk canvas by bands.
+        prob = np.zeros(plan.map_shape, np.float32) if canvas is None else np.asarray(canvas[:], np.float32)
+        map_mpp = grid.map_step_px * scan_mpp
+        origin0 = grid.map_origin_px * scan_mpp / plan.level0_mpp
+        detections = np.asarray(self.detect(prob, map_mpp, plan.level0_mpp, (origin0, origin0)),
+                                dtype=np.float64)[:, :3].reshape(-1, 3)
+        files = self.outputs(plan.name)
+        write_pyramid_tiff(files["map"], _Uint8Bands(prob if canvas is None else canvas), mpp=map_mpp,
+                           compression="deflate",
+                           description=f"pathbundles probability map: value / 255 = probability; mpp={map_mpp}")
+        with open_slide(plan.path, backend=self.dataset.backend, mpp=self.dataset.mpp_override) as slide:
+            thumb, _ = slide.read_thumbnail(max(self.overlay_mpp, map_mpp))
+        write_overlay_png(files["overlay"], thumb, prob)
+        write_detections_csv(files["detections"], detections)
+        write_detections_geojson(files["geojson"], detections, mpp=plan.level0_mpp)
+        self.scores[plan.name] = (float(prob.max()) if prob.size else 0.0, int(len(detections)))
+
+
+def paste_tile(canvas: Any, map_shape: tuple[int, int], roi_row: int, roi_col: int, tile: np.ndarray) -> None:
+    """Write ROI (roi_row, roi_col)'s output tile into its place on a map, clipped at the map's edge."""
+    th, tw = tile.shape[-2:]
+    r0, c0 = roi_row * th, roi_col * tw
+    h, w = map_shape
+    if r0 < h and c0 < w:
+        canvas[r0:min(h, r0 + th), c0:min(w, c0 + tw)] = tile[:h - r0, :w - c0]
+
+
+def predict_maps(dataset: SlideROIDataset, network: torch.nn.Module,
+                 inferer: Callable[[torch.Tensor, torch.nn.Module], torch.Tensor], *, device: str = "cpu",
+                 batch_size: int = 4, num_workers: int = 0,
+                 prob_channel: int = 1) -> Iterator[tuple[SlidePlan, np.ndarray]]:
+    """Run ``inferer`` over every ROI and yield ``(plan, probability map)`` per slide, maps held in memory.
+
+    For work on the maps themselves (hard negative mining, tests, benchmarks); bundle runs stream to disk with
+    :class:`SlideMapWriter` instead. Slides that failed to open are skipped; slides without tissue yield zeros.
+    """
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    maps = {s: np.zeros(plan.map_shape, np.float32) for s, plan in enumerate(dataset.plans) if plan.error is None}
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                probs = inferer(batch["image"].to(device), network)[:, prob_channel].float().cpu().numpy()
+                for s, r, c, tile in zip(batch["slide_index"].tolist(), batch["roi_row"].tolist(),
+                                         batch["roi_col"].tolist(), probs):
+                    paste_tile(maps[s], dataset.plans[s].map_shape, r, c, tile)
+    finally:
+        network.train(was_training)
+    for s, prob in maps.items():
+        yield dataset.plans[s], prob
+
+
+class _Uint8Bands:
+    """A band-sliceable view of a probability map (array or disk canvas) as uint8 (probability x 255)."""
+
+    def __init__(self, prob: Any) -> None:
+        self.prob, self.shape, self.dtype = prob, prob.shape, np.dtype(np.uint8)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        return np.clip(np.rint(np.asarray(self.prob[key], np.float32) * 255.0), 0, 255).astype(np.uint8)

@@ -1,0 +1,54 @@
+"""The ``python -m pathbundles`` verbs of the slide layer: info, tissue, phantom, and their errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def pathbundles(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pathbundles", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_info_on_real_svs(shared_data: Path) -> None:
+    run = pathbundles("info", str(shared_data / "CMU-1-Small-Region.svs"), "--backend", "tifffile")
+    assert run.returncode == 0, run.stderr
+    info = json.loads(run.stdout)
+    assert info["backend"] == "tifffile"
+    assert info["levels"][0]["width"] == 2220 and info["levels"][0]["height"] == 2967
+    assert abs(info["mpp"][0] - 0.499) < 1e-6
+
+
+def test_tissue_and_phantom_verbs(tmp_path: Path) -> None:
+    from pathbundles.writers import write_pyramid_tiff
+
+    slide = np.full((2048, 2048, 3), 240, np.uint8)
+    yy, xx = np.mgrid[:2048, :2048]
+    disc = (yy - 1024) ** 2 + (xx - 1024) ** 2 < 600 ** 2
+    slide[disc] = (190, 100, 170)
+    write_pyramid_tiff(tmp_path / "disc.tif", slide, mpp=0.5, compression="jpeg")
+    run = pathbundles("tissue", str(tmp_path / "disc.tif"), "--out", str(tmp_path / "mask.png"))
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    mask = np.asarray(Image.open(tmp_path / "mask.png")) > 0
+    assert mask.shape == tuple(result["shape_hw"])
+    # Disc area pi * 600^2 of 2048^2 level-0 pixels.
+    assert abs(mask.mean() - np.pi * 600 ** 2 / 2048 ** 2) < 0.03
+
+    run = pathbundles("phantom", str(tmp_path / "hpf"), "--kind", "mitosis", "--n", "2", "--seed", "3")
+    assert run.returncode == 0, run.stderr
+    doc = json.loads((tmp_path / "hpf" / "dataset.json").read_text())
+    assert len(doc["items"]) == 2
+
+
+def test_bad_slide_gives_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "notes.svs"
+    bad.write_text("this is not a slide")
+    run = pathbundles("info", str(bad))
+    assert run.returncode == 2
+    assert "notes.svs" in run.stderr and "Traceback" not in run.stderr

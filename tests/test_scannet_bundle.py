@@ -1,0 +1,152 @@
+"""The scannet bundle end to end, through ``python -m monai.bundle`` as a user runs it (slow: subprocesses)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "scannet"
+CONFIGS = BUNDLE / "configs"
+SCHEMA = REPO.parent / "shared" / "schema" / "meta_schema_20240725.json"
+
+pytestmark = pytest.mark.slow
+
+
+def run_bundle(*args: str, cwd: Path = REPO, timeout: int = 900, **env: str) -> subprocess.CompletedProcess:
+    """Run ``python -m monai.bundle ARGS`` in a subprocess, as the docs tell users to."""
+    environ = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+    return subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=environ)
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory) -> Path:
+    """Two small phantom slides (one tumour, one normal) plus an empty (all-glass) slide and a truncated one."""
+    from pathbundles.phantom import make_phantom
+    from pathbundles.writers import write_pyramid_tiff
+
+    root = tmp_path_factory.mktemp("scannet-data")
+    dataset = make_phantom(root, kind="metastasis", n=2, seed=7, size_px=(3072, 3072))
+    write_pyramid_tiff(root / "empty.tif", np.full((1024, 1024, 3), 245, np.uint8), mpp=0.5, compression="jpeg")
+    good = (root / "phantom_normal_001.tif").read_bytes()
+    (root / "truncated.tif").write_bytes(good[: len(good) // 3])
+    doc = json.loads(dataset.read_text())
+    with_bad = dict(doc, items=doc["items"] + [{"image": "empty.tif", "label": 0}, {"image": "truncated.tif",
+                                                                                      "label": 0}])
+    (root / "with_bad.json").write_text(json.dumps(with_bad))
+    return root
+
+
+def test_metadata_and_network_verify() -> None:
+    if not SCHEMA.exists():
+        pytest.skip(f"offline MONAI metadata schema not found at {SCHEMA}")
+    meta = run_bundle("verify_metadata", "--meta_file", str(CONFIGS / "metadata.json"), "--filepath", str(SCHEMA))
+    assert meta.returncode == 0, meta.stderr
+    net = run_bundle("verify_net_in_out", "network_def", "--meta_file", str(CONFIGS / "metadata.json"),
+                     "--config_file", str(CONFIGS / "inference.json"), "--n", "2")
+    assert net.returncode == 0, net.stderr
+    meta_doc = json.loads((CONFIGS / "metadata.json").read_text())
+    assert meta_doc["intended_use"] == "research, not for diagnosis"
+    assert meta_doc["version"] in meta_doc["changelog"]
+
+
+def test_torchscript_export_gives_same_outputs(tmp_path: Path) -> None:
+    import torch
+
+    from pathbundles.scannet import ScanNet
+
+    out = tmp_path / "model.ts"
+    result = run_bundle("ckpt_export", "network_def", "--filepath", str(out), "--ckpt_file",
+                        str(BUNDLE / "models" / "model.pt"), "--meta_file", str(CONFIGS / "metadata.json"),
+                        "--config_file", str(CONFIGS / "inference.json"))
+    assert result.returncode == 0, result.stderr
+    net = ScanNet(width=0.125, batch_norm=True)
+    net.load_state_dict(torch.load(BUNDLE / "models" / "model.pt", map_location="cpu"))
+    net.eval()
+    scripted = torch.jit.load(str(out))
+    x = torch.randn(1, 3, 308, 308)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), net(x))
+
+
+def test_inference_reports_bad_slide_and_writes_the_others(small_dataset: Path, tmp_path: Path) -> None:
+    from openslide import OpenSlide
+
+    from pathbundles.writers import read_detections_csv
+
+    out = tmp_path / "out"
+    result = run_bundle("run", "--config_file", str(CONFIGS / "inference.json"), "--data_source",
+                        str(small_dataset / "with_bad.json"), "--output_dir", str(out), "--lp", "8",
+                        "--num_workers", "0")
+    # The truncated slide fails by name, the run finishes the others and exits non-zero.
+    assert result.returncode != 0
+    assert "truncated" in (result.stdout + result.stderr)
+    rows = {r["name"]: r for r in csv.DictReader(open(out / "slide_scores.csv"))}
+    assert set(rows) == {"phantom_tumor_000", "phantom_normal_001", "empty"}
+    assert float(rows["empty"]["score"]) == 0.0 and int(rows["empty"]["n_detections"]) == 0
+    assert not list(out.rglob("truncated*")) and not list(out.rglob(".*partial*"))
+    # The map is an mpp-tagged pyramid that OpenSlide opens: stride 32 / alpha 2 = 16 px at 1.0 um/px.
+    with OpenSlide(str(out / "maps" / "phantom_tumor_000.tif")) as osr:
+        assert osr.level_dimensions[0] == (3072 // 2 // 16, 3072 // 2 // 16)
+        assert float(osr.properties["openslide.mpp-x"]) == pytest.approx(16.0, rel=1e-3)
+    det = read_detections_csv(out / "detections" / "phantom_tumor_000.csv")
+    assert det.ndim == 2 and det.shape[1] == 3
+    if len(det):
+        assert np.all((det[:, 0] > 0.5) & (det[:, 0] <= 1.0))
+        assert np.all((det[:, 1:] >= 0) & (det[:, 1:] < 3072))
+    assert (out / "overlays" / "phantom_tumor_000.png").stat().st_size > 1000
+
+
+def test_evaluate_writes_froc_and_auc(small_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    result = run_bundle("run", "--config_file",
+                        f"['{CONFIGS / 'inference.json'}','{CONFIGS / 'evaluate.json'}']", "--data_source",
+                        str(small_dataset / "dataset.json"), "--output_dir", str(out), "--lp", "8",
+                        "--num_workers", "0", "--n_bootstrap", "50")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= report["metrics"]["froc"] <= 1.0
+    assert report["details"]["froc"]["n_slides"] == 2
+    assert report["details"]["slide_auc"]["n_tumour"] == 1 and report["details"]["slide_auc"]["n_normal"] == 1
+    assert (out / "froc.png").stat().st_size > 1000 and (out / "roc.png").stat().st_size > 1000
+
+
+TINY_TRAIN = ["--epochs", "1", "--samples_per_epoch", "8", "--val_samples", "8", "--batch_size", "4",
+              "--num_workers", "0", "--hnm_rounds", "1", "--hnm_epochs_per_round", "1", "--hnm_lp", "8",
+              "--hnm_threshold", "0.0", "--hnm_max_per_slide", "5"]
+
+
+def test_train_with_hard_negative_mining(small_dataset: Path, tmp_path: Path) -> None:
+    import torch
+
+    data = str(small_dataset / "dataset.json")
+    result = run_bundle("run", "--config_file", str(CONFIGS / "train.json"), "--train_source", data,
+                        "--val_source", data, "--ckpt_dir", str(tmp_path), *TINY_TRAIN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    # threshold 0 makes every normal-tissue location a false positive: 5 per slide, 2 slides.
+    assert "hard negative mining: 10 false positives added" in log
+    assert "Epoch[2] Complete" in log  # the fine-tuning epoch after mining ran
+    state = torch.load(tmp_path / "model.pt", map_location="cpu")
+    assert state["classifier.6.weight"].shape == (2, 128, 1, 1)
+
+
+def test_multi_gpu_overlay_runs_with_gloo_on_two_processes(small_dataset: Path, tmp_path: Path) -> None:
+    data = str(small_dataset / "dataset.json")
+    configs = f"['{CONFIGS / 'train.json'}','{CONFIGS / 'multi_gpu_train.json'}']"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         "-m", "monai.bundle", "run", "--config_file", configs, "--train_source", data, "--val_source", data,
+         "--ckpt_dir", str(tmp_path), *TINY_TRAIN],
+        cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "model.pt").exists()
