@@ -188,3 +188,18 @@ def test_multiclass_labels_and_partial_subset(multiclass: tuple[Path, dict]) -> 
     assert {a.label for a in polygons} == set(phantom.MULTICLASS_CLASSES.values())
     with tifffile.TiffFile(out / item["image"]) as tif:
         assert [p.shape[:2] for p in tif.pages] == [(2048, 2048), (1024, 1024), (512, 512), (256, 256)]
+
+
+def test_backends_read_identical_phantom_pixels(metastasis: tuple[Path, dict]) -> None:
+    """OpenSlide and the tile-only tifffile reader return the same pixels of a phantom slide, at level 0 and at a
+    resampled mpp (the phantom has 4x levels, so 1.0 um/px is resampled from level 0)."""
+    from pathbundles.wsi import open_slide
+
+    root, doc = metastasis
+    path = root / doc["items"][0]["image"]
+    with open_slide(path, backend="openslide") as a, open_slide(path, backend="tifffile") as b:
+        assert a.level_dimensions == b.level_dimensions and a.level_downsamples == b.level_downsamples
+        for xy, size, mpp in [((300, 200), (512, 384), 0.5), ((0, 0), (300, 300), 1.0), ((1400, 1400), (256, 256), 0.5)]:
+            pa, pb = a.read_region(xy, size, mpp).astype(int), b.read_region(xy, size, mpp).astype(int)
+            assert pa.shape == pb.shape == (size[1], size[0], 3)
+            assert np.abs(pa - pb).mean() < 1.0

@@ -58,6 +58,13 @@ def iou(truth: str, pred: str, out: str, num_classes: int) -> None:
     _print_json(iou_command(truth, pred, out, num_classes=num_classes))
 
 
+def registry(tracking_uri: str | None = None) -> object:
+    """MLflow model registry review: ``registry register|review|promote|export ...`` (see mlflow/README.md)."""
+    from pathbundles.registry import Registry
+
+    return Registry(tracking_uri=tracking_uri)
+
+
 COMMANDS = {
     "info": info,
     "tissue": tissue,
@@ -65,6 +72,7 @@ COMMANDS = {
     "froc": froc,
     "mitosis_f1": mitosis_f1,
     "iou": iou,
+    "registry": registry,
 }
 
 

@@ -69,13 +69,16 @@ class DetectionMetricsReport:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Any = None) -> dict:
+        from pathbundles.metrics.classification import roc_curve
         from pathbundles.metrics.handlers import FROCMetric, SlideAUCMetric, write_report
+        from pathbundles.tracking import write_curves
         from pathbundles.writers import read_detections_csv
 
         items = {slide_name(item)[0]: item for item in self.datalist}
         froc_metric, auc_metric = FROCMetric(), SlideAUCMetric(n_bootstrap=self.n_bootstrap)
         froc_metric.reset()
         auc_metric.reset()
+        labels, scores = [], []
         for plan in self.writer.dataset.plans:
             if plan.name not in self.writer.scores:
                 continue  # failed slides are reported by the writer
@@ -85,9 +88,14 @@ class DetectionMetricsReport:
             froc_metric.update(([detections], [lesions]))
             label = item.get("label")
             label = int(lesions is not None and len(lesions.lesion_labels) > 0) if label is None else int(label)
-            auc_metric.update(([self.writer.scores[plan.name][0]], [label]))
+            labels.append(label)
+            scores.append(self.writer.scores[plan.name][0])
+        auc_metric.update((scores, labels))
         scalars = {"froc": float(froc_metric.compute()), "slide_auc": float(auc_metric.compute())}
         self.report = write_report(self.output_dir, scalars, {"froc": froc_metric, "slide_auc": auc_metric})
+        fpr, tpr, _ = roc_curve(np.asarray(labels), np.asarray(scores))
+        write_curves(self.output_dir, fp_per_slide=froc_metric.result.fp_per_slide,
+                     sensitivity=froc_metric.result.sensitivity, fpr=fpr, tpr=tpr)
         if engine is not None:
             engine.state.metrics.update(scalars)
         logger.info("FROC %.4f, slide AUC %.4f -> %s", scalars["froc"], scalars["slide_auc"],
