@@ -52,3 +52,10 @@ def test_bad_slide_gives_a_clear_error(tmp_path: Path) -> None:
     run = pathbundles("info", str(bad))
     assert run.returncode == 2
     assert "notes.svs" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_registry_verb_reaches_the_registry(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = pathbundles("registry", "--tracking_uri", uri, "review", "--name", "pathbundles-nope", "--candidate", "1")
+    assert run.returncode == 2
+    assert "pathbundles-nope" in run.stderr and "Traceback" not in run.stderr

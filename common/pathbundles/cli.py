@@ -58,7 +58,7 @@ def iou(truth: str, pred: str, out: str, num_classes: int) -> None:
     _print_json(iou_command(truth, pred, out, num_classes=num_classes))
 
 
-def registry(tracking_uri: str | None = None) -> object:
+def registry(*, tracking_uri: str | None = None) -> object:
     """MLflow model registry review: ``registry register|review|promote|export ...`` (see mlflow/README.md)."""
     from pathbundles.registry import Registry
 
