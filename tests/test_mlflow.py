@@ -1,21 +1,30 @@
 """MLflow tracking and the model-registry workflow, against a real ``mlflow server`` and a plain SQLite store.
 
-The end-to-end tests train the tiny bundle of ``mlflow_fixtures`` (two epochs on eight 4x4 patches) with
-``--tracking mlflow/tracking.json``, evaluate it, register it, review and promote it (one refused gate), load the
-champion as a pyfunc and predict on a phantom slide, export it and run the exported bundle.
+The end-to-end tests work on a copy of the real ``bundles/scannet`` bundle and a two-slide phantom metastasis
+dataset (``mlflow_fixtures``): one tiny tracked training run (one epoch of 8 patches, logged to the server) shared
+by both stores; in each store a tracked evaluation, register (twice), review, promote (a passing and a refused
+gate), load ``models:/pathbundles-scannet@champion`` as a pyfunc, export; against the server also a prediction on
+a phantom slide and a run of the exported bundle's inference.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from mlflow_fixtures import (copy_bundle, make_tiny_bundle, mlflow_server_url, phantom_slide,  # noqa: F401
-                             run_bundle, sqlite_tracking_uri)
-from pathbundles import registry
+from mlflow_fixtures import (PYTHON, mlflow_server_url, note_commit, run_bundle, scannet_dataset,  # noqa: F401
+                             sqlite_tracking_uri, evaluate_config, trained_scannet, tumour_slide)
+from pathbundles import registry, tracking
 from pathbundles.tracking import flatten_config, flatten_metrics, sha256_datalist, sha256_file
+
+MODEL = "pathbundles-scannet"
+#: Evaluation options of the tests: no loader workers, few bootstrap samples, a sparser scan (alpha 1: a quarter
+#: of the default's network passes); the bundle's default lp.
+EVALUATE_ARGS = ("--num_workers", "0", "--n_bootstrap", "50", "--alpha", "1")
 
 
 def test_flatten_config_respects_mlflow_limits() -> None:
@@ -23,6 +32,7 @@ def test_flatten_config_respects_mlflow_limits() -> None:
     assert flat["a.b.0"] == "1"
     assert len(flat["a.b.1.c"]) == 6000 and flat["a.b.1.c"].endswith("...[cut]")
     assert flat["d_e"] == "null" and flat["f"] == "true"
+    assert flatten_config({}) == {} and flatten_config({"a": {}}) == {"a": "{}"}
 
 
 def test_flatten_metrics_keeps_finite_numbers() -> None:
@@ -51,84 +61,224 @@ def test_gates_relative_to_champion() -> None:
     assert not results[0]["passed"] and "has: froc" in results[0]["note"]
 
 
-def _review_cycle(tracking_uri: str, tmp_path: Path, slide: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_preview_is_the_top_scoring_slide(tmp_path: Path) -> None:
+    (tmp_path / "overlays").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "overlays" / f"{name}.png").write_bytes(b"png")
+    assert tracking.preview_overlay(tmp_path).name == "a.png"
+    (tmp_path / "slide_scores.csv").write_text("name,score,n_detections\na,0.2,1\nb,0.9,3\n")
+    assert tracking.preview_overlay(tmp_path).name == "b.png"
+    assert tracking.preview_overlay(tmp_path / "none") is None
+
+
+def test_git_commit_of_a_copied_bundle_is_the_code_s(tmp_path: Path) -> None:
+    assert tracking.project_git_commit(tmp_path) == tracking.git_commit(Path(tracking.__file__).parent)
+
+
+def test_run_left_open_is_ended_at_exit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bundle with its own ``finalize`` (multi_gpu_train.json) replaces the tracking's: the run ends at exit."""
     import mlflow
 
-    # the pyfunc runs the bundle in a subprocess, whose configs call functions of mlflow_fixtures
-    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri exports it
-    env = {"PATHBUNDLES_TRACKING_URI": tracking_uri}
-    bundle = make_tiny_bundle(tmp_path / "tiny")
-    run_bundle(bundle / "configs" / "train.json", env=env)
-    run_bundle(bundle / "configs" / "evaluate.json", env=env)
-    client = mlflow.MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name("pathbundles-tiny")
-    runs = {r.data.tags["pathbundles.workflow"]: r for r in client.search_runs([experiment.experiment_id])}
-    train, evaluation = runs["train"], runs["evaluate"]
-    weights_sha = sha256_file(bundle / "models" / "model.pt")
-    assert train.info.status == "FINISHED" and train.data.tags["pathbundles.weights_sha256"] == weights_sha
-    assert train.data.tags["pathbundles.bundle_version"] == "0.0.1"
-    assert train.data.tags["pathbundles.datalist_sha256.train_datalist"] == sha256_datalist(
-        json.loads((bundle / "configs" / "train.json").read_text())["train_datalist"])
-    assert {"train_loss", "lr_group_0", "val_auc"} <= set(train.data.metrics)
-    assert [m.step for m in client.get_metric_history(train.info.run_id, "val_auc")] == [1, 2]
-    assert train.data.params["learning_rate"] == "0.05"
-    assert {a.path for a in client.list_artifacts(train.info.run_id, "config")} >= {"config/metadata.json"}
-    assert evaluation.data.metrics["froc"] == 0.6
-    assert {a.path.split("/")[-1] for a in client.list_artifacts(evaluation.info.run_id, "evaluation")} >= {
-        "metrics.json", "curves.json", "froc.png", "roc.png"}
+    (tmp_path / "b" / "configs").mkdir(parents=True)
+    (tmp_path / "b" / "configs" / "metadata.json").write_text('{"name": "b", "version": "0.1.0"}')
+    uri = tracking.sqlite_uri(tmp_path / "mlflow.db")
+    statuses = []
+    for uncaught in (False, True):
+        monkeypatch.setitem(tracking._EXIT_STATE, "uncaught", uncaught)
+        run = tracking.BundleRun(tmp_path / "b", tracking_uri=uri, workflow="train")
+        run.start()
+        run._at_exit()  # what atexit calls
+        statuses.append(mlflow.MlflowClient(uri).get_run(run.run_id).info.status)
+        run._at_exit()  # a second call (finalize ran first) changes nothing
+    assert statuses == ["FINISHED", "FAILED"]
 
-    first = registry.register(bundle, tracking_uri=tracking_uri)
-    assert first["run_id"] == train.info.run_id and first["eval_run_id"] == evaluation.info.run_id
-    registry.promote("pathbundles-tiny", first["version"], gate="froc>=champion-0.01", who="tester",
-                     why="first model", tracking_uri=tracking_uri)
 
-    # a second model: same weights, evaluated lower: the review shows the drop and the gate refuses it
-    run_bundle(bundle / "configs" / "evaluate.json", "--froc", "0.5", env=env)
-    second = registry.register(bundle, tracking_uri=tracking_uri)
-    assert second["version"] == "2"
-    reviewed = registry.review("pathbundles-tiny", 2, tracking_uri=tracking_uri)
-    froc_row = next(r for r in reviewed["rows"] if r["metric"] == "froc")
-    assert froc_row["champion"] == 0.6 and froc_row["candidate"] == 0.5
-    assert set(reviewed["plots"]) == {"review/froc_overlay.png", "review/roc_overlay.png"}
-    with pytest.raises(registry.PromotionRefused, match="froc = 0.5000, needs >= 0.5900"):
-        registry.promote("pathbundles-tiny", 2, gate=["froc>=champion-0.01"], tracking_uri=tracking_uri)
-    champion = client.get_model_version_by_alias("pathbundles-tiny", "champion")
-    assert str(champion.version) == "1" and champion.tags["promoted_by"] == "tester"
-    assert json.loads(champion.tags["promotion_gates"])[0]["passed"]
-    with pytest.raises(registry.RegistryError, match="no version 9"):
-        registry.review("pathbundles-tiny", 9, tracking_uri=tracking_uri)
-    with pytest.raises(registry.RegistryError, match="no registered model 'nope'"):
-        registry.promote("nope", 1, tracking_uri=tracking_uri)
+# ---------------------------------------------------------------------------------------------------------------
+# End to end on the real scannet bundle
 
-    mlflow.set_tracking_uri(tracking_uri)
-    model = mlflow.pyfunc.load_model("models:/pathbundles-tiny@champion")
+def _artifacts(client, run_id: str, folder: str | None = None) -> set[str]:
+    paths = set()
+    for item in client.list_artifacts(run_id, folder):
+        paths |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return paths
+
+
+def _runs(client, workflow: str) -> list:
+    experiment = client.get_experiment_by_name(MODEL)
+    return client.search_runs([experiment.experiment_id], f"tags.`pathbundles.workflow` = '{workflow}'")
+
+
+def _check_common_tags(run, bundle: Path) -> None:
+    tags = run.data.tags
+    metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert tags["pathbundles.bundle"] == "scannet"
+    assert tags["pathbundles.bundle_name"] == metadata["name"]
+    assert tags["pathbundles.bundle_version"] == metadata["version"]
+    # the copy lives outside the checkout: the commit is the project's (the code that ran)
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", tags["pathbundles.git_commit"]), tags["pathbundles.git_commit"]
+    assert tags["pathbundles.git_commit"].removesuffix("-dirty") == tags["mlflow.source.git.commit"]
+    assert tags["mlflow.source.git.commit"] in note_commit()
+    assert tags["pathbundles.weights_sha256"] == sha256_file(bundle / "models" / "model.pt")
+
+
+def _check_train_run(client, bundle: Path, dataset: Path) -> str:
+    from pathbundles.sampling import read_datalist
+
+    (train,) = _runs(client, "train")
+    assert train.info.status == "FINISHED"
+    _check_common_tags(train, bundle)
+    datalist_sha = sha256_datalist(read_datalist(dataset))
+    assert train.data.tags["pathbundles.datalist_sha256.train_datalist"] == datalist_sha
+    assert train.data.tags["pathbundles.datalist_sha256.val_datalist"] == datalist_sha
+    params = train.data.params
+    assert {k: params[k] for k in ("epochs", "samples_per_epoch", "batch_size", "hnm_rounds", "train_source")} == {
+        "epochs": "1", "samples_per_epoch": "8", "batch_size": "4", "hnm_rounds": "0", "train_source": str(dataset)}
+    assert params["learning_rate"] == str(json.loads((bundle / "configs" / "train.json").read_text())["learning_rate"])
+    assert params["train.trainer._target_"] == "SupervisedTrainer"
+    # 8 samples in batches of 4: two iterations of loss; one validation, stepped by the trainer's epoch
+    assert [m.step for m in client.get_metric_history(train.info.run_id, "train_loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(train.info.run_id, "val_auc")] == [1]
+    assert {"lr_group_0", "val_auc"} <= set(train.data.metrics)
+    artifacts = _artifacts(client, train.info.run_id)
+    assert "config/metadata.json" in artifacts
+    (merged,) = [a for a in artifacts if re.fullmatch(r"config/config_\d{8}_\d{6}\.json", a)]
+    import mlflow
+
+    merged_config = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=train.info.run_id, artifact_path=merged, tracking_uri=client.tracking_uri)).read_text())
+    assert merged_config["epochs"] == 1 and merged_config["train_source"] == str(dataset)
+    return train.info.run_id
+
+
+def _check_evaluate_run(client, bundle: Path, dataset: Path) -> str:
+    from pathbundles.sampling import read_datalist
+
+    (evaluation,) = _runs(client, "evaluate")
+    assert evaluation.info.status == "FINISHED"
+    _check_common_tags(evaluation, bundle)
+    assert evaluation.data.tags["pathbundles.datalist_sha256.datalist"] == sha256_datalist(read_datalist(dataset))
+    assert evaluation.data.params["n_bootstrap"] == "50" and evaluation.data.params["data_source"] == str(dataset)
+    report = json.loads((bundle / "eval" / "evaluate" / "metrics.json").read_text())
+    for name in ("froc", "slide_auc"):
+        assert evaluation.data.metrics[name] == pytest.approx(report["metrics"][name]), name
+        assert 0.0 <= evaluation.data.metrics[name] <= 1.0
+    artifacts = _artifacts(client, evaluation.info.run_id)
+    assert {"evaluation/metrics.json", "evaluation/curves.json", "evaluation/froc.png", "evaluation/roc.png",
+            "evaluation/slide_scores.csv", "config/metadata.json"} <= artifacts
+    assert any(re.fullmatch(r"config/config_\d{8}_\d{6}\.json", a) for a in artifacts)
+    previews = [a for a in artifacts if a.startswith("preview/")]
+    assert len(previews) == 1 and previews[0].endswith(".png")
+    return evaluation.info.run_id
+
+
+def _registry_cycle(uri: str, bundle: Path, tmp_path: Path, train_run_id: str | None, eval_run_id: str,
+                    slide: Path | None) -> None:
+    """Register twice, review, promote (passing gates, then a refused one), load the champion, export.
+
+    With ``slide``: predict on it through the pyfunc, through the CLI refuse a promotion, and run the exported
+    bundle's inference on it (the same score as the pyfunc's).
+    """
+    import mlflow
     import pandas as pd
 
-    predicted = model.predict(pd.DataFrame({"image": [str(slide)]}), params={"output_dir": str(tmp_path / "pred")})
-    assert list(predicted["name"]) == [slide.stem] and 0.0 <= predicted["score"][0] <= 1.0
-    assert len(json.loads(predicted["detections"][0])) == predicted["n_detections"][0] == 1
-    assert Path(predicted["detections_csv"][0]).is_file()
+    client = mlflow.MlflowClient(uri)
+    note_commit()
+    first = registry.register(bundle, tracking_uri=uri)
+    assert first["version"] == "1" and first["eval_run_id"] == eval_run_id
+    if train_run_id is not None:
+        assert first["run_id"] == train_run_id
+    else:  # no training run in this store: the model is logged into a new register run
+        assert client.get_run(first["run_id"]).data.tags["pathbundles.workflow"] == "register"
+    version = client.get_model_version(MODEL, "1")
+    assert version.tags["pathbundles.weights_sha256"] == sha256_file(bundle / "models" / "model.pt")
+    assert version.tags["pathbundles.bundle_version"] == json.loads(
+        (bundle / "configs" / "metadata.json").read_text())["version"]
+    assert version.tags["pathbundles.git_commit"].removesuffix("-dirty") in note_commit()
+    promoted = registry.promote(MODEL, 1, gate=["froc>=champion-0.01", "slide_auc>=0"], who="tester",
+                                why="first scannet model", tracking_uri=uri)
+    assert [g["passed"] for g in promoted["gates"]] == [True, True] and promoted["previous"] is None
 
-    exported = registry.export("pathbundles-tiny", tmp_path / "exported", alias="champion",
-                               tracking_uri=tracking_uri)
+    second = registry.register(bundle, tracking_uri=uri)
+    assert second["version"] == "2" and second["eval_run_id"] == eval_run_id
+    reviewed = registry.review(MODEL, 2, tracking_uri=uri)
+    froc_row = next(r for r in reviewed["rows"] if r["metric"] == "froc")
+    assert froc_row["champion"] == froc_row["candidate"] and froc_row["delta"] == 0.0
+    assert set(reviewed["plots"]) == {"review/froc_overlay.png", "review/roc_overlay.png"}
+    assert {"review/review.md", "review/review.json", *reviewed["plots"]} <= _artifacts(
+        client, reviewed["review_run_id"])
+    froc = froc_row["candidate"]
+    if slide is not None:  # the CLI: a refused promotion exits with 2 and names the gate, value and threshold
+        done = subprocess.run([PYTHON, "-m", "pathbundles", "registry", "--tracking_uri", uri, "promote", "--name",
+                               MODEL, "--candidate", "2", "--gate", "slide_auc>=0,froc>=champion+0.01"],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert f"froc>=champion+0.01: froc = {froc:.4f}, needs >= {froc + 0.01:.4f}" in done.stderr
+        assert "slide_auc>=0:" not in done.stderr
+    else:
+        with pytest.raises(registry.PromotionRefused, match=re.escape(f"froc = {froc:.4f}, needs >= {froc + 0.01:.4f}")):
+            registry.promote(MODEL, 2, gate=["slide_auc>=0", "froc>=champion+0.01"], tracking_uri=uri)
+    refused = json.loads(client.get_model_version(MODEL, "2").tags["refused_gates"])
+    assert [g["passed"] for g in refused] == [True, False]
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert str(champion.version) == "1" and champion.tags["promoted_by"] == "tester"
+    assert champion.tags["promotion_reason"] == "first scannet model"
+
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    assert model.metadata.metadata["bundle"] == "scannet"
+    predicted = None
+    if slide is not None:
+        predicted = model.predict(pd.DataFrame({"image": [str(slide)]}), params={"output_dir": str(tmp_path / "pred")})
+        assert list(predicted["name"]) == [slide.stem] and 0.0 <= predicted["score"][0] <= 1.0
+        assert len(json.loads(predicted["detections"][0])) == predicted["n_detections"][0]
+        for column in ("detections_csv", "overlay", "map"):
+            assert Path(predicted[column][0]).is_file(), column
+
+    exported = registry.export(MODEL, tmp_path / "exported", alias="champion", tracking_uri=uri)
     out = Path(exported["out"])
-    for relative in ("configs/inference.json", "configs/train.json", "configs/metadata.json", "models/model.pt"):
+    content = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*")
+                     if p.is_file() and p.relative_to(bundle).parts[0] != "eval")
+    assert sorted(exported["files"]) == content
+    for relative in content:
         assert sha256_file(out / relative) == sha256_file(bundle / relative), relative
     assert not (out / "eval").exists()
     with pytest.raises(registry.RegistryError, match="not an empty folder"):
-        registry.export("pathbundles-tiny", out, tracking_uri=tracking_uri)
-    run_bundle(out / "configs" / "inference.json", "--data_source", str(slide.parent), tracking=False)
-    assert (out / "eval" / "slide_scores.csv").is_file()
+        registry.export(MODEL, out, tracking_uri=uri)
+    if slide is not None:
+        run_bundle(out / "configs" / "inference.json", "--data_source", str(slide.parent), tracking=False)
+        import csv
+
+        with open(out / "eval" / "slide_scores.csv", newline="") as f:
+            (row,) = list(csv.DictReader(f))
+        assert row["name"] == slide.stem
+        assert float(row["score"]) == pytest.approx(predicted["score"][0], abs=1e-6)
 
 
 @pytest.mark.slow
-def test_registry_cycle_against_server(mlflow_server_url: str, tmp_path: Path, phantom_slide: Path,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    _review_cycle(mlflow_server_url, tmp_path, phantom_slide, monkeypatch)
+def test_scannet_cycle_against_server(trained_scannet: dict, tumour_slide: Path, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri exports it
+    uri, bundle, dataset = trained_scannet["tracking_uri"], trained_scannet["bundle"], trained_scannet["dataset"]
+    client = mlflow.MlflowClient(uri)
+    train_run_id = _check_train_run(client, bundle, dataset)
+    note_commit()
+    run_bundle(evaluate_config(bundle), "--data_source", str(dataset), *EVALUATE_ARGS, tracking_uri=uri)
+    eval_run_id = _check_evaluate_run(client, bundle, dataset)
+    _registry_cycle(uri, bundle, tmp_path, train_run_id, eval_run_id, tumour_slide)
 
 
 @pytest.mark.slow
-def test_registry_cycle_on_sqlite(sqlite_tracking_uri: str, tmp_path: Path, phantom_slide: Path,
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    _review_cycle(sqlite_tracking_uri, tmp_path, phantom_slide, monkeypatch)
+def test_scannet_cycle_on_sqlite(trained_scannet: dict, sqlite_tracking_uri: str, tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bundle trained (and tracked) against the server, evaluated with tracking into a plain SQLite store."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri, bundle, dataset = sqlite_tracking_uri, trained_scannet["bundle"], trained_scannet["dataset"]
+    note_commit()
+    run_bundle(evaluate_config(bundle), "--data_source", str(dataset), *EVALUATE_ARGS,
+               env={"PATHBUNDLES_TRACKING_URI": uri})  # the store named by the environment this time
+    eval_run_id = _check_evaluate_run(mlflow.MlflowClient(uri), bundle, dataset)
+    _registry_cycle(uri, bundle, tmp_path, None, eval_run_id, None)

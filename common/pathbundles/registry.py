@@ -37,7 +37,7 @@ import mlflow.pyfunc
 from pathbundles.atomic import atomic_path
 from pathbundles.tracking import (CURVES_FILE, EVALUATION_DIR, TAG_BUNDLE, TAG_BUNDLE_VERSION, TAG_GIT_COMMIT,
                                   TAG_WEIGHTS_SHA, TAG_WORKFLOW, default_artifact_location, default_tracking_uri,
-                                  git_commit, read_metadata, sha256_file)
+                                  project_git_commit, read_metadata, sha256_file)
 
 CHAMPION = "champion"
 MODEL_ARTIFACT = "bundle"  # name of the logged model and of its bundle-folder artifact
@@ -278,7 +278,7 @@ def register(bundle: str | os.PathLike, run_id: str | None = None, name: str | N
     else:
         client.get_run(run_id)  # an unknown run id fails here, naming it
     eval_run_id = eval_run_id or _find_run(client, experiment_name, "evaluate", weights_sha)
-    commit = git_commit(bundle_root)
+    commit = project_git_commit(bundle_root)
     docs = bundle_root / "docs" / "README.md"
     description = docs.read_text(encoding="utf-8") if docs.is_file() else str(metadata.get("description", ""))
     tags = {TAG_BUNDLE: bundle_root.name, TAG_BUNDLE_VERSION: str(metadata.get("version", "unknown")),

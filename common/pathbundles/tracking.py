@@ -7,13 +7,15 @@ patches the bundle config (MONAI's ``patch_bundle_tracking``) with:
   tags the run (bundle name and version from metadata.json, project git commit, sha256 of each datalist and of the
   weights), logs the merged config flattened into params, and logs the merged config and metadata.json as
   artifacts. At ``finish`` it logs the evaluation outputs found in ``output_dir`` (``metrics.json`` scalars as
-  metrics, ``curves.json``, the PNG plots, one overlay preview) and the final weights hash.
+  metrics, ``curves.json``, ``slide_scores.csv``, the PNG plots, the top-scoring slide's overlay) and the final
+  weights hash.
 - :class:`BundleMLFlowHandler` on the trainer, validator and evaluator engines (MONAI's handler: loss and learning
   rate per iteration, engine metrics per epoch) all writing into that one run; validation metrics are stepped by
   the trainer's epoch.
-- ``finalize``: ``@tracking_run.finish()``, run by ``monai.bundle run`` after ``run`` (so a bundle config must not
-  define its own ``finalize``); engine-free workflows such as an evaluation that only computes metrics are tracked
-  through this alone.
+- ``finalize``: ``@tracking_run.finish()``, run by ``monai.bundle run`` after ``run``; engine-free workflows such
+  as an evaluation that only computes metrics are tracked through this alone. MONAI keeps a bundle's own
+  ``finalize`` (``multi_gpu_train.json``) instead; a run still open when the process exits is then ended at exit
+  (FINISHED, or FAILED after an uncaught exception), outputs logged.
 
 Where runs go (first that is set): the ``tracking_uri`` config key (``--tracking_uri`` on the command line),
 ``$PATHBUNDLES_TRACKING_URI``, ``$MLFLOW_TRACKING_URI``, else the project's SQLite store
@@ -23,6 +25,7 @@ folder holding ``bundles/``; a bundle copied elsewhere tracks into ``<bundle>/ml
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -57,6 +60,7 @@ PREVIEW_DIR = "preview"
 #: Evaluation outputs looked for in ``output_dir`` at the end of a run.
 METRICS_FILE = "metrics.json"
 CURVES_FILE = "curves.json"
+SCORES_FILE = "slide_scores.csv"
 
 _MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value (longer values are cut, with a marker)
 _MAX_KEY = 250  # MLflow's limit on a param / metric key
@@ -109,6 +113,16 @@ def git_commit(path: str | os.PathLike) -> str:
     return f"{head}-dirty" if dirty else head or "unknown"
 
 
+def project_git_commit(bundle_root: str | os.PathLike) -> str:
+    """Git commit of the code a bundle runs with: the repository holding the bundle, else (a bundle copied out
+    of the checkout, an exported bundle) the repository holding the imported ``pathbundles`` package; ``"unknown"``
+    when neither is a git checkout."""
+    commit = git_commit(bundle_root)
+    if commit == "unknown":
+        commit = git_commit(Path(__file__).resolve().parent)
+    return commit
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes."""
     digest = hashlib.sha256()
@@ -131,6 +145,8 @@ def flatten_config(config: Any, prefix: str = "") -> dict[str, str]:
     characters are cut and end with ``...[cut]``.
     """
     flat: dict[str, str] = {}
+    if not prefix and isinstance(config, (Mapping, list, tuple)) and not config:
+        return flat  # nothing to log (a run without a merged config); an empty key is refused by MLflow
     if isinstance(config, Mapping) and config:
         for key, value in config.items():
             flat.update(flatten_config(value, f"{prefix}.{key}" if prefix else str(key)))
@@ -247,7 +263,7 @@ class BundleRun:
         merged_path = self._merged_config_path()
         merged = json.loads(merged_path.read_text(encoding="utf-8")) if merged_path else {}
         metadata = read_metadata(self.bundle_root)
-        commit = git_commit(self.bundle_root)
+        commit = project_git_commit(self.bundle_root)
         tags = {TAG_BUNDLE: self.bundle_root.name, TAG_BUNDLE_NAME: str(metadata.get("name", self.bundle_root.name)),
                 TAG_BUNDLE_VERSION: str(metadata.get("version", "unknown")), TAG_WORKFLOW: self.workflow,
                 TAG_GIT_COMMIT: commit, "pathbundles.bundle_root": str(self.bundle_root),
@@ -266,6 +282,8 @@ class BundleRun:
         run = self.client.create_run(self.experiment_id(), run_name=self.run_name,
                                      tags={k: v for k, v in tags.items()})
         self.run_id = run.info.run_id
+        _install_exit_hooks()
+        atexit.register(self._at_exit)
         # metadata.json is logged whole and as tags; the params are the run's settings
         params = [Param(k, v) for k, v in flatten_config({k: v for k, v in merged.items() if k != "_meta_"}).items()]
         for i in range(0, len(params), _BATCH):
@@ -286,7 +304,8 @@ class BundleRun:
         return exported[-1] if exported else None
 
     def log_outputs(self) -> dict[str, float]:
-        """Log ``metrics.json`` scalars, ``curves.json``, PNG plots and one overlay PNG from ``output_dir``."""
+        """Log ``metrics.json`` scalars, ``curves.json``, ``slide_scores.csv``, PNG plots and the overlay of
+        :func:`preview_overlay` from ``output_dir``."""
         metrics: dict[str, float] = {}
         metrics_file = self.output_dir / METRICS_FILE
         if metrics_file.is_file():
@@ -303,13 +322,25 @@ class BundleRun:
             for i in range(0, len(batch), 1000):
                 self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
             self.client.log_artifact(self.run_id, str(metrics_file), EVALUATION_DIR)
-        for path in sorted(self.output_dir.glob("*.png")) + [self.output_dir / CURVES_FILE]:
+        for path in sorted(self.output_dir.glob("*.png")) + [self.output_dir / CURVES_FILE,
+                                                             self.output_dir / SCORES_FILE]:
             if path.is_file() and not path.name.startswith("."):
                 self.client.log_artifact(self.run_id, str(path), EVALUATION_DIR)
-        overlays = sorted(p for p in (self.output_dir / "overlays").glob("*.png") if not p.name.startswith("."))
-        if overlays:
-            self.client.log_artifact(self.run_id, str(overlays[0]), PREVIEW_DIR)
+        preview = preview_overlay(self.output_dir)
+        if preview is not None:
+            self.client.log_artifact(self.run_id, str(preview), PREVIEW_DIR)
         return metrics
+
+    def _at_exit(self) -> None:
+        """End a run still open when the process exits: a bundle config with its own ``finalize`` (which replaces
+        the tracking's, e.g. ``multi_gpu_train.json``) or a workflow stopped outside the engines. FINISHED on a
+        normal exit, FAILED after an uncaught exception."""
+        if self.disabled or self.run_id is None or self.finished:
+            return
+        try:
+            self.finish(status="FAILED" if _EXIT_STATE["uncaught"] else "FINISHED")
+        except Exception as err:  # the store may be gone at exit; never mask the process's own outcome
+            logger.warning("tracking: could not end MLflow run %s at exit: %s", self.run_id, err)
 
     def finish(self, status: str = "FINISHED") -> str | None:
         """Log the outputs and the final weights hash, and end the run with ``status``; returns the run id."""
@@ -326,6 +357,45 @@ class BundleRun:
             self.finished = True
             print(f"MLflow run {self.run_id} ({self.workflow}) {status.lower()}: {self.tracking_uri}")
         return self.run_id
+
+
+_EXIT_STATE = {"uncaught": False, "installed": False}
+
+
+def _install_exit_hooks() -> None:
+    """Wrap ``sys.excepthook`` (once) so that runs still open at exit know whether the process failed."""
+    if _EXIT_STATE["installed"]:
+        return
+    previous = sys.excepthook
+
+    def hook(kind, value, traceback):  # called before atexit handlers when the process dies of an exception
+        _EXIT_STATE["uncaught"] = True
+        previous(kind, value, traceback)
+
+    sys.excepthook = hook
+    _EXIT_STATE["installed"] = True
+
+
+def preview_overlay(output_dir: str | os.PathLike) -> Path | None:
+    """The overlay PNG to preview from an output folder: the highest-scoring slide's (by ``slide_scores.csv``),
+    else the first by name; ``None`` when there is none."""
+    import csv
+
+    folder = Path(output_dir) / "overlays"
+    overlays = sorted(p for p in folder.glob("*.png") if not p.name.startswith("."))
+    if not overlays:
+        return None
+    scores_file = Path(output_dir) / SCORES_FILE
+    if scores_file.is_file():
+        try:
+            with open(scores_file, newline="") as f:
+                ranked = sorted(csv.DictReader(f), key=lambda r: -float(r["score"]))
+        except (KeyError, ValueError, OSError):
+            ranked = []
+        for record in ranked:
+            if (folder / f"{record['name']}.png").is_file():
+                return folder / f"{record['name']}.png"
+    return overlays[0]
 
 
 def _resolve_keys(config: dict, wanted: Any) -> dict[str, Any]:
