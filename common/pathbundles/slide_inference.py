@@ -197,10 +197,12 @@ class SlideMapWriter:
         self._done_rois: dict[int, int] = {}
         self.failed: dict[str, str] = {}
         self.scores: dict[str, tuple[float, int]] = {}
+        self._bar: Any = None
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
 
+        engine.add_event_handler(Events.STARTED, self.started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
         # EPOCH_COMPLETED (not COMPLETED): metric handlers and trackers that read the outputs run on it after us.
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.completed)
@@ -212,8 +214,15 @@ class SlideMapWriter:
             self._canvas[s] = DiskCanvas(self.dataset.plans[s].map_shape, np.float32, fill=0.0)
         return self._canvas[s]
 
+    def started(self, engine: Any = None) -> None:
+        from pathbundles.progress import progress
+
+        self._bar = progress(total=len(self.dataset), desc="tissue ROIs", unit="roi")
+
     def iteration_completed(self, engine: Any) -> None:
         batch, output = engine.state.batch, engine.state.output
+        if self._bar is not None:
+            self._bar.update(len(batch))
         for item, out in zip(batch, output):
             s = int(item["slide_index"])
             plan = self.dataset.plans[s]
@@ -229,6 +238,9 @@ class SlideMapWriter:
 
     def completed(self, engine: Any = None) -> None:
         """Finish slides without ROIs (no tissue), write ``slide_scores.csv``, raise if any slide failed."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         for s, plan in enumerate(self.dataset.plans):
             if plan.name not in self.scores and plan.name not in self.failed:
                 self._finish(s)
