@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.metadata
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,32 +26,14 @@ import numpy as np
 from pathbundles import wsi
 from pathbundles.atomic import atomic_path
 
+from machine import machine_info  # benchmarks/machine.py (the script's own folder is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 PATCH_PX = 244
 SEED = 20240601
 WARMUP = 10
 MONAI_TIFFFILE_PATCHES = {"small": 20, "large": 3}  # it decodes the whole level on every call
-
-
-def _machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for dist in ("numpy", "tifffile", "imagecodecs", "openslide-python", "openslide-bin", "monai", "pillow",
-                 "cucim"):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
-            "python": platform.python_version(), "versions": versions}
 
 
 def _make_large_tiff(path: Path, size_px: int = 16384, tile_px: int = 256) -> None:
@@ -170,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
 
     report = {"patch_px": PATCH_PX, "level": 0, "seed": SEED, "warmup_patches": WARMUP, "rounds": args.rounds,
               "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-              "machine": _machine(), "slides": []}
+              "machine": machine_info(("numpy", "tifffile", "imagecodecs", "openslide-python", "openslide-bin", "monai",
+                                          "pillow", "cucim")), "slides": []}
     if (SHARED_DATA / "CMU-1-Small-Region.svs").exists():
         report["slides"].append(_bench_slide(SHARED_DATA / "CMU-1-Small-Region.svs", "small", args.patches,
                                                 args.rounds))

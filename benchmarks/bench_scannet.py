@@ -29,7 +29,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "common"))
 
+from machine import machine_info  # noqa: E402  (benchmarks/machine.py, the script's own folder)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -57,20 +57,10 @@ SLIDE_SEED, SLIDE_PX, LEVEL0_MPP, SCAN_MPP, TISSUE_MPP = 11, 4096, 0.5, 1.0, 8.0
 # ---- machine ---------------------------------------------------------------------------------------------------
 
 
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import monai
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__,
-            "torch_num_threads": torch.get_num_threads(), "mkldnn": torch.backends.mkldnn.is_available()}
+def torch_info() -> dict[str, Any]:
+    """The machine plus the torch settings the timings depend on."""
+    return {**machine_info(("torch", "monai", "numpy")), "torch_num_threads": torch.get_num_threads(),
+            "mkldnn": torch.backends.mkldnn.is_available()}
 
 
 def vm_status_kib(key: str) -> int:
@@ -461,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     report: dict[str, Any] = {
         "benchmark": "bench_scannet", "quick": args.quick,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "load_average_at_start": load_start, "machine": machine_info(),
+        "load_average_at_start": load_start, "machine": torch_info(),
         "go_signal_present_at_start": Path("/tmp/bench_go").exists(),
     }
     if args.quick:
