@@ -218,9 +218,10 @@ class HardNegativeMining:
         rois = SlideROIDataset([s.path for s in self.dataset.slides], geometry.grid(), self.dataset.mpp,
                                backend=self.dataset.handles.backend, transform=self.preprocessing)
         added = 0
-        for slide, (plan, prob) in zip(self.dataset.slides, predict_maps(
-                rois, network, self.inferer, device=str(device), batch_size=self.batch_size,
-                num_workers=self.num_workers)):
+        slides = {s.path: s for s in self.dataset.slides}
+        for plan, prob in predict_maps(rois, network, self.inferer, device=str(device), batch_size=self.batch_size,
+                                       num_workers=self.num_workers):
+            slide = slides[plan.path]
             rows, cols = np.nonzero(prob > self.threshold)
             to_level0 = self.dataset.mpp / slide.level0_mpp
             xy = np.stack([geometry.map_to_image(cols), geometry.map_to_image(rows)], 1) * to_level0
