@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,6 +199,8 @@ class SlideMapWriter:
         self.failed: dict[str, str] = {}
         self.scores: dict[str, tuple[float, int]] = {}
         self._bar: Any = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
@@ -237,13 +240,23 @@ class SlideMapWriter:
                 self._finish(s)
 
     def completed(self, engine: Any = None) -> None:
-        """Finish slides without ROIs (no tissue), write ``slide_scores.csv``, raise if any slide failed."""
+        """Finish slides without ROIs (no tissue), wait for the writer, write ``slide_scores.csv``, raise if any
+        slide failed."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
         for s, plan in enumerate(self.dataset.plans):
-            if plan.name not in self.scores and plan.name not in self.failed:
+            if self._done_rois.get(s, 0) < max(plan.n_rois, 1):
+                self._done_rois[s] = max(plan.n_rois, 1)
                 self._finish(s)
+        for future in self._pending:
+            future.result()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        # Slides in datalist order, whatever order the writer finished them in.
+        self.scores = {p.name: self.scores[p.name] for p in self.dataset.plans if p.name in self.scores}
         with atomic_path(self.output_dir / "slide_scores.csv") as tmp, open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["name", "score", "n_detections"])
@@ -261,8 +274,12 @@ class SlideMapWriter:
                 "geojson": self.output_dir / "detections" / f"{name}.geojson"}
 
     def _finish(self, s: int) -> None:
-        plan = self.dataset.plans[s]
-        canvas = self._canvas.pop(s, None)
+        """Hand a complete slide to the writer thread, so the network goes on with the next slide meanwhile."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slide-writer")
+        self._pending.append(self._pool.submit(self._finish_slide, self.dataset.plans[s], self._canvas.pop(s, None)))
+
+    def _finish_slide(self, plan: SlidePlan, canvas: Any) -> None:
         try:
             if plan.error is not None:
                 raise RuntimeError(plan.error)
