@@ -77,12 +77,15 @@ def slide_name(item: dict | str) -> tuple[str, str]:
 
 
 def plan_slides(data: Sequence[dict | str], grid: MapGrid, scan_mpp: float, *, backend: str = "auto",
-                tissue_mpp: float = 8.0, mpp_override: float | None = None) -> list[SlidePlan]:
-    """Open every slide once, build its tissue mask and list the ROIs (r, c) whose read footprint has tissue.
+                tissue_mpp: float = 8.0, mpp_override: float | None = None,
+                tissue_mask_key: str | None = None) -> list[SlidePlan]:
+    """Open every slide once, get its tissue mask and list the ROIs (r, c) whose read footprint has tissue.
 
+    The mask is the Otsu tissue mask at ``tissue_mpp``, or the user's mask image named by the item's
+    ``tissue_mask_key`` entry when that key is set and present (any image over the whole slide, tissue > 0).
     A slide that cannot be opened gets ``error`` set (logged with its name) instead of stopping the run.
     """
-    from pathbundles.tissue import tissue_mask
+    from pathbundles.tissue import TissueMask, tissue_mask
     from pathbundles.wsi import open_slide
 
     plans = []
@@ -95,7 +98,9 @@ def plan_slides(data: Sequence[dict | str], grid: MapGrid, scan_mpp: float, *, b
                 plan.level0_size = tuple(int(v) for v in slide.level_dimensions[0])
                 scale = plan.level0_mpp / scan_mpp
                 plan.map_shape = grid.map_shape((plan.level0_size[0] * scale, plan.level0_size[1] * scale))
-                mask = tissue_mask(slide, mpp=tissue_mpp)
+                user_mask = item.get(tissue_mask_key) if tissue_mask_key and isinstance(item, dict) else None
+                mask = TissueMask.load_mask(user_mask, plan.level0_size, plan.level0_mpp) if user_mask else \
+                    tissue_mask(slide, mpp=tissue_mpp)
                 origins = mask.tile_origins(grid.read_px, grid.roi_stride_px, scan_mpp)
             step0 = grid.roi_stride_px * scan_mpp / plan.level0_mpp
             plan.rois_rc = np.unique(np.rint(np.asarray(origins, dtype=np.float64)[:, ::-1] / step0).astype(np.int64),
@@ -141,15 +146,16 @@ class SlideROIDataset(torch.utils.data.Dataset):
         tissue_mpp: resolution of the tissue mask (um/px).
         mpp_override: level-0 um/px for slides whose files carry none.
         transform: a MONAI dict transform applied to each item.
+        tissue_mask_key: datalist key of user-supplied tissue mask images (None: always the Otsu mask).
     """
 
     def __init__(self, data: Sequence[dict | str], grid: MapGrid, scan_mpp: float, backend: str = "auto",
                  tissue_mpp: float = 8.0, mpp_override: float | None = None,
-                 transform: Callable[[dict], dict] | None = None) -> None:
+                 transform: Callable[[dict], dict] | None = None, tissue_mask_key: str | None = None) -> None:
         self.grid, self.scan_mpp, self.backend, self.mpp_override = grid, float(scan_mpp), backend, mpp_override
         self.transform = transform
         self.plans = plan_slides(data, grid, scan_mpp, backend=backend, tissue_mpp=tissue_mpp,
-                                 mpp_override=mpp_override)
+                                 mpp_override=mpp_override, tissue_mask_key=tissue_mask_key)
         self.index = [(s, r, c) for s, plan in enumerate(self.plans) for r, c in plan.rois_rc]
         self.slides = SlideHandles(backend, mpp_override)
 

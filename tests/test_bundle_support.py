@@ -1,0 +1,69 @@
+"""Helpers that bundle configs call: bundle root from --config_file, datalists, user tissue masks for ROI plans."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pathbundles.bundle import datalist, root_of_running_bundle
+from pathbundles.errors import InputError
+
+
+@pytest.mark.parametrize("argv", [
+    ["monai.bundle", "run", "--config_file", "{root}/configs/inference.json"],
+    ["monai.bundle", "run", "--config_file={root}/configs/inference.json"],
+    ["monai.bundle", "run", "--config_file", "['{root}/configs/inference.json','{root}/configs/evaluate.json']"],
+])
+def test_root_of_running_bundle(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, argv: list[str]) -> None:
+    root = tmp_path / "bundles" / "scannet"
+    monkeypatch.setattr(sys, "argv", [a.format(root=root) for a in argv])
+    assert root_of_running_bundle() == str(root.resolve())
+
+
+def test_root_defaults_without_config_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(sys, "argv", ["x"])
+    assert root_of_running_bundle(tmp_path) == str(tmp_path.resolve())
+
+
+def test_datalist_from_folder_and_json(tmp_path: Path) -> None:
+    for name in ["b.svs", "a.tif", "notes.txt"]:
+        (tmp_path / name).write_bytes(b"")
+    items = datalist(tmp_path)
+    assert [Path(i["image"]).name for i in items] == ["a.tif", "b.svs"]
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "d.json").write_text(json.dumps({"items": [{"image": "../a.tif", "label": 1,
+                                                                     "annotation": "x.xml"}]}))
+    (item,) = datalist(tmp_path / "sub" / "d.json")
+    assert item["image"] == str((tmp_path / "a.tif").resolve()) and item["label"] == 1
+    assert item["annotation"] == str((tmp_path / "sub" / "x.xml").resolve())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="no slide files"):
+        datalist(empty)
+
+
+def test_user_tissue_mask_selects_the_rois(tmp_path: Path) -> None:
+    """With tissue_mask_key, ROIs come from the user's mask (here: only the left half), not from Otsu."""
+    from pathbundles.scannet import ScanGeometry
+    from pathbundles.slide_inference import plan_slides
+    from pathbundles.writers import write_pyramid_tiff
+
+    slide = np.full((1024, 1024, 3), 245, np.uint8)  # glass ...
+    slide[64:-64, 64:-64] = (190, 100, 170)  # ... around tissue that reaches into every 256 px ROI
+    write_pyramid_tiff(tmp_path / "s.tif", slide, mpp=0.5, compression="deflate")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :32] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    grid = ScanGeometry(lp=8).grid()  # ROI stride 256 px at 0.5 um/px = 256 level-0 px
+    item = {"image": str(tmp_path / "s.tif"), "tissue": str(tmp_path / "m.png")}
+    (otsu,) = plan_slides([item], grid, scan_mpp=0.5, backend="tifffile")
+    (user,) = plan_slides([item], grid, scan_mpp=0.5, backend="tifffile", tissue_mask_key="tissue")
+    assert otsu.n_rois == 16
+    # ROI columns 0 and 1 start in the left half; ROI c=1 reads 468 px from x=256, still inside the left half
+    # only up to x=512, so columns 0-1 overlap the mask and columns 2-3 do not.
+    assert sorted({int(c) for _, c in user.rois_rc}) == [0, 1] and user.n_rois == 8
