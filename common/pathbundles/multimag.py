@@ -1,0 +1,342 @@
+"""Concentric multi-magnification patches and the DMMN tile dataset (Ho et al., 004_01b453305fb6e6d6.txt, II-B/C).
+
+A DMMN input is three 256 px patches centred on one level-0 point: 20x (0.5 um/px), 10x (1.0) and 5x (2.0), i.e.
+the centre 256, the centre 512 and the whole of a 1024 px tile at 20x. :func:`read_concentric` reads them either
+per magnification from the pyramid (``"levels"``) or as the paper and the authors' code do, one 1024 tile at 20x
+downsampled (``"tile"``; here area-averaged, where the authors' code strides without anti-aliasing).
+
+:class:`MultiMagnificationDataset` lists target tiles (the 20x patch) on a grid of stride 256 at 20x anchored at
+level-0 (0, 0). Training keeps the tiles whose target has more than 1 % annotated pixels, classifies each by the
+highest-ordered class present and multiplies class c by elastic deformation at rate r_c (Sec. II-C). Inference
+lists the grid over tissue (or the whole slide). Near the slide edge the coarse views reach past the slide; the
+slide layer reads those pixels as white (255, the colour of glass) rather than the paper's zero padding, so an
+edge looks like background instead of a black band the network never sees in training.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from pathbundles.slide_inference import SlideHandles, slide_name
+
+logger = logging.getLogger(__name__)
+
+MPPS_20X_10X_5X: tuple[float, float, float] = (0.5, 1.0, 2.0)
+VIEW_KEYS: tuple[str, str, str] = ("x20", "x10", "x5")
+ELASTIC_GRID = 17  # control points per side (Sec. II-C)
+ELASTIC_SIGMA_PX = 4.0  # std of their displacement, pixels at the finest mpp
+
+
+def _level0_mpp(slide: Any) -> float:
+    return float(np.mean(slide.mpp))
+
+
+def read_concentric(slide: Any, center_level0_xy: Sequence[float], mpps: Sequence[float] = MPPS_20X_10X_5X,
+                    patch_px: int = 256, path: Literal["levels", "tile"] = "levels") -> list[np.ndarray]:
+    """Patches of ``patch_px`` at each of ``mpps``, all centred on one level-0 point.
+
+    Args:
+        slide: an open :class:`pathbundles.wsi.Slide`.
+        center_level0_xy: the common centre (x, y) in level-0 pixels.
+        mpps: resolutions in um/px, finest first (20x, 10x, 5x).
+        patch_px: side of every patch in pixels at its own mpp.
+        path: "levels" reads each patch at its own mpp with ``Slide.read_region`` (a pyramid level when one is
+            within 10 %, else anti-aliased from the next finer level); "tile" reads one tile of
+            ``patch_px * mpps[-1] / mpps[0]`` px at ``mpps[0]`` and area-averages its centre for each coarser patch.
+
+    Returns:
+        One uint8 (patch_px, patch_px, 3) RGB array per mpp; pixels outside the slide are white.
+    """
+    if list(mpps) != sorted(mpps) or mpps[0] <= 0:
+        raise ValueError(f"mpps must be positive and finest first, got {tuple(mpps)}")
+    cx, cy = float(center_level0_xy[0]), float(center_level0_xy[1])
+    level0_mpp = _level0_mpp(slide)
+
+    def read(size_px: int, mpp: float) -> np.ndarray:
+        half = size_px / 2 * mpp / level0_mpp
+        return slide.read_region((cx - half, cy - half), (size_px, size_px), mpp)
+
+    if path == "levels":
+        return [read(patch_px, mpp) for mpp in mpps]
+    if path != "tile":
+        raise ValueError(f"read path {path!r}: expected 'levels' or 'tile'")
+    tile = read(round(patch_px * mpps[-1] / mpps[0]), mpps[0])
+    out = []
+    for mpp in mpps:
+        span = patch_px * mpp / mpps[0]  # tile pixels covered by this patch
+        lo = (tile.shape[0] - span) / 2
+        view = Image.fromarray(tile).resize((patch_px, patch_px), Image.Resampling.BOX, box=(lo, lo, lo + span,
+                                                                                              lo + span))
+        out.append(np.asarray(view))
+    return out
+
+
+def tile_class(labels: np.ndarray, class_order: Sequence[int]) -> int:
+    """The class of a patch: of the classes present in ``labels``, the one earliest in ``class_order``.
+
+    Args:
+        labels: label map, 0 = unannotated.
+        class_order: class ids, highest order first; classes missing from it rank below all listed ones, in
+            increasing id.
+
+    Returns:
+        The class id, or 0 when nothing is annotated.
+    """
+    present = [int(c) for c in np.unique(labels) if c != 0]
+    if not present:
+        return 0
+    rank = {int(c): i for i, c in enumerate(class_order)}
+    return min(present, key=lambda c: (rank.get(c, len(rank)), c))
+
+
+def elastic_fields(rng: np.random.Generator, grid: int = ELASTIC_GRID,
+                   sigma_px: float = ELASTIC_SIGMA_PX) -> np.ndarray:
+    """Random control-point displacements (Sec. II-C): (2, grid, grid) (dy, dx) in pixels, each N(0, sigma_px)."""
+    return rng.normal(0.0, sigma_px, size=(2, grid, grid))
+
+
+def deform_views(views: Sequence[np.ndarray], field: np.ndarray, scales: Sequence[float],
+                 labels: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """Apply one elastic deformation, defined over the coarsest view's footprint, to every concentric view.
+
+    The control grid spans the field of view of the last (coarsest) view, with displacements in pixels of the
+    finest view; each view samples the same level-0 displacement at its own pixel positions, so the three views
+    stay aligned after deformation. Images use bicubic interpolation (as the paper), labels nearest; samples that
+    fall outside a view mirror its border.
+
+    Args:
+        views: (H, W, 3) uint8 patches of equal size, finest first.
+        field: (2, G, G) control-point displacements (dy, dx), pixels at the finest resolution.
+        scales: finest-resolution pixels per pixel of each view (1, 2, 4 for 20x, 10x, 5x).
+        labels: optional (H, W) label map of the finest view.
+
+    Returns:
+        (deformed views, deformed labels or None).
+    """
+    size = views[0].shape[0]
+    extent = size * scales[-1]  # finest-resolution pixels across the coarsest view
+    grid = field.shape[-1]
+    out = []
+    label_out = None
+    for k, (view, scale) in enumerate(zip(views, scales)):
+        # Position of each pixel centre in finest-resolution pixels, origin at the coarsest view's corner.
+        pos = (np.arange(size) + 0.5 - size / 2) * scale + extent / 2
+        g = pos / extent * (grid - 1)
+        gy, gx = np.meshgrid(g, g, indexing="ij")
+        dy = ndimage.map_coordinates(field[0], [gy, gx], order=3, mode="nearest") / scale
+        dx = ndimage.map_coordinates(field[1], [gy, gx], order=3, mode="nearest") / scale
+        rows, cols = np.meshgrid(np.arange(size, dtype=np.float64), np.arange(size, dtype=np.float64), indexing="ij")
+        coords = [rows + dy, cols + dx]
+        channels = [ndimage.map_coordinates(view[..., ch].astype(np.float32), coords, order=3, mode="mirror")
+                    for ch in range(view.shape[-1])]
+        out.append(np.clip(np.rint(np.stack(channels, -1)), 0, 255).astype(np.uint8))
+        if k == 0 and labels is not None:
+            label_out = ndimage.map_coordinates(labels, coords, order=0, mode="mirror").astype(labels.dtype)
+    return out, label_out
+
+
+@dataclass
+class _SlideEntry:
+    """What the dataset needs of one slide, picklable into DataLoader workers."""
+
+    name: str
+    path: str
+    level0_mpp: float
+    level0_size: tuple[int, int]
+    labels_at: _AnnotationLabels | _MaskLabels | None
+
+
+def _grid_starts(length_px: int, stride0: float) -> np.ndarray:
+    """Level-0 starts of the grid anchored at 0 along an axis of ``length_px`` (as ``LevelMask.tile_origins``)."""
+    return np.arange(int(np.ceil(length_px / stride0))) * stride0
+
+
+class _AnnotationLabels:
+    """Labels of a square region rasterised from polygon annotations (exact, at the region's own resolution)."""
+
+    def __init__(self, annotations: list, label_of: Mapping[str, int], level0_mpp: float,
+                 level0_size: tuple[int, int]) -> None:
+        self.annotations = [a for a in annotations if a.kind == "polygon"]
+        self.label_of, self.level0_mpp, self.level0_size = dict(label_of), level0_mpp, level0_size
+
+    def candidate_origins(self, tile_px: int, stride_px: int, mpp: float) -> np.ndarray:
+        """Level-0 origins of the grid tiles that a polygon's bounding box reaches (a superset of the annotated)."""
+        scale = mpp / self.level0_mpp
+        tile0, stride0 = tile_px * scale, stride_px * scale
+        xs, ys = _grid_starts(self.level0_size[0], stride0), _grid_starts(self.level0_size[1], stride0)
+        keep = np.zeros((len(ys), len(xs)), bool)
+        for a in self.annotations:
+            (x0, y0), (x1, y1) = a.xy.min(0), a.xy.max(0)
+            keep[max(0, int((y0 - tile0) // stride0)):int(y1 // stride0) + 1,
+                 max(0, int((x0 - tile0) // stride0)):int(x1 // stride0) + 1] = True
+        iy, ix = np.nonzero(keep)
+        return np.stack([np.rint(xs[ix]), np.rint(ys[iy])], 1).astype(np.int64).reshape(-1, 2)
+
+    def __call__(self, origin_xy: tuple[float, float], size_px: int, mpp: float) -> np.ndarray:
+        from pathbundles.annotations import rasterize
+
+        return rasterize(self.annotations, (size_px, size_px), mpp / self.level0_mpp, label_of=self.label_of,
+                         origin_xy=origin_xy)
+
+
+class _MaskLabels:
+    """Labels of a square region looked up (nearest) in a label-map image over the whole slide."""
+
+    def __init__(self, mask: Any) -> None:
+        self.mask = mask
+
+    def candidate_origins(self, tile_px: int, stride_px: int, mpp: float) -> np.ndarray:
+        """Level-0 origins of the grid tiles whose footprint touches a labelled mask pixel."""
+        return self.mask.tile_origins(tile_px, stride_px, mpp)
+
+    def __call__(self, origin_xy: tuple[float, float], size_px: int, mpp: float) -> np.ndarray:
+        step = mpp / self.mask.level0_mpp
+        centres = (np.arange(size_px) + 0.5) * step
+        x, y = np.meshgrid(origin_xy[0] + centres, origin_xy[1] + centres)
+        return np.asarray(self.mask.at_level0(x, y), dtype=np.uint8)
+
+
+def _labels_of(item: dict, label_keys: Sequence[str], classes: Mapping[int, str] | None, level0_mpp: float,
+               level0_size: tuple[int, int]) -> _AnnotationLabels | _MaskLabels | None:
+    """The label reader of a datalist item: the first of ``label_keys`` it has, or None."""
+    from pathbundles.annotations import read_annotations
+    from pathbundles.tissue import LevelMask
+
+    for key in label_keys:
+        if not item.get(key):
+            continue
+        if key == "annotation":
+            names = classes if classes is not None else {int(k): v for k, v in (item.get("classes") or {}).items()}
+            if not names:
+                raise ValueError(f"{item[key]}: polygon annotations need class names; pass classes= or give the "
+                                 f"datalist item a 'classes' mapping {{id: name}}")
+            return _AnnotationLabels(read_annotations(item[key]), {v: int(k) for k, v in names.items()}, level0_mpp,
+                                     level0_size)
+        return _MaskLabels(LevelMask.load_mask(item[key], level0_size, level0_mpp))
+    return None
+
+
+class MultiMagnificationDataset(torch.utils.data.Dataset):
+    """DMMN tiles of a datalist: three concentric views per tile, labels of the 20x view when training.
+
+    Items are dicts: ``x20``, ``x10``, ``x5`` (3, patch_px, patch_px) uint8 tensors, ``location`` level-0 (x, y)
+    of the common centre (float64), ``slide_index``, and in training mode ``label`` (patch_px, patch_px) long
+    (0 = unannotated, 1..C), then ``transform``. Tiles are target squares of ``patch_px`` at ``mpps[0]`` on a grid of
+    stride ``stride_px`` at ``mpps[0]`` anchored at level-0 (0, 0).
+
+    Training: a tile is kept when more than ``min_annotated`` of its target pixels are annotated; its class is the
+    highest-ordered class present (``class_order``). A tile of class c appears ``1 + rates[c]`` times: as read, then
+    ``rates[c]`` elastically deformed copies (17 x 17 control points, sigma 4 px at 20x, one field over the 5x
+    footprint applied to all views and the label). Copy k of tile t is deformed with a generator seeded
+    ``(seed, t, k)``, so items are the same in every epoch, worker and run.
+
+    Inference: every grid tile whose target touches tissue (:func:`pathbundles.tissue.tissue_mask`), or every tile
+    of the slide with ``use_tissue=False``; the paper skips Otsu on TNBC because it drops adipose tissue.
+
+    Args:
+        data: datalist dicts with ``image`` and, for training, one of ``label_keys``.
+        mode: "train" or "infer".
+        class_order: class ids, highest order first (the paper's TNBC order: benign epithelium, carcinoma,
+            necrosis, background, ...).
+        rates: r_c, extra deformed copies per tile of class c (missing classes: 0).
+        mpps: um/px of the views, finest first.
+        patch_px: view side in pixels.
+        stride_px: grid stride in pixels at ``mpps[0]``.
+        min_annotated: annotated fraction of the target a training tile must exceed (0.01 = 1 %).
+        label_keys: datalist keys tried in order: "annotation" (GeoJSON/XML polygons, rasterised exactly at
+            ``mpps[0]``; class names from ``classes`` or the item's "classes"), or a label-map image over the
+            whole slide ("partial_labels", "labels").
+        classes: {id: name} for polygon annotations.
+        read_path: "levels" or "tile", as for :func:`read_concentric`.
+        use_tissue: inference only: restrict the grid to tissue.
+        tissue_mpp: um/px of the tissue mask.
+        seed: seed of the elastic deformations.
+        backend: slide reader backend.
+        transform: dict transform applied to each item.
+    """
+
+    def __init__(self, data: Sequence[dict], mode: Literal["train", "infer"] = "train",
+                 class_order: Sequence[int] = (), rates: Mapping[int, int] | None = None,
+                 mpps: Sequence[float] = MPPS_20X_10X_5X, patch_px: int = 256, stride_px: int = 256,
+                 min_annotated: float = 0.01, label_keys: Sequence[str] = ("annotation", "partial_labels", "labels"),
+                 classes: Mapping[int, str] | None = None, read_path: Literal["levels", "tile"] = "levels",
+                 use_tissue: bool = True, tissue_mpp: float = 8.0, seed: int = 0, backend: str = "auto",
+                 transform: Callable[[dict], dict] | None = None) -> None:
+        from pathbundles.tissue import LevelMask, tissue_mask
+        from pathbundles.wsi import open_slide
+
+        if mode not in ("train", "infer"):
+            raise ValueError(f"mode {mode!r}: expected 'train' or 'infer'")
+        self.mode, self.mpps, self.patch_px, self.stride_px = mode, tuple(float(m) for m in mpps), patch_px, stride_px
+        self.class_order, self.rates = tuple(int(c) for c in class_order), {int(k): int(v) for k, v in
+                                                                            (rates or {}).items()}
+        if any(r < 0 for r in self.rates.values()):
+            raise ValueError(f"rates must be non-negative integers, got {self.rates}")
+        self.read_path, self.seed, self.transform = read_path, seed, transform
+        self.handles = SlideHandles(backend)
+        self.slides: list[_SlideEntry] = []
+        tiles = []  # rows (slide index, origin x, origin y, class)
+        for index, item in enumerate(data):
+            name, path = slide_name(item)
+            with open_slide(path, backend=backend) as slide:
+                level0_mpp, level0_size = _level0_mpp(slide), tuple(slide.level_dimensions[0])
+                tissue = tissue_mask(slide, mpp=tissue_mpp) if mode == "infer" and use_tissue else None
+            labels_at = _labels_of(item, label_keys, classes, level0_mpp, level0_size) if mode == "train" else None
+            if mode == "train" and labels_at is None:
+                raise ValueError(f"{path}: training needs labels, the datalist item has none of {tuple(label_keys)}")
+            self.slides.append(_SlideEntry(name, path, level0_mpp, level0_size, labels_at))
+            if labels_at is not None:
+                origins = labels_at.candidate_origins(patch_px, stride_px, self.mpps[0])
+            else:
+                if tissue is None:  # one foreground mask pixel over the whole frame: every grid tile
+                    tissue = LevelMask(np.ones((1, 1), bool), max(level0_size) * level0_mpp, level0_mpp, level0_size)
+                origins = tissue.tile_origins(patch_px, stride_px, self.mpps[0])
+            for x0, y0 in origins:
+                cls = 0
+                if labels_at is not None:
+                    labels = labels_at((float(x0), float(y0)), patch_px, self.mpps[0])
+                    if np.count_nonzero(labels) <= min_annotated * labels.size:
+                        continue
+                    cls = tile_class(labels, self.class_order)
+                tiles.append((index, int(x0), int(y0), cls))
+            logger.info("%s: %d tiles", name, sum(1 for t in tiles if t[0] == index))
+        self.tiles = np.asarray(tiles, dtype=np.int64).reshape(-1, 4)
+        copies = np.array([1 + self.rates.get(int(c), 0) for c in self.tiles[:, 3]], dtype=np.int64)
+        # Item i -> (tile, copy): copy 0 is the tile as read, copies 1.. are deformed.
+        self.item_tile = np.repeat(np.arange(len(self.tiles)), copies)
+        self.item_copy = np.concatenate([np.arange(n) for n in copies]) if len(copies) else np.zeros(0, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.item_tile)
+
+    def class_counts(self, balanced: bool = True) -> dict[int, int]:
+        """Tiles per class, after (``balanced``) or before the elastic multiplication."""
+        classes = self.tiles[self.item_tile, 3] if balanced else self.tiles[:, 3]
+        values, counts = np.unique(classes, return_counts=True)
+        return {int(v): int(n) for v, n in zip(values, counts)}
+
+    def __getitem__(self, i: int) -> dict:
+        t, k = int(self.item_tile[i]), int(self.item_copy[i])
+        index, x0, y0, _ = (int(v) for v in self.tiles[t])
+        entry = self.slides[index]
+        half = self.patch_px / 2 * self.mpps[0] / entry.level0_mpp
+        centre = (x0 + half, y0 + half)
+        views = read_concentric(self.handles(entry.path), centre, self.mpps, self.patch_px, self.read_path)
+        labels = entry.labels_at((float(x0), float(y0)), self.patch_px, self.mpps[0]) if entry.labels_at else None
+        if k > 0:
+            field = elastic_fields(np.random.default_rng((self.seed, t, k)))
+            views, labels = deform_views(views, field, [m / self.mpps[0] for m in self.mpps], labels)
+        item = {key: torch.from_numpy(np.ascontiguousarray(v.transpose(2, 0, 1))) for key, v in zip(VIEW_KEYS, views)}
+        item["location"] = torch.tensor(centre, dtype=torch.float64)
+        item["slide_index"] = index
+        if labels is not None:
+            item["label"] = torch.from_numpy(labels.astype(np.int64))
+        return self.transform(item) if self.transform is not None else item
