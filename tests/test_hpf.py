@@ -1,0 +1,190 @@
+"""pathbundles.hpf: HPF reading, training crops, blob detection, threshold tuning, CSV and overlay output."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pathbundles.annotations import read_points_csv, write_points_csv
+from pathbundles.errors import InputError
+from pathbundles.hpf import (FN_COLOUR, FP_COLOUR, TP_COLOUR, HPFCropDataset, detect_mitoses, read_hpf,
+                             tune_thresholds, write_circle_overlay_png, write_detections)
+from pathbundles.phantom import make_phantom
+from pathbundles.sampling import read_datalist
+from pathbundles.segmitos import RandConcentricLabeld
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """Three 400 px phantom HPFs (2, 3 and 0 mitoses with seed 1)."""
+    return read_datalist(make_phantom(tmp_path_factory.mktemp("hpf"), kind="mitosis", n=3, seed=1, size_px=400))
+
+
+def _hand_made(tmp_path: Path, size_wh: tuple[int, int], xy: list[tuple[float, float]], name: str = "a") -> dict:
+    """An HPF whose pixel (x, y) has red = x % 256, green = y % 256, with mitoses at ``xy``."""
+    w, h = size_wh
+    yy, xx = np.mgrid[:h, :w]
+    rgb = np.stack([xx % 256, yy % 256, np.full_like(xx, 7)], axis=-1).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / f"{name}.png")
+    write_points_csv(tmp_path / f"{name}.csv", np.asarray(xy, float).reshape(-1, 2), order="xy")
+    return {"image": str(tmp_path / f"{name}.png"), "centroids": str(tmp_path / f"{name}.csv")}
+
+
+def _gaussian_map(shape_hw: tuple[int, int], blobs: list[tuple[float, float, float, float]]) -> np.ndarray:
+    """Sum of Gaussian bumps (x, y, peak, sigma px), clipped to [0, 1]."""
+    yy, xx = np.mgrid[:shape_hw[0], :shape_hw[1]].astype(np.float64)
+    prob = np.zeros(shape_hw)
+    for x, y, peak, sigma in blobs:
+        prob += peak * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma ** 2))
+    return np.clip(prob, 0, 1).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------------- read_hpf
+
+
+def test_read_hpf_rgb_grey_and_errors(tmp_path: Path) -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (12, 9, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.tif")
+    np.testing.assert_array_equal(read_hpf(tmp_path / "a.tif"), rgb)
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "g.png")
+    grey = read_hpf(tmp_path / "g.png")
+    assert grey.shape == (12, 9, 3) and grey.dtype == np.uint8 and (grey == rgb[..., :1]).all()
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(InputError, match="bad.png"):
+        read_hpf(tmp_path / "bad.png")
+    Image.fromarray(np.zeros((4, 4), np.int32)).save(tmp_path / "deep.tif")
+    with pytest.raises(InputError, match="deep.tif.*8-bit"):
+        read_hpf(tmp_path / "deep.tif")
+
+
+# ------------------------------------------------------------------------------------------------ HPFCropDataset
+
+
+def test_crop_shapes_and_centroid_coordinates(tmp_path: Path) -> None:
+    mitoses = [(100.0, 40.0), (150.5, 170.0), (20.0, 180.0)]
+    ds = HPFCropDataset([_hand_made(tmp_path, (220, 200), mitoses), _hand_made(tmp_path, (220, 200), [], "b")],
+                        crop_px=64, samples_per_epoch=50, centroid_order="xy")
+    assert ds.max_centroids == 3
+    for i in range(50):
+        item = ds[i]
+        x0, y0 = item["location"].tolist()
+        image = item["image"]
+        assert image.shape == (3, 64, 64) and image.dtype == torch.uint8
+        # The colour code gives back each crop pixel's HPF position.
+        assert int(image[0, 0, 0]) == x0 % 256 and int(image[1, 0, 0]) == y0 % 256
+        n = item["n_centroids"]
+        assert item["centroids"].shape == (3, 2) and torch.isnan(item["centroids"][n:]).all()
+        # A centroid belongs to the pixel holding it (pixel k covers [k - 0.5, k + 0.5)), so x = 150.5 is pixel 151.
+        expected = [(x - x0, y - y0) for x, y in mitoses
+                    if 0 <= math.floor(x + 0.5) - x0 < 64 and 0 <= math.floor(y + 0.5) - y0 < 64]
+        if item["path"].endswith("a.png"):
+            np.testing.assert_allclose(sorted(item["centroids"][:n].tolist()), sorted(expected))
+        else:
+            assert n == 0
+
+
+def test_small_image_is_padded_white_at_bottom_right(tmp_path: Path) -> None:
+    ds = HPFCropDataset([_hand_made(tmp_path, (30, 20), [(5, 6)])], crop_px=48, samples_per_epoch=4,
+                        centroid_order="rc")  # rc: the CSV's (5, 6) is row 5, column 6
+    item = ds[0]
+    assert item["location"].tolist() == [0, 0] and item["image"].shape == (3, 48, 48)
+    assert (item["image"][:, 20:, :] == 255).all() and (item["image"][:, :, 30:] == 255).all()
+    assert item["centroids"][0].tolist() == [6.0, 5.0]
+
+
+def test_centroids_outside_the_image_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="outside"):
+        HPFCropDataset([_hand_made(tmp_path, (30, 20), [(25, 5)])], crop_px=16, centroid_order="rc")
+
+
+def test_positive_fraction_is_honoured(phantom: list[dict]) -> None:
+    for fraction in (0.25, 0.75):
+        ds = HPFCropDataset(phantom, crop_px=96, samples_per_epoch=200, positive_fraction=fraction,
+                            centroid_order="xy", fixed=True, seed=3)
+        positive = np.mean([ds[i]["n_centroids"] > 0 for i in range(len(ds))])
+        assert abs(positive - fraction) < 0.1, (fraction, positive)
+
+
+def test_fixed_is_reproducible_and_random_follows_torch_seed(phantom: list[dict]) -> None:
+    a = HPFCropDataset(phantom, crop_px=96, samples_per_epoch=8, centroid_order="xy", fixed=True, seed=5)
+    b = HPFCropDataset(phantom, crop_px=96, samples_per_epoch=8, centroid_order="xy", fixed=True, seed=5)
+    for i in range(8):
+        assert torch.equal(a[i]["location"], b[i]["location"]) and torch.equal(a[i]["image"], b[i]["image"])
+    assert torch.equal(a[3]["location"], a[3]["location"])
+    free = HPFCropDataset(phantom, crop_px=96, samples_per_epoch=8, centroid_order="xy")
+    torch.manual_seed(11)
+    first = [free[i]["location"].tolist() for i in range(8)]
+    torch.manual_seed(11)
+    assert [free[i]["location"].tolist() for i in range(8)] == first
+
+
+def test_collates_in_a_dataloader_and_builds_concentric_labels(phantom: list[dict]) -> None:
+    label = RandConcentricLabeld(mode="circle", fixed_r_px=4)
+    ds = HPFCropDataset(phantom, crop_px=128, samples_per_epoch=6, positive_fraction=1.0, centroid_order="xy",
+                        transform=label, fixed=True)
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=6, num_workers=0)))
+    assert batch["image"].shape == (6, 3, 128, 128) and batch["label"].shape == (6, 1, 128, 128)
+    assert batch["centroids"].shape == (6, ds.max_centroids, 2) and (batch["n_centroids"] >= 1).all()
+    for label_map, xy, n in zip(batch["label"], batch["centroids"], batch["n_centroids"]):
+        ones = torch.nonzero(label_map[0] == 1).float()  # (row, col)
+        assert len(ones)
+        for x, y in xy[:n].tolist():
+            assert label_map[0, round(y), round(x)] == 1
+        # Every labelled pixel lies within r of one of the crop's mitoses: none comes from NaN rows or elsewhere.
+        distance = torch.cdist(ones.flip(1), xy[:n]).min(dim=1).values
+        assert (distance <= 4 + 1e-6).all()
+
+
+# ---------------------------------------------------------------------------------- detection and threshold tuning
+
+
+def test_detect_mitoses_finds_two_gaussian_blobs() -> None:
+    prob = _gaussian_map((160, 200), [(50, 40, 0.9, 5), (150.0, 120.0, 0.8, 6)])
+    detections = detect_mitoses(torch.from_numpy(prob), mpp=0.25)
+    assert detections.shape == (2, 3)
+    np.testing.assert_allclose(detections[:, :2], [[50, 40], [150, 120]], atol=0.5)
+    assert detections[0, 2] > detections[1, 2] > 0
+
+
+def test_tune_thresholds_removes_a_weak_false_blob() -> None:
+    # Two true mitoses per map and a weak, wide false blob that only a score threshold separates.
+    maps = [_gaussian_map((200, 200), [(40, 40, 0.95, 5), (160, 60, 0.9, 5), (100, 160, 0.35, 5)]),
+            _gaussian_map((200, 200), [(60, 150, 0.9, 5), (150, 150, 0.95, 5), (40, 50, 0.3, 5)])]
+    truths = [np.array([[40, 40], [160, 60]]), np.array([[60, 150], [150, 150]])]
+    assert len(detect_mitoses(maps[0])) == 3  # the false blob survives Otsu: only the tuning removes it
+    result = tune_thresholds(maps, truths, radius_px=30, score_grid=[0.0, 0.1, 0.2, 0.4, 0.9],
+                             area_grid_um2=[0.0])
+    assert result["min_mean_score"] == 0.2 and result["f1"] == 1.0
+    assert result["tp"] == 4 and result["fp"] == 0 and result["fn"] == 0
+    by_score = {g["min_mean_score"]: g for g in result["grid"]}
+    assert len(result["grid"]) == 5 and by_score[0.0]["fp"] == 2 and by_score[0.9]["fn"] > 0
+    kept = detect_mitoses(maps[0], min_mean_score=result["min_mean_score"])
+    np.testing.assert_allclose(sorted(kept[:, :2].tolist()), [[40, 40], [160, 60]], atol=0.5)
+
+
+# ------------------------------------------------------------------------------------------------------ output
+
+
+def test_write_detections_round_trips(tmp_path: Path) -> None:
+    detections = np.array([[10.5, 20.0, 0.9], [3.0, 4.0, 0.25]])
+    write_detections(tmp_path / "d.csv", detections)
+    xy, scores = read_points_csv(tmp_path / "d.csv", "xy")
+    np.testing.assert_array_equal(np.column_stack([xy, scores]), detections)
+
+
+def test_overlay_has_tp_fp_and_fn_colours(tmp_path: Path) -> None:
+    image = np.full((200, 200, 3), 128, np.uint8)
+    truth = np.array([[50, 50], [150, 150]])
+    detections = np.array([[55, 52, 0.9], [150, 40, 0.8]])  # one hit, one false alarm; (150, 150) is missed
+    write_circle_overlay_png(tmp_path / "o.png", image, detections, truth=truth, radius_px=20)
+    drawn = np.asarray(Image.open(tmp_path / "o.png").convert("RGB"))
+    colours = {tuple(c) for c in drawn.reshape(-1, 3)}
+    assert {TP_COLOUR, FP_COLOUR, FN_COLOUR} <= colours
+    assert tuple(drawn[52, 55 + 20]) == TP_COLOUR and tuple(drawn[40, 150 - 20]) == FP_COLOUR
+    assert tuple(drawn[150 + 20, 150]) == FN_COLOUR
+    assert [p.name for p in tmp_path.iterdir()] == ["o.png"]  # atomic: no temporary file left
