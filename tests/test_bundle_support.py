@@ -67,3 +67,21 @@ def test_user_tissue_mask_selects_the_rois(tmp_path: Path) -> None:
     # ROI columns 0 and 1 start in the left half; ROI c=1 reads 468 px from x=256, still inside the left half
     # only up to x=512, so columns 0-1 overlap the mask and columns 2-3 do not.
     assert sorted({int(c) for _, c in user.rois_rc}) == [0, 1] and user.n_rois == 8
+
+
+def test_root_from_a_config_workflow_run_in_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Bundles run from Python (no --config_file in argv) find their root through MONAI's ConfigWorkflow."""
+    from monai.bundle import ConfigWorkflow
+
+    configs = tmp_path / "copied_bundle" / "configs"
+    configs.mkdir(parents=True)
+    (configs / "inference.json").write_text(json.dumps({
+        "imports": ["$import pathbundles"],
+        "bundle_root": "$pathbundles.bundle.root_of_running_bundle()",
+        "initialize": [], "run": ["$@bundle_root"], "finalize": []}))
+    monkeypatch.setattr(sys, "argv", ["pytest"])
+    monkeypatch.chdir(tmp_path)
+    workflow = ConfigWorkflow(config_file=str(configs / "inference.json"), workflow_type="infer",
+                              meta_file=None, logging_file=False)
+    workflow.initialize()
+    assert workflow.run() == [str((tmp_path / "copied_bundle").resolve())]

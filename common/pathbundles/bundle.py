@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import inspect
 import os
 import shutil
 import sys
@@ -21,12 +22,19 @@ DEMO_DATASETS: dict[tuple[str, str], tuple[int, int]] = {
 }
 
 
-def root_of_running_bundle(default: str | os.PathLike = ".") -> str:
-    """The bundle folder of the config given to ``python -m monai.bundle ... --config_file``.
+def _bundle_of_config(config_file: str | os.PathLike) -> str:
+    """The bundle folder of a config file: the parent of its ``configs/`` folder, else its own folder."""
+    first = Path(config_file).resolve()
+    return str(first.parent.parent if first.parent.name == "configs" else first.parent)
 
-    Makes ``python -m monai.bundle run --config_file bundles/x/configs/inference.json`` work from any working
-    directory, and from a copy of the bundle anywhere (``registry export``). ``--bundle_root`` on the command line
-    still overrides it; ``default`` is returned when no config file is on the command line.
+
+def root_of_running_bundle(default: str | os.PathLike = ".") -> str:
+    """The bundle folder of the config being run.
+
+    Looks at ``--config_file`` on the command line (``python -m monai.bundle run --config_file ...``), then at a
+    MONAI ``ConfigWorkflow`` up the call stack (bundles run from Python), so a bundle runs from any working
+    directory and from a copy anywhere (``registry export``). ``--bundle_root`` still overrides it; ``default`` is
+    returned when neither is found.
     """
     argv = sys.argv
     for i, arg in enumerate(argv):
@@ -38,8 +46,14 @@ def root_of_running_bundle(default: str | os.PathLike = ".") -> str:
             files = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             files = value.split(",")
-        first = Path(files[0] if isinstance(files, (list, tuple)) else str(files)).resolve()
-        return str(first.parent.parent if first.parent.name == "configs" else first.parent)
+        return _bundle_of_config(files[0] if isinstance(files, (list, tuple)) else str(files))
+    frame = inspect.currentframe()
+    while frame is not None:
+        # The instance dict, not getattr: some MONAI classes raise ValueError from __getattr__.
+        config_root = getattr(frame.f_locals.get("self"), "__dict__", {}).get("config_root_path")
+        if isinstance(config_root, Path):
+            return _bundle_of_config(config_root / "metadata.json")
+        frame = frame.f_back
     return str(Path(default).resolve())
 
 
