@@ -29,14 +29,14 @@ def ground_truth_lesions(item: dict, level0_size: tuple[int, int], level0_mpp: f
         level0_mpp: micrometres per level-0 pixel.
         mask_mpp: micrometres per pixel of the evaluation mask built from polygons (Camelyon16: 32 x 0.243).
     """
-    from pathbundles.metrics.commands import read_label_image
     from pathbundles.metrics.froc import evaluation_mask, evaluation_mask_from_annotations
+    from pathbundles.tissue import read_mask_image
 
     if item.get("annotation"):
         return evaluation_mask_from_annotations(item["annotation"], level0_size, level0_mpp=level0_mpp,
                                                 mask_downsample=mask_mpp / level0_mpp)
     if item.get("mask"):
-        mask = read_label_image(item["mask"])
+        mask = read_mask_image(item["mask"], allow_colour=True)
         return evaluation_mask(mask, level0_mpp=level0_mpp, mask_downsample=level0_size[0] / mask.shape[1])
     return None
 

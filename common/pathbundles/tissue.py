@@ -112,7 +112,7 @@ class LevelMask:
             InputError: unreadable file, colour image, a mask made for a slide of another size, or a size whose
                 aspect ratio does not fit the slide, naming the file.
         """
-        array, stored = _read_mask_image(path)
+        array, stored = read_mask_image(path), _stored_geometry(path)
         w0, h0 = int(level0_size[0]), int(level0_size[1])
         height, width = array.shape
         if stored is not None and mpp is None:
@@ -328,27 +328,50 @@ def _fill_small_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
     return mask | fill[labels]
 
 
-def _read_mask_image(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any] | None]:
-    """Read a mask image as a 2-D array, with the geometry save_png stored in it (None when absent)."""
+def read_mask_image(path: str | os.PathLike, allow_colour: bool = False) -> np.ndarray:
+    """Read a mask or label map (PNG or anything PIL reads; TIFF, first page, via tifffile) as a 2-D array.
+
+    The one reader of mask images for tissue masks, FROC ground truth and segmentation label maps. Grey stored as
+    RGB(A) reads as its first channel; an alpha channel is ignored.
+
+    Args:
+        path: the image file.
+        allow_colour: read a colour image as "any colour channel > 0" (a coloured tumour mask still reads as
+            tumour) instead of refusing it.
+
+    Raises:
+        InputError: naming the file, when it is not a readable image, is colour (unless allowed) or is not 2-D.
+    """
     try:
         with open(path, "rb") as fh:
             magic = fh.read(4)
         if magic in _TIFF_MAGIC:
-            import tifffile  # only TIFF masks need it; PIL does not decode tiled or JPEG-compressed TIFFs reliably
+            import tifffile  # PIL does not decode tiled or JPEG-compressed TIFFs reliably
 
-            array, stored = tifffile.imread(path, key=0), None
+            array = tifffile.imread(path, key=0)
         else:
             with Image.open(path) as image:
                 array = np.asarray(image)
-                text = image.info.get(_PNG_KEY)
-            stored = json.loads(text) if text else None
-    except (OSError, ValueError) as err:
-        raise InputError(path, f"cannot read the mask image ({err})") from None
-    if array.ndim == 3:
-        colour = array[..., :3]
-        if not (colour == colour[..., :1]).all():
+    except Exception as err:  # PIL and tifffile raise many types for a file that is not an image
+        raise InputError(path, f"not a readable image ({type(err).__name__}: {err})") from None
+    if array.ndim == 3 and array.shape[-1] in (2, 3, 4):
+        colour = array[..., : 3 if array.shape[-1] >= 3 else 1]
+        if (colour == colour[..., :1]).all():
+            array = colour[..., 0]
+        elif allow_colour:
+            array = (colour > 0).any(axis=-1).astype(np.uint8)
+        else:
             raise InputError(path, f"mask must be single-channel (or grey RGB), got a colour image {array.shape}")
-        array = colour[..., 0]
     if array.ndim != 2:
-        raise InputError(path, f"mask must be a 2-D image, got shape {array.shape}")
-    return array, stored
+        raise InputError(path, f"expected a 2-D mask or label image, got an array of shape {array.shape}")
+    return array
+
+
+def _stored_geometry(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The geometry :meth:`LevelMask.save_png` stored in a PNG's text chunk, or None."""
+    try:
+        with Image.open(path) as image:
+            text = image.info.get(_PNG_KEY)
+    except OSError:
+        return None
+    return json.loads(text) if text else None

@@ -14,6 +14,7 @@ import numpy as np
 
 from pathbundles.atomic import atomic_path
 from pathbundles.errors import InputError
+from pathbundles.tissue import read_mask_image
 
 _MASK_SUFFIXES = (".png", ".tif", ".tiff")
 
@@ -48,42 +49,6 @@ def _paired(truth: dict[str, Path], other: dict[str, Path], truth_dir: Path, oth
     return sorted(truth)
 
 
-def read_label_image(path: str | os.PathLike, allow_colour: bool = True) -> np.ndarray:
-    """Read a mask or label map (PNG, or TIFF via tifffile, first page) as a 2-D array.
-
-    A multi-channel image is reduced to its first channel when all colour channels agree (grey stored as RGB);
-    otherwise, with ``allow_colour``, to "any colour channel > 0", so that a coloured tumour mask still reads as
-    tumour. An alpha channel is ignored.
-
-    Raises:
-        InputError: naming the file, when it is not a readable image or not 2-D.
-    """
-    path = Path(path)
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            image = tifffile.imread(path, key=0)
-        else:
-            from PIL import Image
-
-            with Image.open(path) as opened:
-                image = np.asarray(opened)
-    except Exception as err:  # PIL and tifffile raise many types for a file that is not an image
-        raise InputError(path, f"not a readable image ({type(err).__name__}: {err})") from None
-    if image.ndim == 3 and image.shape[-1] in (2, 3, 4):
-        colour = image[..., : 3 if image.shape[-1] >= 3 else 1]
-        if (colour == colour[..., :1]).all():
-            image = colour[..., 0]
-        elif allow_colour:
-            image = (colour > 0).any(axis=-1).astype(np.uint8)
-        else:
-            raise InputError(path, "a label map must have one channel (or equal colour channels), this is colour")
-    if image.ndim != 2:
-        raise InputError(path, f"expected a 2-D mask or label image, got an array of shape {image.shape}")
-    return image
-
-
 def _write_json(out: str | os.PathLike, result: dict) -> dict:
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n", encoding="utf-8")
@@ -116,7 +81,7 @@ def froc_command(masks: str | os.PathLike, detections: str | os.PathLike, out: s
     for stem in sorted(set(mask_files) | set(csv_files)):
         lesions = None
         if stem in mask_files:
-            lesions = evaluation_mask(read_label_image(mask_files[stem]), level0_mpp=level0_mpp,
+            lesions = evaluation_mask(read_mask_image(mask_files[stem], allow_colour=True), level0_mpp=level0_mpp,
                                       mask_downsample=mask_downsample)
         found = read_detections_csv(csv_files[stem]) if stem in csv_files else np.zeros((0, 3))
         slides.append(slide_hits(found, lesions))
@@ -182,8 +147,8 @@ def iou_command(truth: str | os.PathLike, pred: str | os.PathLike, out: str | os
         raise InputError(truth_dir, "no ground-truth PNG label maps found")
     total = np.zeros((num_classes + 1, num_classes + 1), dtype=np.int64)
     for stem in stems:
-        truth_map = read_label_image(truth_files[stem], allow_colour=False)
-        pred_map = read_label_image(pred_files[stem], allow_colour=False)
+        truth_map = read_mask_image(truth_files[stem])
+        pred_map = read_mask_image(pred_files[stem])
         if truth_map.shape != pred_map.shape:
             raise InputError(pred_files[stem], f"shape {pred_map.shape} differs from the ground truth's "
                                                f"{truth_map.shape} ({truth_files[stem]})")
