@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -12,7 +13,9 @@ from PIL import Image
 
 from pathbundles.annotations import read_points_csv, write_points_csv
 from pathbundles.errors import InputError
-from pathbundles.hpf import (FN_COLOUR, FP_COLOUR, TP_COLOUR, HPFCropDataset, detect_mitoses, read_hpf,
+from pathbundles.hpf import (FN_COLOUR, FP_COLOUR, TP_COLOUR, HPFCropDataset, HPFDataset, HPFDetectionWriter,
+                             MitosisMetricsReport, ThresholdTuner, TunedMitosisF1, average_precision, blob_candidates,
+                             detect_mitoses, filter_blobs, read_hpf, store_thresholds, tune_blob_thresholds,
                              tune_thresholds, write_circle_overlay_png, write_detections)
 from pathbundles.phantom import make_phantom
 from pathbundles.sampling import read_datalist
@@ -188,3 +191,139 @@ def test_overlay_has_tp_fp_and_fn_colours(tmp_path: Path) -> None:
     assert tuple(drawn[52, 55 + 20]) == TP_COLOUR and tuple(drawn[40, 150 - 20]) == FP_COLOUR
     assert tuple(drawn[150 + 20, 150]) == FN_COLOUR
     assert [p.name for p in tmp_path.iterdir()] == ["o.png"]  # atomic: no temporary file left
+
+
+# ------------------------------------------------------------------------- inference components (segmitos bundle)
+
+
+def test_blob_filter_and_tuning_on_blobs_agree_with_map_tuning() -> None:
+    maps = [_gaussian_map((200, 200), [(50, 50, 0.9, 5), (150, 150, 0.3, 12)])]
+    truths = [np.array([[50.0, 50.0]])]
+    blobs = blob_candidates(maps[0])
+    assert blobs.shape == (2, 4)
+    # The strong blob first, centred on its bump; filter_blobs reorders to [x, y, score].
+    np.testing.assert_allclose(blobs[0, 1:3], [50, 50], atol=0.5)
+    kept = filter_blobs(blobs, min_mean_score=float(blobs[1, 0]))
+    assert kept.shape == (1, 3) and kept[0, 2] == blobs[0, 0]
+    np.testing.assert_array_equal(filter_blobs(blobs, 0.0, float(blobs[:, 3].max())), np.zeros((0, 3)))
+    by_blobs = tune_blob_thresholds([blobs], truths, score_grid=[0.0, 0.2], area_grid_um2=[0.0])
+    by_maps = tune_thresholds(maps, truths, score_grid=[0.0, 0.2], area_grid_um2=[0.0])
+    assert by_blobs == by_maps
+    assert (by_blobs["f1"], by_blobs["min_mean_score"], by_blobs["tp"], by_blobs["fp"]) == (1.0, 0.2, 1, 0)
+
+
+def test_average_precision_hand_computed() -> None:
+    # Recall steps 0 -> 0.5 at precision 1, 0.5 -> 0.5 (no gain), 0.5 -> 1.0 at precision 2/3.
+    assert average_precision(np.array([1.0, 0.5, 2 / 3]), np.array([0.5, 0.5, 1.0])) == pytest.approx(
+        0.5 * 1.0 + 0.5 * 2 / 3)
+    assert average_precision(np.zeros(0), np.zeros(0)) == 0.0
+
+
+def test_hpf_dataset_items_names_and_errors(tmp_path: Path) -> None:
+    a = _hand_made(tmp_path, (70, 50), [(10, 20), (60.4, 45)], "a")
+    b = {"image": _hand_made(tmp_path, (40, 30), [], "b")["image"]}
+    ds = HPFDataset([a, b], centroid_order="xy")
+    assert ds.names == ["a", "b"] and len(ds) == 2
+    item = ds[0]
+    assert item["image"].shape == (3, 50, 70) and item["image"].dtype == torch.uint8
+    assert int(item["image"][0, 45, 60]) == 60 and int(item["image"][1, 45, 60]) == 45  # (x, y) = (60, 45)
+    np.testing.assert_allclose(item["label"].numpy(), [[10, 20], [60.4, 45]], rtol=1e-6)
+    assert "label" not in ds[1] and ds[1]["index"] == 1
+    with pytest.raises(InputError, match="centroids outside"):
+        HPFDataset([a], centroid_order="rc")  # (45, 60.4) read as (row, col) falls outside the 70 x 50 image
+    with pytest.raises(InputError, match="0.5 um/px"):
+        HPFDataset([dict(a, mpp=0.5)], centroid_order="xy")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(InputError, match="broken.png"):
+        HPFDataset([{"image": str(tmp_path / "broken.png")}])
+    with pytest.raises(ValueError, match="same HPF name"):
+        HPFDataset([a, a])
+
+
+def test_hpf_dataset_reads_a_slide_box(shared_data: Path) -> None:
+    from pathbundles.wsi import open_slide
+
+    svs = shared_data / "CMU-1-Small-Region.svs"  # 0.499 um/px: a 200 x 100 px level-0 box is ~400 x 200 at 0.25
+    ds = HPFDataset([{"image": str(svs), "box": [1000, 1200, 200, 100]}], mpp=0.25, backend="openslide")
+    assert ds.names == ["CMU-1-Small-Region_x1000_y1200"]
+    image = ds[0]["image"]
+    assert image.shape == (3, 200, 399) or image.shape == (3, 200, 400)
+    with open_slide(svs, backend="openslide") as slide:
+        expected = slide.read_region((1000, 1200), (image.shape[2], image.shape[1]), 0.25)
+    np.testing.assert_array_equal(image.numpy().transpose(1, 2, 0), expected)
+    with pytest.raises(InputError, match="box must be"):
+        HPFDataset([{"image": str(svs), "box": [0, 0, -5, 10]}], backend="openslide")
+
+
+class _Engine:
+    """The bits of an ignite engine the HPF handlers read."""
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        self.state = SimpleNamespace(batch=[], output=[], metrics={})
+
+
+def _run_handlers(dataset: HPFDataset, maps: list[np.ndarray], *handlers) -> _Engine:
+    engine = _Engine()
+    handlers[0].started(engine)
+    for i, prob in enumerate(maps):
+        engine.state.batch = [{"index": i}]
+        engine.state.output = [{"pred": torch.from_numpy(np.stack([1 - prob, prob]))}]
+        handlers[0].iteration_completed(engine)
+    handlers[0].completed(engine)
+    for handler in handlers[1:]:
+        handler(engine)
+    return engine
+
+
+def test_writer_metrics_report_and_tuner_store(tmp_path: Path) -> None:
+    a = _hand_made(tmp_path, (200, 200), [(50, 50), (150, 60)], "a")
+    b = _hand_made(tmp_path, (200, 200), [(100, 100)], "b")
+    maps = [_gaussian_map((200, 200), [(50, 50, 0.9, 5), (150, 150, 0.3, 12)]),  # 1 TP, a weak FP, 1 miss
+            _gaussian_map((200, 200), [(101, 99, 0.8, 5)])]  # 1 TP
+    ds = HPFDataset([a, b])
+    writer = HPFDetectionWriter(ds, tmp_path / "out", min_mean_score=0.0, radius_px=30)
+    report = MitosisMetricsReport(writer, tmp_path / "out", radius_px=30)
+    config = tmp_path / "inference.json"
+    config.write_text(json.dumps({"min_mean_score": 0.0, "min_area_um2": 0.0, "other": [1, 2]}, indent=4) + "\n")
+    tuner = ThresholdTuner(writer, tmp_path / "out", config_file=config, score_grid=[0.0, 0.2], area_grid_um2=[0.0])
+    engine = _run_handlers(ds, maps, writer, report, tuner)
+    # At s1 = 0: TP 2, FP 1, FN 1 -> P = R = F1 = 2/3.
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["metrics"]
+    assert metrics["f1"] == pytest.approx(2 / 3) and metrics["precision"] == pytest.approx(2 / 3)
+    assert engine.state.metrics["recall"] == pytest.approx(2 / 3)
+    # PR curve: the two strong TPs first (P 1, R 2/3), then the weak FP (P 2/3): AP = 2/3 * 1 + 0 * 2/3.
+    assert metrics["average_precision"] == pytest.approx(2 / 3)
+    curves = json.loads((tmp_path / "out" / "curves.json").read_text())
+    np.testing.assert_allclose(curves["pr"]["precision"], [1.0, 1.0, 2 / 3])
+    # Files: detections CSV (x, y, score), 8-bit map, overlay, counts; the tuner removed the FP with s1 = 0.2.
+    det = read_points_csv(tmp_path / "out" / "detections" / "a.csv", "xy")
+    assert det[0].shape == (2, 2) and det[1][0] == pytest.approx(float(writer.blobs["a"][0, 0]))
+    prob_png = np.asarray(Image.open(tmp_path / "out" / "maps" / "b.png"))
+    assert prob_png.shape == (200, 200) and prob_png.dtype == np.uint8 and prob_png[99, 101] == round(0.8 * 255)
+    overlay = np.asarray(Image.open(tmp_path / "out" / "overlays" / "a.png"))
+    assert (overlay == FN_COLOUR).all(axis=-1).any() and (overlay == FP_COLOUR).all(axis=-1).any()
+    assert (tmp_path / "out" / "hpf_counts.csv").read_text().splitlines() == [
+        "name,n_detections,max_score", f"a,2,{writer.blobs['a'][0, 0]:.6f}", f"b,1,{writer.blobs['b'][0, 0]:.6f}"]
+    stored = json.loads(config.read_text())
+    assert (stored["min_mean_score"], stored["min_area_um2"], stored["other"]) == (0.2, 0.0, [1, 2])
+    assert stored["thresholds_tuned_on"]["f1"] == pytest.approx(0.8)  # TP 2, FP 0, FN 1
+    assert json.loads((tmp_path / "out" / "tuning.json").read_text())["best"]["min_mean_score"] == 0.2
+    assert not list((tmp_path / "out").rglob("*.partial*")) and not list(tmp_path.glob(".*"))
+
+
+def test_store_thresholds_refuses_a_foreign_config(tmp_path: Path) -> None:
+    config = tmp_path / "x.json"
+    config.write_text('{"min_mean_score": 0.1}')
+    with pytest.raises(InputError, match="min_area_um2"):
+        store_thresholds(config, 0.2, 3.0)
+    assert json.loads(config.read_text()) == {"min_mean_score": 0.1}
+
+
+def test_tuned_f1_metric_is_the_best_grid_f1() -> None:
+    maps = [_gaussian_map((200, 200), [(50, 50, 0.9, 5), (150, 150, 0.3, 12)])]
+    metric = TunedMitosisF1()
+    metric.reset()
+    metric.update(([torch.from_numpy(np.stack([1 - maps[0], maps[0]]))], [torch.tensor([[50.0, 50.0]])]))
+    assert metric.compute() == tune_thresholds(maps, [np.array([[50.0, 50.0]])])["f1"] == 1.0

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pathbundles.segmitos import (ConcentricLoss, RandConcentricLabeld, SegMitosFCN, SegMitosInferer,
-                                  bilinear_kernel, concentric_label)
+from pathbundles.segmitos import (COARSER, ConcentricLoss, RandConcentricLabeld, RandMitosisAugmentd, SegMitosFCN,
+                                  SegMitosInferer, bilinear_kernel, chain_network, concentric_label)
 
 WIDTH = 1 / 16  # VGG 4..32 channels, fc6/fc7 256: the same geometry as VGG16 at a fraction of the cost
 
@@ -179,3 +179,79 @@ def test_torchscript_matches_eager() -> None:
         for height, width in [(100, 120), (67, 45)]:
             x = torch.randn(1, 3, height, width)
             assert torch.allclose(scripted(x), net(x), atol=1e-6)
+
+
+def test_mitosis_augment_negative_crops_get_the_8_dihedral_variants_only() -> None:
+    image = torch.arange(3 * 6 * 6, dtype=torch.float32).reshape(3, 6, 6)
+    label = torch.zeros(1, 6, 6, dtype=torch.uint8)
+    dihedral = [torch.rot90(image, k, dims=(1, 2)) for k in range(4)]
+    dihedral += [torch.flip(d, dims=(2,)) for d in dihedral]
+    aug = RandMitosisAugmentd(keys=["image", "label"])
+    aug.set_random_state(0)
+    seen = set()
+    for _ in range(64):
+        out = aug({"image": image, "label": label, "centroids": torch.zeros(0, 2)})
+        match = [i for i, d in enumerate(dihedral) if torch.equal(out["image"], d)]
+        assert len(match) == 1  # exact, no resampling
+        seen.add(match[0])
+    assert seen == set(range(8))
+
+
+def test_mitosis_augment_moves_image_and_label_together_on_positive_crops() -> None:
+    # A dark disc in the image where the label's mitosis disc is: they must stay aligned in every variant.
+    label = torch.from_numpy(concentric_label((96, 96), [[40.0, 52.0]], 8.0, 14.0))[None]
+    image = torch.where(label == 1, 0.0, 200.0).repeat(3, 1, 1).float()
+    aug = RandMitosisAugmentd(keys=["image", "label"], translate_px=8)
+    aug.set_random_state(1)
+    angles, shifts = set(), set()
+    for _ in range(40):
+        out = aug({"image": image, "label": label, "centroids": torch.tensor([[40.0, 52.0]])})
+        angles.add(round(aug.angle, 6))
+        shifts.add(aug.shift)
+        assert out["label"].dtype == torch.uint8 and set(out["label"].unique().tolist()) <= {0, 1, 255}
+        disc = out["label"][0] == 1
+        assert abs(int(disc.sum()) - int((label == 1).sum())) <= 12  # nearest resampling keeps the disc's area
+        # Where the label says mitosis the image is dark, and the dark pixels are (nearly) all mitosis.
+        dark = out["image"][0] < 100
+        assert float(out["image"][0][disc].mean()) < 40
+        assert int((dark & ~disc).sum()) <= 0.1 * int(disc.sum())
+    assert len(angles) > 8 and len(shifts) > 3  # many more variants than a negative crop gets
+
+
+def test_chain_network_starts_each_stage_from_the_previous_checkpoint(tmp_path) -> None:
+    assert COARSER == {"16s": "32s", "8s": "16s"}
+    coarse = _net("32s")
+    torch.save({"model": coarse.state_dict()}, tmp_path / "model_32s.pt")  # a MONAI CheckpointSaver file
+    fine = chain_network("16s", width=WIDTH, coarser_ckpt=str(tmp_path / "model_32s.pt")).eval()
+    torch.testing.assert_close(fine.score_fr.weight, coarse.score_fr.weight)
+    assert float(fine.score_pool4.weight.detach().abs().sum()) == 0.0
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():  # the new stage starts where the old one ended (up to the two-step bilinear upsampling)
+        assert float((fine(x) - coarse(x)).abs().max()) < 0.25 * float(coarse(x).abs().max())
+    with pytest.raises(FileNotFoundError, match="train the 16s stage first"):
+        chain_network("8s", width=WIDTH, coarser_ckpt=str(tmp_path / "model_16s.pt"))
+    with pytest.raises(ValueError, match="no coarser stage"):
+        chain_network("32s", width=WIDTH, coarser_ckpt=str(tmp_path / "model_32s.pt"))
+    assert chain_network("8s", width=WIDTH).variant == "8s"  # no checkpoint: from scratch
+
+
+def test_inferer_goes_whole_when_the_image_fits() -> None:
+    net = _net("8s")
+    x = torch.randn(1, 3, 200, 232)
+    with torch.no_grad():
+        whole = SegMitosInferer()(x, net)
+        fits = SegMitosInferer(tile_px=576, overlap_px=256, whole_max_px=232)(x, net)
+        tiled = SegMitosInferer(tile_px=576, overlap_px=256, whole_max_px=199)(x, net)
+    assert torch.equal(fits, whole)
+    torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=0)
+
+
+def test_mitosis_augment_items_collate_whichever_branch_they_took() -> None:
+    from monai.data import list_data_collate
+
+    aug = RandMitosisAugmentd(keys=["image", "label"])
+    aug.set_random_state(3)
+    items = [aug({"image": torch.zeros(3, 32, 32), "label": torch.zeros(1, 32, 32, dtype=torch.uint8),
+                  "centroids": torch.tensor([[16.0, 16.0]]) if i % 2 else torch.zeros(0, 2)}) for i in range(6)]
+    batch = list_data_collate([{k: v for k, v in item.items() if k != "centroids"} for item in items])
+    assert batch["image"].shape == (6, 3, 32, 32) and batch["label"].dtype == torch.uint8

@@ -16,6 +16,7 @@ DEMO_DATASETS: dict[tuple[str, str], tuple[int, int]] = {
     ("metastasis", "val"): (2, 500),
     ("metastasis", "test"): (6, 1000),
     ("mitosis", "train"): (24, 0),
+    ("mitosis", "val"): (8, 500),
     ("mitosis", "test"): (12, 1000),
     ("multiclass", "train"): (4, 0),
     ("multiclass", "test"): (2, 1000),
@@ -93,6 +94,8 @@ def demo_datalist(kind: str = "metastasis", split: str = "test", first: int | No
 
 
 SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".bif")
+#: image files a folder of high-power fields is listed by (``kind="mitosis"``)
+HPF_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
 
 def datalist(source: str | os.PathLike | None = None, kind: str = "metastasis", split: str = "test",
@@ -101,7 +104,7 @@ def datalist(source: str | os.PathLike | None = None, kind: str = "metastasis", 
 
     Args:
         source: ``None`` for the phantom demo data; a ``dataset.json`` datalist; or a folder of slides (every file
-            with a slide suffix, sorted by name).
+            with a slide suffix, sorted by name), or of HPF images for ``kind="mitosis"``.
         kind, split, first: which demo data, and how many of its items, when ``source`` is ``None``.
     """
     from pathbundles.errors import InputError
@@ -111,9 +114,10 @@ def datalist(source: str | os.PathLike | None = None, kind: str = "metastasis", 
         return demo_datalist(kind, split, first)
     path = Path(source)
     if path.is_dir():
-        slides = sorted(p for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES)
+        suffixes, what = (HPF_SUFFIXES, "HPF image") if kind == "mitosis" else (SLIDE_SUFFIXES, "slide")
+        slides = sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes)
         if not slides:
-            raise InputError(path, f"no slide files ({', '.join(SLIDE_SUFFIXES)}) in this folder")
+            raise InputError(path, f"no {what} files ({', '.join(suffixes)}) in this folder")
         return [{"image": str(p.resolve())} for p in slides]
     return read_datalist(path, split=None)
 

@@ -13,13 +13,16 @@ Coordinates are (x, y) = (column, row) in HPF pixels, pixel centres at integers.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Sequence
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from ignite.metrics import Metric
 from PIL import Image, ImageDraw
 
 from pathbundles.annotations import read_points_csv, write_points_csv
@@ -220,22 +223,35 @@ def detect_mitoses(prob_map: np.ndarray | torch.Tensor, mpp: float = 0.25, sigma
     return blobs[:, [1, 2, 0]]
 
 
-def tune_thresholds(prob_maps: Sequence[np.ndarray | torch.Tensor], truths: Sequence[np.ndarray], mpp: float = 0.25,
-                    radius_px: float = 30.0, sigma_um: float = 1.0, score_grid: Sequence[float] | None = None,
-                    area_grid_um2: Sequence[float] | None = None) -> dict:
-    """Grid-search the blob thresholds (s1, a1) of :func:`detect_mitoses` for the best pooled F1.
+def blob_candidates(prob_map: np.ndarray | torch.Tensor, mpp: float = 0.25, sigma_um: float = 1.0) -> np.ndarray:
+    """Every Otsu blob of one HPF map, unfiltered: float64 (N, 4) ``[mean_score, x, y, area_um2]`` in HPF px.
+
+    What threshold tuning and precision-recall curves filter; :func:`detect_mitoses` is this plus the filter.
+    """
+    return mitosis_blobs(_as_map(prob_map), mpp, mpp, sigma_um=sigma_um)
+
+
+def filter_blobs(blobs: np.ndarray, min_mean_score: float = 0.0, min_area_um2: float = 0.0) -> np.ndarray:
+    """Blobs with mean score > ``min_mean_score`` and area > ``min_area_um2``, as ``[x, y, score]`` detections."""
+    blobs = np.asarray(blobs, dtype=np.float64).reshape(-1, 4)
+    kept = blobs[(blobs[:, 0] > min_mean_score) & (blobs[:, 3] > min_area_um2)]
+    return kept[:, [1, 2, 0]]
+
+
+def tune_blob_thresholds(blobs: Sequence[np.ndarray], truths: Sequence[np.ndarray], radius_px: float = 30.0,
+                         score_grid: Sequence[float] | None = None,
+                         area_grid_um2: Sequence[float] | None = None) -> dict:
+    """Grid-search (s1, a1) over precomputed :func:`blob_candidates`, for the best pooled F1.
 
     Run it on a VALIDATION set and apply the result unchanged to the test set; never tune on the test set (the
-    F-score would be optimistic; the SegMitos authors tuned on test). Blobs are found once per map; each grid point
-    only filters them, and is scored with ``metrics.mitosis.mitosis_f1`` (one-to-one matching, counts pooled over
-    images). Ties go to the higher score threshold, then the higher area threshold (fewer detections).
+    F-score would be optimistic; the SegMitos authors tuned on test). Each grid point only filters the blobs and is
+    scored with ``metrics.mitosis.mitosis_f1`` (one-to-one matching, counts pooled over images). Ties go to the
+    higher score threshold, then the higher area threshold (fewer detections).
 
     Args:
-        prob_maps: (H, W) mitosis probability maps of the validation HPFs.
+        blobs: (N, 4) ``[mean_score, x, y, area_um2]`` per HPF.
         truths: (M, 2) ground-truth (x, y) per HPF, HPF px.
-        mpp: resolution of maps and HPFs, um/px.
         radius_px: matching radius, px (30 px = 7.5 um at 0.25 um/px; 20 px for MITOS 2012).
-        sigma_um: Gaussian smoothing, um.
         score_grid: candidate ``min_mean_score`` values; default 0, 0.05, ..., 0.95.
         area_grid_um2: candidate ``min_area_um2`` values, um^2; default 0, 2.5, ..., 50.
 
@@ -243,21 +259,37 @@ def tune_thresholds(prob_maps: Sequence[np.ndarray | torch.Tensor], truths: Sequ
         ``min_mean_score``, ``min_area_um2``, ``f1``, ``precision``, ``recall``, ``tp``, ``fp``, ``fn`` at the best
         point, and ``grid``: one dict per grid point with the two thresholds and the same scores.
     """
-    if len(prob_maps) != len(truths):
-        raise ValueError(f"{len(prob_maps)} probability maps for {len(truths)} ground truths")
-    if not len(prob_maps):
-        raise ValueError("tune_thresholds needs at least one validation HPF")
+    if len(blobs) != len(truths):
+        raise ValueError(f"{len(blobs)} blob sets for {len(truths)} ground truths")
+    if not len(blobs):
+        raise ValueError("threshold tuning needs at least one validation HPF")
     scores = np.round(np.arange(20) * 0.05, 2) if score_grid is None else np.asarray(score_grid, np.float64)
     areas = np.arange(21) * 2.5 if area_grid_um2 is None else np.asarray(area_grid_um2, np.float64)
-    blobs = [mitosis_blobs(_as_map(p), mpp, mpp, sigma_um=sigma_um) for p in prob_maps]
     grid = []
     for s in scores:
         for a in areas:
-            images = [(truth, b[(b[:, 0] > s) & (b[:, 3] > a), 1:3], None) for truth, b in zip(truths, blobs)]
+            images = [(truth, filter_blobs(b, s, a)[:, :2], None) for truth, b in zip(truths, blobs)]
             counts = mitosis_f1(images, radius_px=radius_px)
             grid.append({"min_mean_score": float(s), "min_area_um2": float(a), **counts.as_dict()})
     best = max(grid, key=lambda g: (g["f1"], g["min_mean_score"], g["min_area_um2"]))
     return {**best, "grid": grid}
+
+
+def tune_thresholds(prob_maps: Sequence[np.ndarray | torch.Tensor], truths: Sequence[np.ndarray], mpp: float = 0.25,
+                    radius_px: float = 30.0, sigma_um: float = 1.0, score_grid: Sequence[float] | None = None,
+                    area_grid_um2: Sequence[float] | None = None) -> dict:
+    """:func:`tune_blob_thresholds` on whole-HPF probability maps (blobs found once per map).
+
+    Args:
+        prob_maps: (H, W) mitosis probability maps of the validation HPFs.
+        truths, radius_px, score_grid, area_grid_um2: as in :func:`tune_blob_thresholds`.
+        mpp: resolution of maps and HPFs, um/px.
+        sigma_um: Gaussian smoothing, um.
+    """
+    if len(prob_maps) != len(truths):
+        raise ValueError(f"{len(prob_maps)} probability maps for {len(truths)} ground truths")
+    blobs = [blob_candidates(p, mpp, sigma_um) for p in prob_maps]
+    return tune_blob_thresholds(blobs, truths, radius_px, score_grid, area_grid_um2)
 
 
 def write_detections(path: str | os.PathLike, detections: np.ndarray) -> None:
@@ -305,3 +337,357 @@ def write_circle_overlay_png(path: str | os.PathLike, image: np.ndarray, detecti
         draw.ellipse((x - radius_px, y - radius_px, x + radius_px, y + radius_px), outline=colour, width=width_px)
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole-HPF inference, evaluation and tuning as MONAI/ignite components (the segmitos bundle's configs)
+# ---------------------------------------------------------------------------------------------------------------
+
+class HPFDataset(torch.utils.data.Dataset):
+    """Whole HPFs for inference: image files, or level-0 boxes of a whole-slide image read at ``mpp``.
+
+    Datalist items: ``image`` (an HPF image file, or a slide when ``box`` is given), optional ``box``
+    ``[x, y, width, height]`` in level-0 px of that slide, optional ``centroids`` (CSV of ground-truth mitoses in
+    HPF px, columns in ``centroid_order``) and optional ``mpp`` (an HPF file's resolution; one that differs from
+    ``mpp`` is refused: HPFs are never resampled silently). Every file is checked when the dataset is built, so a
+    bad item fails the run before any output is written.
+
+    Items: ``image`` uint8 (3, H, W) tensor; ``label`` float32 (M, 2) ground-truth (x, y) when the item has
+    ``centroids`` (MONAI engines carry ``label`` into their output, where metrics find it); ``name`` (file stem, plus
+    ``_x{x}_y{y}`` for a slide box) and ``index``.
+
+    Args:
+        data: datalist items.
+        mpp: resolution of the HPFs and of the network, um/px.
+        centroid_order: column order of every centroid CSV of this datalist, "xy" or "rc" (AMIDA13/TUPAC16).
+        backend: slide backend for ``box`` items (see ``pathbundles.wsi.open_slide``).
+        transform: dict transform of each item (e.g. intensity scaling of ``image``).
+    """
+
+    def __init__(self, data: Sequence[dict], mpp: float = 0.25, *, centroid_order: Literal["xy", "rc"] = "xy",
+                 backend: str = "auto", transform: Callable[[dict], dict] | None = None) -> None:
+        if not data:
+            raise ValueError("HPFDataset needs at least one datalist item")
+        self.items, self.mpp, self.backend, self.transform = [dict(d) for d in data], float(mpp), backend, transform
+        self.names: list[str] = []
+        self.truths: list[np.ndarray | None] = []
+        for item in self.items:
+            path = str(item["image"])
+            stem = os.path.splitext(os.path.basename(path))[0]
+            if item.get("box") is not None:
+                size = self._box_size(item)
+                x, y = (int(v) for v in item["box"][:2])
+                self.names.append(f"{stem}_x{x}_y{y}")
+            else:
+                if "mpp" in item and not math.isclose(float(item["mpp"]), self.mpp, rel_tol=0.01):
+                    raise InputError(path, f"the HPF is at {item['mpp']} um/px, the model at {self.mpp} um/px")
+                size = _image_size(path)
+                self.names.append(stem)
+            truth = None
+            if item.get("centroids"):
+                truth = read_points_csv(item["centroids"], centroid_order)[0]
+                if np.any((_pixel(truth) < 0) | (_pixel(truth) >= np.asarray(size))):
+                    raise InputError(item["centroids"], f"centroids outside the {size[0]}x{size[1]} px HPF {path} "
+                                                        f"(wrong centroid_order {centroid_order!r}?)")
+            self.truths.append(truth)
+        if len(set(self.names)) != len(self.names):
+            raise ValueError("two datalist items have the same HPF name; their outputs would overwrite each other")
+
+    def _box_size(self, item: dict) -> tuple[int, int]:
+        """(width, height) in px at ``mpp`` of a slide box, checking the slide opens and has an mpp."""
+        from pathbundles.wsi import open_slide
+
+        box = [float(v) for v in item["box"]]
+        if len(box) != 4 or box[2] <= 0 or box[3] <= 0:
+            raise InputError(item["image"], f"box must be [x, y, width, height] in level-0 px, got {item['box']}")
+        with open_slide(item["image"], backend=self.backend) as slide:
+            level0_mpp = float(slide.mpp[0])
+        return round(box[2] * level0_mpp / self.mpp), round(box[3] * level0_mpp / self.mpp)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def read_image(self, i: int) -> np.ndarray:
+        """HPF ``i`` as uint8 (H, W, 3) RGB at ``mpp``."""
+        item = self.items[i]
+        if item.get("box") is None:
+            return read_hpf(item["image"])
+        from pathbundles.wsi import open_slide
+
+        x, y = (float(v) for v in item["box"][:2])
+        with open_slide(item["image"], backend=self.backend) as slide:
+            return slide.read_region((x, y), self._box_size(item), self.mpp)
+
+    def __getitem__(self, i: int) -> dict:
+        image = self.read_image(i)
+        out: dict = {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+                     "name": self.names[i], "index": i}
+        if self.truths[i] is not None:
+            out["label"] = torch.from_numpy(self.truths[i].astype(np.float32))
+        return dict(self.transform(out)) if self.transform is not None else out
+
+
+class HPFDetectionWriter:
+    """Ignite handler: per HPF, blobs -> detections and the outputs; keeps every blob for metrics and tuning.
+
+    Under ``output_dir``: ``detections/<name>.csv`` (header-less ``x,y,score`` in HPF px), ``maps/<name>.png``
+    (mitosis probability x 255, 8-bit grey, one value per HPF pixel) and ``overlays/<name>.png`` (circles: true
+    positives green, false positives red, misses blue when the item has ground truth; yellow otherwise); and one
+    ``hpf_counts.csv`` (``name,n_detections,max_score``) for the run. Every file is written atomically.
+
+    Args:
+        dataset: the run's :class:`HPFDataset` (names, ground truth, and the original pixels for overlays).
+        output_dir: folder for all outputs.
+        mpp: resolution of maps and HPFs, um/px.
+        sigma_um: Gaussian smoothing of the map, um.
+        min_mean_score, min_area_um2: the blob thresholds (tuned on validation data by the bundle's tune step).
+        radius_px: matching radius for the overlay's colours and circle radius, px.
+        write_images: write the map and overlay PNGs (the tune step needs only the blobs).
+        prob_channel: channel of the network output holding the mitosis probability.
+        pred_key: key of the prediction in ``engine.state.output``.
+    """
+
+    def __init__(self, dataset: HPFDataset, output_dir: str | os.PathLike, mpp: float = 0.25, sigma_um: float = 1.0,
+                 min_mean_score: float = 0.0, min_area_um2: float = 0.0, radius_px: float = 30.0,
+                 write_images: bool = True, prob_channel: int = 1, pred_key: str = "pred") -> None:
+        self.dataset, self.output_dir = dataset, Path(output_dir)
+        self.mpp, self.sigma_um, self.radius_px = mpp, sigma_um, radius_px
+        self.min_mean_score, self.min_area_um2 = min_mean_score, min_area_um2
+        self.write_images, self.prob_channel, self.pred_key = write_images, prob_channel, pred_key
+        self.blobs: dict[str, np.ndarray] = {}
+        self.detections: dict[str, np.ndarray] = {}
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        # EPOCH_COMPLETED (not COMPLETED): metric reports and trackers that read the outputs run on it after us.
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.completed)
+
+    def started(self, engine: Any = None) -> None:
+        self.blobs.clear()
+        self.detections.clear()
+
+    def outputs(self, name: str) -> dict[str, Path]:
+        """The files written for HPF ``name``."""
+        files = {"detections": self.output_dir / "detections" / f"{name}.csv"}
+        if self.write_images:
+            files |= {"map": self.output_dir / "maps" / f"{name}.png",
+                      "overlay": self.output_dir / "overlays" / f"{name}.png"}
+        return files
+
+    def iteration_completed(self, engine: Any) -> None:
+        for item, out in zip(engine.state.batch, engine.state.output):
+            prob = out[self.pred_key][self.prob_channel].detach().float().cpu().numpy()
+            self.add(int(item["index"]), prob)
+
+    def add(self, index: int, prob: np.ndarray) -> np.ndarray:
+        """Post-process and write HPF ``index`` of the dataset from its (H, W) probability map; its detections."""
+        name = self.dataset.names[index]
+        blobs = blob_candidates(prob, self.mpp, self.sigma_um)
+        detections = filter_blobs(blobs, self.min_mean_score, self.min_area_um2)
+        self.blobs[name], self.detections[name] = blobs, detections
+        files = self.outputs(name)
+        write_detections(files["detections"], detections)
+        if self.write_images:
+            with atomic_path(files["map"]) as tmp:
+                Image.fromarray(np.clip(np.rint(prob * 255), 0, 255).astype(np.uint8)).save(tmp, format="PNG")
+            write_circle_overlay_png(files["overlay"], self.dataset.read_image(index), detections,
+                                     self.dataset.truths[index], radius_px=self.radius_px)
+        return detections
+
+    def completed(self, engine: Any = None) -> None:
+        """Write ``hpf_counts.csv`` in datalist order."""
+        rows = [f"{name},{len(d)},{(float(d[:, 2].max()) if len(d) else 0.0):.6f}"
+                for name in self.dataset.names if (d := self.detections.get(name)) is not None]
+        with atomic_path(self.output_dir / "hpf_counts.csv") as tmp:
+            tmp.write_text("name,n_detections,max_score\n" + "".join(r + "\n" for r in rows), encoding="utf-8")
+
+    def annotated(self) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+        """(names, blobs, truths) of the processed HPFs that have ground truth, in datalist order."""
+        rows = [(name, self.blobs[name], truth) for name, truth in zip(self.dataset.names, self.dataset.truths)
+                if truth is not None and name in self.blobs]
+        return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
+    def report(self) -> dict:
+        """Where the outputs went, as printed by the bundle (and returned)."""
+        return {"output_dir": str(self.output_dir.resolve()),
+                "hpf_counts": str((self.output_dir / "hpf_counts.csv").resolve()),
+                "hpfs": {name: {"n_detections": int(len(d)), **{k: str(v.resolve()) for k, v in
+                                                                 self.outputs(name).items()}}
+                         for name, d in self.detections.items()}}
+
+
+class MitosisMetricsReport:
+    """Ignite handler: after the writer, pooled precision, recall and F1 at the bundle's thresholds, the
+    precision-recall curve over the blob score (area threshold kept), ``metrics.json``, ``pr.png`` and ``curves.json``.
+
+    The scalars ``f1``, ``precision``, ``recall`` and ``average_precision`` also go into ``engine.state.metrics``
+    (MLflow picks them up when tracking is on). Only HPFs with ground truth count.
+
+    Args:
+        writer: the run's :class:`HPFDetectionWriter`.
+        output_dir: folder for the report.
+        radius_px: matching radius, px (30 px = 7.5 um at 0.25 um/px).
+    """
+
+    def __init__(self, writer: HPFDetectionWriter, output_dir: str | os.PathLike, radius_px: float = 30.0) -> None:
+        self.writer, self.output_dir, self.radius_px = writer, Path(output_dir), radius_px
+        self.report: dict | None = None
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Any = None) -> dict:
+        from pathbundles.metrics import plots
+        from pathbundles.metrics.mitosis import precision_recall_curve
+        from pathbundles.tracking import write_curves
+
+        names, blobs, truths = self.writer.annotated()
+        if not names:
+            raise ValueError("no HPF of this run has ground truth (datalist key 'centroids'): nothing to evaluate")
+        area_kept = [filter_blobs(b, -np.inf, self.writer.min_area_um2) for b in blobs]
+        at_threshold = [(t, filter_blobs(b, self.writer.min_mean_score, self.writer.min_area_um2)[:, :2], None)
+                        for t, b in zip(truths, blobs)]
+        counts = mitosis_f1(at_threshold, radius_px=self.radius_px)
+        curve = precision_recall_curve([(t, d[:, :2], d[:, 2]) for t, d in zip(truths, area_kept)],
+                                       radius_px=self.radius_px)
+        precision, recall = curve.precision, curve.recall
+        scalars = {"f1": counts.f1, "precision": counts.precision, "recall": counts.recall,
+                   "average_precision": average_precision(precision, recall)}
+        per_image = {name: mitosis_f1([(t, filter_blobs(b, self.writer.min_mean_score,
+                                                         self.writer.min_area_um2)[:, :2], None)],
+                                      radius_px=self.radius_px).as_dict()
+                     for name, t, b in zip(names, truths, blobs)}
+        self.report = {"metrics": scalars,
+                       "details": {"counts": counts.as_dict(), "radius_px": self.radius_px, "n_hpfs": len(names),
+                                   "thresholds": {"min_mean_score": self.writer.min_mean_score,
+                                                  "min_area_um2": self.writer.min_area_um2},
+                                   "per_hpf": per_image,
+                                   "pr_curve": {"score_threshold": curve.thresholds.tolist(),
+                                                "precision": precision.tolist(), "recall": recall.tolist()}},
+                       "plots": ["pr.png"]}
+        plots.plot_precision_recall(precision, recall, self.output_dir / "pr.png",
+                                    point=(counts.precision, counts.recall))
+        with atomic_path(self.output_dir / "metrics.json") as tmp:
+            tmp.write_text(json.dumps(self.report, indent=2) + "\n", encoding="utf-8")
+        write_curves(self.output_dir, precision=precision, recall=recall)
+        if engine is not None:
+            engine.state.metrics.update(scalars)
+        return self.report
+
+
+def average_precision(precision: np.ndarray, recall: np.ndarray) -> float:
+    """Area under the precision-recall curve as sum of (R_i - R_{i-1}) * P_i, points in decreasing threshold order
+    (recall non-decreasing), starting from recall 0; 0 when there are no points."""
+    precision, recall = np.asarray(precision, np.float64), np.asarray(recall, np.float64)
+    if not len(recall):
+        return 0.0
+    return float(np.sum(np.diff(np.concatenate([[0.0], recall])) * precision))
+
+
+class TunedMitosisF1(Metric):
+    """Ignite metric for validation during training: the best pooled F1 over the (s1, a1) grid of
+    :func:`tune_blob_thresholds`, on whole validation HPFs (a threshold-free measure of the map's quality).
+
+    ``output`` = (predictions (C, H, W) per HPF, ground truth (M, 2) per HPF), e.g.
+    ``from_engine(['pred', 'label'])``.
+
+    Args:
+        mpp, sigma_um: as in :func:`blob_candidates`.
+        radius_px: matching radius, px.
+        prob_channel: channel holding the mitosis probability.
+    """
+
+    def __init__(self, mpp: float = 0.25, sigma_um: float = 1.0, radius_px: float = 30.0, prob_channel: int = 1,
+                 output_transform: Callable = lambda x: x) -> None:
+        self.mpp, self.sigma_um, self.radius_px, self.prob_channel = mpp, sigma_um, radius_px, prob_channel
+        super().__init__(output_transform=output_transform)
+
+    def reset(self) -> None:
+        self._blobs: list[np.ndarray] = []
+        self._truths: list[np.ndarray] = []
+
+    def update(self, output: Sequence[Any]) -> None:
+        preds, truths = output
+        for pred, truth in zip(preds, truths, strict=True):
+            prob = torch.as_tensor(pred)[self.prob_channel].detach().float().cpu().numpy()
+            self._blobs.append(blob_candidates(prob, self.mpp, self.sigma_um))
+            self._truths.append(torch.as_tensor(truth).detach().cpu().numpy().reshape(-1, 2).astype(np.float64))
+
+    def compute(self) -> float:
+        if not self._blobs:
+            raise ValueError("TunedMitosisF1 needs at least one validation HPF")
+        return float(tune_blob_thresholds(self._blobs, self._truths, self.radius_px)["f1"])
+
+
+class ThresholdTuner:
+    """Ignite handler for the bundle's tune step: choose (s1, a1) on the run's (validation) HPFs and store them.
+
+    After the writer, grid-searches :func:`tune_blob_thresholds`, writes the grid to ``output_dir/tuning.json``,
+    and, when ``config_file`` is given, sets its ``min_mean_score`` and ``min_area_um2`` keys and records
+    ``thresholds_tuned_on`` (which HPFs, the F1 reached), rewriting the file atomically.
+
+    Args:
+        writer: the run's :class:`HPFDetectionWriter` (its blobs; its own thresholds are ignored).
+        output_dir: folder for ``tuning.json``.
+        config_file: the bundle config to store the thresholds in (``configs/inference.json``), or None.
+        radius_px: matching radius, px.
+        score_grid, area_grid_um2: candidate thresholds (defaults of :func:`tune_blob_thresholds`).
+    """
+
+    def __init__(self, writer: HPFDetectionWriter, output_dir: str | os.PathLike,
+                 config_file: str | os.PathLike | None = None, radius_px: float = 30.0,
+                 score_grid: Sequence[float] | None = None, area_grid_um2: Sequence[float] | None = None) -> None:
+        self.writer, self.output_dir, self.config_file = writer, Path(output_dir), config_file
+        self.radius_px, self.score_grid, self.area_grid_um2 = radius_px, score_grid, area_grid_um2
+        self.result: dict | None = None
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Any = None) -> dict:
+        names, blobs, truths = self.writer.annotated()
+        if not names:
+            raise ValueError("no HPF of this run has ground truth (datalist key 'centroids'): nothing to tune on")
+        self.result = tune_blob_thresholds(blobs, truths, self.radius_px, self.score_grid, self.area_grid_um2)
+        best = {k: v for k, v in self.result.items() if k != "grid"}
+        with atomic_path(self.output_dir / "tuning.json") as tmp:
+            tmp.write_text(json.dumps({"best": best, "hpfs": names, "radius_px": self.radius_px,
+                                       "grid": self.result["grid"]}, indent=2) + "\n", encoding="utf-8")
+        if self.config_file is not None:
+            store_thresholds(self.config_file, best["min_mean_score"], best["min_area_um2"],
+                             {"hpfs": len(names), "f1": best["f1"], "radius_px": self.radius_px})
+        if engine is not None:
+            engine.state.metrics.update({"tuned_f1": best["f1"]})
+        return best
+
+
+def store_thresholds(config_file: str | os.PathLike, min_mean_score: float, min_area_um2: float,
+                     provenance: dict | None = None) -> None:
+    """Set ``min_mean_score``, ``min_area_um2`` (and ``thresholds_tuned_on``) in a JSON bundle config, atomically.
+
+    The file is rewritten as ``json.dumps(indent=4)``, the format the bundle's configs are kept in, so only the
+    changed values differ.
+
+    Raises:
+        InputError: the file is not a JSON object holding both keys.
+    """
+    path = Path(config_file)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise InputError(path, f"cannot read the bundle config ({err})") from None
+    missing = [k for k in ("min_mean_score", "min_area_um2") if not isinstance(config, dict) or k not in config]
+    if missing:
+        raise InputError(path, f"the config has no {', '.join(missing)} key: not the segmitos inference config?")
+    config["min_mean_score"], config["min_area_um2"] = float(min_mean_score), float(min_area_um2)
+    if provenance is not None:
+        config["thresholds_tuned_on"] = provenance
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")

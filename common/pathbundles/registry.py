@@ -98,8 +98,9 @@ def predict_bundle(bundle_root: str | os.PathLike, slides: Sequence[str], output
         slides: slide file paths.
         output_dir: where the outputs go; empty for a new temporary folder (kept: the result points into it).
 
-    Columns: ``image, name, score, n_detections, detections`` (JSON ``[[prob, x, y], ...]`` in level-0 pixels),
-    ``detections_csv, overlay, map, output_dir`` (absolute paths; empty when the bundle wrote no such file).
+    Columns: ``image, name, score, n_detections, detections`` (JSON ``[[prob, x, y], ...]`` in level-0 pixels, or
+    HPF pixels for an HPF bundle, whose score is its highest detection score), ``detections_csv, overlay, map,
+    output_dir`` (absolute paths; empty when the bundle wrote no such file).
     """
     import csv
 
@@ -125,7 +126,10 @@ def predict_bundle(bundle_root: str | os.PathLike, slides: Sequence[str], output
                            f"{done.stderr[-4000:]}")
     by_stem = {Path(s).stem: s for s in slides}
     rows = []
-    with open(out / "slide_scores.csv", newline="") as f:
+    # Slide bundles write slide_scores.csv and prob,x,y detections; HPF bundles (segmitos) hpf_counts.csv with
+    # max_score and x,y,score detections, reordered here so every bundle gives the same columns.
+    hpf = not (out / "slide_scores.csv").is_file() and (out / "hpf_counts.csv").is_file()
+    with open(out / ("hpf_counts.csv" if hpf else "slide_scores.csv"), newline="") as f:
         for record in csv.DictReader(f):
             name = record["name"]
             csv_path = out / "detections" / f"{name}.csv"
@@ -133,10 +137,13 @@ def predict_bundle(bundle_root: str | os.PathLike, slides: Sequence[str], output
             if csv_path.is_file():
                 with open(csv_path, newline="") as g:
                     detections = [[float(v) for v in row] for row in csv.reader(g) if row]
+                if hpf:
+                    detections = [[score, x, y] for x, y, score in detections]
             found = {key: out / sub / f"{name}{suffix}" for key, sub, suffix in
                      (("detections_csv", "detections", ".csv"), ("overlay", "overlays", ".png"),
-                      ("map", "maps", ".tif"))}
-            rows.append({"image": by_stem.get(name, ""), "name": name, "score": float(record["score"]),
+                      ("map", "maps", ".png" if hpf else ".tif"))}
+            score = record["max_score"] if hpf else record["score"]
+            rows.append({"image": by_stem.get(name, ""), "name": name, "score": float(score),
                          "n_detections": int(record["n_detections"]), "detections": json.dumps(detections),
                          **{key: str(p) if p.is_file() else "" for key, p in found.items()},
                          "output_dir": str(out)})
@@ -350,7 +357,8 @@ def _curves(client: Any, version: Any) -> dict:
 
 
 def _overlay_plots(curves: dict[str, dict], folder: Path) -> list[Path]:
-    """FROC and ROC curves of each version (label -> curves.json content) overlaid, one PNG per curve kind."""
+    """FROC, ROC and precision-recall curves of each version (label -> curves.json content) overlaid, one PNG per
+    curve kind."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -359,7 +367,8 @@ def _overlay_plots(curves: dict[str, dict], folder: Path) -> list[Path]:
     written = []
     for kind, (x, y, xlabel, ylabel) in {"froc": ("fp_per_slide", "sensitivity", "mean false positives per slide",
                                                   "sensitivity"),
-                                         "roc": ("fpr", "tpr", "false positive rate", "true positive rate")}.items():
+                                         "roc": ("fpr", "tpr", "false positive rate", "true positive rate"),
+                                         "pr": ("recall", "precision", "recall", "precision")}.items():
         present = {label: c[kind] for label, c in curves.items() if kind in c}
         if len(present) < 2:
             continue

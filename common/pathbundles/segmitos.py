@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import Inferer
 from monai.transforms import MapTransform, Randomizable
+from monai.utils import convert_to_tensor
 from torch import nn
 
 from pathbundles.scannet import VGG16_LAYOUT
@@ -83,14 +84,17 @@ class SegMitosFCN(nn.Module):
         learnable_upsampling: the in-network 2x upsamplings (``upscore2``, ``upscore_pool4``) start bilinear and
             are trained, as the FCN paper describes (section 4.2); False freezes them, as the released Caffe nets do
             (lr_mult 0). The final upsampling is always fixed bilinear, as in both.
+        batch_norm: BatchNorm after every VGG convolution (VGG16-BN), for training from scratch: the paper starts
+            from an ImageNet/PASCAL FCN, which this project never downloads. In eval mode it is a per-channel
+            affine map, so any input size still works.
     """
 
     def __init__(self, variant: str = "32s", num_classes: int = 2, width: float = 1.0, in_channels: int = 3,
-                 dropout: float = 0.5, learnable_upsampling: bool = True) -> None:
+                 dropout: float = 0.5, learnable_upsampling: bool = True, batch_norm: bool = False) -> None:
         super().__init__()
         if variant not in FINAL_UPSCORE:
             raise ValueError(f"variant must be one of {sorted(FINAL_UPSCORE)}, got {variant!r}")
-        self.variant = variant
+        self.variant, self.batch_norm = variant, batch_norm
         self.num_classes, self.width, self.in_channels = num_classes, width, in_channels
         # Three trunk stages ending at pool3, pool4 and pool5: the taps the skip variants score.
         stages: list[list[nn.Module]] = [[]]
@@ -104,7 +108,8 @@ class SegMitosFCN(nn.Module):
                 continue
             out = max(1, round(int(item) * width))
             padding = CONV1_PADDING_PX if not stages[0] else 1  # conv1_1 is the first layer of stage 0
-            stages[-1] += [nn.Conv2d(channels, out, kernel_size=3, padding=padding), nn.ReLU(inplace=True)]
+            stages[-1] += [nn.Conv2d(channels, out, kernel_size=3, padding=padding),
+                           *([nn.BatchNorm2d(out)] if batch_norm else []), nn.ReLU(inplace=True)]
             channels = out
         self.to_pool3 = nn.Sequential(*stages[0], *stages[1], *stages[2])
         self.to_pool4 = nn.Sequential(*stages[3])
@@ -170,12 +175,49 @@ class SegMitosFCN(nn.Module):
         if variant not in FINAL_UPSCORE or order.index(variant) <= order.index(coarser.variant):
             raise ValueError(f"variant must be finer than the coarser net's {coarser.variant!r}, got {variant!r}")
         finer = cls(variant, num_classes=coarser.num_classes, width=coarser.width, in_channels=coarser.in_channels,
-                    dropout=coarser.fc[2].p, learnable_upsampling=learnable_upsampling)
+                    dropout=coarser.fc[2].p, learnable_upsampling=learnable_upsampling,
+                    batch_norm=coarser.batch_norm)
         shared = {k: v for k, v in coarser.state_dict().items() if not k.startswith("upscore.")}
         unexpected = finer.load_state_dict(shared, strict=False).unexpected_keys
         if unexpected:
             raise ValueError(f"layers of the {coarser.variant} net not found in the {variant} net: {unexpected}")
         return finer
+
+
+#: the paper's training chain: each variant starts from the trained net of the previous one
+COARSER = {"16s": "32s", "8s": "16s"}
+
+
+def chain_network(variant: str = "32s", width: float = 1.0, coarser_ckpt: str | None = None, num_classes: int = 2,
+                  dropout: float = 0.5, learnable_upsampling: bool = True, batch_norm: bool = False) -> SegMitosFCN:
+    """The network of one stage of the 32s -> 16s -> 8s chain (what the bundle's train.json builds).
+
+    Args:
+        variant: the stage to train.
+        width, num_classes, dropout, learnable_upsampling, batch_norm: as in :class:`SegMitosFCN`.
+        coarser_ckpt: checkpoint of the trained previous stage (``COARSER[variant]``), a state dict or a MONAI
+            ``CheckpointSaver`` file ``{"model": state_dict}``; None starts from scratch (the 32s stage, or a
+            finer net trained alone).
+
+    Raises:
+        FileNotFoundError: ``coarser_ckpt`` does not exist (train the previous stage first).
+    """
+    if coarser_ckpt is None:
+        return SegMitosFCN(variant, num_classes=num_classes, width=width, dropout=dropout,
+                           learnable_upsampling=learnable_upsampling, batch_norm=batch_norm)
+    if variant not in COARSER:
+        raise ValueError(f"the {variant!r} stage has no coarser stage to start from (32s starts from scratch)")
+    import os
+
+    if not os.path.exists(coarser_ckpt):
+        raise FileNotFoundError(f"{coarser_ckpt}: no {COARSER[variant]} checkpoint to start the {variant} stage from;"
+                                f" train the {COARSER[variant]} stage first")
+    state = torch.load(coarser_ckpt, map_location="cpu", weights_only=True)
+    state = state.get("model", state)
+    coarser = SegMitosFCN(COARSER[variant], num_classes=num_classes, width=width, dropout=dropout,
+                          learnable_upsampling=learnable_upsampling, batch_norm=batch_norm)
+    coarser.load_state_dict(state)
+    return SegMitosFCN.from_coarser(coarser, variant, learnable_upsampling=learnable_upsampling)
 
 
 def _zero_conv(in_channels: int, out_channels: int) -> nn.Conv2d:
@@ -284,6 +326,64 @@ class RandConcentricLabeld(Randomizable, MapTransform):
         return out
 
 
+class RandMitosisAugmentd(Randomizable, MapTransform):
+    """The paper's augmentation (section 3.1.4, 4.2): many more variants of crops holding a mitosis than of others.
+
+    A crop with at least one centroid (positive) is rotated by one of ``positive_angles`` equally spaced angles,
+    translated by one of the 9 offsets ``{-t, 0, t}^2`` px and mirrored with probability 1/2 (16 x 9 x 2 = 288
+    variants with the defaults, as in the paper); a crop without (negative) is rotated by a multiple of 90 degrees
+    and mirrored (8 variants). Rotations other than multiples of 90 degrees and translations reflect the image at
+    its border. Image and label move together (bilinear image, nearest label); apply it after the label is built
+    (:class:`RandConcentricLabeld`), so the centroids need not move.
+
+    Args:
+        keys: image and label keys, e.g. ``["image", "label"]``.
+        centroids_key: key of the (K, 2) centroids that tell positive crops from negative ones.
+        positive_angles: number of equally spaced rotation angles of positive crops.
+        translate_px: translation step t of positive crops, px.
+        modes: interpolation per key ("bilinear" for images, "nearest" for labels).
+    """
+
+    def __init__(self, keys: Sequence[str] = ("image", "label"), centroids_key: str = "centroids",
+                 positive_angles: int = 16, translate_px: int = 32,
+                 modes: Sequence[str] = ("bilinear", "nearest")) -> None:
+        MapTransform.__init__(self, keys)
+        if len(modes) != len(self.keys):
+            raise ValueError(f"one interpolation mode per key: {len(self.keys)} keys, {len(modes)} modes")
+        self.centroids_key, self.positive_angles, self.translate_px = centroids_key, positive_angles, translate_px
+        self.modes = tuple(modes)
+        self.angle, self.shift, self.mirror = 0.0, (0, 0), False
+
+    def randomize(self, positive: bool) -> None:
+        """Draw the next variant: (angle in radians, (dx, dy) px, mirror)."""
+        if positive:
+            self.angle = 2 * math.pi * int(self.R.randint(self.positive_angles)) / self.positive_angles
+            self.shift = tuple(int(v) * self.translate_px for v in self.R.randint(-1, 2, size=2))
+        else:
+            self.angle, self.shift = math.pi / 2 * int(self.R.randint(4)), (0, 0)
+        self.mirror = bool(self.R.randint(2))
+
+    def _apply(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        quarter = self.angle / (math.pi / 2)
+        if self.shift == (0, 0) and abs(quarter - round(quarter)) < 1e-9:
+            x = torch.rot90(x, k=round(quarter) % 4, dims=(-2, -1))  # exact: no resampling for 90-degree turns
+        else:
+            from monai.transforms import Affine
+
+            affine = Affine(rotate_params=self.angle, translate_params=(self.shift[1], self.shift[0]),
+                            padding_mode="reflection", mode=mode, image_only=True)
+            # Plain tensors out of both branches, so items collate (MONAI's Affine returns a MetaTensor).
+            x = convert_to_tensor(affine(x.float()), track_meta=False).to(x.dtype)
+        return torch.flip(x, dims=(-1,)) if self.mirror else x
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        out = dict(data)
+        self.randomize(positive=len(np.asarray(out[self.centroids_key]).reshape(-1, 2)) > 0)
+        for key, mode in zip(self.keys, self.modes):
+            out[key] = self._apply(torch.as_tensor(out[key]), mode)
+        return out
+
+
 class ConcentricLoss(nn.Module):
     """The concentric loss (Eq. 1): softmax cross-entropy averaged over the pixels outside the ignored rings.
 
@@ -324,15 +424,17 @@ class SegMitosInferer(Inferer):
         tile_px: tile side in px (a multiple of 32, > 2 * overlap_px); None = the whole image in one pass (the
             paper's image-to-image inference).
         overlap_px: context in px kept around each tile's core (a multiple of 32).
+        whole_max_px: with ``tile_px``, images whose height and width are both <= this still go in one pass
+            (the whole HPF when it fits in memory, tiles only beyond); None = always tile.
     """
 
-    def __init__(self, tile_px: int | None = None, overlap_px: int = 256) -> None:
+    def __init__(self, tile_px: int | None = None, overlap_px: int = 256, whole_max_px: int | None = None) -> None:
         super().__init__()
         if tile_px is not None and (tile_px % NET_STRIDE_PX or overlap_px % NET_STRIDE_PX
                                     or tile_px <= 2 * overlap_px):
             raise ValueError(f"tile_px ({tile_px}) and overlap_px ({overlap_px}) must be multiples of "
                                  f"{NET_STRIDE_PX} px with tile_px > 2 * overlap_px")
-        self.tile_px, self.overlap_px = tile_px, overlap_px
+        self.tile_px, self.overlap_px, self.whole_max_px = tile_px, overlap_px, whole_max_px
 
     def _spans(self, size: int, tile_px: int) -> list[tuple[int, int, int, int]]:
         """(tile start, tile end, core start, core end) in px along one axis of ``size`` px."""
@@ -342,6 +444,8 @@ class SegMitosInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> torch.Tensor:
         tile_px = self.tile_px
+        if self.whole_max_px is not None and max(inputs.shape[-2:]) <= self.whole_max_px:
+            tile_px = None
         if tile_px is None:
             return torch.softmax(network(inputs, *args, **kwargs).float(), dim=1)
         out: torch.Tensor | None = None

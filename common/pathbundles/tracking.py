@@ -475,17 +475,18 @@ class BundleMLFlowHandler(MLFlowHandler):
 
 
 def write_curves(output_dir: str | os.PathLike, fp_per_slide: Any = None, sensitivity: Any = None,
-                 fpr: Any = None, tpr: Any = None) -> Path:
-    """Write ``curves.json`` (the FROC and/or ROC points) into an evaluation's ``output_dir``.
+                 fpr: Any = None, tpr: Any = None, precision: Any = None, recall: Any = None) -> Path:
+    """Write ``curves.json`` (the FROC, ROC and/or precision-recall points) into an evaluation's ``output_dir``.
 
     ``registry review`` overlays a candidate's and the champion's curves from this file, which the tracked run
     logs as ``evaluation/curves.json``. Format: ``{"froc": {"fp_per_slide": [...], "sensitivity": [...]},
-    "roc": {"fpr": [...], "tpr": [...]}}`` (either part may be missing).
+    "roc": {"fpr": [...], "tpr": [...]}, "pr": {"recall": [...], "precision": [...]}}`` (any part may be missing).
 
     Args:
         output_dir: the evaluation's output folder.
         fp_per_slide, sensitivity: FROC curve (e.g. ``FROCResult.fp_per_slide`` and ``.sensitivity``).
         fpr, tpr: slide-level ROC curve (e.g. from ``pathbundles.metrics.classification.roc_curve``).
+        precision, recall: detection precision-recall curve (e.g. ``PrecisionRecallCurve``).
     """
     from pathbundles.atomic import atomic_path
 
@@ -495,6 +496,8 @@ def write_curves(output_dir: str | os.PathLike, fp_per_slide: Any = None, sensit
                           "sensitivity": [float(v) for v in sensitivity]}
     if fpr is not None and tpr is not None:
         curves["roc"] = {"fpr": [float(v) for v in fpr], "tpr": [float(v) for v in tpr]}
+    if precision is not None and recall is not None:
+        curves["pr"] = {"recall": [float(v) for v in recall], "precision": [float(v) for v in precision]}
     path = Path(output_dir) / CURVES_FILE
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(curves) + "\n", encoding="utf-8")

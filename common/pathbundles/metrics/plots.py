@@ -1,4 +1,4 @@
-"""Plots a reviewer asks for: FROC curve, ROC curve, confusion matrix, written as PNG files atomically.
+"""Plots a reviewer asks for: FROC curve, ROC curve, precision-recall curve, confusion matrix, written as PNG files atomically.
 
 matplotlib is imported when a plot is drawn, not on import. Plots are bare ``Figure`` objects rendered by Agg:
 no pyplot, no display, no global backend switch.
@@ -71,6 +71,33 @@ def plot_roc(fpr: np.ndarray, tpr: np.ndarray, path: str | os.PathLike, auc: flo
     ax.set_ylabel("true positive rate (tumour slides)")
     ax.set_title(title)
     ax.legend(loc="lower right")
+    return _save(figure, path)
+
+
+def plot_precision_recall(precision: np.ndarray, recall: np.ndarray, path: str | os.PathLike,
+                          point: tuple[float, float] | None = None,
+                          title: str = "Mitosis detection precision-recall") -> Path:
+    """Precision against recall over the detection score threshold, the operating point (precision, recall) marked.
+
+    Args:
+        precision, recall: the curve in decreasing-threshold order (e.g. ``PrecisionRecallCurve``).
+        path: PNG to write.
+        point: the (precision, recall) at the chosen thresholds, drawn with its F1.
+    """
+    figure, ax = _figure((4.5, 4.5))
+    ax.plot(np.concatenate([[0.0], recall]), np.concatenate([[1.0], precision]) if len(precision) else [1.0],
+            drawstyle="steps-post", label="curve")
+    if point is not None:
+        p, r = point
+        f1 = 2 * p * r / (p + r) if p + r > 0 else 0.0
+        ax.plot([r], [p], "o", label=f"operating point, F1 {f1:.3f}")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower left")
     return _save(figure, path)
 
 
