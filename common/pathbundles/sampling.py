@@ -146,12 +146,21 @@ class ClassBalancedPatchDataset(torch.utils.data.Dataset):
         jitter = rng.random(2)
         return slide, (col + jitter[0]) * slide.downsample, (row + jitter[1]) * slide.downsample, label
 
-    def __getitem__(self, i: int) -> dict:
+    def draw_item(self, i: int) -> tuple[SlideLocations, float, float, int]:
+        """Item ``i``'s (slide, level-0 x, level-0 y, label): seeded by ``(seed, i)`` when ``fixed``, else drawn
+        from torch's RNG."""
         seed = (self.seed, i) if self.fixed else int(torch.randint(0, 2**62, (1,)).item())
-        slide, x, y, label = self.draw(np.random.default_rng(seed))
+        return self.draw(np.random.default_rng(seed))
+
+    def region_origin(self, slide: SlideLocations, x: float, y: float) -> tuple[int, int]:
+        """Level-0 (x, y) of the top-left pixel of the ``read_px`` region centred on level-0 (x, y)."""
         half = self.read_px / 2 * self.mpp / slide.level0_mpp
-        region = self.handles(slide.path).read_region((int(round(x - half)), int(round(y - half))),
-                                                      (self.read_px, self.read_px), self.mpp)
+        return int(round(x - half)), int(round(y - half))
+
+    def __getitem__(self, i: int) -> dict:
+        slide, x, y, label = self.draw_item(i)
+        region = self.handles(slide.path).read_region(self.region_origin(slide, x, y), (self.read_px, self.read_px),
+                                                      self.mpp)
         item = {"image": torch.from_numpy(np.ascontiguousarray(region.transpose(2, 0, 1))),
                 "label": torch.full((1, 1), label, dtype=torch.long),
                 "location": torch.tensor([x, y], dtype=torch.float64)}
