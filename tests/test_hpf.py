@@ -327,3 +327,12 @@ def test_tuned_f1_metric_is_the_best_grid_f1() -> None:
     metric.reset()
     metric.update(([torch.from_numpy(np.stack([1 - maps[0], maps[0]]))], [torch.tensor([[50.0, 50.0]])]))
     assert metric.compute() == tune_thresholds(maps, [np.array([[50.0, 50.0]])])["f1"] == 1.0
+
+
+def test_circle_overlay_with_no_detections(tmp_path: Path) -> None:
+    image = np.full((40, 50, 3), 200, np.uint8)
+    write_circle_overlay_png(tmp_path / "o.png", image, np.zeros((0, 3)), truth=np.array([[20.0, 20.0]]),
+                             radius_px=5, width_px=1)
+    out = np.asarray(Image.open(tmp_path / "o.png"))
+    assert out.shape == (40, 50, 3) and (out == FN_COLOUR).all(axis=-1).sum() > 10  # the miss is drawn
+    assert not (out == FP_COLOUR).all(axis=-1).any()

@@ -255,3 +255,12 @@ def test_mitosis_augment_items_collate_whichever_branch_they_took() -> None:
                   "centroids": torch.tensor([[16.0, 16.0]]) if i % 2 else torch.zeros(0, 2)}) for i in range(6)]
     batch = list_data_collate([{k: v for k, v in item.items() if k != "centroids"} for item in items])
     assert batch["image"].shape == (6, 3, 32, 32) and batch["label"].dtype == torch.uint8
+
+
+def test_chain_network_init_ckpt_resumes_the_same_variant(tmp_path) -> None:
+    net = _net("8s", seed=4)
+    torch.save(net.state_dict(), tmp_path / "model.pt")  # a bare state dict works too
+    again = chain_network("8s", width=WIDTH, init_ckpt=str(tmp_path / "model.pt"),
+                          coarser_ckpt=str(tmp_path / "absent_16s.pt"))
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[key], value)

@@ -253,7 +253,7 @@ def tune_blob_thresholds(blobs: Sequence[np.ndarray], truths: Sequence[np.ndarra
         truths: (M, 2) ground-truth (x, y) per HPF, HPF px.
         radius_px: matching radius, px (30 px = 7.5 um at 0.25 um/px; 20 px for MITOS 2012).
         score_grid: candidate ``min_mean_score`` values; default 0, 0.05, ..., 0.95.
-        area_grid_um2: candidate ``min_area_um2`` values, um^2; default 0, 2.5, ..., 50.
+        area_grid_um2: candidate ``min_area_um2`` values, um^2; default 0, 2.5, ..., 100 (0-1600 px at 0.25 um/px).
 
     Returns:
         ``min_mean_score``, ``min_area_um2``, ``f1``, ``precision``, ``recall``, ``tp``, ``fp``, ``fn`` at the best
@@ -264,7 +264,7 @@ def tune_blob_thresholds(blobs: Sequence[np.ndarray], truths: Sequence[np.ndarra
     if not len(blobs):
         raise ValueError("threshold tuning needs at least one validation HPF")
     scores = np.round(np.arange(20) * 0.05, 2) if score_grid is None else np.asarray(score_grid, np.float64)
-    areas = np.arange(21) * 2.5 if area_grid_um2 is None else np.asarray(area_grid_um2, np.float64)
+    areas = np.arange(41) * 2.5 if area_grid_um2 is None else np.asarray(area_grid_um2, np.float64)
     grid = []
     for s in scores:
         for a in areas:
@@ -321,7 +321,8 @@ def write_circle_overlay_png(path: str | os.PathLike, image: np.ndarray, detecti
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
-    det_xy = np.asarray(detections, dtype=np.float64).reshape(len(detections), -1)[:, :2]
+    found = np.asarray(detections, dtype=np.float64)
+    det_xy = (found if found.ndim == 2 else found.reshape(-1, 2))[:, :2]
     circles: list[tuple[np.ndarray, tuple[int, int, int]]]
     if truth is None:
         circles = [(xy, DETECTION_COLOUR) for xy in det_xy]

@@ -189,7 +189,8 @@ COARSER = {"16s": "32s", "8s": "16s"}
 
 
 def chain_network(variant: str = "32s", width: float = 1.0, coarser_ckpt: str | None = None, num_classes: int = 2,
-                  dropout: float = 0.5, learnable_upsampling: bool = True, batch_norm: bool = False) -> SegMitosFCN:
+                  dropout: float = 0.5, learnable_upsampling: bool = True, batch_norm: bool = False,
+                  init_ckpt: str | None = None) -> SegMitosFCN:
     """The network of one stage of the 32s -> 16s -> 8s chain (what the bundle's train.json builds).
 
     Args:
@@ -199,9 +200,18 @@ def chain_network(variant: str = "32s", width: float = 1.0, coarser_ckpt: str | 
             ``CheckpointSaver`` file ``{"model": state_dict}``; None starts from scratch (the 32s stage, or a
             finer net trained alone).
 
+        init_ckpt: weights of this same variant to start from instead (fine-tuning, or more epochs of a stage);
+            takes precedence over ``coarser_ckpt``.
+
     Raises:
         FileNotFoundError: ``coarser_ckpt`` does not exist (train the previous stage first).
     """
+    if init_ckpt is not None:
+        net = SegMitosFCN(variant, num_classes=num_classes, width=width, dropout=dropout,
+                          learnable_upsampling=learnable_upsampling, batch_norm=batch_norm)
+        state = torch.load(init_ckpt, map_location="cpu", weights_only=True)
+        net.load_state_dict(state.get("model", state))
+        return net
     if coarser_ckpt is None:
         return SegMitosFCN(variant, num_classes=num_classes, width=width, dropout=dropout,
                            learnable_upsampling=learnable_upsampling, batch_norm=batch_norm)

@@ -1,0 +1,197 @@
+"""The segmitos bundle end to end, through ``python -m monai.bundle`` as a user runs it (slow: subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "segmitos"
+CONFIGS = BUNDLE / "configs"
+SCHEMA = REPO.parent / "shared" / "schema" / "meta_schema_20240725.json"
+
+pytestmark = pytest.mark.slow
+
+
+def run_bundle(*args: str, cwd: Path = REPO, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run ``python -m monai.bundle ARGS`` in a subprocess, as the docs tell users to."""
+    environ = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=environ)
+
+
+def merged(*names: str, configs: Path = CONFIGS) -> str:
+    """The ``--config_file`` value that merges several configs of a bundle."""
+    return "[" + ",".join(f"'{configs / name}'" for name in names) + "]"
+
+
+@pytest.fixture(scope="module")
+def small_hpfs(tmp_path_factory) -> Path:
+    """Four 400 px phantom HPFs with centroid CSVs (seed 3), plus a truncated PNG listed in ``with_bad.json``."""
+    from pathbundles.phantom import make_phantom
+
+    root = tmp_path_factory.mktemp("segmitos-data")
+    dataset = make_phantom(root, kind="mitosis", n=4, seed=3, size_px=400)
+    good = (root / "images" / "phantom_hpf_000.png").read_bytes()
+    (root / "images" / "truncated.png").write_bytes(good[: len(good) // 3])
+    doc = json.loads(dataset.read_text())
+    (root / "with_bad.json").write_text(json.dumps(dict(doc, items=doc["items"] + [{"image": "images/truncated.png"}])))
+    return root
+
+
+@pytest.fixture()
+def bundle_copy(tmp_path: Path) -> Path:
+    """A copy of the bundle (configs and weights), so a tune step can store its thresholds without touching the repo."""
+    copy = tmp_path / "segmitos"
+    shutil.copytree(BUNDLE, copy, ignore=shutil.ignore_patterns("eval"))
+    return copy
+
+
+def test_metadata_and_network_verify() -> None:
+    if not SCHEMA.exists():
+        pytest.skip(f"offline MONAI metadata schema not found at {SCHEMA}")
+    meta = run_bundle("verify_metadata", "--meta_file", str(CONFIGS / "metadata.json"), "--filepath", str(SCHEMA))
+    assert meta.returncode == 0, meta.stderr
+    # "*" x "*" input: MONAI tries sizes the network must map to the same output size.
+    for variant in ("32s", "16s", "8s"):
+        net = run_bundle("verify_net_in_out", "network_def", "--meta_file", str(CONFIGS / "metadata.json"),
+                         "--config_file", str(CONFIGS / "inference.json"), "--any", "37", "--variant", variant)
+        assert net.returncode == 0, net.stderr[-2000:]
+    meta_doc = json.loads((CONFIGS / "metadata.json").read_text())
+    assert meta_doc["version"] in meta_doc["changelog"]
+
+
+def test_torchscript_export_gives_same_outputs(tmp_path: Path) -> None:
+    import torch
+
+    from pathbundles.segmitos import SegMitosFCN
+
+    out = tmp_path / "model.ts"
+    result = run_bundle("ckpt_export", "network_def", "--filepath", str(out), "--ckpt_file",
+                        str(BUNDLE / "models" / "model.pt"), "--meta_file", str(CONFIGS / "metadata.json"),
+                        "--config_file", str(CONFIGS / "inference.json"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    net = SegMitosFCN("8s", width=0.125)
+    net.load_state_dict(torch.load(BUNDLE / "models" / "model.pt", map_location="cpu"))
+    net.eval()
+    scripted = torch.jit.load(str(out))
+    x = torch.randn(1, 3, 173, 250)  # any size: the FCN crops its output back to the input's
+    with torch.no_grad():
+        expected = net(x)
+        torch.testing.assert_close(scripted(x), expected)
+    assert expected.shape == (1, 2, 173, 250)
+
+
+TINY_TRAIN = ["--epochs", "1", "--samples_per_epoch", "4", "--batch_size", "2", "--crop_px", "128",
+              "--num_workers", "0", "--width", "0.0625"]
+
+
+def test_training_chain_32s_16s_8s(small_hpfs: Path, tmp_path: Path) -> None:
+    import torch
+
+    data = str(small_hpfs / "dataset.json")
+    common = ["--config_file", str(CONFIGS / "train.json"), "--train_source", data, "--val_source", data,
+              "--ckpt_dir", str(tmp_path), *TINY_TRAIN]
+    # The 16s stage needs the 32s checkpoint first: a clear error, no file written.
+    early = run_bundle("run", *common, "--variant", "16s")
+    assert early.returncode != 0 and "train the 32s stage first" in early.stderr
+    assert not list(tmp_path.iterdir())
+    for variant in ("32s", "16s", "8s"):
+        result = run_bundle("run", *common, "--variant", variant)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "val_f1" in result.stdout + result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "model_16s.pt", "model_32s.pt"]
+    s32 = torch.load(tmp_path / "model_32s.pt", map_location="cpu")
+    s8 = torch.load(tmp_path / "model.pt", map_location="cpu")
+    assert "score_pool3.weight" in s8 and "score_pool4.weight" in s8 and "score_pool4.weight" not in s32
+    assert s8["fc.0.weight"].shape == s32["fc.0.weight"].shape  # the same trunk carried down the chain
+
+
+def test_tune_stores_thresholds_that_inference_then_uses(small_hpfs: Path, bundle_copy: Path) -> None:
+    from pathbundles.annotations import read_points_csv
+
+    configs = bundle_copy / "configs"
+    data = str(small_hpfs / "dataset.json")
+    tune = run_bundle("run", "--config_file", merged("inference.json", "tune.json", configs=configs),
+                      "--val_source", data, "--num_workers", "0")
+    assert tune.returncode == 0, tune.stderr[-3000:]
+    tuning = json.loads((bundle_copy / "eval" / "tune" / "tuning.json").read_text())
+    stored = json.loads((configs / "inference.json").read_text())
+    best = tuning["best"]
+    assert (stored["min_mean_score"], stored["min_area_um2"]) == (best["min_mean_score"], best["min_area_um2"])
+    assert stored["thresholds_tuned_on"] == {"hpfs": 4, "f1": best["f1"], "radius_px": 30.0}
+    assert len(tuning["grid"]) == 20 * 41 and best["f1"] == max(g["f1"] for g in tuning["grid"])
+    # Only that one key set changed; the rest of the config is byte-for-byte what json.dumps(indent=4) gives.
+    original = json.loads((CONFIGS / "inference.json").read_text())
+    assert {k: v for k, v in stored.items() if k not in ("min_mean_score", "min_area_um2", "thresholds_tuned_on")} \
+        == {k: v for k, v in original.items() if k not in ("min_mean_score", "min_area_um2", "thresholds_tuned_on")}
+    # Inference from the copy applies them: every detection's score is above the stored s1.
+    out = bundle_copy / "eval" / "infer"
+    result = run_bundle("run", "--config_file", str(configs / "inference.json"), "--data_source", data,
+                        "--output_dir", str(out), "--num_workers", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for csv_file in (out / "detections").glob("*.csv"):
+        xy, scores = read_points_csv(csv_file, "xy")
+        assert scores is None or np.all(scores > stored["min_mean_score"])
+    assert len(list((out / "overlays").glob("*.png"))) == 4 and len(list((out / "maps").glob("*.png"))) == 4
+
+
+def test_inference_refuses_a_truncated_hpf_before_writing(small_hpfs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = run_bundle("run", "--config_file", str(CONFIGS / "inference.json"), "--data_source",
+                        str(small_hpfs / "with_bad.json"), "--output_dir", str(out), "--num_workers", "0")
+    assert result.returncode != 0
+    assert "truncated.png" in result.stderr
+    assert not out.exists()
+
+
+def test_evaluate_demo_weights_on_held_out_phantom_hpfs(tmp_path: Path) -> None:
+    """The demo claim: F1 >= 0.7 on the 12 held-out phantom HPFs (seed 1000) at the stored thresholds."""
+    out = tmp_path / "eval"
+    result = run_bundle("run", "--config_file", merged("inference.json", "evaluate.json"), "--output_dir", str(out),
+                        "--write_images", "false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["details"]["n_hpfs"] == 12
+    assert report["metrics"]["f1"] >= 0.7
+    assert json.loads((out / "curves.json").read_text())["pr"]["precision"]
+    assert (out / "pr.png").stat().st_size > 1000
+
+
+def test_multi_gpu_overlay_runs_with_gloo_on_two_processes(small_hpfs: Path, tmp_path: Path) -> None:
+    data = str(small_hpfs / "dataset.json")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537",
+         "-m", "monai.bundle", "run", "--config_file", merged("train.json", "multi_gpu_train.json"),
+         "--train_source", data, "--val_source", data, "--ckpt_dir", str(tmp_path), *TINY_TRAIN],
+        cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert log.count("Train completed, saved final checkpoint") == 1  # rank 0 only
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_32s.pt"]
+
+
+def test_registry_pyfunc_prediction_on_hpfs(small_hpfs: Path, tmp_path: Path) -> None:
+    """The MLflow pyfunc wrapper's predict (registry.predict_bundle) gives the slide bundles' columns for HPFs."""
+    from pathbundles.annotations import read_points_csv
+    from pathbundles.registry import predict_bundle
+
+    images = sorted(str(p) for p in (small_hpfs / "images").glob("phantom_hpf_00[01].png"))
+    frame = predict_bundle(BUNDLE, images, output_dir=str(tmp_path / "out"))
+    assert list(frame["name"]) == ["phantom_hpf_000", "phantom_hpf_001"] and list(frame["image"]) == images
+    for _, row in frame.iterrows():
+        xy, scores = read_points_csv(row["detections_csv"], "xy")
+        detections = json.loads(row["detections"])
+        assert len(detections) == row["n_detections"] == len(xy)
+        if len(xy):  # [score, x, y] as for slides, score = the highest detection score
+            np.testing.assert_allclose(np.asarray(detections)[:, 1:], xy, atol=1e-3)
+            assert row["score"] == pytest.approx(scores.max(), abs=1e-6)
+        assert row["map"].endswith(".png") and row["overlay"].endswith(".png")
