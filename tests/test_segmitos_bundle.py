@@ -78,7 +78,7 @@ def test_torchscript_export_gives_same_outputs(tmp_path: Path) -> None:
                         str(BUNDLE / "models" / "model.pt"), "--meta_file", str(CONFIGS / "metadata.json"),
                         "--config_file", str(CONFIGS / "inference.json"))
     assert result.returncode == 0, result.stderr[-2000:]
-    net = SegMitosFCN("8s", width=0.125)
+    net = SegMitosFCN("8s", width=0.125, batch_norm=True)
     net.load_state_dict(torch.load(BUNDLE / "models" / "model.pt", map_location="cpu"))
     net.eval()
     scripted = torch.jit.load(str(out))

@@ -60,13 +60,17 @@ def read_hpf(path: str | os.PathLike) -> np.ndarray:
     return rgb
 
 
-def _image_size(path: str) -> tuple[int, int]:
-    """(width, height) in px from the header only."""
+def _image_size(path: str, verify: bool = False) -> tuple[int, int]:
+    """(width, height) in px from the header; ``verify`` also checks the file's integrity without decoding it
+    (PIL ``verify``: chunk CRCs of a PNG, so a truncated PNG fails here rather than halfway through a run)."""
     try:
         with Image.open(path) as im:
-            return im.size
-    except OSError as err:
-        raise InputError(path, f"cannot read the image ({err})") from None
+            size = im.size
+            if verify:
+                im.verify()
+            return size
+    except (OSError, SyntaxError) as err:  # PIL's verify raises SyntaxError on a broken PNG
+        raise InputError(path, f"cannot read the image ({err or type(err).__name__})") from None
 
 
 def _pixel(xy: np.ndarray) -> np.ndarray:
@@ -382,7 +386,7 @@ class HPFDataset(torch.utils.data.Dataset):
             else:
                 if "mpp" in item and not math.isclose(float(item["mpp"]), self.mpp, rel_tol=0.01):
                     raise InputError(path, f"the HPF is at {item['mpp']} um/px, the model at {self.mpp} um/px")
-                size = _image_size(path)
+                size = _image_size(path, verify=True)
                 self.names.append(stem)
             truth = None
             if item.get("centroids"):

@@ -63,6 +63,7 @@ class SlidePlan:
     map_shape: tuple[int, int] = (0, 0)
     rois_rc: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
     error: str | None = None
+    tissue: Any = None  # the slide's tissue LevelMask (Otsu or the user's), for maps restricted to tissue
 
     @property
     def n_rois(self) -> int:
@@ -102,6 +103,7 @@ def plan_slides(data: Sequence[dict | str], grid: MapGrid, scan_mpp: float, *, b
                 mask = TissueMask.load_mask(user_mask, plan.level0_size, plan.level0_mpp) if user_mask else \
                     tissue_mask(slide, mpp=tissue_mpp)
                 origins = mask.tile_origins(grid.read_px, grid.roi_stride_px, scan_mpp)
+                plan.tissue = mask
             step0 = grid.roi_stride_px * scan_mpp / plan.level0_mpp
             plan.rois_rc = np.unique(np.rint(np.asarray(origins, dtype=np.float64)[:, ::-1] / step0).astype(np.int64),
                                      axis=0).reshape(-1, 2)
@@ -189,17 +191,22 @@ class SlideMapWriter:
     Args:
         dataset: the ``SlideROIDataset`` being run (its plans give each slide's geometry).
         output_dir: folder for all outputs.
-        detect: ``f(prob_map, map_mpp, level0_mpp, origin_xy) -> (N, >=3) [score, x, y, ...]`` level-0
+        detect: ``f(prob_map, map_mpp, level0_mpp, origin_xy=...) -> (N, >=3) [score, x, y, ...]`` level-0
             detections, e.g. ``pathbundles.postprocess.detections_from_components``.
         prob_channel: channel of the network output holding the tumour probability.
         overlay_mpp: resolution of the overlay thumbnail (um/px).
         pred_key: key of the prediction in ``engine.state.output``.
+        tissue_only: zero the map where the slide's tissue mask (the one that chose the ROIs) has no tissue at the
+            map pixel's centre, before detection, scoring and writing: a probability map "over tissue", as NCRF
+            computes it (a network trained on tissue patches says nothing meaningful about glass).
     """
 
     def __init__(self, dataset: SlideROIDataset, output_dir: str, detect: Callable[..., np.ndarray],
-                 prob_channel: int = 1, overlay_mpp: float = 16.0, pred_key: str = "pred") -> None:
+                 prob_channel: int = 1, overlay_mpp: float = 16.0, pred_key: str = "pred",
+                 tissue_only: bool = False) -> None:
         self.dataset, self.output_dir, self.detect = dataset, Path(output_dir), detect
         self.prob_channel, self.overlay_mpp, self.pred_key = prob_channel, overlay_mpp, pred_key
+        self.tissue_only = tissue_only
         self._canvas: dict[int, Any] = {}
         self._done_rois: dict[int, int] = {}
         self.failed: dict[str, str] = {}
@@ -310,10 +317,16 @@ class SlideMapWriter:
         prob = np.zeros(plan.map_shape, np.float32) if canvas is None else np.asarray(canvas[:], np.float32)
         map_mpp = grid.map_step_px * scan_mpp
         origin0 = grid.map_origin_px * scan_mpp / plan.level0_mpp
-        detections = np.asarray(self.detect(prob, map_mpp, plan.level0_mpp, (origin0, origin0)),
+        source: Any = prob if canvas is None else canvas
+        if self.tissue_only and plan.tissue is not None:
+            step0 = grid.map_step_px * scan_mpp / plan.level0_mpp
+            rows, cols = np.indices(prob.shape, dtype=np.float64)
+            prob *= np.asarray(plan.tissue.at_level0(origin0 + cols * step0, origin0 + rows * step0)) > 0
+            source = prob  # the masked map, not the canvas
+        detections = np.asarray(self.detect(prob, map_mpp, plan.level0_mpp, origin_xy=(origin0, origin0)),
                                 dtype=np.float64)[:, :3].reshape(-1, 3)
         files = self.outputs(plan.name)
-        write_pyramid_tiff(files["map"], _Uint8Bands(prob if canvas is None else canvas), mpp=map_mpp,
+        write_pyramid_tiff(files["map"], _Uint8Bands(source), mpp=map_mpp,
                            compression="deflate",
                            description=f"pathbundles probability map: value / 255 = probability; mpp={map_mpp}")
         with open_slide(plan.path, backend=self.dataset.backend, mpp=self.dataset.mpp_override) as slide:
