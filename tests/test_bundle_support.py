@@ -85,3 +85,33 @@ def test_root_from_a_config_workflow_run_in_process(monkeypatch: pytest.MonkeyPa
                               meta_file=None, logging_file=False)
     workflow.initialize()
     assert workflow.run() == [str((tmp_path / "copied_bundle").resolve())]
+
+
+def test_map_writer_restricts_the_map_to_tissue(tmp_path: Path) -> None:
+    """tissue_only zeroes every map pixel whose centre lies outside the tissue mask that chose the ROIs."""
+    import tifffile
+
+    from pathbundles.scannet import ScanGeometry
+    from pathbundles.slide_inference import SlideMapWriter, SlideROIDataset
+    from pathbundles.writers import write_pyramid_tiff
+
+    slide = np.full((1024, 1024, 3), 245, np.uint8)
+    slide[64:-64, 64:-64] = (190, 100, 170)
+    write_pyramid_tiff(tmp_path / "s.tif", slide, mpp=0.5, compression="deflate")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :32] = 255  # tissue = the left half, x < 512 level-0 px
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    grid = ScanGeometry(lp=8).grid()  # map pixel k centred on 122 + 32 k scan px = level-0 px at 0.5 um/px
+    item = {"image": str(tmp_path / "s.tif"), "tissue": str(tmp_path / "m.png")}
+    dataset = SlideROIDataset([item], grid, scan_mpp=0.5, backend="tifffile", tissue_mask_key="tissue")
+    found = []
+    writer = SlideMapWriter(dataset, str(tmp_path / "out"), tissue_only=True,
+                            detect=lambda prob, *args, **kwargs: found.append(prob.copy()) or np.zeros((0, 3)))
+    plan = dataset.plans[0]
+    writer._write_slide(plan, np.ones(plan.map_shape, np.float32))
+    expected = np.zeros(plan.map_shape, np.float32)
+    expected[:29, :13] = 1.0  # centres 122 + 32 k: columns k <= 12 are < 512, rows k <= 28 are < 1024
+    np.testing.assert_array_equal(found[0], expected)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "maps" / "s.tif", level=0),
+                                  (expected * 255).astype(np.uint8))
+    assert writer.scores["s"] == (1.0, 0)
