@@ -195,3 +195,25 @@ def test_registry_pyfunc_prediction_on_hpfs(small_hpfs: Path, tmp_path: Path) ->
             np.testing.assert_allclose(np.asarray(detections)[:, 1:], xy, atol=1e-3)
             assert row["score"] == pytest.approx(scores.max(), abs=1e-6)
         assert row["map"].endswith(".png") and row["overlay"].endswith(".png")
+
+
+def test_evaluate_is_tracked_in_mlflow(small_hpfs: Path, tmp_path: Path) -> None:
+    """--tracking logs the evaluation's F1, precision and recall and its metrics.json / curves.json (PR curve)."""
+    import mlflow
+
+    from pathbundles.tracking import EVALUATION_DIR, sqlite_uri
+
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    out = tmp_path / "eval"
+    result = run_bundle("run", "--config_file", merged("inference.json", "evaluate.json"), "--data_source",
+                        str(small_hpfs / "dataset.json"), "--output_dir", str(out), "--write_images", "False",
+                        "--num_workers", "0", "--tracking", str(REPO / "mlflow" / "tracking.json"),
+                        "--tracking_uri", uri, "--experiment_name", "segmitos-test")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "metrics.json").read_text())["metrics"]
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("segmitos-test").experiment_id])
+    for key in ("f1", "precision", "recall", "average_precision"):
+        assert run.data.metrics[key] == pytest.approx(report[key])
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, EVALUATION_DIR)}
+    assert {f"{EVALUATION_DIR}/metrics.json", f"{EVALUATION_DIR}/curves.json"} <= logged
