@@ -29,7 +29,6 @@ import datetime
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "common"))
 
-from machine import machine_info  # noqa: E402  (benchmarks/machine.py, the script's own folder)
+from machine import machine_info, matmul_peak, median_time, vm_status_kib  # noqa: E402  (benchmarks/machine.py, the script's own folder)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -63,24 +62,8 @@ def torch_info() -> dict[str, Any]:
             "mkldnn": torch.backends.mkldnn.is_available()}
 
 
-def vm_status_kib(key: str) -> int:
-    """A ``Vm*`` line of /proc/self/status (VmHWM = peak resident set) in KiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return -1
 
 
-def median_time(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float], Any]:
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times, out
 
 
 # ---- FLOPs -----------------------------------------------------------------------------------------------------
@@ -100,11 +83,6 @@ def conv_macs(net: ScanNet, in_px: int) -> int:
     return macs
 
 
-def matmul_peak(n: int, repeats: int) -> dict[str, Any]:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    t, times, _ = median_time(lambda: torch.matmul(a, b), repeats, warmup=2)
-    return {"n": n, "repeats": repeats, "seconds_median": t, "seconds_min": min(times),
-            "gflops_median": 2 * n ** 3 / t / 1e9, "gflops_best": 2 * n ** 3 / min(times) / 1e9}
 
 
 # ---- 1. one ROI: FCN versus patch by patch ---------------------------------------------------------------------

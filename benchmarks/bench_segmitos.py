@@ -61,7 +61,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "common"))
 
-from machine import machine_info  # noqa: E402  (benchmarks/machine.py, the script's own folder)
+from machine import machine_info, matmul_peak, median_time, sync, vm_status_kib  # noqa: E402  (benchmarks/machine.py, the script's own folder)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -95,15 +95,6 @@ def torch_info(device: str) -> dict[str, Any]:
     return info
 
 
-def vm_status_kib(key: str) -> int:
-    """A ``Vm*`` line of /proc/self/status (VmHWM = peak resident set, VmRSS = resident set) in KiB; -1 if none."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return -1
 
 
 def trim_heap() -> None:
@@ -135,32 +126,14 @@ def set_precision(precision: str, device: str) -> dict[str, Any]:
     return settings
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
-def median_time(fn, repeats: int, device: str = "cpu", warmup: int = 1) -> tuple[float, list[float], Any]:
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times, out
 
 
-def matmul_peak(n: int, repeats: int, device: str) -> dict[str, Any]:
+def fp32_matmul_peak(n: int, repeats: int, device: str) -> dict[str, Any]:
     """float32 (TF32 off) n x n matmul: the device's practical float32 peak."""
     set_precision("fp32", device)
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    t, times, _ = median_time(lambda: torch.matmul(a, b), repeats, device, warmup=2)
-    return {"n": n, "repeats": repeats, "device": device, "seconds_median": t, "seconds_min": min(times),
-            "gflops_median": 2 * n ** 3 / t / 1e9, "gflops_best": 2 * n ** 3 / min(times) / 1e9}
+    return matmul_peak(n, repeats, device)
 
 
 # ---- the network -----------------------------------------------------------------------------------------------
@@ -584,7 +557,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     n = 4096 if device == "cuda" else (1024 if args.quick else 2048)
     print(f"matmul peak ({n}^3 float32, {device}) ...", flush=True)
-    report["matmul_peak"] = matmul_peak(n, 5 if args.quick else 10, device)
+    report["matmul_peak"] = fp32_matmul_peak(n, 5 if args.quick else 10, device)
     print(f"  {report['matmul_peak']['gflops_median']:.1f} GFLOP/s (median)", flush=True)
     report["runs"] = []
     with tempfile.TemporaryDirectory() as tmp:

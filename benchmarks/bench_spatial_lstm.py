@@ -63,7 +63,6 @@ import hashlib
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,7 +73,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "common"))
 
-from machine import machine_info  # noqa: E402  (benchmarks/machine.py, the script's own folder)
+from machine import machine_info, matmul_peak, median_time, vm_status_kib  # noqa: E402  (benchmarks/machine.py, the script's own folder)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -102,34 +101,10 @@ def torch_info() -> dict[str, Any]:
             "mkldnn": torch.backends.mkldnn.is_available()}
 
 
-def vm_status_kib(key: str) -> int:
-    """A ``Vm*`` line of /proc/self/status (VmHWM = peak resident set) in KiB; -1 if none."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return -1
 
 
-def median_time(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float], Any]:
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times, out
 
 
-def matmul_peak(n: int, repeats: int) -> dict[str, Any]:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    t, times, _ = median_time(lambda: torch.matmul(a, b), repeats, warmup=2)
-    return {"n": n, "repeats": repeats, "seconds_median": t, "seconds_min": min(times),
-            "gflops_median": 2 * n ** 3 / t / 1e9, "gflops_best": 2 * n ** 3 / min(times) / 1e9}
 
 
 # ---- the bundles' components -----------------------------------------------------------------------------------

@@ -1,11 +1,14 @@
-"""What every benchmark records about the machine it ran on: CPU model, cores, platform, library versions."""
+"""What every benchmark records about the machine it ran on (CPU model, cores, platform, library versions), and the
+timing and memory helpers every benchmark measures with. torch is imported by the helpers that need it."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import os
 import platform
-from collections.abc import Iterable
+import statistics
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,3 +34,48 @@ def machine_info(distributions: Iterable[str] = ()) -> dict[str, Any]:
             continue
     return {"platform": platform.platform(), "cpu": cpu_model(), "cores": os.cpu_count(),
             "python": platform.python_version(), "versions": versions}
+
+
+def vm_status_kib(key: str) -> int:
+    """A ``Vm*`` line of /proc/self/status (VmHWM = peak resident set, VmRSS = resident set) in KiB; -1 if none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+def sync(device: str) -> None:
+    """Wait for queued GPU work, so a timer measures it; nothing on the CPU."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], Any], repeats: int, device: str = "cpu",
+                warmup: int = 1) -> tuple[float, list[float], Any]:
+    """(median seconds, every timing, the last result) of ``fn`` over ``repeats`` calls after ``warmup`` calls."""
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times, out
+
+
+def matmul_peak(n: int, repeats: int, device: str = "cpu") -> dict[str, Any]:
+    """Seconds and GFLOP/s of an n x n float32 matmul on ``device``: the practical float32 peak."""
+    import torch
+
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    t, times, _ = median_time(lambda: torch.matmul(a, b), repeats, device, warmup=2)
+    return {"n": n, "repeats": repeats, "device": device, "seconds_median": t, "seconds_min": min(times),
+            "gflops_median": 2 * n ** 3 / t / 1e9, "gflops_best": 2 * n ** 3 / min(times) / 1e9}

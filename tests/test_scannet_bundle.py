@@ -12,19 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from bundle_helpers import REPO, check_metadata_and_network, run_bundle
+
 BUNDLE = REPO / "bundles" / "scannet"
 CONFIGS = BUNDLE / "configs"
-SCHEMA = REPO.parent / "shared" / "schema" / "meta_schema_20240725.json"
 
 pytestmark = pytest.mark.slow
 
 
-def run_bundle(*args: str, cwd: Path = REPO, timeout: int = 900, **env: str) -> subprocess.CompletedProcess:
-    """Run ``python -m monai.bundle ARGS`` in a subprocess, as the docs tell users to."""
-    environ = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
-    return subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=environ)
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +41,7 @@ def small_dataset(tmp_path_factory) -> Path:
 
 
 def test_metadata_and_network_verify() -> None:
-    if not SCHEMA.exists():
-        pytest.skip(f"offline MONAI metadata schema not found at {SCHEMA}")
-    meta = run_bundle("verify_metadata", "--meta_file", str(CONFIGS / "metadata.json"), "--filepath", str(SCHEMA))
-    assert meta.returncode == 0, meta.stderr
-    net = run_bundle("verify_net_in_out", "network_def", "--meta_file", str(CONFIGS / "metadata.json"),
-                     "--config_file", str(CONFIGS / "inference.json"), "--n", "2")
-    assert net.returncode == 0, net.stderr
-    meta_doc = json.loads((CONFIGS / "metadata.json").read_text())
-    assert meta_doc["intended_use"] == "research, not for diagnosis"
-    assert meta_doc["version"] in meta_doc["changelog"]
+    check_metadata_and_network(CONFIGS, "--n", "2")
 
 
 def test_torchscript_export_gives_same_outputs(tmp_path: Path) -> None:

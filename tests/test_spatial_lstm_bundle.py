@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+import bundle_helpers
+from bundle_helpers import REPO, check_metadata_and_network, merged
+
 BUNDLE = REPO / "bundles" / "spatial_lstm"
 CONFIGS = BUNDLE / "configs"
-SCHEMA = REPO.parent / "shared" / "schema" / "meta_schema_20240725.json"
 
 TINY_NET = ["--widen_factor", "0.0625", "--hidden_size", "16"]
 # tile_px 8: 512 px ROI strides, so a 1536 px scan is stitched from several ROIs. Fire reads "False", not "false".
@@ -31,17 +32,12 @@ TINY_TRAIN = [*TINY_NET, "--epochs", "1", "--samples_per_epoch", "4", "--val_sam
 pytestmark = pytest.mark.slow
 
 
-def run_bundle(*args: str, cwd: Path = REPO, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run ``python -m monai.bundle ARGS`` in a subprocess, as the docs tell users to (one thread: the tiny
-    networks only wait on a busy core's OpenMP barriers with more)."""
-    environ = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=environ)
+def run_bundle(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """``bundle_helpers.run_bundle`` with one thread: the tiny networks only wait on a busy core's OpenMP barriers
+    with more."""
+    return bundle_helpers.run_bundle(*args, OMP_NUM_THREADS="1", **kwargs)
 
 
-def merged(*names: str) -> str:
-    """A ``--config_file`` list of this bundle's configs, merged in order."""
-    return "[" + ",".join(f"'{CONFIGS / name}'" for name in names) + "]"
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +56,7 @@ def small_dataset(tmp_path_factory) -> Path:
 
 
 def test_metadata_and_network_verify() -> None:
-    if not SCHEMA.exists():
-        pytest.skip(f"offline MONAI metadata schema not found at {SCHEMA}")
-    meta = run_bundle("verify_metadata", "--meta_file", str(CONFIGS / "metadata.json"), "--filepath", str(SCHEMA))
-    assert meta.returncode == 0, meta.stderr
-    net = run_bundle("verify_net_in_out", "network_def", "--meta_file", str(CONFIGS / "metadata.json"),
-                     "--config_file", str(CONFIGS / "inference.json"))
-    assert net.returncode == 0, net.stderr
-    meta_doc = json.loads((CONFIGS / "metadata.json").read_text())
-    assert meta_doc["intended_use"] == "research, not for diagnosis"
-    assert meta_doc["version"] in meta_doc["changelog"]
+    check_metadata_and_network(CONFIGS, OMP_NUM_THREADS="1")
 
 
 def test_torchscript_export_gives_same_outputs(tmp_path: Path) -> None:
@@ -153,7 +140,7 @@ def test_inference_writes_maps_detections_and_scores(small_dataset: Path, tmp_pa
 
 def test_evaluate_writes_froc_and_auc(small_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
-    result = run_bundle("run", "--config_file", merged("inference.json", "evaluate.json"), "--data_source",
+    result = run_bundle("run", "--config_file", merged(CONFIGS, "inference.json", "evaluate.json"), "--data_source",
                         str(small_dataset / "dataset.json"), "--output_dir", str(out), "--ckpt_path",
                         str(small_dataset / "tiny.pt"), "--n_bootstrap", "50", *TINY_SCAN)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -172,7 +159,7 @@ def test_train_and_ablations_write_their_own_checkpoint(small_dataset: Path, tmp
     import torch
 
     data = str(small_dataset / "dataset.json")
-    configs = merged("train.json", *([overlay] if overlay else []))
+    configs = merged(CONFIGS, "train.json", *([overlay] if overlay else []))
     result = run_bundle("run", "--config_file", configs, "--train_source", data, "--val_source", data,
                         "--ckpt_dir", str(tmp_path), *TINY_TRAIN)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -189,7 +176,7 @@ def test_multi_gpu_overlay_runs_with_gloo_on_two_processes(small_dataset: Path, 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
-         "-m", "monai.bundle", "run", "--config_file", merged("train.json", "multi_gpu_train.json"),
+         "-m", "monai.bundle", "run", "--config_file", merged(CONFIGS, "train.json", "multi_gpu_train.json"),
          "--train_source", data, "--val_source", data, "--ckpt_dir", str(tmp_path), *TINY_TRAIN],
         cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

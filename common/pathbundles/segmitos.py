@@ -14,6 +14,7 @@ no ring) are its ablations.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -217,8 +218,6 @@ def chain_network(variant: str = "32s", width: float = 1.0, coarser_ckpt: str | 
                            learnable_upsampling=learnable_upsampling, batch_norm=batch_norm)
     if variant not in COARSER:
         raise ValueError(f"the {variant!r} stage has no coarser stage to start from (32s starts from scratch)")
-    import os
-
     if not os.path.exists(coarser_ckpt):
         raise FileNotFoundError(f"{coarser_ckpt}: no {COARSER[variant]} checkpoint to start the {variant} stage from;"
                                 f" train the {COARSER[variant]} stage first")
