@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from pathbundles import multimag
 from pathbundles.annotations import rasterize, read_annotations
-from pathbundles.multimag import MultiMagnificationDataset, deform_views, elastic_fields, read_concentric, tile_class
+from pathbundles.multimag import (READ_PATHS, MultiMagnificationDataset, choose_read_path, deform_views,
+                                  elastic_fields, read_concentric, tile_class)
 from pathbundles.sampling import read_datalist
 from pathbundles.wsi import open_slide
 
@@ -59,6 +63,88 @@ def test_read_concentric_refuses_bad_arguments(slide):
         read_concentric(slide, (0, 0), mpps=(2.0, 1.0, 0.5))
     with pytest.raises(ValueError, match="read path"):
         read_concentric(slide, (0, 0), path="pyramid")
+    with pytest.raises(ValueError, match="pad_value"):
+        read_concentric(slide, (0, 0), pad_value=256)
+
+
+# Hand-computed: a view pixel j (0..255) at s level-0 px per pixel has its centre at c + (j + 0.5 - 128) * s.
+# Centre (100, 60), top-left corner: x < 0 for j + 0.5 < 128 - 100 / s, y < 0 for j + 0.5 < 128 - 60 / s.
+#   20x (s=1): 28 columns, 68 rows; 10x (s=2): 78, 98; 5x (s=4): 103, 113 (j + 0.5 < 103 and < 113).
+# Centre (1990, 2000), bottom-right corner of the 2048 px slide: x >= 2048 for j + 0.5 >= 128 + 58 / s, y >= 2048
+# for j + 0.5 >= 128 + 48 / s. 20x: j >= 186 and j >= 176 -> 70 columns, 80 rows; 10x: j >= 157, j >= 152 ->
+# 99, 104; 5x: j + 0.5 >= 142.5, >= 140 -> j >= 142, j >= 140 -> 114, 116.
+PADDED_COLS_ROWS = {(100, 60): ((28, 68), (78, 98), (103, 113)),
+                    (1990, 2000): ((70, 80), (99, 104), (114, 116))}
+
+
+@pytest.mark.parametrize("path", ["levels", "tile"])
+@pytest.mark.parametrize("centre", sorted(PADDED_COLS_ROWS))
+def test_views_are_padded_exactly_where_their_pixels_leave_the_slide(slide, centre, path):
+    padded = read_concentric(slide, centre, path=path)
+    grey = read_concentric(slide, centre, path=path, pad_value=128)
+    unpadded = read_concentric(slide, centre, path=path, pad_value=None)
+    top_left = centre[0] < SIZE_PX / 2
+    for view, view128, raw, (cols, rows) in zip(padded, grey, unpadded, PADDED_COLS_ROWS[centre]):
+        outside = np.zeros((256, 256), bool)
+        outside[:, :cols] = outside[:rows] = True
+        if not top_left:
+            outside = outside[::-1, ::-1]
+        assert outside.sum() == 256 * 256 - (256 - cols) * (256 - rows)
+        assert np.count_nonzero((view == 0).all(-1)) == outside.sum()  # the corner of the slide is glass, not black
+        assert (view[outside] == 0).all() and (view128[outside] == 128).all()
+        assert np.array_equal(view[~outside], raw[~outside]) and np.array_equal(view128[~outside], raw[~outside])
+
+
+def test_views_inside_the_slide_are_not_padded(slide):
+    for path in READ_PATHS:
+        assert all(np.array_equal(a, b) for a, b in zip(read_concentric(slide, (1024, 1024), path=path),
+                                                         read_concentric(slide, (1024, 1024), path=path,
+                                                                         pad_value=None)))
+
+
+class _ClockedSlide:
+    """A fake slide whose reads advance a fake clock by 1 us per source pixel decoded.
+
+    A read at an mpp within 10 % of one of ``level_mpps`` decodes its own pixels; any other mpp decodes the
+    covering region of level 0 (0.5 um/px), as ``Slide.read_region`` resamples.
+    """
+
+    mpp = (0.5, 0.5)
+    dimensions = (4096, 4096)
+
+    def __init__(self, clock: list[float], level_mpps: tuple[float, ...]) -> None:
+        self.clock, self.level_mpps, self.calls = clock, level_mpps, []
+
+    def read_region(self, level0_xy, size_px, mpp):
+        w, h = size_px
+        exact = any(abs(m - mpp) <= 0.1 * mpp for m in self.level_mpps)
+        self.clock[0] += w * h * (1 if exact else (mpp / 0.5) ** 2) * 1e-6
+        self.calls.append((size_px, mpp))
+        return np.full((h, w, 3), 200, np.uint8)
+
+
+@pytest.mark.parametrize("level_mpps, expected, seconds", [
+    ((0.5, 1.0, 2.0), "levels", {"levels": 3 * 256 ** 2 * 1e-6, "tile": 1024 ** 2 * 1e-6}),
+    # No 10x / 5x levels: "levels" resamples 512 and 1024 px of level 0 besides its 256, "tile" reads 1024 once.
+    ((0.5,), "tile", {"levels": (256 ** 2 + 512 ** 2 + 1024 ** 2) * 1e-6, "tile": 1024 ** 2 * 1e-6}),
+])
+def test_choose_read_path_keeps_the_faster_path(monkeypatch, level_mpps, expected, seconds):
+    clock = [0.0]
+    monkeypatch.setattr(multimag, "perf_counter", lambda: clock[0])
+    fake = _ClockedSlide(clock, level_mpps)
+    centres = [(600 + 700 * k, 900) for k in range(4)]
+    path, measured = choose_read_path(fake, centres, repeats=3)
+    assert path == expected
+    assert measured == {p: pytest.approx(s) for p, s in seconds.items()}
+    assert len(fake.calls) == 4 * (3 + 1)  # warm-up + 3 timed sets per path: 3 reads per "levels" set, 1 per "tile"
+
+
+def test_choose_read_path_breaks_ties_towards_levels_and_refuses_no_centres(monkeypatch):
+    monkeypatch.setattr(multimag, "perf_counter", lambda: 0.0)
+    fake = _ClockedSlide([0.0], (0.5, 1.0, 2.0))
+    assert choose_read_path(fake, [(2048, 2048)], repeats=1) == ("levels", {"levels": 0.0, "tile": 0.0})
+    with pytest.raises(ValueError, match="at least one centre"):
+        choose_read_path(fake, [])
 
 
 def test_tile_class_takes_the_highest_order_present():
@@ -166,10 +252,53 @@ def test_inference_grid_and_dataloader_workers(data):
     tissue = MultiMagnificationDataset(data, mode="infer")
     assert 0 < len(tissue) <= 64
     assert {tuple(t) for t in tissue.tiles[:, 1:3].tolist()} <= {tuple(t) for t in whole.tiles[:, 1:3].tolist()}
-    edge = whole[7]  # top-right tile: the 5x view reaches past the slide, which reads white
+    edge = whole[7]  # top-right tile: the 5x view reaches 384 level-0 px (96 of its px) past two sides: zeros
     assert edge["location"].tolist() == [7 * 256 + 128, 128]
-    assert (edge["x5"][:, :64] == 255).all() and (edge["x5"][:, :, -64:] == 255).all()
+    x5 = edge["x5"]
+    assert (x5[:, :96] == 0).all() and (x5[:, :, -96:] == 0).all()
+    assert (x5[:, 96:, :-96] > 0).any(-3).all()  # the rest is the slide (glass or tissue, never black)
+    white = MultiMagnificationDataset(data, mode="infer", use_tissue=False, pad_value=None)[7]["x5"]
+    assert (white[:, :96] == 255).all() and torch.equal(white[:, 96:, :-96], x5[:, 96:, :-96])
     loader = torch.utils.data.DataLoader(tissue, batch_size=4, num_workers=2)
     batch = next(iter(loader))
     assert batch["x20"].shape == (4, 3, 256, 256)
     assert torch.equal(batch["x10"][1], tissue[1]["x10"])
+
+
+def test_dataset_times_the_read_path_per_slide(data, caplog):
+    with caplog.at_level(logging.INFO, logger="pathbundles.multimag"):
+        ds = MultiMagnificationDataset(data, mode="infer", use_tissue=False)  # read_path="auto" is the default
+    name = ds.slides[0].name
+    assert set(ds.read_paths) == {name} and ds.read_paths[name] in READ_PATHS
+    assert any("read path" in r.getMessage() and "ms per patch set" in r.getMessage() for r in caplog.records)
+    forced = MultiMagnificationDataset(data, mode="infer", use_tissue=False, read_path="tile")
+    assert forced.read_paths == {name: "tile"}
+    with pytest.raises(ValueError, match="read_path 'fast'"):
+        MultiMagnificationDataset(data, mode="infer", read_path="fast")
+
+
+def test_dataset_reads_each_slide_by_the_chosen_path(data, monkeypatch):
+    chosen = []
+
+    def fake_choice(slide, centres, mpps, patch_px, repeats=3):
+        chosen.append([tuple(c) for c in centres])
+        return "tile", {"levels": 2.0, "tile": 1.0}
+
+    read_with = []
+
+    def spy(slide, centre, mpps, patch_px, path, pad_value):
+        read_with.append(path)
+        return real(slide, centre, mpps, patch_px, path, pad_value)
+
+    real = multimag.read_concentric
+    monkeypatch.setattr(multimag, "choose_read_path", fake_choice)
+    monkeypatch.setattr(multimag, "read_concentric", spy)
+    ds = MultiMagnificationDataset(data, class_order=ORDER)
+    assert ds.read_paths == {ds.slides[0].name: "tile"}
+    # Timed on 4 tile centres spread over the slide's list, first and last tile included.
+    centres = {(x + 128.0, y + 128.0) for _, x, y, _ in ds.tiles.tolist()}
+    assert len(chosen) == 1 and len(chosen[0]) == 4 and set(chosen[0]) <= centres
+    assert chosen[0][0] == tuple(float(v) + 128 for v in ds.tiles[0, 1:3])
+    assert chosen[0][-1] == tuple(float(v) + 128 for v in ds.tiles[-1, 1:3])
+    ds[0]
+    assert read_with == ["tile"]

@@ -2,15 +2,23 @@
 
 A DMMN input is three 256 px patches centred on one level-0 point: 20x (0.5 um/px), 10x (1.0) and 5x (2.0), i.e.
 the centre 256, the centre 512 and the whole of a 1024 px tile at 20x. :func:`read_concentric` reads them either
-per magnification from the pyramid (``"levels"``) or as the paper and the authors' code do, one 1024 tile at 20x
-downsampled (``"tile"``; here area-averaged, where the authors' code strides without anti-aliasing).
+per magnification from the pyramid (``"levels"``: a level within 10 % of each mpp, anti-aliased resampling only
+where the slide has none) or as the paper and the authors' code do, one 1024 tile at 20x downsampled (``"tile"``;
+here area-averaged, where the authors' code strides without anti-aliasing). Which is faster depends on the file
+(the levels it has, its tile size and codec) and the reader, so :func:`choose_read_path` times both on a few tiles
+of each slide and :class:`MultiMagnificationDataset` (``read_path="auto"``) keeps the faster one per slide.
 
 :class:`MultiMagnificationDataset` lists target tiles (the 20x patch) on a grid of stride 256 at 20x anchored at
 level-0 (0, 0). Training keeps the tiles whose target has more than 1 % annotated pixels, classifies each by the
 highest-ordered class present and multiplies class c by elastic deformation at rate r_c (Sec. II-C). Inference
-lists the grid over tissue (or the whole slide). Near the slide edge the coarse views reach past the slide; the
-slide layer reads those pixels as white (255, the colour of glass) rather than the paper's zero padding, so an
-edge looks like background instead of a black band the network never sees in training.
+lists the grid over tissue (or the whole slide).
+
+Near the slide edge the coarse views reach past the slide. Every view pixel whose centre lies outside the level-0
+slide rectangle is set to ``pad_value``: 0 by default, the paper's zero padding (Sec. II-F), in training and in
+inference alike, so the network sees at inference the same edges it was trained on. A config can choose 255 (the
+white that ``Slide.read_region`` returns outside a slide, the colour of glass) to make an edge look like
+background, e.g. for weights trained on white-padded tiles; ``None`` keeps the reader's pixels unchanged. Training
+and inference configs must use the same value.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any, Literal
 
 import numpy as np
@@ -25,12 +34,15 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
+from pathbundles.errors import PathBundlesError
 from pathbundles.slide_inference import SlideHandles, slide_name
 
 logger = logging.getLogger(__name__)
 
 MPPS_20X_10X_5X: tuple[float, float, float] = (0.5, 1.0, 2.0)
 VIEW_KEYS: tuple[str, str, str] = ("x20", "x10", "x5")
+READ_PATHS: tuple[str, str] = ("levels", "tile")
+AUTO_READ_REPEATS = 3  # timed reads per path and slide for read_path="auto", after one warm-up
 ELASTIC_GRID = 17  # control points per side (Sec. II-C)
 ELASTIC_SIGMA_PX = 4.0  # std of their displacement, pixels at the finest mpp
 
@@ -40,7 +52,8 @@ def _level0_mpp(slide: Any) -> float:
 
 
 def read_concentric(slide: Any, center_level0_xy: Sequence[float], mpps: Sequence[float] = MPPS_20X_10X_5X,
-                    patch_px: int = 256, path: Literal["levels", "tile"] = "levels") -> list[np.ndarray]:
+                    patch_px: int = 256, path: Literal["levels", "tile"] = "levels",
+                    pad_value: int | None = 0) -> list[np.ndarray]:
     """Patches of ``patch_px`` at each of ``mpps``, all centred on one level-0 point.
 
     Args:
@@ -51,12 +64,17 @@ def read_concentric(slide: Any, center_level0_xy: Sequence[float], mpps: Sequenc
         path: "levels" reads each patch at its own mpp with ``Slide.read_region`` (a pyramid level when one is
             within 10 %, else anti-aliased from the next finer level); "tile" reads one tile of
             ``patch_px * mpps[-1] / mpps[0]`` px at ``mpps[0]`` and area-averages its centre for each coarser patch.
+        pad_value: grey level (0..255, all three channels) of the pixels whose centre lies outside the level-0
+            slide rectangle; 0 is the paper's zero padding, None keeps what the reader returns there (white).
 
     Returns:
-        One uint8 (patch_px, patch_px, 3) RGB array per mpp; pixels outside the slide are white.
+        One uint8 (patch_px, patch_px, 3) RGB array per mpp.
     """
     if list(mpps) != sorted(mpps) or mpps[0] <= 0:
         raise ValueError(f"mpps must be positive and finest first, got {tuple(mpps)}")
+    if path not in READ_PATHS:
+        raise ValueError(f"read path {path!r}: expected one of {READ_PATHS}")
+    _check_pad_value(pad_value)
     cx, cy = float(center_level0_xy[0]), float(center_level0_xy[1])
     level0_mpp = _level0_mpp(slide)
 
@@ -65,18 +83,80 @@ def read_concentric(slide: Any, center_level0_xy: Sequence[float], mpps: Sequenc
         return slide.read_region((cx - half, cy - half), (size_px, size_px), mpp)
 
     if path == "levels":
-        return [read(patch_px, mpp) for mpp in mpps]
-    if path != "tile":
-        raise ValueError(f"read path {path!r}: expected 'levels' or 'tile'")
-    tile = read(round(patch_px * mpps[-1] / mpps[0]), mpps[0])
-    out = []
-    for mpp in mpps:
-        span = patch_px * mpp / mpps[0]  # tile pixels covered by this patch
-        lo = (tile.shape[0] - span) / 2
-        view = Image.fromarray(tile).resize((patch_px, patch_px), Image.Resampling.BOX, box=(lo, lo, lo + span,
-                                                                                              lo + span))
-        out.append(np.asarray(view))
-    return out
+        views = [read(patch_px, mpp) for mpp in mpps]
+    else:
+        tile = read(round(patch_px * mpps[-1] / mpps[0]), mpps[0])
+        views = []
+        for mpp in mpps:
+            span = patch_px * mpp / mpps[0]  # tile pixels covered by this patch
+            lo = (tile.shape[0] - span) / 2
+            views.append(np.asarray(Image.fromarray(tile).resize((patch_px, patch_px), Image.Resampling.BOX,
+                                                                 box=(lo, lo, lo + span, lo + span))))
+    if pad_value is None:
+        return views
+    return [_pad_outside(view, (cx, cy), mpp / level0_mpp, slide.dimensions, int(pad_value))
+            for view, mpp in zip(views, mpps)]
+
+
+def _check_pad_value(pad_value: int | None) -> None:
+    if pad_value is not None and not (isinstance(pad_value, (int, np.integer)) and 0 <= pad_value <= 255):
+        raise ValueError(f"pad_value {pad_value!r}: expected an integer grey level 0..255, or None")
+
+
+def _pad_outside(view: np.ndarray, centre_xy: tuple[float, float], level0_per_px: float,
+                 level0_size: tuple[int, int], pad_value: int) -> np.ndarray:
+    """``view`` with every pixel whose centre lies outside the level-0 rectangle set to ``pad_value``.
+
+    The view is square, centred on ``centre_xy`` (level-0 px) with ``level0_per_px`` level-0 px per pixel. Inside or
+    outside is decided on these nominal pixel centres, so both read paths pad exactly the same pixels.
+    """
+    offsets = (np.arange(view.shape[0]) + 0.5 - view.shape[0] / 2) * level0_per_px
+    xs, ys = centre_xy[0] + offsets, centre_xy[1] + offsets
+    outside_x = (xs < 0) | (xs >= level0_size[0])
+    outside_y = (ys < 0) | (ys >= level0_size[1])
+    if not (outside_x.any() or outside_y.any()):
+        return view
+    view = np.array(view)  # arrays from PIL are read-only
+    view[:, outside_x] = pad_value
+    view[outside_y] = pad_value
+    return view
+
+
+def choose_read_path(slide: Any, centres: Sequence[Sequence[float]], mpps: Sequence[float] = MPPS_20X_10X_5X,
+                     patch_px: int = 256, repeats: int = 3) -> tuple[str, dict[str, float]]:
+    """Time both read paths of :func:`read_concentric` on ``slide`` and return the faster.
+
+    ``centres[0]`` is read once by each path as a warm-up (first decoder calls, allocations). Then ``repeats``
+    further centres (``centres[1:]`` in turn, cycling when there are fewer; ``centres[0]`` again when it is the only
+    one) are each read once by each path, the path that reads first alternating from centre to centre, so that
+    neither path gains more than the other from tiles the other left in the slide's tile cache. Centres spread over
+    the slide make every read decode its own tiles, as reads in a shuffled epoch do.
+
+    Args:
+        slide: an open :class:`pathbundles.wsi.Slide`.
+        centres: level-0 (x, y) centres of patch sets on the slide (tissue or training tiles), at least one.
+        mpps: um/px of the views, finest first.
+        patch_px: view side in pixels.
+        repeats: timed reads per path.
+
+    Returns:
+        (the path with the lower median seconds per patch set, "levels" on a tie;
+        {path: median seconds per patch set}).
+    """
+    if not len(centres) or repeats < 1:
+        raise ValueError(f"choose_read_path needs at least one centre and repeats >= 1, got {len(centres)} centres "
+                         f"and repeats={repeats}")
+    for path in READ_PATHS:
+        read_concentric(slide, centres[0], mpps, patch_px, path)
+    timed = list(centres[1:]) or list(centres)
+    seconds: dict[str, list[float]] = {path: [] for path in READ_PATHS}
+    for k in range(repeats):
+        for path in (READ_PATHS if k % 2 == 0 else READ_PATHS[::-1]):
+            start = perf_counter()
+            read_concentric(slide, timed[k % len(timed)], mpps, patch_px, path)
+            seconds[path].append(perf_counter() - start)
+    median = {path: float(np.median(times)) for path, times in seconds.items()}
+    return min(READ_PATHS, key=median.__getitem__), median
 
 
 def tile_class(labels: np.ndarray, class_order: Sequence[int]) -> int:
@@ -152,6 +232,7 @@ class _SlideEntry:
     level0_mpp: float
     level0_size: tuple[int, int]
     labels_at: _AnnotationLabels | _MaskLabels | None
+    read_path: str
 
 
 def _grid_starts(length_px: int, stride0: float) -> np.ndarray:
@@ -228,8 +309,9 @@ class MultiMagnificationDataset(torch.utils.data.Dataset):
     """DMMN tiles of a datalist: three concentric views per tile, labels of the 20x view when training.
 
     Items are dicts: ``x20``, ``x10``, ``x5`` (3, patch_px, patch_px) uint8 tensors, ``location`` level-0 (x, y)
-    of the common centre (float64), ``slide_index``, and in training mode ``label`` (patch_px, patch_px) long
-    (0 = unannotated, 1..C), then ``transform``. Tiles are target squares of ``patch_px`` at ``mpps[0]`` on a grid of
+    of the common centre (float64), ``slide_index``, in training mode ``label`` (patch_px, patch_px) long
+    (0 = unannotated, 1..C), in inference mode ``error`` ("" when the read succeeded; a failed read gives black
+    views and the error, so the writer drops that slide and finishes the others), then ``transform``. Tiles are target squares of ``patch_px`` at ``mpps[0]`` on a grid of
     stride ``stride_px`` at ``mpps[0]`` anchored at level-0 (0, 0).
 
     Training: a tile is kept when more than ``min_annotated`` of its target pixels are annotated; its class is the
@@ -240,6 +322,10 @@ class MultiMagnificationDataset(torch.utils.data.Dataset):
 
     Inference: every grid tile whose target touches tissue (:func:`pathbundles.tissue.tissue_mask`), or every tile
     of the slide with ``use_tissue=False``; the paper skips Otsu on TNBC because it drops adipose tissue.
+
+    Read path: with ``read_path="auto"`` each slide is read by the path :func:`choose_read_path` finds faster on up
+    to ``1 + AUTO_READ_REPEATS`` of its tiles (spread over its tile list) when the dataset is built; the choice is
+    logged and kept in :attr:`read_paths`. A slide without tiles is never read and gets "levels" untimed.
 
     Args:
         data: datalist dicts with ``image`` and, for training, one of ``label_keys``.
@@ -255,7 +341,10 @@ class MultiMagnificationDataset(torch.utils.data.Dataset):
             ``mpps[0]``; class names from ``classes`` or the item's "classes"), or a label-map image over the
             whole slide ("partial_labels", "labels").
         classes: {id: name} for polygon annotations.
-        read_path: "levels" or "tile", as for :func:`read_concentric`.
+        read_path: "auto" (time both per slide, keep the faster), or "levels" or "tile" for every slide, as for
+            :func:`read_concentric`.
+        pad_value: grey level of view pixels outside the slide (0, the paper's zero padding), or None for the
+            reader's white; use the same value for training and inference.
         use_tissue: inference only: restrict the grid to tissue.
         tissue_mpp: um/px of the tissue mask.
         seed: seed of the elastic deformations.
@@ -267,20 +356,24 @@ class MultiMagnificationDataset(torch.utils.data.Dataset):
                  class_order: Sequence[int] = (), rates: Mapping[int, int] | None = None,
                  mpps: Sequence[float] = MPPS_20X_10X_5X, patch_px: int = 256, stride_px: int = 256,
                  min_annotated: float = 0.01, label_keys: Sequence[str] = ("annotation", "partial_labels", "labels"),
-                 classes: Mapping[int, str] | None = None, read_path: Literal["levels", "tile"] = "levels",
-                 use_tissue: bool = True, tissue_mpp: float = 8.0, seed: int = 0, backend: str = "auto",
+                 classes: Mapping[int, str] | None = None, read_path: Literal["auto", "levels", "tile"] = "auto",
+                 pad_value: int | None = 0, use_tissue: bool = True, tissue_mpp: float = 8.0, seed: int = 0,
+                 backend: str = "auto",
                  transform: Callable[[dict], dict] | None = None) -> None:
         from pathbundles.tissue import LevelMask, tissue_mask
         from pathbundles.wsi import open_slide
 
         if mode not in ("train", "infer"):
             raise ValueError(f"mode {mode!r}: expected 'train' or 'infer'")
+        if read_path not in ("auto", *READ_PATHS):
+            raise ValueError(f"read_path {read_path!r}: expected 'auto' or one of {READ_PATHS}")
+        _check_pad_value(pad_value)
         self.mode, self.mpps, self.patch_px, self.stride_px = mode, tuple(float(m) for m in mpps), patch_px, stride_px
         self.class_order, self.rates = tuple(int(c) for c in class_order), {int(k): int(v) for k, v in
                                                                             (rates or {}).items()}
         if any(r < 0 for r in self.rates.values()):
             raise ValueError(f"rates must be non-negative integers, got {self.rates}")
-        self.read_path, self.seed, self.transform = read_path, seed, transform
+        self.pad_value, self.seed, self.transform = pad_value, seed, transform
         self.handles = SlideHandles(backend)
         self.slides: list[_SlideEntry] = []
         tiles = []  # rows (slide index, origin x, origin y, class)
@@ -289,30 +382,59 @@ class MultiMagnificationDataset(torch.utils.data.Dataset):
             with open_slide(path, backend=backend) as slide:
                 level0_mpp, level0_size = _level0_mpp(slide), tuple(slide.level_dimensions[0])
                 tissue = tissue_mask(slide, mpp=tissue_mpp) if mode == "infer" and use_tissue else None
-            labels_at = _labels_of(item, label_keys, classes, level0_mpp, level0_size) if mode == "train" else None
-            if mode == "train" and labels_at is None:
-                raise ValueError(f"{path}: training needs labels, the datalist item has none of {tuple(label_keys)}")
-            self.slides.append(_SlideEntry(name, path, level0_mpp, level0_size, labels_at))
-            if labels_at is not None:
-                origins = labels_at.candidate_origins(patch_px, stride_px, self.mpps[0])
-            else:
-                if tissue is None:  # one foreground mask pixel over the whole frame: every grid tile
-                    tissue = LevelMask(np.ones((1, 1), bool), max(level0_size) * level0_mpp, level0_mpp, level0_size)
-                origins = tissue.tile_origins(patch_px, stride_px, self.mpps[0])
-            for x0, y0 in origins:
-                cls = 0
+                labels_at = (_labels_of(item, label_keys, classes, level0_mpp, level0_size) if mode == "train"
+                             else None)
+                if mode == "train" and labels_at is None:
+                    raise ValueError(f"{path}: training needs labels, the datalist item has none of "
+                                     f"{tuple(label_keys)}")
                 if labels_at is not None:
-                    labels = labels_at((float(x0), float(y0)), patch_px, self.mpps[0])
-                    if np.count_nonzero(labels) <= min_annotated * labels.size:
-                        continue
-                    cls = tile_class(labels, self.class_order)
-                tiles.append((index, int(x0), int(y0), cls))
-            logger.info("%s: %d tiles", name, sum(1 for t in tiles if t[0] == index))
+                    origins = labels_at.candidate_origins(patch_px, stride_px, self.mpps[0])
+                else:
+                    if tissue is None:  # one foreground mask pixel over the whole frame: every grid tile
+                        tissue = LevelMask(np.ones((1, 1), bool), max(level0_size) * level0_mpp, level0_mpp,
+                                           level0_size)
+                    origins = tissue.tile_origins(patch_px, stride_px, self.mpps[0])
+                slide_tiles = []
+                for x0, y0 in origins:
+                    cls = 0
+                    if labels_at is not None:
+                        labels = labels_at((float(x0), float(y0)), patch_px, self.mpps[0])
+                        if np.count_nonzero(labels) <= min_annotated * labels.size:
+                            continue
+                        cls = tile_class(labels, self.class_order)
+                    slide_tiles.append((index, int(x0), int(y0), cls))
+                chosen = read_path if read_path != "auto" else self._timed_read_path(slide, name, slide_tiles)
+            self.slides.append(_SlideEntry(name, path, level0_mpp, level0_size, labels_at, chosen))
+            tiles.extend(slide_tiles)
+            logger.info("%s: %d tiles, read path %r", name, len(slide_tiles), chosen)
         self.tiles = np.asarray(tiles, dtype=np.int64).reshape(-1, 4)
         copies = np.array([1 + self.rates.get(int(c), 0) for c in self.tiles[:, 3]], dtype=np.int64)
         # Item i -> (tile, copy): copy 0 is the tile as read, copies 1.. are deformed.
         self.item_tile = np.repeat(np.arange(len(self.tiles)), copies)
         self.item_copy = np.concatenate([np.arange(n) for n in copies]) if len(copies) else np.zeros(0, np.int64)
+
+    def _centre(self, x0: float, y0: float, level0_mpp: float) -> tuple[float, float]:
+        """Level-0 centre of the views of the tile whose target starts at level-0 (x0, y0)."""
+        half = self.patch_px / 2 * self.mpps[0] / level0_mpp
+        return x0 + half, y0 + half
+
+    def _timed_read_path(self, slide: Any, name: str, slide_tiles: list[tuple[int, int, int, int]]) -> str:
+        """The faster read path of one slide, timed by :func:`choose_read_path` on tiles spread over its list."""
+        if not slide_tiles:
+            logger.info("%s: no tiles, read path 'levels' not timed", name)
+            return "levels"
+        picks = np.unique(np.linspace(0, len(slide_tiles) - 1, 1 + AUTO_READ_REPEATS).round().astype(int))
+        level0_mpp = _level0_mpp(slide)
+        centres = [self._centre(slide_tiles[i][1], slide_tiles[i][2], level0_mpp) for i in picks]
+        path, seconds = choose_read_path(slide, centres, self.mpps, self.patch_px, repeats=AUTO_READ_REPEATS)
+        logger.info("%s: read path %r, faster of %s ms per patch set (%s backend)", name, path,
+                    ", ".join(f"{p} {1e3 * s:.1f}" for p, s in seconds.items()), slide.backend)
+        return path
+
+    @property
+    def read_paths(self) -> dict[str, str]:
+        """{slide name: read path} ("levels" or "tile") each slide is read with."""
+        return {entry.name: entry.read_path for entry in self.slides}
 
     def __len__(self) -> int:
         return len(self.item_tile)
@@ -327,9 +449,17 @@ class MultiMagnificationDataset(torch.utils.data.Dataset):
         t, k = int(self.item_tile[i]), int(self.item_copy[i])
         index, x0, y0, _ = (int(v) for v in self.tiles[t])
         entry = self.slides[index]
-        half = self.patch_px / 2 * self.mpps[0] / entry.level0_mpp
-        centre = (x0 + half, y0 + half)
-        views = read_concentric(self.handles(entry.path), centre, self.mpps, self.patch_px, self.read_path)
+        centre = self._centre(x0, y0, entry.level0_mpp)
+        error = ""
+        try:
+            views = read_concentric(self.handles(entry.path), centre, self.mpps, self.patch_px, entry.read_path,
+                                    self.pad_value)
+        except (PathBundlesError, OSError, ValueError) as err:
+            if self.mode == "train":
+                raise
+            # Inference: the writer drops this slide with the error and finishes the others.
+            views, error = [np.zeros((self.patch_px, self.patch_px, 3), np.uint8)] * len(self.mpps), \
+                f"{entry.path}: {err}"
         labels = entry.labels_at((float(x0), float(y0)), self.patch_px, self.mpps[0]) if entry.labels_at else None
         if k > 0:
             field = elastic_fields(np.random.default_rng((self.seed, t, k)))
@@ -337,6 +467,8 @@ class MultiMagnificationDataset(torch.utils.data.Dataset):
         item = {key: torch.from_numpy(np.ascontiguousarray(v.transpose(2, 0, 1))) for key, v in zip(VIEW_KEYS, views)}
         item["location"] = torch.tensor(centre, dtype=torch.float64)
         item["slide_index"] = index
+        if self.mode == "infer":
+            item["error"] = error
         if labels is not None:
             item["label"] = torch.from_numpy(labels.astype(np.int64))
         return self.transform(item) if self.transform is not None else item
