@@ -474,6 +474,13 @@ class HPFDetectionWriter:
         self.blobs.clear()
         self.detections.clear()
 
+    def results(self) -> list[dict]:
+        """One record per HPF written by the run: ``name``, ``score`` (highest detection score, 0 without any),
+        ``n_detections`` and ``outputs`` (the writer protocol of :mod:`pathbundles.bundle_runner`)."""
+        return [{"name": name, "score": float(d[:, 2].max()) if len(d) else 0.0, "n_detections": int(len(d)),
+                 "outputs": {k: v for k, v in self.outputs(name).items() if v.exists()}}
+                for name in self.dataset.names if (d := self.detections.get(name)) is not None]
+
     def outputs(self, name: str) -> dict[str, Path]:
         """The files written for HPF ``name``."""
         files = {"detections": self.output_dir / "detections" / f"{name}.csv"}

@@ -279,6 +279,12 @@ class SlideMapWriter:
             listing = "; ".join(f"{name}: {why}" for name, why in self.failed.items())
             raise RuntimeError(f"{len(self.failed)} slide(s) failed, the others were written: {listing}")
 
+    def results(self) -> list[dict]:
+        """One record per slide written by the run (datalist order): ``name``, ``score`` (max of the map),
+        ``n_detections`` and ``outputs`` {kind: path} (the writer protocol of :mod:`pathbundles.bundle_runner`)."""
+        return [{"name": name, "score": score, "n_detections": n, "outputs": self.outputs(name)}
+                for name, (score, n) in self.scores.items()]
+
     def outputs(self, name: str) -> dict[str, Path]:
         """The files written for slide ``name``."""
         return {"map": self.output_dir / "maps" / f"{name}.tif",
