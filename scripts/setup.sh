@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv (if needed) and install pathbundles with its test tools. Idempotent: skips pip when pyproject.toml
-# has not changed since the last successful install. Source it or run it; it prints nothing when up to date.
+# Create .venv (if needed) and install pathbundles with its test tools and the MONAI Deploy SDK (the [deploy]
+# extra). Idempotent: skips pip when pyproject.toml has not changed since the last successful install. Source it or
+# run it; it prints nothing when up to date.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${PATHBUNDLES_VENV:-$repo/.venv}"
@@ -16,7 +17,8 @@ fi
 stamp="$venv/.pathbundles-installed-$(cat "$repo/pyproject.toml" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
     "$venv/bin/python" -m pip install -q "$torch_spec"
-    "$venv/bin/python" -m pip install -q -e "$repo[dev]"
+    # [deploy]: the MONAI Deploy App SDK (Holoscan) that tests/test_deploy.py runs built applications with.
+    "$venv/bin/python" -m pip install -q -e "$repo[dev,deploy]"
     rm -f "$venv"/.pathbundles-installed-*
     touch "$stamp"
 fi

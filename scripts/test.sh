@@ -4,6 +4,8 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$repo/scripts/setup.sh"
 cd "$repo"
+# Holoscan (the [deploy] extra, imported with monai) asks for a 32 MB stack; raise it where the shell may.
+ulimit -s 32768 2>/dev/null || true
 export MPLBACKEND=Agg
 set +e
 "${PATHBUNDLES_VENV:-$repo/.venv}/bin/python" -m pytest -n "${PYTEST_WORKERS:-2}" --durations=15 "$@"

@@ -65,6 +65,14 @@ def registry(*, tracking_uri: str | None = None) -> object:
     return Registry(tracking_uri=tracking_uri)
 
 
+def deploy() -> object:
+    """MONAI Deploy application packages: ``deploy build --bundle bundles/<name> --out DIR`` (or ``--model
+    models:/<name>@champion [--tracking_uri URI]``); see docs/DEPLOY.md."""
+    from pathbundles.deploy.build import Deploy
+
+    return Deploy()
+
+
 COMMANDS = {
     "info": info,
     "tissue": tissue,
@@ -73,6 +81,7 @@ COMMANDS = {
     "mitosis_f1": mitosis_f1,
     "iou": iou,
     "registry": registry,
+    "deploy": deploy,
 }
 
 

@@ -1,0 +1,73 @@
+"""The application of a built bundle MAP: slide list -> bundle inference -> summary, and its entry point.
+
+A built application's ``app.py`` calls :func:`main` with its own folder::
+
+    python APP_DIR -i INPUT -o OUTPUT [--override KEY=VALUE ...] [-l DEBUG]
+
+``-i``/``-o`` default to ``$HOLOSCAN_INPUT_PATH``/``$HOLOSCAN_OUTPUT_PATH`` (set inside a MAP), else ``input`` and
+``output``. Holoscan wants an 8 MB+ stack: run ``ulimit -s 32768`` first, or it warns.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from monai.deploy.conditions import CountCondition
+from monai.deploy.core import AppContext, Application
+
+from pathbundles.deploy.operators import BundleInferenceOperator, ResultWriterOperator, SlideListLoaderOperator
+from pathbundles.deploy.runtime import AppSettings, load_settings, split_override_args
+from pathbundles.errors import PathBundlesError
+
+USAGE = """pathbundles options (before or after the SDK's):
+  --override KEY=VALUE  set a bundle config id for this run (repeatable; values as for python -m monai.bundle run,
+                        e.g. --override num_workers=0 --override ckpt_path=/models/other.pt); the pathbundles
+                        section of app.yaml gives the defaults
+"""
+
+
+class BundleApplication(Application):
+    """A MONAI Deploy application that runs one bundle's own inference workflow on a folder or list of slides.
+
+    Operators: :class:`~pathbundles.deploy.operators.SlideListLoaderOperator` (once) ->
+    :class:`~pathbundles.deploy.operators.BundleInferenceOperator` ->
+    :class:`~pathbundles.deploy.operators.ResultWriterOperator`. The output folder receives what
+    ``python -m monai.bundle run --output_dir`` writes for the same slides, plus ``summary.json``.
+
+    Args:
+        settings: the bundle, its input kind, configs and overrides (:func:`~pathbundles.deploy.runtime.load_settings`).
+        argv: the command line (``[sys.executable, script, *options]``), without ``--override`` options.
+    """
+
+    def __init__(self, settings: AppSettings, argv: Sequence[str] | None = None) -> None:
+        self.settings = settings
+        super().__init__(list(argv) if argv else None)
+        self.name = f"pathbundles-{settings.bundle.name}"
+
+    def compose(self) -> None:
+        context: AppContext = Application.init_app_context(self.argv)
+        loader = SlideListLoaderOperator(self, CountCondition(self, 1), input_path=context.input_path,
+                                         kind=self.settings.kind, name="slide_list_loader")
+        inference = BundleInferenceOperator(self, bundle=self.settings.bundle, output_dir=context.output_path,
+                                            config_files=self.settings.config_files,
+                                            overrides=self.settings.overrides, name="bundle_inference")
+        writer = ResultWriterOperator(self, output_dir=context.output_path, settings=self.settings,
+                                      name="result_writer")
+        self.add_flow(loader, inference, {("datalist", "datalist")})
+        self.add_flow(inference, writer, {("results", "results")})
+
+
+def main(app_dir: str | os.PathLike, argv: Sequence[str] | None = None) -> None:
+    """Run the application built in ``app_dir`` with the command line ``argv`` (default ``sys.argv``)."""
+    argv = list(sys.argv if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(USAGE)
+    try:
+        overrides, rest = split_override_args(argv)
+        settings = load_settings(app_dir, overrides)
+    except PathBundlesError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    BundleApplication(settings, [sys.executable, *rest]).run()

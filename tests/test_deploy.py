@@ -1,0 +1,369 @@
+"""MONAI Deploy applications of the bundles (``python -m pathbundles deploy build``, ``pathbundles.deploy``).
+
+The fast tests check the build context and the application's inputs, settings and summary without the SDK. The slow
+ones build each existing bundle, run the built application (``python DIR -i INPUT -o OUTPUT``, Holoscan on CPU) and
+``python -m monai.bundle run`` on the same two tiny phantom inputs with the same overrides, and compare every output
+file; and build one application from the MLflow registry (a temporary SQLite store) and run it with the
+``HOLOSCAN_INPUT_PATH``/``HOLOSCAN_OUTPUT_PATH`` variables a MAP sets. Those skip when the SDK is not installed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pathbundles.deploy.build import BUNDLE_EXCLUDED, build, input_kind, parse_model_uri, resources
+from pathbundles.deploy.runtime import (DeployError, load_settings, parse_value, slide_list, split_override_args,
+                                        summarize)
+from pathbundles.errors import InputError
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLES = REPO / "bundles"
+STACK_BYTES = 32 * 1024 * 1024  # what Holoscan asks for (docs/DEPLOY.md: ulimit -s 32768)
+
+
+def _sdk_missing() -> str | None:
+    try:
+        import holoscan  # noqa: F401
+        import monai.deploy.core  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - any import failure means the applications cannot run here
+        return f"MONAI Deploy App SDK (monai-deploy-app-sdk, holoscan) not importable: {err}; pip install '.[deploy]'"
+    return None
+
+
+needs_sdk = pytest.mark.skipif(_sdk_missing() is not None, reason=str(_sdk_missing()))
+
+
+def existing_bundle(name: str) -> Path:
+    bundle = BUNDLES / name
+    if not (bundle / "configs" / "inference.json").is_file():
+        pytest.skip(f"bundle {name} does not exist (yet) at {bundle}")
+    return bundle
+
+
+# ------------------------------------------------------------------------------------------------ build context
+
+def test_build_writes_a_complete_build_context(tmp_path: Path) -> None:
+    import yaml
+
+    out = tmp_path / "app"
+    result = build(out, bundle=BUNDLES / "scannet")
+    assert result["out"] == str(out) and result["kind"] == "metastasis" and result["warnings"] == []
+    assert {p.name for p in out.iterdir()} == {"__main__.py", "app.py", "app.yaml", "requirements.txt", "build.json",
+                                               "README.md", "bundle", "pathbundles"}
+    # The bundle's content, not its outputs; the pathbundles source the application runs, without caches.
+    assert sorted(p.name for p in (out / "bundle").iterdir()) == ["LICENSE", "configs", "docs", "models"]
+    assert (out / "bundle" / "models" / "model.pt").read_bytes() == (BUNDLES / "scannet/models/model.pt").read_bytes()
+    assert (out / "pathbundles" / "deploy" / "app.py").is_file() and not list(out.rglob("__pycache__"))
+    app_yaml = yaml.safe_load((out / "app.yaml").read_text())
+    assert app_yaml["application"]["version"] == json.loads((BUNDLES / "scannet/configs/metadata.json").read_text())[
+        "version"]
+    assert app_yaml["resources"] == {"cpu": 2, "gpu": 0, "memory": "3Gi"}  # 2 x 1136 MiB measured, whole GiB
+    assert app_yaml["pathbundles"] == {"bundle": "bundle", "kind": "metastasis", "config_files": ["inference.json"],
+                                       "overrides": {}}
+    requirements = [r for r in (out / "requirements.txt").read_text().splitlines() if r and not r.startswith("#")]
+    pins = dict(r.split("==") for r in requirements)
+    assert "+" not in pins["torch"]  # the public version (2.13.0, not 2.13.0+cpu): a GPU image gets CUDA torch
+    assert {"monai", "pytorch-ignite", "openslide-python", "numpy"} <= set(pins) and "holoscan-cli" not in pins
+    record = json.loads((out / "build.json").read_text())
+    assert record["source"] == {"bundle": str(BUNDLES / "scannet")} and record["bundle"] == result["bundle"]
+    assert len(record["bundle"]["weights_sha256"]) == 64
+    readme = (out / "README.md").read_text()
+    assert (f"monai-deploy package {out} --config {out / 'app.yaml'} --tag pathbundles-scannet:0.1.0 "
+            "--platform x86_64 -l DEBUG") in readme
+    assert "ulimit -s 32768" in readme and f"python {out} -i INPUT -o OUTPUT" in readme
+    assert "from app import main" in (out / "__main__.py").read_text()
+
+
+def test_build_refuses_a_used_target_and_ambiguous_sources(tmp_path: Path) -> None:
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "keep.txt").write_text("x")
+    with pytest.raises(DeployError, match="not an empty folder"):
+        build(tmp_path / "used", bundle=BUNDLES / "scannet")
+    with pytest.raises(DeployError, match="exactly one of"):
+        build(tmp_path / "a", bundle=BUNDLES / "scannet", model="models:/pathbundles-scannet@champion")
+    with pytest.raises(DeployError, match="not a bundle"):
+        build(tmp_path / "b", bundle=tmp_path / "used")
+    assert not (tmp_path / "b").exists() and [p.name for p in tmp_path.iterdir()] == ["used"]  # nothing half-built
+
+
+def test_build_of_a_bundle_without_weights_warns(tmp_path: Path) -> None:
+    import shutil
+
+    bundle = tmp_path / "segmitos"
+    shutil.copytree(BUNDLES / "segmitos", bundle, ignore=shutil.ignore_patterns("eval", "*.pt"))
+    result = build(tmp_path / "app", bundle=bundle)
+    assert result["kind"] == "mitosis" and result["bundle"]["weights_sha256"] is None
+    assert any("--override ckpt_path=" in w for w in result["warnings"])
+    assert "--override ckpt_path=" in (tmp_path / "app" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name, kind", [("scannet", "metastasis"), ("spatial_lstm", "metastasis"),
+                                        ("segmitos", "mitosis"), ("dmmn", "multiclass")])
+def test_input_kind_is_read_from_the_bundle_s_datalist(name: str, kind: str) -> None:
+    assert input_kind(existing_bundle(name)) == kind
+
+
+def test_resources_and_model_uris() -> None:
+    assert resources("segmitos")["memory"] == "4Gi" and resources("spatial_lstm")["memory"] == "2Gi"
+    assert resources("dmmn") == {"cpu": 2, "gpu": 0, "memory": "4Gi"}  # not benchmarked: the default
+    assert resources("scannet", gpu=1, memory="16Gi") == {"cpu": 2, "gpu": 1, "memory": "16Gi", "gpuMemory": "8Gi"}
+    with pytest.raises(DeployError, match="--gpu 2"):
+        resources("scannet", gpu=2)
+    assert parse_model_uri("models:/pathbundles-scannet@champion") == ("pathbundles-scannet", "champion", None)
+    assert parse_model_uri("models:/pathbundles-scannet/3") == ("pathbundles-scannet", None, "3")
+    with pytest.raises(DeployError, match="expected models:/<name>@<alias>"):
+        parse_model_uri("runs:/abc/bundle")
+
+
+def test_bundle_content_is_what_the_registry_registers() -> None:
+    from pathbundles import registry
+
+    assert BUNDLE_EXCLUDED == registry._EXCLUDED
+
+
+# ------------------------------------------------------------------------------------------------ runtime pieces
+
+def test_slide_list_reads_folders_datalists_slides_and_manifests(tmp_path: Path) -> None:
+    for name in ("b.tif", "a.svs", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    folder = slide_list(tmp_path, "metastasis")
+    assert folder == [{"image": str(tmp_path / "a.svs")}, {"image": str(tmp_path / "b.tif")}]
+    assert slide_list(tmp_path / "b.tif", "metastasis") == [{"image": str(tmp_path / "b.tif")}]
+    (tmp_path / "sub" / "list.txt").write_text("# slides\n../b.tif\n\n../a.svs\n")
+    assert slide_list(tmp_path / "sub" / "list.txt", "metastasis") == [{"image": str(tmp_path / "b.tif")},
+                                                                       {"image": str(tmp_path / "a.svs")}]
+    (tmp_path / "sub" / "bad.txt").write_text("../b.tif\n../gone.tif\n")
+    with pytest.raises(InputError, match=r"bad.txt, line 2: .*gone.tif: no such file"):
+        slide_list(tmp_path / "sub" / "bad.txt", "metastasis")
+    (tmp_path / "data.json").write_text(json.dumps({"items": [{"image": "b.tif", "label": 1}]}))
+    assert slide_list(tmp_path / "data.json", "metastasis") == [{"image": str(tmp_path / "b.tif"), "label": 1}]
+    (tmp_path / "hpf").mkdir()
+    (tmp_path / "hpf" / "x.png").write_bytes(b"x")
+    assert slide_list(tmp_path / "hpf", "mitosis") == [{"image": str(tmp_path / "hpf" / "x.png")}]
+    with pytest.raises(InputError, match="no slide files"):
+        slide_list(tmp_path / "hpf", "metastasis")
+    with pytest.raises(InputError, match="no such file or folder"):
+        slide_list(tmp_path / "missing", "metastasis")
+
+
+def test_overrides_come_from_app_yaml_then_the_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert [parse_value(v) for v in ("8", "0.5", "False", "true", "null", "[1, 2]", "{'a': 1}", "/x/m.pt")] == \
+        [8, 0.5, False, True, None, [1, 2], {"a": 1}, "/x/m.pt"]
+    overrides, rest = split_override_args(["app", "-i", "in", "--override", "lp=8", "--override=tta=False", "-o",
+                                           "out", "--override", "ckpt_path=/m/a=b.pt"])
+    assert overrides == {"lp": 8, "tta": False, "ckpt_path": "/m/a=b.pt"} and rest == ["app", "-i", "in", "-o", "out"]
+    with pytest.raises(DeployError, match="expected KEY=VALUE"):
+        split_override_args(["app", "--override", "lp"])
+
+    out = tmp_path / "app"
+    build(out, bundle=BUNDLES / "scannet")
+    monkeypatch.delenv("HOLOSCAN_CONFIG_PATH", raising=False)
+    settings = load_settings(out, {"lp": 8})
+    assert settings.bundle == out / "bundle" and settings.kind == "metastasis" and settings.overrides == {"lp": 8}
+    assert settings.build["bundle_id"] == "scannet"
+    # A run-time config (monai-deploy run --config) replaces app.yaml; the command line still wins.
+    config = tmp_path / "site.yaml"
+    config.write_text((out / "app.yaml").read_text().replace("overrides: {}", "overrides: {lp: 12, alpha: 1}"))
+    monkeypatch.setenv("HOLOSCAN_CONFIG_PATH", str(config))
+    assert load_settings(out, {"lp": 8}).overrides == {"lp": 8, "alpha": 1}
+    config.write_text("application: {title: x}\n")
+    with pytest.raises(DeployError, match="no 'pathbundles' section"):
+        load_settings(out)
+
+
+def test_summary_names_outputs_relative_to_the_output_folder(tmp_path: Path) -> None:
+    record = {"name": "s1", "score": 0.9, "n_detections": 2, "areas_mm2": {"carcinoma": 1.0},
+              "outputs": {"map": str(tmp_path / "maps" / "s1.tif")}}
+    info = {"name": "B", "version": "0.1.0", "weights_sha256": "ab", "config_sha256": "cd"}
+    summary = summarize([record], info, tmp_path, datalist=[{"image": "/data/s1.svs"}])
+    assert summary["slides"] == [{"slide": "s1", "image": "/data/s1.svs", "score": 0.9, "n_detections": 2,
+                                  "areas_mm2": {"carcinoma": 1.0}, "outputs": {"map": "maps/s1.tif"}}]
+    assert summary["bundle"]["weights_sha256"] == "ab" and summary["n_slides"] == 1
+
+
+# ---------------------------------------------------------------------------------- built applications end to end
+
+def _raise_stack_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    wanted = STACK_BYTES if hard == resource.RLIM_INFINITY else min(STACK_BYTES, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_STACK, (wanted, hard))
+
+
+def _run(command: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``command`` with one OpenMP thread (tiny networks gain nothing from a second busy core) and the stack
+    Holoscan asks for; fails the test with the output when it fails."""
+    environ = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    done = subprocess.run(command, check=False, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=environ, preexec_fn=_raise_stack_limit)
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+    return done
+
+
+def _files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+def assert_same_outputs(app_out: Path, bundle_out: Path) -> None:
+    """Every file the bundle run wrote, the application wrote too (and only ``summary.json`` besides), with equal
+    contents: CSV text, JSON/GeoJSON documents (output folder paths aside), TIFF pixels of every page, PNG pixels."""
+    import tifffile
+    from PIL import Image
+
+    expected = _files(bundle_out)
+    assert expected and _files(app_out) == expected | {"summary.json"}
+    for relative in sorted(expected):
+        a, b = app_out / relative, bundle_out / relative
+        suffix = a.suffix.lower()
+        if suffix in (".json", ".geojson"):
+            assert json.loads(a.read_text().replace(str(app_out), "<out>")) == \
+                json.loads(b.read_text().replace(str(bundle_out), "<out>")), relative
+        elif suffix == ".csv":
+            assert a.read_text() == b.read_text(), relative
+        elif suffix in (".tif", ".tiff"):
+            with tifffile.TiffFile(a) as ta, tifffile.TiffFile(b) as tb:
+                assert len(ta.pages) == len(tb.pages), relative
+                for pa, pb in zip(ta.pages, tb.pages):
+                    np.testing.assert_array_equal(pa.asarray(), pb.asarray(), err_msg=relative)
+        elif suffix == ".png":
+            with Image.open(a) as ia, Image.open(b) as ib:
+                np.testing.assert_array_equal(np.asarray(ia), np.asarray(ib), err_msg=relative)
+        else:
+            assert a.read_bytes() == b.read_bytes(), relative
+
+
+@pytest.fixture(scope="module")
+def tiny_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two small phantom inputs per kind, each alone in a folder: 2048 px slides (one tumour, one normal), 400 px
+    HPFs, 1024 px multi-class slides."""
+    from pathbundles.phantom import make_multiclass_dataset, make_phantom
+
+    root = tmp_path_factory.mktemp("deploy-data")
+    make_phantom(root / "metastasis", kind="metastasis", n=2, seed=7, size_px=(2048, 2048))
+    make_phantom(root / "mitosis", kind="mitosis", n=2, seed=3, size_px=400)
+    make_multiclass_dataset(root / "multiclass", n=2, seed=7, size_px=1024)
+    return {"metastasis": root / "metastasis", "mitosis": root / "mitosis" / "images",
+            "multiclass": root / "multiclass"}
+
+
+def _tiny_checkpoint(name: str, folder: Path) -> Path | None:
+    """A small random checkpoint for the bundles whose tests run a narrow network (None: the shipped weights)."""
+    import torch
+
+    torch.manual_seed(0)
+    if name == "spatial_lstm":
+        from pathbundles.spatial_lstm import SpatialLSTMNet
+
+        net = SpatialLSTMNet(widen_factor=0.0625, hidden_size=16)
+    elif name == "dmmn":
+        from pathbundles.dmmn import DMMN
+
+        net = DMMN("M3", num_classes=6, width=0.03125)
+    else:
+        return None
+    torch.save(net.state_dict(), folder / "tiny.pt")
+    return folder / "tiny.pt"
+
+
+#: (input kind, overrides as command-line strings) per bundle: the small settings of tests/test_<bundle>_bundle.py.
+CASES = {
+    "scannet": ("metastasis", {"lp": "8", "num_workers": "0"}),
+    "spatial_lstm": ("metastasis", {"widen_factor": "0.0625", "hidden_size": "16", "tile_px": "8", "tta": "False",
+                                    "num_workers": "0"}),
+    "segmitos": ("mitosis", {"num_workers": "0"}),
+    "dmmn": ("multiclass", {"width": "0.03125", "num_workers": "0", "batch_size": "4"}),
+}
+
+
+@pytest.mark.slow
+@needs_sdk
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_built_application_writes_what_the_bundle_writes(name: str, tiny_inputs: dict, tmp_path: Path) -> None:
+    bundle = existing_bundle(name)
+    kind, overrides = CASES[name]
+    ckpt = _tiny_checkpoint(name, tmp_path)
+    if ckpt is not None:
+        overrides = {**overrides, "ckpt_path": str(ckpt)}
+    app = tmp_path / "app"
+    build(app, bundle=bundle)  # the command line is tested with the registry build below
+    source = tiny_inputs[kind]
+    app_out, bundle_out = tmp_path / "app-out", tmp_path / "bundle-out"
+    done = _run([sys.executable, str(app), "-i", str(source), "-o", str(app_out),
+                 *[f"--override={k}={v}" for k, v in overrides.items()]], cwd=tmp_path)
+    assert "below the recommended minimum" not in done.stderr or \
+        resource.getrlimit(resource.RLIMIT_STACK)[1] < STACK_BYTES  # the documented ulimit silences Holoscan
+    _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
+          "--data_source", str(source), "--output_dir", str(bundle_out),
+          *[a for k, v in overrides.items() for a in (f"--{k}", v)]], cwd=tmp_path)
+    assert_same_outputs(app_out, bundle_out)
+
+    summary = json.loads((app_out / "summary.json").read_text())
+    metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert summary["bundle"]["name"] == metadata["name"] and summary["bundle"]["version"] == metadata["version"]
+    assert summary["pathbundles"]["path"] == str(app / "pathbundles")  # the code built into the application ran
+    assert summary["bundle"]["overrides"] == {k: parse_value(v) for k, v in overrides.items()}
+    assert sorted(s["image"] for s in summary["slides"]) == sorted(i["image"] for i in slide_list(source, kind))
+    for slide in summary["slides"]:
+        assert slide["outputs"] and all((app_out / p).is_file() for p in slide["outputs"].values())
+        assert 0.0 <= slide["score"] <= 1.0 and slide["n_detections"] >= 0
+    if (bundle_out / "slide_scores.csv").exists():  # the slide-level bundles' own table agrees with the summary
+        with open(bundle_out / "slide_scores.csv", newline="") as f:
+            rows = {r["name"]: r for r in csv.DictReader(f)}
+        for slide in summary["slides"]:
+            assert float(rows[slide["slide"]]["score"]) == pytest.approx(slide["score"], abs=1e-6)
+            assert int(rows[slide["slide"]]["n_detections"]) == slide["n_detections"]
+
+
+@pytest.mark.slow
+@needs_sdk
+def test_application_built_from_the_registry_runs_in_map_mode(tiny_inputs: dict, tmp_path: Path) -> None:
+    import shutil
+
+    from pathbundles import registry
+
+    bundle = tmp_path / "bundles" / "scannet"
+    shutil.copytree(BUNDLES / "scannet", bundle, ignore=shutil.ignore_patterns(*BUNDLE_EXCLUDED))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    registered = registry.register(bundle, tracking_uri=uri)
+    registry.promote(registered["name"], registered["version"], who="tester", why="deploy test", tracking_uri=uri)
+
+    app = tmp_path / "app"
+    done = _run([sys.executable, "-m", "pathbundles", "deploy", "build", "--model",
+                 "models:/pathbundles-scannet@champion", "--tracking_uri", uri, "--out", str(app)], cwd=tmp_path)
+    result = json.loads(done.stdout[done.stdout.index('{\n  "out"'):])
+    assert result["source"] == {"model_uri": "models:/pathbundles-scannet@champion",
+                                "registered_name": "pathbundles-scannet", "registered_version": "1"}
+    assert result["bundle"]["weights_sha256"] == registered["weights_sha256"]
+    for relative in ("configs/inference.json", "configs/metadata.json", "models/model.pt", "LICENSE"):
+        assert (app / "bundle" / relative).read_bytes() == (bundle / relative).read_bytes()
+
+    # As inside a MAP: input and output from the environment, the settings from $HOLOSCAN_CONFIG_PATH; the input is
+    # a manifest naming one slide.
+    tumour = tiny_inputs["metastasis"] / "phantom_tumor_000.tif"
+    (tmp_path / "input").mkdir()
+    manifest = tmp_path / "input" / "slides.txt"
+    manifest.write_text(f"# one slide\n{os.path.relpath(tumour, manifest.parent)}\n")
+    config = tmp_path / "site.yaml"
+    config.write_text((app / "app.yaml").read_text().replace("overrides: {}", "overrides: {lp: 8, num_workers: 0}"))
+    out = tmp_path / "output"
+    _run([sys.executable, str(app)], cwd=tmp_path, env={"HOLOSCAN_INPUT_PATH": str(manifest),
+                                                        "HOLOSCAN_OUTPUT_PATH": str(out),
+                                                        "HOLOSCAN_CONFIG_PATH": str(config)})
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["slide"] for s in summary["slides"]] == ["phantom_tumor_000"]
+    assert summary["bundle"]["overrides"] == {"lp": 8, "num_workers": 0}
+    assert summary["bundle"]["weights_sha256"] == registered["weights_sha256"]
+    assert summary["application"]["source"]["registered_version"] == "1"
+    assert summary["slides"][0]["score"] > 0.5 and summary["slides"][0]["n_detections"] >= 1  # the demo weights
+    assert (out / summary["slides"][0]["outputs"]["map"]).is_file()
