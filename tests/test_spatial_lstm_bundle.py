@@ -165,7 +165,9 @@ def test_train_and_ablations_write_their_own_checkpoint(small_dataset: Path, tmp
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
     assert "val_auc" in log and "Train completed, saved final checkpoint" in log
-    assert [p.name for p in tmp_path.iterdir()] == [ckpt_name]
+    # The best validation AUC is saved under ckpt_name (model selection), the last epoch beside it.
+    final_name = ckpt_name.replace(".pt", "_final.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ckpt_name, final_name])
     state = torch.load(tmp_path / ckpt_name, map_location="cpu")
     assert ("lstm.weight_ih_l0" in state) == has_lstm
     assert state["classifier.weight"].shape == (1, 16 if has_lstm else 32)  # hidden size, or int(512 / 16) features
@@ -183,4 +185,4 @@ def test_multi_gpu_overlay_runs_with_gloo_on_two_processes(small_dataset: Path, 
     log = result.stdout + result.stderr
     assert log.count("val_auc best value") == 2  # both ranks validate (metric gathered across ranks)
     assert log.count("Train completed, saved final checkpoint") == 1  # rank 0 only
-    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "model_final.pt"]

@@ -68,6 +68,10 @@ class SpatialLSTMNet(nn.Module):
         widen_factor: multiplier of ResNet-34's widths (64, 128, 256, 512); 1.0 is the paper's network, demo and
             test models are narrow. Feature size is ``int(512 * widen_factor)``.
         in_channels: input image channels.
+        feature_norm: LayerNorm on the patch features before the LSTM (not in the paper, which gives no detail). The
+            shipped demo weights have none; their unbounded post-ReLU pooled features (norms of 20-30) meet a
+            tumour logit that stalls at one ceiling (every tumour patch at sigmoid 0.61), which the LayerNorm is
+            meant to prevent (not yet shown by a full training).
 
     The CNN is MONAI's 2-D ``resnet34`` with a 7x7 stride-2 first convolution (He et al.; MONAI's default stride 1
     suits 3-D volumes), no final fully connected layer and no pretrained weights.
@@ -75,7 +79,7 @@ class SpatialLSTMNet(nn.Module):
 
     def __init__(self, grid_size: int = GRID_SIZE, crop_px: int = CROP_PX, hidden_size: int = 256,
                  use_lstm: bool = True, bidirectional: bool = False, widen_factor: float = 1.0,
-                 in_channels: int = 3) -> None:
+                 in_channels: int = 3, feature_norm: bool = False) -> None:
         super().__init__()
         from monai.networks.nets import resnet34
 
@@ -91,6 +95,7 @@ class SpatialLSTMNet(nn.Module):
         self.cnn = resnet34(pretrained=False, spatial_dims=2, n_input_channels=in_channels, conv1_t_size=7,
                             conv1_t_stride=2, widen_factor=widen_factor, feed_forward=False)
         self.feature_size = int(512 * widen_factor)
+        self.feature_norm = nn.LayerNorm(self.feature_size) if use_lstm and feature_norm else nn.Identity()
         self.lstm = nn.LSTM(self.feature_size, hidden_size, batch_first=True,
                             bidirectional=bidirectional) if use_lstm else None
         head_in = hidden_size * (2 if bidirectional else 1) if use_lstm else self.feature_size
@@ -113,7 +118,7 @@ class SpatialLSTMNet(nn.Module):
             raise ValueError(f"expected features (N, {self.grid_size * self.grid_size}, {self.feature_size}), "
                              f"got {list(features.shape)}")
         if self.lstm is not None:
-            features = self.lstm(features)[0]
+            features = self.lstm(self.feature_norm(features))[0]
         return self.classifier(features).squeeze(-1)
 
     def forward(self, grids: torch.Tensor) -> torch.Tensor:
