@@ -269,7 +269,7 @@ def _tiny_checkpoint(name: str, folder: Path) -> Path | None:
     elif name == "dmmn":
         from pathbundles.dmmn import DMMN
 
-        net = DMMN("M3", num_classes=6, width=0.03125)
+        net = DMMN("M3", num_classes=6, width=0.03125, batch_norm=True)
     else:
         return None
     torch.save(net.state_dict(), folder / "tiny.pt")

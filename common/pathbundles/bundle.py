@@ -19,6 +19,7 @@ DEMO_DATASETS: dict[tuple[str, str], tuple[int, int]] = {
     ("mitosis", "val"): (8, 500),
     ("mitosis", "test"): (12, 1000),
     ("multiclass", "train"): (4, 0),
+    ("multiclass", "val"): (2, 500),
     ("multiclass", "test"): (2, 1000),
 }
 

@@ -1,0 +1,186 @@
+"""The dmmn bundle end to end, through ``python -m monai.bundle`` as a user runs it (slow: subprocesses).
+
+Inference, evaluation and training run a narrow DMMN (width 1/32) at the real geometry (256 px views at 20x, 10x
+and 5x, stride 256) on two small phantom multi-class slides; the shipped weights are checked by metadata
+verification and TorchScript export (they do not yet reach the demo target, see the bundle's docs).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import bundle_helpers
+from bundle_helpers import REPO, check_metadata_and_network, merged
+
+BUNDLE = REPO / "bundles" / "dmmn"
+CONFIGS = BUNDLE / "configs"
+CLASSES = ["carcinoma", "benign epithelium", "stroma", "necrosis", "adipose", "background"]
+
+TINY_NET = ["--width", "0.03125"]
+TINY_SCAN = [*TINY_NET, "--num_workers", "0", "--batch_size", "4"]
+# Rates are cut so that one epoch is a few dozen tiles; validation on the same slides.
+TINY_TRAIN = [*TINY_NET, "--epochs", "1", "--batch_size", "4", "--num_workers", "0", "--class_rates",
+              "{'benign epithelium': 1}"]
+
+pytestmark = pytest.mark.slow
+
+
+def run_bundle(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """``bundle_helpers.run_bundle`` with one thread (tiny networks gain nothing from a second busy core)."""
+    return bundle_helpers.run_bundle(*args, OMP_NUM_THREADS="1", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory) -> Path:
+    """Two 1024 px phantom multi-class slides at 0.5 um/px and a tiny checkpoint for them."""
+    import torch
+
+    from pathbundles.dmmn import DMMN
+    from pathbundles.phantom import make_multiclass_dataset
+
+    root = tmp_path_factory.mktemp("dmmn-data")
+    make_multiclass_dataset(root, n=2, seed=7, size_px=1024)
+    torch.manual_seed(0)
+    torch.save(DMMN("M3", num_classes=6, width=0.03125, batch_norm=True).state_dict(), root / "tiny.pt")
+    return root
+
+
+def test_metadata_and_network_verify() -> None:
+    check_metadata_and_network(CONFIGS, OMP_NUM_THREADS="1")
+
+
+def test_torchscript_export_gives_same_outputs(tmp_path: Path) -> None:
+    import torch
+    from monai.bundle import ConfigParser
+
+    out = tmp_path / "model.ts"
+    result = run_bundle("ckpt_export", "network_def", "--filepath", str(out), "--ckpt_file",
+                        str(BUNDLE / "models" / "model.pt"), "--meta_file", str(CONFIGS / "metadata.json"),
+                        "--config_file", str(CONFIGS / "inference.json"), "--use_trace", "True",
+                        "--input_shape", "[1, 9, 256, 256]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    parser = ConfigParser()
+    parser.read_config(CONFIGS / "inference.json")
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(BUNDLE / "models" / "model.pt", map_location="cpu"))
+    net.eval()
+    x = torch.rand(2, 9, 256, 256, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(out))(x), net(x))
+
+
+def test_class_keys_follow_the_papers_order_and_rates() -> None:
+    from monai.bundle import ConfigParser
+
+    train = ConfigParser()
+    train.read_config(str(CONFIGS / "train.json"))
+    assert train.get_parsed_content("class_names") == CLASSES
+    # Benign epithelium first, then carcinoma, necrosis, background (Sec. III-A), as phantom class ids.
+    assert train.get_parsed_content("class_order") == [2, 1, 4, 6]
+    assert train.get_parsed_content("rates") == {2: 10, 1: 2, 4: 3, 6: 1}
+    assert train.get_parsed_content("optimizer#lr") == 5e-05
+    assert train.get_parsed_content("optimizer#momentum") == 0.99
+    assert train.get_parsed_content("optimizer#weight_decay") == 1e-04
+    infer = ConfigParser()
+    infer.read_config(str(CONFIGS / "inference.json"))
+    assert infer.get_parsed_content("class_names") == CLASSES
+
+
+def test_inference_writes_label_map_overlay_areas_and_regions(small_dataset: Path, tmp_path: Path) -> None:
+    import tifffile
+    from PIL import Image
+
+    out = tmp_path / "out"
+    result = run_bundle("run", "--config_file", str(CONFIGS / "inference.json"), "--data_source",
+                        str(small_dataset / "dataset.json"), "--output_dir", str(out), "--ckpt_path",
+                        str(small_dataset / "tiny.pt"), *TINY_SCAN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader(open(out / "areas.csv")))
+    assert [r["name"] for r in rows] == ["phantom_mc_000", "phantom_mc_001"]
+    for row in rows:
+        name = row["name"]
+        # The label map at the 20x grid: 1024 px at 0.5 um/px, every tile predicted (use_tissue False).
+        labels = tifffile.imread(out / "labels" / f"{name}.tif", level=0)
+        assert labels.shape == (1024, 1024) and labels.dtype == np.uint8
+        assert labels.min() >= 1 and labels.max() <= 6
+        areas = json.loads((out / "areas" / f"{name}.json").read_text())
+        counts = np.bincount(labels.ravel(), minlength=7)
+        for class_id, class_name in enumerate(CLASSES, start=1):
+            assert areas["classes"][class_name]["pixels"] == counts[class_id]
+            assert areas["classes"][class_name]["area_mm2"] == pytest.approx(counts[class_id] * 0.25e-6)
+            assert float(row[f"{class_name.replace(' ', '_')}_mm2"]) == pytest.approx(counts[class_id] * 0.25e-6)
+        with Image.open(out / "overlays" / f"{name}.png") as overlay:
+            assert overlay.size[1] >= 1024 * 0.5 / 16  # thumbnail at 16 um/px, legend beside it
+        regions = json.loads((out / "regions" / f"{name}.geojson").read_text())
+        assert regions["type"] == "FeatureCollection"
+        assert all(f["properties"]["classification"]["name"].lower() == "carcinoma" for f in regions["features"])
+
+
+def test_evaluate_writes_table_i_and_is_tracked_in_mlflow(small_dataset: Path, tmp_path: Path) -> None:
+    import mlflow
+
+    from pathbundles.tracking import EVALUATION_DIR, sqlite_uri
+
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    out = tmp_path / "eval"
+    result = run_bundle("run", "--config_file", merged(CONFIGS, "inference.json", "evaluate.json"), "--data_source",
+                        str(small_dataset / "dataset.json"), "--output_dir", str(out), "--ckpt_path",
+                        str(small_dataset / "tiny.pt"), *TINY_SCAN, "--tracking",
+                        str(REPO / "mlflow" / "tracking.json"), "--tracking_uri", uri, "--experiment_name",
+                        "dmmn-test")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "metrics.json").read_text())
+    metrics = report["metrics"]
+    ious = [metrics[f"iou_{c.replace(' ', '_')}"] for c in CLASSES]
+    defined = [v for v in ious if v is not None]
+    assert metrics["mean_iou"] == pytest.approx(float(np.mean(defined)))
+    table = (out / "table_i.md").read_text()
+    assert "| Carcinoma | IOU |" in table and "DMMN-M3" in table and "| Mean | IOU |" in table
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("dmmn-test").experiment_id])
+    assert run.data.metrics["mean_iou"] == pytest.approx(metrics["mean_iou"])
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, EVALUATION_DIR)}
+    assert f"{EVALUATION_DIR}/metrics.json" in logged
+
+
+def test_train_writes_best_and_final_checkpoints_and_class_weights(small_dataset: Path, tmp_path: Path) -> None:
+    import torch
+
+    data = str(small_dataset / "dataset.json")
+    result = run_bundle("run", "--config_file", str(CONFIGS / "train.json"), "--train_source", data,
+                        "--val_source", data, "--ckpt_dir", str(tmp_path / "models"), "--output_dir",
+                        str(tmp_path / "out"), *TINY_TRAIN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "val_mean_iou" in log and "Train completed, saved final checkpoint" in log
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model.pt", "model_final.pt"]
+    state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu")
+    assert state["final.2.weight"].shape[0] == 6
+    weights = json.loads((tmp_path / "out" / "class_weights.json").read_text())
+    pixels = np.array([weights["label_pixels"][str(c)] for c in range(1, 7)], float)
+    expected = 1 - pixels / pixels.sum()
+    np.testing.assert_allclose([weights["weights"][str(c)] for c in range(1, 7)], expected, rtol=1e-6)
+
+
+def test_multi_gpu_overlay_runs_with_gloo_on_two_processes(small_dataset: Path, tmp_path: Path) -> None:
+    data = str(small_dataset / "dataset.json")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543",
+         "-m", "monai.bundle", "run", "--config_file", merged(CONFIGS, "train.json", "multi_gpu_train.json"),
+         "--train_source", data, "--val_source", data, "--ckpt_dir", str(tmp_path / "models"), "--output_dir",
+         str(tmp_path / "out"), *TINY_TRAIN],
+        cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert log.count("val_mean_iou best value") == 2  # both ranks validate
+    assert log.count("Train completed, saved final checkpoint") == 1  # rank 0 only
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model.pt", "model_final.pt"]
