@@ -73,6 +73,15 @@ def deploy() -> object:
     return Deploy()
 
 
+def cohort(bundle: str, slides: str, out: str, config: str | list[str] = "inference.json",
+           timeout_hours: float = 72.0, **overrides: Any) -> None:
+    """Run BUNDLE over SLIDES (folder or datalist) into OUT, resumable; under torchrun every process takes a share
+    balanced by slide area. Further ``--key value`` flags set bundle config ids (see docs/COHORT.md)."""
+    from pathbundles.cohort import cohort_cli
+
+    cohort_cli(bundle, slides, out, config=config, timeout_hours=timeout_hours, **overrides)
+
+
 COMMANDS = {
     "info": info,
     "tissue": tissue,
@@ -82,6 +91,7 @@ COMMANDS = {
     "iou": iou,
     "registry": registry,
     "deploy": deploy,
+    "cohort": cohort,
 }
 
 

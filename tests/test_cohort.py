@@ -1,0 +1,307 @@
+"""Cohort inference (``pathbundles.cohort``): sharding, manifest and resume rules, summary tables, and the scannet
+bundle over phantom slides in one process and in two gloo processes under torchrun (slow: subprocesses)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bundle_helpers import REPO
+from pathbundles import cohort
+from pathbundles.cohort import (LoopTimer, ProcessGroup, is_done, read_manifest, run_cohort, shard_by_area,
+                                slide_key)
+
+SCANNET = REPO / "bundles" / "scannet"
+BUNDLE = {"name": "b", "version": "1", "weights_sha256": "w", "config_sha256": "c"}
+#: bundle outputs, as opposed to the cohort's own files
+COHORT_FILES = {"manifest.json", "summary.json", "slides.csv", "scores.csv"}
+
+
+# ---- sharding ----------------------------------------------------------------------------------------------------
+
+
+def test_shards_balance_area_not_count() -> None:
+    # Largest first to the least loaded rank: 10->0, 7->1, 6->1 (13), 5->0 (15), 4->1 (17), 2->0 (17).
+    assert shard_by_area([10, 7, 6, 5, 4, 2], 2) == [[0, 3, 5], [1, 2, 4]]
+    # One huge slide against four small ones: 1 slide on rank 0, 4 on rank 1 (a count split would give 100+1+1).
+    assert shard_by_area([1, 100, 1, 1, 1], 2) == [[1], [0, 2, 3, 4]]
+    # Slides of unknown area (0) still spread by count; more ranks than slides leaves ranks idle.
+    assert shard_by_area([0, 0, 0], 2) == [[0, 2], [1]]
+    assert shard_by_area([3, 5], 3) == [[1], [0], []]
+    shards = shard_by_area(list(np.random.default_rng(0).uniform(1, 50, 40)), 4)
+    assert sorted(i for s in shards for i in s) == list(range(40))
+    with pytest.raises(ValueError, match="world_size 0"):
+        shard_by_area([1.0], 0)
+
+
+def test_slide_key_names_items_as_the_writers_do() -> None:
+    assert slide_key({"image": "/d/tumor_001.tif"}) == "tumor_001"
+    assert slide_key({"image": "/d/tumor_001.tif", "name": "case-7"}) == "case-7"
+    assert slide_key({"image": "/d/slide.svs", "box": [100, 2000.0, 512, 512]}) == "slide_x100_y2000"
+
+
+# ---- manifest and resume -----------------------------------------------------------------------------------------
+
+
+def _record(slide: str, status: str = "done", outputs: dict | None = None, **bundle: str) -> dict:
+    return {"name": slide, "status": status, "bundle": {**BUNDLE, **bundle},
+            "outputs": {"map": f"maps/{slide}.tif"} if outputs is None else outputs}
+
+
+def test_resume_skips_only_slides_done_with_the_same_bundle_and_present_outputs(tmp_path: Path) -> None:
+    (tmp_path / "maps").mkdir()
+    (tmp_path / "maps" / "a.tif").write_bytes(b"x")
+    assert is_done(_record("a"), BUNDLE, tmp_path)
+    assert is_done(_record("a", status="skipped"), BUNDLE, tmp_path)  # skipped carries the done record
+    assert not is_done(_record("a", status="failed"), BUNDLE, tmp_path)  # failed slides are retried
+    assert not is_done(None, BUNDLE, tmp_path)
+    for key in ("name", "version", "weights_sha256", "config_sha256"):
+        assert not is_done(_record("a", **{key: "other"}), BUNDLE, tmp_path), key
+    assert not is_done(_record("b"), BUNDLE, tmp_path)  # its output file is gone
+    assert not is_done(_record("a", outputs={}), BUNDLE, tmp_path)
+
+
+def test_manifest_merges_fragments_in_run_order_and_ignores_a_cut_line(tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": 1, "slides": {"a": _record("a", "failed"),
+                                                                                   "c": _record("c")}}))
+    cohort.ManifestFragment(tmp_path, "20260101T000000Z-aaaaaa", 0).append(_record("a"))
+    cohort.ManifestFragment(tmp_path, "20260101T000000Z-aaaaaa", 1).append(_record("b", "failed"))
+    later = cohort.ManifestFragment(tmp_path, "20260102T000000Z-bbbbbb", 1)
+    later.append(_record("b"))
+    with open(later.path, "a") as f:
+        f.write('{"name": "c", "status": "fai')  # killed while writing
+    records = read_manifest(tmp_path)
+    assert {k: r["status"] for k, r in records.items()} == {"a": "done", "b": "done", "c": "done"}
+    merged = cohort.merge_manifest(tmp_path, skipped={"c": "run-3"})
+    assert merged["c"]["status"] == "skipped" and merged["c"]["skipped_in"] == "run-3"
+    assert not (tmp_path / "manifest").exists()
+    assert json.loads((tmp_path / "manifest.json").read_text())["slides"] == merged
+
+
+def _fake_runner(failing: set[str]):
+    """A bundle stand-in: writes maps/<name>.txt and a per-run CSV, raises for the slides in ``failing``."""
+
+    def run(item: dict, work_dir: Path) -> tuple[dict, dict]:
+        name = Path(item["image"]).stem
+        (work_dir / "maps").mkdir()
+        (work_dir / "maps" / f"{name}.txt").write_text(name)
+        (work_dir / "slide_scores.csv").write_text("per-run file, not a slide output")
+        if name in failing:
+            raise RuntimeError(f"{item['image']}: cannot read tile 3")
+        timing = {"iterations": 3, "first_batch_s": 0.5, "data_wait_s": 0.25, "iteration_s": 0.75, "tail_s": 0.1,
+                  "run_s": 1.6, "steady_data_wait_fraction": 0.25}
+        return {"name": name, "score": len(name) / 10, "n_detections": 2, "outputs": {
+            "map": str(work_dir / "maps" / f"{name}.txt")}}, timing
+
+    return run
+
+
+def test_cohort_records_failures_summarises_and_resumes(tmp_path: Path) -> None:
+    items = [{"image": str(tmp_path / f"{n}.tif"), "label": label} for n, label in
+             (("t1", 1), ("n22", 0), ("bad", 0), ("t333", 1))]
+    out = tmp_path / "out"
+    summary = run_cohort(items, out, BUNDLE, _fake_runner({"bad"}))
+    assert (summary["slides"], summary["done"], summary["failed"], summary["skipped"]) == (4, 3, 1, 0)
+    assert "cannot read tile 3" in summary["failed_slides"]["bad"]
+    assert summary["steady_data_wait_fraction"] == pytest.approx(0.25)
+    assert summary["slide_auc"] == pytest.approx(0.5)  # score = len(name) / 10: tumours 0.2, 0.4; normal 0.3
+    # A failed slide leaves no file; per-run files of the bundle are not slide outputs; no work folder is left.
+    assert sorted(p.name for p in (out / "maps").iterdir()) == ["n22.txt", "t1.txt", "t333.txt"]
+    assert not (out / "slide_scores.csv").exists() and not (out / ".cohort-work").exists()
+    manifest = json.loads((out / "manifest.json").read_text())["slides"]
+    assert manifest["bad"]["status"] == "failed" and "bad.tif" in manifest["bad"]["error"]
+    assert manifest["t1"]["outputs"] == {"map": "maps/t1.txt"} and manifest["t1"]["bundle"] == BUNDLE
+    assert manifest["t1"]["timing"]["data_wait_s"] == 0.25 and manifest["t1"]["label"] == 1
+    scores = list(csv.DictReader(open(out / "scores.csv")))
+    assert [(r["name"], r["label"], r["score"]) for r in scores] == [("t1", "1", "0.200000"), ("n22", "0", "0.300000"),
+                                                                     ("t333", "1", "0.400000")]
+    rows = {r["name"]: r for r in csv.DictReader(open(out / "slides.csv"))}
+    assert rows["bad"]["status"] == "failed" and rows["t1"]["status"] == "done"
+    assert float(rows["t1"]["setup_s"]) == pytest.approx(float(rows["t1"]["seconds"]) - 1.6)
+
+    # The same command again: done slides are skipped, the failed one is retried (and now succeeds).
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "maps").iterdir()}
+    time.sleep(0.01)
+    again = run_cohort(items, out, BUNDLE, _fake_runner(set()))
+    assert (again["done"], again["failed"], again["skipped"]) == (1, 0, 3)
+    manifest = json.loads((out / "manifest.json").read_text())["slides"]
+    assert manifest["bad"]["status"] == "done" and manifest["bad"]["run_id"] == again["run_id"]
+    assert manifest["t1"]["status"] == "skipped" and manifest["t1"]["run_id"] == summary["run_id"]
+    assert all((out / "maps" / n).stat().st_mtime_ns == t for n, t in before.items())
+    # Another configuration redoes everything.
+    third = run_cohort(items, out, {**BUNDLE, "config_sha256": "c2"}, _fake_runner(set()))
+    assert (third["done"], third["skipped"]) == (4, 0)
+
+
+def test_cohort_refuses_two_slides_with_one_name(tmp_path: Path) -> None:
+    items = [{"image": str(tmp_path / "a" / "s.tif")}, {"image": str(tmp_path / "b" / "s.tif")}]
+    with pytest.raises(ValueError, match="same name.*s"):
+        run_cohort(items, tmp_path / "out", BUNDLE, _fake_runner(set()), ProcessGroup())
+
+
+def test_loop_timer_separates_data_waits_from_iterations() -> None:
+    from ignite.engine import Engine
+
+    def slow_batches():
+        for i in range(6):
+            time.sleep(0.03)
+            yield i
+
+    engine = Engine(lambda e, batch: time.sleep(0.01))
+    timer = LoopTimer()
+    timer.attach(engine)
+    engine.run(slow_batches(), max_epochs=1, epoch_length=6)
+    s = timer.summary()
+    assert s["iterations"] == 6 and s["first_batch_s"] >= 0.025
+    assert s["data_wait_s"] >= 5 * 0.025 and s["iteration_s"] >= 6 * 0.008
+    assert 0.5 < s["steady_data_wait_fraction"] < 0.9
+    assert s["run_s"] >= s["first_batch_s"] + s["data_wait_s"] + s["iteration_s"]
+
+
+def test_bundle_run_overlay_takes_configs_and_overrides_from_the_command_line(monkeypatch, tmp_path: Path) -> None:
+    calls = {}
+
+    def fake_command(bundle, slides, out, config_files, overrides):
+        calls.update(bundle=bundle, slides=slides, out=out, config_files=config_files, overrides=overrides)
+        return {"failed": 0}
+
+    monkeypatch.setattr(cohort, "cohort_command", fake_command)
+    configs = SCANNET / "configs"
+    monkeypatch.setattr(sys, "argv", ["monai.bundle", "run", "--config_file",
+                                      f"['{configs / 'inference.json'}','{configs / 'cohort.json'}']",
+                                      "--data_source", "slides/", "--output_dir=out", "--lp", "8", "--amp",
+                                      "--detection_threshold=0.7"])
+    cohort.bundle_run_command(str(SCANNET), [{"image": "x.tif"}], str(tmp_path))
+    assert calls["config_files"] == [str(configs / "inference.json")]
+    assert calls["overrides"] == {"lp": 8, "amp": True, "detection_threshold": 0.7}
+    monkeypatch.setattr(cohort, "cohort_command", lambda *a, **k: {"failed": 1, "failed_slides": {"x": "broken"},
+                                                                    "files": {"slides": "slides.csv"}})
+    with pytest.raises(RuntimeError, match="1 slide.*x: broken"):
+        cohort.bundle_run_command(str(SCANNET), [{"image": "x.tif"}], str(tmp_path))
+
+
+def test_the_bundle_lists_the_slides_of_a_folder(tmp_path: Path) -> None:
+    for name in ("b.tif", "a.svs", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    items = cohort.bundle_datalist(SCANNET, tmp_path)
+    assert [Path(i["image"]).name for i in items] == ["a.svs", "b.tif"]
+
+
+# ---- the scannet bundle, one process and two gloo processes ------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(*args: str, nproc: int = 0, **env: str) -> subprocess.CompletedProcess:
+    """``python -m ARGS`` in one process (nproc 0) or under torchrun with ``nproc`` gloo processes on CPU."""
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+                str(_free_port())] if nproc else []
+    environ = {k: v for k, v in os.environ.items() if k != cohort.STOP_AFTER_ENV}
+    environ.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **env)
+    return subprocess.run([sys.executable, *launcher, "-m", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=900, env=environ)
+
+
+def _cohort(slides: Path, out: Path, nproc: int = 0, **env: str) -> subprocess.CompletedProcess:
+    return _run("pathbundles.cohort", "--bundle", str(SCANNET), "--slides", str(slides), "--out", str(out),
+                "--lp", "8", "--num_workers", "1", nproc=nproc, **env)
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name not in COHORT_FILES}
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory) -> Path:
+    """Four 2048 px phantom slides (two tumour, two normal), an all-glass slide and a truncated one."""
+    from pathbundles.phantom import make_phantom
+    from pathbundles.writers import write_pyramid_tiff
+
+    root = tmp_path_factory.mktemp("cohort-slides")
+    dataset = make_phantom(root, kind="metastasis", n=4, seed=7, size_px=(2048, 2048))
+    write_pyramid_tiff(root / "empty.tif", np.full((1024, 1024, 3), 245, np.uint8), mpp=0.5, compression="jpeg")
+    good = (root / "phantom_normal_001.tif").read_bytes()
+    (root / "truncated.tif").write_bytes(good[: len(good) // 3])
+    doc = json.loads(dataset.read_text())
+    bad = dict(doc, items=doc["items"][:2] + [{"image": "truncated.tif", "label": 0},
+                                              {"image": "empty.tif", "label": 0}])
+    (root / "with_bad.json").write_text(json.dumps(bad))
+    return root
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_write_what_one_process_writes(slides: Path, tmp_path: Path) -> None:
+    one, two = _cohort(slides / "dataset.json", tmp_path / "one"), \
+        _cohort(slides / "dataset.json", tmp_path / "two", nproc=2)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    single, union = _outputs(tmp_path / "one"), _outputs(tmp_path / "two")
+    assert len(single) == 4 * 4 and single.keys() == union.keys()  # map, overlay, detections CSV + GeoJSON
+    assert single == union  # byte for byte
+    assert (tmp_path / "one" / "scores.csv").read_text() == (tmp_path / "two" / "scores.csv").read_text()
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert (summary["world_size"], summary["done"], summary["failed"]) == (2, 4, 0)
+    ranks = {r["name"]: r["rank"] for r in read_manifest(tmp_path / "two").values()}
+    assert sorted(ranks.values()) == [0, 0, 1, 1]  # equal areas: two slides each
+    assert summary["slide_auc"] is not None and summary["steady_data_wait_fraction"] is not None
+
+
+@pytest.mark.slow
+def test_killed_job_resumes_without_redoing_its_slides(slides: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    killed = _cohort(slides / "dataset.json", out, nproc=2, **{cohort.STOP_AFTER_ENV: "1"})
+    assert killed.returncode != 0
+    assert not (out / "manifest.json").exists() and not (out / "summary.json").exists()  # it never merged
+    done = {name: r for name, r in read_manifest(out).items() if r["status"] == "done"}
+    assert 1 <= len(done) <= 2  # each rank stopped after one slide (the other may have been stopped earlier)
+    stamps = {rel: (out / rel).stat().st_mtime_ns for r in done.values() for rel in r["outputs"].values()}
+
+    resumed = _cohort(slides / "dataset.json", out, nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["skipped"], summary["done"], summary["failed"]) == (len(done), 4 - len(done), 0)
+    manifest = read_manifest(out)
+    assert all(manifest[name]["status"] == "skipped" and manifest[name]["run_id"] == r["run_id"]
+               for name, r in done.items())
+    assert all((out / rel).stat().st_mtime_ns == t for rel, t in stamps.items())  # not rewritten
+    assert len(_outputs(out)) == 16 and not (out / ".cohort-work").exists() and not (out / "manifest").exists()
+
+
+@pytest.mark.slow
+def test_corrupt_slide_fails_by_name_while_the_others_finish(slides: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    configs = SCANNET / "configs"
+    # Through the bundle overlay: torchrun ... -m monai.bundle run --config_file [inference.json, cohort.json].
+    result = _run("monai.bundle", "run", "--config_file",
+                  f"['{configs / 'inference.json'}','{configs / 'cohort.json'}']", "--data_source",
+                  str(slides / "with_bad.json"), "--output_dir", str(out), "--lp", "8", "--num_workers", "0", nproc=2)
+    assert result.returncode != 0
+    manifest = read_manifest(out)
+    assert {n: r["status"] for n, r in manifest.items()} == {
+        "phantom_tumor_000": "done", "phantom_normal_001": "done", "empty": "done", "truncated": "failed"}
+    assert "truncated.tif" in manifest["truncated"]["error"]
+    assert manifest["empty"]["score"] == 0.0 and manifest["empty"]["n_detections"] == 0  # no tissue: zero map
+    assert not list(out.rglob("truncated*")) and not list(out.rglob(".*partial*"))
+    assert [r["name"] for r in csv.DictReader(open(out / "scores.csv"))] == ["phantom_tumor_000",
+                                                                             "phantom_normal_001", "empty"]
+    # The same cohort again (one process, the pathbundles command): the failed slide is retried, the others skipped.
+    again = _run("pathbundles.cohort", "--bundle", str(SCANNET), "--slides", str(slides / "with_bad.json"), "--out",
+                 str(out), "--lp", "8", "--num_workers", "0")
+    assert again.returncode == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["skipped"], summary["done"], summary["failed"]) == (3, 0, 1)
+    assert read_manifest(out)["truncated"]["run_id"] == summary["run_id"]
