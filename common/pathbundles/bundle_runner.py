@@ -60,8 +60,8 @@ def bundle_info(bundle: str | os.PathLike, config_files: Sequence[str] = ("infer
 
 
 def run_inference(bundle: str | os.PathLike, datalist: Sequence[dict], output_dir: str | os.PathLike,
-                  config_files: Sequence[str] = ("inference.json",),
-                  overrides: Mapping[str, Any] | None = None) -> list[dict]:
+                  config_files: Sequence[str] = ("inference.json",), overrides: Mapping[str, Any] | None = None,
+                  handlers: Sequence[Any] = ()) -> list[dict]:
     """Run the bundle's inference workflow on ``datalist``, writing into ``output_dir``.
 
     Args:
@@ -70,6 +70,11 @@ def run_inference(bundle: str | os.PathLike, datalist: Sequence[dict], output_di
         output_dir: the run's output folder (the config's ``output_dir``).
         config_files: config names in ``configs/`` (or paths), merged in order.
         overrides: further config ids to set (``ckpt_path``, ``num_workers``, ...).
+        handlers: extra ignite handlers (with ``attach(engine)``) attached to the bundle's ``evaluator``.
+
+    When the datalist gives the evaluator no batch at all (a slide without tissue, or one that cannot be opened),
+    MONAI's ``Workflow.run`` returns without firing any event; the writer is then completed here, so it still writes
+    the all-zero outputs or reports the failed slide.
 
     Returns:
         The writer's per-slide records (see the module docstring); output paths as strings.
@@ -86,8 +91,13 @@ def run_inference(bundle: str | os.PathLike, datalist: Sequence[dict], output_di
            **dict(overrides or {})})
     workflow.initialize()
     try:
+        evaluator = workflow.parser.get_parsed_content("evaluator")
+        for handler in handlers:
+            handler.attach(evaluator)
         workflow.run()
         writer = workflow.parser.get_parsed_content("writer")
+        if evaluator.state.epoch_length == 0:
+            writer.completed()
     finally:
         workflow.finalize()
     return [{**record, "outputs": {k: str(v) for k, v in record["outputs"].items()}} for record in writer.results()]

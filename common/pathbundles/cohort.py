@@ -276,37 +276,14 @@ def run_bundle_slide(bundle: str | os.PathLike, item: Mapping[str, Any], work_di
     """Run the bundle's inference workflow on one slide into ``work_dir``: (the writer's record, the
     :class:`LoopTimer` summary, None when the evaluator had nothing to iterate).
 
-    As :func:`pathbundles.bundle_runner.run_inference` (same workflow, same ``datalist``/``output_dir``
-    replacement), plus two things a one-slide run needs: a :class:`LoopTimer` on the bundle's ``evaluator``, and the
-    writer's completion when the slide gives the evaluator no batch at all (no tissue, or a slide that cannot be
-    opened: MONAI's ``Workflow.run`` then returns without firing any event, so the writer would neither write the
-    all-zero outputs nor report the error).
+    :func:`pathbundles.bundle_runner.run_inference` with a :class:`LoopTimer` on the bundle's ``evaluator``.
     """
-    from monai.bundle import ConfigWorkflow
+    from pathbundles.bundle_runner import run_inference
 
-    from pathbundles.bundle_runner import config_paths
-
-    root = Path(bundle).resolve()
-    logging_file = root / "configs" / "logging.conf"
-    workflow = ConfigWorkflow(
-        config_file=[str(p) for p in config_paths(root, config_files)],
-        meta_file=str(root / "configs" / "metadata.json"),
-        logging_file=str(logging_file) if logging_file.is_file() else None, workflow_type="infer",
-        **{"bundle_root": str(root), "output_dir": str(work_dir.resolve()), "datalist": [dict(item)],
-           **dict(overrides or {})})
+    timer = LoopTimer()
     # The bundle's own report of its (temporary) output paths goes to stderr: stdout is the cohort's summary.
     with contextlib.redirect_stdout(sys.stderr):
-        workflow.initialize()
-        try:
-            timer, evaluator = LoopTimer(), workflow.parser.get_parsed_content("evaluator")
-            timer.attach(evaluator)
-            workflow.run()
-            writer = workflow.parser.get_parsed_content("writer")
-            if evaluator.state.epoch_length == 0:
-                writer.completed()
-        finally:
-            workflow.finalize()
-    records = writer.results()
+        records = run_inference(bundle, [dict(item)], work_dir, config_files, overrides, handlers=[timer])
     if len(records) != 1:
         raise RuntimeError(f"{item['image']}: the bundle's writer reported {len(records)} records for one slide")
     return records[0], timer.summary() if timer.iterations else None
