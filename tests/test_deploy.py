@@ -77,7 +77,8 @@ def test_build_writes_a_complete_build_context(tmp_path: Path) -> None:
     assert record["source"] == {"bundle": str(BUNDLES / "scannet")} and record["bundle"] == result["bundle"]
     assert len(record["bundle"]["weights_sha256"]) == 64
     readme = (out / "README.md").read_text()
-    assert (f"monai-deploy package {out} --config {out / 'app.yaml'} --tag pathbundles-scannet:0.1.0 "
+    version = json.loads((BUNDLES / "scannet" / "configs" / "metadata.json").read_text())["version"]
+    assert (f"monai-deploy package {out} --config {out / 'app.yaml'} --tag pathbundles-scannet:{version} "
             "--platform x86_64 -l DEBUG") in readme
     assert "ulimit -s 32768" in readme and f"python {out} -i INPUT -o OUTPUT" in readme
     assert "from app import main" in (out / "__main__.py").read_text()
