@@ -266,7 +266,7 @@ def _tiny_checkpoint(name: str, folder: Path) -> Path | None:
     if name == "spatial_lstm":
         from pathbundles.spatial_lstm import SpatialLSTMNet
 
-        net = SpatialLSTMNet(widen_factor=0.0625, hidden_size=16)
+        net = SpatialLSTMNet(widen_factor=0.0625, hidden_size=16, feature_norm=True)
     elif name == "dmmn":
         from pathbundles.dmmn import DMMN
 
