@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -179,7 +180,107 @@ class SlideROIDataset(torch.utils.data.Dataset):
         return self.transform(item) if self.transform is not None else item
 
 
-class SlideMapWriter:
+class StreamedSlideWriter:
+    """Ignite handler base of the whole-slide writers: per-slide outputs written on a background thread.
+
+    The lifecycle shared by :class:`SlideMapWriter` and
+    :class:`pathbundles.slide_segmentation.SlideLabelWriter`: a progress bar over the dataset's items, each slide
+    handed to one writer thread as soon as its last item is in (:meth:`_submit`), so the network goes on with the
+    next slide meanwhile; a slide that fails (read error or writing error) is logged, loses every file it had
+    started (:meth:`outputs`), and does not stop the others; at the end of the epoch the slides not finished yet
+    are finished (:meth:`_finish_remaining`), the run's own files are written (:meth:`_write_run_files`), and the
+    run raises naming every failed slide.
+
+    Subclasses implement ``iteration_completed``, :meth:`_finish_remaining`, :meth:`_write_run_files` and
+    :meth:`outputs`, and call :meth:`_submit` with a slide's name, its error (None when it read well), its
+    stitching canvas (closed by the writer thread) and the function that writes its files.
+
+    Args:
+        output_dir: folder for all outputs.
+        progress_desc, progress_unit: label and unit of the progress bar.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, progress_desc: str, progress_unit: str = "item") -> None:
+        self.output_dir, self.progress_desc, self.progress_unit = Path(output_dir), progress_desc, progress_unit
+        #: {slide name: why} of the slides that failed.
+        self.failed: dict[str, str] = {}
+        self._bar: Any = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        # EPOCH_COMPLETED (not COMPLETED): metric handlers and trackers that read the outputs run on it after us.
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.completed)
+
+    def started(self, engine: Any = None) -> None:
+        from pathbundles.progress import progress
+
+        self._bar = progress(total=len(self.dataset), desc=self.progress_desc, unit=self.progress_unit)
+
+    def iteration_completed(self, engine: Any) -> None:
+        raise NotImplementedError
+
+    def _advance(self, n: int) -> None:
+        """Move the progress bar by ``n`` items."""
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def _submit(self, name: str, error: str | None, canvas: Any, write: Callable[[Any], None]) -> None:
+        """Write slide ``name`` on the writer thread: ``write(canvas)``, or its failure when ``error`` is set."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slide-writer")
+        self._pending.append(self._pool.submit(self._finish_slide, name, error, canvas, write))
+
+    def _finish_slide(self, name: str, error: str | None, canvas: Any, write: Callable[[Any], None]) -> None:
+        try:
+            if error is not None:
+                raise RuntimeError(error)
+            write(canvas)
+        except Exception as err:  # noqa: BLE001 - one slide's failure must not stop the others
+            self.failed[name] = str(err)
+            for path in self.outputs(name).values():
+                path.unlink(missing_ok=True)
+            logger.error("slide %s failed: %s", name, err)
+        finally:
+            if canvas is not None:
+                canvas.close()
+
+    def completed(self, engine: Any = None) -> None:
+        """Finish the slides not finished yet, wait for the writer, write the run's files, raise if any slide
+        failed."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self._finish_remaining()
+        for future in self._pending:
+            future.result()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        self._write_run_files()
+        if self.failed:
+            listing = "; ".join(f"{name}: {why}" for name, why in self.failed.items())
+            raise RuntimeError(f"{len(self.failed)} slide(s) failed, the others were written: {listing}")
+
+    def _finish_remaining(self) -> None:
+        """Submit every slide whose items did not all come back (no tissue, say)."""
+        raise NotImplementedError
+
+    def _write_run_files(self) -> None:
+        """Write the files of the whole run (a CSV over slides) once every slide is written."""
+        raise NotImplementedError
+
+    def outputs(self, name: str) -> dict[str, Path]:
+        """The files written for slide ``name``."""
+        raise NotImplementedError
+
+
+class SlideMapWriter(StreamedSlideWriter):
     """Ignite handler: stitch ROI tiles into per-slide maps on disk and write each slide's outputs when complete.
 
     For slide ``name`` under ``output_dir``: ``maps/name.tif`` (probability x 255 as a tiled pyramidal TIFF with
@@ -204,24 +305,13 @@ class SlideMapWriter:
     def __init__(self, dataset: SlideROIDataset, output_dir: str, detect: Callable[..., np.ndarray],
                  prob_channel: int = 1, overlay_mpp: float = 16.0, pred_key: str = "pred",
                  tissue_only: bool = False) -> None:
-        self.dataset, self.output_dir, self.detect = dataset, Path(output_dir), detect
+        super().__init__(output_dir, "tissue ROIs", "roi")
+        self.dataset, self.detect = dataset, detect
         self.prob_channel, self.overlay_mpp, self.pred_key = prob_channel, overlay_mpp, pred_key
         self.tissue_only = tissue_only
         self._canvas: dict[int, Any] = {}
         self._done_rois: dict[int, int] = {}
-        self.failed: dict[str, str] = {}
         self.scores: dict[str, tuple[float, int]] = {}
-        self._bar: Any = None
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: list[Future] = []
-
-    def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.STARTED, self.started)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
-        # EPOCH_COMPLETED (not COMPLETED): metric handlers and trackers that read the outputs run on it after us.
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.completed)
 
     def _canvas_for(self, s: int) -> Any:
         if s not in self._canvas:
@@ -230,15 +320,9 @@ class SlideMapWriter:
             self._canvas[s] = DiskCanvas(self.dataset.plans[s].map_shape, np.float32, fill=0.0)
         return self._canvas[s]
 
-    def started(self, engine: Any = None) -> None:
-        from pathbundles.progress import progress
-
-        self._bar = progress(total=len(self.dataset), desc="tissue ROIs", unit="roi")
-
     def iteration_completed(self, engine: Any) -> None:
         batch, output = engine.state.batch, engine.state.output
-        if self._bar is not None:
-            self._bar.update(len(batch))
+        self._advance(len(batch))
         for item, out in zip(batch, output):
             s = int(item["slide_index"])
             plan = self.dataset.plans[s]
@@ -252,32 +336,21 @@ class SlideMapWriter:
             if self._done_rois[s] == plan.n_rois:
                 self._finish(s)
 
-    def completed(self, engine: Any = None) -> None:
-        """Finish slides without ROIs (no tissue), wait for the writer, write ``slide_scores.csv``, raise if any
-        slide failed."""
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+    def _finish_remaining(self) -> None:
+        """Finish slides without ROIs (no tissue): all-zero maps, no detections, score 0."""
         for s, plan in enumerate(self.dataset.plans):
             if self._done_rois.get(s, 0) < max(plan.n_rois, 1):
                 self._done_rois[s] = max(plan.n_rois, 1)
                 self._finish(s)
-        for future in self._pending:
-            future.result()
-        self._pending.clear()
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-        # Slides in datalist order, whatever order the writer finished them in.
+
+    def _write_run_files(self) -> None:
+        """``slide_scores.csv``, slides in datalist order whatever order the writer finished them in."""
         self.scores = {p.name: self.scores[p.name] for p in self.dataset.plans if p.name in self.scores}
         with atomic_path(self.output_dir / "slide_scores.csv") as tmp, open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["name", "score", "n_detections"])
             for name, (score, n) in self.scores.items():
                 writer.writerow([name, f"{score:.6f}", n])
-        if self.failed:
-            listing = "; ".join(f"{name}: {why}" for name, why in self.failed.items())
-            raise RuntimeError(f"{len(self.failed)} slide(s) failed, the others were written: {listing}")
 
     def results(self) -> list[dict]:
         """One record per slide written by the run (datalist order): ``name``, ``score`` (max of the map),
@@ -294,23 +367,8 @@ class SlideMapWriter:
 
     def _finish(self, s: int) -> None:
         """Hand a complete slide to the writer thread, so the network goes on with the next slide meanwhile."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slide-writer")
-        self._pending.append(self._pool.submit(self._finish_slide, self.dataset.plans[s], self._canvas.pop(s, None)))
-
-    def _finish_slide(self, plan: SlidePlan, canvas: Any) -> None:
-        try:
-            if plan.error is not None:
-                raise RuntimeError(plan.error)
-            self._write_slide(plan, canvas)
-        except Exception as err:  # noqa: BLE001 - one slide's failure must not stop the others
-            self.failed[plan.name] = str(err)
-            for path in self.outputs(plan.name).values():
-                path.unlink(missing_ok=True)
-            logger.error("slide %s failed: %s", plan.name, err)
-        finally:
-            if canvas is not None:
-                canvas.close()
+        plan = self.dataset.plans[s]
+        self._submit(plan.name, plan.error, self._canvas.pop(s, None), lambda canvas: self._write_slide(plan, canvas))
 
     def _write_slide(self, plan: SlidePlan, canvas: Any) -> None:
         from pathbundles.wsi import open_slide

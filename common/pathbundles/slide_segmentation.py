@@ -23,7 +23,6 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ import torch
 from pathbundles.atomic import atomic_path
 from pathbundles.errors import InputError
 from pathbundles.metrics.segmentation import SegmentationScores, confusion_matrix
+from pathbundles.slide_inference import StreamedSlideWriter
 from pathbundles.writers import write_label_overlay_png
 
 logger = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ def _write_regions_geojson(path: Path, regions: Mapping[str, list], colours: Map
         tmp.write_text(json.dumps(doc), encoding="utf-8")
 
 
-class SlideLabelWriter:
+class SlideLabelWriter(StreamedSlideWriter):
     """Ignite handler: stitch DMMN label tiles into per-slide label maps on disk and write each slide's outputs.
 
     Every iteration, each output's ``pred_key`` entry, (C, H, W) logits or probabilities of one tile (channel k =
@@ -237,7 +237,8 @@ class SlideLabelWriter:
     def __init__(self, dataset: Any, output_dir: str | os.PathLike, classes: Mapping[Any, str], pred_key: str = "pred",
                  overlay_mpp: float = 16.0, polygon_classes: Sequence[str] = ("carcinoma",), polygon_mpp: float = 4.0,
                  min_polygon_area_um2: float = 1000.0, alpha: float = 0.5) -> None:
-        self.dataset, self.output_dir = dataset, Path(output_dir)
+        super().__init__(output_dir, "DMMN tiles", "tile")
+        self.dataset = dataset
         self.classes = _check_classes(classes)
         self.pred_key, self.overlay_mpp, self.alpha = pred_key, float(overlay_mpp), float(alpha)
         self.map_mpp = float(dataset.mpps[0])
@@ -257,27 +258,10 @@ class SlideLabelWriter:
         self._finished: set[int] = set()
         self._canvas: dict[int, Any] = {}
         self._errors: dict[int, str] = {}
-        self.failed: dict[str, str] = {}
         #: {slide name: {class name: mm^2, ..., "unpredicted": mm^2}} of the slides written.
         self.areas: dict[str, dict[str, float]] = {}
         #: {slide name: number of outlined regions} of the slides written.
         self.n_regions: dict[str, int] = {}
-        self._bar: Any = None
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: list[Future] = []
-
-    def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.STARTED, self.started)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
-        # EPOCH_COMPLETED (not COMPLETED): the metrics report and the trackers read the outputs on it, after us.
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.completed)
-
-    def started(self, engine: Any = None) -> None:
-        from pathbundles.progress import progress
-
-        self._bar = progress(total=len(self.dataset), desc="DMMN tiles", unit="tile")
 
     def map_shape(self, s: int) -> tuple[int, int]:
         """(H, W) of slide ``s``'s label map."""
@@ -297,8 +281,7 @@ class SlideLabelWriter:
 
     def iteration_completed(self, engine: Any) -> None:
         batch, output = engine.state.batch, engine.state.output
-        if self._bar is not None:
-            self._bar.update(len(batch))
+        self._advance(len(batch))
         for item, out in zip(batch, output, strict=True):
             s = int(item["slide_index"])
             if s not in self._errors and item.get("error"):
@@ -327,21 +310,14 @@ class SlideLabelWriter:
         if rr0 < rr1 and cc0 < cc1:
             self._canvas_for(s)[rr0:rr1, cc0:cc1] = labels[rr0 - r0:rr1 - r0, cc0 - c0:cc1 - c0]
 
-    def completed(self, engine: Any = None) -> None:
-        """Finish the slides not finished yet (no tiles, or tiles missing), wait for the writer, write
-        ``areas.csv``, and raise if any slide failed."""
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+    def _finish_remaining(self) -> None:
+        """Finish the slides not finished yet (no tiles, or tiles missing)."""
         for s in range(len(self.dataset.slides)):
             if s not in self._finished:
                 self._finish(s)
-        for future in self._pending:
-            future.result()
-        self._pending.clear()
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+
+    def _write_run_files(self) -> None:
+        """``areas.csv``: mm^2 per class and unpredicted, one row per slide in datalist order."""
         names = [e.name for e in self.dataset.slides]
         self.areas = {n: self.areas[n] for n in names if n in self.areas}  # datalist order, not finishing order
         columns = [*self.classes.values(), "unpredicted"]
@@ -350,9 +326,6 @@ class SlideLabelWriter:
             writer.writerow(["name", *(f"{_slug(c)}_mm2" for c in columns)])
             for name, areas in self.areas.items():
                 writer.writerow([name, *(f"{areas[c]:.6f}" for c in columns)])
-        if self.failed:
-            listing = "; ".join(f"{name}: {why}" for name, why in self.failed.items())
-            raise RuntimeError(f"{len(self.failed)} slide(s) failed, the others were written: {listing}")
 
     def results(self) -> list[dict]:
         """One record per slide written by the run: ``name``, ``score`` (the carcinoma share of the predicted
@@ -381,24 +354,7 @@ class SlideLabelWriter:
         if s not in self._errors:
             self._canvas_for(s)  # a slide without tiles gets an all-zero canvas
         canvas = self._canvas.pop(s, None)  # closed by the writer thread, also for a failed slide
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="label-writer")
-        self._pending.append(self._pool.submit(self._finish_slide, s, canvas))
-
-    def _finish_slide(self, s: int, canvas: Any) -> None:
-        entry = self.dataset.slides[s]
-        try:
-            if s in self._errors:
-                raise RuntimeError(self._errors[s])
-            self._write_slide(s, canvas)
-        except Exception as err:  # noqa: BLE001 - one slide's failure must not stop the others
-            self.failed[entry.name] = str(err)
-            for path in self.outputs(entry.name).values():
-                path.unlink(missing_ok=True)
-            logger.error("slide %s failed: %s", entry.name, err)
-        finally:
-            if canvas is not None:
-                canvas.close()
+        self._submit(self.dataset.slides[s].name, self._errors.get(s), canvas, lambda c: self._write_slide(s, c))
 
     def _write_slide(self, s: int, canvas: Any) -> None:
         from pathbundles.writers import write_pyramid_tiff
