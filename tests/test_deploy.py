@@ -115,7 +115,7 @@ def test_input_kind_is_read_from_the_bundle_s_datalist(name: str, kind: str) -> 
 
 def test_resources_and_model_uris() -> None:
     assert resources("segmitos")["memory"] == "4Gi" and resources("spatial_lstm")["memory"] == "2Gi"
-    assert resources("dmmn") == {"cpu": 2, "gpu": 0, "memory": "4Gi"}  # not benchmarked: the default
+    assert resources("dmmn") == {"cpu": 2, "gpu": 0, "memory": "3Gi"}  # 2 x 1160 MiB, rounded up
     assert resources("scannet", gpu=1, memory="16Gi") == {"cpu": 2, "gpu": 1, "memory": "16Gi", "gpuMemory": "8Gi"}
     with pytest.raises(DeployError, match="--gpu 2"):
         resources("scannet", gpu=2)

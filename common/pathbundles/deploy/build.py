@@ -39,11 +39,12 @@ from pathbundles.deploy.runtime import APP_CONFIG, BUILD_RECORD, SECTION, SUMMAR
 BUNDLE_EXCLUDED = ("eval", "__pycache__", "mlflow", ".*")
 #: Peak resident memory (MiB) of one phantom slide or HPF through each bundle's inference on CPU, and where it was
 #: measured. The application requests twice the peak, rounded up to whole GiB, at least 2 GiB; bundles not listed
-#: (dmmn: not benchmarked yet) request DEFAULT_MEMORY_GIB.
+#: request DEFAULT_MEMORY_GIB.
 MEASURED_PEAK_MIB = {
     "scannet": (1136, "benchmarks/README.md: whole 4096 x 4096 phantom slide, lp 24, alpha 2"),
     "spatial_lstm": (1009, "benchmarks/README.md: whole 4096 x 4096 phantom slide, 8-fold TTA"),
     "segmitos": (1683, "benchmarks/results/segmitos.json: vmhwm_process_mib, 2084 px HPFs in one pass"),
+    "dmmn": (1160, "benchmarks/results/dmmn.json: whole 8192 x 8192 phantom slide, peak RSS"),
 }
 DEFAULT_MEMORY_GIB = 4
 #: GPU memory requested with ``gpu=1``: the SDK's stated minimum GPU (8 GB); not measured for these bundles.

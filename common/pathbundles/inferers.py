@@ -1,0 +1,33 @@
+"""Inferers shared by the bundles (method-specific ones live in their method's module)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from monai.inferers import SimpleInferer
+
+
+class AutocastInferer(SimpleInferer):
+    """``network(inputs)`` under :func:`torch.autocast` on the inputs' device.
+
+    MONAI's engines autocast only on CUDA (their ``amp`` flag); this gives the same mixed precision on a CPU, where
+    bfloat16 convolutions run on oneDNN's AVX-512 BF16 / AMX kernels where the processor has them (the dmmn
+    bundle's demo training used it). The outputs are in ``dtype``: losses and metrics that need float32 cast them
+    (``pathbundles.dmmn.WeightedCELoss`` does).
+
+    Args:
+        dtype: autocast dtype, a ``torch.dtype`` or its name ("bfloat16", "float16").
+        enabled: False runs in full precision (so a config can switch it with one key).
+    """
+
+    def __init__(self, dtype: str | torch.dtype = "bfloat16", enabled: bool = True) -> None:
+        super().__init__()
+        self.dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+        if not isinstance(self.dtype, torch.dtype):
+            raise ValueError(f"dtype {dtype!r}: expected a torch dtype or its name, e.g. 'bfloat16'")
+        self.enabled = bool(enabled)
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(inputs.device.type, dtype=self.dtype, enabled=self.enabled):
+            return super().__call__(inputs, network, *args, **kwargs)

@@ -1,0 +1,40 @@
+"""AutocastInferer: mixed precision on the inputs' device, switchable off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pathbundles.inferers import AutocastInferer
+
+
+def _net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 2, 1))
+
+
+def test_bfloat16_on_cpu_close_to_full_precision() -> None:
+    net, x = _net(), torch.rand(2, 3, 16, 16)
+    full = net(x)
+    out = AutocastInferer("bfloat16")(x, net)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 2, 16, 16)
+    # bfloat16 keeps 8 significant bits: relative error about 2^-8 per product, summed over 8 x 3 x 9 terms.
+    assert torch.allclose(out.float(), full, atol=0.05, rtol=0.02)
+    assert not torch.equal(out.float(), full)
+
+
+def test_disabled_is_the_plain_network() -> None:
+    net, x = _net(), torch.rand(1, 3, 8, 8)
+    out = AutocastInferer(torch.bfloat16, enabled=False)(x, net)
+    assert out.dtype == torch.float32 and torch.equal(out, net(x))
+
+
+def test_gradients_flow_in_float32_parameters() -> None:
+    net, x = _net(), torch.rand(2, 3, 8, 8)
+    AutocastInferer()(x, net).float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in net.parameters())
+
+
+def test_unknown_dtype_name_is_refused() -> None:
+    with pytest.raises(ValueError, match="half_precision"):
+        AutocastInferer("half_precision")
