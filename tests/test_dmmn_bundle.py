@@ -207,7 +207,8 @@ def test_demo_recipe_trains_on_full_labels_with_cache_and_autocast(small_dataset
     data = str(small_dataset / "dataset.json")
     result = run_bundle("run", "--config_file", merged(CONFIGS, "train.json", "demo_train.json"), "--train_source",
                         data, "--val_source", data, "--ckpt_dir", str(tmp_path / "models"), "--output_dir",
-                        str(tmp_path / "out"), *TINY_TRAIN, "--class_rates", "{'necrosis': 1}")
+                        str(tmp_path / "out"), *TINY_NET, "--epochs", "1", "--num_workers", "0", "--class_rates",
+                        "{'necrosis': 1}")
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
     assert "val_mean_iou" in log and "Train completed, saved final checkpoint" in log

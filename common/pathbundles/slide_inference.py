@@ -196,12 +196,15 @@ class StreamedSlideWriter:
     stitching canvas (closed by the writer thread) and the function that writes its files.
 
     Args:
+        dataset: the dataset being run (its length is the progress bar's total).
         output_dir: folder for all outputs.
         progress_desc, progress_unit: label and unit of the progress bar.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, progress_desc: str, progress_unit: str = "item") -> None:
-        self.output_dir, self.progress_desc, self.progress_unit = Path(output_dir), progress_desc, progress_unit
+    def __init__(self, dataset: Any, output_dir: str | os.PathLike, progress_desc: str,
+                 progress_unit: str = "item") -> None:
+        self.dataset, self.output_dir = dataset, Path(output_dir)
+        self.progress_desc, self.progress_unit = progress_desc, progress_unit
         #: {slide name: why} of the slides that failed.
         self.failed: dict[str, str] = {}
         self._bar: Any = None
@@ -305,8 +308,8 @@ class SlideMapWriter(StreamedSlideWriter):
     def __init__(self, dataset: SlideROIDataset, output_dir: str, detect: Callable[..., np.ndarray],
                  prob_channel: int = 1, overlay_mpp: float = 16.0, pred_key: str = "pred",
                  tissue_only: bool = False) -> None:
-        super().__init__(output_dir, "tissue ROIs", "roi")
-        self.dataset, self.detect = dataset, detect
+        super().__init__(dataset, output_dir, "tissue ROIs", "roi")
+        self.detect = detect
         self.prob_channel, self.overlay_mpp, self.pred_key = prob_channel, overlay_mpp, pred_key
         self.tissue_only = tissue_only
         self._canvas: dict[int, Any] = {}

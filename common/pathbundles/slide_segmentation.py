@@ -237,8 +237,7 @@ class SlideLabelWriter(StreamedSlideWriter):
     def __init__(self, dataset: Any, output_dir: str | os.PathLike, classes: Mapping[Any, str], pred_key: str = "pred",
                  overlay_mpp: float = 16.0, polygon_classes: Sequence[str] = ("carcinoma",), polygon_mpp: float = 4.0,
                  min_polygon_area_um2: float = 1000.0, alpha: float = 0.5) -> None:
-        super().__init__(output_dir, "DMMN tiles", "tile")
-        self.dataset = dataset
+        super().__init__(dataset, output_dir, "DMMN tiles", "tile")
         self.classes = _check_classes(classes)
         self.pred_key, self.overlay_mpp, self.alpha = pred_key, float(overlay_mpp), float(alpha)
         self.map_mpp = float(dataset.mpps[0])
