@@ -115,3 +115,32 @@ def test_map_writer_restricts_the_map_to_tissue(tmp_path: Path) -> None:
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "maps" / "s.tif", level=0),
                                   (expected * 255).astype(np.uint8))
     assert writer.scores["s"] == (1.0, 0)
+
+
+def test_map_writer_completes_a_run_that_never_started(tmp_path: Path) -> None:
+    """ensure_completed writes a run whose loader was empty (no event fired) once, and never a completed run again."""
+    import tifffile
+
+    from pathbundles.scannet import ScanGeometry
+    from pathbundles.slide_inference import SlideMapWriter, SlideROIDataset
+    from pathbundles.writers import write_pyramid_tiff
+
+    write_pyramid_tiff(tmp_path / "glass.tif", np.full((1024, 1024, 3), 245, np.uint8), mpp=0.5,
+                       compression="deflate")
+    dataset = SlideROIDataset([{"image": str(tmp_path / "glass.tif")}], ScanGeometry(lp=8).grid(), scan_mpp=0.5,
+                              backend="tifffile")
+    assert len(dataset) == 0  # no tissue, no ROI: the evaluator would get no batch
+    out = tmp_path / "out"
+    writer = SlideMapWriter(dataset, str(out), detect=lambda *args, **kwargs: np.zeros((0, 3)))
+    writer.ensure_completed()
+    assert (out / "slide_scores.csv").read_text() == "name,score,n_detections\nglass,0.000000,0\n"
+    level0 = tifffile.imread(out / "maps" / "glass.tif", level=0)
+    assert level0.shape == dataset.plans[0].map_shape and not level0.any()
+    (out / "slide_scores.csv").unlink()
+    writer.ensure_completed()  # already completed: nothing is written again
+    assert not (out / "slide_scores.csv").exists()
+    writer.started()  # a second run through the events completes itself; ensure_completed then does nothing
+    writer.completed()
+    (out / "slide_scores.csv").unlink()
+    writer.ensure_completed()
+    assert not (out / "slide_scores.csv").exists()

@@ -91,6 +91,27 @@ def test_inference_reports_bad_slide_and_writes_the_others(small_dataset: Path, 
     assert (out / "overlays" / "phantom_tumor_000.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("slide", ["truncated", "empty"])
+def test_inference_on_a_lone_slide_that_gives_no_roi(small_dataset: Path, tmp_path: Path, slide: str) -> None:
+    # No ROI at all reaches the evaluator, so MONAI's Workflow.run fires no event; the config's run list completes
+    # the writer itself: the unreadable slide fails by name, the all-glass one gets its all-zero outputs.
+    datalist = tmp_path / "lone.json"
+    datalist.write_text(json.dumps({"items": [{"image": str(small_dataset / f"{slide}.tif"), "label": 0}]}))
+    out = tmp_path / "out"
+    result = run_bundle("run", "--config_file", str(CONFIGS / "inference.json"), "--data_source", str(datalist),
+                        "--output_dir", str(out), "--num_workers", "0")
+    log = result.stdout + result.stderr
+    if slide == "truncated":
+        assert result.returncode != 0
+        assert f"1 slide(s) failed, the others were written: truncated: {small_dataset / 'truncated.tif'}" in log
+        assert not list(out.rglob("truncated*")) and not list(out.rglob(".*partial*"))
+    else:
+        assert result.returncode == 0, log[-3000:]
+        rows = list(csv.DictReader(open(out / "slide_scores.csv")))
+        assert rows == [{"name": "empty", "score": "0.000000", "n_detections": "0"}]
+        assert (out / "maps" / "empty.tif").exists() and (out / "overlays" / "empty.png").exists()
+
+
 def test_evaluate_writes_froc_and_auc(small_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
     result = run_bundle("run", "--config_file",

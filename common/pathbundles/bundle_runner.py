@@ -73,8 +73,9 @@ def run_inference(bundle: str | os.PathLike, datalist: Sequence[dict], output_di
         handlers: extra ignite handlers (with ``attach(engine)``) attached to the bundle's ``evaluator``.
 
     When the datalist gives the evaluator no batch at all (a slide without tissue, or one that cannot be opened),
-    MONAI's ``Workflow.run`` returns without firing any event; the writer is then completed here, so it still writes
-    the all-zero outputs or reports the failed slide.
+    MONAI's ``Workflow.run`` returns without firing any event; the writer is then completed here (its
+    ``ensure_completed``, which the bundles' own ``run`` lists also call), so it still writes the all-zero outputs
+    or reports the failed slide.
 
     Returns:
         The writer's per-slide records (see the module docstring); output paths as strings.
@@ -96,8 +97,8 @@ def run_inference(bundle: str | os.PathLike, datalist: Sequence[dict], output_di
             handler.attach(evaluator)
         workflow.run()
         writer = workflow.parser.get_parsed_content("writer")
-        if evaluator.state.epoch_length == 0:
-            writer.completed()
+        if hasattr(writer, "ensure_completed"):
+            writer.ensure_completed()
     finally:
         workflow.finalize()
     return [{**record, "outputs": {k: str(v) for k, v in record["outputs"].items()}} for record in writer.results()]

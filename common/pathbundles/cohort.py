@@ -393,7 +393,9 @@ def process_group(timeout_hours: float = 72.0) -> Iterator[ProcessGroup]:
         group.barrier()  # nobody tears the group down while another rank still receives the summary
     finally:
         if not initialised:
-            dist.destroy_process_group()
+            from pathbundles.distributed import end_process_group
+
+            end_process_group(barrier=False)  # the barrier above already met the ranks (not after an error)
 
 
 # ---- the cohort --------------------------------------------------------------------------------------------------

@@ -189,7 +189,8 @@ class StreamedSlideWriter:
     next slide meanwhile; a slide that fails (read error or writing error) is logged, loses every file it had
     started (:meth:`outputs`), and does not stop the others; at the end of the epoch the slides not finished yet
     are finished (:meth:`_finish_remaining`), the run's own files are written (:meth:`_write_run_files`), and the
-    run raises naming every failed slide.
+    run raises naming every failed slide. A config runs :meth:`ensure_completed` after the engine, for the run in
+    which no slide gave an item (MONAI's ``Workflow.run`` then returns without firing any event).
 
     Subclasses implement ``iteration_completed``, :meth:`_finish_remaining`, :meth:`_write_run_files` and
     :meth:`outputs`, and call :meth:`_submit` with a slide's name, its error (None when it read well), its
@@ -210,6 +211,7 @@ class StreamedSlideWriter:
         self._bar: Any = None
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
+        self._completed = False
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
@@ -222,6 +224,7 @@ class StreamedSlideWriter:
     def started(self, engine: Any = None) -> None:
         from pathbundles.progress import progress
 
+        self._completed = False
         self._bar = progress(total=len(self.dataset), desc=self.progress_desc, unit=self.progress_unit)
 
     def iteration_completed(self, engine: Any) -> None:
@@ -255,6 +258,7 @@ class StreamedSlideWriter:
     def completed(self, engine: Any = None) -> None:
         """Finish the slides not finished yet, wait for the writer, write the run's files, raise if any slide
         failed."""
+        self._completed = True
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -269,6 +273,13 @@ class StreamedSlideWriter:
         if self.failed:
             listing = "; ".join(f"{name}: {why}" for name, why in self.failed.items())
             raise RuntimeError(f"{len(self.failed)} slide(s) failed, the others were written: {listing}")
+
+    def ensure_completed(self, engine: Any = None) -> None:
+        """Complete a run whose engine never started: every slide failed to open or has no tissue, so the data
+        loader was empty and no event fired. The slides without tissue are then written (all-zero outputs), and the
+        run raises naming the slides that failed. Nothing happens once the run is completed."""
+        if not self._completed:
+            self.completed(engine)
 
     def _finish_remaining(self) -> None:
         """Submit every slide whose items did not all come back (no tissue, say)."""
