@@ -144,3 +144,20 @@ def test_map_writer_completes_a_run_that_never_started(tmp_path: Path) -> None:
     (out / "slide_scores.csv").unlink()
     writer.ensure_completed()
     assert not (out / "slide_scores.csv").exists()
+
+
+def test_config_error_cause_unwraps_monai_expression_errors() -> None:
+    from pathbundles.bundle_runner import config_error_cause
+    from pathbundles.errors import InputError
+
+    cause = InputError("/data/s.tif", "truncated")
+    try:
+        try:
+            raise cause
+        except InputError as inner:
+            raise RuntimeError('Failed to evaluate ConfigExpression: \n"$@evaluator.run()"') from inner
+    except RuntimeError as outer:
+        wrapped = outer
+    assert config_error_cause(wrapped) is cause
+    plain = RuntimeError("1 slide(s) failed, the others were written: s: truncated")
+    assert config_error_cause(plain) is plain

@@ -59,6 +59,15 @@ def bundle_info(bundle: str | os.PathLike, config_files: Sequence[str] = ("infer
             "weights_sha256": _sha256(weights) if weights.is_file() else None, "config_sha256": digest.hexdigest()}
 
 
+def config_error_cause(err: BaseException) -> BaseException:
+    """The error behind MONAI's ``Failed to evaluate ConfigExpression`` wrappers (a writer's report of the slides
+    that failed, a bad input's ``InputError``), or ``err`` itself when it is not such a wrapper."""
+    while (isinstance(err, RuntimeError) and str(err).startswith("Failed to evaluate")
+           and err.__cause__ is not None):
+        err = err.__cause__
+    return err
+
+
 def run_inference(bundle: str | os.PathLike, datalist: Sequence[dict], output_dir: str | os.PathLike,
                   config_files: Sequence[str] = ("inference.json",), overrides: Mapping[str, Any] | None = None,
                   handlers: Sequence[Any] = ()) -> list[dict]:
@@ -95,7 +104,13 @@ def run_inference(bundle: str | os.PathLike, datalist: Sequence[dict], output_di
         evaluator = workflow.parser.get_parsed_content("evaluator")
         for handler in handlers:
             handler.attach(evaluator)
-        workflow.run()
+        try:
+            workflow.run()
+        except RuntimeError as err:
+            cause = config_error_cause(err)
+            if cause is err:
+                raise
+            raise cause from cause.__cause__  # the error itself, not MONAI's wrapper of the config expression
         writer = workflow.parser.get_parsed_content("writer")
         if hasattr(writer, "ensure_completed"):
             writer.ensure_completed()
