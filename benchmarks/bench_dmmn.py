@@ -81,7 +81,6 @@ MPPS = (0.5, 1.0, 2.0)
 READ_PATHS = ("levels", "tile")
 BACKENDS = ("tifffile", "openslide", "cucim")
 ORDERS = ("shuffled", "raster")
-CHOOSER_CENTRES = 4  # as MultiMagnificationDataset: 1 warm-up + AUTO_READ_REPEATS timed
 DISTRIBUTIONS = ("numpy", "pillow", "tifffile", "imagecodecs", "openslide-python", "openslide-bin", "cucim-cu12",
                  "torch", "monai")
 BASELINE_IMPORTS = "import torch, monai.bundle, pathbundles.dmmn, pathbundles.multimag"
@@ -164,13 +163,15 @@ def path_difference(path: Path, backend: str, centre: tuple[float, float]) -> li
 
 
 def chooser_trials(path: Path, backend: str, centres: list[tuple[float, float]], trials: int) -> list[dict]:
-    """``choose_read_path`` on a fresh handle per trial, each with its own CHOOSER_CENTRES of ``centres``."""
+    """``choose_read_path`` on a fresh handle per trial, each with its own ``1 + 2 * AUTO_READ_REPEATS`` of
+    ``centres`` (as MultiMagnificationDataset: one warm-up, then one centre per timed read of each path)."""
     from pathbundles.multimag import AUTO_READ_REPEATS, choose_read_path
     from pathbundles.wsi import open_slide
 
+    n = 1 + len(READ_PATHS) * AUTO_READ_REPEATS
     out = []
     for t in range(trials):
-        picked = [centres[(t * CHOOSER_CENTRES + k) % len(centres)] for k in range(CHOOSER_CENTRES)]
+        picked = [centres[(t * n + k) % len(centres)] for k in range(n)]
         with open_slide(path, backend=backend) as slide:
             choice, seconds = choose_read_path(slide, picked, MPPS, PATCH_PX, repeats=AUTO_READ_REPEATS)
         out.append({"path": choice, "seconds_per_set": seconds})
