@@ -23,8 +23,9 @@ the whole-slide segmentation time and peak memory of the dmmn bundle. Measured h
    (so load changes on a shared machine hit all alike); patch sets per second = centres / seconds, median and best
    round reported. One warm-up set per backend and path before the first round. Also recorded: the mean absolute
    difference between the two paths' views at one centre, and what :func:`pathbundles.multimag.choose_read_path`
-   (the dataset's ``read_path="auto"``) picks in --chooser-trials trials, each on a fresh handle with 4 spread
-   centres (1 warm-up + 3 timed, as the dataset does), next to the path the full measurement found faster.
+   (the dataset's ``read_path="auto"``) picks in --chooser-trials trials, each on a fresh handle with 7 spread
+   centres (1 warm-up + 3 timed per path, each at a centre of its own, as the dataset does), next to the path the
+   full measurement found faster.
 2. Whole slide (``whole_slide``), only when ``bundles/dmmn/configs/inference.json`` exists (else recorded as
    skipped with the reason): ``python -m monai.bundle run --config_file bundles/dmmn/configs/inference.json
    --data_source <folder with one slide> --output_dir <tmp> --ckpt_path <copy>`` on phantom multi-class slides
@@ -39,6 +40,12 @@ the whole-slide segmentation time and peak memory of the dmmn bundle. Measured h
    ratio to the smallest beside the ratios of time, peak RSS and peak RSS above the baseline (a whole-slide map
    held in memory grows with the area; a tiled, on-disk pipeline should not). Runs that exit non-zero are kept in
    the JSON with their return code and left out of the ratios.
+3. bfloat16 autocast (``whole_slide.autocast``; skipped with --no-autocast): right after the float32 run of the
+   smallest slide, the same command with ``--autocast True`` (``pathbundles.inferers.AutocastInferer``), and its
+   time, peak RSS and time ratio to the float32 run, beside the agreement of the two label maps (level 0 of the
+   label TIFFs): the fraction of pixels with the same class, per float32 class too. Whether the CPU has native
+   bfloat16 instructions (``avx512_bf16``, ``amx_bf16`` in /proc/cpuinfo) is recorded: without them autocast can be
+   slower than float32.
 
 Full run (part 1 about 2-3 minutes on 2 busy cores; part 2 on the CPU about 1 s per 256 px tile under load, i.e.
 roughly 5 and 20 minutes for the 4096 and 8192 px slides, whose whole grid the bundle segments):
@@ -269,7 +276,7 @@ def child_worker(command: list[str], timeout_s: float) -> dict[str, Any]:
 
 
 def run_whole_slide(cache: Path, sizes: list[int], timeout_s: float, report: dict[str, Any],
-                    out: Path) -> dict[str, Any]:
+                    out: Path, autocast: bool = True) -> dict[str, Any]:
     if not BUNDLE_CONFIG.exists():
         reason = (f"skipped: {BUNDLE_CONFIG.relative_to(REPO)} not found (the dmmn bundle is not in this checkout "
                   "yet); run again once it exists")
@@ -299,6 +306,9 @@ def run_whole_slide(cache: Path, sizes: list[int], timeout_s: float, report: dic
             part["runs"].append(run)
             report["whole_slide"] = part
             write(report, out)
+            if autocast and size == sizes[0]:
+                part["autocast"] = run_autocast(command, run, Path(tmp), size, timeout_s)
+                write(report, out)
     ok = [r for r in part["runs"] if r.get("returncode") == 0]
     base_rss = part["baseline"].get("peak_rss_mib")
     if ok:
@@ -313,6 +323,43 @@ def run_whole_slide(cache: Path, sizes: list[int], timeout_s: float, report: dic
     report["whole_slide"] = part
     write(report, out)
     return part
+
+
+def cpu_bf16_flags() -> list[str]:
+    """The CPU's native bfloat16 instruction flags (Linux /proc/cpuinfo), empty when it has none or elsewhere."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return sorted(f for f in flags if f in ("avx512_bf16", "amx_bf16", "avx_ne_convert"))
+
+
+def run_autocast(command: list[str], float32_run: dict[str, Any], tmp: Path, size: int,
+                 timeout_s: float) -> dict[str, Any]:
+    """The float32 ``command`` again with bfloat16 autocast; time, memory, and label agreement with float32."""
+    import numpy as np
+    import tifffile
+
+    out_f32 = Path(command[command.index("--output_dir") + 1])
+    out_bf16 = tmp / f"out_{size}_bf16"
+    bf16_command = [*command, "--autocast", "True"]
+    bf16_command[bf16_command.index("--output_dir") + 1] = str(out_bf16)
+    print(f"whole slide {size} x {size} px with bfloat16 autocast (fresh process) ...", flush=True)
+    run: dict[str, Any] = {"size_px": size, "cpu_bf16_flags": cpu_bf16_flags(),
+                           **measure_child(bf16_command, timeout_s)}
+    if run.get("returncode") != 0 or float32_run.get("returncode") != 0:
+        return run
+    run["time_ratio_vs_float32"] = run["wall_s"] / float32_run["wall_s"]
+    agreement: dict[str, Any] = {}
+    for f32_path in sorted((out_f32 / "labels").glob("*.tif")):
+        a = tifffile.imread(f32_path, level=0)
+        b = tifffile.imread(out_bf16 / "labels" / f32_path.name, level=0)
+        agreement[f32_path.stem] = {"pixels": int(a.size), "same_class": float(np.mean(a == b)),
+                                    "same_class_per_float32_class": {int(c): float(np.mean(b[a == c] == c))
+                                                                     for c in np.unique(a)}}
+    run["label_agreement"] = agreement
+    return run
 
 
 def snapshot_weights(tmp: Path) -> tuple[Path, str]:
@@ -384,6 +431,13 @@ def print_tables(report: dict[str, Any]) -> None:
                                 ("area_ratio", "time_ratio", "peak_rss_ratio", "peak_rss_above_baseline_ratio"))
             print(f"| {r['size_px']} | {r.get('returncode', r.get('error'))} | {r.get('wall_s', float('nan')):.1f} | "
                   f"{r.get('peak_rss_mib', float('nan')):.0f} | {ratios} |")
+        auto = whole.get("autocast")
+        if auto:
+            agree = ", ".join(f"{name} {a['same_class']:.4f}" for name, a in auto.get("label_agreement", {}).items())
+            print(f"\nbfloat16 autocast, {auto['size_px']} px (CPU bf16 flags: {auto['cpu_bf16_flags'] or 'none'}): "
+                  f"return code {auto.get('returncode', auto.get('error'))}, {auto.get('wall_s', float('nan')):.1f} s, "
+                  f"{auto.get('peak_rss_mib', float('nan')):.0f} MiB, time vs float32 "
+                  f"{auto.get('time_ratio_vs_float32', float('nan')):.2f}; same class as float32: {agree or '-'}")
     elif whole:
         print(f"\nwhole slide: {whole['skipped']}")
 
@@ -408,6 +462,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slide-timeout", type=float, default=3600.0, help="seconds per whole-slide run (3600)")
     parser.add_argument("--skip-reads", action="store_true", help="run only the whole-slide part")
     parser.add_argument("--skip-slides", action="store_true", help="run only the read part")
+    parser.add_argument("--no-autocast", action="store_true",
+                        help="skip the bfloat16 autocast run of the smallest whole slide")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where the phantom slides are generated (default: a temporary folder)")
     parser.add_argument("--measure-child", metavar="JSON", help=argparse.SUPPRESS)
@@ -430,8 +486,8 @@ def main(argv: list[str] | None = None) -> None:
         "load_average_at_start": load_start, "machine": machine_info(DISTRIBUTIONS),
         "command": sys.argv[1:] if argv is None else argv,
         "settings": {"size_px": size, "centres": n_centres, "repeats": repeats, "chooser_trials": trials,
-                     "slide_sizes": sizes, "slide_timeout_s": args.slide_timeout, "mpps": list(MPPS),
-                     "patch_px": PATCH_PX},
+                     "slide_sizes": sizes, "autocast": not args.no_autocast, "slide_timeout_s": args.slide_timeout,
+                     "mpps": list(MPPS), "patch_px": PATCH_PX},
     }
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache_dir or Path(tmp)
@@ -439,7 +495,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.skip_reads:
             run_reads(cache, size, n_centres, repeats, trials, report, args.out)
         if not args.skip_slides:
-            run_whole_slide(cache, sizes, args.slide_timeout, report, args.out)
+            run_whole_slide(cache, sizes, args.slide_timeout, report, args.out, autocast=not args.no_autocast)
     report["complete"] = True
     report["load_average_at_end"] = list(os.getloadavg())
     report["benchmark_wall_s"] = time.perf_counter() - started

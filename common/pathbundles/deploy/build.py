@@ -44,8 +44,8 @@ MEASURED_PEAK_MIB = {
     "scannet": (1136, "benchmarks/README.md: whole 4096 x 4096 phantom slide, lp 24, alpha 2"),
     "spatial_lstm": (1009, "benchmarks/README.md: whole 4096 x 4096 phantom slide, 8-fold TTA"),
     "segmitos": (1683, "benchmarks/results/segmitos.json: vmhwm_process_mib, 2084 px HPFs in one pass"),
-    "dmmn": (1160, "bench_dmmn.py: whole 8192 x 8192 phantom slide, the higher peak RSS of two full runs "
-                   "(1160 and 1006 MiB; benchmarks/results/dmmn.json holds the later)"),
+    "dmmn": (1160, "bench_dmmn.py: whole 8192 x 8192 phantom slide, the highest peak RSS of three full runs "
+                   "(1160, 1006 and 975 MiB; benchmarks/results/dmmn.json holds the last)"),
 }
 DEFAULT_MEMORY_GIB = 4
 #: GPU memory requested with ``gpu=1``: the SDK's stated minimum GPU (8 GB); not measured for these bundles.
