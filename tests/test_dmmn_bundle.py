@@ -124,6 +124,30 @@ def test_inference_writes_label_map_overlay_areas_and_regions(small_dataset: Pat
         assert all(f["properties"]["classification"]["name"].lower() == "carcinoma" for f in regions["features"])
 
 
+@pytest.mark.parametrize("with_good_slide", [False, True])
+def test_unreadable_slide_fails_by_name_and_the_others_are_written(small_dataset: Path, tmp_path: Path,
+                                                                   with_good_slide: bool) -> None:
+    # Alone, no tile reaches the evaluator and no engine event fires: the run list's writer.ensure_completed()
+    # reports it. Beside a good slide, the dataset keeps it without tiles and the writer fails it at the end.
+    import tifffile
+
+    source = tmp_path / "slides"
+    source.mkdir()
+    good = (small_dataset / "phantom_mc_000.tif").read_bytes()
+    (source / "cut.tif").write_bytes(good[: len(good) // 3])
+    if with_good_slide:
+        (source / "good.tif").write_bytes(good)
+    out = tmp_path / "out"
+    result = run_bundle("run", "--config_file", str(CONFIGS / "inference.json"), "--data_source", str(source),
+                        "--output_dir", str(out), "--ckpt_path", str(small_dataset / "tiny.pt"), *TINY_SCAN)
+    assert result.returncode != 0
+    assert f"1 slide(s) failed, the others were written: cut: {source / 'cut.tif'}" in result.stdout + result.stderr
+    assert not list(out.rglob("cut*")) and not list(out.rglob(".*partial*"))
+    if with_good_slide:
+        assert [r["name"] for r in csv.DictReader(open(out / "areas.csv"))] == ["good"]
+        assert tifffile.imread(out / "labels" / "good.tif", level=0).shape == (1024, 1024)
+
+
 def test_evaluate_writes_table_i_and_is_tracked_in_mlflow(small_dataset: Path, tmp_path: Path) -> None:
     import mlflow
 

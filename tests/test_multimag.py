@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,7 +133,7 @@ def test_choose_read_path_keeps_the_faster_path(monkeypatch, level_mpps, expecte
     clock = [0.0]
     monkeypatch.setattr(multimag, "perf_counter", lambda: clock[0])
     fake = _ClockedSlide(clock, level_mpps)
-    centres = [(600 + 700 * k, 900) for k in range(4)]
+    centres = [(600 + 450 * k, 900) for k in range(1 + 2 * 3)]
     path, measured = choose_read_path(fake, centres, repeats=3)
     assert path == expected
     assert measured == {p: pytest.approx(s) for p, s in seconds.items()}
@@ -169,6 +170,19 @@ def test_choose_read_path_times_each_path_on_tiles_of_its_own(monkeypatch):
     assert path == "levels"
     assert measured == {"levels": pytest.approx(3 * 256 ** 2 * 1e-6), "tile": pytest.approx(1024 ** 2 * 1e-6)}
     assert len({key[:2] for key in fake.seen}) == 7  # the warm-up centre and one centre per timed read
+
+
+def test_choose_read_path_reads_no_tile_twice_when_given_few_centres(monkeypatch):
+    # 3 timed centres for 2 paths x 3 repeats: "levels" is timed at 2 centres of its own, "tile" at 1, none cached.
+    clock = [0.0]
+    monkeypatch.setattr(multimag, "perf_counter", lambda: clock[0])
+    fake = _CachedClockedSlide(clock, (0.5,))
+    centres = [(600 + 700 * k, 900) for k in range(4)]
+    path, measured = choose_read_path(fake, centres, repeats=3)
+    assert path == "tile"
+    assert measured == {"levels": pytest.approx((256 ** 2 + 512 ** 2 + 1024 ** 2) * 1e-6),
+                        "tile": pytest.approx(1024 ** 2 * 1e-6)}
+    assert len(fake.calls) == 4 + 2 * 3 + 1  # warm-up (3 + 1 reads), 2 "levels" sets, 1 "tile" set
 
 
 def test_choose_read_path_breaks_ties_towards_levels_and_refuses_no_centres(monkeypatch):
@@ -334,3 +348,18 @@ def test_dataset_reads_each_slide_by_the_chosen_path(data, monkeypatch):
     assert chosen[0][-1] == tuple(float(v) + 128 for v in ds.tiles[-1, 1:3])
     ds[0]
     assert read_with == ["tile"]
+
+
+def test_inference_keeps_an_unreadable_slide_without_tiles_and_training_refuses_it(data, tmp_path):
+    from pathbundles.errors import SlideError
+
+    good = Path(data[0]["image"])
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(good.read_bytes()[:4096])
+    ds = MultiMagnificationDataset([data[0], {"image": str(cut)}], mode="infer", use_tissue=False,
+                                   read_path="levels")
+    assert [e.name for e in ds.slides] == [good.stem, "cut"]
+    assert ds.slides[0].error == "" and str(cut) in ds.slides[1].error
+    assert len(ds) == len(ds.tiles) > 0 and set(ds.tiles[:, 0].tolist()) == {0}
+    with pytest.raises(SlideError, match="cut.tif"):
+        MultiMagnificationDataset([dict(data[0], image=str(cut))], mode="train", read_path="levels")

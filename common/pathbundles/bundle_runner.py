@@ -114,6 +114,8 @@ def run_inference(bundle: str | os.PathLike, datalist: Sequence[dict], output_di
         writer = workflow.parser.get_parsed_content("writer")
         if hasattr(writer, "ensure_completed"):
             writer.ensure_completed()
+        elif evaluator.state.epoch_length == 0:  # a writer without it (segmitos' HPF writer)
+            writer.completed()
     finally:
         workflow.finalize()
     return [{**record, "outputs": {k: str(v) for k, v in record["outputs"].items()}} for record in writer.results()]

@@ -127,9 +127,10 @@ def choose_read_path(slide: Any, centres: Sequence[Sequence[float]], mpps: Seque
     """Time both read paths of :func:`read_concentric` on ``slide`` and return the faster.
 
     ``centres[0]`` is read once by each path as a warm-up (first decoder calls, allocations). Then each path reads
-    ``repeats`` patch sets timed, every timed read at a centre of its own (``centres[1:]`` in turn, the path that
-    reads first alternating from repeat to repeat; cycling when there are fewer than ``2 * repeats`` of them):
-    neither path reads tiles the other just decoded into the slide's tile cache. Centres spread over the slide make
+    up to ``repeats`` patch sets timed, every timed read at a centre of its own (the first path ``centres[1]``,
+    ``centres[3]``, ..., the second ``centres[2]``, ``centres[4]``, ...; the path that reads first alternating from
+    repeat to repeat; fewer timed reads when there are fewer than ``1 + 2 * repeats`` centres): neither path reads
+    tiles that it or the other path decoded into the slide's tile cache. Centres spread over the slide make
     every read decode its own tiles, as reads in a shuffled epoch do. (Timing both paths at one centre biased the
     median towards the path that more often read second, from the cache: on a level-0-only slide it picked "tile"
     where "levels" was 12-15 % faster.)
@@ -152,10 +153,15 @@ def choose_read_path(slide: Any, centres: Sequence[Sequence[float]], mpps: Seque
     for path in READ_PATHS:
         read_concentric(slide, centres[0], mpps, patch_px, path)
     timed = list(centres[1:]) or list(centres)
+    # Path i reads timed[i], timed[i + 2], ...: never a tile the other path decoded (both share the one centre only
+    # when there is one), nor one it read itself (fewer timed reads when there are fewer than 2 * repeats).
+    own = {path: timed[i::len(READ_PATHS)] or timed for i, path in enumerate(READ_PATHS)}
     seconds: dict[str, list[float]] = {path: [] for path in READ_PATHS}
     for k in range(repeats):
-        for j, path in enumerate(READ_PATHS if k % 2 == 0 else READ_PATHS[::-1]):
-            centre = timed[(len(READ_PATHS) * k + j) % len(timed)]
+        for path in (READ_PATHS if k % 2 == 0 else READ_PATHS[::-1]):
+            if k >= len(own[path]):
+                continue
+            centre = own[path][k]
             start = perf_counter()
             read_concentric(slide, centre, mpps, patch_px, path)
             seconds[path].append(perf_counter() - start)
@@ -237,6 +243,8 @@ class _SlideEntry:
     level0_size: tuple[int, int]
     labels_at: _AnnotationLabels | _MaskLabels | None
     read_path: str
+    #: why the slide could not be opened (inference mode), "" when it was; such a slide has no tiles.
+    error: str = ""
 
 
 def _grid_starts(length_px: int, stride0: float) -> np.ndarray:
@@ -325,7 +333,9 @@ class MultiMagnificationDataset(torch.utils.data.Dataset):
     ``(seed, t, k)``, so items are the same in every epoch, worker and run.
 
     Inference: every grid tile whose target touches tissue (:func:`pathbundles.tissue.tissue_mask`), or every tile
-    of the slide with ``use_tissue=False``; the paper skips Otsu on TNBC because it drops adipose tissue.
+    of the slide with ``use_tissue=False``; the paper skips Otsu on TNBC because it drops adipose tissue. A slide
+    that cannot be opened is logged and kept with its ``error`` and no tiles, so the writer reports it by name and
+    finishes the others (training raises instead: every training slide must read).
 
     Read path: with ``read_path="auto"`` each slide is read by the path :func:`choose_read_path` finds faster on up
     to ``1 + 2 * AUTO_READ_REPEATS`` of its tiles (spread over its tile list) when the dataset is built; the choice is
@@ -381,8 +391,9 @@ class MultiMagnificationDataset(torch.utils.data.Dataset):
         self.handles = SlideHandles(backend)
         self.slides: list[_SlideEntry] = []
         tiles = []  # rows (slide index, origin x, origin y, class)
-        for index, item in enumerate(data):
-            name, path = slide_name(item)
+
+        def plan(index: int, name: str, path: str, item: dict) -> tuple[_SlideEntry, list[tuple[int, int, int, int]]]:
+            """One slide's entry and tiles (slide index, origin x, origin y, class)."""
             with open_slide(path, backend=backend) as slide:
                 level0_mpp, level0_size = _level0_mpp(slide), tuple(slide.level_dimensions[0])
                 tissue = tissue_mask(slide, mpp=tissue_mpp) if mode == "infer" and use_tissue else None
@@ -408,9 +419,21 @@ class MultiMagnificationDataset(torch.utils.data.Dataset):
                         cls = tile_class(labels, self.class_order)
                     slide_tiles.append((index, int(x0), int(y0), cls))
                 chosen = read_path if read_path != "auto" else self._timed_read_path(slide, name, slide_tiles)
-            self.slides.append(_SlideEntry(name, path, level0_mpp, level0_size, labels_at, chosen))
+            return _SlideEntry(name, path, level0_mpp, level0_size, labels_at, chosen), slide_tiles
+
+        for index, item in enumerate(data):
+            name, path = slide_name(item)
+            try:
+                entry, slide_tiles = plan(index, name, path, item)
+            except (PathBundlesError, OSError, ValueError) as err:
+                if mode == "train":
+                    raise
+                logger.error("skipping slide %s: %s", name, err)
+                self.slides.append(_SlideEntry(name, path, float("nan"), (0, 0), None, "levels", error=str(err)))
+                continue
+            self.slides.append(entry)
             tiles.extend(slide_tiles)
-            logger.info("%s: %d tiles, read path %r", name, len(slide_tiles), chosen)
+            logger.info("%s: %d tiles, read path %r", name, len(slide_tiles), entry.read_path)
         self.tiles = np.asarray(tiles, dtype=np.int64).reshape(-1, 4)
         copies = np.array([1 + self.rates.get(int(c), 0) for c in self.tiles[:, 3]], dtype=np.int64)
         # Item i -> (tile, copy): copy 0 is the tile as read, copies 1.. are deformed.

@@ -224,7 +224,6 @@ class StreamedSlideWriter:
     def started(self, engine: Any = None) -> None:
         from pathbundles.progress import progress
 
-        self._completed = False
         self._bar = progress(total=len(self.dataset), desc=self.progress_desc, unit=self.progress_unit)
 
     def iteration_completed(self, engine: Any) -> None:
@@ -277,7 +276,8 @@ class StreamedSlideWriter:
     def ensure_completed(self, engine: Any = None) -> None:
         """Complete a run whose engine never started: every slide failed to open or has no tissue, so the data
         loader was empty and no event fired. The slides without tissue are then written (all-zero outputs), and the
-        run raises naming the slides that failed. Nothing happens once the run is completed."""
+        run raises naming the slides that failed. Nothing happens once the writer has completed a run: its dataset
+        is fixed, so its runs are all empty or none is."""
         if not self._completed:
             self.completed(engine)
 

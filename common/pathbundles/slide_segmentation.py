@@ -256,7 +256,8 @@ class SlideLabelWriter(StreamedSlideWriter):
         self._done = np.zeros(len(dataset.slides), np.int64)
         self._finished: set[int] = set()
         self._canvas: dict[int, Any] = {}
-        self._errors: dict[int, str] = {}
+        # Slides the dataset could not open fail by name at the end, with the others written.
+        self._errors: dict[int, str] = {s: e.error for s, e in enumerate(dataset.slides) if getattr(e, "error", "")}
         #: {slide name: {class name: mm^2, ..., "unpredicted": mm^2}} of the slides written.
         self.areas: dict[str, dict[str, float]] = {}
         #: {slide name: number of outlined regions} of the slides written.
