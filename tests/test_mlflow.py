@@ -88,7 +88,7 @@ def test_run_left_open_is_ended_at_exit(tmp_path: Path, monkeypatch: pytest.Monk
         run = tracking.BundleRun(tmp_path / "b", tracking_uri=uri, workflow="train")
         run.start()
         run._at_exit()  # what atexit calls
-        statuses.append(mlflow.MlflowClient(uri).get_run(run.run_id).info.status)
+        statuses.append(mlflow.MlflowClient(uri, registry_uri=uri).get_run(run.run_id).info.status)
         run._at_exit()  # a second call (finalize ran first) changes nothing
     assert statuses == ["FINISHED", "FAILED"]
 
@@ -181,7 +181,7 @@ def _registry_cycle(uri: str, bundle: Path, tmp_path: Path, train_run_id: str | 
     import mlflow
     import pandas as pd
 
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
     note_commit()
     first = registry.register(bundle, tracking_uri=uri)
     assert first["version"] == "1" and first["eval_run_id"] == eval_run_id
@@ -261,7 +261,7 @@ def test_scannet_cycle_against_server(trained_scannet: dict, tumour_slide: Path,
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri exports it
     uri, bundle, dataset = trained_scannet["tracking_uri"], trained_scannet["bundle"], trained_scannet["dataset"]
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
     train_run_id = _check_train_run(client, bundle, dataset)
     note_commit()
     run_bundle(evaluate_config(bundle), "--data_source", str(dataset), *EVALUATE_ARGS, tracking_uri=uri)
@@ -280,5 +280,5 @@ def test_scannet_cycle_on_sqlite(trained_scannet: dict, sqlite_tracking_uri: str
     note_commit()
     run_bundle(evaluate_config(bundle), "--data_source", str(dataset), *EVALUATE_ARGS,
                env={"PATHBUNDLES_TRACKING_URI": uri})  # the store named by the environment this time
-    eval_run_id = _check_evaluate_run(mlflow.MlflowClient(uri), bundle, dataset)
+    eval_run_id = _check_evaluate_run(mlflow.MlflowClient(uri, registry_uri=uri), bundle, dataset)
     _registry_cycle(uri, bundle, tmp_path, None, eval_run_id, None)
