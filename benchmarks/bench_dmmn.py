@@ -76,7 +76,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "common"))
 
-from machine import machine_info  # noqa: E402  (benchmarks/machine.py, the script's own folder)
+from machine import cpu_bf16_flags, machine_info  # noqa: E402  (benchmarks/machine.py, the script's own folder)
 import numpy as np  # noqa: E402
 
 from pathbundles.atomic import atomic_path  # noqa: E402
@@ -325,16 +325,6 @@ def run_whole_slide(cache: Path, sizes: list[int], timeout_s: float, report: dic
     report["whole_slide"] = part
     write(report, out)
     return part
-
-
-def cpu_bf16_flags() -> list[str]:
-    """The CPU's native bfloat16 instruction flags (Linux /proc/cpuinfo), empty when it has none or elsewhere."""
-    try:
-        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), [])
-    except OSError:
-        return []
-    return sorted(f for f in flags if f in ("avx512_bf16", "amx_bf16", "avx_ne_convert"))
 
 
 def run_autocast(command: list[str], float32_run: dict[str, Any], tmp: Path, size: int,

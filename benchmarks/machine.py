@@ -13,15 +13,26 @@ from pathlib import Path
 from typing import Any
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else ``platform.processor()``."""
+def cpuinfo_field(key: str) -> str | None:
+    """The first ``key`` line's value in /proc/cpuinfo (Linux), None where there is none."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(key):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor()
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else ``platform.processor()``."""
+    return cpuinfo_field("model name") or platform.processor()
+
+
+def cpu_bf16_flags() -> list[str]:
+    """The CPU's native bfloat16 instruction flags (/proc/cpuinfo), empty when it has none or elsewhere."""
+    flags = (cpuinfo_field("flags") or "").split()
+    return sorted(f for f in flags if f in ("avx512_bf16", "amx_bf16", "avx_ne_convert"))
 
 
 def machine_info(distributions: Iterable[str] = ()) -> dict[str, Any]:
