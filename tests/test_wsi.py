@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from geometry_helpers import box_reference
 from pathbundles import wsi
 from pathbundles.errors import SlideError
 
@@ -236,8 +237,33 @@ def test_read_region_resamples_between_levels(generated: dict, backend: str, fac
 def test_read_region_at_a_level_mpp_returns_that_level(generated: dict, backend: str) -> None:
     path, levels = generated["deflate_4x"]
     with wsi.open_slide(path, backend=backend) as slide:
-        got = slide.read_region((400, 800), (120, 90), mpp=1.02)  # level 1 is 1.0 um/px, within 10 %
+        got = slide.read_region((400, 800), (120, 90), mpp=1.0)  # level 1 is exactly 1.0 um/px
     np.testing.assert_array_equal(got, levels[1][200:290, 100:220])
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_read_region_near_a_level_resamples_unless_snapping_is_asked_for(generated: dict, backend: str) -> None:
+    """1.02 um/px is 2 % from level 1: an exact read resamples level 0 (its pixels cover 1.02 um), while
+    read_region_near with a 10 % tolerance returns level 1 as stored and says it is at 1.0 um/px."""
+    path, levels = generated["deflate_4x"]
+    x, y, w, h = 400, 800, 120, 90
+    with wsi.open_slide(path, backend=backend) as slide:
+        exact = slide.read_region((x, y), (w, h), mpp=1.02)
+        snapped, actual = slide.read_region_near((x, y), (w, h), mpp=1.02, tolerance=0.1)
+        far, far_actual = slide.read_region_near((x, y), (w, h), mpp=2.0, tolerance=0.1)
+    np.testing.assert_array_equal(snapped, levels[1][200:290, 100:220])
+    assert actual == pytest.approx((1.0, 1.0))
+    # The exact read's last pixel ends 4.08 level-0 px per pixel from the corner: 489.6 level-0 px right, not 480.
+    reference = box_reference(levels[0], (x, y), (w, h), 1.02 / GENERATED_MPP)
+    assert np.abs(exact.astype(float) - reference).mean() < 6.0  # the texture has per-pixel noise of +-10
+    assert np.abs(snapped.astype(float) - reference).mean() > 2 * np.abs(exact.astype(float) - reference).mean()
+    assert far_actual == (2.0, 2.0)
+    np.testing.assert_array_equal(far, slide_read(path, backend, (x, y), (w, h), 2.0))
+
+
+def slide_read(path: Path, backend: str, xy: tuple[float, float], size: tuple[int, int], mpp: float) -> np.ndarray:
+    with wsi.open_slide(path, backend=backend) as slide:
+        return slide.read_region(xy, size, mpp)
 
 
 def test_read_region_finer_than_level0_upsamples(generated: dict) -> None:

@@ -31,6 +31,9 @@ BACKENDS = ("cucim", "openslide", "tifffile")
 _THUMBNAIL_BAND_SOURCE_PX = 1 << 24
 # OpenSlide's default tile cache is 32 MiB; the tifffile backend keeps the same budget so benchmarks compare alike.
 _TILE_CACHE_BYTES = 32 << 20
+# Relative mpp difference under which a level counts as the requested resolution in an exact read: float rounding
+# only (mpp from rational TIFF tags, products of downsamples). Any real difference, even 0.01 %, is resampled.
+_SAME_MPP_RTOL = 1e-6
 
 
 class Slide(abc.ABC):
@@ -165,72 +168,83 @@ class Slide(abc.ABC):
             uint8 array (height, width, 3), RGB; pixels outside the slide are white.
         """
         self._check_level(level)
-        ds = self.level_downsamples[level]
-        level_xy = (round(level0_xy[0] / ds), round(level0_xy[1] / ds))
-        return self._read_level_px(level, level_xy, self._check_size(size_px))
+        return self._read_stored(level, level0_xy, self._check_size(size_px))
 
-    def read_region(self, level0_xy: tuple[float, float], size_px: tuple[int, int], mpp: float,
-                    tolerance: float = 0.1) -> np.ndarray:
-        """Read a region at any resolution.
+    def read_region(self, level0_xy: tuple[float, float], size_px: tuple[int, int], mpp: float) -> np.ndarray:
+        """Read a region at exactly ``mpp``.
 
-        A level whose mpp is within `tolerance` of `mpp` is returned unchanged; otherwise the covering region of the
-        coarsest finer level is area-averaged (anti-aliased) to `mpp`, or bilinearly upsampled when `mpp` is finer
-        than level 0.
+        A pyramid level is returned as stored only when its mpp equals ``mpp`` on both axes (to float rounding,
+        relative 1e-6); otherwise the covering region of the coarsest finer level is area-averaged (anti-aliased)
+        to ``mpp``, or bilinearly upsampled when ``mpp`` is finer than level 0. So output pixel (i, j) always covers
+        level-0 ``[x + j * s_x, x + (j + 1) * s_x) x [y + i * s_y, y + (i + 1) * s_y)`` with
+        ``s = mpp / level0_mpp``, whatever levels the file has (a 0.226 um/px scan has a 0.904 um/px level, not a
+        1.0 one). Use :meth:`read_region_near` to accept a nearby level as it is.
 
         Args:
-            level0_xy: top-left corner (x, y) in level-0 pixels.
-            size_px: (width, height) of the output in pixels at `mpp`.
+            level0_xy: top-left corner (x, y) in level-0 pixels; fractional positions are honoured when resampling
+                (and rounded to the nearest level pixel when a level is returned as stored).
+            size_px: (width, height) of the output in pixels at ``mpp``.
             mpp: requested resolution in um/px.
-            tolerance: relative mpp difference accepted without resampling (0.1 = 10 %).
 
         Returns:
             uint8 array (height, width, 3), RGB; pixels outside the slide are white.
         """
-        from PIL import Image
+        mpp = self._check_mpp(mpp)
+        return self._read_at_level(self._level_for(mpp), level0_xy, self._check_size(size_px), mpp)
 
-        w, h = self._check_size(size_px)
-        if not mpp > 0:
-            raise SlideError(self.path, f"requested mpp must be positive um/px, got {mpp!r}")
-        level, exact = self._choose_level(float(mpp), tolerance)
-        ds = self.level_downsamples[level]
-        x, y = level0_xy[0] / ds, level0_xy[1] / ds
-        if exact:  # rounded like read_level_region, so a level read through either method is the same
-            return self._read_level_px(level, (round(x), round(y)), (w, h))
-        level_mpp_x, level_mpp_y = self.level_mpp(level)
-        # Level pixels per output pixel; the source box keeps sub-pixel offsets so neighbouring reads tile exactly.
-        span_x, span_y = w * mpp / level_mpp_x, h * mpp / level_mpp_y
-        x0, y0 = math.floor(x), math.floor(y)
-        x1, y1 = math.ceil(x + span_x), math.ceil(y + span_y)
-        source = self._read_level_px(level, (x0, y0), (x1 - x0, y1 - y0))
-        box = (x - x0, y - y0, x - x0 + span_x, y - y0 + span_y)
-        resample = Image.Resampling.BOX if span_x >= w else Image.Resampling.BILINEAR
-        return np.asarray(Image.fromarray(source).resize((w, h), resample, box=box))
+    def read_region_near(self, level0_xy: tuple[float, float], size_px: tuple[int, int], mpp: float,
+                         tolerance: float) -> tuple[np.ndarray, tuple[float, float]]:
+        """Read a region at about ``mpp``, taking a pyramid level as stored when its mpp is within ``tolerance``.
+
+        Snapping saves the resampling but changes the geometry: the caller must place the pixels with the actual
+        mpp returned, never with ``mpp``.
+
+        Args:
+            level0_xy: top-left corner (x, y) in level-0 pixels.
+            size_px: (width, height) of the output in pixels at the actual mpp.
+            mpp: wanted resolution in um/px.
+            tolerance: relative mpp difference accepted without resampling (0.1 = 10 %).
+
+        Returns:
+            (uint8 array (height, width, 3), actual (mpp_x, mpp_y) in um/px of its pixels): a level's own mpp, or
+            ``(mpp, mpp)`` when no level is near enough and the region was resampled.
+        """
+        mpp = self._check_mpp(mpp)
+        size = self._check_size(size_px)
+        level = self._level_within(mpp, tolerance)
+        if level is None:
+            return self._read_at_level(self._level_for(mpp), level0_xy, size, mpp), (mpp, mpp)
+        return self._read_stored(level, level0_xy, size), self.level_mpp(level)
 
     def read_thumbnail(self, mpp: float, tolerance: float = 0.1) -> tuple[np.ndarray, float]:
-        """Read the whole slide at about `mpp` (for tissue masks, typically 8 um/px).
+        """Read the whole slide at about ``mpp`` (for tissue masks and overlays, typically 8 um/px).
 
         Args:
             mpp: wanted resolution in um/px.
             tolerance: relative mpp difference for which a pyramid level is used as it is.
 
         Returns:
-            (uint8 array (height, width, 3), actual mpp in um/px); the output size is rounded to whole pixels, so
-            the actual mpp (measured along x) differs slightly from `mpp` unless a level matched.
+            (uint8 array (height, width, 3), actual mpp in um/px along x); a level taken as it is has its own mpp,
+            otherwise the output size is rounded to whole pixels, so the actual mpp differs slightly from ``mpp``.
         """
-        if not mpp > 0:
-            raise SlideError(self.path, f"requested mpp must be positive um/px, got {mpp!r}")
-        level, exact = self._choose_level(float(mpp), tolerance)
+        mpp = self._check_mpp(mpp)
+        level = self._level_within(mpp, tolerance)
         (w0, h0), (mpp_x, mpp_y) = self.dimensions, self.mpp
-        if exact:
+        if level is not None:
             actual = self.level_mpp(level)[0]
             out_w, out_h = self.level_dimensions[level]
+            source = level
         else:
             out_w, out_h = max(1, round(w0 * mpp_x / mpp)), max(1, round(h0 * mpp_y / mpp))
             actual = w0 * mpp_x / out_w
-        source_per_row = out_w * (actual / self.level_mpp(level)[0]) ** 2
+            source = self._level_for(actual)
+        source_per_row = out_w * (actual / self.level_mpp(source)[0]) ** 2
         band = max(1, int(_THUMBNAIL_BAND_SOURCE_PX // source_per_row))
-        rows = [self.read_region((0, top * actual / mpp_y), (out_w, min(band, out_h - top)), actual, tolerance)
-                for top in range(0, out_h, band)]
+        rows = []
+        for top in range(0, out_h, band):
+            size = (out_w, min(band, out_h - top))
+            rows.append(self._read_stored(level, (0, top * actual / mpp_y), size) if level is not None else
+                        self._read_at_level(source, (0, top * actual / mpp_y), size, actual))
         return np.concatenate(rows, axis=0), actual
 
     # ---- lifecycle -----------------------------------------------------------------------------------------------
@@ -271,14 +285,55 @@ class Slide(abc.ABC):
             raise SlideError(self.path, f"region size must be positive whole pixels (width, height), got {size_px!r}")
         return w, h
 
-    def _choose_level(self, mpp: float, tolerance: float) -> tuple[int, bool]:
-        """Return (level, True) for a level within tolerance of `mpp`, else (coarsest finer level, False)."""
-        level_mpps = [sum(self.level_mpp(i)) / 2 for i in range(self.level_count)]
-        closest = min(range(self.level_count), key=lambda i: abs(level_mpps[i] - mpp))
-        if abs(level_mpps[closest] - mpp) <= tolerance * mpp:
-            return closest, True
-        finer = [i for i in range(self.level_count) if level_mpps[i] < mpp]
-        return (max(finer, key=level_mpps.__getitem__) if finer else 0), False
+    def _check_mpp(self, mpp: float) -> float:
+        if not (isinstance(mpp, (int, float, np.number)) and math.isfinite(mpp) and mpp > 0):
+            raise SlideError(self.path, f"requested mpp must be positive um/px, got {mpp!r}")
+        return float(mpp)
+
+    def _level_within(self, mpp: float, tolerance: float) -> int | None:
+        """The level whose mpp is nearest to ``mpp`` when both its axes are within ``tolerance`` (relative), else
+        None."""
+        def worst(level: int) -> float:
+            return max(abs(m - mpp) for m in self.level_mpp(level)) / mpp
+
+        nearest = min(range(self.level_count), key=worst)
+        return nearest if worst(nearest) <= tolerance else None
+
+    def _level_for(self, mpp: float) -> int:
+        """The level an exact read at ``mpp`` reads from: the level at ``mpp`` itself, else the coarsest finer one
+        (level 0 when ``mpp`` is finer than level 0)."""
+        same = self._level_within(mpp, _SAME_MPP_RTOL)
+        if same is not None:
+            return same
+        finer = [i for i in range(self.level_count) if max(self.level_mpp(i)) < mpp]
+        return max(finer, key=lambda i: sum(self.level_mpp(i))) if finer else 0
+
+    def _read_stored(self, level: int, level0_xy: tuple[float, float], size_px: tuple[int, int]) -> np.ndarray:
+        """(w, h) pixels of ``level`` as stored, from the level pixel nearest to ``level0_xy``."""
+        ds = self.level_downsamples[level]
+        return self._read_level_px(level, (round(level0_xy[0] / ds), round(level0_xy[1] / ds)), size_px)
+
+    def _read_at_level(self, level: int, level0_xy: tuple[float, float], size_px: tuple[int, int],
+                       mpp: float) -> np.ndarray:
+        """(w, h) pixels at exactly ``mpp`` from ``level``: as stored when the level is at ``mpp`` on both axes,
+        else resampled from the level's pixels covering the region (sub-pixel offsets kept, so neighbouring reads
+        tile exactly)."""
+        from PIL import Image
+
+        w, h = size_px
+        level_mpp_x, level_mpp_y = self.level_mpp(level)
+        if max(abs(level_mpp_x - mpp), abs(level_mpp_y - mpp)) <= _SAME_MPP_RTOL * mpp:
+            return self._read_stored(level, level0_xy, size_px)
+        ds = self.level_downsamples[level]
+        x, y = level0_xy[0] / ds, level0_xy[1] / ds
+        span_x, span_y = w * mpp / level_mpp_x, h * mpp / level_mpp_y  # level pixels the output covers
+        x0, y0 = math.floor(x), math.floor(y)
+        x1, y1 = math.ceil(x + span_x), math.ceil(y + span_y)
+        source = self._read_level_px(level, (x0, y0), (x1 - x0, y1 - y0))
+        box = (x - x0, y - y0, x - x0 + span_x, y - y0 + span_y)
+        downsampling = span_x >= w and span_y >= h
+        resample = Image.Resampling.BOX if downsampling else Image.Resampling.BILINEAR
+        return np.asarray(Image.fromarray(source).resize((w, h), resample, box=box))
 
     def _read_level_px(self, level: int, level_xy: tuple[int, int], size_px: tuple[int, int]) -> np.ndarray:
         """Read (w, h) pixels of `level` at level position (x, y), white outside the level, always RGB."""
