@@ -30,11 +30,15 @@ def tissue(slide: str, out: str, mpp: float = 8.0, backend: str = "auto") -> Non
                  "tissue_fraction": float(mask.mask.mean())})
 
 
-def phantom(outdir: str, kind: str = "metastasis", n: int = 4, seed: int = 0) -> None:
-    """Generate a deterministic phantom dataset (kind: metastasis | mitosis | multiclass) into OUTDIR."""
+def phantom(outdir: str, kind: str = "metastasis", n: int = 4, seed: int = 0, mpp: float | None = None,
+            downsample_step: float | None = None) -> None:
+    """Generate a deterministic phantom dataset (kind: metastasis | mitosis | multiclass | geometry) into OUTDIR;
+    --mpp (level-0 um/px) and --downsample_step (pyramid step, e.g. 4.002; not for mitosis HPFs) override the
+    kind's defaults."""
     from pathbundles.phantom import make_phantom
 
-    _print_json({"dataset": str(make_phantom(outdir, kind=kind, n=n, seed=seed))})
+    options = {k: v for k, v in (("mpp", mpp), ("downsample_step", downsample_step)) if v is not None}
+    _print_json({"dataset": str(make_phantom(outdir, kind=kind, n=n, seed=seed, **options))})
 
 
 def froc(masks: str, detections: str, out: str, level0_mpp: float = 0.243, mask_downsample: float = 32) -> None:

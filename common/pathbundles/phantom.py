@@ -8,6 +8,9 @@ Three generators, each writing a folder with a ``dataset.json`` datalist (paths 
   mimics and centroid CSVs.
 - :func:`make_multiclass_dataset`: pyramidal TIFFs with six tissue classes, full label maps and partial
   (GeoJSON + PNG) annotations.
+- :func:`make_geometry_dataset`: geometry test slides at a scanner's resolution and pyramid step (0.2265 um/px,
+  uneven 4.002 steps, ...): dark cone-shaped markers at known sub-pixel positions on tissue-coloured ground, the
+  ground truth for "does every output land where it belongs on the slide".
 
 How the pixels are made: colour follows a Beer-Lambert stain model (haematoxylin and eosin concentrations times
 per-slide stain vectors). All geometry is global and seeded: region polygons, nucleus positions (jittered-grid
@@ -40,7 +43,7 @@ from pathbundles.progress import progress
 from pathbundles.writers import write_pyramid_tiff
 
 __all__ = ["make_phantom", "make_metastasis_dataset", "make_mitosis_dataset", "make_multiclass_dataset",
-           "MULTICLASS_CLASSES", "lesion_kind"]
+           "make_geometry_dataset", "MULTICLASS_CLASSES", "lesion_kind"]
 
 #: Class ids of the multi-class phantom (label maps use these; 0 in partial labels = unannotated).
 MULTICLASS_CLASSES = {1: "carcinoma", 2: "benign epithelium", 3: "stroma", 4: "necrosis", 5: "adipose",
@@ -550,8 +553,9 @@ class _BandSource:
         self._bar.close()
 
 
-def _write_slide(path: Path, scene: _Scene, mpp: float, downsample_step: int, description: dict[str, Any]) -> None:
-    """Render ``scene`` into a pyramidal JPEG TIFF (tiles 256, quality 90)."""
+def _write_slide(path: Path, scene: Any, mpp: float, downsample_step: float, description: dict[str, Any]) -> None:
+    """Render ``scene`` (anything with ``shape_hw`` and ``render(y0, y1)``) into a pyramidal JPEG TIFF (tiles 256,
+    quality 90)."""
     source = _BandSource(scene, path.name)
     try:
         write_pyramid_tiff(path, source, mpp=mpp, tile_px=256, compression="jpeg", quality=90,
@@ -779,7 +783,8 @@ def _lymph_node_scene(rng: np.random.Generator, shape_hw: tuple[int, int], mpp: 
 
 
 def make_metastasis_dataset(outdir: str | os.PathLike, n: int = 4, seed: int = 0,
-                            size_px: int | tuple[int, int] = (8192, 8192), mpp: float = 0.5) -> Path:
+                            size_px: int | tuple[int, int] = (8192, 8192), mpp: float = 0.5,
+                            downsample_step: float = 4) -> Path:
     """Write ``n`` Camelyon16-style phantom slides (even index = tumour, odd = normal) and ``dataset.json``.
 
     Per slide: ``phantom_{tumor|normal}_{i:03d}.tif`` (pyramidal JPEG TIFF, tiles 256, downsample step 4 like an
@@ -793,7 +798,9 @@ def make_metastasis_dataset(outdir: str | os.PathLike, n: int = 4, seed: int = 0
         seed: random seed; the same seed gives byte-identical files.
         size_px: slide (width, height) in level-0 px, or one int for a square. Macro and micro lesion sizes scale
             with ``min(size) / 8192``; ITCs keep their size (< 400 px).
-        mpp: level-0 resolution, um/px.
+        mpp: level-0 resolution, um/px (0.243 for Radboud's scanner, 0.226 for Utrecht's).
+        downsample_step: pyramid step (4 like an Aperio SVS; 2 like NDPI, MRXS or DICOM; fractional for uneven
+            pyramids, see :func:`pathbundles.writers.write_pyramid_tiff`).
 
     Returns:
         Path of ``dataset.json``.
@@ -807,7 +814,7 @@ def make_metastasis_dataset(outdir: str | os.PathLike, n: int = 4, seed: int = 0
         tumour = i % 2 == 0
         name = f"phantom_{'tumor' if tumour else 'normal'}_{i:03d}"
         plan = _plan_metastasis_slide(_rng(seed, "metastasis", i), (width, height), mpp, tumour)
-        _write_slide(out / f"{name}.tif", plan.scene, mpp, 4,
+        _write_slide(out / f"{name}.tif", plan.scene, mpp, downsample_step,
                      {"phantom": "metastasis", "seed": seed, "label": int(tumour)})
         _write_png(out / "tissue" / f"{name}.png", rasterize(plan.tissue, mask_hw, mask_ds) * np.uint8(255))
         item: dict[str, Any] = {"image": f"{name}.tif", "label": int(tumour), "annotation": None, "mask": None,
@@ -1085,7 +1092,8 @@ def _partial_annotations(rng: np.random.Generator, labels: np.ndarray, label_ds:
 
 
 def make_multiclass_dataset(outdir: str | os.PathLike, n: int = 4, seed: int = 0,
-                            size_px: int | tuple[int, int] = (4096, 4096), mpp: float = 0.5) -> Path:
+                            size_px: int | tuple[int, int] = (4096, 4096), mpp: float = 0.5,
+                            downsample_step: float = 2) -> Path:
     """Write ``n`` multi-class phantom slides (DMMN-style) and ``dataset.json``.
 
     Per slide: ``phantom_mc_{i:03d}.tif`` (pyramidal JPEG TIFF, downsample step 2), ``labels/<name>.png`` (class
@@ -1099,6 +1107,7 @@ def make_multiclass_dataset(outdir: str | os.PathLike, n: int = 4, seed: int = 0
         seed: random seed; the same seed gives byte-identical files.
         size_px: slide (width, height) in level-0 px, or one int for a square.
         mpp: level-0 resolution, um/px.
+        downsample_step: pyramid step (whole or fractional, as :func:`make_metastasis_dataset`).
 
     Returns:
         Path of ``dataset.json``.
@@ -1116,7 +1125,7 @@ def make_multiclass_dataset(outdir: str | os.PathLike, n: int = 4, seed: int = 0
         labels = rasterize(regions, label_hw, label_ds, label_of=label_of, exclude_groups=())
         labels[labels == 0] = 6
         partial = _partial_annotations(rng, labels, label_ds)
-        _write_slide(out / f"{name}.tif", scene, mpp, 2, {"phantom": "multiclass", "seed": seed})
+        _write_slide(out / f"{name}.tif", scene, mpp, downsample_step, {"phantom": "multiclass", "seed": seed})
         _write_png(out / "labels" / f"{name}.png", labels)
         write_geojson(out / "annotations" / f"{name}.geojson", partial)
         _write_png(out / "partial_labels" / f"{name}.png",
@@ -1128,6 +1137,96 @@ def make_multiclass_dataset(outdir: str | os.PathLike, n: int = 4, seed: int = 0
         item["classes"] = classes
     return _write_datalist(out, {"kind": "multiclass", "seed": seed, "level0_mpp": mpp, "label_downsample": label_ds,
                                  "classes": classes, "size_px": [width, height], "items": items})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Geometry test slides
+# ---------------------------------------------------------------------------------------------------------------
+
+#: Colours of the geometry slides: eosin-pink ground (chroma 75, so the tissue mask takes it), a white glass margin,
+#: and the haematoxylin-purple apex of every marker.
+GEOMETRY_TISSUE_RGB, GEOMETRY_MARKER_RGB = (235, 160, 205), (70, 30, 120)
+
+
+@dataclass(frozen=True)
+class _MarkerScene:
+    """A slide of pink tissue (inside a glass margin) with cone-shaped dark markers; ``render`` as :class:`_Scene`.
+
+    A marker's colour goes linearly from the ground at ``radius_px`` to :data:`GEOMETRY_MARKER_RGB` at its centre,
+    evaluated at pixel centres (level-0 pixel (i, j) covers ``[j, j + 1) x [i, i + 1)``), so its centre of mass and
+    its darkest point lie at the sub-pixel position given, and any local darkness measure peaks there.
+    """
+
+    shape_hw: tuple[int, int]
+    centres_xy: np.ndarray  # (N, 2) level-0 (x, y), continuous coordinates
+    radius_px: float
+    margin_px: float
+
+    def render(self, y0: int, y1: int) -> np.ndarray:
+        height, width = self.shape_hw
+        ys = np.arange(y0, y1, dtype=np.float64)[:, None] + 0.5
+        xs = np.arange(width, dtype=np.float64)[None, :] + 0.5
+        tissue = ((xs >= self.margin_px) & (xs < width - self.margin_px)
+                  & (ys >= self.margin_px) & (ys < height - self.margin_px))
+        weight = np.zeros((y1 - y0, width), np.float32)
+        near = np.abs(self.centres_xy[:, 1] - (y0 + y1) / 2) <= (y1 - y0) / 2 + self.radius_px
+        for cx, cy in self.centres_xy[near]:
+            c0, c1 = max(0, math.floor(cx - self.radius_px)), min(width, math.ceil(cx + self.radius_px) + 1)
+            distance = np.hypot(xs[:, c0:c1] - cx, ys - cy)
+            np.maximum(weight[:, c0:c1], np.clip(1 - distance / self.radius_px, 0, None), out=weight[:, c0:c1])
+        ground = np.where(tissue[..., None], np.float32(GEOMETRY_TISSUE_RGB), np.float32(255))
+        rgb = ground + weight[..., None] * (np.float32(GEOMETRY_MARKER_RGB) - ground)
+        return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+def make_geometry_dataset(outdir: str | os.PathLike, n: int = 1, seed: int = 0, size_um: float = 1200.0,
+                          mpp: float = 0.2265, downsample_step: float = 4.002, marker_radius_um: float = 60.0,
+                          marker_spacing_um: float = 300.0, edge_um: float = 200.0) -> Path:
+    """Write ``n`` geometry test slides at a scanner's resolution and pyramid step, and ``dataset.json``.
+
+    Each slide (``phantom_geometry_{i:03d}.tif``, square, ``size_um`` wide) is pink tissue inside a 40 um glass margin
+    with dark cone-shaped markers (radius ``marker_radius_um``) at seeded sub-pixel positions, at least
+    ``marker_spacing_um`` apart and ``edge_um`` from the slide's edges. Whatever reads, scans or segments the slide
+    must put each marker's response at the marker's position: the ground truth for every output's geometry, at
+    resolutions (0.2265, 0.243, 0.2527, 0.499 um/px) and pyramid steps (2, 4, 4.002) where a snapped pyramid level
+    or an unregistered map would misplace it.
+
+    Args:
+        outdir: output folder (created).
+        n: number of slides.
+        seed: random seed of the marker positions.
+        size_um: slide side in um (level-0 side ``round(size_um / mpp)`` px).
+        mpp: level-0 resolution, um/px.
+        downsample_step: pyramid step (whole or fractional).
+        marker_radius_um: radius of each cone, um.
+        marker_spacing_um: smallest distance between marker centres, um.
+        edge_um: smallest distance of a marker centre from the slide's edges, um.
+
+    Returns:
+        Path of ``dataset.json``: ``{"kind": "geometry", "level0_mpp", "downsample_step", "marker_radius_um",
+        "items": [{"image", "markers_xy": [[x, y], ...] level-0 px (continuous: pixel (0, 0) covers [0, 1)),
+        "markers_um": [[x, y], ...]}]}``.
+    """
+    out = Path(outdir)
+    side = round(size_um / mpp)
+    items = []
+    for i in range(n):
+        rng = _rng(seed, "geometry", i)
+        centres: list[np.ndarray] = []
+        for _ in range(2000):
+            xy = rng.uniform(edge_um, size_um - edge_um, 2)
+            if all(np.hypot(*(xy - c)) >= marker_spacing_um for c in centres):
+                centres.append(xy)
+        markers_um = np.asarray(centres).reshape(-1, 2)
+        scene = _MarkerScene((side, side), markers_um / mpp, marker_radius_um / mpp, 40.0 / mpp)
+        name = f"phantom_geometry_{i:03d}"
+        _write_slide(out / f"{name}.tif", scene, mpp, downsample_step,
+                     {"phantom": "geometry", "seed": seed, "mpp": mpp, "downsample_step": downsample_step})
+        items.append({"image": f"{name}.tif", "markers_xy": (markers_um / mpp).tolist(),
+                      "markers_um": markers_um.tolist()})
+    return _write_datalist(out, {"kind": "geometry", "seed": seed, "level0_mpp": mpp,
+                                 "downsample_step": downsample_step, "marker_radius_um": marker_radius_um,
+                                 "size_px": [side, side], "items": items})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1150,7 +1249,7 @@ def _write_datalist(out: Path, datalist: dict[str, Any]) -> Path:
 
 
 _MAKERS = {"metastasis": make_metastasis_dataset, "mitosis": make_mitosis_dataset,
-           "multiclass": make_multiclass_dataset}
+           "multiclass": make_multiclass_dataset, "geometry": make_geometry_dataset}
 
 
 def make_phantom(outdir: str | os.PathLike, kind: str = "metastasis", n: int = 4, seed: int = 0,
@@ -1162,7 +1261,8 @@ def make_phantom(outdir: str | os.PathLike, kind: str = "metastasis", n: int = 4
         kind: which generator.
         n: number of slides / images.
         seed: random seed.
-        size_options: ``size_px`` and ``mpp`` passed to the generator.
+        size_options: ``size_px`` (``size_um`` for "geometry"), ``mpp`` and ``downsample_step`` (not "mitosis")
+            passed to the generator.
 
     Returns:
         Path of the ``dataset.json`` written.

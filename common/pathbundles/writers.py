@@ -85,7 +85,7 @@ class BandSource(Protocol):
 
 def write_pyramid_tiff(path: str | os.PathLike, source: BandSource, *, mpp: float, tile_px: int = 256,
                        compression: str = "deflate", quality: int = 90, deflate_level: int = 6,
-                       min_level_px: int = 256, downsample_step: int = 2, resample: str = "area",
+                       min_level_px: int = 256, downsample_step: float = 2, resample: str = "area",
                        description: Mapping[str, Any] | str | None = None,
                        tmp_dir: str | os.PathLike | None = None) -> Path:
     """Stream ``source`` into a tiled pyramidal TIFF without holding any level in memory.
@@ -105,7 +105,10 @@ def write_pyramid_tiff(path: str | os.PathLike, source: BandSource, *, mpp: floa
         quality: JPEG quality, 1..100.
         deflate_level: zlib level, 1 (fast) .. 9 (small).
         min_level_px: stop adding levels once the smaller side of the last level is at most this (pixels).
-        downsample_step: linear factor between consecutive levels (2 or 4 usual); sizes are ceil-divided.
+        downsample_step: linear factor between consecutive levels. A whole number (2 or 4 usual) ceil-divides the
+            sizes and averages blocks; any other factor > 1 (4.002, as uneven as a real DICOM pyramid) rounds the
+            sizes and area-averages each level to exactly ``previous size / its size`` per axis, so that a reader's
+            downsample (a ratio of level sizes) places its pixels right. ``resample="area"`` only.
         resample: ``"area"`` (block mean over the pixels inside the image, rounded for integers) or
             ``"nearest"`` (top-left pixel of each block: use it for label maps, where a mean is meaningless).
         description: extra JSON fields for the ImageDescription (e.g. ``{"scale": "probability * 255"}``);
@@ -125,6 +128,7 @@ def write_pyramid_tiff(path: str | os.PathLike, source: BandSource, *, mpp: floa
     level_hw = _level_sizes(shape[:2], downsample_step, min_level_px)
     raw_bytes = sum(h * w for h, w in level_hw) * samples * dtype.itemsize
     downsample = _area_downsample if resample == "area" else _nearest_downsample
+    whole_step = float(downsample_step).is_integer()
     extra = {"note": description} if isinstance(description, str) else dict(description or {})
 
     page_args: dict[str, Any] = {
@@ -153,11 +157,16 @@ def write_pyramid_tiff(path: str | os.PathLike, source: BandSource, *, mpp: floa
             fields = {**extra, "pathbundles": "pyramid", "mpp": mpp, "level": level,
                       "level_mpp": [mpp * scale_x, mpp * scale_y], "downsample": [scale_x, scale_y]}
             with open(next_raw, "wb") if next_raw is not None else contextlib.nullcontext() as sink:
+                fractional = None if whole_step or next_raw is None else \
+                    _FractionalDownsampler((h, w), level_hw[level + 1])
 
-                def on_band(band: np.ndarray, sink: Any = sink) -> None:
-                    if sink is not None:
-                        # Written band by band: the next level never exists in memory as a whole.
-                        np.ascontiguousarray(downsample(band, downsample_step)).tofile(sink)
+                def on_band(band: np.ndarray, sink: Any = sink, fractional: Any = fractional) -> None:
+                    if sink is None:
+                        return
+                    # Written band by band: the next level never exists in memory as a whole.
+                    smaller = fractional.push(band) if fractional is not None else \
+                        downsample(band, int(downsample_step))
+                    np.ascontiguousarray(smaller).tofile(sink)
 
                 tiles = _iter_tiles(level_source, level_shape, dtype, tile_px, on_band, bar.update)
                 if compression in ("deflate", "zlib"):
@@ -202,7 +211,7 @@ def read_pyramid_mpp(path: str | os.PathLike) -> float:
 
 
 def _check_pyramid_args(shape: tuple[int, ...], dtype: np.dtype, mpp: float, tile_px: int, compression: str,
-                        quality: int, deflate_level: int, min_level_px: int, downsample_step: int,
+                        quality: int, deflate_level: int, min_level_px: int, downsample_step: float,
                         resample: str) -> None:
     """Raise ValueError naming the first argument of :func:`write_pyramid_tiff` that cannot work."""
     if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3)) or min(shape[:2]) < 1:
@@ -223,18 +232,25 @@ def _check_pyramid_args(shape: tuple[int, ...], dtype: np.dtype, mpp: float, til
         raise ValueError(f"deflate_level {deflate_level}: expected 1..9")
     if min_level_px < 1:
         raise ValueError(f"min_level_px {min_level_px}: expected >= 1")
-    if downsample_step < 2 or tile_px % downsample_step:
-        raise ValueError(f"downsample_step {downsample_step}: expected >= 2 and dividing tile_px {tile_px}")
     if resample not in ("area", "nearest"):
         raise ValueError(f"resample {resample!r}: expected 'area' or 'nearest'")
+    if float(downsample_step).is_integer():
+        if downsample_step < 2 or tile_px % int(downsample_step):
+            raise ValueError(f"downsample_step {downsample_step}: expected >= 2 and dividing tile_px {tile_px}")
+    elif not (math.isfinite(downsample_step) and downsample_step > 1.25) or resample != "area":
+        raise ValueError(f"downsample_step {downsample_step}: a fractional step must be > 1.25 with resample 'area'")
 
 
-def _level_sizes(hw: tuple[int, int], step: int, min_level_px: int) -> list[tuple[int, int]]:
-    """(H, W) of every level: ceil-divide by ``step`` until the smaller side is <= ``min_level_px``."""
+def _level_sizes(hw: tuple[int, int], step: float, min_level_px: int) -> list[tuple[int, int]]:
+    """(H, W) of every level until the smaller side is <= ``min_level_px``: sizes ceil-divided by a whole ``step``,
+    rounded for a fractional one."""
     sizes = [hw]
     while min(sizes[-1]) > min_level_px:
         h, w = sizes[-1]
-        sizes.append((-(-h // step), -(-w // step)))
+        if float(step).is_integer():
+            sizes.append((-(-h // int(step)), -(-w // int(step))))
+        else:
+            sizes.append((max(1, round(h / step)), max(1, round(w / step))))
     return sizes
 
 
@@ -324,6 +340,58 @@ def _area_downsample(band: np.ndarray, step: int) -> np.ndarray:
             sums /= counts
         out[:, ox0:ox1] = sums
     return out
+
+
+def _area_weights(n_in: int, n_out: int) -> Any:
+    """Sparse (n_out, n_in) matrix of exact area weights: output pixel j averages input ``[j r, (j + 1) r)``,
+    ``r = n_in / n_out``, each input pixel weighted by its overlap (rows sum to 1)."""
+    from scipy import sparse
+
+    ratio = n_in / n_out
+    rows, cols, weights = [], [], []
+    for j in range(n_out):
+        lo, hi = j * ratio, (j + 1) * ratio
+        for i in range(math.floor(lo), min(n_in, math.ceil(hi))):
+            overlap = min(hi, i + 1) - max(lo, i)
+            if overlap > 1e-12:
+                rows.append(j)
+                cols.append(i)
+                weights.append(overlap / ratio)
+    return sparse.csr_matrix((weights, (rows, cols)), shape=(n_out, n_in))
+
+
+class _FractionalDownsampler:
+    """Area-average a level streamed in row bands to a size that is not a whole fraction of it.
+
+    :meth:`push` takes the level's bands in order and returns the output rows that the rows seen so far complete
+    (maybe none); the rows an output row needs beyond the band wait in a small carry-over.
+    """
+
+    def __init__(self, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> None:
+        self.in_h, self.out_h = in_hw[0], out_hw[0]
+        self.row_weights = _area_weights(in_hw[0], out_hw[0])
+        self.col_weights = _area_weights(in_hw[1], out_hw[1])
+        self.pending: np.ndarray | None = None
+        self.pending_y0 = 0  # input row of pending[0]
+        self.next_row = 0  # next output row to emit
+
+    def push(self, band: np.ndarray) -> np.ndarray:
+        # Columns first: the carry-over then holds output-width rows, and each input row is resampled once.
+        flat = band.reshape(band.shape[0], band.shape[1], -1).astype(np.float64)
+        narrow = np.stack([self.col_weights.dot(flat[..., c].T).T for c in range(flat.shape[2])], axis=-1)
+        self.pending = narrow if self.pending is None else np.concatenate([self.pending, narrow])
+        seen = self.pending_y0 + len(self.pending)
+        # Output row j is complete once input row ceil((j + 1) * in_h / out_h) - 1 has been seen.
+        ends = np.ceil(np.arange(1, self.out_h + 1) * self.in_h / self.out_h - 1e-9)
+        last = self.out_h if seen >= self.in_h else int(np.searchsorted(ends, seen, side="right"))
+        rows = self.row_weights[self.next_row:last][:, self.pending_y0:seen]
+        out = np.stack([rows.dot(self.pending[..., c]) for c in range(self.pending.shape[2])], axis=-1)
+        self.next_row = last
+        keep_from = math.floor(last * self.in_h / self.out_h) if last < self.out_h else seen
+        self.pending = self.pending[keep_from - self.pending_y0:]
+        self.pending_y0 = keep_from
+        out = out.reshape(out.shape[0], out.shape[1], *band.shape[2:])
+        return np.rint(out).astype(band.dtype) if band.dtype.kind in "ui" else out.astype(band.dtype)
 
 
 def _nearest_downsample(band: np.ndarray, step: int) -> np.ndarray:
