@@ -112,8 +112,19 @@ def test_map_writer_restricts_the_map_to_tissue(tmp_path: Path) -> None:
     expected = np.zeros(plan.map_shape, np.float32)
     expected[:29, :13] = 1.0  # centres 122 + 32 k: columns k <= 12 are < 512, rows k <= 28 are < 1024
     np.testing.assert_array_equal(found[0], expected)
-    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "maps" / "s.tif", level=0),
-                                  (expected * 255).astype(np.uint8))
+    # The TIFF is registered to the slide: its pixel j covers scan px [32 j, 32 j + 32), i.e. the network's map
+    # read (bilinearly, 0 beyond it) at j + 0.5 - 122 / 32 = j - 3.3125.
+    written = tifffile.imread(tmp_path / "out" / "maps" / "s.tif", level=0)
+    rows, cols = np.indices(written.shape, dtype=np.float64) - 3.3125
+    from scipy import ndimage
+
+    registered = ndimage.map_coordinates(expected, [rows, cols], order=1, mode="grid-constant", cval=0.0)
+    np.testing.assert_array_equal(written, np.rint(registered * 255).astype(np.uint8))
+    # Physically: the tissue edge at level-0 x = 512 is where the written row crosses one half, within half a map px.
+    row = written[10].astype(float) / 255
+    i = np.flatnonzero(row >= 0.5)[-1]
+    crossing = i + (row[i] - 0.5) / (row[i] - row[i + 1])  # pixel index, centres at integers
+    assert abs((crossing + 0.5) * 32 - 512) <= 16
     assert writer.scores["s"] == (1.0, 0)
 
 

@@ -5,7 +5,13 @@ Geometry (``MapGrid``): ROIs lie on a grid anchored at level-0 (0, 0) with strid
 scanning resolution ``scan_mpp``; ROI (r, c) reads ``read_px`` x ``read_px`` pixels from scan pixel
 ``(c * roi_stride_px, r * roi_stride_px)`` and yields a ``tile_px`` x ``tile_px`` output tile that fills map rows
 ``r * tile_px ...`` and columns ``c * tile_px ...``. Map pixel ``k`` is centred on scan pixel
-``map_origin_px + k * map_step_px``; multiply by ``scan_mpp / level0_mpp`` for level-0 pixels.
+``map_origin_px + k * map_step_px``; multiply by ``scan_mpp / level0_mpp`` for level-0 pixels. Reads are exact at
+``scan_mpp`` whatever the slide's own resolution (``Slide.read_region``), so these positions hold on any scanner.
+
+Written maps are registered to the slide instead (:func:`registered_map`): pixel ``k`` of a map TIFF or overlay
+covers scan pixels ``[k * map_step_px, (k + 1) * map_step_px)`` from the slide's origin, so a viewer that places a
+raster by its physical size (mpp) lays it over the slide; its values are the network's map interpolated
+(bilinearly) at those pixels' centres.
 """
 
 from __future__ import annotations
@@ -171,8 +177,8 @@ class SlideROIDataset(torch.utils.data.Dataset):
         step0 = grid.roi_stride_px * self.scan_mpp / plan.level0_mpp
         error = ""
         try:
-            region = self.slides(plan.path).read_region((int(round(c * step0)), int(round(r * step0))),
-                                                (grid.read_px, grid.read_px), self.scan_mpp)
+            region = self.slides(plan.path).read_region((c * step0, r * step0), (grid.read_px, grid.read_px),
+                                                        self.scan_mpp)
         except (PathBundlesError, OSError, ValueError) as err:
             region, error = np.zeros((grid.read_px, grid.read_px, 3), np.uint8), f"{plan.path}: {err}"
         item = {"image": torch.from_numpy(np.ascontiguousarray(region.transpose(2, 0, 1))),
@@ -298,7 +304,8 @@ class SlideMapWriter(StreamedSlideWriter):
     """Ignite handler: stitch ROI tiles into per-slide maps on disk and write each slide's outputs when complete.
 
     For slide ``name`` under ``output_dir``: ``maps/name.tif`` (probability x 255 as a tiled pyramidal TIFF with
-    mpp tags), ``overlays/name.png``, ``detections/name.csv`` (Camelyon16 ``prob,x,y`` at level 0) and
+    mpp tags, registered to the slide: pixel (0, 0) starts at the slide's origin, see :func:`registered_map`),
+    ``overlays/name.png`` (the same registration over the slide thumbnail), ``detections/name.csv`` (Camelyon16 ``prob,x,y`` at level 0) and
     ``detections/name.geojson``; and one ``slide_scores.csv`` (``name,score,n_detections``) for the run. A slide
     without tissue gets an all-zero map, no detections and score 0. A slide that fails is reported by name, gets
     no output, and the run raises at the end after finishing the other slides.
@@ -391,28 +398,66 @@ class SlideMapWriter(StreamedSlideWriter):
 
         grid, scan_mpp = self.dataset.grid, self.dataset.scan_mpp
         # Post-processing needs the whole map (connected components); it is at the scan stride (Sd = 8-32 px), so a
-        # Camelyon16 slide's map is at most a few hundred MB. The TIFF is streamed from the disk canvas by bands.
+        # Camelyon16 slide's map is at most a few hundred MB.
         prob = np.zeros(plan.map_shape, np.float32) if canvas is None else np.asarray(canvas[:], np.float32)
         map_mpp = grid.map_step_px * scan_mpp
         origin0 = grid.map_origin_px * scan_mpp / plan.level0_mpp
-        source: Any = prob if canvas is None else canvas
         if self.tissue_only and plan.tissue is not None:
             step0 = grid.map_step_px * scan_mpp / plan.level0_mpp
             rows, cols = np.indices(prob.shape, dtype=np.float64)
             prob *= np.asarray(plan.tissue.at_level0(origin0 + cols * step0, origin0 + rows * step0)) > 0
-            source = prob  # the masked map, not the canvas
         detections = np.asarray(self.detect(prob, map_mpp, plan.level0_mpp, origin_xy=(origin0, origin0)),
                                 dtype=np.float64)[:, :3].reshape(-1, 3)
         files = self.outputs(plan.name)
-        write_pyramid_tiff(files["map"], _Uint8Bands(source), mpp=map_mpp,
+        pixel_centres = (np.arange(max(plan.map_shape)) + 0.5) * grid.map_step_px
+        registered = registered_map(prob, grid, pixel_centres[:plan.map_shape[0]], pixel_centres[:plan.map_shape[1]])
+        write_pyramid_tiff(files["map"], np.clip(np.rint(registered * 255.0), 0, 255).astype(np.uint8), mpp=map_mpp,
                            compression="deflate",
-                           description=f"pathbundles probability map: value / 255 = probability; mpp={map_mpp}")
+                           description={"content": "tumour probability map: value / 255 = probability",
+                                        "registration": f"pixel (0, 0) starts at the slide's level-0 origin; pixel "
+                                                        f"(r, c) covers level-0 [c * s, (c + 1) * s) x [r * s, "
+                                                        f"(r + 1) * s), s = {map_mpp} / level-0 mpp"})
         with open_slide(plan.path, backend=self.dataset.backend, mpp=self.dataset.mpp_override) as slide:
             thumb, _ = slide.read_thumbnail(max(self.overlay_mpp, map_mpp))
-        write_overlay_png(files["overlay"], thumb, prob)
+        # Thumbnail pixel centres in scan pixels: the overlay samples the map where each thumbnail pixel lies.
+        (w0, h0), to_scan = plan.level0_size, plan.level0_mpp / scan_mpp
+        thumb_rows = (np.arange(thumb.shape[0]) + 0.5) * (h0 / thumb.shape[0]) * to_scan
+        thumb_cols = (np.arange(thumb.shape[1]) + 0.5) * (w0 / thumb.shape[1]) * to_scan
+        write_overlay_png(files["overlay"], thumb, registered_map(prob, grid, thumb_rows, thumb_cols))
         write_detections_csv(files["detections"], detections)
         write_detections_geojson(files["geojson"], detections, mpp=plan.level0_mpp)
         self.scores[plan.name] = (float(prob.max()) if prob.size else 0.0, int(len(detections)))
+
+
+def registered_map(prob: np.ndarray, grid: MapGrid, rows_scan_px: np.ndarray, cols_scan_px: np.ndarray) -> np.ndarray:
+    """The map's values at given scan-pixel positions: bilinear between map pixel centres, 0 beyond them.
+
+    Map pixel ``k`` of ``prob`` is centred on scan pixel ``grid.map_origin_px + k * grid.map_step_px`` (half a
+    network input from the slide's origin), so a map written as it is would lie that far off its slide. Sampling it
+    at the centres of the pixels of a raster anchored at the origin registers it.
+
+    Args:
+        prob: (H, W) map as the network made it.
+        grid: the map's geometry.
+        rows_scan_px, cols_scan_px: positions (y and x) in pixels at the scanning resolution.
+
+    Returns:
+        float32 (len(rows_scan_px), len(cols_scan_px)).
+    """
+    def axis(positions: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        u = (np.asarray(positions, np.float64) - grid.map_origin_px) / grid.map_step_px
+        lo = np.floor(u).astype(np.int64)
+        frac = (u - lo).astype(np.float32)
+        # Weights of samples outside the map are zeroed, so positions past the outermost centres fade to 0.
+        w_lo = np.where((lo >= 0) & (lo < n), 1 - frac, 0).astype(np.float32)
+        w_hi = np.where((lo + 1 >= 0) & (lo + 1 < n), frac, 0).astype(np.float32)
+        return np.clip(lo, 0, n - 1), np.clip(lo + 1, 0, n - 1), w_lo, w_hi
+
+    prob = np.asarray(prob, np.float32)
+    r_lo, r_hi, rw_lo, rw_hi = axis(rows_scan_px, prob.shape[0])
+    c_lo, c_hi, cw_lo, cw_hi = axis(cols_scan_px, prob.shape[1])
+    rows = prob[r_lo] * rw_lo[:, None] + prob[r_hi] * rw_hi[:, None]
+    return rows[:, c_lo] * cw_lo + rows[:, c_hi] * cw_hi
 
 
 def paste_tile(canvas: Any, map_shape: tuple[int, int], roi_row: int, roi_col: int, tile: np.ndarray) -> None:
@@ -448,13 +493,3 @@ def predict_maps(dataset: SlideROIDataset, network: torch.nn.Module,
         network.train(was_training)
     for s, prob in maps.items():
         yield dataset.plans[s], prob
-
-
-class _Uint8Bands:
-    """A band-sliceable view of a probability map (array or disk canvas) as uint8 (probability x 255)."""
-
-    def __init__(self, prob: Any) -> None:
-        self.prob, self.shape, self.dtype = prob, prob.shape, np.dtype(np.uint8)
-
-    def __getitem__(self, key: slice) -> np.ndarray:
-        return np.clip(np.rint(np.asarray(self.prob[key], np.float32) * 255.0), 0, 255).astype(np.uint8)
