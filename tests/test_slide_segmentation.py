@@ -54,6 +54,7 @@ def _run(writer: SlideLabelWriter, dataset: MultiMagnificationDataset, label_of_
     """
     writer.started()
     for s, x0, y0, _ in dataset.tiles.tolist():
+        s = int(s)
         if (s, x0, y0) in skip:
             continue
         step0 = dataset.mpps[0] / dataset.slides[s].level0_mpp

@@ -77,7 +77,7 @@ def test_blank_and_near_constant_slides_give_no_tissue() -> None:
     mask = tissue_mask(slide)
     assert mask.mask.shape == (250, 300) and not mask.mask.any()
     origins = mask.tile_origins(256, 256, 0.5)
-    assert origins.shape == (0, 2) and origins.dtype == np.int64
+    assert origins.shape == (0, 2) and origins.dtype == np.float64
     # Thumbnail-level noise (no averaging): Otsu alone would split it in two, the contrast guard must not.
     rng = np.random.default_rng(1)
     noisy = np.clip(rng.normal(235, 6, (300, 400, 3)), 0, 255).astype(np.uint8)
@@ -129,8 +129,8 @@ def test_tile_origins_non_integer_scale_and_edges() -> None:
     full = TissueMask(np.ones((32, 63), dtype=bool), mpp=8.0, level0_mpp=CAMELYON_LEVEL0_MPP, level0_size=(2000, 1000))
     stride0 = 224 * 0.5 / CAMELYON_LEVEL0_MPP  # 460.9 level-0 px
     origins = full.tile_origins(256, 224, 0.5)
-    xs, ys = np.rint(np.arange(5) * stride0), np.rint(np.arange(3) * stride0)
-    assert origins.tolist() == [[x, y] for y in ys for x in xs]
+    xs, ys = np.arange(5) * stride0, np.arange(3) * stride0  # exact: 460.905... is not rounded to 461
+    np.testing.assert_allclose(origins, [[x, y] for y in ys for x in xs], rtol=0, atol=1e-9)
     # The last column starts inside the frame and reaches past it: its footprint is partly outside the mask,
     # which counts as background.
     fractions_kept = full.tile_origins(256, 224, 0.5, min_tissue_fraction=0.99)
@@ -249,7 +249,7 @@ def test_camelyon_tiles_cover_the_tissue(camelyon_mask: TissueMask) -> None:
     # 3 x 3 mask pixel tiles: every tissue pixel lies in exactly one tile of a stride = tile grid.
     origins = camelyon_mask.tile_origins(3, 3, camelyon_mask.mpp)
     tiled = np.zeros_like(camelyon_mask.mask)
-    for x, y in origins:
+    for x, y in origins.astype(np.int64):  # mpp = mask mpp: origins are whole mask pixels here
         tiled[y:y + 3, x:x + 3] = True
     assert not (camelyon_mask.mask & ~tiled).any()
     assert len(origins) < 0.2 * (7168 // 3) * (3072 // 3)

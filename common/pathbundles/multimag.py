@@ -2,9 +2,11 @@
 
 A DMMN input is three 256 px patches centred on one level-0 point: 20x (0.5 um/px), 10x (1.0) and 5x (2.0), i.e.
 the centre 256, the centre 512 and the whole of a 1024 px tile at 20x. :func:`read_concentric` reads them either
-per magnification from the pyramid (``"levels"``: a level within 10 % of each mpp, anti-aliased resampling only
-where the slide has none) or as the paper and the authors' code do, one 1024 tile at 20x downsampled (``"tile"``;
-here area-averaged, where the authors' code strides without anti-aliasing). Which is faster depends on the file
+per magnification from the pyramid (``"levels"``: each view read at exactly its mpp by ``Slide.read_region``, a
+pyramid level as stored only where one is at that mpp, else anti-aliased from the next finer level) or as the paper
+and the authors' code do, one 1024 tile at 20x downsampled (``"tile"``; here area-averaged, where the authors' code
+strides without anti-aliasing). Both give views of exactly 0.5, 1.0 and 2.0 um/px centred on the same level-0
+point on any scanner (a 0.2265 um/px slide has a 0.453 um/px level, not a 20x one). Which is faster depends on the file
 (the levels it has, its tile size and codec) and the reader, so :func:`choose_read_path` times both on a few tiles
 of each slide and :class:`MultiMagnificationDataset` (``read_path="auto"``) keeps the faster one per slide.
 
@@ -61,8 +63,8 @@ def read_concentric(slide: Any, center_level0_xy: Sequence[float], mpps: Sequenc
         center_level0_xy: the common centre (x, y) in level-0 pixels.
         mpps: resolutions in um/px, finest first (20x, 10x, 5x).
         patch_px: side of every patch in pixels at its own mpp.
-        path: "levels" reads each patch at its own mpp with ``Slide.read_region`` (a pyramid level when one is
-            within 10 %, else anti-aliased from the next finer level); "tile" reads one tile of
+        path: "levels" reads each patch at exactly its own mpp with ``Slide.read_region`` (a pyramid level as
+            stored when one is at that mpp, else anti-aliased from the next finer level); "tile" reads one tile of
             ``patch_px * mpps[-1] / mpps[0]`` px at ``mpps[0]`` and area-averages its centre for each coarser patch.
         pad_value: grey level (0..255, all three channels) of the pixels whose centre lies outside the level-0
             slide rectangle; 0 is the paper's zero padding, None keeps what the reader returns there (white).
@@ -271,7 +273,7 @@ class _AnnotationLabels:
             keep[max(0, int((y0 - tile0) // stride0)):int(y1 // stride0) + 1,
                  max(0, int((x0 - tile0) // stride0)):int(x1 // stride0) + 1] = True
         iy, ix = np.nonzero(keep)
-        return np.stack([np.rint(xs[ix]), np.rint(ys[iy])], 1).astype(np.int64).reshape(-1, 2)
+        return np.stack([xs[ix], ys[iy]], 1).astype(np.float64).reshape(-1, 2)
 
     def __call__(self, origin_xy: tuple[float, float], size_px: int, mpp: float) -> np.ndarray:
         from pathbundles.annotations import rasterize
@@ -390,9 +392,10 @@ class MultiMagnificationDataset(torch.utils.data.Dataset):
         self.pad_value, self.seed, self.transform = pad_value, seed, transform
         self.handles = SlideHandles(backend)
         self.slides: list[_SlideEntry] = []
-        tiles = []  # rows (slide index, origin x, origin y, class)
+        tiles = []  # rows (slide index, level-0 origin x, origin y, class); origins exact, not rounded
 
-        def plan(index: int, name: str, path: str, item: dict) -> tuple[_SlideEntry, list[tuple[int, int, int, int]]]:
+        def plan(index: int, name: str, path: str,
+                 item: dict) -> tuple[_SlideEntry, list[tuple[int, float, float, int]]]:
             """One slide's entry and tiles (slide index, origin x, origin y, class)."""
             with open_slide(path, backend=backend) as slide:
                 level0_mpp, level0_size = _level0_mpp(slide), tuple(slide.level_dimensions[0])
@@ -417,7 +420,7 @@ class MultiMagnificationDataset(torch.utils.data.Dataset):
                         if np.count_nonzero(labels) <= min_annotated * labels.size:
                             continue
                         cls = tile_class(labels, self.class_order)
-                    slide_tiles.append((index, int(x0), int(y0), cls))
+                    slide_tiles.append((index, float(x0), float(y0), cls))
                 chosen = read_path if read_path != "auto" else self._timed_read_path(slide, name, slide_tiles)
             return _SlideEntry(name, path, level0_mpp, level0_size, labels_at, chosen), slide_tiles
 
@@ -434,7 +437,8 @@ class MultiMagnificationDataset(torch.utils.data.Dataset):
             self.slides.append(entry)
             tiles.extend(slide_tiles)
             logger.info("%s: %d tiles, read path %r", name, len(slide_tiles), entry.read_path)
-        self.tiles = np.asarray(tiles, dtype=np.int64).reshape(-1, 4)
+        #: (N, 4) float64 rows (slide index, level-0 x, level-0 y of the target's top-left corner, class).
+        self.tiles = np.asarray(tiles, dtype=np.float64).reshape(-1, 4)
         copies = np.array([1 + self.rates.get(int(c), 0) for c in self.tiles[:, 3]], dtype=np.int64)
         # Item i -> (tile, copy): copy 0 is the tile as read, copies 1.. are deformed.
         self.item_tile = np.repeat(np.arange(len(self.tiles)), copies)
@@ -445,7 +449,7 @@ class MultiMagnificationDataset(torch.utils.data.Dataset):
         half = self.patch_px / 2 * self.mpps[0] / level0_mpp
         return x0 + half, y0 + half
 
-    def _timed_read_path(self, slide: Any, name: str, slide_tiles: list[tuple[int, int, int, int]]) -> str:
+    def _timed_read_path(self, slide: Any, name: str, slide_tiles: list[tuple[int, float, float, int]]) -> str:
         """The faster read path of one slide, timed by :func:`choose_read_path` on tiles spread over its list."""
         if not slide_tiles:
             logger.info("%s: no tiles, read path 'levels' not timed", name)
@@ -469,13 +473,13 @@ class MultiMagnificationDataset(torch.utils.data.Dataset):
 
     def class_counts(self, balanced: bool = True) -> dict[int, int]:
         """Tiles per class, after (``balanced``) or before the elastic multiplication."""
-        classes = self.tiles[self.item_tile, 3] if balanced else self.tiles[:, 3]
+        classes = (self.tiles[self.item_tile, 3] if balanced else self.tiles[:, 3]).astype(np.int64)
         values, counts = np.unique(classes, return_counts=True)
         return {int(v): int(n) for v, n in zip(values, counts)}
 
     def __getitem__(self, i: int) -> dict:
         t, k = int(self.item_tile[i]), int(self.item_copy[i])
-        index, x0, y0, _ = (int(v) for v in self.tiles[t])
+        index, x0, y0 = int(self.tiles[t, 0]), float(self.tiles[t, 1]), float(self.tiles[t, 2])
         entry = self.slides[index]
         centre = self._centre(x0, y0, entry.level0_mpp)
         error = ""

@@ -187,8 +187,9 @@ class LevelMask:
             min_tissue_fraction: keep tiles whose foreground fraction of the footprint is above this (0..1).
 
         Returns:
-            int64 (N, 2) level-0 (x, y) origins, rounded to whole pixels, row by row (y, then x, ascending);
-            (0, 2) when no tile qualifies.
+            float64 (N, 2) level-0 (x, y) origins ``(j * s, i * s)``, exact (not rounded: at 0.2265 um/px a tile of
+            256 px at 0.5 um/px is 565.12 level-0 px), row by row (y, then x, ascending); (0, 2) when no tile
+            qualifies.
         """
         if not (tile_px > 0 and stride_px > 0 and tile_mpp > 0):
             raise ValueError(f"tile_px, stride_px and tile_mpp must be positive, got {tile_px}, {stride_px}, "
@@ -209,7 +210,7 @@ class LevelMask:
             counts = band[cols[:, 1]] - band[cols[:, 0]]
             keep[i] = counts / (row_area[i] * col_area) > min_tissue_fraction
         iy, ix = np.nonzero(keep)
-        return np.stack([np.rint(starts_x[ix]), np.rint(starts_y[iy])], axis=1).astype(np.int64).reshape(-1, 2)
+        return np.stack([starts_x[ix], starts_y[iy]], axis=1).astype(np.float64).reshape(-1, 2)
 
     def _footprints(self, starts: np.ndarray, tile0: float, size: int) -> tuple[np.ndarray, np.ndarray]:
         """Mask index spans [lo, hi) overlapped by level-0 intervals [start, start + tile0), clipped to the mask,
