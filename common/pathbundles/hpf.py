@@ -200,6 +200,11 @@ class HPFCropDataset(torch.utils.data.Dataset):
         return item
 
 
+#: Where pixel (0, 0)'s centre lies in HPF coordinates: at (0, 0), as in the challenges' centroid CSVs (a map pixel
+#: index is its position), not at (0.5, 0.5) as in level-0 slide coordinates.
+HPF_PIXEL_CENTRE_XY = (0.0, 0.0)
+
+
 def _as_map(prob_map: np.ndarray | torch.Tensor) -> np.ndarray:
     prob = prob_map.detach().cpu().numpy() if isinstance(prob_map, torch.Tensor) else np.asarray(prob_map)
     if prob.ndim != 2:
@@ -222,7 +227,8 @@ def detect_mitoses(prob_map: np.ndarray | torch.Tensor, mpp: float = 0.25, sigma
     Returns:
         float64 (N, 3) ``[x, y, score]`` in HPF px (the challenge CSV's columns), highest score first.
     """
-    blobs = mitosis_blobs(_as_map(prob_map), mpp, mpp, sigma_um=sigma_um, min_mean_score=min_mean_score,
+    blobs = mitosis_blobs(_as_map(prob_map), mpp, mpp, HPF_PIXEL_CENTRE_XY, sigma_um=sigma_um,
+                          min_mean_score=min_mean_score,
                           min_area_um2=min_area_um2)
     return blobs[:, [1, 2, 0]]
 
@@ -232,7 +238,7 @@ def blob_candidates(prob_map: np.ndarray | torch.Tensor, mpp: float = 0.25, sigm
 
     What threshold tuning and precision-recall curves filter; :func:`detect_mitoses` is this plus the filter.
     """
-    return mitosis_blobs(_as_map(prob_map), mpp, mpp, sigma_um=sigma_um)
+    return mitosis_blobs(_as_map(prob_map), mpp, mpp, HPF_PIXEL_CENTRE_XY, sigma_um=sigma_um)
 
 
 def filter_blobs(blobs: np.ndarray, min_mean_score: float = 0.0, min_area_um2: float = 0.0) -> np.ndarray:
