@@ -106,7 +106,10 @@ def datalist(source: str | os.PathLike | None = None, kind: str = "metastasis", 
     Args:
         source: ``None`` for the phantom demo data; a ``dataset.json`` datalist; or a folder of slides (every file
             with a slide suffix, sorted by name), or of HPF images for ``kind="mitosis"``.
-        kind, split, first: which demo data, and how many of its items, when ``source`` is ``None``.
+        kind: which demo data when ``source`` is ``None``.
+        split: which split: of the demo data, or of a datalist whose items have ``split`` fields (a datalist
+            without them is used whole; see :func:`pathbundles.sampling.read_datalist`).
+        first: how many demo items, when ``source`` is ``None``.
     """
     from pathbundles.errors import InputError
     from pathbundles.sampling import read_datalist
@@ -120,7 +123,7 @@ def datalist(source: str | os.PathLike | None = None, kind: str = "metastasis", 
         if not slides:
             raise InputError(path, f"no {what} files ({', '.join(suffixes)}) in this folder")
         return [{"image": str(p.resolve())} for p in slides]
-    return read_datalist(path, split=None)
+    return read_datalist(path, split=split)
 
 
 def report_outputs(writer: object) -> dict:

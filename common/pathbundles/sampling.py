@@ -168,7 +168,17 @@ class ClassBalancedPatchDataset(torch.utils.data.Dataset):
 
 
 def read_datalist(path: str | Path, split: str | None = None) -> list[dict]:
-    """Items of a ``dataset.json`` (``{"items": [...]}`` or a list) with paths made absolute; optional split filter."""
+    """Items of a ``dataset.json`` (``{"items": [...]}`` or a list) with paths made absolute.
+
+    Splits: with ``split=None`` every item is returned. With a split asked for, a file whose items carry no
+    ``split`` field is taken as that split whole (a file per split); a file whose items carry one must give it on
+    every item, and only that split's items are returned. So one file with train and val items, given as both the
+    training and the validation source, yields disjoint sets.
+
+    Raises:
+        InputError: naming the file, when it cannot be read, some items have a split and others not, or the split
+            asked for has no item.
+    """
     import json
 
     from pathbundles.errors import InputError
@@ -178,14 +188,20 @@ def read_datalist(path: str | Path, split: str | None = None) -> list[dict]:
         doc = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise InputError(path, f"cannot read the datalist: {err}") from err
-    items = doc["items"] if isinstance(doc, dict) else doc
-    out = []
+    items = [dict(item) if isinstance(item, dict) else {"image": item}
+             for item in (doc["items"] if isinstance(doc, dict) else doc)]
+    if split is not None:
+        without = [i for i, item in enumerate(items) if item.get("split") is None]
+        if len(without) < len(items):
+            if without:
+                raise InputError(path, f"items {without[:5]} have no 'split' while others have one; give every item "
+                                       f"a split, or none (a file per split)")
+            splits = sorted({str(item["split"]) for item in items})
+            items = [item for item in items if str(item["split"]) == split]
+            if not items:
+                raise InputError(path, f"no item of split {split!r}; the file has splits {splits}")
     for item in items:
-        item = dict(item) if isinstance(item, dict) else {"image": item}
-        if split is not None and item.get("split", split) != split:
-            continue
         for key in ("image", "annotation", "mask", "labels", "partial_labels", "centroids"):
             if item.get(key):
                 item[key] = str((path.parent / item[key]).resolve())
-        out.append(item)
-    return out
+    return items
