@@ -189,11 +189,17 @@ def test_bundle_run_overlay_takes_configs_and_overrides_from_the_command_line(mo
         cohort.bundle_run_command(str(SCANNET), [{"image": "x.tif"}], str(tmp_path))
 
 
-def test_the_bundle_lists_the_slides_of_a_folder(tmp_path: Path) -> None:
+def test_the_bundle_lists_the_slides_of_a_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("b.tif", "a.svs", "notes.txt"):
         (tmp_path / name).write_bytes(b"")
     items = cohort.bundle_datalist(SCANNET, tmp_path)
     assert [Path(i["image"]).name for i in items] == ["a.svs", "b.tif"]
+    # A relative --slides that reads as config syntax is a path, not an expression or a reference.
+    monkeypatch.chdir(tmp_path)
+    for source in ("$__import__('os').getcwd()", "@bundle_root"):
+        (tmp_path / source).mkdir()
+        (tmp_path / source / "c.tif").write_bytes(b"")
+        assert [i["image"] for i in cohort.bundle_datalist(SCANNET, source)] == [str(tmp_path / source / "c.tif")]
 
 
 # ---- the scannet bundle, one process and two gloo processes ------------------------------------------------------

@@ -551,7 +551,8 @@ def bundle_datalist(bundle: str | os.PathLike, source: str | os.PathLike,
     parser.read_config([str(p) for p in config_paths(root, config_files)])
     if "datalist" not in parser or "data_source" not in parser:
         raise ValueError(f"{root}: the config has no 'datalist' / 'data_source' items to list the slides with")
-    parser.update({"bundle_root": str(root), **dict(overrides or {}), "data_source": str(source)})
+    # Absolute, so that the path is never read as config syntax (a name starting with '$', '@' or '%').
+    parser.update({"bundle_root": str(root), **dict(overrides or {}), "data_source": os.path.abspath(source)})
     return [dict(item) for item in parser.get_parsed_content("datalist")]
 
 
