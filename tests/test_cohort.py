@@ -17,8 +17,9 @@ import pytest
 
 from bundle_helpers import REPO
 from pathbundles import cohort
-from pathbundles.cohort import (LoopTimer, ProcessGroup, is_done, read_manifest, run_cohort, shard_by_area,
-                                slide_key)
+from pathbundles.cohort import LoopTimer, ProcessGroup, is_done, read_manifest, run_cohort, shard_by_area
+from pathbundles.errors import FolderInUseError, InputError
+from pathbundles.outputs import slide_name
 
 SCANNET = REPO / "bundles" / "scannet"
 BUNDLE = {"name": "b", "version": "1", "weights_sha256": "w", "config_sha256": "c"}
@@ -43,10 +44,12 @@ def test_shards_balance_area_not_count() -> None:
         shard_by_area([1.0], 0)
 
 
-def test_slide_key_names_items_as_the_writers_do() -> None:
-    assert slide_key({"image": "/d/tumor_001.tif"}) == "tumor_001"
-    assert slide_key({"image": "/d/tumor_001.tif", "name": "case-7"}) == "case-7"
-    assert slide_key({"image": "/d/slide.svs", "box": [100, 2000.0, 512, 512]}) == "slide_x100_y2000"
+def test_slides_are_named_as_the_writers_name_them() -> None:
+    assert slide_name({"image": "/d/tumor_001.tif"}) == ("tumor_001", "/d/tumor_001.tif")
+    assert slide_name({"image": "/d/tumor_001.tif", "name": "case-7"})[0] == "case-7"
+    assert slide_name({"image": "/d/slide.svs", "box": [100, 2000.0, 512, 512]})[0] == "slide_x100_y2000"
+    assert slide_name({"image": "/d/slide.svs", "name": "case-7", "box": [100, 2000, 512, 512]})[0] == \
+        "case-7_x100_y2000"
 
 
 # ---- manifest and resume -----------------------------------------------------------------------------------------
@@ -85,6 +88,12 @@ def test_manifest_merges_fragments_in_run_order_and_ignores_a_cut_line(tmp_path:
     assert merged["c"]["status"] == "skipped" and merged["c"]["skipped_in"] == "run-3"
     assert not (tmp_path / "manifest").exists()
     assert json.loads((tmp_path / "manifest.json").read_text())["slides"] == merged
+
+
+def _tree(root: Path, skip: Path | None = None) -> dict[str, int]:
+    """Every file under ``root`` (but under ``skip``) with its size."""
+    return {str(p): p.stat().st_size for p in sorted(root.rglob("*"))
+            if p.is_file() and (skip is None or not p.is_relative_to(skip))}
 
 
 def _fake_runner(failing: set[str]):
@@ -146,6 +155,52 @@ def test_cohort_refuses_two_slides_with_one_name(tmp_path: Path) -> None:
     items = [{"image": str(tmp_path / "a" / "s.tif")}, {"image": str(tmp_path / "b" / "s.tif")}]
     with pytest.raises(ValueError, match="same name.*s"):
         run_cohort(items, tmp_path / "out", BUNDLE, _fake_runner(set()), ProcessGroup())
+
+
+@pytest.mark.parametrize("name", ["../../../../victim", "ABSOLUTE"])
+def test_cohort_refuses_a_name_that_leaves_the_output_folder(tmp_path: Path, name: str) -> None:
+    """A name like '../../x' or an absolute path made the runner rmtree and write outside the output folder."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("not the cohort's")
+    items = [{"image": str(tmp_path / "t1.tif")},
+             {"image": str(tmp_path / "t2.tif"), "name": str(victim) if name == "ABSOLUTE" else name}]
+    before = _tree(tmp_path)
+    with pytest.raises(InputError, match=r"t2\.tif: output name .* path separator"):
+        run_cohort(items, tmp_path / "out", BUNDLE, _fake_runner(set()))
+    assert _tree(tmp_path, skip=tmp_path / "out") == before
+    assert not list((tmp_path / "out").rglob("*.txt"))  # refused before any slide ran
+
+
+def test_a_second_cohort_into_the_folder_fails_fast_and_a_dead_one_s_lock_is_taken_over(tmp_path: Path) -> None:
+    from pathbundles.outputs import LOCK_FILE, FolderLock
+
+    items = [{"image": str(tmp_path / "t1.tif")}]
+    out = tmp_path / "out"
+    with FolderLock(out):  # another run of this folder, here or on another machine of the shared file system
+        with pytest.raises(FolderInUseError, match=rf"^{out}: another run is writing into this folder "
+                                                   rf"\(PID {os.getpid()} on host {socket.gethostname()}"):
+            run_cohort(items, out, BUNDLE, _fake_runner(set()))
+    assert not (out / "maps").exists() and not (out / "summary.json").exists()
+    # The lock file of a run killed with -9 (its process is gone): the next run takes the folder over.
+    (out / LOCK_FILE).write_text(json.dumps({"pid": 2 ** 22 + 1, "host": socket.gethostname(), "started": "x",
+                                             "command": "pathbundles cohort"}))
+    summary = run_cohort(items, out, BUNDLE, _fake_runner(set()))
+    assert summary["done"] == 1 and not (out / LOCK_FILE).exists()
+
+
+def test_the_next_cohort_removes_what_a_killed_one_left(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    left = [out / "maps" / ".t1.partial-0123abcd.tif", out / "maps" / ".t1-levels-abcd_123" / "level1.raw",
+            out / ".pathbundles-work" / ".pathbundles-canvas-x1y2z3.raw", out / ".cohort-work" / "r" / "rank0" / "x",
+            out / ".summary.partial-00ff00ff.json"]
+    kept = [out / "maps" / "notes.partial.tif", out / "maps" / ".keep"]
+    for path in left + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * 100)
+    run_cohort([{"image": str(tmp_path / "t1.tif")}], out, BUNDLE, _fake_runner(set()))
+    assert [p for p in left if p.exists()] == [] and all(p.exists() for p in kept)
+    assert not (out / ".pathbundles-work").exists() and not (out / ".cohort-work").exists()
 
 
 def test_loop_timer_separates_data_waits_from_iterations() -> None:

@@ -21,7 +21,11 @@ Output folder ``out``:
   (one row per slide of the list: status, error, timings) and ``scores.csv`` (``name,label,score,n_detections`` of
   every slide with a result, the input of a slide-level AUC).
 
-One job per output folder at a time: rank 0 of a new run removes the work folder ``.cohort-work`` a killed run left.
+One job per output folder at a time: rank 0 locks the folder for the run (:class:`pathbundles.outputs.FolderLock`;
+a second job fails at its start naming the holder's PID and host), then removes the work folder ``.cohort-work``
+and the other work files a killed run left (:func:`pathbundles.outputs.claim_folder`). Slide names come from
+:func:`pathbundles.outputs.slide_name`: an item whose name is not one plain file name, or two items with one name,
+stop the run before any slide.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from pathbundles.atomic import atomic_path
+from pathbundles.outputs import claim_folder, inside, output_names, slide_name
 
 logger = logging.getLogger("pathbundles.cohort")  # also when run as __main__
 
@@ -107,16 +112,6 @@ def slide_area_px(item: Mapping[str, Any]) -> float:
             return float(image.size[0]) * float(image.size[1])
     except (OSError, ValueError, SyntaxError):
         return 0.0
-
-
-def slide_key(item: Mapping[str, Any]) -> str:
-    """The name a slide goes by in the manifest and the output files: the item's ``name``, else its file stem (plus
-    ``_x<x>_y<y>`` for an HPF box of a slide, as the segmitos bundle names it)."""
-    stem = Path(str(item["image"])).stem
-    if item.get("box") is not None:
-        x, y = (int(v) for v in item["box"][:2])
-        return f"{stem}_x{x}_y{y}"
-    return str(item.get("name") or stem)
 
 
 # ---- manifest ----------------------------------------------------------------------------------------------------
@@ -297,8 +292,9 @@ def _move_outputs(record: Mapping[str, Any], work_dir: Path, out: Path) -> dict[
     moved = {}
     for kind, path in record["outputs"].items():
         rel = Path(path).resolve().relative_to(work_dir.resolve())
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, out / rel)
+        target = inside(out, *rel.parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
         moved[kind] = rel.as_posix()
     return moved
 
@@ -310,8 +306,8 @@ def _now() -> str:
 def process_slide(item: Mapping[str, Any], out: Path, work_root: Path, run_slide: SlideRunner,
                   bundle: Mapping[str, Any], run_id: str, rank: int, area_px: float) -> dict:
     """Run one slide and return its manifest record; a failure becomes a ``failed`` record and leaves no file."""
-    name = slide_key(item)
-    work_dir = work_root / name
+    name = slide_name(item)[0]
+    work_dir = inside(work_root, name)
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
     record: dict[str, Any] = {"name": name, "image": str(item["image"]), "status": "failed", "error": None,
@@ -403,12 +399,9 @@ def process_group(timeout_hours: float = 72.0) -> Iterator[ProcessGroup]:
 
 def plan_cohort(items: Sequence[Mapping[str, Any]], out: Path, bundle: Mapping[str, Any], world_size: int) -> dict:
     """Rank 0's plan: a run id, the slides an earlier run did with this bundle and config (skipped), and the
-    others' indices split by area over the ranks. Raises ValueError when two items share a name."""
-    names = [slide_key(item) for item in items]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"slides with the same name would overwrite each other's outputs: {', '.join(duplicates)} "
-                         "(give the datalist items distinct 'name' entries)")
+    others' indices split by area over the ranks. Raises InputError when an item's name is not one plain file name
+    or two items share a name (:func:`pathbundles.outputs.output_names`)."""
+    names = output_names(items)
     records = read_manifest(out)
     skipped = [i for i, name in enumerate(names) if is_done(records.get(name), bundle, out)]
     todo = sorted(set(range(len(items))) - set(skipped))
@@ -421,6 +414,9 @@ def plan_cohort(items: Sequence[Mapping[str, Any]], out: Path, bundle: Mapping[s
 def run_cohort(items: Sequence[Mapping[str, Any]], out: str | os.PathLike, bundle: Mapping[str, Any],
                run_slide: SlideRunner, group: ProcessGroup | None = None) -> dict:
     """Run ``run_slide`` over this rank's share of ``items``, then (rank 0) merge the manifest and summarise.
+
+    Rank 0 holds the output folder's lock (:class:`pathbundles.outputs.FolderLock`) for the whole run, so a second
+    run into the same folder fails at its start naming this one; the other ranks follow rank 0's plan.
 
     Args:
         items: datalist items (``image`` absolute, optionally ``name``, ``label``, ``box``); rank 0's list is used.
@@ -436,40 +432,42 @@ def run_cohort(items: Sequence[Mapping[str, Any]], out: str | os.PathLike, bundl
     out = Path(out).resolve()
     start = time.perf_counter()
     plan: dict[str, Any]
-    if group.rank == 0:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(out / WORK_DIR, ignore_errors=True)  # left by a killed run
-            plan = {**plan_cohort(items, out, bundle, group.world_size), "items": [dict(i) for i in items]}
-        except Exception as err:  # noqa: BLE001 - the other ranks wait for the plan: tell them, then raise
-            group.broadcast({"error": f"{type(err).__name__}: {err}"})
-            raise
-    plan = group.broadcast(plan if group.rank == 0 else None)
-    if "error" in plan:
-        raise RuntimeError(f"cohort planning failed on rank 0: {plan['error']}")
-    items, run_id = plan["items"], plan["run_id"]
-    mine = plan["shards"][group.rank]
-    logger.info("cohort run %s: rank %d of %d, %d slide(s), %d skipped in all", run_id, group.rank, group.world_size,
-                len(mine), len(plan["skipped"]))
-    fragment = ManifestFragment(out, run_id, group.rank)
-    work_root = out / WORK_DIR / run_id / f"rank{group.rank}"
-    stop_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
-    for n, i in enumerate(mine, start=1):
-        record = process_slide(items[i], out, work_root, run_slide, bundle, run_id, group.rank,
-                               plan["areas"][i])
-        fragment.append(record)
-        logger.info("cohort: slide %s %s in %.1f s (%d/%d on rank %d)", record["name"], record["status"],
-                    record["seconds"], n, len(mine), group.rank)
-        if stop_after and n >= stop_after:
-            os._exit(STOP_EXIT_CODE)
-    group.barrier()
-    summary = None
-    if group.rank == 0:
-        names = [slide_key(item) for item in items]
-        records = merge_manifest(out, {names[i]: run_id for i in plan["skipped"]})
-        shutil.rmtree(out / WORK_DIR, ignore_errors=True)
-        summary = summarise(out, names, records, run_id, bundle, group.world_size, time.perf_counter() - start)
-    return group.broadcast(summary)
+    with contextlib.ExitStack() as held:
+        if group.rank == 0:
+            try:
+                # One run per folder: a second one stops here naming the holder; a killed run's work files go.
+                held.enter_context(claim_folder(out))
+                shutil.rmtree(out / WORK_DIR, ignore_errors=True)  # left by a killed run
+                plan = {**plan_cohort(items, out, bundle, group.world_size), "items": [dict(i) for i in items]}
+            except Exception as err:  # noqa: BLE001 - the other ranks wait for the plan: tell them, then raise
+                group.broadcast({"error": f"{type(err).__name__}: {err}"})
+                raise
+        plan = group.broadcast(plan if group.rank == 0 else None)
+        if "error" in plan:
+            raise RuntimeError(f"cohort planning failed on rank 0: {plan['error']}")
+        items, run_id = plan["items"], plan["run_id"]
+        mine = plan["shards"][group.rank]
+        logger.info("cohort run %s: rank %d of %d, %d slide(s), %d skipped in all", run_id, group.rank,
+                    group.world_size, len(mine), len(plan["skipped"]))
+        fragment = ManifestFragment(out, run_id, group.rank)
+        work_root = out / WORK_DIR / run_id / f"rank{group.rank}"
+        stop_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
+        for n, i in enumerate(mine, start=1):
+            record = process_slide(items[i], out, work_root, run_slide, bundle, run_id, group.rank,
+                                   plan["areas"][i])
+            fragment.append(record)
+            logger.info("cohort: slide %s %s in %.1f s (%d/%d on rank %d)", record["name"], record["status"],
+                        record["seconds"], n, len(mine), group.rank)
+            if stop_after and n >= stop_after:
+                os._exit(STOP_EXIT_CODE)
+        group.barrier()
+        summary = None
+        if group.rank == 0:
+            names = output_names(items)
+            records = merge_manifest(out, {names[i]: run_id for i in plan["skipped"]})
+            shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+            summary = summarise(out, names, records, run_id, bundle, group.world_size, time.perf_counter() - start)
+        return group.broadcast(summary)
 
 
 def _sum(values: Sequence[float | None]) -> float:

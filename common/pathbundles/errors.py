@@ -32,3 +32,7 @@ class SlideError(InputError):
 
 class AnnotationError(InputError):
     """An annotation file (ASAP XML, JSON, GeoJSON, CSV) is malformed."""
+
+
+class FolderInUseError(InputError):
+    """An output folder is locked by another run (:class:`pathbundles.outputs.FolderLock`)."""

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from pathbundles.slide_inference import SlideHandles, slide_name
+from pathbundles.outputs import slide_name
+from pathbundles.slide_inference import SlideHandles
 from pathbundles.tissue import LevelMask
 
 logger = logging.getLogger(__name__)

@@ -165,8 +165,10 @@ def summarize(records: Sequence[dict], bundle: Mapping[str, Any], output_dir: st
         datalist: the items that were run (to name each slide's input image).
         settings: the application's settings (configs, overrides, build record).
     """
+    from pathbundles.outputs import slide_name
+
     root = Path(output_dir).resolve()
-    images = {Path(item["image"]).stem: item["image"] for item in datalist}
+    images = dict(map(slide_name, datalist))
 
     def relative(path: str) -> str:
         resolved = Path(path).resolve()
