@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -203,6 +204,25 @@ def test_the_next_cohort_removes_what_a_killed_one_left(tmp_path: Path) -> None:
     assert not (out / ".pathbundles-work").exists() and not (out / ".cohort-work").exists()
 
 
+def test_a_slide_past_its_time_budget_fails_by_name_and_the_others_run(tmp_path: Path) -> None:
+    hang = _fake_runner(set())
+
+    def run(item: dict, work_dir: Path) -> tuple[dict, dict]:
+        if "stuck" in item["image"]:
+            time.sleep(60)
+        return hang(item, work_dir)
+
+    items = [{"image": str(tmp_path / f"{n}.tif")} for n in ("t1", "stuck", "t3")]
+    start = time.perf_counter()
+    summary = run_cohort(items, tmp_path / "out", BUNDLE, run, slide_timeout_s=0.5)
+    assert time.perf_counter() - start < 20
+    assert (summary["done"], summary["failed"]) == (2, 1)
+    assert summary["failed_slides"]["stuck"] == (f"SlideTimeoutError: {tmp_path / 'stuck.tif'}: stopped after its "
+                                                 "time budget of 0.5 s (slide_timeout_s)")
+    assert sorted(p.name for p in (tmp_path / "out" / "maps").iterdir()) == ["t1.txt", "t3.txt"]
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # no alarm left for whatever runs next
+
+
 def test_loop_timer_separates_data_waits_from_iterations() -> None:
     from ignite.engine import Engine
 
@@ -225,8 +245,9 @@ def test_loop_timer_separates_data_waits_from_iterations() -> None:
 def test_bundle_run_overlay_takes_configs_and_overrides_from_the_command_line(monkeypatch, tmp_path: Path) -> None:
     calls = {}
 
-    def fake_command(bundle, slides, out, config_files, overrides):
-        calls.update(bundle=bundle, slides=slides, out=out, config_files=config_files, overrides=overrides)
+    def fake_command(bundle, slides, out, config_files, overrides, slide_timeout_s=None):
+        calls.update(bundle=bundle, slides=slides, out=out, config_files=config_files, overrides=overrides,
+                     slide_timeout_s=slide_timeout_s)
         return {"failed": 0}
 
     monkeypatch.setattr(cohort, "cohort_command", fake_command)
@@ -234,10 +255,12 @@ def test_bundle_run_overlay_takes_configs_and_overrides_from_the_command_line(mo
     monkeypatch.setattr(sys, "argv", ["monai.bundle", "run", "--config_file",
                                       f"['{configs / 'inference.json'}','{configs / 'cohort.json'}']",
                                       "--data_source", "slides/", "--output_dir=out", "--lp", "8", "--amp",
-                                      "--detection_threshold=0.7"])
-    cohort.bundle_run_command(str(SCANNET), [{"image": "x.tif"}], str(tmp_path))
+                                      "--detection_threshold=0.7", "--slide_timeout_s", "600"])
+    cohort.bundle_run_command(str(SCANNET), [{"image": "x.tif"}], str(tmp_path), 600)
     assert calls["config_files"] == [str(configs / "inference.json")]
+    # The overlay's own setting is the cohort's, not a config id of every slide's run (nor of its config hash).
     assert calls["overrides"] == {"lp": 8, "amp": True, "detection_threshold": 0.7}
+    assert calls["slide_timeout_s"] == 600
     monkeypatch.setattr(cohort, "cohort_command", lambda *a, **k: {"failed": 1, "failed_slides": {"x": "broken"},
                                                                     "files": {"slides": "slides.csv"}})
     with pytest.raises(RuntimeError, match="1 slide.*x: broken"):

@@ -37,8 +37,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -47,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from pathbundles.atomic import atomic_path
+from pathbundles.errors import SlideTimeoutError
 from pathbundles.outputs import claim_folder, inside, output_names, slide_name
 
 logger = logging.getLogger("pathbundles.cohort")  # also when run as __main__
@@ -61,6 +64,8 @@ BUNDLE_KEYS = ("name", "version", "weights_sha256", "config_sha256")
 #: ``python -m monai.bundle run`` arguments that are not config overrides (see :func:`bundle_run_command`).
 _RUN_ARGUMENTS = {"config_file", "meta_file", "logging_file", "tracking", "args_file", "run_id", "init_id", "final_id",
                   "bundle_root", "output_dir", "data_source", "datalist"}
+#: Config ids of the ``configs/cohort.json`` overlay: settings of the cohort, not of each slide's run.
+_COHORT_KEYS = {"slide_timeout_s"}
 
 
 # ---- sharding ----------------------------------------------------------------------------------------------------
@@ -287,6 +292,39 @@ def run_bundle_slide(bundle: str | os.PathLike, item: Mapping[str, Any], work_di
 SlideRunner = Callable[[Mapping[str, Any], Path], "tuple[dict, dict | None]"]
 
 
+@contextlib.contextmanager
+def time_budget(seconds: float | None, image: str) -> Iterator[None]:
+    """Raise :class:`pathbundles.errors.SlideTimeoutError` naming ``image`` in the block once ``seconds`` pass.
+
+    SIGALRM, so only in the main thread (elsewhere the block runs without a budget, with a warning). The error is
+    raised where Python code runs: the network, stitching, waiting for DataLoader workers (a worker stuck in a read
+    is then terminated as the loader shuts down); a read stuck inside a C library in the main thread itself
+    (``num_workers`` 0) is interrupted when it returns.
+
+    Args:
+        seconds: the budget; None or <= 0 for none.
+        image: the slide's file, for the message.
+    """
+    if not seconds or seconds <= 0:
+        yield
+        return
+    if threading.current_thread() is not threading.main_thread():
+        logger.warning("%s: no time budget outside the main thread", image)
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise SlideTimeoutError(f"{image}: stopped after its time budget of {seconds:g} s (slide_timeout_s)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, float(seconds))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _move_outputs(record: Mapping[str, Any], work_dir: Path, out: Path) -> dict[str, str]:
     """Move a slide's files from ``work_dir`` to the same relative paths under ``out``; {kind: relative path}."""
     moved = {}
@@ -304,8 +342,10 @@ def _now() -> str:
 
 
 def process_slide(item: Mapping[str, Any], out: Path, work_root: Path, run_slide: SlideRunner,
-                  bundle: Mapping[str, Any], run_id: str, rank: int, area_px: float) -> dict:
-    """Run one slide and return its manifest record; a failure becomes a ``failed`` record and leaves no file."""
+                  bundle: Mapping[str, Any], run_id: str, rank: int, area_px: float,
+                  slide_timeout_s: float | None = None) -> dict:
+    """Run one slide and return its manifest record; a failure (an error, or the slide's time budget
+    ``slide_timeout_s`` in seconds running out) becomes a ``failed`` record and leaves no file."""
     name = slide_name(item)[0]
     work_dir = inside(work_root, name)
     shutil.rmtree(work_dir, ignore_errors=True)
@@ -317,7 +357,8 @@ def process_slide(item: Mapping[str, Any], out: Path, work_root: Path, run_slide
         record["label"] = item["label"]
     start = time.perf_counter()
     try:
-        result, timing = run_slide(item, work_dir)
+        with time_budget(slide_timeout_s, str(item["image"])):
+            result, timing = run_slide(item, work_dir)
         record["outputs"] = _move_outputs(result, work_dir, out)
         record.update(status="done", score=float(result["score"]), n_detections=int(result["n_detections"]),
                       details={k: v for k, v in result.items()
@@ -412,7 +453,8 @@ def plan_cohort(items: Sequence[Mapping[str, Any]], out: Path, bundle: Mapping[s
 
 
 def run_cohort(items: Sequence[Mapping[str, Any]], out: str | os.PathLike, bundle: Mapping[str, Any],
-               run_slide: SlideRunner, group: ProcessGroup | None = None) -> dict:
+               run_slide: SlideRunner, group: ProcessGroup | None = None,
+               slide_timeout_s: float | None = None) -> dict:
     """Run ``run_slide`` over this rank's share of ``items``, then (rank 0) merge the manifest and summarise.
 
     Rank 0 holds the output folder's lock (:class:`pathbundles.outputs.FolderLock`) for the whole run, so a second
@@ -424,6 +466,7 @@ def run_cohort(items: Sequence[Mapping[str, Any]], out: str | os.PathLike, bundl
         bundle: :func:`pathbundles.bundle_runner.bundle_info` of the bundle and config being run.
         run_slide: ``f(item, work_dir) -> (writer record, timing or None)``, writing into ``work_dir``.
         group: the job's processes (default: this process alone).
+        slide_timeout_s: time budget of each slide in seconds (None or 0: none); see :func:`time_budget`.
 
     Returns:
         The run's summary (the same on every rank); see :func:`summarise`.
@@ -454,7 +497,7 @@ def run_cohort(items: Sequence[Mapping[str, Any]], out: str | os.PathLike, bundl
         stop_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
         for n, i in enumerate(mine, start=1):
             record = process_slide(items[i], out, work_root, run_slide, bundle, run_id, group.rank,
-                                   plan["areas"][i])
+                                   plan["areas"][i], slide_timeout_s)
             fragment.append(record)
             logger.info("cohort: slide %s %s in %.1f s (%d/%d on rank %d)", record["name"], record["status"],
                         record["seconds"], n, len(mine), group.rank)
@@ -556,7 +599,8 @@ def bundle_datalist(bundle: str | os.PathLike, source: str | os.PathLike,
 
 def cohort_command(bundle: str | os.PathLike, slides: str | os.PathLike | Sequence[Mapping[str, Any]],
                    out: str | os.PathLike, config_files: str | Sequence[str] = ("inference.json",),
-                   overrides: Mapping[str, Any] | None = None, timeout_hours: float = 72.0) -> dict:
+                   overrides: Mapping[str, Any] | None = None, timeout_hours: float = 72.0,
+                   slide_timeout_s: float | None = None) -> dict:
     """Run a bundle's inference over a cohort, as one process or as every process of a ``torchrun`` job.
 
     Args:
@@ -567,6 +611,8 @@ def cohort_command(bundle: str | os.PathLike, slides: str | os.PathLike | Sequen
         overrides: config ids to set in every slide's run (``lp``, ``num_workers``, ``ckpt_path``, ...); part of
             the config hash, so changing one redoes the slides.
         timeout_hours: how long a rank may wait for the others at the end.
+        slide_timeout_s: each slide's time budget in seconds (None: none): a slide that runs longer fails by name
+            and the run goes on (:func:`time_budget`). Not part of the config hash.
 
     Returns:
         The run's summary (see :func:`summarise`), on every rank; ``failed`` > 0 when any slide failed.
@@ -587,7 +633,7 @@ def cohort_command(bundle: str | os.PathLike, slides: str | os.PathLike | Sequen
         else:
             items = [dict(item) for item in slides]
         runner = functools.partial(_run_slide, bundle=bundle, config_files=config_files, overrides=overrides)
-        return run_cohort(items, out, info, runner, group)
+        return run_cohort(items, out, info, runner, group, slide_timeout_s)
 
 
 def _run_slide(item: Mapping[str, Any], work_dir: Path, *, bundle: str | os.PathLike, config_files: Sequence[str],
@@ -596,24 +642,27 @@ def _run_slide(item: Mapping[str, Any], work_dir: Path, *, bundle: str | os.Path
 
 
 def cohort_cli(bundle: str, slides: str, out: str, config: str | Sequence[str] = "inference.json",
-               timeout_hours: float = 72.0, **overrides: Any) -> None:
-    """``pathbundles cohort``: run BUNDLE over SLIDES (folder or datalist) into OUT; further ``--key value`` flags
-    set bundle config ids. Rank 0 prints the summary as JSON; the exit status is 1 when any slide failed."""
+               timeout_hours: float = 72.0, slide_timeout_s: float | None = None, **overrides: Any) -> None:
+    """``pathbundles cohort``: run BUNDLE over SLIDES (folder or datalist) into OUT, each slide within
+    ``--slide_timeout_s`` seconds when given; further ``--key value`` flags set bundle config ids. Rank 0 prints the
+    summary as JSON; the exit status is 1 when any slide failed."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
     summary = cohort_command(bundle, slides, out, config_files=config, overrides=overrides,
-                             timeout_hours=timeout_hours)
+                             timeout_hours=timeout_hours, slide_timeout_s=slide_timeout_s)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2, default=str))
     if summary["failed"]:
         sys.exit(1)
 
 
-def bundle_run_command(bundle_root: str, datalist: Sequence[Mapping[str, Any]], output_dir: str) -> dict:
+def bundle_run_command(bundle_root: str, datalist: Sequence[Mapping[str, Any]], output_dir: str,
+                       slide_timeout_s: float | None = None) -> dict:
     """The ``run`` of a bundle's ``configs/cohort.json`` overlay: the cohort of ``python -m monai.bundle run``.
 
     The configs and overrides of the command line (``--config_file`` without the overlay, ``--lp 8``, ...) are those
-    of every slide's run; raises RuntimeError naming the failed slides after finishing the others (exit status 1).
+    of every slide's run, except the overlay's own ``--slide_timeout_s`` (each slide's time budget in seconds);
+    raises RuntimeError naming the failed slides after finishing the others (exit status 1).
     """
     import fire.parser
 
@@ -627,10 +676,10 @@ def bundle_run_command(bundle_root: str, datalist: Sequence[Mapping[str, Any]], 
         if key == "config_file":
             files = fire.parser.DefaultParseValue(value)
             configs = [str(f) for f in (files if isinstance(files, (list, tuple)) else str(files).split(","))]
-        elif key not in _RUN_ARGUMENTS:
+        elif key not in _RUN_ARGUMENTS and key not in _COHORT_KEYS:
             overrides[key] = fire.parser.DefaultParseValue(value)
     configs = [str(Path(c).resolve()) for c in configs if Path(c).name != "cohort.json"] or ["inference.json"]
-    summary = cohort_command(bundle_root, datalist, output_dir, configs, overrides)
+    summary = cohort_command(bundle_root, datalist, output_dir, configs, overrides, slide_timeout_s=slide_timeout_s)
     if summary["failed"]:
         raise RuntimeError(f"{summary['failed']} slide(s) failed (see {summary['files']['slides']}): "
                            + "; ".join(f"{k}: {v}" for k, v in summary["failed_slides"].items()))
