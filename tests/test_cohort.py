@@ -311,7 +311,8 @@ def _outputs(out: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory) -> Path:
-    """Four 2048 px phantom slides (two tumour, two normal), an all-glass slide and a truncated one."""
+    """Four 2048 px phantom slides (two tumour, two normal), an all-glass slide, a truncated one and a symlink
+    loop."""
     from pathbundles.phantom import make_phantom
     from pathbundles.writers import write_pyramid_tiff
 
@@ -320,9 +321,10 @@ def slides(tmp_path_factory) -> Path:
     write_pyramid_tiff(root / "empty.tif", np.full((1024, 1024, 3), 245, np.uint8), mpp=0.5, compression="jpeg")
     good = (root / "phantom_normal_001.tif").read_bytes()
     (root / "truncated.tif").write_bytes(good[: len(good) // 3])
+    (root / "loop.tif").symlink_to(root / "loop.tif")
     doc = json.loads(dataset.read_text())
     bad = dict(doc, items=doc["items"][:2] + [{"image": "truncated.tif", "label": 0},
-                                              {"image": "empty.tif", "label": 0}])
+                                              {"image": "empty.tif", "label": 0}, {"image": "loop.tif", "label": 1}])
     (root / "with_bad.json").write_text(json.dumps(bad))
     return root
 
@@ -375,9 +377,11 @@ def test_corrupt_slide_fails_by_name_while_the_others_finish(slides: Path, tmp_p
                   str(slides / "with_bad.json"), "--output_dir", str(out), "--lp", "8", "--num_workers", "0", nproc=2)
     assert result.returncode != 0
     manifest = read_manifest(out)
+    # The symlink loop aborted the whole run before any slide (listing the datalist); now it fails alone, by name.
     assert {n: r["status"] for n, r in manifest.items()} == {
-        "phantom_tumor_000": "done", "phantom_normal_001": "done", "empty": "done", "truncated": "failed"}
-    assert "truncated.tif" in manifest["truncated"]["error"]
+        "phantom_tumor_000": "done", "phantom_normal_001": "done", "empty": "done", "truncated": "failed",
+        "loop": "failed"}
+    assert "truncated.tif" in manifest["truncated"]["error"] and "loop.tif" in manifest["loop"]["error"]
     assert manifest["empty"]["score"] == 0.0 and manifest["empty"]["n_detections"] == 0  # no tissue: zero map
     assert not list(out.rglob("truncated*")) and not list(out.rglob(".*partial*"))
     assert [r["name"] for r in csv.DictReader(open(out / "scores.csv"))] == ["phantom_tumor_000",
@@ -387,5 +391,5 @@ def test_corrupt_slide_fails_by_name_while_the_others_finish(slides: Path, tmp_p
                  str(out), "--lp", "8", "--num_workers", "0")
     assert again.returncode == 1
     summary = json.loads((out / "summary.json").read_text())
-    assert (summary["skipped"], summary["done"], summary["failed"]) == (3, 0, 1)
+    assert (summary["skipped"], summary["done"], summary["failed"]) == (3, 0, 2)
     assert read_manifest(out)["truncated"]["run_id"] == summary["run_id"]

@@ -10,6 +10,7 @@ Hard negatives (false positives mined from an earlier model) join the normal poo
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,7 +170,12 @@ class ClassBalancedPatchDataset(torch.utils.data.Dataset):
 
 
 def read_datalist(path: str | Path, split: str | None = None) -> list[dict]:
-    """Items of a ``dataset.json`` (``{"items": [...]}`` or a list) with paths made absolute; optional split filter."""
+    """Items of a ``dataset.json`` (``{"items": [...]}`` or a list) with paths made absolute; optional split filter.
+
+    Paths are made absolute without resolving symlinks, so an item whose file is a broken link or a symlink loop
+    is still listed (the run then fails that one item by name). A document that is not a non-empty list of items,
+    or an item that names no image, is an InputError naming the file and the item's index (:func:`check_datalist`).
+    """
     import json
 
     from pathbundles.errors import InputError
@@ -177,9 +183,9 @@ def read_datalist(path: str | Path, split: str | None = None) -> list[dict]:
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(path, f"cannot read the datalist: {err}") from err
-    items = doc["items"] if isinstance(doc, dict) else doc
+    items = check_datalist(path, doc)
     out = []
     for item in items:
         item = dict(item) if isinstance(item, dict) else {"image": item}
@@ -187,6 +193,36 @@ def read_datalist(path: str | Path, split: str | None = None) -> list[dict]:
             continue
         for key in ("image", "annotation", "mask", "labels", "partial_labels", "centroids"):
             if item.get(key):
-                item[key] = str((path.parent / item[key]).resolve())
+                item[key] = os.path.abspath(path.parent / item[key])
         out.append(item)
     return out
+
+
+def check_datalist(path: str | os.PathLike, doc: object) -> list:
+    """The items of a parsed datalist document ``doc`` read from ``path``: ``{"items": [...]}`` or a list, each an
+    image path or a dict with a non-empty string ``image`` (and a string ``name`` when it has one). InputError naming
+    ``path`` and the item's index otherwise, and for a datalist without items."""
+    from pathbundles.errors import InputError
+
+    if isinstance(doc, dict):
+        if "items" not in doc:
+            raise InputError(path, f"no 'items' list (keys: {', '.join(map(str, doc)) or 'none'})")
+        doc = doc["items"]
+    if not isinstance(doc, list):
+        raise InputError(path, f"the items must be a JSON list, not {type(doc).__name__}")
+    if not doc:
+        raise InputError(path, "the datalist lists no items")
+    for index, item in enumerate(doc):
+        where = f"item {index}"
+        if isinstance(item, str):
+            item = {"image": item}
+        if not isinstance(item, dict):
+            raise InputError(path, f"{where}: expected an image path or an object with 'image', got "
+                                   f"{type(item).__name__}")
+        if "image" not in item:
+            raise InputError(path, f"{where}: no 'image' path (keys: {', '.join(map(str, item)) or 'none'})")
+        if not isinstance(item["image"], str) or not item["image"]:
+            raise InputError(path, f"{where}: 'image' must be a non-empty path, got {item['image']!r}")
+        if item.get("name") is not None and not isinstance(item["name"], str):
+            raise InputError(path, f"{where}: 'name' must be a string, got {type(item['name']).__name__}")
+    return doc
