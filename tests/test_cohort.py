@@ -280,6 +280,15 @@ def test_the_bundle_lists_the_slides_of_a_folder(tmp_path: Path, monkeypatch: py
         assert [i["image"] for i in cohort.bundle_datalist(SCANNET, source)] == [str(tmp_path / source / "c.tif")]
 
 
+def test_an_empty_datalist_fails_naming_the_file(tmp_path: Path) -> None:
+    """It exited 0 having done nothing; a malformed one failed inside MONAI's ConfigExpression traceback."""
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"items": []}))
+    with pytest.raises(InputError, match=rf"^{empty}: the datalist lists no items$"):
+        cohort.cohort_command(SCANNET, empty, tmp_path / "out")
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
 # ---- the scannet bundle, one process and two gloo processes ------------------------------------------------------
 
 

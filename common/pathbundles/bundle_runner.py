@@ -16,11 +16,12 @@ Writer protocol: the config item ``writer`` (``SlideMapWriter``, ``HPFDetectionW
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,19 @@ def config_error_cause(err: BaseException) -> BaseException:
            and err.__cause__ is not None):
         err = err.__cause__
     return err
+
+
+@contextlib.contextmanager
+def config_errors_unwrapped() -> Iterator[None]:
+    """Raise the error behind MONAI's ``Failed to evaluate ConfigExpression`` wrapper (:func:`config_error_cause`)
+    instead of the wrapper, so that a bad input's message (which names its file) is what the user reads."""
+    try:
+        yield
+    except RuntimeError as err:
+        cause = config_error_cause(err)
+        if cause is err:
+            raise
+        raise cause from cause.__cause__
 
 
 #: The datalists of the runs in progress, by key (see :func:`held_datalist`).
@@ -130,13 +144,8 @@ def _run(workflow: Any, handlers: Sequence[Any]) -> list[dict]:
         evaluator = workflow.parser.get_parsed_content("evaluator")
         for handler in handlers:
             handler.attach(evaluator)
-        try:
+        with config_errors_unwrapped():
             workflow.run()
-        except RuntimeError as err:
-            cause = config_error_cause(err)
-            if cause is err:
-                raise
-            raise cause from cause.__cause__  # the error itself, not MONAI's wrapper of the config expression
         writer = workflow.parser.get_parsed_content("writer")
         if hasattr(writer, "ensure_completed"):
             writer.ensure_completed()

@@ -452,7 +452,8 @@ def plan_cohort(items: Sequence[Mapping[str, Any]], out: Path, bundle: Mapping[s
     return {"run_id": run_id, "skipped": skipped, "shards": shards, "areas": areas}
 
 
-def run_cohort(items: Sequence[Mapping[str, Any]], out: str | os.PathLike, bundle: Mapping[str, Any],
+def run_cohort(items: Sequence[Mapping[str, Any]] | Callable[[], Sequence[Mapping[str, Any]]],
+               out: str | os.PathLike, bundle: Mapping[str, Any],
                run_slide: SlideRunner, group: ProcessGroup | None = None,
                slide_timeout_s: float | None = None) -> dict:
     """Run ``run_slide`` over this rank's share of ``items``, then (rank 0) merge the manifest and summarise.
@@ -462,6 +463,8 @@ def run_cohort(items: Sequence[Mapping[str, Any]], out: str | os.PathLike, bundl
 
     Args:
         items: datalist items (``image`` absolute, optionally ``name``, ``label``, ``box``); rank 0's list is used.
+            A function returning them is called on rank 0 only, as the run's first step, so that its error (an
+            empty or malformed datalist) reaches every rank instead of leaving the others waiting.
         out: the cohort output folder (shared by all ranks: on several machines, a shared file system).
         bundle: :func:`pathbundles.bundle_runner.bundle_info` of the bundle and config being run.
         run_slide: ``f(item, work_dir) -> (writer record, timing or None)``, writing into ``work_dir``.
@@ -478,6 +481,7 @@ def run_cohort(items: Sequence[Mapping[str, Any]], out: str | os.PathLike, bundl
     with contextlib.ExitStack() as held:
         if group.rank == 0:
             try:
+                items = items() if callable(items) else items
                 # One run per folder: a second one stops here naming the holder; a killed run's work files go.
                 held.enter_context(claim_folder(out))
                 shutil.rmtree(out / WORK_DIR, ignore_errors=True)  # left by a killed run
@@ -585,7 +589,7 @@ def bundle_datalist(bundle: str | os.PathLike, source: str | os.PathLike,
     slides, HPF images, multi-class slides), ``source`` given as its ``data_source``."""
     from monai.bundle import ConfigParser
 
-    from pathbundles.bundle_runner import config_paths
+    from pathbundles.bundle_runner import config_errors_unwrapped, config_paths
 
     root = Path(bundle).resolve()
     parser = ConfigParser()
@@ -594,7 +598,8 @@ def bundle_datalist(bundle: str | os.PathLike, source: str | os.PathLike,
         raise ValueError(f"{root}: the config has no 'datalist' / 'data_source' items to list the slides with")
     # Absolute, so that the path is never read as config syntax (a name starting with '$', '@' or '%').
     parser.update({"bundle_root": str(root), **dict(overrides or {}), "data_source": os.path.abspath(source)})
-    return [dict(item) for item in parser.get_parsed_content("datalist")]
+    with config_errors_unwrapped():  # an empty or malformed datalist names its file, not a config expression
+        return [dict(item) for item in parser.get_parsed_content("datalist")]
 
 
 def cohort_command(bundle: str | os.PathLike, slides: str | os.PathLike | Sequence[Mapping[str, Any]],
@@ -629,7 +634,7 @@ def cohort_command(bundle: str | os.PathLike, slides: str | os.PathLike | Sequen
         import monai.bundle  # noqa: F401
 
         if isinstance(slides, (str, os.PathLike)):
-            items = bundle_datalist(bundle, slides, config_files, overrides) if group.rank == 0 else []
+            items = functools.partial(bundle_datalist, bundle, slides, config_files, overrides)
         else:
             items = [dict(item) for item in slides]
         runner = functools.partial(_run_slide, bundle=bundle, config_files=config_files, overrides=overrides)
