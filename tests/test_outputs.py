@@ -186,9 +186,11 @@ def test_a_writer_cleans_its_folder_and_keeps_its_canvases_there(tmp_path: Path)
 
     out = tmp_path / "out"
     ours, theirs = _leave_work_files(out)
-    dataset = SlideROIDataset([{"image": str(tmp_path / "missing.tif")}], ScanGeometry(lp=8).grid(), scan_mpp=1.0)
+    missing = [{"image": str(tmp_path / f"missing-{k}.tif")} for k in "abc"]
+    dataset = SlideROIDataset(missing, ScanGeometry(lp=8).grid(), scan_mpp=1.0)
     writer = SlideMapWriter(dataset, str(out), detect=lambda *a, **k: np.zeros((0, 3)))
-    with pytest.raises(RuntimeError, match=r"^1 slide\(s\) failed, the others were written: missing: "):
+    with pytest.raises(RuntimeError, match=r"^3 slide\(s\) failed, the others were written: missing-a: .*; "
+                                           r"missing-b: .*; missing-c: "):
         writer.ensure_completed()
     assert not any(p.exists() for p in ours) and all(p.exists() for p in theirs)
     assert not (out / LOCK_FILE).exists() and not (out / WORK_AREA).exists()
