@@ -287,6 +287,9 @@ def test_an_empty_datalist_fails_naming_the_file(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=rf"^{empty}: the datalist lists no items$"):
         cohort.cohort_command(SCANNET, empty, tmp_path / "out")
     assert not (tmp_path / "out" / "summary.json").exists()
+    with pytest.raises(ValueError, match="no slides to run"):  # an empty list given from Python
+        run_cohort([], tmp_path / "out", BUNDLE, _fake_runner(set()))
+    assert not (tmp_path / "out" / "summary.json").exists()
 
 
 # ---- the scannet bundle, one process and two gloo processes ------------------------------------------------------

@@ -441,7 +441,9 @@ def process_group(timeout_hours: float = 72.0) -> Iterator[ProcessGroup]:
 def plan_cohort(items: Sequence[Mapping[str, Any]], out: Path, bundle: Mapping[str, Any], world_size: int) -> dict:
     """Rank 0's plan: a run id, the slides an earlier run did with this bundle and config (skipped), and the
     others' indices split by area over the ranks. Raises InputError when an item's name is not one plain file name
-    or two items share a name (:func:`pathbundles.outputs.output_names`)."""
+    or two items share a name (:func:`pathbundles.outputs.output_names`), ValueError when there is no item."""
+    if not items:
+        raise ValueError("no slides to run: the slide list is empty")
     names = output_names(items)
     records = read_manifest(out)
     skipped = [i for i, name in enumerate(names) if is_done(records.get(name), bundle, out)]
