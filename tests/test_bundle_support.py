@@ -47,6 +47,41 @@ def test_datalist_from_folder_and_json(tmp_path: Path) -> None:
         datalist(empty)
 
 
+@pytest.mark.parametrize("doc, problem", [
+    ({"items": []}, "the datalist lists no items"),
+    ([], "the datalist lists no items"),
+    ({"items": "abc"}, "the items must be a JSON list, not str"),  # it became the three slides a, b and c
+    ("abc.tif", "the items must be a JSON list, not str"),
+    ({"slides": [{"image": "a.tif"}]}, "no 'items' list (keys: slides)"),
+    ({"items": [{"image": "a.tif"}, {"label": 1}]}, "item 1: no 'image' path (keys: label)"),
+    ({"items": [{"image": ""}]}, "item 0: 'image' must be a non-empty path, got ''"),
+    ({"items": [{"image": ["a.tif"]}]}, "item 0: 'image' must be a non-empty path, got ['a.tif']"),
+    ({"items": ["a.tif", 7]}, "item 1: expected an image path or an object with 'image', got int"),
+    ({"items": [{"image": "a.tif", "name": 3}]}, "item 0: 'name' must be a string, got int"),
+])
+def test_a_malformed_datalist_is_refused_naming_the_file_and_the_item(tmp_path: Path, doc: object,
+                                                                      problem: str) -> None:
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(InputError) as caught:
+        datalist(path)
+    assert str(caught.value) == f"{path}: {problem}"
+
+
+def test_unreadable_entries_are_listed_for_the_run_to_fail_one_by_one(tmp_path: Path) -> None:
+    """A symlink loop or a broken link in a slide folder or datalist aborted listing (RuntimeError from resolve())
+    before any slide ran; now each is listed as it is, and hidden files (macOS '._' forks) are left out."""
+    (tmp_path / "a.tif").write_bytes(b"")
+    (tmp_path / "loop.tif").symlink_to(tmp_path / "loop.tif")
+    (tmp_path / "broken.svs").symlink_to(tmp_path / "gone.svs")
+    (tmp_path / "linked.tif").symlink_to(tmp_path / "a.tif")
+    (tmp_path / "._a.tif").write_bytes(b"\0")
+    names = ["a.tif", "broken.svs", "linked.tif", "loop.tif"]
+    assert [i["image"] for i in datalist(tmp_path)] == [str(tmp_path / n) for n in names]  # links keep their name
+    (tmp_path / "dataset.json").write_text(json.dumps({"items": [{"image": n} for n in names]}))
+    assert [i["image"] for i in datalist(tmp_path / "dataset.json")] == [str(tmp_path / n) for n in names]
+
+
 def test_user_tissue_mask_selects_the_rois(tmp_path: Path) -> None:
     """With tissue_mask_key, ROIs come from the user's mask (here: only the left half), not from Otsu."""
     from pathbundles.scannet import ScanGeometry

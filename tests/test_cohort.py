@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -17,8 +18,9 @@ import pytest
 
 from bundle_helpers import REPO
 from pathbundles import cohort
-from pathbundles.cohort import (LoopTimer, ProcessGroup, is_done, read_manifest, run_cohort, shard_by_area,
-                                slide_key)
+from pathbundles.cohort import LoopTimer, ProcessGroup, is_done, read_manifest, run_cohort, shard_by_area
+from pathbundles.errors import FolderInUseError, InputError
+from pathbundles.outputs import slide_name
 
 SCANNET = REPO / "bundles" / "scannet"
 BUNDLE = {"name": "b", "version": "1", "weights_sha256": "w", "config_sha256": "c"}
@@ -43,10 +45,12 @@ def test_shards_balance_area_not_count() -> None:
         shard_by_area([1.0], 0)
 
 
-def test_slide_key_names_items_as_the_writers_do() -> None:
-    assert slide_key({"image": "/d/tumor_001.tif"}) == "tumor_001"
-    assert slide_key({"image": "/d/tumor_001.tif", "name": "case-7"}) == "case-7"
-    assert slide_key({"image": "/d/slide.svs", "box": [100, 2000.0, 512, 512]}) == "slide_x100_y2000"
+def test_slides_are_named_as_the_writers_name_them() -> None:
+    assert slide_name({"image": "/d/tumor_001.tif"}) == ("tumor_001", "/d/tumor_001.tif")
+    assert slide_name({"image": "/d/tumor_001.tif", "name": "case-7"})[0] == "case-7"
+    assert slide_name({"image": "/d/slide.svs", "box": [100, 2000.0, 512, 512]})[0] == "slide_x100_y2000"
+    assert slide_name({"image": "/d/slide.svs", "name": "case-7", "box": [100, 2000, 512, 512]})[0] == \
+        "case-7_x100_y2000"
 
 
 # ---- manifest and resume -----------------------------------------------------------------------------------------
@@ -85,6 +89,12 @@ def test_manifest_merges_fragments_in_run_order_and_ignores_a_cut_line(tmp_path:
     assert merged["c"]["status"] == "skipped" and merged["c"]["skipped_in"] == "run-3"
     assert not (tmp_path / "manifest").exists()
     assert json.loads((tmp_path / "manifest.json").read_text())["slides"] == merged
+
+
+def _tree(root: Path, skip: Path | None = None) -> dict[str, int]:
+    """Every file under ``root`` (but under ``skip``) with its size."""
+    return {str(p): p.stat().st_size for p in sorted(root.rglob("*"))
+            if p.is_file() and (skip is None or not p.is_relative_to(skip))}
 
 
 def _fake_runner(failing: set[str]):
@@ -148,6 +158,71 @@ def test_cohort_refuses_two_slides_with_one_name(tmp_path: Path) -> None:
         run_cohort(items, tmp_path / "out", BUNDLE, _fake_runner(set()), ProcessGroup())
 
 
+@pytest.mark.parametrize("name", ["../../../../victim", "ABSOLUTE"])
+def test_cohort_refuses_a_name_that_leaves_the_output_folder(tmp_path: Path, name: str) -> None:
+    """A name like '../../x' or an absolute path made the runner rmtree and write outside the output folder."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("not the cohort's")
+    items = [{"image": str(tmp_path / "t1.tif")},
+             {"image": str(tmp_path / "t2.tif"), "name": str(victim) if name == "ABSOLUTE" else name}]
+    before = _tree(tmp_path)
+    with pytest.raises(InputError, match=r"t2\.tif: output name .* path separator"):
+        run_cohort(items, tmp_path / "out", BUNDLE, _fake_runner(set()))
+    assert _tree(tmp_path, skip=tmp_path / "out") == before
+    assert not list((tmp_path / "out").rglob("*.txt"))  # refused before any slide ran
+
+
+def test_a_second_cohort_into_the_folder_fails_fast_and_a_dead_one_s_lock_is_taken_over(tmp_path: Path) -> None:
+    from pathbundles.outputs import LOCK_FILE, FolderLock
+
+    items = [{"image": str(tmp_path / "t1.tif")}]
+    out = tmp_path / "out"
+    with FolderLock(out):  # another run of this folder, here or on another machine of the shared file system
+        with pytest.raises(FolderInUseError, match=rf"^{out}: another run is writing into this folder "
+                                                   rf"\(PID {os.getpid()} on host {socket.gethostname()}"):
+            run_cohort(items, out, BUNDLE, _fake_runner(set()))
+    assert not (out / "maps").exists() and not (out / "summary.json").exists()
+    # The lock file of a run killed with -9 (its process is gone): the next run takes the folder over.
+    (out / LOCK_FILE).write_text(json.dumps({"pid": 2 ** 22 + 1, "host": socket.gethostname(), "started": "x",
+                                             "command": "pathbundles cohort"}))
+    summary = run_cohort(items, out, BUNDLE, _fake_runner(set()))
+    assert summary["done"] == 1 and not (out / LOCK_FILE).exists()
+
+
+def test_the_next_cohort_removes_what_a_killed_one_left(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    left = [out / "maps" / ".t1.partial-0123abcd.tif", out / "maps" / ".t1-levels-abcd_123" / "level1.raw",
+            out / ".pathbundles-work" / ".pathbundles-canvas-x1y2z3.raw", out / ".cohort-work" / "r" / "rank0" / "x",
+            out / ".summary.partial-00ff00ff.json"]
+    kept = [out / "maps" / "notes.partial.tif", out / "maps" / ".keep"]
+    for path in left + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * 100)
+    run_cohort([{"image": str(tmp_path / "t1.tif")}], out, BUNDLE, _fake_runner(set()))
+    assert [p for p in left if p.exists()] == [] and all(p.exists() for p in kept)
+    assert not (out / ".pathbundles-work").exists() and not (out / ".cohort-work").exists()
+
+
+def test_a_slide_past_its_time_budget_fails_by_name_and_the_others_run(tmp_path: Path) -> None:
+    hang = _fake_runner(set())
+
+    def run(item: dict, work_dir: Path) -> tuple[dict, dict]:
+        if "stuck" in item["image"]:
+            time.sleep(60)
+        return hang(item, work_dir)
+
+    items = [{"image": str(tmp_path / f"{n}.tif")} for n in ("t1", "stuck", "t3")]
+    start = time.perf_counter()
+    summary = run_cohort(items, tmp_path / "out", BUNDLE, run, slide_timeout_s=0.5)
+    assert time.perf_counter() - start < 20
+    assert (summary["done"], summary["failed"]) == (2, 1)
+    assert summary["failed_slides"]["stuck"] == (f"SlideTimeoutError: {tmp_path / 'stuck.tif'}: stopped after its "
+                                                 "time budget of 0.5 s (slide_timeout_s)")
+    assert sorted(p.name for p in (tmp_path / "out" / "maps").iterdir()) == ["t1.txt", "t3.txt"]
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # no alarm left for whatever runs next
+
+
 def test_loop_timer_separates_data_waits_from_iterations() -> None:
     from ignite.engine import Engine
 
@@ -170,8 +245,9 @@ def test_loop_timer_separates_data_waits_from_iterations() -> None:
 def test_bundle_run_overlay_takes_configs_and_overrides_from_the_command_line(monkeypatch, tmp_path: Path) -> None:
     calls = {}
 
-    def fake_command(bundle, slides, out, config_files, overrides):
-        calls.update(bundle=bundle, slides=slides, out=out, config_files=config_files, overrides=overrides)
+    def fake_command(bundle, slides, out, config_files, overrides, slide_timeout_s=None):
+        calls.update(bundle=bundle, slides=slides, out=out, config_files=config_files, overrides=overrides,
+                     slide_timeout_s=slide_timeout_s)
         return {"failed": 0}
 
     monkeypatch.setattr(cohort, "cohort_command", fake_command)
@@ -179,21 +255,41 @@ def test_bundle_run_overlay_takes_configs_and_overrides_from_the_command_line(mo
     monkeypatch.setattr(sys, "argv", ["monai.bundle", "run", "--config_file",
                                       f"['{configs / 'inference.json'}','{configs / 'cohort.json'}']",
                                       "--data_source", "slides/", "--output_dir=out", "--lp", "8", "--amp",
-                                      "--detection_threshold=0.7"])
-    cohort.bundle_run_command(str(SCANNET), [{"image": "x.tif"}], str(tmp_path))
+                                      "--detection_threshold=0.7", "--slide_timeout_s", "600"])
+    cohort.bundle_run_command(str(SCANNET), [{"image": "x.tif"}], str(tmp_path), 600)
     assert calls["config_files"] == [str(configs / "inference.json")]
+    # The overlay's own setting is the cohort's, not a config id of every slide's run (nor of its config hash).
     assert calls["overrides"] == {"lp": 8, "amp": True, "detection_threshold": 0.7}
+    assert calls["slide_timeout_s"] == 600
     monkeypatch.setattr(cohort, "cohort_command", lambda *a, **k: {"failed": 1, "failed_slides": {"x": "broken"},
                                                                     "files": {"slides": "slides.csv"}})
     with pytest.raises(RuntimeError, match="1 slide.*x: broken"):
         cohort.bundle_run_command(str(SCANNET), [{"image": "x.tif"}], str(tmp_path))
 
 
-def test_the_bundle_lists_the_slides_of_a_folder(tmp_path: Path) -> None:
+def test_the_bundle_lists_the_slides_of_a_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("b.tif", "a.svs", "notes.txt"):
         (tmp_path / name).write_bytes(b"")
     items = cohort.bundle_datalist(SCANNET, tmp_path)
     assert [Path(i["image"]).name for i in items] == ["a.svs", "b.tif"]
+    # A relative --slides that reads as config syntax is a path, not an expression or a reference.
+    monkeypatch.chdir(tmp_path)
+    for source in ("$__import__('os').getcwd()", "@bundle_root"):
+        (tmp_path / source).mkdir()
+        (tmp_path / source / "c.tif").write_bytes(b"")
+        assert [i["image"] for i in cohort.bundle_datalist(SCANNET, source)] == [str(tmp_path / source / "c.tif")]
+
+
+def test_an_empty_datalist_fails_naming_the_file(tmp_path: Path) -> None:
+    """It exited 0 having done nothing; a malformed one failed inside MONAI's ConfigExpression traceback."""
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"items": []}))
+    with pytest.raises(InputError, match=rf"^{empty}: the datalist lists no items$"):
+        cohort.cohort_command(SCANNET, empty, tmp_path / "out")
+    assert not (tmp_path / "out" / "summary.json").exists()
+    with pytest.raises(ValueError, match="no slides to run"):  # an empty list given from Python
+        run_cohort([], tmp_path / "out", BUNDLE, _fake_runner(set()))
+    assert not (tmp_path / "out" / "summary.json").exists()
 
 
 # ---- the scannet bundle, one process and two gloo processes ------------------------------------------------------
@@ -227,7 +323,8 @@ def _outputs(out: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory) -> Path:
-    """Four 2048 px phantom slides (two tumour, two normal), an all-glass slide and a truncated one."""
+    """Four 2048 px phantom slides (two tumour, two normal), an all-glass slide, a truncated one and a symlink
+    loop."""
     from pathbundles.phantom import make_phantom
     from pathbundles.writers import write_pyramid_tiff
 
@@ -236,9 +333,10 @@ def slides(tmp_path_factory) -> Path:
     write_pyramid_tiff(root / "empty.tif", np.full((1024, 1024, 3), 245, np.uint8), mpp=0.5, compression="jpeg")
     good = (root / "phantom_normal_001.tif").read_bytes()
     (root / "truncated.tif").write_bytes(good[: len(good) // 3])
+    (root / "loop.tif").symlink_to(root / "loop.tif")
     doc = json.loads(dataset.read_text())
     bad = dict(doc, items=doc["items"][:2] + [{"image": "truncated.tif", "label": 0},
-                                              {"image": "empty.tif", "label": 0}])
+                                              {"image": "empty.tif", "label": 0}, {"image": "loop.tif", "label": 1}])
     (root / "with_bad.json").write_text(json.dumps(bad))
     return root
 
@@ -291,9 +389,11 @@ def test_corrupt_slide_fails_by_name_while_the_others_finish(slides: Path, tmp_p
                   str(slides / "with_bad.json"), "--output_dir", str(out), "--lp", "8", "--num_workers", "0", nproc=2)
     assert result.returncode != 0
     manifest = read_manifest(out)
+    # The symlink loop aborted the whole run before any slide (listing the datalist); now it fails alone, by name.
     assert {n: r["status"] for n, r in manifest.items()} == {
-        "phantom_tumor_000": "done", "phantom_normal_001": "done", "empty": "done", "truncated": "failed"}
-    assert "truncated.tif" in manifest["truncated"]["error"]
+        "phantom_tumor_000": "done", "phantom_normal_001": "done", "empty": "done", "truncated": "failed",
+        "loop": "failed"}
+    assert "truncated.tif" in manifest["truncated"]["error"] and "loop.tif" in manifest["loop"]["error"]
     assert manifest["empty"]["score"] == 0.0 and manifest["empty"]["n_detections"] == 0  # no tissue: zero map
     assert not list(out.rglob("truncated*")) and not list(out.rglob(".*partial*"))
     assert [r["name"] for r in csv.DictReader(open(out / "scores.csv"))] == ["phantom_tumor_000",
@@ -303,5 +403,5 @@ def test_corrupt_slide_fails_by_name_while_the_others_finish(slides: Path, tmp_p
                  str(out), "--lp", "8", "--num_workers", "0")
     assert again.returncode == 1
     summary = json.loads((out / "summary.json").read_text())
-    assert (summary["skipped"], summary["done"], summary["failed"]) == (3, 0, 1)
+    assert (summary["skipped"], summary["done"], summary["failed"]) == (3, 0, 2)
     assert read_manifest(out)["truncated"]["run_id"] == summary["run_id"]

@@ -237,7 +237,7 @@ def test_hpf_dataset_items_names_and_errors(tmp_path: Path) -> None:
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     with pytest.raises(InputError, match="broken.png"):
         HPFDataset([{"image": str(tmp_path / "broken.png")}])
-    with pytest.raises(ValueError, match="same HPF name"):
+    with pytest.raises(InputError, match="output name 'a' is the same name"):
         HPFDataset([a, a])
 
 

@@ -104,8 +104,11 @@ def datalist(source: str | os.PathLike | None = None, kind: str = "metastasis", 
     """The slides a bundle run works on.
 
     Args:
-        source: ``None`` for the phantom demo data; a ``dataset.json`` datalist; or a folder of slides (every file
-            with a slide suffix, sorted by name), or of HPF images for ``kind="mitosis"``.
+        source: ``None`` for the phantom demo data; a ``dataset.json`` datalist (checked by
+            :func:`pathbundles.sampling.read_datalist`); or a folder of slides (every entry with a slide suffix,
+            sorted by name, hidden ones such as macOS ``._`` files left out), or of HPF images for
+            ``kind="mitosis"``. Entries are listed as they are: one that cannot be read (a broken link, a symlink
+            loop) fails by name when the run reaches it, and the others run.
         kind: which demo data when ``source`` is ``None``.
         split: which split: of the demo data, or of a datalist whose items have ``split`` fields (a datalist
             without them is used whole; see :func:`pathbundles.sampling.read_datalist`).
@@ -119,10 +122,14 @@ def datalist(source: str | os.PathLike | None = None, kind: str = "metastasis", 
     path = Path(source)
     if path.is_dir():
         suffixes, what = (HPF_SUFFIXES, "HPF image") if kind == "mitosis" else (SLIDE_SUFFIXES, "slide")
-        slides = sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes)
+        try:
+            slides = sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes and not p.name.startswith("."))
+        except OSError as err:
+            raise InputError(path, f"cannot list the folder: {err}") from err
         if not slides:
             raise InputError(path, f"no {what} files ({', '.join(suffixes)}) in this folder")
-        return [{"image": str(p.resolve())} for p in slides]
+        # Not resolve(): it raises on a symlink loop, and a linked slide keeps the name it has in this folder.
+        return [{"image": os.path.abspath(p)} for p in slides]
     return read_datalist(path, split=split)
 
 

@@ -5,16 +5,23 @@ overlays) through MONAI's ``ConfigWorkflow`` (workflow type "infer"), replaces o
 folder, runs it, and returns one record per slide from the bundle's writer. MONAI Deploy operators and cohort
 inference drive bundles through this module.
 
+Data is never config: MONAI's parser evaluates strings starting with ``$`` as Python, resolves ``@`` references
+and ``%`` macros, and instantiates dicts with ``_target_``, anywhere in the config. So the datalist is not put into
+the config; the config's ``datalist`` becomes a call of :func:`held_datalist` with a random key, which returns the
+items as they are.
+
 Writer protocol: the config item ``writer`` (``SlideMapWriter``, ``HPFDetectionWriter``, ``SlideLabelWriter``) has
 ``results() -> [{"name", "score", "n_detections", "outputs": {kind: path}, ...}]``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +75,29 @@ def config_error_cause(err: BaseException) -> BaseException:
     return err
 
 
+@contextlib.contextmanager
+def config_errors_unwrapped() -> Iterator[None]:
+    """Raise the error behind MONAI's ``Failed to evaluate ConfigExpression`` wrapper (:func:`config_error_cause`)
+    instead of the wrapper, so that a bad input's message (which names its file) is what the user reads."""
+    try:
+        yield
+    except RuntimeError as err:
+        cause = config_error_cause(err)
+        if cause is err:
+            raise
+        raise cause from cause.__cause__
+
+
+#: The datalists of the runs in progress, by key (see :func:`held_datalist`).
+_HELD: dict[str, list[dict]] = {}
+
+
+def held_datalist(key: str) -> list[dict]:
+    """The datalist :func:`run_inference` holds under ``key``: what a run's config item ``datalist`` evaluates to,
+    so that no datalist value ever passes through MONAI's config parser."""
+    return [dict(item) for item in _HELD[key]]
+
+
 def run_inference(bundle: str | os.PathLike, datalist: Sequence[dict], output_dir: str | os.PathLike,
                   config_files: Sequence[str] = ("inference.json",), overrides: Mapping[str, Any] | None = None,
                   handlers: Sequence[Any] = ()) -> list[dict]:
@@ -93,24 +123,29 @@ def run_inference(bundle: str | os.PathLike, datalist: Sequence[dict], output_di
 
     root = Path(bundle).resolve()
     logging_file = root / "configs" / "logging.conf"
-    workflow = ConfigWorkflow(
-        config_file=[str(p) for p in config_paths(root, config_files)], meta_file=str(root / "configs" /
-                                                                                      "metadata.json"),
-        logging_file=str(logging_file) if logging_file.is_file() else None, workflow_type="infer",
-        **{"bundle_root": str(root), "output_dir": str(Path(output_dir).resolve()), "datalist": list(datalist),
-           **dict(overrides or {})})
-    workflow.initialize()
+    key = uuid.uuid4().hex
+    _HELD[key] = [dict(item) for item in datalist]
+    try:
+        workflow = ConfigWorkflow(
+            config_file=[str(p) for p in config_paths(root, config_files)],
+            meta_file=str(root / "configs" / "metadata.json"),
+            logging_file=str(logging_file) if logging_file.is_file() else None, workflow_type="infer",
+            **{"bundle_root": str(root), "output_dir": str(Path(output_dir).resolve()), **dict(overrides or {}),
+               "datalist": f"$pathbundles.bundle_runner.held_datalist('{key}')"})
+        workflow.initialize()
+        return _run(workflow, handlers)
+    finally:
+        del _HELD[key]
+
+
+def _run(workflow: Any, handlers: Sequence[Any]) -> list[dict]:
+    """Run an initialised inference workflow with ``handlers`` on its evaluator; the writer's records."""
     try:
         evaluator = workflow.parser.get_parsed_content("evaluator")
         for handler in handlers:
             handler.attach(evaluator)
-        try:
+        with config_errors_unwrapped():
             workflow.run()
-        except RuntimeError as err:
-            cause = config_error_cause(err)
-            if cause is err:
-                raise
-            raise cause from cause.__cause__  # the error itself, not MONAI's wrapper of the config expression
         writer = workflow.parser.get_parsed_content("writer")
         if hasattr(writer, "ensure_completed"):
             writer.ensure_completed()

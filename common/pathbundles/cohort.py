@@ -21,7 +21,11 @@ Output folder ``out``:
   (one row per slide of the list: status, error, timings) and ``scores.csv`` (``name,label,score,n_detections`` of
   every slide with a result, the input of a slide-level AUC).
 
-One job per output folder at a time: rank 0 of a new run removes the work folder ``.cohort-work`` a killed run left.
+One job per output folder at a time: rank 0 locks the folder for the run (:class:`pathbundles.outputs.FolderLock`;
+a second job fails at its start naming the holder's PID and host), then removes the work folder ``.cohort-work``
+and the other work files a killed run left (:func:`pathbundles.outputs.claim_folder`). Slide names come from
+:func:`pathbundles.outputs.slide_name`: an item whose name is not one plain file name, or two items with one name,
+stop the run before any slide.
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -43,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 from pathbundles.atomic import atomic_path
+from pathbundles.errors import SlideTimeoutError
+from pathbundles.outputs import claim_folder, inside, output_names, slide_name
 
 logger = logging.getLogger("pathbundles.cohort")  # also when run as __main__
 
@@ -56,6 +64,8 @@ BUNDLE_KEYS = ("name", "version", "weights_sha256", "config_sha256")
 #: ``python -m monai.bundle run`` arguments that are not config overrides (see :func:`bundle_run_command`).
 _RUN_ARGUMENTS = {"config_file", "meta_file", "logging_file", "tracking", "args_file", "run_id", "init_id", "final_id",
                   "bundle_root", "output_dir", "data_source", "datalist"}
+#: Config ids of the ``configs/cohort.json`` overlay: settings of the cohort, not of each slide's run.
+_COHORT_KEYS = {"slide_timeout_s"}
 
 
 # ---- sharding ----------------------------------------------------------------------------------------------------
@@ -107,16 +117,6 @@ def slide_area_px(item: Mapping[str, Any]) -> float:
             return float(image.size[0]) * float(image.size[1])
     except (OSError, ValueError, SyntaxError):
         return 0.0
-
-
-def slide_key(item: Mapping[str, Any]) -> str:
-    """The name a slide goes by in the manifest and the output files: the item's ``name``, else its file stem (plus
-    ``_x<x>_y<y>`` for an HPF box of a slide, as the segmitos bundle names it)."""
-    stem = Path(str(item["image"])).stem
-    if item.get("box") is not None:
-        x, y = (int(v) for v in item["box"][:2])
-        return f"{stem}_x{x}_y{y}"
-    return str(item.get("name") or stem)
 
 
 # ---- manifest ----------------------------------------------------------------------------------------------------
@@ -292,13 +292,47 @@ def run_bundle_slide(bundle: str | os.PathLike, item: Mapping[str, Any], work_di
 SlideRunner = Callable[[Mapping[str, Any], Path], "tuple[dict, dict | None]"]
 
 
+@contextlib.contextmanager
+def time_budget(seconds: float | None, image: str) -> Iterator[None]:
+    """Raise :class:`pathbundles.errors.SlideTimeoutError` naming ``image`` in the block once ``seconds`` pass.
+
+    SIGALRM, so only in the main thread (elsewhere the block runs without a budget, with a warning). The error is
+    raised where Python code runs: the network, stitching, waiting for DataLoader workers (a worker stuck in a read
+    is then terminated as the loader shuts down); a read stuck inside a C library in the main thread itself
+    (``num_workers`` 0) is interrupted when it returns.
+
+    Args:
+        seconds: the budget; None or <= 0 for none.
+        image: the slide's file, for the message.
+    """
+    if not seconds or seconds <= 0:
+        yield
+        return
+    if threading.current_thread() is not threading.main_thread():
+        logger.warning("%s: no time budget outside the main thread", image)
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise SlideTimeoutError(f"{image}: stopped after its time budget of {seconds:g} s (slide_timeout_s)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, float(seconds))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _move_outputs(record: Mapping[str, Any], work_dir: Path, out: Path) -> dict[str, str]:
     """Move a slide's files from ``work_dir`` to the same relative paths under ``out``; {kind: relative path}."""
     moved = {}
     for kind, path in record["outputs"].items():
         rel = Path(path).resolve().relative_to(work_dir.resolve())
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, out / rel)
+        target = inside(out, *rel.parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
         moved[kind] = rel.as_posix()
     return moved
 
@@ -308,10 +342,12 @@ def _now() -> str:
 
 
 def process_slide(item: Mapping[str, Any], out: Path, work_root: Path, run_slide: SlideRunner,
-                  bundle: Mapping[str, Any], run_id: str, rank: int, area_px: float) -> dict:
-    """Run one slide and return its manifest record; a failure becomes a ``failed`` record and leaves no file."""
-    name = slide_key(item)
-    work_dir = work_root / name
+                  bundle: Mapping[str, Any], run_id: str, rank: int, area_px: float,
+                  slide_timeout_s: float | None = None) -> dict:
+    """Run one slide and return its manifest record; a failure (an error, or the slide's time budget
+    ``slide_timeout_s`` in seconds running out) becomes a ``failed`` record and leaves no file."""
+    name = slide_name(item)[0]
+    work_dir = inside(work_root, name)
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
     record: dict[str, Any] = {"name": name, "image": str(item["image"]), "status": "failed", "error": None,
@@ -321,7 +357,8 @@ def process_slide(item: Mapping[str, Any], out: Path, work_root: Path, run_slide
         record["label"] = item["label"]
     start = time.perf_counter()
     try:
-        result, timing = run_slide(item, work_dir)
+        with time_budget(slide_timeout_s, str(item["image"])):
+            result, timing = run_slide(item, work_dir)
         record["outputs"] = _move_outputs(result, work_dir, out)
         record.update(status="done", score=float(result["score"]), n_detections=int(result["n_detections"]),
                       details={k: v for k, v in result.items()
@@ -403,12 +440,11 @@ def process_group(timeout_hours: float = 72.0) -> Iterator[ProcessGroup]:
 
 def plan_cohort(items: Sequence[Mapping[str, Any]], out: Path, bundle: Mapping[str, Any], world_size: int) -> dict:
     """Rank 0's plan: a run id, the slides an earlier run did with this bundle and config (skipped), and the
-    others' indices split by area over the ranks. Raises ValueError when two items share a name."""
-    names = [slide_key(item) for item in items]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"slides with the same name would overwrite each other's outputs: {', '.join(duplicates)} "
-                         "(give the datalist items distinct 'name' entries)")
+    others' indices split by area over the ranks. Raises InputError when an item's name is not one plain file name
+    or two items share a name (:func:`pathbundles.outputs.output_names`), ValueError when there is no item."""
+    if not items:
+        raise ValueError("no slides to run: the slide list is empty")
+    names = output_names(items)
     records = read_manifest(out)
     skipped = [i for i, name in enumerate(names) if is_done(records.get(name), bundle, out)]
     todo = sorted(set(range(len(items))) - set(skipped))
@@ -418,16 +454,24 @@ def plan_cohort(items: Sequence[Mapping[str, Any]], out: Path, bundle: Mapping[s
     return {"run_id": run_id, "skipped": skipped, "shards": shards, "areas": areas}
 
 
-def run_cohort(items: Sequence[Mapping[str, Any]], out: str | os.PathLike, bundle: Mapping[str, Any],
-               run_slide: SlideRunner, group: ProcessGroup | None = None) -> dict:
+def run_cohort(items: Sequence[Mapping[str, Any]] | Callable[[], Sequence[Mapping[str, Any]]],
+               out: str | os.PathLike, bundle: Mapping[str, Any],
+               run_slide: SlideRunner, group: ProcessGroup | None = None,
+               slide_timeout_s: float | None = None) -> dict:
     """Run ``run_slide`` over this rank's share of ``items``, then (rank 0) merge the manifest and summarise.
+
+    Rank 0 holds the output folder's lock (:class:`pathbundles.outputs.FolderLock`) for the whole run, so a second
+    run into the same folder fails at its start naming this one; the other ranks follow rank 0's plan.
 
     Args:
         items: datalist items (``image`` absolute, optionally ``name``, ``label``, ``box``); rank 0's list is used.
+            A function returning them is called on rank 0 only, as the run's first step, so that its error (an
+            empty or malformed datalist) reaches every rank instead of leaving the others waiting.
         out: the cohort output folder (shared by all ranks: on several machines, a shared file system).
         bundle: :func:`pathbundles.bundle_runner.bundle_info` of the bundle and config being run.
         run_slide: ``f(item, work_dir) -> (writer record, timing or None)``, writing into ``work_dir``.
         group: the job's processes (default: this process alone).
+        slide_timeout_s: time budget of each slide in seconds (None or 0: none); see :func:`time_budget`.
 
     Returns:
         The run's summary (the same on every rank); see :func:`summarise`.
@@ -436,40 +480,43 @@ def run_cohort(items: Sequence[Mapping[str, Any]], out: str | os.PathLike, bundl
     out = Path(out).resolve()
     start = time.perf_counter()
     plan: dict[str, Any]
-    if group.rank == 0:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(out / WORK_DIR, ignore_errors=True)  # left by a killed run
-            plan = {**plan_cohort(items, out, bundle, group.world_size), "items": [dict(i) for i in items]}
-        except Exception as err:  # noqa: BLE001 - the other ranks wait for the plan: tell them, then raise
-            group.broadcast({"error": f"{type(err).__name__}: {err}"})
-            raise
-    plan = group.broadcast(plan if group.rank == 0 else None)
-    if "error" in plan:
-        raise RuntimeError(f"cohort planning failed on rank 0: {plan['error']}")
-    items, run_id = plan["items"], plan["run_id"]
-    mine = plan["shards"][group.rank]
-    logger.info("cohort run %s: rank %d of %d, %d slide(s), %d skipped in all", run_id, group.rank, group.world_size,
-                len(mine), len(plan["skipped"]))
-    fragment = ManifestFragment(out, run_id, group.rank)
-    work_root = out / WORK_DIR / run_id / f"rank{group.rank}"
-    stop_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
-    for n, i in enumerate(mine, start=1):
-        record = process_slide(items[i], out, work_root, run_slide, bundle, run_id, group.rank,
-                               plan["areas"][i])
-        fragment.append(record)
-        logger.info("cohort: slide %s %s in %.1f s (%d/%d on rank %d)", record["name"], record["status"],
-                    record["seconds"], n, len(mine), group.rank)
-        if stop_after and n >= stop_after:
-            os._exit(STOP_EXIT_CODE)
-    group.barrier()
-    summary = None
-    if group.rank == 0:
-        names = [slide_key(item) for item in items]
-        records = merge_manifest(out, {names[i]: run_id for i in plan["skipped"]})
-        shutil.rmtree(out / WORK_DIR, ignore_errors=True)
-        summary = summarise(out, names, records, run_id, bundle, group.world_size, time.perf_counter() - start)
-    return group.broadcast(summary)
+    with contextlib.ExitStack() as held:
+        if group.rank == 0:
+            try:
+                items = items() if callable(items) else items
+                # One run per folder: a second one stops here naming the holder; a killed run's work files go.
+                held.enter_context(claim_folder(out))
+                shutil.rmtree(out / WORK_DIR, ignore_errors=True)  # left by a killed run
+                plan = {**plan_cohort(items, out, bundle, group.world_size), "items": [dict(i) for i in items]}
+            except Exception as err:  # noqa: BLE001 - the other ranks wait for the plan: tell them, then raise
+                group.broadcast({"error": f"{type(err).__name__}: {err}"})
+                raise
+        plan = group.broadcast(plan if group.rank == 0 else None)
+        if "error" in plan:
+            raise RuntimeError(f"cohort planning failed on rank 0: {plan['error']}")
+        items, run_id = plan["items"], plan["run_id"]
+        mine = plan["shards"][group.rank]
+        logger.info("cohort run %s: rank %d of %d, %d slide(s), %d skipped in all", run_id, group.rank,
+                    group.world_size, len(mine), len(plan["skipped"]))
+        fragment = ManifestFragment(out, run_id, group.rank)
+        work_root = out / WORK_DIR / run_id / f"rank{group.rank}"
+        stop_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
+        for n, i in enumerate(mine, start=1):
+            record = process_slide(items[i], out, work_root, run_slide, bundle, run_id, group.rank,
+                                   plan["areas"][i], slide_timeout_s)
+            fragment.append(record)
+            logger.info("cohort: slide %s %s in %.1f s (%d/%d on rank %d)", record["name"], record["status"],
+                        record["seconds"], n, len(mine), group.rank)
+            if stop_after and n >= stop_after:
+                os._exit(STOP_EXIT_CODE)
+        group.barrier()
+        summary = None
+        if group.rank == 0:
+            names = output_names(items)
+            records = merge_manifest(out, {names[i]: run_id for i in plan["skipped"]})
+            shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+            summary = summarise(out, names, records, run_id, bundle, group.world_size, time.perf_counter() - start)
+        return group.broadcast(summary)
 
 
 def _sum(values: Sequence[float | None]) -> float:
@@ -544,20 +591,23 @@ def bundle_datalist(bundle: str | os.PathLike, source: str | os.PathLike,
     slides, HPF images, multi-class slides), ``source`` given as its ``data_source``."""
     from monai.bundle import ConfigParser
 
-    from pathbundles.bundle_runner import config_paths
+    from pathbundles.bundle_runner import config_errors_unwrapped, config_paths
 
     root = Path(bundle).resolve()
     parser = ConfigParser()
     parser.read_config([str(p) for p in config_paths(root, config_files)])
     if "datalist" not in parser or "data_source" not in parser:
         raise ValueError(f"{root}: the config has no 'datalist' / 'data_source' items to list the slides with")
-    parser.update({"bundle_root": str(root), **dict(overrides or {}), "data_source": str(source)})
-    return [dict(item) for item in parser.get_parsed_content("datalist")]
+    # Absolute, so that the path is never read as config syntax (a name starting with '$', '@' or '%').
+    parser.update({"bundle_root": str(root), **dict(overrides or {}), "data_source": os.path.abspath(source)})
+    with config_errors_unwrapped():  # an empty or malformed datalist names its file, not a config expression
+        return [dict(item) for item in parser.get_parsed_content("datalist")]
 
 
 def cohort_command(bundle: str | os.PathLike, slides: str | os.PathLike | Sequence[Mapping[str, Any]],
                    out: str | os.PathLike, config_files: str | Sequence[str] = ("inference.json",),
-                   overrides: Mapping[str, Any] | None = None, timeout_hours: float = 72.0) -> dict:
+                   overrides: Mapping[str, Any] | None = None, timeout_hours: float = 72.0,
+                   slide_timeout_s: float | None = None) -> dict:
     """Run a bundle's inference over a cohort, as one process or as every process of a ``torchrun`` job.
 
     Args:
@@ -568,6 +618,8 @@ def cohort_command(bundle: str | os.PathLike, slides: str | os.PathLike | Sequen
         overrides: config ids to set in every slide's run (``lp``, ``num_workers``, ``ckpt_path``, ...); part of
             the config hash, so changing one redoes the slides.
         timeout_hours: how long a rank may wait for the others at the end.
+        slide_timeout_s: each slide's time budget in seconds (None: none): a slide that runs longer fails by name
+            and the run goes on (:func:`time_budget`). Not part of the config hash.
 
     Returns:
         The run's summary (see :func:`summarise`), on every rank; ``failed`` > 0 when any slide failed.
@@ -584,11 +636,11 @@ def cohort_command(bundle: str | os.PathLike, slides: str | os.PathLike | Sequen
         import monai.bundle  # noqa: F401
 
         if isinstance(slides, (str, os.PathLike)):
-            items = bundle_datalist(bundle, slides, config_files, overrides) if group.rank == 0 else []
+            items = functools.partial(bundle_datalist, bundle, slides, config_files, overrides)
         else:
             items = [dict(item) for item in slides]
         runner = functools.partial(_run_slide, bundle=bundle, config_files=config_files, overrides=overrides)
-        return run_cohort(items, out, info, runner, group)
+        return run_cohort(items, out, info, runner, group, slide_timeout_s)
 
 
 def _run_slide(item: Mapping[str, Any], work_dir: Path, *, bundle: str | os.PathLike, config_files: Sequence[str],
@@ -597,24 +649,27 @@ def _run_slide(item: Mapping[str, Any], work_dir: Path, *, bundle: str | os.Path
 
 
 def cohort_cli(bundle: str, slides: str, out: str, config: str | Sequence[str] = "inference.json",
-               timeout_hours: float = 72.0, **overrides: Any) -> None:
-    """``pathbundles cohort``: run BUNDLE over SLIDES (folder or datalist) into OUT; further ``--key value`` flags
-    set bundle config ids. Rank 0 prints the summary as JSON; the exit status is 1 when any slide failed."""
+               timeout_hours: float = 72.0, slide_timeout_s: float | None = None, **overrides: Any) -> None:
+    """``pathbundles cohort``: run BUNDLE over SLIDES (folder or datalist) into OUT, each slide within
+    ``--slide_timeout_s`` seconds when given; further ``--key value`` flags set bundle config ids. Rank 0 prints the
+    summary as JSON; the exit status is 1 when any slide failed."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
     summary = cohort_command(bundle, slides, out, config_files=config, overrides=overrides,
-                             timeout_hours=timeout_hours)
+                             timeout_hours=timeout_hours, slide_timeout_s=slide_timeout_s)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2, default=str))
     if summary["failed"]:
         sys.exit(1)
 
 
-def bundle_run_command(bundle_root: str, datalist: Sequence[Mapping[str, Any]], output_dir: str) -> dict:
+def bundle_run_command(bundle_root: str, datalist: Sequence[Mapping[str, Any]], output_dir: str,
+                       slide_timeout_s: float | None = None) -> dict:
     """The ``run`` of a bundle's ``configs/cohort.json`` overlay: the cohort of ``python -m monai.bundle run``.
 
     The configs and overrides of the command line (``--config_file`` without the overlay, ``--lp 8``, ...) are those
-    of every slide's run; raises RuntimeError naming the failed slides after finishing the others (exit status 1).
+    of every slide's run, except the overlay's own ``--slide_timeout_s`` (each slide's time budget in seconds);
+    raises RuntimeError naming the failed slides after finishing the others (exit status 1).
     """
     import fire.parser
 
@@ -628,10 +683,10 @@ def bundle_run_command(bundle_root: str, datalist: Sequence[Mapping[str, Any]], 
         if key == "config_file":
             files = fire.parser.DefaultParseValue(value)
             configs = [str(f) for f in (files if isinstance(files, (list, tuple)) else str(files).split(","))]
-        elif key not in _RUN_ARGUMENTS:
+        elif key not in _RUN_ARGUMENTS and key not in _COHORT_KEYS:
             overrides[key] = fire.parser.DefaultParseValue(value)
     configs = [str(Path(c).resolve()) for c in configs if Path(c).name != "cohort.json"] or ["inference.json"]
-    summary = cohort_command(bundle_root, datalist, output_dir, configs, overrides)
+    summary = cohort_command(bundle_root, datalist, output_dir, configs, overrides, slide_timeout_s=slide_timeout_s)
     if summary["failed"]:
         raise RuntimeError(f"{summary['failed']} slide(s) failed (see {summary['files']['slides']}): "
                            + "; ".join(f"{k}: {v}" for k, v in summary["failed_slides"].items()))

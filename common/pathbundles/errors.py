@@ -32,3 +32,12 @@ class SlideError(InputError):
 
 class AnnotationError(InputError):
     """An annotation file (ASAP XML, JSON, GeoJSON, CSV) is malformed."""
+
+
+class FolderInUseError(InputError):
+    """An output folder is locked by another run (:class:`pathbundles.outputs.FolderLock`)."""
+
+
+class SlideTimeoutError(PathBundlesError):
+    """A slide ran past its time budget (``slide_timeout_s`` of a cohort run). Not an ``InputError`` (a
+    ``ValueError``), so that the handlers of unreadable slides do not take it for one and go on."""

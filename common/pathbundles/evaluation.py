@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from pathbundles.slide_inference import SlideMapWriter, slide_name
+from pathbundles.outputs import slide_name
+from pathbundles.slide_inference import SlideMapWriter
 
 logger = logging.getLogger(__name__)
 

@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw
 from pathbundles.annotations import read_points_csv, write_points_csv
 from pathbundles.atomic import atomic_path
 from pathbundles.errors import InputError
+from pathbundles.outputs import claim_folder, output_file, output_names
 from pathbundles.metrics.mitosis import match_points, mitosis_f1
 from pathbundles.postprocess import mitosis_blobs
 
@@ -364,8 +365,9 @@ class HPFDataset(torch.utils.data.Dataset):
     bad item fails the run before any output is written.
 
     Items: ``image`` uint8 (3, H, W) tensor; ``label`` float32 (M, 2) ground-truth (x, y) when the item has
-    ``centroids`` (MONAI engines carry ``label`` into their output, where metrics find it); ``name`` (file stem, plus
-    ``_x{x}_y{y}`` for a slide box) and ``index``.
+    ``centroids`` (MONAI engines carry ``label`` into their output, where metrics find it); ``name``
+    (:func:`pathbundles.outputs.slide_name`: the item's ``name`` or file stem, plus ``_x{x}_y{y}`` for a slide box)
+    and ``index``.
 
     Args:
         data: datalist items.
@@ -380,20 +382,16 @@ class HPFDataset(torch.utils.data.Dataset):
         if not data:
             raise ValueError("HPFDataset needs at least one datalist item")
         self.items, self.mpp, self.backend, self.transform = [dict(d) for d in data], float(mpp), backend, transform
-        self.names: list[str] = []
+        self.names: list[str] = output_names(self.items)
         self.truths: list[np.ndarray | None] = []
         for item in self.items:
             path = str(item["image"])
-            stem = os.path.splitext(os.path.basename(path))[0]
             if item.get("box") is not None:
                 size = self._box_size(item)
-                x, y = (int(v) for v in item["box"][:2])
-                self.names.append(f"{stem}_x{x}_y{y}")
             else:
                 if "mpp" in item and not math.isclose(float(item["mpp"]), self.mpp, rel_tol=0.01):
                     raise InputError(path, f"the HPF is at {item['mpp']} um/px, the model at {self.mpp} um/px")
                 size = _image_size(path, verify=True)
-                self.names.append(stem)
             truth = None
             if item.get("centroids"):
                 truth = read_points_csv(item["centroids"], centroid_order)[0]
@@ -401,8 +399,6 @@ class HPFDataset(torch.utils.data.Dataset):
                     raise InputError(item["centroids"], f"centroids outside the {size[0]}x{size[1]} px HPF {path} "
                                                         f"(wrong centroid_order {centroid_order!r}?)")
             self.truths.append(truth)
-        if len(set(self.names)) != len(self.names):
-            raise ValueError("two datalist items have the same HPF name; their outputs would overwrite each other")
 
     def _box_size(self, item: dict) -> tuple[int, int]:
         """(width, height) in px at ``mpp`` of a slide box, checking the slide opens and has an mpp."""
@@ -444,7 +440,9 @@ class HPFDetectionWriter:
     Under ``output_dir``: ``detections/<name>.csv`` (header-less ``x,y,score`` in HPF px), ``maps/<name>.png``
     (mitosis probability x 255, 8-bit grey, one value per HPF pixel) and ``overlays/<name>.png`` (circles: true
     positives green, false positives red, misses blue when the item has ground truth; yellow otherwise); and one
-    ``hpf_counts.csv`` (``name,n_detections,max_score``) for the run. Every file is written atomically.
+    ``hpf_counts.csv`` (``name,n_detections,max_score``) for the run. Every file is written atomically. The output
+    folder is locked from the start of the run to its end, and what a killed run left there is removed
+    (:func:`pathbundles.outputs.claim_folder`).
 
     Args:
         dataset: the run's :class:`HPFDataset` (names, ground truth, and the original pixels for overlays).
@@ -467,6 +465,7 @@ class HPFDetectionWriter:
         self.write_images, self.prob_channel, self.pred_key = write_images, prob_channel, pred_key
         self.blobs: dict[str, np.ndarray] = {}
         self.detections: dict[str, np.ndarray] = {}
+        self._lock: Any = None
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
@@ -477,8 +476,14 @@ class HPFDetectionWriter:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.completed)
 
     def started(self, engine: Any = None) -> None:
+        self._claim()
         self.blobs.clear()
         self.detections.clear()
+
+    def _claim(self) -> None:
+        """Lock the output folder for this run and remove a killed run's work files from it."""
+        if self._lock is None or not self._lock.held:
+            self._lock = claim_folder(self.output_dir)
 
     def results(self) -> list[dict]:
         """One record per HPF written by the run: ``name``, ``score`` (highest detection score, 0 without any),
@@ -489,10 +494,10 @@ class HPFDetectionWriter:
 
     def outputs(self, name: str) -> dict[str, Path]:
         """The files written for HPF ``name``."""
-        files = {"detections": self.output_dir / "detections" / f"{name}.csv"}
+        files = {"detections": output_file(self.output_dir, "detections", name, ".csv")}
         if self.write_images:
-            files |= {"map": self.output_dir / "maps" / f"{name}.png",
-                      "overlay": self.output_dir / "overlays" / f"{name}.png"}
+            files |= {"map": output_file(self.output_dir, "maps", name, ".png"),
+                      "overlay": output_file(self.output_dir, "overlays", name, ".png")}
         return files
 
     def iteration_completed(self, engine: Any) -> None:
@@ -516,11 +521,15 @@ class HPFDetectionWriter:
         return detections
 
     def completed(self, engine: Any = None) -> None:
-        """Write ``hpf_counts.csv`` in datalist order."""
-        rows = [f"{name},{len(d)},{(float(d[:, 2].max()) if len(d) else 0.0):.6f}"
-                for name in self.dataset.names if (d := self.detections.get(name)) is not None]
-        with atomic_path(self.output_dir / "hpf_counts.csv") as tmp:
-            tmp.write_text("name,n_detections,max_score\n" + "".join(r + "\n" for r in rows), encoding="utf-8")
+        """Write ``hpf_counts.csv`` in datalist order; release the output folder."""
+        self._claim()  # a run whose engine never started
+        try:
+            rows = [f"{name},{len(d)},{(float(d[:, 2].max()) if len(d) else 0.0):.6f}"
+                    for name in self.dataset.names if (d := self.detections.get(name)) is not None]
+            with atomic_path(self.output_dir / "hpf_counts.csv") as tmp:
+                tmp.write_text("name,n_detections,max_score\n" + "".join(r + "\n" for r in rows), encoding="utf-8")
+        finally:
+            self._lock.release()
 
     def annotated(self) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
         """(names, blobs, truths) of the processed HPFs that have ground truth, in datalist order."""

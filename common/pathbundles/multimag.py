@@ -37,7 +37,8 @@ from PIL import Image
 from scipy import ndimage
 
 from pathbundles.errors import PathBundlesError
-from pathbundles.slide_inference import SlideHandles, slide_name
+from pathbundles.outputs import output_names, slide_name
+from pathbundles.slide_inference import SlideHandles
 
 logger = logging.getLogger(__name__)
 
@@ -424,8 +425,11 @@ class MultiMagnificationDataset(torch.utils.data.Dataset):
                 chosen = read_path if read_path != "auto" else self._timed_read_path(slide, name, slide_tiles)
             return _SlideEntry(name, path, level0_mpp, level0_size, labels_at, chosen), slide_tiles
 
-        for index, item in enumerate(data):
-            name, path = slide_name(item)
+        # Names first: outputs that would leave the output folder or overwrite each other stop the run unread
+        # (training writes no per-slide outputs, so a slide may be listed twice there).
+        names = output_names(data) if mode == "infer" else [slide_name(item)[0] for item in data]
+        for index, (name, item) in enumerate(zip(names, data)):
+            path = slide_name(item)[1]
             try:
                 entry, slide_tiles = plan(index, name, path, item)
             except (PathBundlesError, OSError, ValueError) as err:

@@ -10,6 +10,7 @@ Hard negatives (false positives mined from an earlier model) join the normal poo
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from pathbundles.slide_inference import SlideHandles, slide_name
+from pathbundles.outputs import slide_name
+from pathbundles.slide_inference import SlideHandles
 from pathbundles.tissue import LevelMask
 
 logger = logging.getLogger(__name__)
@@ -170,14 +172,18 @@ class ClassBalancedPatchDataset(torch.utils.data.Dataset):
 def read_datalist(path: str | Path, split: str | None = None) -> list[dict]:
     """Items of a ``dataset.json`` (``{"items": [...]}`` or a list) with paths made absolute.
 
+    Paths are made absolute without resolving symlinks, so an item whose file is a broken link or a symlink loop
+    is still listed (the run then fails that one item by name). A document that is not a non-empty list of items,
+    or an item that names no image, is an InputError naming the file and the item's index (:func:`check_datalist`).
+
     Splits: with ``split=None`` every item is returned. With a split asked for, a file whose items carry no
     ``split`` field is taken as that split whole (a file per split); a file whose items carry one must give it on
     every item, and only that split's items are returned. So one file with train and val items, given as both the
     training and the validation source, yields disjoint sets.
 
     Raises:
-        InputError: naming the file, when it cannot be read, some items have a split and others not, or the split
-            asked for has no item.
+        InputError: naming the file, when it cannot be read or checked, some items have a split and others not, or
+            the split asked for has no item.
     """
     import json
 
@@ -186,10 +192,9 @@ def read_datalist(path: str | Path, split: str | None = None) -> list[dict]:
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(path, f"cannot read the datalist: {err}") from err
-    items = [dict(item) if isinstance(item, dict) else {"image": item}
-             for item in (doc["items"] if isinstance(doc, dict) else doc)]
+    items = [dict(item) if isinstance(item, dict) else {"image": item} for item in check_datalist(path, doc)]
     if split is not None:
         without = [i for i, item in enumerate(items) if item.get("split") is None]
         if len(without) < len(items):
@@ -203,5 +208,35 @@ def read_datalist(path: str | Path, split: str | None = None) -> list[dict]:
     for item in items:
         for key in ("image", "annotation", "mask", "labels", "partial_labels", "centroids"):
             if item.get(key):
-                item[key] = str((path.parent / item[key]).resolve())
+                item[key] = os.path.abspath(path.parent / item[key])
     return items
+
+
+def check_datalist(path: str | os.PathLike, doc: object) -> list:
+    """The items of a parsed datalist document ``doc`` read from ``path``: ``{"items": [...]}`` or a list, each an
+    image path or a dict with a non-empty string ``image`` (and a string ``name`` when it has one). InputError naming
+    ``path`` and the item's index otherwise, and for a datalist without items."""
+    from pathbundles.errors import InputError
+
+    if isinstance(doc, dict):
+        if "items" not in doc:
+            raise InputError(path, f"no 'items' list (keys: {', '.join(map(str, doc)) or 'none'})")
+        doc = doc["items"]
+    if not isinstance(doc, list):
+        raise InputError(path, f"the items must be a JSON list, not {type(doc).__name__}")
+    if not doc:
+        raise InputError(path, "the datalist lists no items")
+    for index, item in enumerate(doc):
+        where = f"item {index}"
+        if isinstance(item, str):
+            item = {"image": item}
+        if not isinstance(item, dict):
+            raise InputError(path, f"{where}: expected an image path or an object with 'image', got "
+                                   f"{type(item).__name__}")
+        if "image" not in item:
+            raise InputError(path, f"{where}: no 'image' path (keys: {', '.join(map(str, item)) or 'none'})")
+        if not isinstance(item["image"], str) or not item["image"]:
+            raise InputError(path, f"{where}: 'image' must be a non-empty path, got {item['image']!r}")
+        if item.get("name") is not None and not isinstance(item["name"], str):
+            raise InputError(path, f"{where}: 'name' must be a string, got {type(item['name']).__name__}")
+    return doc

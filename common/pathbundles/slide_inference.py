@@ -31,6 +31,7 @@ import torch
 
 from pathbundles.atomic import atomic_path
 from pathbundles.errors import PathBundlesError
+from pathbundles.outputs import claim_folder, output_file, output_names, slide_name, work_area
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +78,6 @@ class SlidePlan:
         return int(len(self.rois_rc))
 
 
-def slide_name(item: dict | str) -> tuple[str, str]:
-    """(name, path) of a datalist item: a path, or a dict with ``image`` (and optionally ``name``)."""
-    path = item if isinstance(item, str) else str(item["image"])
-    name = Path(path).stem if isinstance(item, str) else str(item.get("name") or Path(path).stem)
-    return name, path
-
-
 def plan_slides(data: Sequence[dict | str], grid: MapGrid, scan_mpp: float, *, backend: str = "auto",
                 tissue_mpp: float = 8.0, mpp_override: float | None = None,
                 tissue_mask_key: str | None = None) -> list[SlidePlan]:
@@ -91,14 +85,16 @@ def plan_slides(data: Sequence[dict | str], grid: MapGrid, scan_mpp: float, *, b
 
     The mask is the Otsu tissue mask at ``tissue_mpp``, or the user's mask image named by the item's
     ``tissue_mask_key`` entry when that key is set and present (any image over the whole slide, tissue > 0).
-    A slide that cannot be opened gets ``error`` set (logged with its name) instead of stopping the run.
+    A slide that cannot be opened gets ``error`` set (logged with its name) instead of stopping the run. Names are
+    checked first (:func:`pathbundles.outputs.output_names`): an item whose outputs would leave the output folder
+    or overwrite another item's stops the run before any slide is read.
     """
     from pathbundles.tissue import TissueMask, tissue_mask
     from pathbundles.wsi import open_slide
 
     plans = []
-    for item in data:
-        name, path = slide_name(item)
+    for name, item in zip(output_names(data), data):
+        path = slide_name(item)[1]
         plan = SlidePlan(name=name, path=path)
         try:
             with open_slide(path, backend=backend, mpp=mpp_override) as slide:
@@ -190,13 +186,15 @@ class StreamedSlideWriter:
     """Ignite handler base of the whole-slide writers: per-slide outputs written on a background thread.
 
     The lifecycle shared by :class:`SlideMapWriter` and
-    :class:`pathbundles.slide_segmentation.SlideLabelWriter`: a progress bar over the dataset's items, each slide
-    handed to one writer thread as soon as its last item is in (:meth:`_submit`), so the network goes on with the
-    next slide meanwhile; a slide that fails (read error or writing error) is logged, loses every file it had
-    started (:meth:`outputs`), and does not stop the others; at the end of the epoch the slides not finished yet
-    are finished (:meth:`_finish_remaining`), the run's own files are written (:meth:`_write_run_files`), and the
-    run raises naming every failed slide. A config runs :meth:`ensure_completed` after the engine, for the run in
-    which no slide gave an item (MONAI's ``Workflow.run`` then returns without firing any event).
+    :class:`pathbundles.slide_segmentation.SlideLabelWriter`: the output folder locked for the run, with what a
+    killed run left there removed (:func:`pathbundles.outputs.claim_folder`); a progress bar over the dataset's
+    items, each slide handed to one writer thread as soon as its last item is in (:meth:`_submit`), so the network
+    goes on with the next slide meanwhile; a slide that fails (read error or writing error) is logged, loses every
+    file it had started (:meth:`outputs`), and does not stop the others; at the end of the epoch the slides not
+    finished yet are finished (:meth:`_finish_remaining`), the run's own files are written
+    (:meth:`_write_run_files`), the folder is released, and the run raises naming every failed slide. A config runs
+    :meth:`ensure_completed` after the engine, for the run in which no slide gave an item (MONAI's ``Workflow.run``
+    then returns without firing any event).
 
     Subclasses implement ``iteration_completed``, :meth:`_finish_remaining`, :meth:`_write_run_files` and
     :meth:`outputs`, and call :meth:`_submit` with a slide's name, its error (None when it read well), its
@@ -218,6 +216,7 @@ class StreamedSlideWriter:
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
         self._completed = False
+        self._lock: Any = None
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
@@ -230,7 +229,13 @@ class StreamedSlideWriter:
     def started(self, engine: Any = None) -> None:
         from pathbundles.progress import progress
 
+        self._claim()
         self._bar = progress(total=len(self.dataset), desc=self.progress_desc, unit=self.progress_unit)
+
+    def _claim(self) -> None:
+        """Lock the output folder for this run and remove a killed run's work files from it."""
+        if self._lock is None or not self._lock.held:
+            self._lock = claim_folder(self.output_dir)
 
     def iteration_completed(self, engine: Any) -> None:
         raise NotImplementedError
@@ -262,19 +267,23 @@ class StreamedSlideWriter:
 
     def completed(self, engine: Any = None) -> None:
         """Finish the slides not finished yet, wait for the writer, write the run's files, raise if any slide
-        failed."""
+        failed. The output folder's lock is released (also when this raises)."""
         self._completed = True
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        self._finish_remaining()
-        for future in self._pending:
-            future.result()
-        self._pending.clear()
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-        self._write_run_files()
+        self._claim()  # a run whose engine never started (ensure_completed)
+        try:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+            self._finish_remaining()
+            for future in self._pending:
+                future.result()
+            self._pending.clear()
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
+            self._write_run_files()
+        finally:
+            self._lock.release()
         if self.failed:
             listing = "; ".join(f"{name}: {why}" for name, why in self.failed.items())
             raise RuntimeError(f"{len(self.failed)} slide(s) failed, the others were written: {listing}")
@@ -296,7 +305,8 @@ class StreamedSlideWriter:
         raise NotImplementedError
 
     def outputs(self, name: str) -> dict[str, Path]:
-        """The files written for slide ``name``."""
+        """The files written for slide ``name`` (:func:`pathbundles.outputs.output_file`: inside the output
+        folder)."""
         raise NotImplementedError
 
 
@@ -338,7 +348,8 @@ class SlideMapWriter(StreamedSlideWriter):
         if s not in self._canvas:
             from pathbundles.writers import DiskCanvas
 
-            self._canvas[s] = DiskCanvas(self.dataset.plans[s].map_shape, np.float32, fill=0.0)
+            self._canvas[s] = DiskCanvas(self.dataset.plans[s].map_shape, np.float32, fill=0.0,
+                                         dir=work_area(self.output_dir))
         return self._canvas[s]
 
     def iteration_completed(self, engine: Any) -> None:
@@ -381,10 +392,10 @@ class SlideMapWriter(StreamedSlideWriter):
 
     def outputs(self, name: str) -> dict[str, Path]:
         """The files written for slide ``name``."""
-        return {"map": self.output_dir / "maps" / f"{name}.tif",
-                "overlay": self.output_dir / "overlays" / f"{name}.png",
-                "detections": self.output_dir / "detections" / f"{name}.csv",
-                "geojson": self.output_dir / "detections" / f"{name}.geojson"}
+        return {"map": output_file(self.output_dir, "maps", name, ".tif"),
+                "overlay": output_file(self.output_dir, "overlays", name, ".png"),
+                "detections": output_file(self.output_dir, "detections", name, ".csv"),
+                "geojson": output_file(self.output_dir, "detections", name, ".geojson")}
 
     def _finish(self, s: int) -> None:
         """Hand a complete slide to the writer thread, so the network goes on with the next slide meanwhile."""

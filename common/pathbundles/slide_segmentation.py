@@ -32,6 +32,7 @@ import torch
 from pathbundles.atomic import atomic_path
 from pathbundles.errors import InputError
 from pathbundles.metrics.segmentation import SegmentationScores, confusion_matrix
+from pathbundles.outputs import output_file, work_area
 from pathbundles.slide_inference import StreamedSlideWriter
 from pathbundles.writers import write_label_overlay_png
 
@@ -224,7 +225,8 @@ class SlideLabelWriter(StreamedSlideWriter):
 
     Args:
         dataset: the :class:`~pathbundles.multimag.MultiMagnificationDataset` (mode "infer") being run.
-        output_dir: folder for all outputs (the stitching canvases live there too, as hidden temporary files).
+        output_dir: folder for all outputs (the stitching canvases live in its work area,
+            :func:`pathbundles.outputs.work_area`).
         classes: {id: name} of the network's classes, ids 1..C.
         pred_key: key of the prediction in each ``engine.state.output`` item.
         overlay_mpp: resolution of the overlay thumbnail (um/px).
@@ -275,8 +277,7 @@ class SlideLabelWriter(StreamedSlideWriter):
         if s not in self._canvas:
             from pathbundles.writers import DiskCanvas
 
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            self._canvas[s] = DiskCanvas(self.map_shape(s), np.uint8, fill=0, dir=self.output_dir)
+            self._canvas[s] = DiskCanvas(self.map_shape(s), np.uint8, fill=0, dir=work_area(self.output_dir))
         return self._canvas[s]
 
     def iteration_completed(self, engine: Any) -> None:
@@ -341,11 +342,11 @@ class SlideLabelWriter(StreamedSlideWriter):
 
     def outputs(self, name: str) -> dict[str, Path]:
         """The files written for slide ``name``."""
-        files = {"labels": self.output_dir / "labels" / f"{name}.tif",
-                 "overlay": self.output_dir / "overlays" / f"{name}.png",
-                 "areas": self.output_dir / "areas" / f"{name}.json"}
+        files = {"labels": output_file(self.output_dir, "labels", name, ".tif"),
+                 "overlay": output_file(self.output_dir, "overlays", name, ".png"),
+                 "areas": output_file(self.output_dir, "areas", name, ".json")}
         if self.polygon_ids:
-            files["regions"] = self.output_dir / "regions" / f"{name}.geojson"
+            files["regions"] = output_file(self.output_dir, "regions", name, ".geojson")
         return files
 
     def _finish(self, s: int) -> None:
@@ -712,7 +713,7 @@ class SegmentationMetricsReport:
 
     def __call__(self, engine: Any = None) -> dict:
         from pathbundles.metrics.handlers import write_report
-        from pathbundles.slide_inference import slide_name
+        from pathbundles.outputs import slide_name
 
         classes = self.writer.classes
         num_classes = len(classes)

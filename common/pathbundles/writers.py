@@ -38,6 +38,7 @@ from numpy.typing import ArrayLike, DTypeLike
 from PIL import Image
 
 from pathbundles.atomic import atomic_path
+from pathbundles.outputs import CANVAS_PREFIX, levels_dir_prefix
 from pathbundles.errors import InputError
 from pathbundles.progress import progress
 
@@ -114,7 +115,8 @@ def write_pyramid_tiff(path: str | os.PathLike, source: BandSource, *, mpp: floa
         description: extra JSON fields for the ImageDescription (e.g. ``{"scale": "probability * 255"}``);
             a plain string is stored as ``{"note": description}``.
         tmp_dir: folder for the raw temporaries of the reduced levels (default: the output folder, so that
-            they never land on a RAM-backed /tmp). Removed on success and on failure.
+            they never land on a RAM-backed /tmp). Removed on success and on failure; a killed run's are removed by
+            the next run of the folder (:func:`pathbundles.outputs.remove_stale_work_files`).
 
     Returns:
         The final path.
@@ -145,7 +147,7 @@ def write_pyramid_tiff(path: str | os.PathLike, source: BandSource, *, mpp: floa
     tmp_parent = Path(tmp_dir) if tmp_dir is not None else final.parent
     tmp_parent.mkdir(parents=True, exist_ok=True)
     with (atomic_path(final) as tmp,
-          tempfile.TemporaryDirectory(prefix=f".{final.stem}-levels-", dir=tmp_parent) as level_dir,
+          tempfile.TemporaryDirectory(prefix=levels_dir_prefix(final), dir=tmp_parent) as level_dir,
           progress(total=n_tiles, desc=final.name) as bar,
           tifffile.TiffWriter(tmp, bigtiff=raw_bytes > _BIGTIFF_BYTES, byteorder="<") as tif):
         level_source: BandSource = source
@@ -416,8 +418,9 @@ class DiskCanvas:
         shape: (H, W) or (H, W, C) in canvas pixels (e.g. probability-map pixels, not level-0 pixels).
         dtype: dtype of what reads return.
         fill: initial value everywhere.
-        dir: folder of the temporary file(s) (default: the system temp folder; prefer a disk-backed folder for
-            slide-sized canvases).
+        dir: folder of the temporary file(s) (default: the system temp folder). Writers use their output folder's
+            work area (:func:`pathbundles.outputs.work_area`): disk-backed, and where the next run of the folder
+            finds the files of a killed run.
         weighted: keep float sums and a float32 weight plane for :meth:`accumulate`.
 
     The files are removed by :meth:`close`, on leaving a ``with`` block, or when the canvas is garbage-collected.
@@ -446,7 +449,7 @@ class DiskCanvas:
 
     def _new_map(self, shape: tuple[int, ...], dtype: DTypeLike, fill: float,
                  dir: str | os.PathLike | None) -> np.memmap:
-        fd, name = tempfile.mkstemp(prefix=".pathbundles-canvas-", suffix=".raw", dir=dir)
+        fd, name = tempfile.mkstemp(prefix=CANVAS_PREFIX, suffix=".raw", dir=dir)
         self._paths.append(name)
         dtype = np.dtype(dtype)
         row = np.full(shape[1:], fill, dtype)

@@ -131,7 +131,7 @@ def slide_list(source: str | os.PathLike, kind: str) -> list[dict]:
         raise InputError(path, "no such file or folder: expected a folder of slides, a datalist .json, a slide or "
                                "a text manifest of slide paths")
     if path.suffix.lower() in (HPF_SUFFIXES if kind == "mitosis" else SLIDE_SUFFIXES):
-        return [{"image": str(path.resolve())}]
+        return [{"image": os.path.abspath(path)}]
     if path.suffix.lower() == ".json":
         items = datalist(path, kind=kind)
         missing = [item["image"] for item in items if not Path(item["image"]).is_file()]
@@ -143,7 +143,7 @@ def slide_list(source: str | os.PathLike, kind: str) -> list[dict]:
             entry = line.strip()
             if not entry or entry.startswith("#"):
                 continue
-            image = (path.parent / entry).resolve()
+            image = Path(os.path.abspath(path.parent / entry))  # resolve() raises on a symlink loop
             if not image.is_file():
                 raise InputError(path, f"{image}: no such file (expected one slide path a line)", line=number)
             items.append({"image": str(image)})
@@ -165,8 +165,10 @@ def summarize(records: Sequence[dict], bundle: Mapping[str, Any], output_dir: st
         datalist: the items that were run (to name each slide's input image).
         settings: the application's settings (configs, overrides, build record).
     """
+    from pathbundles.outputs import slide_name
+
     root = Path(output_dir).resolve()
-    images = {Path(item["image"]).stem: item["image"] for item in datalist}
+    images = dict(map(slide_name, datalist))
 
     def relative(path: str) -> str:
         resolved = Path(path).resolve()
