@@ -120,7 +120,8 @@ def test_camelyon_level5_tiff_needs_explicit_mpp(shared_data: Path, backend: str
     with wsi.open_slide(shared_data / CAMELYON, backend=backend) as slide:
         assert slide.level_dimensions == [(3072, 7168)]
         assert slide.file_mpp is None
-        with pytest.raises(SlideError, match=rf"{CAMELYON}.*no resolution"):
+        with pytest.raises(SlideError, match=rf"{CAMELYON}.*no resolution \(mpp\); set the slide's level-0 mpp: the "
+                                             r"bundle config key slide_mpp"):
             _ = slide.mpp
         with pytest.raises(SlideError, match=rf"{CAMELYON}.*no resolution"):
             slide.read_region((0, 0), (10, 10), mpp=8.0)
@@ -406,3 +407,154 @@ def test_auto_backend_prefers_cucim_then_openslide() -> None:
     found = wsi.available_backends()
     assert "tifffile" in found
     assert found == [name for name in ("cucim", "openslide", "tifffile") if name in found]
+
+
+# ---- hostile and implausible files ----------------------------------------------------------------------------
+
+
+def _patch_tag(source: Path, target: Path, tag: str, values: list[int]) -> None:
+    """Copy a one-page TIFF with the values of an integer tag of its first page overwritten in place."""
+    import struct
+
+    data = bytearray(source.read_bytes())
+    with tifffile.TiffFile(source) as tif:
+        entry = tif.pages.first.tags[tag]
+        fmt = {3: "H", 4: "I", 16: "Q"}[int(entry.dtype)]
+        for k, value in enumerate(values):
+            struct.pack_into("<" + fmt, data, entry.valueoffset + k * struct.calcsize(fmt), value)
+    target.write_bytes(bytes(data))
+
+
+def _sparse_tiff(path: Path, width: int, height: int, tile: int = 512, mpp: float = 0.243,
+                 description: str | None = None) -> Path:
+    """A tiled JPEG TIFF claiming (width, height) px whose first tile is stored and every other tile is empty
+    (byte count 0, background), as sparse scanners write them: a file of about 8 bytes per tile."""
+    n_tiles = -(-width // tile) * -(-height // tile)
+
+    def tiles():
+        yield np.full((tile, tile, 3), 200, np.uint8)
+        yield from (None for _ in range(n_tiles - 1))
+
+    tifffile.imwrite(path, tiles(), shape=(height, width, 3), dtype="uint8", tile=(tile, tile), compression="jpeg",
+                     photometric="rgb", resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER",
+                     description=description)
+    return path
+
+
+def test_header_claiming_a_million_pixels_square_is_refused(tmp_path: Path) -> None:
+    small = tmp_path / "small.tif"
+    tifffile.imwrite(small, np.full((512, 512, 3), 200, np.uint8), tile=(256, 256), compression="zlib",
+                     photometric="rgb", resolution=(4e4, 4e4), resolutionunit="CENTIMETER")
+    hostile = tmp_path / "hostile.tif"
+    _patch_tag(small, hostile, "ImageWidth", [10**6])
+    _patch_tag(hostile, hostile, "ImageLength", [10**6])
+    # tifffile reads the patched header without complaint; the four tiles listed cannot cover 10^6 x 10^6 px.
+    with pytest.raises(SlideError, match=r"hostile\.tif: level 0 claims 1000000 x 1000000 px, which takes 15264649 "
+                                         r"tiles of 256 x 256 px, but the file lists 4"):
+        wsi.open_slide(hostile, backend="tifffile")
+    if importlib.util.find_spec("openslide") is not None:
+        with pytest.raises(SlideError, match=r"hostile\.tif: "):
+            wsi.open_slide(hostile, backend="openslide")
+    # The base class bounds every backend: by the absolute limit, and by the file's size below that limit.
+    with pytest.raises(SlideError, match=r"hostile\.tif: claims 1000000 x 1000000 px at level 0 \(1e\+12 px\), more "
+                                         r"than the 1e\+11 px a slide may have"):
+        wsi.Slide._check_claims(_Claims(hostile, [(10**6, 10**6)]))
+    with pytest.raises(SlideError, match=rf"hostile\.tif: claims 100000 x 100000 px at level 0 \(1e\+10 px\) in a "
+                                         rf"file of {hostile.stat().st_size} bytes"):
+        wsi.Slide._check_claims(_Claims(hostile, [(10**5, 10**5)]))
+    with pytest.raises(SlideError, match=r"hostile\.tif: level 1 claims 1024 x 0 px, which is not a positive size"):
+        wsi.Slide._check_claims(_Claims(hostile, [(100, 100), (1024, 0)]))
+
+
+class _Claims:
+    """What `Slide._check_claims` reads from a slide, without a backend."""
+
+    def __init__(self, path: Path, level_dimensions: list[tuple[int, int]]) -> None:
+        self.path, self.level_dimensions, self._max_level0_px = path, level_dimensions, wsi.MAX_LEVEL0_PX
+
+    def _stored_bytes(self) -> int:
+        return self.path.stat().st_size
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_level0_pixel_limit_for_every_backend(tmp_path: Path, monkeypatch, backend: str) -> None:
+    path = _sparse_tiff(tmp_path / "sparse.tif", 16384, 16384)
+    with wsi.open_slide(path, backend=backend) as slide:
+        assert slide.dimensions == (16384, 16384)
+    claim = r"sparse\.tif: claims 16384 x 16384 px at level 0 \(2\.68e\+08 px\), more than the 1e\+08 px"
+    with pytest.raises(SlideError, match=claim):
+        wsi.open_slide(path, backend=backend, max_level0_px=10**8)
+    monkeypatch.setenv("PATHBUNDLES_MAX_LEVEL0_PX", "1e8")
+    with pytest.raises(SlideError, match=claim):
+        wsi.open_slide(path, backend=backend)
+    monkeypatch.delenv("PATHBUNDLES_MAX_LEVEL0_PX")
+    # 16384^2 px in ~33 kB is 8e3 px per byte: refused once the bound is below that.
+    monkeypatch.setattr(wsi, "MAX_PX_PER_FILE_BYTE", 1000)
+    with pytest.raises(SlideError, match=r"sparse\.tif: claims 16384 x 16384 px at level 0 .* px per byte"):
+        wsi.open_slide(path, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_camelyon16_sized_slide_is_accepted(tmp_path: Path, backend: str) -> None:
+    path = _sparse_tiff(tmp_path / "tumor_like.tif", 97792, 221184)  # Camelyon16 Tumor_001's level 0
+    with wsi.open_slide(path, backend=backend) as slide:
+        assert slide.dimensions == (97792, 221184)
+        assert slide.mpp == pytest.approx((0.243, 0.243))
+
+
+def test_tiles_smaller_than_their_codec_allows_are_refused(tmp_path: Path) -> None:
+    level0 = np.random.default_rng(3).integers(0, 255, (512, 512, 3), dtype=np.uint8)
+    good = tmp_path / "good.tif"
+    tifffile.imwrite(good, level0, tile=(256, 256), compression="zlib", photometric="rgb")
+    bad = tmp_path / "bad.tif"
+    _patch_tag(good, bad, "TileByteCounts", [40, 40, 40, 40])  # 256 x 256 x 3 bytes deflate to >= 191 bytes
+    with pytest.raises(SlideError, match=r"bad\.tif: level 0 tile 0 holds 40 bytes, fewer than the 191 that any "
+                                         r"256 x 256 px tile compressed as ADOBE_DEFLATE takes"):
+        wsi.open_slide(bad, backend="tifffile")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_truncated_svs_says_what_is_missing(shared_data: Path, tmp_path: Path, backend: str) -> None:
+    data = (shared_data / CMU).read_bytes()
+    cut = tmp_path / "cut.svs"
+    cut.write_bytes(data[:len(data) // 2])  # the SVS's first image directory lies at byte 1275950, after the tiles
+    with pytest.raises(SlideError, match=rf"cut\.svs: file is truncated: the TIFF header puts the first image "
+                                         rf"directory at byte 1275950, but the file has only {len(data) // 2} bytes"):
+        wsi.open_slide(cut, backend=backend)
+
+
+def _aperio(path: Path, mpp: float, app_mag: int) -> Path:
+    description = (f"Aperio Image Library v12.0.15\n1024x1024 [0,0 1024x1024] (256x256) JPEG/RGB Q=70|"
+                   f"AppMag = {app_mag}|MPP = {mpp}")
+    level0 = np.random.default_rng(5).integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
+    tifffile.imwrite(path, level0, tile=(256, 256), compression="jpeg", photometric="rgb", description=description,
+                     metadata=None)
+    return path
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_implausible_mpp_is_a_warning_naming_the_file(tmp_path: Path, caplog, backend: str) -> None:
+    wrong = _aperio(tmp_path / "wrong.svs", 0.1, 40)
+    right = _aperio(tmp_path / "right.svs", 0.2525, 40)
+    caplog.set_level("WARNING", logger="pathbundles.wsi")
+    wsi._warned_mpp.clear()
+    with wsi.open_slide(right, backend=backend) as slide:
+        assert slide.mpp == pytest.approx((0.2525, 0.2525))
+    assert not caplog.records
+    with wsi.open_slide(wrong, backend=backend) as slide:
+        assert slide.mpp == pytest.approx((0.1, 0.1))  # a warning, not a refusal: the user decides
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    message = caplog.records[0].getMessage()
+    assert message.startswith(f"{wrong}: the file states a level-0 resolution of 0.1 x 0.1 um/px")
+    assert "objective power 40x, which scans at about 0.25 um/px" in message and "slide_mpp" in message
+    caplog.clear()
+    with wsi.open_slide(wrong, backend=backend, mpp=0.25) as slide:  # the override is the user's word: no warning
+        assert slide.mpp == (0.25, 0.25)
+    assert not caplog.records
+
+    far = tmp_path / "far.tif"  # no objective power: only the absolute range applies
+    tifffile.imwrite(far, np.zeros((256, 256, 3), np.uint8), tile=(256, 256), photometric="rgb",
+                     resolution=(1e4 / 25.0, 1e4 / 25.0), resolutionunit="CENTIMETER")
+    with wsi.open_slide(far, backend=backend):
+        pass
+    assert "outside the 0.1-20.0 um/px a scanner produces" in caplog.records[0].getMessage()
