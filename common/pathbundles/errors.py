@@ -32,3 +32,8 @@ class SlideError(InputError):
 
 class AnnotationError(InputError):
     """An annotation file (ASAP XML, JSON, GeoJSON, CSV) is malformed."""
+
+
+class SettingError(PathBundlesError, ValueError):
+    """A setting (a bundle config key, a command-line option, an argument) has a value outside its range; the
+    message names the setting, the value and what is allowed."""

@@ -275,7 +275,8 @@ def tune_blob_thresholds(blobs: Sequence[np.ndarray], truths: Sequence[np.ndarra
             images = [(truth, filter_blobs(b, s, a)[:, :2], None) for truth, b in zip(truths, blobs)]
             counts = mitosis_f1(images, radius_px=radius_px)
             grid.append({"min_mean_score": float(s), "min_area_um2": float(a), **counts.as_dict()})
-    best = max(grid, key=lambda g: (g["f1"], g["min_mean_score"], g["min_area_um2"]))
+    # An undefined F1 (None: nothing to find and nothing found) ranks below every defined one.
+    best = max(grid, key=lambda g: (-1.0 if g["f1"] is None else g["f1"], g["min_mean_score"], g["min_area_um2"]))
     return {**best, "grid": grid}
 
 
@@ -568,7 +569,7 @@ class MitosisMetricsReport:
         curve = precision_recall_curve([(t, d[:, :2], d[:, 2]) for t, d in zip(truths, area_kept)],
                                        radius_px=self.radius_px)
         precision, recall = curve.precision, curve.recall
-        scalars = {"f1": counts.f1, "precision": counts.precision, "recall": counts.recall,
+        scalars = {"f1": counts.as_dict()["f1"], "precision": counts.precision, "recall": counts.recall,
                    "average_precision": average_precision(precision, recall)}
         per_image = {name: mitosis_f1([(t, filter_blobs(b, self.writer.min_mean_score,
                                                          self.writer.min_area_um2)[:, :2], None)],
@@ -633,7 +634,8 @@ class TunedMitosisF1(Metric):
     def compute(self) -> float:
         if not self._blobs:
             raise ValueError("TunedMitosisF1 needs at least one validation HPF")
-        return float(tune_blob_thresholds(self._blobs, self._truths, self.radius_px)["f1"])
+        f1 = tune_blob_thresholds(self._blobs, self._truths, self.radius_px)["f1"]
+        return math.nan if f1 is None else float(f1)
 
 
 class ThresholdTuner:
@@ -676,7 +678,7 @@ class ThresholdTuner:
             store_thresholds(self.config_file, best["min_mean_score"], best["min_area_um2"],
                              {"hpfs": len(names), "f1": best["f1"], "radius_px": self.radius_px})
         if engine is not None:
-            engine.state.metrics.update({"tuned_f1": best["f1"]})
+            engine.state.metrics.update({"tuned_f1": math.nan if best["f1"] is None else best["f1"]})
         return best
 
 
