@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 
 from pathbundles.annotations import read_points_csv, write_points_csv
 from pathbundles.atomic import atomic_path
+from pathbundles.checks import probability
 from pathbundles.errors import InputError
 from pathbundles.metrics.mitosis import match_points, mitosis_f1
 from pathbundles.postprocess import mitosis_blobs
@@ -458,7 +459,8 @@ class HPFDetectionWriter:
                  write_images: bool = True, prob_channel: int = 1, pred_key: str = "pred") -> None:
         self.dataset, self.output_dir = dataset, Path(output_dir)
         self.mpp, self.sigma_um, self.radius_px = mpp, sigma_um, radius_px
-        self.min_mean_score, self.min_area_um2 = min_mean_score, min_area_um2
+        # Checked here, not first at the end of the run: a score threshold above 1 keeps no blob at all.
+        self.min_mean_score, self.min_area_um2 = probability(min_mean_score, "min_mean_score"), min_area_um2
         self.write_images, self.prob_channel, self.pred_key = write_images, prob_channel, pred_key
         self.blobs: dict[str, np.ndarray] = {}
         self.detections: dict[str, np.ndarray] = {}
