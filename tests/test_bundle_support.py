@@ -161,3 +161,25 @@ def test_config_error_cause_unwraps_monai_expression_errors() -> None:
     assert config_error_cause(wrapped) is cause
     plain = RuntimeError("1 slide(s) failed, the others were written: s: truncated")
     assert config_error_cause(plain) is plain
+
+
+@pytest.mark.parametrize("raised, status, last_line", [
+    # A pathbundles error behind MONAI's wrapper: one line, status 2.
+    ("raise RuntimeError('Failed to evaluate ConfigExpression: ...') from InputError('/d/list.json', 'bad\\nrow')",
+     2, "pathbundles: error: /d/list.json: bad row"),
+    ("raise SettingError('detection_threshold must be a probability in [0, 1], got 2')",
+     2, "pathbundles: error: detection_threshold must be a probability in [0, 1], got 2"),
+    # Anything else keeps Python's traceback and status 1.
+    ("raise KeyError('other')", 1, "KeyError: 'other'"),
+])
+def test_exit_on_bad_input_gives_one_line_and_status_2(raised: str, status: int, last_line: str) -> None:
+    import subprocess
+
+    code = ("import pathbundles.bundle as b\nfrom pathbundles.errors import InputError, SettingError\n"
+            f"b.exit_on_bad_input()\nb.exit_on_bad_input()\n{raised}\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == status
+    assert run.stderr.strip().splitlines()[-1] == last_line
+    assert ("Traceback" in run.stderr) == (status == 1)
+    if status == 2:
+        assert run.stderr.strip() == last_line
