@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+from pathbundles.errors import OutputError
+
+# Errors that can only mean the write failed (no room, no writable file system), whatever the block was doing.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
 @contextlib.contextmanager
@@ -15,15 +21,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     The temporary name keeps the suffix (writers that pick a format from it still work) and starts with a dot, so
     an interrupted run leaves no file under the final name and nothing that looks like a result. On any
-    exception the temporary file is removed and the exception propagates.
+    exception the temporary file is removed and the exception propagates; a full disk, quota or read-only file
+    system (ENOSPC, EDQUOT, EFBIG, EROFS) becomes an :class:`~pathbundles.errors.OutputError` naming ``path``.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        if err.errno in _WRITE_ERRNOS:
+            raise OutputError(final, err) from err
+        raise
     tmp = final.with_name(f".{final.stem}.partial-{uuid.uuid4().hex[:8]}{final.suffix}")
     try:
         yield tmp
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(err, OSError) and not isinstance(err, OutputError) and err.errno in _WRITE_ERRNOS:
+            raise OutputError(final, err) from err
         raise
