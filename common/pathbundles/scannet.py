@@ -216,7 +216,8 @@ class HardNegativeMining:
         network = getattr(self.trainer.network, "module", self.trainer.network)  # unwrap DDP
         device = next(network.parameters()).device
         geometry = self.inferer.geometry
-        rois = SlideROIDataset([s.path for s in self.dataset.slides], geometry.grid(), self.dataset.mpp,
+        rois = SlideROIDataset([{"image": s.path, "mpp": s.mpp_override} for s in self.dataset.slides],
+                               geometry.grid(), self.dataset.mpp,
                                backend=self.dataset.handles.backend, transform=self.preprocessing)
         added = 0
         slides = {s.path: s for s in self.dataset.slides}

@@ -51,8 +51,8 @@ MPP_POWER_FACTOR = 2.2
 #: Files whose level data lives beside them (MIRAX, Hamamatsu VMS, a DICOM series): their own size bounds nothing.
 _MULTI_FILE_SUFFIXES = (".mrxs", ".vms", ".vmu", ".dcm")
 #: The datalist/config keys that give a slide's level-0 mpp when its file states none or a wrong one.
-MPP_HINT = ("set the slide's level-0 mpp: the bundle config key slide_mpp (--slide_mpp), the datalist item's 'mpp', "
-            "or --mpp on the pathbundles command line")
+MPP_HINT = ("set the slide's level-0 mpp: the bundle config key slide_mpp (--slide_mpp, also on pathbundles info and "
+            "tissue) or the datalist item's 'mpp'")
 
 logger = logging.getLogger(__name__)
 _warned_mpp: set[tuple[str, tuple[float, float]]] = set()
@@ -778,6 +778,25 @@ def open_slide(path: str | os.PathLike, backend: str = "auto",
     if name not in _BACKEND_CLASSES:
         raise SlideError(path, f"unknown backend {backend!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
     return _BACKEND_CLASSES[name](path, mpp=mpp, max_level0_px=max_level0_px)
+
+
+#: Datalist item key giving a slide's level-0 mpp (um/px, a number or [mpp_x, mpp_y]) over its file's.
+ITEM_MPP_KEY = "mpp"
+
+
+def item_mpp(item: Any, default: float | tuple[float, float] | None = None) -> float | tuple[float, float] | None:
+    """The level-0 mpp override to open a datalist item's slide with.
+
+    Args:
+        item: a datalist item (a dict with ``image`` and optionally ``mpp``) or a bare path.
+        default: the run's override (the bundles' ``slide_mpp`` key), in um/px; None keeps the file's value.
+
+    Returns:
+        the item's own ``mpp`` when it has one, else ``default``; lists become tuples. `open_slide` checks it.
+    """
+    value = item.get(ITEM_MPP_KEY) if isinstance(item, dict) else None
+    value = default if value is None else value
+    return tuple(value) if isinstance(value, list) else value
 
 
 def slide_info(path: str | os.PathLike, backend: str = "auto",
