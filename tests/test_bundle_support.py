@@ -223,6 +223,21 @@ def test_slide_mpp_and_item_mpp_reach_every_slide_dataset(tmp_path: Path) -> Non
         HPFDataset([{"image": slide}], mpp=0.25, mpp_override=0.5)
 
 
+def test_a_hostile_slide_is_refused_at_planning_and_the_others_are_planned(tmp_path: Path) -> None:
+    """A header claiming 10^6 x 10^6 px used to make the tissue mask run for days, so the good slides of the run
+    got nothing; now it fails at once by name and the run plans the others."""
+    from hostile_files import million_px_square
+    from pathbundles.scannet import ScanGeometry
+    from pathbundles.slide_inference import plan_slides
+
+    hostile = million_px_square(tmp_path)
+    good = _no_mpp_slide(tmp_path / "good.tif")
+    bad_plan, good_plan = plan_slides([{"image": str(hostile)}, {"image": str(good), "mpp": 0.5}],
+                                      ScanGeometry(lp=8).grid(), scan_mpp=1.0, backend="tifffile")
+    assert "claims 1000000 x 1000000 px" in bad_plan.error
+    assert good_plan.error is None and good_plan.level0_size == (1024, 1024)
+
+
 def test_every_bundle_dataset_takes_the_slide_mpp_key() -> None:
     """Each bundle's inference and train configs have ``slide_mpp`` (null: the files' own mpp) and hand it to every
     dataset that opens slides."""

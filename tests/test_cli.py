@@ -62,10 +62,11 @@ def test_registry_verb_reaches_the_registry(tmp_path: Path) -> None:
 
 
 def test_slide_mpp_option_and_hostile_slides(tmp_path: Path) -> None:
-    import struct
     import time
 
     import tifffile
+
+    from hostile_files import million_px_square
 
     plain = tmp_path / "plain.tif"  # a file that states no resolution
     tifffile.imwrite(plain, np.full((512, 512, 3), 200, np.uint8), tile=(256, 256), compression="zlib",
@@ -82,16 +83,9 @@ def test_slide_mpp_option_and_hostile_slides(tmp_path: Path) -> None:
     assert json.loads(run.stdout)["shape_hw"] == [32, 32]  # 512 px at 0.5 um/px seen at 8 um/px
 
     # A header claiming 10^6 x 10^6 px made the tissue mask run for days; now it fails at once, naming the claim.
-    data = bytearray(plain.read_bytes())
-    with tifffile.TiffFile(plain) as tif:
-        tags = tif.pages.first.tags
-        for name in ("ImageWidth", "ImageLength"):
-            struct.pack_into("<" + {3: "H", 4: "I"}[int(tags[name].dtype)], data, tags[name].valueoffset, 10**6)
-    hostile = tmp_path / "hostile.tif"
-    hostile.write_bytes(bytes(data))
+    hostile = million_px_square(tmp_path)
     start = time.monotonic()
-    run = pathbundles("tissue", str(hostile), "--out", str(tmp_path / "h.png"), "--slide_mpp", "0.25",
-                      "--backend", "tifffile")
+    run = pathbundles("tissue", str(hostile), "--out", str(tmp_path / "h.png"), "--backend", "tifffile")
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "hostile.tif: level 0 claims 1000000 x 1000000 px" in run.stderr
     assert time.monotonic() - start < 60 and not (tmp_path / "h.png").exists()

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from hostile_files import aperio_like, million_px_square, patch_tag, sparse_tiff
 from pathbundles import wsi
 from pathbundles.errors import SlideError
 
@@ -412,42 +413,8 @@ def test_auto_backend_prefers_cucim_then_openslide() -> None:
 # ---- hostile and implausible files ----------------------------------------------------------------------------
 
 
-def _patch_tag(source: Path, target: Path, tag: str, values: list[int]) -> None:
-    """Copy a one-page TIFF with the values of an integer tag of its first page overwritten in place."""
-    import struct
-
-    data = bytearray(source.read_bytes())
-    with tifffile.TiffFile(source) as tif:
-        entry = tif.pages.first.tags[tag]
-        fmt = {3: "H", 4: "I", 16: "Q"}[int(entry.dtype)]
-        for k, value in enumerate(values):
-            struct.pack_into("<" + fmt, data, entry.valueoffset + k * struct.calcsize(fmt), value)
-    target.write_bytes(bytes(data))
-
-
-def _sparse_tiff(path: Path, width: int, height: int, tile: int = 512, mpp: float = 0.243,
-                 description: str | None = None) -> Path:
-    """A tiled JPEG TIFF claiming (width, height) px whose first tile is stored and every other tile is empty
-    (byte count 0, background), as sparse scanners write them: a file of about 8 bytes per tile."""
-    n_tiles = -(-width // tile) * -(-height // tile)
-
-    def tiles():
-        yield np.full((tile, tile, 3), 200, np.uint8)
-        yield from (None for _ in range(n_tiles - 1))
-
-    tifffile.imwrite(path, tiles(), shape=(height, width, 3), dtype="uint8", tile=(tile, tile), compression="jpeg",
-                     photometric="rgb", resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER",
-                     description=description)
-    return path
-
-
 def test_header_claiming_a_million_pixels_square_is_refused(tmp_path: Path) -> None:
-    small = tmp_path / "small.tif"
-    tifffile.imwrite(small, np.full((512, 512, 3), 200, np.uint8), tile=(256, 256), compression="zlib",
-                     photometric="rgb", resolution=(4e4, 4e4), resolutionunit="CENTIMETER")
-    hostile = tmp_path / "hostile.tif"
-    _patch_tag(small, hostile, "ImageWidth", [10**6])
-    _patch_tag(hostile, hostile, "ImageLength", [10**6])
+    hostile = million_px_square(tmp_path)
     # tifffile reads the patched header without complaint; the four tiles listed cannot cover 10^6 x 10^6 px.
     with pytest.raises(SlideError, match=r"hostile\.tif: level 0 claims 1000000 x 1000000 px, which takes 15264649 "
                                          r"tiles of 256 x 256 px, but the file lists 4"):
@@ -478,7 +445,7 @@ class _Claims:
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_level0_pixel_limit_for_every_backend(tmp_path: Path, monkeypatch, backend: str) -> None:
-    path = _sparse_tiff(tmp_path / "sparse.tif", 16384, 16384)
+    path = sparse_tiff(tmp_path / "sparse.tif", 16384, 16384)
     with wsi.open_slide(path, backend=backend) as slide:
         assert slide.dimensions == (16384, 16384)
     claim = r"sparse\.tif: claims 16384 x 16384 px at level 0 \(2\.68e\+08 px\), more than the 1e\+08 px"
@@ -496,7 +463,7 @@ def test_level0_pixel_limit_for_every_backend(tmp_path: Path, monkeypatch, backe
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_camelyon16_sized_slide_is_accepted(tmp_path: Path, backend: str) -> None:
-    path = _sparse_tiff(tmp_path / "tumor_like.tif", 97792, 221184)  # Camelyon16 Tumor_001's level 0
+    path = sparse_tiff(tmp_path / "tumor_like.tif", 97792, 221184)  # Camelyon16 Tumor_001's level 0
     with wsi.open_slide(path, backend=backend) as slide:
         assert slide.dimensions == (97792, 221184)
         assert slide.mpp == pytest.approx((0.243, 0.243))
@@ -507,7 +474,7 @@ def test_tiles_smaller_than_their_codec_allows_are_refused(tmp_path: Path) -> No
     good = tmp_path / "good.tif"
     tifffile.imwrite(good, level0, tile=(256, 256), compression="zlib", photometric="rgb")
     bad = tmp_path / "bad.tif"
-    _patch_tag(good, bad, "TileByteCounts", [40, 40, 40, 40])  # 256 x 256 x 3 bytes deflate to >= 191 bytes
+    patch_tag(good, bad, "TileByteCounts", [40, 40, 40, 40])  # 256 x 256 x 3 bytes deflate to >= 191 bytes
     with pytest.raises(SlideError, match=r"bad\.tif: level 0 tile 0 holds 40 bytes, fewer than the 191 that any "
                                          r"256 x 256 px tile compressed as ADOBE_DEFLATE takes"):
         wsi.open_slide(bad, backend="tifffile")
@@ -523,19 +490,10 @@ def test_truncated_svs_says_what_is_missing(shared_data: Path, tmp_path: Path, b
         wsi.open_slide(cut, backend=backend)
 
 
-def _aperio(path: Path, mpp: float, app_mag: int) -> Path:
-    description = (f"Aperio Image Library v12.0.15\n1024x1024 [0,0 1024x1024] (256x256) JPEG/RGB Q=70|"
-                   f"AppMag = {app_mag}|MPP = {mpp}")
-    level0 = np.random.default_rng(5).integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
-    tifffile.imwrite(path, level0, tile=(256, 256), compression="jpeg", photometric="rgb", description=description,
-                     metadata=None)
-    return path
-
-
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_implausible_mpp_is_a_warning_naming_the_file(tmp_path: Path, caplog, backend: str) -> None:
-    wrong = _aperio(tmp_path / "wrong.svs", 0.1, 40)
-    right = _aperio(tmp_path / "right.svs", 0.2525, 40)
+    wrong = aperio_like(tmp_path / "wrong.svs", 0.1, 40)
+    right = aperio_like(tmp_path / "right.svs", 0.2525, 40)
     caplog.set_level("WARNING", logger="pathbundles.wsi")
     wsi._warned_mpp.clear()
     with wsi.open_slide(right, backend=backend) as slide:
