@@ -172,6 +172,51 @@ def test_read_asap_xml_orders_vertices_and_marks_exclusion(tmp_path: Path) -> No
     assert (dot.kind, dot.group, dot.label, dot.xy.tolist()) == ("point", "Mitosis", "Mitosis", [[7, 8]])
 
 
+def _asap_square(orders: list[int]) -> str:
+    """One ASAP polygon: the 38 x 38 px square (10, 10)-(48, 48) listed with the given Order values."""
+    corners = [(10, 10), (48, 10), (48, 48), (10, 48)]
+    rows = "".join(f'\t\t\t\t<Coordinate Order="{o}" X="{x}" Y="{y}" />\n' for o, (x, y) in zip(orders, corners))
+    return ('<?xml version="1.0"?>\n<ASAP_Annotations>\n\t<Annotations>\n'
+            '\t\t<Annotation Name="square" Type="Polygon" PartOfGroup="_0">\n\t\t\t<Coordinates>\n'
+            f'{rows}\t\t\t</Coordinates>\n\t\t</Annotation>\n\t</Annotations>\n</ASAP_Annotations>\n')
+
+
+def test_asap_vertices_follow_order_and_duplicate_orders_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "square.xml"
+    path.write_text(_asap_square([2, 3, 0, 1]))  # listed out of order: the Order values still trace the square
+    (square_annotation,) = read_annotations(path)
+    assert square_annotation.xy.tolist() == [[48, 48], [10, 48], [10, 10], [48, 10]]
+    assert int(rasterize([square_annotation], (64, 64)).sum()) == 38 * 38
+    # Order 1 twice: sorting put (48, 48) before (48, 10) and drew a bow tie of half the area (722 px).
+    path.write_text(_asap_square([0, 1, 1, 2]))
+    expect_error(path, "'square'", "line 4", "Order 1 is given to vertex 2 and vertex 3; each vertex needs its own "
+                 "Order")
+
+
+def test_self_crossing_polygons_are_refused_in_every_format(tmp_path: Path) -> None:
+    bow_tie = [[10, 10], [48, 48], [48, 10], [10, 48]]
+    path = tmp_path / "bow.xml"
+    path.write_text(_asap_square([0, 2, 1, 3]))  # the square's corners in bow-tie order
+    expect_error(path, "'square'", "line 4", "the polygon crosses itself: edge (10, 10)-(48, 48) meets edge "
+                 "(48, 10)-(10, 48)")
+    ncrf = tmp_path / "bow.json"
+    ncrf.write_text(json.dumps({"positive": [{"name": "b", "vertices": bow_tie}]}))
+    expect_error(ncrf, "positive[0] (name 'b')", "crosses itself")
+    geojson = tmp_path / "hole.geojson"
+    geojson.write_text(json.dumps({"type": "Feature", "properties": {"name": "h"}, "geometry": {
+        "type": "Polygon", "coordinates": [square(0, 0, 100, 100), [[20, 20], [60, 60], [60, 20], [20, 60]]]}}))
+    expect_error(geojson, "feature 0 (name 'h')", "hole 0 crosses itself")
+    # A ring that folds back over one of its edges crosses itself too; one that touches itself at a vertex (as
+    # Camelyon16 Tumor_001 does) does not, and fills as drawn.
+    ncrf.write_text(json.dumps({"positive": [{"name": "fold", "vertices": [[0, 0], [40, 0], [40, 10], [30, 0],
+                                                                             [20, 0], [20, -10]]}]}))
+    expect_error(ncrf, "'fold'", "crosses itself")
+    pinch = [[10, 10], [30, 10], [30, 30], [50, 30], [50, 50], [30, 50], [30, 30], [10, 30]]
+    ncrf.write_text(json.dumps({"positive": [{"name": "eight", "vertices": pinch}]}))
+    (eight,) = read_annotations(ncrf)
+    assert int(rasterize([eight], (64, 64)).sum()) == 2 * 20 * 20
+
+
 def test_asap_xml_round_trip_keeps_groups(tmp_path: Path) -> None:
     annotations = [
         poly([[0.1, 0.2], [1e5 + 0.25, 3.0], [7.0, 1 / 3]], group="_0", label="Tumor", name="Annotation 0"),

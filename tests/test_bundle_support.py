@@ -207,3 +207,100 @@ def test_config_error_cause_unwraps_monai_expression_errors() -> None:
     assert config_error_cause(wrapped) is cause
     plain = RuntimeError("1 slide(s) failed, the others were written: s: truncated")
     assert config_error_cause(plain) is plain
+
+
+@pytest.mark.parametrize("raised, status, last_line", [
+    # A pathbundles error behind MONAI's wrapper: one line, status 2.
+    ("raise RuntimeError('Failed to evaluate ConfigExpression: ...') from InputError('/d/list.json', 'bad\\nrow')",
+     2, "pathbundles: error: /d/list.json: bad row"),
+    ("raise SettingError('detection_threshold must be a probability in [0, 1], got 2')",
+     2, "pathbundles: error: detection_threshold must be a probability in [0, 1], got 2"),
+    # Anything else keeps Python's traceback and status 1.
+    ("raise KeyError('other')", 1, "KeyError: 'other'"),
+])
+def test_exit_on_bad_input_gives_one_line_and_status_2(raised: str, status: int, last_line: str) -> None:
+    import subprocess
+
+    code = ("import pathbundles.bundle as b\nfrom pathbundles.errors import InputError, SettingError\n"
+            f"b.exit_on_bad_input()\nb.exit_on_bad_input()\n{raised}\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == status
+    assert run.stderr.strip().splitlines()[-1] == last_line
+    assert ("Traceback" in run.stderr) == (status == 1)
+    if status == 2:
+        assert run.stderr.strip() == last_line
+
+
+def _no_mpp_slide(path: Path) -> Path:
+    """A 1024 px tiled TIFF whose file states no resolution, like a Camelyon16 level saved alone."""
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    tifffile.imwrite(path, rng.integers(0, 255, (1024, 1024, 3), dtype=np.uint8), tile=(256, 256),
+                     photometric="rgb", compression="zlib")
+    return path
+
+
+def test_slide_mpp_and_item_mpp_reach_every_slide_dataset(tmp_path: Path) -> None:
+    """The bundles' slide_mpp key (mpp_override) and a datalist item's own mpp (which wins) open slides whose files
+    state no mpp, in the inference planner, the training samplers and the multi-magnification and HPF datasets."""
+    from pathbundles.hpf import HPFDataset
+    from pathbundles.multimag import MultiMagnificationDataset
+    from pathbundles.sampling import locate
+    from pathbundles.scannet import ScanGeometry
+    from pathbundles.slide_inference import plan_slides
+
+    slide = str(_no_mpp_slide(tmp_path / "no_mpp.tif"))
+    grid = ScanGeometry(lp=8).grid()
+    (bare,) = plan_slides([{"image": slide}], grid, scan_mpp=1.0, backend="tifffile")
+    assert "states no resolution" in bare.error and "slide_mpp" in bare.error
+    run_wide, own = plan_slides([{"image": slide}, {"image": slide, "mpp": 0.5}], grid, scan_mpp=1.0,
+                                backend="tifffile", mpp_override=0.25)
+    assert (run_wide.error, run_wide.level0_mpp, own.error, own.level0_mpp) == (None, 0.25, None, 0.5)
+    assert [s.level0_mpp for s in locate([{"image": slide}, {"image": slide, "mpp": [0.5, 0.5]}],
+                                         backend="tifffile", mpp_override=0.25)] == [0.25, 0.5]
+    multimag = MultiMagnificationDataset([{"image": slide, "mpp": 0.5}], mode="infer", use_tissue=False,
+                                         read_path="levels", backend="tifffile", mpp_override=0.25)
+    assert multimag.slides[0].level0_mpp == 0.5 and multimag.slides[0].error == ""
+    assert multimag[0]["x20"].shape == (3, 256, 256)
+    box = HPFDataset([{"image": slide, "box": [0, 0, 400, 200]}], mpp=0.5, backend="tifffile", mpp_override=0.25)
+    assert box.read_image(0).shape == (100, 200, 3)  # 400 x 200 level-0 px at 0.25 um/px, read at 0.5 um/px
+    with pytest.raises(InputError, match=r"the HPF is at 0\.5 um/px, the model at 0\.25 um/px"):
+        HPFDataset([{"image": slide}], mpp=0.25, mpp_override=0.5)
+
+
+def test_a_hostile_slide_is_refused_at_planning_and_the_others_are_planned(tmp_path: Path) -> None:
+    """A header claiming 10^6 x 10^6 px used to make the tissue mask run for days, so the good slides of the run
+    got nothing; now it fails at once by name and the run plans the others."""
+    from hostile_files import million_px_square
+    from pathbundles.scannet import ScanGeometry
+    from pathbundles.slide_inference import plan_slides
+
+    hostile = million_px_square(tmp_path)
+    good = _no_mpp_slide(tmp_path / "good.tif")
+    bad_plan, good_plan = plan_slides([{"image": str(hostile)}, {"image": str(good), "mpp": 0.5}],
+                                      ScanGeometry(lp=8).grid(), scan_mpp=1.0, backend="tifffile")
+    assert "claims 1000000 x 1000000 px" in bad_plan.error
+    assert good_plan.error is None and good_plan.level0_size == (1024, 1024)
+
+
+def test_every_bundle_dataset_takes_the_slide_mpp_key() -> None:
+    """Each bundle's inference and train configs have ``slide_mpp`` (null: the files' own mpp) and hand it to every
+    dataset that opens slides."""
+    repo = Path(__file__).resolve().parents[1]
+
+    def datasets(node: object) -> list[dict]:
+        if isinstance(node, dict):
+            own = [node] if str(node.get("_target_", "")).endswith("Dataset") and \
+                str(node["_target_"]).startswith("pathbundles.") else []
+            return own + [d for v in node.values() for d in datasets(v)]
+        if isinstance(node, list):
+            return [d for v in node for d in datasets(v)]
+        return []
+
+    for bundle in ("scannet", "spatial_lstm", "segmitos", "dmmn"):
+        for name in ("inference.json", "train.json"):
+            config = json.loads((repo / "bundles" / bundle / "configs" / name).read_text())
+            assert config["slide_mpp"] is None, (bundle, name)
+            found = datasets(config)
+            assert found and all(d.get("mpp_override") == "@slide_mpp" for d in found), (bundle, name)

@@ -59,3 +59,33 @@ def test_registry_verb_reaches_the_registry(tmp_path: Path) -> None:
     run = pathbundles("registry", "--tracking_uri", uri, "review", "--name", "pathbundles-nope", "--candidate", "1")
     assert run.returncode == 2
     assert "pathbundles-nope" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_slide_mpp_option_and_hostile_slides(tmp_path: Path) -> None:
+    import time
+
+    import tifffile
+
+    from hostile_files import million_px_square
+
+    plain = tmp_path / "plain.tif"  # a file that states no resolution
+    tifffile.imwrite(plain, np.full((512, 512, 3), 200, np.uint8), tile=(256, 256), compression="zlib",
+                     photometric="rgb")
+    run = pathbundles("info", str(plain))
+    assert run.returncode == 0 and json.loads(run.stdout)["mpp"] is None
+    run = pathbundles("info", str(plain), "--slide_mpp", "0.5")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["mpp"] == [0.5, 0.5]
+    run = pathbundles("tissue", str(plain), "--out", str(tmp_path / "m.png"))
+    assert run.returncode == 2 and "states no resolution (mpp)" in run.stderr and "slide_mpp" in run.stderr
+    run = pathbundles("tissue", str(plain), "--out", str(tmp_path / "m.png"), "--slide_mpp", "0.5")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["shape_hw"] == [32, 32]  # 512 px at 0.5 um/px seen at 8 um/px
+
+    # A header claiming 10^6 x 10^6 px made the tissue mask run for days; now it fails at once, naming the claim.
+    hostile = million_px_square(tmp_path)
+    start = time.monotonic()
+    run = pathbundles("tissue", str(hostile), "--out", str(tmp_path / "h.png"), "--backend", "tifffile")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "hostile.tif: level 0 claims 1000000 x 1000000 px" in run.stderr
+    assert time.monotonic() - start < 60 and not (tmp_path / "h.png").exists()

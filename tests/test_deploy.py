@@ -326,6 +326,23 @@ def test_built_application_writes_what_the_bundle_writes(name: str, tiny_inputs:
             assert int(rows[slide["slide"]]["n_detections"]) == slide["n_detections"]
 
 
+def _evaluation_run(uri: str, bundle: Path, **metrics: float) -> str:
+    """A finished ``evaluate`` run of the bundle's weights with ``metrics``, as a tracked evaluate.json leaves it."""
+    import mlflow
+
+    from pathbundles import tracking
+
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    experiment = client.create_experiment(f"pathbundles-{bundle.name}",
+                                          artifact_location=tracking.default_artifact_location(uri))
+    run_id = client.create_run(experiment, tags={tracking.TAG_WORKFLOW: "evaluate", tracking.TAG_WEIGHTS_SHA:
+                                                 tracking.sha256_file(bundle / "models" / "model.pt")}).info.run_id
+    for name, value in metrics.items():
+        client.log_metric(run_id, name, value)
+    client.set_terminated(run_id)
+    return run_id
+
+
 @pytest.mark.slow
 @needs_sdk
 def test_application_built_from_the_registry_runs_in_map_mode(tiny_inputs: dict, tmp_path: Path) -> None:
@@ -336,6 +353,7 @@ def test_application_built_from_the_registry_runs_in_map_mode(tiny_inputs: dict,
     bundle = tmp_path / "bundles" / "scannet"
     shutil.copytree(BUNDLES / "scannet", bundle, ignore=shutil.ignore_patterns(*BUNDLE_EXCLUDED))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _evaluation_run(uri, bundle, froc=0.9)  # promotion needs one; its metrics pass the bundle's default gate
     registered = registry.register(bundle, tracking_uri=uri)
     registry.promote(registered["name"], registered["version"], who="tester", why="deploy test", tracking_uri=uri)
 

@@ -186,8 +186,9 @@ def test_train_writes_best_and_final_checkpoints_and_class_weights(small_dataset
     log = result.stdout + result.stderr
     assert "val_mean_iou" in log and "Train completed, saved final checkpoint" in log
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model.pt", "model_final.pt"]
-    state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu")
-    assert state["final.2.weight"].shape[0] == 6
+    checkpoint = torch.load(tmp_path / "models" / "model.pt", map_location="cpu")
+    assert checkpoint["model"]["final.2.weight"].shape[0] == 6
+    assert checkpoint["training"]["bundle"] == "dmmn" and len(checkpoint["training"]["class_names"]) == 6
     weights = json.loads((tmp_path / "out" / "class_weights.json").read_text())
     pixels = np.array([weights["label_pixels"][str(c)] for c in range(1, 7)], float)
     expected = 1 - pixels / pixels.sum()

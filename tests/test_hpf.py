@@ -337,3 +337,14 @@ def test_circle_overlay_with_no_detections(tmp_path: Path) -> None:
     out = np.asarray(Image.open(tmp_path / "o.png"))
     assert out.shape == (40, 50, 3) and (out == FN_COLOUR).all(axis=-1).sum() > 10  # the miss is drawn
     assert not (out == FP_COLOUR).all(axis=-1).any()
+
+
+def test_writer_and_miner_thresholds_are_probabilities(tmp_path: Path) -> None:
+    """Checked when the run is built, not after it: a blob score threshold above 1 keeps no mitosis at all."""
+    from pathbundles.errors import SettingError
+    from pathbundles.scannet import HardNegativeMining
+
+    with pytest.raises(SettingError, match=r"min_mean_score must be a probability in \[0, 1\], got 1.5"):
+        HPFDetectionWriter(None, tmp_path, min_mean_score=1.5)
+    with pytest.raises(SettingError, match=r"threshold must be a probability in \[0, 1\], got 2"):
+        HardNegativeMining(None, None, threshold=2)

@@ -25,7 +25,7 @@ def _write_csv(path: Path, rows: list) -> None:
 
 @pytest.fixture()
 def froc_dirs(tmp_path: Path) -> tuple[Path, Path]:
-    """tumour_a: mask with tumour = 1 (PNG), tumour_b: mask with 255 (TIFF) and no CSV, normal_c: CSV only."""
+    """tumour_a: mask with tumour = 1 (PNG), tumour_b: mask with 255 (TIFF) and an empty CSV, normal_c: CSV only."""
     import tifffile
 
     masks, detections = tmp_path / "masks", tmp_path / "detections"
@@ -37,6 +37,7 @@ def froc_dirs(tmp_path: Path) -> tuple[Path, Path]:
     tifffile.imwrite(masks / "tumour_b.tif", mask * 255)
     # tumour_a: lesion hit at 0.9 and again at 0.5, FP at 0.7 (x = 70 * 32 lies outside the lesion)
     _write_csv(detections / "tumour_a.csv", [[0.9, 20 * 32, 20 * 32], [0.5, 30 * 32, 30 * 32], [0.7, 70 * 32, 10]])
+    _write_csv(detections / "tumour_b.csv", [])  # the detector found nothing there
     _write_csv(detections / "normal_c.csv", [[0.6, 100, 100]])
     return masks, detections
 
@@ -74,9 +75,33 @@ def test_froc_malformed_csv_names_file_and_line(froc_dirs: tuple[Path, Path], tm
     assert not (tmp_path / "r.json").exists()
 
 
+def test_froc_names_that_differ_in_case_are_an_error(froc_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    masks, detections = froc_dirs
+    # Tumor_001.png and tumor_001.csv: the CSV would score as a normal slide and the lesion as missed.
+    (masks / "tumour_a.png").rename(masks / "Tumour_A.png")
+    with pytest.raises(InputError, match=rf"Tumour_A\.png: no file 'Tumour_A' with the same stem in {detections} "
+                                         r"\(tumour_a\.csv differs only in case: names must match exactly\)"):
+        froc_command(masks, detections, tmp_path / "r.json")
+    (masks / "Tumour_A.png").rename(masks / "tumour_a.png")
+    (detections / "tumour_b.csv").unlink()  # a mask without detections is an error, not a slide without any
+    with pytest.raises(InputError, match=rf"tumour_b\.tif: no file 'tumour_b' with the same stem in {detections} "
+                                         r"\(files there without a partner: normal_c\.csv\)$"):
+        froc_command(masks, detections, tmp_path / "r.json")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_froc_probability_outside_unit_range(froc_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    masks, detections = froc_dirs
+    (detections / "normal_c.csv").write_text("0.5,1,2\n100,200,0.5\n")  # an 'x,y,score' row
+    with pytest.raises(InputError, match=r"normal_c\.csv, line 2: probability 100 in '100,200,0.5' is outside "
+                                         r"\[0, 1\]"):
+        froc_command(masks, detections, tmp_path / "r.json")
+
+
 def test_froc_mask_that_is_not_an_image(froc_dirs: tuple[Path, Path], tmp_path: Path) -> None:
     masks, detections = froc_dirs
     (masks / "broken.png").write_bytes(b"not a png at all")
+    _write_csv(detections / "broken.csv", [])
     with pytest.raises(InputError, match=r"broken\.png: not a readable image"):
         froc_command(masks, detections, tmp_path / "r.json")
 
@@ -102,7 +127,8 @@ def test_mitosis_f1_mismatched_stems_and_bad_rows(tmp_path: Path) -> None:
     detections.mkdir()
     _write_csv(truth / "img1.csv", [[1, 1]])
     _write_csv(detections / "img9.csv", [[1, 1, 0.5]])
-    with pytest.raises(InputError, match=r"img9\.csv: no ground truth"):
+    with pytest.raises(InputError, match=rf"img9\.csv: no ground truth 'img9' with the same stem in {truth} \(files "
+                                         r"there without a partner: img1\.csv\)"):
         mitosis_f1_command(truth, detections, tmp_path / "f1.json")
     (detections / "img9.csv").unlink()
     (detections / "img1.csv").write_text("1,1,0.5\n2,two,0.5\n")
@@ -111,6 +137,41 @@ def test_mitosis_f1_mismatched_stems_and_bad_rows(tmp_path: Path) -> None:
     (detections / "img1.csv").write_text("1,1\n")
     with pytest.raises(InputError, match="x,y,score"):
         mitosis_f1_command(truth, detections, tmp_path / "f1.json")
+
+
+def test_mitosis_f1_refuses_camelyon_order_and_scores_above_one(tmp_path: Path) -> None:
+    truth, detections = tmp_path / "truth", tmp_path / "det"
+    truth.mkdir()
+    detections.mkdir()
+    _write_csv(truth / "img1.csv", [[10, 500]])
+    _write_csv(detections / "img1.csv", [[0.9, 10, 500]])  # probability,x,y: read as x=0.9, y=10, score=500
+    with pytest.raises(InputError, match=r"img1\.csv: detection 1 \(x=0\.9, y=10, score=500\): the score is not a "
+                                         r"probability in \[0, 1\]; rows must be 'x,y,score'; these look like "
+                                         r"Camelyon16 'probability,x,y' rows"):
+        mitosis_f1_command(truth, detections, tmp_path / "f1.json")
+    _write_csv(detections / "img1.csv", [[10, 500, 1.5]])
+    with pytest.raises(InputError, match=r"score=1\.5\): the score is not a probability in \[0, 1\]; rows must be "
+                                         r"'x,y,score'$"):
+        mitosis_f1_command(truth, detections, tmp_path / "f1.json")
+    _write_csv(detections / "img1.csv", [[10, 500, 0.5]])
+    with pytest.raises(ValueError, match=r"score_threshold must be a probability in \[0, 1\], got 2"):
+        mitosis_f1_command(truth, detections, tmp_path / "f1.json", score_threshold=2)
+    assert not (tmp_path / "f1.json").exists()
+
+
+def test_mitosis_f1_with_nothing_to_find_and_nothing_found_is_undefined(tmp_path: Path) -> None:
+    from pathbundles.metrics.mitosis import UndefinedMetricWarning
+
+    truth, detections = tmp_path / "truth", tmp_path / "det"
+    truth.mkdir()
+    detections.mkdir()
+    _write_csv(truth / "img1.csv", [])
+    _write_csv(detections / "img1.csv", [])
+    with pytest.warns(UndefinedMetricWarning, match="no ground-truth mitosis and no detection"):
+        result = mitosis_f1_command(truth, detections, tmp_path / "f1.json")
+    assert result == {"precision": 1.0, "recall": 1.0, "f1": None, "tp": 0, "fp": 0, "fn": 0,
+                      "f1_undefined": "undefined: no ground-truth mitosis and no detection (F1 = 0 / 0)"}
+    assert json.loads((tmp_path / "f1.json").read_text()) == result
 
 
 def _iou_dirs(tmp_path: Path) -> tuple[Path, Path]:
@@ -176,6 +237,17 @@ def test_command_line(froc_dirs: tuple[Path, Path], tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     assert json.loads((tmp_path / "f1.json").read_text()) == {"precision": 0.5, "recall": 1.0,
                                                               "f1": pytest.approx(2 / 3), "tp": 1, "fp": 1, "fn": 0}
+    # An undefined F1 is said in the JSON and warned about by name; a threshold off [0, 1] is one line, exit 2.
+    (mitosis_truth / "hpf.csv").write_text("")
+    (mitosis_det / "hpf.csv").write_text("")
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["f1"] is None and "f1_undefined" in json.loads(run.stdout)
+    assert "UndefinedMetricWarning" in run.stderr
+    run = subprocess.run(command[:-4] + ["--score_threshold", "2", *command[-2:]], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip() == "pathbundles: error: score_threshold must be a probability in [0, 1], got 2"
 
 
 def test_bundle_config_can_run_a_command(froc_dirs: tuple[Path, Path], tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 
 import numpy as np
 import pytest
@@ -11,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pathbundles.metrics.classification import roc_auc, roc_curve, slide_auc
-from pathbundles.metrics.mitosis import (DetectionCounts, best_threshold, match_points, mitosis_counts, mitosis_f1,
-                                         precision_recall_curve)
+from pathbundles.metrics.mitosis import (DetectionCounts, UndefinedMetricWarning, best_threshold, match_points,
+                                         mitosis_counts, mitosis_f1, precision_recall_curve)
 from pathbundles.metrics.segmentation import confusion_matrix, segmentation_scores
 
 # ------------------------------------------------------------------------------------------------------ slide AUC
@@ -102,7 +103,17 @@ def test_image_without_mitoses_and_empty_detections() -> None:
     assert no_detections == DetectionCounts(0, 0, 1)
     assert no_detections.precision == 1 and no_detections.recall == 0 and no_detections.f1 == 0
     nothing = mitosis_counts(np.zeros((0, 2)), np.zeros((0, 2)), radius_px=30)
-    assert nothing.f1 == 1.0
+    assert math.isnan(nothing.f1)  # 0 / 0: nothing to find and nothing found is no perfect score
+    assert nothing.as_dict()["f1"] is None and "undefined" in nothing.as_dict()["f1_undefined"]
+    with pytest.warns(UndefinedMetricWarning, match=r"F1 = 0 / 0"):
+        assert math.isnan(mitosis_f1([(np.zeros((0, 2)), np.zeros((0, 2)), None)], radius_px=30).f1)
+
+
+def test_mitosis_scores_and_threshold_must_be_probabilities() -> None:
+    with pytest.raises(ValueError, match=r"detection score 500\.0 \(detection 0\) is not a probability"):
+        mitosis_counts(np.array([[10.0, 500.0]]), np.array([[0.9, 10.0]]), np.array([500.0]), radius_px=30)
+    with pytest.raises(ValueError, match=r"score_threshold must be a probability in \[0, 1\], got 1\.5"):
+        mitosis_counts(np.zeros((0, 2)), np.zeros((0, 2)), radius_px=30, score_threshold=1.5)
 
 
 def test_pooled_counts_and_score_threshold() -> None:
@@ -123,6 +134,9 @@ def test_mitosis_properties(truth: list, detections: list, radius: float) -> Non
     det = np.asarray(detections, dtype=float).reshape(-1, 3)
     counts = mitosis_counts(truth_xy, det[:, :2], det[:, 2], radius_px=radius)
     swapped = mitosis_counts(det[:, :2], truth_xy, radius_px=radius)
+    if not len(truth_xy) and not len(det):
+        assert math.isnan(counts.f1) and math.isnan(swapped.f1)
+        return
     # Swapping truth and detections swaps FP and FN, precision and recall, and keeps TP and F1.
     assert (swapped.tp, swapped.fp, swapped.fn) == (counts.tp, counts.fn, counts.fp)
     assert swapped.f1 == pytest.approx(counts.f1)

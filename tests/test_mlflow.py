@@ -282,3 +282,50 @@ def test_scannet_cycle_on_sqlite(trained_scannet: dict, sqlite_tracking_uri: str
                env={"PATHBUNDLES_TRACKING_URI": uri})  # the store named by the environment this time
     eval_run_id = _check_evaluate_run(mlflow.MlflowClient(uri, registry_uri=uri), bundle, dataset)
     _registry_cycle(uri, bundle, tmp_path, None, eval_run_id, None)
+
+
+def test_promotion_needs_an_evaluation_and_an_absolute_gate(tmp_path: Path) -> None:
+    """A version without an evaluation cannot be reviewed or promoted; relative gates alone promote nothing; without
+    --gate the bundle's metadata.json gates (the paper's metric) apply, or a policy file's."""
+    import shutil
+
+    import mlflow
+
+    from mlflow_fixtures import BUNDLE_CONTENT, SCANNET
+
+    bundle = tmp_path / "scannet"
+    bundle.mkdir()
+    for part in BUNDLE_CONTENT:
+        (shutil.copytree if (SCANNET / part).is_dir() else shutil.copy)(SCANNET / part, bundle / part)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = registry.register(bundle, tracking_uri=uri)
+    assert first["eval_run_id"] is None
+    with pytest.raises(registry.RegistryError, match=r"'pathbundles-scannet' v1 has no evaluation run: run the "
+                                                      r"bundle's evaluate\.json"):
+        registry.review(MODEL, 1, tracking_uri=uri)
+    with pytest.raises(registry.RegistryError, match=r"need at least one absolute threshold"):
+        registry.promote(MODEL, 1, gate="froc>=champion-0.01", tracking_uri=uri)  # passed with no metrics before
+    with pytest.raises(registry.RegistryError, match=r"v1 has no evaluation run"):
+        registry.promote(MODEL, 1, tracking_uri=uri)  # promoted unconditionally before
+
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    experiment = client.get_experiment_by_name("pathbundles-scannet").experiment_id
+    evaluation = client.create_run(experiment, tags={tracking.TAG_WORKFLOW: "evaluate", tracking.TAG_WEIGHTS_SHA:
+                                                     sha256_file(bundle / "models" / "model.pt")}).info.run_id
+    client.log_metric(evaluation, "froc", 0.9)
+    client.log_metric(evaluation, "slide_auc", 1.0)
+    client.set_terminated(evaluation)
+    second = registry.register(bundle, tracking_uri=uri)
+    assert second["eval_run_id"] == evaluation
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({MODEL: ["froc>=0.95"]}))
+    with pytest.raises(registry.PromotionRefused, match=r"froc>=0\.95: froc = 0\.9000, needs >= 0\.9500"):
+        registry.promote(MODEL, 2, policy=policy, tracking_uri=uri)
+    promoted = registry.promote(MODEL, 2, tracking_uri=uri)  # metadata.json: froc>=0.8533
+    assert [(g["gate"], g["passed"]) for g in promoted["gates"]] == [("froc>=0.8533", True)]
+    assert registry.review(MODEL, 2, tracking_uri=uri)["rows"]
+
+    done = subprocess.run([PYTHON, "-m", "pathbundles", "registry", "--tracking_uri", uri, "review", "--name", MODEL,
+                           "--candidate", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "v1 has no evaluation run" in done.stderr and "Traceback" not in done.stderr
+    assert "| metric |" not in done.stdout

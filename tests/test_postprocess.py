@@ -93,6 +93,43 @@ def test_nms_rejects_a_negative_threshold() -> None:
         non_maximum_suppression(np.zeros((3, 3)), 1.0, 1.0, radius_um=1.0, threshold=-0.1)
 
 
+@pytest.mark.parametrize("value", [2, 1.0001, -0.5, float("nan")])
+def test_thresholds_on_probabilities_are_probabilities(value: float) -> None:
+    """A threshold of 2 on a probability map finds nothing and would report 0 detections as a result."""
+    from pathbundles.errors import SettingError
+
+    prob = np.zeros((8, 8), np.float32)
+    with pytest.raises(SettingError, match=r"^threshold must be a probability in \[0, 1\]"):
+        detections_from_components(prob, MAP_MPP, LEVEL0_MPP, threshold=value)
+    with pytest.raises(SettingError, match=r"^threshold must be a probability in \[0, 1\]"):
+        non_maximum_suppression(prob, MAP_MPP, LEVEL0_MPP, radius_um=10.0, threshold=value)
+    with pytest.raises(SettingError, match=r"^min_mean_score must be a probability in \[0, 1\]"):
+        mitosis_blobs(prob, 0.25, 0.25, min_mean_score=value)
+
+
+@pytest.mark.parametrize("bundle", ["scannet", "spatial_lstm"])
+def test_bundle_detector_names_the_detection_threshold_key(bundle: str) -> None:
+    """The bundles build their detector with the key's own name in the error, before any slide is scanned."""
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    from pathbundles.bundle_runner import config_error_cause
+    from pathbundles.errors import SettingError
+
+    configs = Path(__file__).resolve().parents[1] / "bundles" / bundle / "configs"
+    parser = ConfigParser()
+    parser.read_config(configs / "inference.json")
+    parser["detection_threshold"] = 2
+    with pytest.raises(RuntimeError) as info:  # MONAI wraps what the expression raised
+        parser.get_parsed_content("writer#detect")
+    cause = config_error_cause(info.value)
+    assert isinstance(cause, SettingError)
+    assert str(cause) == "detection_threshold must be a probability in [0, 1], got 2"
+    parser["detection_threshold"] = 1.0  # the range's end is allowed: nothing exceeds it
+    assert parser.get_parsed_content("writer#detect", lazy=False).keywords["threshold"] == 1.0
+
+
 def _disk_map(shape: tuple[int, int], centres: list[tuple[int, int, float, float]]) -> np.ndarray:
     rows, cols = np.mgrid[: shape[0], : shape[1]]
     prob = np.zeros(shape, dtype=np.float32)

@@ -112,6 +112,34 @@ def test_inference_on_a_lone_slide_that_gives_no_roi(small_dataset: Path, tmp_pa
         assert (out / "maps" / "empty.tif").exists() and (out / "overlays" / "empty.png").exists()
 
 
+@pytest.mark.parametrize("case", ["scan_mpp", "foreign_weights", "truncated_weights", "missing_datalist",
+                                  "detection_threshold"])
+def test_bad_input_ends_the_run_in_one_line_with_status_2(small_dataset: Path, tmp_path: Path, case: str) -> None:
+    """A bad file or setting ends ``python -m monai.bundle run`` as the CLI does: no MONAI traceback, exit 2, one
+    line naming the file and the problem; the checkpoint is checked before any slide is read."""
+    weights = BUNDLE / "models" / "model.pt"
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(weights.read_bytes()[:100_000])
+    args, expected = {
+        # Weights trained at 1.0 um/px read at 8 um/px gave a meaningless score with status 0.
+        "scan_mpp": (["--scan_mpp", "8.0"], f"{weights}: weights trained with scan_mpp = 1.0 (by {CONFIGS}/"
+                                            "metadata.json), but this run has scan_mpp = 8.0"),
+        "foreign_weights": (["--ckpt_path", str(REPO / "bundles" / "dmmn" / "models" / "model.pt")],
+                            f"{REPO}/bundles/dmmn/models/model.pt: does not fit this bundle's ScanNet"),
+        "truncated_weights": (["--ckpt_path", str(cut)], f"{cut}: not a readable PyTorch checkpoint (100000 bytes"),
+        "missing_datalist": (["--data_source", str(tmp_path / "absent.json")], f"{tmp_path / 'absent.json'}: "),
+        "detection_threshold": (["--detection_threshold", "2", "--data_source", str(small_dataset / "dataset.json")],
+                                "detection_threshold must be a probability in [0, 1], got 2"),
+    }[case]
+    result = run_bundle("run", "--config_file", str(CONFIGS / "inference.json"), "--output_dir",
+                        str(tmp_path / "out"), "--num_workers", "0", *args)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"pathbundles: error: {expected}"), last
+    assert not (tmp_path / "out").exists()  # nothing was scanned
+
+
 def test_evaluate_writes_froc_and_auc(small_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
     result = run_bundle("run", "--config_file",
@@ -142,8 +170,9 @@ def test_train_with_hard_negative_mining(small_dataset: Path, tmp_path: Path) ->
     # threshold 0 makes every normal-tissue location a false positive: 5 per slide, 2 slides.
     assert "hard negative mining: 10 false positives added" in log
     assert "Epoch[2] Complete" in log  # the fine-tuning epoch after mining ran
-    state = torch.load(tmp_path / "model.pt", map_location="cpu")
-    assert state["classifier.6.weight"].shape == (2, 128, 1, 1)
+    checkpoint = torch.load(tmp_path / "model.pt", map_location="cpu")
+    assert checkpoint["model"]["classifier.6.weight"].shape == (2, 128, 1, 1)
+    assert checkpoint["training"] == {"bundle": "scannet", "scan_mpp": 1.0, "width": 0.125, "batch_norm": True}
 
 
 def test_multi_gpu_overlay_runs_with_gloo_on_two_processes(small_dataset: Path, tmp_path: Path) -> None:

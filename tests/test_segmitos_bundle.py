@@ -95,8 +95,10 @@ def test_training_chain_32s_16s_8s(small_hpfs: Path, tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr[-3000:]
         assert "val_f1" in result.stdout + result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "model_16s.pt", "model_32s.pt"]
-    s32 = torch.load(tmp_path / "model_32s.pt", map_location="cpu")
-    s8 = torch.load(tmp_path / "model.pt", map_location="cpu")
+    s32 = torch.load(tmp_path / "model_32s.pt", map_location="cpu")["model"]
+    checkpoint = torch.load(tmp_path / "model.pt", map_location="cpu")
+    s8 = checkpoint["model"]
+    assert checkpoint["training"]["variant"] == "8s" and checkpoint["training"]["mpp"] == 0.25
     assert "score_pool3.weight" in s8 and "score_pool4.weight" in s8 and "score_pool4.weight" not in s32
     assert s8["fc.0.weight"].shape == s32["fc.0.weight"].shape  # the same trunk carried down the chain
 

@@ -169,7 +169,9 @@ def test_train_and_ablations_write_their_own_checkpoint(small_dataset: Path, tmp
     # The best validation AUC is saved under ckpt_name (model selection), the last epoch beside it.
     final_name = ckpt_name.replace(".pt", "_final.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ckpt_name, final_name])
-    state = torch.load(tmp_path / ckpt_name, map_location="cpu")
+    checkpoint = torch.load(tmp_path / ckpt_name, map_location="cpu")
+    state = checkpoint["model"]
+    assert checkpoint["training"]["use_lstm"] == has_lstm and checkpoint["training"]["bundle"] == "spatial_lstm"
     assert ("lstm.weight_ih_l0" in state) == has_lstm
     assert state["classifier.weight"].shape == (1, 16 if has_lstm else 32)  # hidden size, or int(512 / 16) features
 

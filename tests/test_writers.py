@@ -432,3 +432,32 @@ def test_bad_detections_leave_no_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         write_detections_geojson(tmp_path / "x.geojson", [[np.nan, 1.0, 2.0]])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_names_the_file_being_written(tmp_path: Path, monkeypatch) -> None:
+    """ENOSPC says nothing of the file (or names the hidden temporary one): the error names the final path."""
+    import errno
+
+    from pathbundles.annotations import Annotation, write_geojson
+    from pathbundles.atomic import atomic_path
+    from pathbundles.errors import OutputError
+
+    final = tmp_path / "out" / "result.json"
+    with pytest.raises(OutputError) as info:
+        with atomic_path(final) as tmp:
+            tmp.write_text("partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert str(info.value) == f"{final}: cannot write the file: No space left on device"
+    assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC
+    assert list((tmp_path / "out").iterdir()) == []  # neither the result nor the partial file
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", full)
+    square = Annotation("a", "_0", "polygon", "Tumor", np.array([[0, 0], [10, 0], [10, 10]], float))
+    with pytest.raises(OutputError, match=rf"^{tmp_path / 'a.geojson'}: cannot write the file: No space left"):
+        write_geojson(tmp_path / "a.geojson", [square])
+    with pytest.raises(FileNotFoundError):  # other errors of the block pass through unchanged
+        with atomic_path(tmp_path / "b.txt"):
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", "input.csv")

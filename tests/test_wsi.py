@@ -15,6 +15,7 @@ import pytest
 import tifffile
 
 from geometry_helpers import box_reference
+from hostile_files import aperio_like, million_px_square, patch_tag, sparse_tiff
 from pathbundles import wsi
 from pathbundles.errors import SlideError
 
@@ -121,7 +122,8 @@ def test_camelyon_level5_tiff_needs_explicit_mpp(shared_data: Path, backend: str
     with wsi.open_slide(shared_data / CAMELYON, backend=backend) as slide:
         assert slide.level_dimensions == [(3072, 7168)]
         assert slide.file_mpp is None
-        with pytest.raises(SlideError, match=rf"{CAMELYON}.*no resolution"):
+        with pytest.raises(SlideError, match=rf"{CAMELYON}.*no resolution \(mpp\); set the slide's level-0 mpp: the "
+                                             r"bundle config key slide_mpp"):
             _ = slide.mpp
         with pytest.raises(SlideError, match=rf"{CAMELYON}.*no resolution"):
             slide.read_region((0, 0), (10, 10), mpp=8.0)
@@ -432,3 +434,111 @@ def test_auto_backend_prefers_cucim_then_openslide() -> None:
     found = wsi.available_backends()
     assert "tifffile" in found
     assert found == [name for name in ("cucim", "openslide", "tifffile") if name in found]
+
+
+# ---- hostile and implausible files ----------------------------------------------------------------------------
+
+
+def test_header_claiming_a_million_pixels_square_is_refused(tmp_path: Path) -> None:
+    hostile = million_px_square(tmp_path)
+    # tifffile reads the patched header without complaint; the four tiles listed cannot cover 10^6 x 10^6 px.
+    with pytest.raises(SlideError, match=r"hostile\.tif: level 0 claims 1000000 x 1000000 px, which takes 15264649 "
+                                         r"tiles of 256 x 256 px, but the file lists 4"):
+        wsi.open_slide(hostile, backend="tifffile")
+    if importlib.util.find_spec("openslide") is not None:
+        with pytest.raises(SlideError, match=r"hostile\.tif: "):
+            wsi.open_slide(hostile, backend="openslide")
+    # The base class bounds every backend: by the absolute limit, and by the file's size below that limit.
+    with pytest.raises(SlideError, match=r"hostile\.tif: claims 1000000 x 1000000 px at level 0 \(1e\+12 px\), more "
+                                         r"than the 1e\+11 px a slide may have"):
+        wsi.Slide._check_claims(_Claims(hostile, [(10**6, 10**6)]))
+    with pytest.raises(SlideError, match=rf"hostile\.tif: claims 100000 x 100000 px at level 0 \(1e\+10 px\) in a "
+                                         rf"file of {hostile.stat().st_size} bytes"):
+        wsi.Slide._check_claims(_Claims(hostile, [(10**5, 10**5)]))
+    with pytest.raises(SlideError, match=r"hostile\.tif: level 1 claims 1024 x 0 px, which is not a positive size"):
+        wsi.Slide._check_claims(_Claims(hostile, [(100, 100), (1024, 0)]))
+
+
+class _Claims:
+    """What `Slide._check_claims` reads from a slide, without a backend."""
+
+    def __init__(self, path: Path, level_dimensions: list[tuple[int, int]]) -> None:
+        self.path, self.level_dimensions, self._max_level0_px = path, level_dimensions, wsi.MAX_LEVEL0_PX
+
+    def _stored_bytes(self) -> int:
+        return self.path.stat().st_size
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_level0_pixel_limit_for_every_backend(tmp_path: Path, monkeypatch, backend: str) -> None:
+    path = sparse_tiff(tmp_path / "sparse.tif", 16384, 16384)
+    with wsi.open_slide(path, backend=backend) as slide:
+        assert slide.dimensions == (16384, 16384)
+    claim = r"sparse\.tif: claims 16384 x 16384 px at level 0 \(2\.68e\+08 px\), more than the 1e\+08 px"
+    with pytest.raises(SlideError, match=claim):
+        wsi.open_slide(path, backend=backend, max_level0_px=10**8)
+    monkeypatch.setenv("PATHBUNDLES_MAX_LEVEL0_PX", "1e8")
+    with pytest.raises(SlideError, match=claim):
+        wsi.open_slide(path, backend=backend)
+    monkeypatch.delenv("PATHBUNDLES_MAX_LEVEL0_PX")
+    # 16384^2 px in ~33 kB is 8e3 px per byte: refused once the bound is below that.
+    monkeypatch.setattr(wsi, "MAX_PX_PER_FILE_BYTE", 1000)
+    with pytest.raises(SlideError, match=r"sparse\.tif: claims 16384 x 16384 px at level 0 .* px per byte"):
+        wsi.open_slide(path, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_camelyon16_sized_slide_is_accepted(tmp_path: Path, backend: str) -> None:
+    path = sparse_tiff(tmp_path / "tumor_like.tif", 97792, 221184)  # Camelyon16 Tumor_001's level 0
+    with wsi.open_slide(path, backend=backend) as slide:
+        assert slide.dimensions == (97792, 221184)
+        assert slide.mpp == pytest.approx((0.243, 0.243))
+
+
+def test_tiles_smaller_than_their_codec_allows_are_refused(tmp_path: Path) -> None:
+    level0 = np.random.default_rng(3).integers(0, 255, (512, 512, 3), dtype=np.uint8)
+    good = tmp_path / "good.tif"
+    tifffile.imwrite(good, level0, tile=(256, 256), compression="zlib", photometric="rgb")
+    bad = tmp_path / "bad.tif"
+    patch_tag(good, bad, "TileByteCounts", [40, 40, 40, 40])  # 256 x 256 x 3 bytes deflate to >= 191 bytes
+    with pytest.raises(SlideError, match=r"bad\.tif: level 0 tile 0 holds 40 bytes, fewer than the 191 that any "
+                                         r"256 x 256 px tile compressed as ADOBE_DEFLATE takes"):
+        wsi.open_slide(bad, backend="tifffile")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_truncated_svs_says_what_is_missing(shared_data: Path, tmp_path: Path, backend: str) -> None:
+    data = (shared_data / CMU).read_bytes()
+    cut = tmp_path / "cut.svs"
+    cut.write_bytes(data[:len(data) // 2])  # the SVS's first image directory lies at byte 1275950, after the tiles
+    with pytest.raises(SlideError, match=rf"cut\.svs: file is truncated: the TIFF header puts the first image "
+                                         rf"directory at byte 1275950, but the file has only {len(data) // 2} bytes"):
+        wsi.open_slide(cut, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_implausible_mpp_is_a_warning_naming_the_file(tmp_path: Path, caplog, backend: str) -> None:
+    wrong = aperio_like(tmp_path / "wrong.svs", 0.1, 40)
+    right = aperio_like(tmp_path / "right.svs", 0.2525, 40)
+    caplog.set_level("WARNING", logger="pathbundles.wsi")
+    wsi._warned_mpp.clear()
+    with wsi.open_slide(right, backend=backend) as slide:
+        assert slide.mpp == pytest.approx((0.2525, 0.2525))
+    assert not caplog.records
+    with wsi.open_slide(wrong, backend=backend) as slide:
+        assert slide.mpp == pytest.approx((0.1, 0.1))  # a warning, not a refusal: the user decides
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    message = caplog.records[0].getMessage()
+    assert message.startswith(f"{wrong}: the file states a level-0 resolution of 0.1 x 0.1 um/px")
+    assert "objective power 40x, which scans at about 0.25 um/px" in message and "slide_mpp" in message
+    caplog.clear()
+    with wsi.open_slide(wrong, backend=backend, mpp=0.25) as slide:  # the override is the user's word: no warning
+        assert slide.mpp == (0.25, 0.25)
+    assert not caplog.records
+
+    far = tmp_path / "far.tif"  # no objective power: only the absolute range applies
+    tifffile.imwrite(far, np.zeros((256, 256, 3), np.uint8), tile=(256, 256), photometric="rgb",
+                     resolution=(1e4 / 25.0, 1e4 / 25.0), resolutionunit="CENTIMETER")
+    with wsi.open_slide(far, backend=backend):
+        pass
+    assert "outside the 0.1-20.0 um/px a scanner produces" in caplog.records[0].getMessage()

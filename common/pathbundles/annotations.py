@@ -105,11 +105,85 @@ def _ring(coords: Any, kind: str, what: str) -> np.ndarray:
 
 
 def _make(path: str | os.PathLike, where: str, line: int | None, **fields: Any) -> Annotation:
-    """Build an Annotation, turning a validation error into an AnnotationError naming the file and annotation."""
+    """Build an Annotation read from a file, turning a validation error into an AnnotationError naming the file and
+    annotation; a polygon ring that crosses itself is refused (no repair: shapely is not a dependency, and guessing
+    which lobe the annotator meant would change the area silently)."""
     try:
-        return Annotation(**fields)
+        annotation = Annotation(**fields)
     except ValueError as err:
         raise AnnotationError(path, f"{where}: {err}", line) from None
+    if annotation.kind == "polygon":
+        for k, ring in enumerate((annotation.xy, *annotation.holes)):
+            crossing = ring_crossing(ring)
+            if crossing is not None:
+                (a, b), (c, d) = crossing
+                which = "the polygon" if k == 0 else f"hole {k - 1}"
+                raise AnnotationError(path, f"{where}: {which} crosses itself: edge ({_fmt(a[0])}, {_fmt(a[1])})-"
+                                            f"({_fmt(b[0])}, {_fmt(b[1])}) meets edge ({_fmt(c[0])}, {_fmt(c[1])})-"
+                                            f"({_fmt(d[0])}, {_fmt(d[1])}); redraw it as a simple polygon (or "
+                                            "several)", line)
+    return annotation
+
+
+def ring_crossing(ring: np.ndarray, max_pairs: int = 1 << 20) -> tuple[tuple, tuple] | None:
+    """Two non-adjacent edges of a closed ring that cross (one passes through the other, or they share a stretch),
+    or None. Touching at a point is allowed: real Camelyon16 rings visit a vertex twice (Tumor_001 '_1' does), and
+    the even-odd fill of :func:`rasterize` gives such a ring its drawn area.
+
+    Edges are swept in order of their smallest x; only pairs whose bounding boxes overlap are tested, in blocks of
+    at most ``max_pairs`` pairs, so a ring of thousands of vertices costs milliseconds. Repeated consecutive vertices
+    are ignored.
+
+    Args:
+        ring: (N, 2) level-0 (x, y) vertices, not closed.
+
+    Returns:
+        ``((a, b), (c, d))``, the end points (x, y) of the two edges, or None.
+    """
+    ring = np.asarray(ring, dtype=np.float64)
+    ring = ring[np.any(ring != np.roll(ring, 1, axis=0), axis=1)]
+    n = len(ring)
+    if n < 4:
+        return None
+    start, end = ring, np.roll(ring, -1, axis=0)
+    lo, hi = np.minimum(start, end), np.maximum(start, end)
+    order = np.argsort(lo[:, 0], kind="stable")
+    # Sorted position p overlaps in x the later positions p + 1 .. stop[p] - 1.
+    stop = np.searchsorted(lo[order, 0], hi[order, 0], side="right")
+    counts = np.maximum(stop - np.arange(n) - 1, 0)
+    first = 0
+    while first < n:
+        last = first + max(1, int(np.searchsorted(np.cumsum(counts[first:]), max_pairs, side="right")))
+        block = counts[first:last]
+        p = np.repeat(np.arange(first, last), block)
+        q = p + 1 + np.arange(len(p)) - np.repeat(np.cumsum(block) - block, block)
+        i, j = order[p], order[q]
+        gap = np.abs(i - j)
+        near = (lo[i, 1] <= hi[j, 1]) & (lo[j, 1] <= hi[i, 1]) & (gap != 1) & (gap != n - 1)
+        i, j = i[near], j[near]
+        hit = _segments_meet(start[i], end[i], start[j], end[j])
+        if hit.any():
+            k = int(np.flatnonzero(hit)[0])
+            return ((tuple(start[i[k]]), tuple(end[i[k]])), (tuple(start[j[k]]), tuple(end[j[k]])))
+        first = last
+    return None
+
+
+def _segments_meet(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Whether segments a-b and c-d (arrays of (x, y), one row per pair) cross: their interiors meet at one point
+    on both sides, or they share a stretch of positive length. Touching at a point is not crossing."""
+    def orient(p: np.ndarray, q: np.ndarray, r: np.ndarray) -> np.ndarray:
+        return np.sign((q[:, 0] - p[:, 0]) * (r[:, 1] - p[:, 1]) - (q[:, 1] - p[:, 1]) * (r[:, 0] - p[:, 0]))
+
+    o1, o2, o3, o4 = orient(a, b, c), orient(a, b, d), orient(c, d, a), orient(c, d, b)
+    proper = (o1 * o2 < 0) & (o3 * o4 < 0)
+    # Collinear: compare the two spans along the axis on which a-b is longer.
+    axis = (np.abs(b[:, 1] - a[:, 1]) > np.abs(b[:, 0] - a[:, 0])).astype(np.int64)
+    rows = np.arange(len(a))
+    ab_lo, ab_hi = np.minimum(a, b)[rows, axis], np.maximum(a, b)[rows, axis]
+    cd_lo, cd_hi = np.minimum(c, d)[rows, axis], np.maximum(c, d)[rows, axis]
+    shared = (o1 == 0) & (o2 == 0) & (np.maximum(ab_lo, cd_lo) < np.minimum(ab_hi, cd_hi))
+    return proper | shared
 
 
 def _number(path: str | os.PathLike, text: Any, what: str, line: int | None) -> float:
@@ -207,7 +281,15 @@ def _read_asap(path: str | os.PathLike, data: bytes) -> list[Annotation]:
         if tag == "Annotation" and current:
             if not current["coordinates"]:
                 raise AnnotationError(path, f"{current['where']}: no <Coordinates> element", current["line"])
-            # ASAP numbers vertices by Order; files edited by hand do not always list them in that order.
+            # ASAP numbers vertices by Order; files edited by hand do not always list them in that order. Two
+            # vertices with one Order have no defined place: sorting would pick one and change the shape silently.
+            seen: dict[float, int] = {}
+            for k, (order, _, _) in enumerate(current["coords"]):
+                if order in seen:
+                    raise AnnotationError(path, f"{current['where']}: Order {_fmt(order)} is given to vertex "
+                                                f"{seen[order] + 1} and vertex {k + 1}; each vertex needs its own "
+                                                "Order", current["line"])
+                seen[order] = k
             coords = sorted(current["coords"], key=lambda c: c[0])
             group = current["group"]
             annotations.append(_make(path, current["where"], current["line"], name=current["name"], group=group,

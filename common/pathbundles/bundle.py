@@ -1,4 +1,5 @@
-"""Helpers that bundle configs call: where the running bundle is, and the cached phantom demo data."""
+"""Helpers that bundle configs call: where the running bundle is, the cached phantom demo data, and how a bad input
+ends a bundle run."""
 
 from __future__ import annotations
 
@@ -144,3 +145,44 @@ def report_outputs(writer: object) -> dict:
                          for name, (score, n) in writer.scores.items()}}
     print(json.dumps(report, indent=2))
     return report
+
+
+def exit_on_bad_input() -> None:
+    """End the process as the ``pathbundles`` command line does when a pathbundles error is not caught: one line
+    ``pathbundles: error: <file>: <problem>`` on stderr and exit status 2, instead of MONAI's traceback and status 1.
+
+    The bundles' configs call it first in their ``initialize`` list, so ``python -m monai.bundle run`` reports a
+    missing or truncated datalist or checkpoint, another bundle's weights or a setting out of range in one line.
+    It installs a ``sys.excepthook`` that finds the :class:`~pathbundles.errors.PathBundlesError` behind MONAI's
+    wrappers (``Failed to evaluate ConfigExpression``, raised ``from`` it); any other error keeps the previous hook
+    (Python's traceback). Raising ``SystemExit`` from the hook is what sets the status: Python exits with it.
+    """
+    previous = sys.excepthook
+    if getattr(previous, "pathbundles_brief", False):
+        return  # installed already (a second workflow in the same process)
+
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: object) -> None:
+        cause = pathbundles_error_behind(exc)
+        if cause is None:
+            previous(exc_type, exc, tb)
+            return
+        message = " ".join(str(cause).split())  # one line, whatever the message holds
+        print(f"pathbundles: error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+    hook.pathbundles_brief = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+
+
+def pathbundles_error_behind(exc: BaseException | None) -> BaseException | None:
+    """The first :class:`~pathbundles.errors.PathBundlesError` among ``exc`` and the errors it was raised from (its
+    ``__cause__``, else ``__context__``), or None."""
+    from pathbundles.errors import PathBundlesError
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, PathBundlesError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes (weights, configs, datalists)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -63,7 +64,7 @@ def bundle_info(bundle: str | os.PathLike, config_files: Sequence[str] = ("infer
     weights = Path((overrides or {}).get("ckpt_path") or root / "models" / "model.pt")
     return {"bundle": root.name, "bundle_root": str(root), "name": meta.get("name", root.name),
             "version": meta.get("version"), "weights": str(weights),
-            "weights_sha256": _sha256(weights) if weights.is_file() else None, "config_sha256": digest.hexdigest()}
+            "weights_sha256": sha256_file(weights) if weights.is_file() else None, "config_sha256": digest.hexdigest()}
 
 
 def config_error_cause(err: BaseException) -> BaseException:

@@ -11,19 +11,21 @@ def _print_json(result: Any) -> None:
     print(json.dumps(result, indent=2, default=str))
 
 
-def info(slide: str, backend: str = "auto") -> None:
-    """Print a slide's backend, vendor, levels (sizes, downsamples, um/px) and level-0 mpp as JSON."""
+def info(slide: str, backend: str = "auto", slide_mpp: float | None = None) -> None:
+    """Print a slide's backend, vendor, levels (sizes, downsamples, um/px) and level-0 mpp as JSON; ``slide_mpp``
+    (level-0 um/px) overrides a missing or wrong value in the file, as the bundles' key of that name does."""
     from pathbundles.wsi import slide_info
 
-    _print_json(slide_info(slide, backend=backend))
+    _print_json(slide_info(slide, backend=backend, mpp=slide_mpp))
 
 
-def tissue(slide: str, out: str, mpp: float = 8.0, backend: str = "auto") -> None:
-    """Write the Otsu tissue mask of SLIDE as a PNG (white = tissue) at about ``mpp`` um/px."""
+def tissue(slide: str, out: str, mpp: float = 8.0, backend: str = "auto", slide_mpp: float | None = None) -> None:
+    """Write the Otsu tissue mask of SLIDE as a PNG (white = tissue) at about ``mpp`` um/px; ``slide_mpp`` is the
+    slide's level-0 um/px when its file states none or a wrong one."""
     from pathbundles.tissue import tissue_mask
     from pathbundles.wsi import open_slide
 
-    with open_slide(slide, backend=backend) as opened:
+    with open_slide(slide, backend=backend, mpp=slide_mpp) as opened:
         mask = tissue_mask(opened, mpp=mpp)
     mask.save_png(out)
     _print_json({"out": str(Path(out).resolve()), "mpp": mask.mpp, "shape_hw": list(mask.mask.shape),

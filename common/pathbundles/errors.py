@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from os import PathLike
 
 
@@ -41,3 +42,26 @@ class FolderInUseError(InputError):
 class SlideTimeoutError(PathBundlesError):
     """A slide ran past its time budget (``slide_timeout_s`` of a cohort run). Not an ``InputError`` (a
     ``ValueError``), so that the handlers of unreadable slides do not take it for one and go on."""
+
+
+class SettingError(PathBundlesError, ValueError):
+    """A setting (a bundle config key, a command-line option, an argument) has a value outside its range; the
+    message names the setting, the value and what is allowed."""
+
+
+class OutputError(PathBundlesError, OSError):
+    """A file cannot be written for lack of room (disk full, quota, file too large) or a read-only file system;
+    ``errno`` is the system's, and the message starts with the file's final path (the system's own message names
+    at most the temporary file, or nothing).
+
+    Args:
+        path: the file being written.
+        err: the system error.
+    """
+
+    def __init__(self, path: str | PathLike, err: OSError) -> None:
+        super().__init__(err.errno, err.strerror or str(err))
+        self.path = str(path)
+
+    def __str__(self) -> str:
+        return f"{self.path}: cannot write the file: {self.strerror or os.strerror(self.errno or 0)}"

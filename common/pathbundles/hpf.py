@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 
 from pathbundles.annotations import read_points_csv, write_points_csv
 from pathbundles.atomic import atomic_path
+from pathbundles.checks import probability
 from pathbundles.errors import InputError
 from pathbundles.outputs import claim_folder, output_file, output_names
 from pathbundles.metrics.mitosis import match_points, mitosis_f1
@@ -59,6 +60,16 @@ def read_hpf(path: str | os.PathLike) -> np.ndarray:
     if rgb is None:
         raise InputError(path, f"expected an 8-bit RGB or grey image, got PIL mode {mode!r}")
     return rgb
+
+
+def _check_hpf_mpp(item: dict, mpp_override: float | None, mpp: float) -> None:
+    """Refuse an HPF file stated (by its item's ``mpp``, else ``mpp_override``) to be at another resolution than
+    the model's ``mpp`` (um/px): HPFs are never resampled silently."""
+    from pathbundles.wsi import item_mpp
+
+    stated = item_mpp(item, mpp_override)
+    if stated is not None and not math.isclose(float(np.mean(stated)), mpp, rel_tol=0.01):
+        raise InputError(item["image"], f"the HPF is at {stated} um/px, the model at {mpp} um/px")
 
 
 def _image_size(path: str, verify: bool = False) -> tuple[int, int]:
@@ -108,16 +119,18 @@ class HPFCropDataset(torch.utils.data.Dataset):
         samples_per_epoch: length of the dataset.
         positive_fraction: share of crops that hold at least one mitosis.
         centroid_order: column order of every centroid CSV of this datalist, "xy" or "rc" (AMIDA13/TUPAC16).
-        mpp: resolution the crops are meant for, um/px; an item with an ``mpp`` key that differs is refused
-            (crops are never resampled).
+        mpp: resolution the crops are meant for, um/px; an HPF at another resolution (its item's ``mpp``, else
+            ``mpp_override``) is refused (crops are never resampled).
         transform: dict transform applied to each unpadded item.
         fixed: draw item ``i`` from a generator seeded with ``(seed, i)`` (a fixed validation set).
         seed: seed of ``fixed`` draws.
+        mpp_override: the HPF files' resolution, um/px, when their items give none (the bundle's ``slide_mpp``).
     """
 
     def __init__(self, data: Sequence[dict], crop_px: int = 500, samples_per_epoch: int = 1024,
                  positive_fraction: float = 0.5, *, centroid_order: Literal["xy", "rc"], mpp: float = 0.25,
-                 transform: Callable[[dict], dict] | None = None, fixed: bool = False, seed: int = 0) -> None:
+                 transform: Callable[[dict], dict] | None = None, fixed: bool = False, seed: int = 0,
+                 mpp_override: float | None = None) -> None:
         if not data:
             raise ValueError("HPFCropDataset needs at least one datalist item")
         if not 0.0 <= positive_fraction <= 1.0:
@@ -128,8 +141,7 @@ class HPFCropDataset(torch.utils.data.Dataset):
         self.sizes: list[tuple[int, int]] = []
         self.centroids: list[np.ndarray] = []
         for item in data:
-            if "mpp" in item and not math.isclose(float(item["mpp"]), self.mpp, rel_tol=0.01):
-                raise ValueError(f"{item['image']} is at {item['mpp']} um/px, the dataset at {self.mpp} um/px")
+            _check_hpf_mpp(item, mpp_override, self.mpp)
             path = str(item["image"])
             size = _image_size(path)
             xy = read_points_csv(item["centroids"], centroid_order)[0] if item.get("centroids") else np.zeros((0, 2))
@@ -282,7 +294,8 @@ def tune_blob_thresholds(blobs: Sequence[np.ndarray], truths: Sequence[np.ndarra
             images = [(truth, filter_blobs(b, s, a)[:, :2], None) for truth, b in zip(truths, blobs)]
             counts = mitosis_f1(images, radius_px=radius_px)
             grid.append({"min_mean_score": float(s), "min_area_um2": float(a), **counts.as_dict()})
-    best = max(grid, key=lambda g: (g["f1"], g["min_mean_score"], g["min_area_um2"]))
+    # An undefined F1 (None: nothing to find and nothing found) ranks below every defined one.
+    best = max(grid, key=lambda g: (-1.0 if g["f1"] is None else g["f1"], g["min_mean_score"], g["min_area_um2"]))
     return {**best, "grid": grid}
 
 
@@ -360,8 +373,9 @@ class HPFDataset(torch.utils.data.Dataset):
 
     Datalist items: ``image`` (an HPF image file, or a slide when ``box`` is given), optional ``box``
     ``[x, y, width, height]`` in level-0 px of that slide, optional ``centroids`` (CSV of ground-truth mitoses in
-    HPF px, columns in ``centroid_order``) and optional ``mpp`` (an HPF file's resolution; one that differs from
-    ``mpp`` is refused: HPFs are never resampled silently). Every file is checked when the dataset is built, so a
+    HPF px, columns in ``centroid_order``) and optional ``mpp`` (an HPF file's resolution, or a slide's level-0
+    resolution for a box; an HPF file at another resolution than ``mpp`` is refused: HPFs are never resampled
+    silently). Every file is checked when the dataset is built, so a
     bad item fails the run before any output is written.
 
     Items: ``image`` uint8 (3, H, W) tensor; ``label`` float32 (M, 2) ground-truth (x, y) when the item has
@@ -375,13 +389,17 @@ class HPFDataset(torch.utils.data.Dataset):
         centroid_order: column order of every centroid CSV of this datalist, "xy" or "rc" (AMIDA13/TUPAC16).
         backend: slide backend for ``box`` items (see ``pathbundles.wsi.open_slide``).
         transform: dict transform of each item (e.g. intensity scaling of ``image``).
+        mpp_override: um/px of the items that give no ``mpp`` (the bundle's ``slide_mpp``): the slides' level-0
+            resolution for ``box`` items, the HPF files' resolution otherwise.
     """
 
     def __init__(self, data: Sequence[dict], mpp: float = 0.25, *, centroid_order: Literal["xy", "rc"] = "xy",
-                 backend: str = "auto", transform: Callable[[dict], dict] | None = None) -> None:
+                 backend: str = "auto", transform: Callable[[dict], dict] | None = None,
+                 mpp_override: float | None = None) -> None:
         if not data:
             raise ValueError("HPFDataset needs at least one datalist item")
         self.items, self.mpp, self.backend, self.transform = [dict(d) for d in data], float(mpp), backend, transform
+        self.mpp_override = mpp_override
         self.names: list[str] = output_names(self.items)
         self.truths: list[np.ndarray | None] = []
         for item in self.items:
@@ -389,8 +407,7 @@ class HPFDataset(torch.utils.data.Dataset):
             if item.get("box") is not None:
                 size = self._box_size(item)
             else:
-                if "mpp" in item and not math.isclose(float(item["mpp"]), self.mpp, rel_tol=0.01):
-                    raise InputError(path, f"the HPF is at {item['mpp']} um/px, the model at {self.mpp} um/px")
+                _check_hpf_mpp(item, mpp_override, self.mpp)
                 size = _image_size(path, verify=True)
             truth = None
             if item.get("centroids"):
@@ -402,12 +419,12 @@ class HPFDataset(torch.utils.data.Dataset):
 
     def _box_size(self, item: dict) -> tuple[int, int]:
         """(width, height) in px at ``mpp`` of a slide box, checking the slide opens and has an mpp."""
-        from pathbundles.wsi import open_slide
+        from pathbundles.wsi import item_mpp, open_slide
 
         box = [float(v) for v in item["box"]]
         if len(box) != 4 or box[2] <= 0 or box[3] <= 0:
             raise InputError(item["image"], f"box must be [x, y, width, height] in level-0 px, got {item['box']}")
-        with open_slide(item["image"], backend=self.backend) as slide:
+        with open_slide(item["image"], backend=self.backend, mpp=item_mpp(item, self.mpp_override)) as slide:
             level0_mpp = float(slide.mpp[0])
         return round(box[2] * level0_mpp / self.mpp), round(box[3] * level0_mpp / self.mpp)
 
@@ -419,10 +436,10 @@ class HPFDataset(torch.utils.data.Dataset):
         item = self.items[i]
         if item.get("box") is None:
             return read_hpf(item["image"])
-        from pathbundles.wsi import open_slide
+        from pathbundles.wsi import item_mpp, open_slide
 
         x, y = (float(v) for v in item["box"][:2])
-        with open_slide(item["image"], backend=self.backend) as slide:
+        with open_slide(item["image"], backend=self.backend, mpp=item_mpp(item, self.mpp_override)) as slide:
             return slide.read_region((x, y), self._box_size(item), self.mpp)
 
     def __getitem__(self, i: int) -> dict:
@@ -461,7 +478,8 @@ class HPFDetectionWriter:
                  write_images: bool = True, prob_channel: int = 1, pred_key: str = "pred") -> None:
         self.dataset, self.output_dir = dataset, Path(output_dir)
         self.mpp, self.sigma_um, self.radius_px = mpp, sigma_um, radius_px
-        self.min_mean_score, self.min_area_um2 = min_mean_score, min_area_um2
+        # Checked here, not first at the end of the run: a score threshold above 1 keeps no blob at all.
+        self.min_mean_score, self.min_area_um2 = probability(min_mean_score, "min_mean_score"), min_area_um2
         self.write_images, self.prob_channel, self.pred_key = write_images, prob_channel, pred_key
         self.blobs: dict[str, np.ndarray] = {}
         self.detections: dict[str, np.ndarray] = {}
@@ -583,7 +601,7 @@ class MitosisMetricsReport:
         curve = precision_recall_curve([(t, d[:, :2], d[:, 2]) for t, d in zip(truths, area_kept)],
                                        radius_px=self.radius_px)
         precision, recall = curve.precision, curve.recall
-        scalars = {"f1": counts.f1, "precision": counts.precision, "recall": counts.recall,
+        scalars = {"f1": counts.as_dict()["f1"], "precision": counts.precision, "recall": counts.recall,
                    "average_precision": average_precision(precision, recall)}
         per_image = {name: mitosis_f1([(t, filter_blobs(b, self.writer.min_mean_score,
                                                          self.writer.min_area_um2)[:, :2], None)],
@@ -648,7 +666,8 @@ class TunedMitosisF1(Metric):
     def compute(self) -> float:
         if not self._blobs:
             raise ValueError("TunedMitosisF1 needs at least one validation HPF")
-        return float(tune_blob_thresholds(self._blobs, self._truths, self.radius_px)["f1"])
+        f1 = tune_blob_thresholds(self._blobs, self._truths, self.radius_px)["f1"]
+        return math.nan if f1 is None else float(f1)
 
 
 class ThresholdTuner:
@@ -691,7 +710,7 @@ class ThresholdTuner:
             store_thresholds(self.config_file, best["min_mean_score"], best["min_area_um2"],
                              {"hpfs": len(names), "f1": best["f1"], "radius_px": self.radius_px})
         if engine is not None:
-            engine.state.metrics.update({"tuned_f1": best["f1"]})
+            engine.state.metrics.update({"tuned_f1": math.nan if best["f1"] is None else best["f1"]})
         return best
 
 

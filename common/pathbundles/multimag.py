@@ -248,6 +248,8 @@ class _SlideEntry:
     read_path: str
     #: why the slide could not be opened (inference mode), "" when it was; such a slide has no tiles.
     error: str = ""
+    #: level-0 um/px over the file's (the item's mpp, else the dataset's mpp_override), None for the file's own.
+    mpp_override: float | tuple[float, float] | None = None
 
 
 def _grid_starts(length_px: int, stride0: float) -> np.ndarray:
@@ -345,7 +347,8 @@ class MultiMagnificationDataset(torch.utils.data.Dataset):
     logged and kept in :attr:`read_paths`. A slide without tiles is never read and gets "levels" untimed.
 
     Args:
-        data: datalist dicts with ``image`` and, for training, one of ``label_keys``.
+        data: datalist dicts with ``image`` (optionally ``mpp``, level-0 um/px over the file's) and, for training,
+            one of ``label_keys``.
         mode: "train" or "infer".
         class_order: class ids, highest order first (the paper's TNBC order: benign epithelium, carcinoma,
             necrosis, background, ...).
@@ -367,6 +370,7 @@ class MultiMagnificationDataset(torch.utils.data.Dataset):
         seed: seed of the elastic deformations.
         backend: slide reader backend.
         transform: dict transform applied to each item.
+        mpp_override: level-0 um/px over the slides' files (the bundle's ``slide_mpp``); an item's ``mpp`` wins.
     """
 
     def __init__(self, data: Sequence[dict], mode: Literal["train", "infer"] = "train",
@@ -375,10 +379,10 @@ class MultiMagnificationDataset(torch.utils.data.Dataset):
                  min_annotated: float = 0.01, label_keys: Sequence[str] = ("annotation", "partial_labels", "labels"),
                  classes: Mapping[int, str] | None = None, read_path: Literal["auto", "levels", "tile"] = "auto",
                  pad_value: int | None = 0, use_tissue: bool = True, tissue_mpp: float = 8.0, seed: int = 0,
-                 backend: str = "auto",
-                 transform: Callable[[dict], dict] | None = None) -> None:
+                 backend: str = "auto", transform: Callable[[dict], dict] | None = None,
+                 mpp_override: float | tuple[float, float] | None = None) -> None:
         from pathbundles.tissue import LevelMask, tissue_mask
-        from pathbundles.wsi import open_slide
+        from pathbundles.wsi import item_mpp, open_slide
 
         if mode not in ("train", "infer"):
             raise ValueError(f"mode {mode!r}: expected 'train' or 'infer'")
@@ -398,7 +402,8 @@ class MultiMagnificationDataset(torch.utils.data.Dataset):
         def plan(index: int, name: str, path: str,
                  item: dict) -> tuple[_SlideEntry, list[tuple[int, float, float, int]]]:
             """One slide's entry and tiles (slide index, origin x, origin y, class)."""
-            with open_slide(path, backend=backend) as slide:
+            override = item_mpp(item, mpp_override)
+            with open_slide(path, backend=backend, mpp=override) as slide:
                 level0_mpp, level0_size = _level0_mpp(slide), tuple(slide.level_dimensions[0])
                 tissue = tissue_mask(slide, mpp=tissue_mpp) if mode == "infer" and use_tissue else None
                 labels_at = (_labels_of(item, label_keys, classes, level0_mpp, level0_size) if mode == "train"
@@ -423,7 +428,8 @@ class MultiMagnificationDataset(torch.utils.data.Dataset):
                         cls = tile_class(labels, self.class_order)
                     slide_tiles.append((index, float(x0), float(y0), cls))
                 chosen = read_path if read_path != "auto" else self._timed_read_path(slide, name, slide_tiles)
-            return _SlideEntry(name, path, level0_mpp, level0_size, labels_at, chosen), slide_tiles
+            return _SlideEntry(name, path, level0_mpp, level0_size, labels_at, chosen,
+                               mpp_override=override), slide_tiles
 
         # Names first: outputs that would leave the output folder or overwrite each other stop the run unread
         # (training writes no per-slide outputs, so a slide may be listed twice there).
@@ -488,8 +494,8 @@ class MultiMagnificationDataset(torch.utils.data.Dataset):
         centre = self._centre(x0, y0, entry.level0_mpp)
         error = ""
         try:
-            views = read_concentric(self.handles(entry.path), centre, self.mpps, self.patch_px, entry.read_path,
-                                    self.pad_value)
+            slide = self.handles(entry.path, entry.mpp_override)
+            views = read_concentric(slide, centre, self.mpps, self.patch_px, entry.read_path, self.pad_value)
         except (PathBundlesError, OSError, ValueError) as err:
             if self.mode == "train":
                 raise

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from pathbundles.checks import probability
+
 # 8-connectivity for 2-D labelling.
 _EIGHT = np.ones((3, 3), dtype=bool)
 
@@ -96,13 +98,15 @@ def detections_from_components(prob: np.ndarray, map_mpp: float, level0_mpp: flo
         map_mpp: micrometres per map pixel.
         level0_mpp: micrometres per level-0 pixel of the slide.
         origin_xy: level-0 (x, y) of map pixel (0, 0)'s centre (see the module docstring for the default).
-        threshold: a pixel is foreground when its probability exceeds this (> threshold; ScanNet uses 0.5).
+        threshold: a pixel is foreground when its probability exceeds this (> threshold; ScanNet uses 0.5); in
+            [0, 1].
         opening_px: radius in map pixels of the disk used for the opening; 0 = no opening. In map pixels, not um,
             because the opening removes single-pixel noise of the map grid itself.
 
     Returns:
         (N, 3) float64 ``[score, x, y]`` in level-0 pixels, highest score first.
     """
+    threshold = probability(threshold, "threshold")
     prob = _as_map(prob)
     geometry = MapGeometry.from_mpp(map_mpp, level0_mpp, origin_xy)
     foreground = prob > threshold
@@ -131,14 +135,13 @@ def non_maximum_suppression(prob: np.ndarray, map_mpp: float, level0_mpp: float,
         level0_mpp: micrometres per level-0 pixel of the slide.
         radius_um: suppression radius in micrometres; map pixels whose centre lies within this distance (<=) of the
             emitted maximum are zeroed.
-        threshold: values must exceed this (>) to be emitted; must be >= 0 so that zeroed pixels never qualify.
+        threshold: values must exceed this (>) to be emitted; in [0, 1] (>= 0 so that zeroed pixels never qualify).
         origin_xy: level-0 (x, y) of map pixel (0, 0)'s centre.
 
     Returns:
         (N, 3) float64 ``[score, x, y]`` in level-0 pixels, highest score first.
     """
-    if threshold < 0:
-        raise ValueError(f"threshold must be >= 0 (suppressed pixels are set to 0), got {threshold}")
+    threshold = probability(threshold, "threshold")
     if radius_um < 0:
         raise ValueError(f"radius_um must be >= 0, got {radius_um}")
     prob = _as_map(prob)
@@ -181,13 +184,14 @@ def mitosis_blobs(prob: np.ndarray, map_mpp: float, level0_mpp: float,
         origin_xy: level-0 (x, y) of map pixel (0, 0)'s centre.
         sigma_um: standard deviation of the Gaussian in micrometres (the paper gives no value; 1 um = 4 px at
             0.25 um/px).
-        min_mean_score: keep blobs whose mean score is strictly greater than this (the paper's s1).
+        min_mean_score: keep blobs whose mean score is strictly greater than this (the paper's s1), in [0, 1].
         min_area_um2: keep blobs whose area in um^2 is strictly greater than this (the paper's a1).
 
     Returns:
         (N, 4) float64 ``[mean_score, x, y, area_um2]`` in level-0 pixels, highest score first; the first three
         columns are the usual detections.
     """
+    min_mean_score = probability(min_mean_score, "min_mean_score")
     prob = _as_map(prob)
     geometry = MapGeometry.from_mpp(map_mpp, level0_mpp, origin_xy)
     smooth = ndimage.gaussian_filter(prob.astype(np.float32), sigma=sigma_um / map_mpp) if sigma_um > 0 else prob

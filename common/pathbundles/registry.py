@@ -6,9 +6,12 @@
   predict = the bundle's inference on slide paths) and register it as a new version of ``pathbundles-<name>``,
   linked to its training run and, by the weights hash, its latest evaluation run.
 - ``review --name M --candidate V``: candidate's evaluation metrics against the ``champion`` version's (table
-  printed and logged with overlaid FROC/ROC curves in a review run).
-- ``promote --name M --candidate V [--gate "froc>=champion-0.01"]``: move the ``champion`` alias when every gate
-  passes, recording who, why and the gate results as version tags; refuse with the failed gates otherwise.
+  printed and logged with overlaid FROC/ROC curves in a review run); a candidate without evaluation metrics fails.
+- ``promote --name M --candidate V [--gate "froc>=0.85,froc>=champion-0.01"] [--policy FILE]``: move the
+  ``champion`` alias when every gate passes, recording who, why and the gate results as version tags; refuse with
+  the failed gates otherwise. The candidate needs an evaluation run, and the gates at least one absolute threshold;
+  without ``--gate`` they come from ``--policy`` (``{model name: [gates]}``), else from the bundle's
+  ``metadata.json`` field ``promotion_gates`` (recorded on the version at registration: the paper's metric).
 - ``export --name M --alias champion --out DIR``: write the bundle back, byte-identical, as a folder that
   ``python -m monai.bundle run`` runs unchanged.
 
@@ -40,6 +43,9 @@ from pathbundles.tracking import (CURVES_FILE, EVALUATION_DIR, TAG_BUNDLE, TAG_B
                                   project_git_commit, read_metadata, sha256_file)
 
 CHAMPION = "champion"
+#: metadata.json field with a bundle's default promotion gates, and the version tag it is recorded in.
+GATES_FIELD = "promotion_gates"
+TAG_GATES = "pathbundles.promotion_gates"
 MODEL_ARTIFACT = "bundle"  # name of the logged model and of its bundle-folder artifact
 #: Bundle content that is part of a registered model; outputs (eval/), caches and hidden files are not.
 _EXCLUDED = ("eval", "__pycache__", "mlflow", ".*")
@@ -308,7 +314,8 @@ def register(bundle: str | os.PathLike, run_id: str | None = None, name: str | N
                 metadata={"bundle": bundle_root.name, "bundle_version": tags[TAG_BUNDLE_VERSION],
                           "bundle_manifest": manifest},
                 tags={**tags, "pathbundles.bundle_sha256": manifest_sha})
-    version_tags = {**tags, "pathbundles.bundle_sha256": manifest_sha, "pathbundles.train_run_id": run_id}
+    version_tags = {**tags, "pathbundles.bundle_sha256": manifest_sha, "pathbundles.train_run_id": run_id,
+                    TAG_GATES: json.dumps(list(metadata.get(GATES_FIELD) or []))}
     if eval_run_id:
         version_tags["pathbundles.eval_run_id"] = eval_run_id
     from mlflow.exceptions import MlflowException
@@ -341,6 +348,19 @@ def version_metrics(client: Any, version: Any) -> dict[str, float]:
         if run_id:
             metrics.update(client.get_run(run_id).data.metrics)
     return metrics
+
+
+def evaluated_metrics(client: Any, name: str, version: Any) -> dict[str, float]:
+    """:func:`version_metrics` of a version that has an evaluation run with metrics; RegistryError otherwise (a
+    review or promotion on training metrics alone, or on none, would compare nothing)."""
+    eval_run_id = (version.tags or {}).get("pathbundles.eval_run_id")
+    if not eval_run_id:
+        raise RegistryError(f"model '{name}' v{version.version} has no evaluation run: run the bundle's evaluate.json "
+                            "with --tracking mlflow/tracking.json on these weights, then register again (or pass "
+                            "--eval_run_id to register)")
+    if not client.get_run(eval_run_id).data.metrics:
+        raise RegistryError(f"model '{name}' v{version.version}: its evaluation run {eval_run_id} logged no metrics")
+    return version_metrics(client, version)
 
 
 def _curves(client: Any, version: Any) -> dict:
@@ -400,11 +420,14 @@ def review(name: str, candidate: str | int, alias: str = CHAMPION, tracking_uri:
     Returns:
         ``{"name", "candidate", "champion" (version or None), "rows": [{"metric", "champion", "candidate",
         "delta"}], "review_run_id", "table"}``.
+
+    Raises:
+        RegistryError: the candidate has no evaluation run, or its evaluation logged no metrics.
     """
     client = _client(tracking_uri)
     cand = _version(client, name, candidate)
     champ = _alias_version(client, name, alias)
-    cand_metrics = version_metrics(client, cand)
+    cand_metrics = evaluated_metrics(client, name, cand)
     champ_metrics = version_metrics(client, champ) if champ is not None else {}
     rows = []
     for metric in sorted(set(cand_metrics) | set(champ_metrics)):
@@ -497,17 +520,38 @@ def evaluate_gates(gates: Sequence[str], candidate: dict[str, float], champion: 
     return results
 
 
+def policy_gates(name: str, version: Any, policy: str | os.PathLike | None = None) -> tuple[list[str], str]:
+    """The default gates of a version and where they come from: the policy file's entry for ``name`` when
+    ``policy`` is given (JSON ``{model name: [gates]}``), else the bundle's ``metadata.json`` ``promotion_gates``
+    recorded on the version at registration."""
+    if policy is not None:
+        try:
+            doc = json.loads(Path(policy).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise RegistryError(f"{policy}: cannot read the promotion policy ({err})") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get(name, []), list):
+            raise RegistryError(f"{policy}: a promotion policy is a JSON object {{model name: [gates]}}")
+        return [str(g) for g in doc.get(name, [])], f"policy {policy}"
+    recorded = (version.tags or {}).get(TAG_GATES)
+    return (json.loads(recorded) if recorded else []), f"the bundle's metadata.json {GATES_FIELD}"
+
+
 def promote(name: str, candidate: str | int, gate: str | Sequence[str] = (), who: str | None = None,
-            why: str = "", alias: str = CHAMPION, tracking_uri: str | None = None) -> dict:
+            why: str = "", alias: str = CHAMPION, tracking_uri: str | None = None,
+            policy: str | os.PathLike | None = None) -> dict:
     """Give ``alias`` to the candidate version when every gate passes; refuse (:class:`PromotionRefused`) otherwise.
 
     Args:
         name: registered model.
-        candidate: version to promote.
-        gate: one gate or several (``"froc>=champion-0.01"``, ``"slide_auc>=0.9"``); none = promote unconditionally.
+        candidate: version to promote; it needs an evaluation run with metrics.
+        gate: one gate or several (``"froc>=champion-0.01"``, ``"slide_auc>=0.9"``); none = the policy's gates.
+            At least one must be absolute (a number, not ``champion``): relative gates pass while there is no
+            champion, so alone they would let any first model through.
         who: recorded as ``promoted_by``; default the login name.
         why: recorded as ``promotion_reason``.
         alias: the alias to move.
+        policy: JSON file ``{model name: [gates]}`` giving the gates when ``gate`` is empty; default the bundle's
+            ``metadata.json`` ``promotion_gates``.
 
     The candidate version gets tags ``promoted_by``, ``promotion_reason``, ``promotion_gates`` (JSON results),
     ``promoted_at`` and ``previous_champion``; a refusal records ``refused_gates`` and ``refused_at``.
@@ -517,9 +561,18 @@ def promote(name: str, candidate: str | int, gate: str | Sequence[str] = (), who
     for g in gates:
         parse_gate(g)  # a syntax error is reported before anything is read or written
     cand = _version(client, name, candidate)
+    source = "--gate"
+    if not gates:
+        gates, source = policy_gates(name, cand, policy)
+        for g in gates:
+            parse_gate(g)
+    if not any(parse_gate(g)[2] is None for g in gates):
+        raise RegistryError(f"refused to promote {name} v{cand.version}: the gates ({', '.join(gates) or 'none'}, "
+                            f"from {source}) need at least one absolute threshold, e.g. --gate \"froc>=0.85\"")
+    cand_metrics = evaluated_metrics(client, name, cand)
     champ = _alias_version(client, name, alias)
     champ_metrics = version_metrics(client, champ) if champ is not None and champ.version != cand.version else None
-    results = evaluate_gates(gates, version_metrics(client, cand), champ_metrics)
+    results = evaluate_gates(gates, cand_metrics, champ_metrics)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     failed = [r for r in results if not r["passed"]]
     if failed:
@@ -612,11 +665,12 @@ class Registry:
         self._print(review, name, candidate, alias=alias, tracking_uri=self.tracking_uri, show=False)
 
     def promote(self, name: str, candidate: str, gate: Any = (), who: str | None = None, why: str = "",
-                alias: str = CHAMPION) -> None:
-        """Give CANDIDATE the champion alias if every gate passes: --gate "froc>=champion-0.01,slide_auc>=0.9"."""
+                alias: str = CHAMPION, policy: str | None = None) -> None:
+        """Give CANDIDATE the champion alias if every gate passes: --gate "froc>=0.85,froc>=champion-0.01" (at least
+        one absolute); without --gate, the gates of --policy FILE or of the bundle's metadata.json."""
         gates = [g for g in gate.split(",") if g.strip()] if isinstance(gate, str) else list(gate)
         self._print(promote, name, candidate, gate=gates, who=who, why=why, alias=alias,
-                    tracking_uri=self.tracking_uri)
+                    tracking_uri=self.tracking_uri, policy=policy)
 
     def export(self, name: str, out: str, alias: str = CHAMPION, version: str | None = None) -> None:
         """Write the bundle of NAME@ALIAS (or --version) to OUT, runnable by python -m monai.bundle run."""

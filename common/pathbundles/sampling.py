@@ -39,6 +39,7 @@ class SlideLocations:
     pools: dict[int, np.ndarray]
     grid_shape: tuple[int, int]
     hard_negatives: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # level-0 (x, y)
+    mpp_override: float | tuple[float, float] | None = None  # level-0 um/px over the file's (item mpp, slide_mpp)
 
     def in_pool(self, label: int, level0_xy: np.ndarray) -> np.ndarray:
         """Whether each level-0 (x, y) lies in a mask cell of the ``label`` pool."""
@@ -68,21 +69,25 @@ def tumour_grid(item: dict, tissue: LevelMask) -> np.ndarray:
     return np.zeros(tissue.mask.shape, bool)
 
 
-def locate(data: Sequence[dict], backend: str = "auto", tissue_mpp: float = 8.0) -> list[SlideLocations]:
-    """Tissue and tumour locations of every training slide (one tissue mask per slide)."""
+def locate(data: Sequence[dict], backend: str = "auto", tissue_mpp: float = 8.0,
+           mpp_override: float | tuple[float, float] | None = None) -> list[SlideLocations]:
+    """Tissue and tumour locations of every training slide (one tissue mask per slide); a slide opens with its
+    item's ``mpp``, else ``mpp_override``, else its file's mpp (um/px)."""
     from pathbundles.tissue import tissue_mask
-    from pathbundles.wsi import open_slide
+    from pathbundles.wsi import item_mpp, open_slide
 
     out = []
     for item in data:
         name, path = slide_name(item)
-        with open_slide(path, backend=backend) as slide:
+        override = item_mpp(item, mpp_override)
+        with open_slide(path, backend=backend, mpp=override) as slide:
             tissue = tissue_mask(slide, mpp=tissue_mpp)
             level0_mpp = float(slide.mpp[0])
         tumour = tumour_grid(item, tissue)
         pools = {TUMOUR: np.argwhere(ndimage.binary_erosion(tumour, iterations=1)),
                  NORMAL: np.argwhere(tissue.mask & ~ndimage.binary_dilation(tumour, iterations=2))}
-        out.append(SlideLocations(name, path, tissue.downsample, level0_mpp, pools, tissue.mask.shape))
+        out.append(SlideLocations(name, path, tissue.downsample, level0_mpp, pools, tissue.mask.shape,
+                                  mpp_override=override))
         logger.info("%s: %d tumour and %d normal candidate cells", name, len(pools[TUMOUR]), len(pools[NORMAL]))
     return out
 
@@ -96,7 +101,8 @@ class ClassBalancedPatchDataset(torch.utils.data.Dataset):
     worker and epoch draws different patches.
 
     Args:
-        data: datalist dicts with ``image`` and optionally ``annotation`` or ``mask`` (tumour ground truth).
+        data: datalist dicts with ``image`` and optionally ``annotation`` or ``mask`` (tumour ground truth) and
+            ``mpp`` (level-0 um/px over the file's).
         read_px: side of the region read (patch plus room for rotation/scaling/translation augmentation).
         mpp: resolution of the patches (um/px).
         samples_per_epoch: length of the dataset.
@@ -104,16 +110,19 @@ class ClassBalancedPatchDataset(torch.utils.data.Dataset):
         fixed: draw item ``i`` from a generator seeded with ``(seed, i)`` (a fixed validation set).
         seed: seed of ``fixed`` draws.
         backend: slide reader backend.
+        tissue_mpp: resolution of the tissue masks (um/px).
         transform: MONAI dict transform applied to each item.
+        mpp_override: level-0 um/px over the slides' files (the bundles' ``slide_mpp``); an item's ``mpp`` wins.
     """
 
     def __init__(self, data: Sequence[dict], read_px: int, mpp: float, samples_per_epoch: int = 1024,
                  hard_negative_fraction: float = 0.5, fixed: bool = False, seed: int = 0, backend: str = "auto",
-                 tissue_mpp: float = 8.0, transform: Callable[[dict], dict] | None = None) -> None:
+                 tissue_mpp: float = 8.0, transform: Callable[[dict], dict] | None = None,
+                 mpp_override: float | tuple[float, float] | None = None) -> None:
         self.read_px, self.mpp, self.length = int(read_px), float(mpp), int(samples_per_epoch)
         self.hard_negative_fraction, self.fixed, self.seed = hard_negative_fraction, fixed, seed
         self.transform = transform
-        self.slides = locate(data, backend=backend, tissue_mpp=tissue_mpp)
+        self.slides = locate(data, backend=backend, tissue_mpp=tissue_mpp, mpp_override=mpp_override)
         self.handles = SlideHandles(backend)
         for cls in (NORMAL, TUMOUR):
             if not any(len(s.pools[cls]) for s in self.slides):
@@ -161,8 +170,8 @@ class ClassBalancedPatchDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         slide, x, y, label = self.draw_item(i)
-        region = self.handles(slide.path).read_region(self.region_origin(slide, x, y), (self.read_px, self.read_px),
-                                                      self.mpp)
+        region = self.handles(slide.path, slide.mpp_override).read_region(self.region_origin(slide, x, y),
+                                                                          (self.read_px, self.read_px), self.mpp)
         item = {"image": torch.from_numpy(np.ascontiguousarray(region.transpose(2, 0, 1))),
                 "label": torch.full((1, 1), label, dtype=torch.long),
                 "location": torch.tensor([x, y], dtype=torch.float64)}

@@ -21,6 +21,7 @@ import torch
 from monai.inferers import Inferer
 from torch import nn
 
+from pathbundles.checks import probability
 from pathbundles.slide_inference import MapGrid
 
 #: VGG16 convolution widths; "M" is a 2x2 max-pool with stride 2.
@@ -202,7 +203,7 @@ class HardNegativeMining:
                  threshold: float = 0.5, max_per_slide: int = 256, lp: int = 8, alpha: int = 1,
                  preprocessing: Any = None, batch_size: int = 2, num_workers: int = 0) -> None:
         self.trainer, self.dataset, self.rounds, self.epochs_per_round = trainer, dataset, rounds, epochs_per_round
-        self.threshold, self.max_per_slide = threshold, max_per_slide
+        self.threshold, self.max_per_slide = probability(threshold, "threshold"), max_per_slide
         self.inferer = ScanNetInferer(lp=lp, alpha=alpha)
         self.preprocessing, self.batch_size, self.num_workers = preprocessing, batch_size, num_workers
         self.mined: list[int] = []
@@ -215,7 +216,8 @@ class HardNegativeMining:
         network = getattr(self.trainer.network, "module", self.trainer.network)  # unwrap DDP
         device = next(network.parameters()).device
         geometry = self.inferer.geometry
-        rois = SlideROIDataset([s.path for s in self.dataset.slides], geometry.grid(), self.dataset.mpp,
+        rois = SlideROIDataset([{"image": s.path, "mpp": s.mpp_override} for s in self.dataset.slides],
+                               geometry.grid(), self.dataset.mpp,
                                backend=self.dataset.handles.backend, transform=self.preprocessing)
         added = 0
         slides = {s.path: s for s in self.dataset.slides}

@@ -25,6 +25,7 @@ from monai.transforms import MapTransform, Randomizable
 from monai.utils import convert_to_tensor
 from torch import nn
 
+from pathbundles.checkpoints import check_fit, read_weights
 from pathbundles.scannet import VGG16_LAYOUT
 
 #: variant -> (kernel, stride) of the final upsampling and the crop offset of its output (FCN's voc-fcn* nets).
@@ -197,8 +198,8 @@ def chain_network(variant: str = "32s", width: float = 1.0, coarser_ckpt: str | 
     Args:
         variant: the stage to train.
         width, num_classes, dropout, learnable_upsampling, batch_norm: as in :class:`SegMitosFCN`.
-        coarser_ckpt: checkpoint of the trained previous stage (``COARSER[variant]``), a state dict or a MONAI
-            ``CheckpointSaver`` file ``{"model": state_dict}``; None starts from scratch (the 32s stage, or a
+        coarser_ckpt: checkpoint of the trained previous stage (``COARSER[variant]``), a state dict or a bundle
+            checkpoint ``{"model": state_dict, "training": {...}}``; None starts from scratch (the 32s stage, or a
             finer net trained alone).
 
         init_ckpt: weights of this same variant to start from instead (fine-tuning, or more epochs of a stage);
@@ -206,12 +207,14 @@ def chain_network(variant: str = "32s", width: float = 1.0, coarser_ckpt: str | 
 
     Raises:
         FileNotFoundError: ``coarser_ckpt`` does not exist (train the previous stage first).
+        InputError: a checkpoint that cannot be read or does not fit the network, naming it.
     """
     if init_ckpt is not None:
         net = SegMitosFCN(variant, num_classes=num_classes, width=width, dropout=dropout,
                           learnable_upsampling=learnable_upsampling, batch_norm=batch_norm)
-        state = torch.load(init_ckpt, map_location="cpu", weights_only=True)
-        net.load_state_dict(state.get("model", state))
+        state = read_weights(init_ckpt)
+        check_fit(init_ckpt, net, state)
+        net.load_state_dict(state)
         return net
     if coarser_ckpt is None:
         return SegMitosFCN(variant, num_classes=num_classes, width=width, dropout=dropout,
@@ -221,10 +224,10 @@ def chain_network(variant: str = "32s", width: float = 1.0, coarser_ckpt: str | 
     if not os.path.exists(coarser_ckpt):
         raise FileNotFoundError(f"{coarser_ckpt}: no {COARSER[variant]} checkpoint to start the {variant} stage from;"
                                 f" train the {COARSER[variant]} stage first")
-    state = torch.load(coarser_ckpt, map_location="cpu", weights_only=True)
-    state = state.get("model", state)
+    state = read_weights(coarser_ckpt)
     coarser = SegMitosFCN(COARSER[variant], num_classes=num_classes, width=width, dropout=dropout,
                           learnable_upsampling=learnable_upsampling, batch_norm=batch_norm)
+    check_fit(coarser_ckpt, coarser, state)
     coarser.load_state_dict(state)
     return SegMitosFCN.from_coarser(coarser, variant, learnable_upsampling=learnable_upsampling)
 

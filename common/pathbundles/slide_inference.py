@@ -66,6 +66,7 @@ class SlidePlan:
 
     name: str
     path: str
+    mpp_override: float | tuple[float, float] | None = None  # level-0 um/px over the file's (item's mpp, slide_mpp)
     level0_mpp: float = 0.0
     level0_size: tuple[int, int] = (0, 0)
     map_shape: tuple[int, int] = (0, 0)
@@ -83,21 +84,22 @@ def plan_slides(data: Sequence[dict | str], grid: MapGrid, scan_mpp: float, *, b
                 tissue_mask_key: str | None = None) -> list[SlidePlan]:
     """Open every slide once, get its tissue mask and list the ROIs (r, c) whose read footprint has tissue.
 
-    The mask is the Otsu tissue mask at ``tissue_mpp``, or the user's mask image named by the item's
+    A slide opens with its item's ``mpp`` when it has one, else ``mpp_override`` (um/px), else its file's mpp. The
+    mask is the Otsu tissue mask at ``tissue_mpp``, or the user's mask image named by the item's
     ``tissue_mask_key`` entry when that key is set and present (any image over the whole slide, tissue > 0).
     A slide that cannot be opened gets ``error`` set (logged with its name) instead of stopping the run. Names are
     checked first (:func:`pathbundles.outputs.output_names`): an item whose outputs would leave the output folder
     or overwrite another item's stops the run before any slide is read.
     """
     from pathbundles.tissue import TissueMask, tissue_mask
-    from pathbundles.wsi import open_slide
+    from pathbundles.wsi import item_mpp, open_slide
 
     plans = []
     for name, item in zip(output_names(data), data):
         path = slide_name(item)[1]
-        plan = SlidePlan(name=name, path=path)
+        plan = SlidePlan(name=name, path=path, mpp_override=item_mpp(item, mpp_override))
         try:
-            with open_slide(path, backend=backend, mpp=mpp_override) as slide:
+            with open_slide(path, backend=backend, mpp=plan.mpp_override) as slide:
                 plan.level0_mpp = float(slide.mpp[0])
                 plan.level0_size = tuple(int(v) for v in slide.level_dimensions[0])
                 scale = plan.level0_mpp / scan_mpp
@@ -118,22 +120,25 @@ def plan_slides(data: Sequence[dict | str], grid: MapGrid, scan_mpp: float, *, b
 
 
 class SlideHandles:
-    """Slides opened lazily and kept open, one handle per path per process (each DataLoader worker has its own)."""
+    """Slides opened lazily and kept open, one handle per (path, mpp override) per process (each DataLoader worker
+    has its own)."""
 
-    def __init__(self, backend: str = "auto", mpp_override: float | None = None) -> None:
-        self.backend, self.mpp_override = backend, mpp_override
-        self._open: dict[str, Any] = {}
+    def __init__(self, backend: str = "auto") -> None:
+        self.backend = backend
+        self._open: dict[tuple[str, Any], Any] = {}
 
-    def __call__(self, path: str) -> Any:
-        if path not in self._open:
+    def __call__(self, path: str, mpp: float | tuple[float, float] | None = None) -> Any:
+        """The open slide at ``path``, with ``mpp`` (level-0 um/px) overriding its file's when given."""
+        key = (path, mpp)
+        if key not in self._open:
             from pathbundles.wsi import open_slide
 
-            self._open[path] = open_slide(path, backend=self.backend, mpp=self.mpp_override)
-        return self._open[path]
+            self._open[key] = open_slide(path, backend=self.backend, mpp=mpp)
+        return self._open[key]
 
     def __getstate__(self) -> dict:
         # Open slide handles do not cross process boundaries: workers reopen what they read.
-        return {"backend": self.backend, "mpp_override": self.mpp_override, "_open": {}}
+        return {"backend": self.backend, "_open": {}}
 
 
 class SlideROIDataset(torch.utils.data.Dataset):
@@ -144,12 +149,13 @@ class SlideROIDataset(torch.utils.data.Dataset):
     DataLoader worker, so reading overlaps with the network in worker processes.
 
     Args:
-        data: slide paths or datalist dicts with ``image``.
+        data: slide paths or datalist dicts with ``image`` (and optionally ``mpp``, level-0 um/px over the file's).
         grid: the ROI/map geometry.
         scan_mpp: the resolution the network reads (um/px).
         backend: slide reader backend ("auto", "openslide", "tifffile", "cucim").
         tissue_mpp: resolution of the tissue mask (um/px).
-        mpp_override: level-0 um/px for slides whose files carry none.
+        mpp_override: level-0 um/px over the slides' files (the bundles' ``slide_mpp``), for files that state none or
+            a wrong one; an item's own ``mpp`` wins over it.
         transform: a MONAI dict transform applied to each item.
         tissue_mask_key: datalist key of user-supplied tissue mask images (None: always the Otsu mask).
     """
@@ -162,7 +168,7 @@ class SlideROIDataset(torch.utils.data.Dataset):
         self.plans = plan_slides(data, grid, scan_mpp, backend=backend, tissue_mpp=tissue_mpp,
                                  mpp_override=mpp_override, tissue_mask_key=tissue_mask_key)
         self.index = [(s, r, c) for s, plan in enumerate(self.plans) for r, c in plan.rois_rc]
-        self.slides = SlideHandles(backend, mpp_override)
+        self.slides = SlideHandles(backend)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -173,8 +179,8 @@ class SlideROIDataset(torch.utils.data.Dataset):
         step0 = grid.roi_stride_px * self.scan_mpp / plan.level0_mpp
         error = ""
         try:
-            region = self.slides(plan.path).read_region((c * step0, r * step0), (grid.read_px, grid.read_px),
-                                                        self.scan_mpp)
+            slide = self.slides(plan.path, plan.mpp_override)
+            region = slide.read_region((c * step0, r * step0), (grid.read_px, grid.read_px), self.scan_mpp)
         except (PathBundlesError, OSError, ValueError) as err:
             region, error = np.zeros((grid.read_px, grid.read_px, 3), np.uint8), f"{plan.path}: {err}"
         item = {"image": torch.from_numpy(np.ascontiguousarray(region.transpose(2, 0, 1))),
@@ -428,7 +434,7 @@ class SlideMapWriter(StreamedSlideWriter):
                                         "registration": f"pixel (0, 0) starts at the slide's level-0 origin; pixel "
                                                         f"(r, c) covers level-0 [c * s, (c + 1) * s) x [r * s, "
                                                         f"(r + 1) * s), s = {map_mpp} / level-0 mpp"})
-        with open_slide(plan.path, backend=self.dataset.backend, mpp=self.dataset.mpp_override) as slide:
+        with open_slide(plan.path, backend=self.dataset.backend, mpp=plan.mpp_override) as slide:
             thumb, _ = slide.read_thumbnail(max(self.overlay_mpp, map_mpp))
         # Thumbnail pixel centres in scan pixels: the overlay samples the map where each thumbnail pixel lies.
         (w0, h0), to_scan = plan.level0_size, plan.level0_mpp / scan_mpp

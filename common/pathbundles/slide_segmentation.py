@@ -365,7 +365,7 @@ class SlideLabelWriter(StreamedSlideWriter):
         files = self.outputs(entry.name)
         height, width = canvas.shape
         # The thumbnail first: a slide that cannot be read fails before anything is written.
-        with open_slide(entry.path, backend=self.dataset.handles.backend) as slide:
+        with open_slide(entry.path, backend=self.dataset.handles.backend, mpp=entry.mpp_override) as slide:
             thumb, _ = slide.read_thumbnail(max(self.overlay_mpp, self.map_mpp))
         w0, h0 = entry.level0_size
         thumb_map = _NearestCopy(_centre_indices(thumb.shape[0], h0 * entry.level0_mpp / thumb.shape[0] / self.map_mpp,

@@ -305,7 +305,7 @@ class _TumourLookup:
     """Whether level-0 points of one slide lie in tumour: exact polygon test of the ``annotation`` (exclusion
     regions removed), else the ``mask`` image, else never (a normal slide)."""
 
-    def __init__(self, item: Mapping[str, Any], backend: str) -> None:
+    def __init__(self, item: Mapping[str, Any], backend: str, mpp: float | tuple[float, float] | None = None) -> None:
         from pathbundles.annotations import read_annotations
         from pathbundles.tissue import LevelMask
         from pathbundles.wsi import open_slide
@@ -314,7 +314,7 @@ class _TumourLookup:
         if item.get("annotation"):
             self.annotations = [a for a in read_annotations(item["annotation"]) if a.kind == "polygon"]
         elif item.get("mask"):
-            with open_slide(str(item["image"]), backend=backend) as slide:
+            with open_slide(str(item["image"]), backend=backend, mpp=mpp) as slide:
                 self.mask = LevelMask.load_mask(item["mask"], slide.level_dimensions[0], float(slide.mpp[0]))
 
     def grid(self, origin_xy: tuple[float, float], grid_size: int, cell0_px: float) -> np.ndarray:
@@ -347,26 +347,28 @@ class SpatialGridDataset(ClassBalancedPatchDataset):
         mpp: resolution of the patches (um/px).
         grid_size: G.
         patch_px: side of one grid cell in pixels at ``mpp`` (256; the network's crop is cut by the transforms).
-        samples_per_epoch, hard_negative_fraction, fixed, seed, backend, tissue_mpp, transform: as
+        samples_per_epoch, hard_negative_fraction, fixed, seed, backend, tissue_mpp, transform, mpp_override: as
             :class:`pathbundles.sampling.ClassBalancedPatchDataset`.
     """
 
     def __init__(self, data: Sequence[dict], mpp: float, grid_size: int = GRID_SIZE, patch_px: int = PATCH_PX,
                  samples_per_epoch: int = 1024, hard_negative_fraction: float = 0.5, fixed: bool = False,
                  seed: int = 0, backend: str = "auto", tissue_mpp: float = 8.0,
-                 transform: Callable[[dict], dict] | None = None) -> None:
+                 transform: Callable[[dict], dict] | None = None,
+                 mpp_override: float | tuple[float, float] | None = None) -> None:
         if grid_size < 1 or patch_px < 1:
             raise ValueError(f"grid_size and patch_px must be >= 1, got {grid_size} and {patch_px}")
         super().__init__(data, read_px=grid_size * patch_px, mpp=mpp, samples_per_epoch=samples_per_epoch,
                          hard_negative_fraction=hard_negative_fraction, fixed=fixed, seed=seed, backend=backend,
-                         tissue_mpp=tissue_mpp, transform=transform)
+                         tissue_mpp=tissue_mpp, transform=transform, mpp_override=mpp_override)
         self.grid_size, self.patch_px = int(grid_size), int(patch_px)
-        self.tumour = {s.path: _TumourLookup(item, backend) for item, s in zip(data, self.slides)}
+        self.tumour = {s.path: _TumourLookup(item, backend, s.mpp_override) for item, s in zip(data, self.slides)}
 
     def __getitem__(self, i: int) -> dict:
         slide, x, y, _ = self.draw_item(i)
         origin = self.region_origin(slide, x, y)
-        region = self.handles(slide.path).read_region(origin, (self.read_px, self.read_px), self.mpp)
+        region = self.handles(slide.path, slide.mpp_override).read_region(origin, (self.read_px, self.read_px),
+                                                                          self.mpp)
         labels = self.tumour[slide.path].grid(origin, self.grid_size, self.patch_px * self.mpp / slide.level0_mpp)
         item = {"image": torch.from_numpy(np.ascontiguousarray(region.transpose(2, 0, 1))),
                 "label": torch.from_numpy(labels.astype(np.float32)),

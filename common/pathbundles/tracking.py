@@ -41,6 +41,8 @@ from typing import Any
 
 from monai.handlers import MLFlowHandler
 
+from pathbundles.bundle_runner import sha256_file
+
 logger = logging.getLogger(__name__)
 
 #: Environment variable naming the tracking store (a server URL or database URI) for every bundle run.
@@ -121,15 +123,6 @@ def project_git_commit(bundle_root: str | os.PathLike) -> str:
     if commit == "unknown":
         commit = git_commit(Path(__file__).resolve().parent)
     return commit
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def sha256_datalist(items: Any) -> str:

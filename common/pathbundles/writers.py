@@ -668,12 +668,17 @@ def _write_blend(path: str | os.PathLike, rgb: np.ndarray, colour: np.ndarray, w
 
 
 def _as_detections(detections: ArrayLike) -> np.ndarray:
-    """``detections`` as an (N, 3) float64 array [probability, x, y]; N = 0 allowed."""
+    """``detections`` as an (N, 3) float64 array [probability, x, y], probabilities in [0, 1]; N = 0 allowed."""
+    from pathbundles.checks import out_of_unit_range
+
     array = np.asarray(detections, np.float64)
     if array.size == 0:
         return array.reshape(0, 3)
     if array.ndim != 2 or array.shape[1] != 3 or not np.isfinite(array).all():
         raise ValueError(f"detections of shape {array.shape}: expected finite (N, 3) rows [probability, x, y]")
+    bad = out_of_unit_range(array[:, 0])
+    if len(bad):
+        raise ValueError(f"detection {int(bad[0])} has probability {float(array[bad[0], 0])!r}, outside [0, 1]")
     return array
 
 
@@ -693,7 +698,8 @@ def write_detections_csv(path: str | os.PathLike, detections: ArrayLike) -> Path
 
 
 def read_detections_csv(path: str | os.PathLike) -> np.ndarray:
-    """Read a Camelyon16 detection CSV (no header, ``probability,x,y`` per line; blank lines skipped).
+    """Read a Camelyon16 detection CSV (no header, ``probability,x,y`` per line, probability in [0, 1]; blank lines
+    skipped).
 
     Returns:
         (N, 3) float64 [probability, x, y], x and y in level-0 pixels.
@@ -714,6 +720,9 @@ def read_detections_csv(path: str | os.PathLike) -> np.ndarray:
             if len(values) != 3 or not all(map(math.isfinite, values)):
                 raise InputError(path, f"expected three numbers 'probability,x,y', got {line.rstrip()!r}",
                                  line=line_no)
+            if not 0.0 <= values[0] <= 1.0:
+                raise InputError(path, f"probability {values[0]:g} in {line.rstrip()!r} is outside [0, 1]; rows are "
+                                       "'probability,x,y' (Camelyon16 order)", line=line_no)
             rows.append(values)
     return np.array(rows, np.float64).reshape(-1, 3)
 

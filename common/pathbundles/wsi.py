@@ -6,7 +6,14 @@ outside the slide read as white (255) and RGBA is composited on white.
 
 `Slide` holds all logic (level choice, reads at any mpp with anti-aliased resampling, bounds and padding,
 validation, info); each backend subclass implements five small methods (`_open`, `_geometry`, `_read_level`,
-`_file_mpp`, `_close`). MONAI is imported only when `TiledTiffWSIReader` is first used.
+`_file_mpp`, `_close`) and may override `_objective_power` and `_stored_bytes`. MONAI is imported only when
+`TiledTiffWSIReader` is first used.
+
+What a file claims is bounded before anything is read (`Slide._check_claims`, every backend): at most
+`max_level0_px` level-0 pixels (default `MAX_LEVEL0_PX`, or `$PATHBUNDLES_MAX_LEVEL0_PX`), at most
+`MAX_PX_PER_FILE_BYTE` level-0 pixels per byte of a single-file slide, every level within level 0. The tifffile
+backend also checks each level's tile table (count, byte ranges, a least size per compressed tile). A stated mpp
+that is implausible (outside 0.1-20 um/px, or far from 10 / objective power) is logged as a warning naming the file.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import abc
 import collections
 import importlib
+import logging
 import math
 import os
 import re
@@ -26,6 +34,28 @@ import numpy as np
 from pathbundles.errors import SlideError
 
 BACKENDS = ("cucim", "openslide", "tifffile")
+
+#: Default limit on level-0 pixels (width x height); `$PATHBUNDLES_MAX_LEVEL0_PX` or ``max_level0_px=`` change it.
+#: A Camelyon16 slide is 97792 x 221184 = 2.2e10 px; 1e11 leaves room for the largest 40x scans, while a header
+#: claiming 10^6 x 10^6 px (which would make the tissue mask run for days) is refused.
+MAX_LEVEL0_PX = 10**11
+#: Level-0 pixels per byte of the file beyond which a single-file slide cannot be what it claims. Even a TIFF whose
+#: tiles are all empty (sparse background) stores an offset and a byte count per tile: about 8 bytes per 256 x 256
+#: tile, 8192 px per byte; a real slide with tissue stores far fewer pixels per byte (JPEG: below 512).
+MAX_PX_PER_FILE_BYTE = 10**5
+#: Level-0 mpp (um/px) a scanner can plausibly produce; a stated value outside is logged as suspect.
+PLAUSIBLE_MPP = (0.1, 20.0)
+#: How far (factor) a stated mpp may lie from 10 um / objective power (20x ~ 0.5, 40x ~ 0.25) before it is suspect;
+#: 2.2 keeps the scanners that image 20x at 0.243 um/px (3DHistech) and 40x at 0.2282 um/px (Hamamatsu) quiet.
+MPP_POWER_FACTOR = 2.2
+#: Files whose level data lives beside them (MIRAX, Hamamatsu VMS, a DICOM series): their own size bounds nothing.
+_MULTI_FILE_SUFFIXES = (".mrxs", ".vms", ".vmu", ".dcm")
+#: The datalist/config keys that give a slide's level-0 mpp when its file states none or a wrong one.
+MPP_HINT = ("set the slide's level-0 mpp: the bundle config key slide_mpp (--slide_mpp, also on pathbundles info and "
+            "tissue) or the datalist item's 'mpp'")
+
+logger = logging.getLogger(__name__)
+_warned_mpp: set[tuple[str, tuple[float, float]]] = set()
 
 # PIL needs a row band of source pixels per call; this bounds the memory of a whole-slide thumbnail read.
 _THUMBNAIL_BAND_SOURCE_PX = 1 << 24
@@ -43,6 +73,8 @@ class Slide(abc.ABC):
         path: the slide file.
         mpp: level-0 resolution in um/px, a number or (mpp_x, mpp_y); overrides the file's value (for files that
             store none, such as a single Camelyon16 level saved as TIFF).
+        max_level0_px: most level-0 pixels (width x height) the file may claim; None = `$PATHBUNDLES_MAX_LEVEL0_PX`,
+            else `MAX_LEVEL0_PX`.
 
     Attributes:
         path: the slide file.
@@ -55,7 +87,8 @@ class Slide(abc.ABC):
 
     backend: str = ""
 
-    def __init__(self, path: str | os.PathLike, mpp: float | tuple[float, float] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, mpp: float | tuple[float, float] | None = None,
+                 max_level0_px: int | None = None) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise SlideError(self.path, "file does not exist" if not self.path.exists() else "not a regular file")
@@ -65,9 +98,14 @@ class Slide(abc.ABC):
                 raise SlideError(self.path, f"mpp override must be positive um/px, got {mpp!r}")
             mpp = mpp_xy
         self._mpp_override: tuple[float, float] | None = mpp
+        self._max_level0_px = _max_level0_px(self.path, max_level0_px)
         try:
             self._open()
             dims, self.vendor, self.associated_images = self._geometry()
+            if not dims:
+                raise SlideError(self.path, f"the {self.backend} backend found no image levels")
+            self.level_dimensions: list[tuple[int, int]] = [(int(w), int(h)) for w, h in dims]
+            self._check_claims()
         except SlideError:
             self._safe_close()
             raise
@@ -75,14 +113,14 @@ class Slide(abc.ABC):
             raise SlideError(self.path, f"the {self.backend} backend is not installed ({exc})") from exc
         except Exception as exc:  # backends raise their own types; the caller needs the file and the cause
             self._safe_close()
-            raise SlideError(self.path, f"not a whole-slide image the {self.backend} backend can read "
-                                        f"({type(exc).__name__}: {exc})") from exc
-        if not dims:
-            raise SlideError(self.path, f"the {self.backend} backend found no image levels")
-        self.level_dimensions: list[tuple[int, int]] = [(int(w), int(h)) for w, h in dims]
+            truncated = tiff_truncation(self.path)
+            raise SlideError(self.path, truncated or f"not a whole-slide image the {self.backend} backend can read "
+                                                     f"({type(exc).__name__}: {exc})") from exc
         w0, h0 = self.level_dimensions[0]
         # OpenSlide's definition: the mean of the width and height ratios, so every backend reports the same value.
         self.level_downsamples: list[float] = [(w0 / w + h0 / h) / 2 for w, h in self.level_dimensions]
+        if mpp is None:
+            self._warn_if_implausible_mpp()
 
     # ---- backend interface -------------------------------------------------------------------------------------
 
@@ -106,6 +144,57 @@ class Slide(abc.ABC):
     def _close(self) -> None:
         """Release the backend's handles."""
 
+    def _objective_power(self) -> float | None:
+        """The scan's objective power (20, 40) as the file states it, or None."""
+        return None
+
+    def _stored_bytes(self) -> int | None:
+        """Bytes holding the slide's pixels: the file's size; None for formats whose levels live in other files."""
+        if self.path.suffix.lower() in _MULTI_FILE_SUFFIXES:
+            return None
+        return self.path.stat().st_size
+
+    # ---- what the file claims ----------------------------------------------------------------------------------
+
+    def _check_claims(self) -> None:
+        """Refuse geometry no real slide has, before anything is read (a hostile header would make reads run for
+        days): levels within level 0, level-0 pixels within the limit and within what the file's bytes can hold."""
+        w0, h0 = self.level_dimensions[0]
+        for level, (w, h) in enumerate(self.level_dimensions):
+            if w <= 0 or h <= 0 or w > w0 or h > h0:
+                raise SlideError(self.path, f"level {level} claims {w} x {h} px, which is not a positive size within "
+                                            f"level 0 ({w0} x {h0} px)")
+        pixels = w0 * h0
+        if pixels > self._max_level0_px:
+            raise SlideError(self.path, f"claims {w0} x {h0} px at level 0 ({pixels:.3g} px), more than the "
+                                        f"{self._max_level0_px:.3g} px a slide may have (raise the limit with "
+                                        "$PATHBUNDLES_MAX_LEVEL0_PX or max_level0_px= if the slide is real)")
+        stored = self._stored_bytes()
+        if stored is not None and pixels > stored * MAX_PX_PER_FILE_BYTE:
+            raise SlideError(self.path, f"claims {w0} x {h0} px at level 0 ({pixels:.3g} px) in a file of {stored} "
+                                        f"bytes: {pixels / max(stored, 1):.3g} px per byte, where no slide format "
+                                        f"stores more than {MAX_PX_PER_FILE_BYTE:.0e}; the header is corrupt")
+
+    def _warn_if_implausible_mpp(self) -> None:
+        """Log a warning naming the file when its stated mpp is outside `PLAUSIBLE_MPP` or far from 10 / power."""
+        stated = self._file_mpp()
+        if stated is None:
+            return
+        power = self._objective_power()
+        mpp = sum(stated) / 2
+        low, high = PLAUSIBLE_MPP
+        if not low <= mpp <= high:
+            why = f"outside the {low}-{high} um/px a scanner produces at level 0"
+        elif power and not 10 / power / MPP_POWER_FACTOR <= mpp <= 10 / power * MPP_POWER_FACTOR:
+            why = f"but the file also states objective power {power:g}x, which scans at about {10 / power:.3g} um/px"
+        else:
+            return
+        key = (str(self.path), stated)
+        if key not in _warned_mpp:  # once per file and process: DataLoader workers reopen slides many times
+            _warned_mpp.add(key)
+            logger.warning("%s: the file states a level-0 resolution of %.4g x %.4g um/px, %s; if it is wrong, %s",
+                           self.path, stated[0], stated[1], why, MPP_HINT)
+
     # ---- geometry and resolution -------------------------------------------------------------------------------
 
     @property
@@ -128,7 +217,7 @@ class Slide(abc.ABC):
         """Level-0 (mpp_x, mpp_y) in um/px; raises SlideError naming the file when it is unknown."""
         mpp = self.file_mpp
         if mpp is None:
-            raise SlideError(self.path, "the slide states no resolution (mpp); pass mpp= to open_slide")
+            raise SlideError(self.path, f"the slide states no resolution (mpp); {MPP_HINT}")
         return mpp
 
     def level_mpp(self, level: int) -> tuple[float, float]:
@@ -261,7 +350,7 @@ class Slide(abc.ABC):
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Re-open by path in the receiving process: backend handles cannot be pickled (DataLoader workers).
-        return type(self), (self.path, self._mpp_override)
+        return type(self), (self.path, self._mpp_override, self._max_level0_px)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({str(self.path)!r}, vendor={self.vendor!r}, "
@@ -356,6 +445,56 @@ class Slide(abc.ABC):
         return out
 
 
+def _max_level0_px(path: Path, given: int | None) -> int:
+    """The level-0 pixel limit: ``given``, else `$PATHBUNDLES_MAX_LEVEL0_PX`, else `MAX_LEVEL0_PX`."""
+    text = os.environ.get("PATHBUNDLES_MAX_LEVEL0_PX") if given is None else given
+    if text is None:
+        return MAX_LEVEL0_PX
+    try:
+        value = int(float(text))
+    except (TypeError, ValueError):
+        value = 0
+    if value <= 0:
+        raise SlideError(path, f"the level-0 pixel limit must be a positive number of pixels, got {text!r} "
+                               "(max_level0_px= or $PATHBUNDLES_MAX_LEVEL0_PX)")
+    return value
+
+
+def tiff_truncation(path: str | os.PathLike) -> str | None:
+    """What is missing when a TIFF file is shorter than its header says, or None (not a TIFF, or not cut there).
+
+    Reads the header's offset of the first image directory (classic TIFF and BigTIFF, either byte order) and that
+    directory's entry count: a file cut before them is what readers report as "no pages" or "IndexError: 0".
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+            size = os.fstat(f.fileno()).st_size
+            order = {b"II": "<", b"MM": ">"}.get(head[:2])
+            if order is None or len(head) < 8:
+                return None
+            version = int.from_bytes(head[2:4], "little" if order == "<" else "big")
+            byteorder = "little" if order == "<" else "big"
+            if version == 42:
+                offset, count_size, entry_size, next_size = int.from_bytes(head[4:8], byteorder), 2, 12, 4
+            elif version == 43 and len(head) == 16:
+                offset, count_size, entry_size, next_size = int.from_bytes(head[8:16], byteorder), 8, 20, 8
+            else:
+                return None
+            if offset + count_size > size:
+                return (f"file is truncated: the TIFF header puts the first image directory at byte {offset}, but "
+                        f"the file has only {size} bytes")
+            f.seek(offset)
+            entries = int.from_bytes(f.read(count_size), byteorder)
+            end = offset + count_size + entries * entry_size + next_size
+            if end > size:
+                return (f"file is truncated: the first image directory ({entries} entries at byte {offset}) ends at "
+                        f"byte {end}, but the file has only {size} bytes")
+    except OSError:
+        return None
+    return None
+
+
 def _as_rgb(pixels: np.ndarray) -> np.ndarray:
     """Gray -> RGB by repetition; RGBA -> RGB composited on white (straight, not premultiplied, alpha)."""
     if pixels.ndim == 2:
@@ -425,10 +564,31 @@ class TiffSlide(Slide):
         if page.samplesperpixel > 1 and page.planarconfig != 1:
             raise SlideError(self.path, f"level {level} stores colour planes separately, which the tifffile "
                                         "backend does not read")
-        ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts) if n]
-        if not ends or max(ends) > file_size:
+        tile_w, tile_h = _tile_wh(page)
+        if tile_w <= 0 or tile_h <= 0:
+            raise SlideError(self.path, f"level {level} claims tiles of {tile_w} x {tile_h} px")
+        needed = -(-page.imagewidth // tile_w) * -(-page.imagelength // tile_h)
+        if len(page.dataoffsets) != needed or len(page.databytecounts) != needed:
+            raise SlideError(self.path, f"level {level} claims {page.imagewidth} x {page.imagelength} px, which "
+                                        f"takes {needed} tiles of {tile_w} x {tile_h} px, but the file lists "
+                                        f"{len(page.dataoffsets)}")
+        counts = np.asarray(page.databytecounts, dtype=np.int64)
+        ends = np.asarray(page.dataoffsets, dtype=np.int64) + counts
+        stored = counts > 0
+        if not stored.any():
+            raise SlideError(self.path, f"level {level} stores no tile data (every tile's byte count is 0)")
+        if int(ends[stored].max()) > file_size:
             raise SlideError(self.path, f"file is truncated: level {level} tile data ends at byte "
-                                        f"{max(ends, default=0)} but the file has {file_size} bytes")
+                                        f"{int(ends[stored].max())} but the file has {file_size} bytes")
+        # Tiles are stored whole even at the image's edge; the last strip holds only the rows that are left.
+        smallest_h = tile_h if page.is_tiled else page.imagelength - (needed - 1) * tile_h
+        least = _least_tile_bytes(int(page.compression), tile_w, smallest_h, page.samplesperpixel)
+        if int(counts[stored].min()) < least:
+            index = int(np.flatnonzero(stored & (counts < least))[0])
+            raise SlideError(self.path, f"level {level} tile {index} holds {int(counts[index])} bytes, fewer than "
+                                        f"the {least} that any {tile_w} x {smallest_h} px tile compressed as "
+                                        f"{getattr(page.compression, 'name', page.compression)} takes; the tile "
+                                        "table is corrupt")
 
     def _file_mpp(self) -> tuple[float, float] | None:
         first = self._tif.pages.first
@@ -443,10 +603,13 @@ class TiffSlide(Slide):
         # Rationals are (numerator, denominator) pixels per unit.
         return um_per_unit * xres[1] / xres[0], um_per_unit * yres[1] / yres[0]
 
+    def _objective_power(self) -> float | None:
+        match = re.search(r"\|\s*AppMag\s*=\s*([0-9.]+)", self._tif.pages.first.description or "")
+        return float(match.group(1)) if match and float(match.group(1)) > 0 else None
+
     def _read_level(self, level: int, level_xy: tuple[int, int], size_px: tuple[int, int]) -> np.ndarray:
         page = self._levels[level]
-        # Strips are tiles as wide as the image.
-        tile_w, tile_h = (page.tilewidth, page.tilelength) if page.is_tiled else (page.imagewidth, page.rowsperstrip)
+        tile_w, tile_h = _tile_wh(page)
         across = -(-page.imagewidth // tile_w)
         (x, y), (w, h) = level_xy, size_px
         out = np.full((h, w, page.samplesperpixel), 255, np.uint8)
@@ -506,6 +669,25 @@ class TiffSlide(Slide):
                 getattr(self, handle).close()
 
 
+def _tile_wh(page: Any) -> tuple[int, int]:
+    """(width, height) in px of a TIFF page's tiles; strips are tiles as wide as the image."""
+    return (page.tilewidth, page.tilelength) if page.is_tiled else (page.imagewidth, page.rowsperstrip)
+
+
+def _least_tile_bytes(compression: int, tile_w: int, tile_h: int, samples: int) -> int:
+    """Fewest bytes a non-empty tile of (tile_w, tile_h) px can take: uncompressed, every byte; deflate, the raw size
+    over 1032 (its largest ratio: a 258-byte match in 2 bits); JPEG, its 4 marker bytes (SOI, EOI) plus 1 bit per
+    8 x 8 block of one component (each block codes a DC difference); other codecs, 1 byte."""
+    if compression == 1:
+        return tile_w * tile_h * samples
+    if compression in (8, 32946):
+        return -(-tile_w * tile_h * samples // 1032)
+    if compression in (6, 7):
+        blocks = math.ceil(tile_w / 8) * math.ceil(tile_h / 8)
+        return 4 + math.ceil(blocks / 8)
+    return 1
+
+
 def _similar_ratio(ratio_x: float, ratio_y: float) -> bool:
     """True when two downsample ratios agree within 10 % (tile padding makes them differ slightly)."""
     return abs(ratio_x - ratio_y) <= 0.1 * max(ratio_x, ratio_y)
@@ -544,6 +726,13 @@ class OpenSlideSlide(Slide):
             region = Image.alpha_composite(Image.new("RGBA", region.size, "white"), region)
         return np.asarray(region.convert("RGB"))
 
+    def _objective_power(self) -> float | None:
+        try:
+            power = float(self._osr.properties["openslide.objective-power"])
+        except (KeyError, ValueError):
+            return None
+        return power if power > 0 else None
+
     def _file_mpp(self) -> tuple[float, float] | None:
         props = self._osr.properties
         try:
@@ -581,6 +770,10 @@ class CuCIMSlide(Slide):
         location = (round(level_xy[0] * ds), round(level_xy[1] * ds))
         return np.asarray(self._img.read_region(location=location, size=tuple(size_px), level=level))
 
+    def _objective_power(self) -> float | None:
+        power = float(self._img.metadata.get("aperio", {}).get("AppMag") or 0)
+        return power if power > 0 else None
+
     def _file_mpp(self) -> tuple[float, float] | None:
         metadata = self._img.metadata
         aperio_mpp = float(metadata.get("aperio", {}).get("MPP") or 0)
@@ -617,7 +810,7 @@ def available_backends() -> list[str]:
 
 
 def open_slide(path: str | os.PathLike, backend: str = "auto",
-               mpp: float | tuple[float, float] | None = None) -> Slide:
+               mpp: float | tuple[float, float] | None = None, max_level0_px: int | None = None) -> Slide:
     """Open a whole-slide image.
 
     Args:
@@ -625,6 +818,8 @@ def open_slide(path: str | os.PathLike, backend: str = "auto",
         backend: "auto" (cuCIM, else OpenSlide, else tifffile, whichever imports first), "cucim", "openslide" or
             "tifffile".
         mpp: level-0 resolution in um/px (number or (mpp_x, mpp_y)) overriding the file's value.
+        max_level0_px: most level-0 pixels the file may claim (default `$PATHBUNDLES_MAX_LEVEL0_PX`, else
+            `MAX_LEVEL0_PX`); a file claiming more raises SlideError before anything is read.
 
     Returns:
         a `Slide`; use it as a context manager or call `close()`.
@@ -637,7 +832,26 @@ def open_slide(path: str | os.PathLike, backend: str = "auto",
         name = found[0]
     if name not in _BACKEND_CLASSES:
         raise SlideError(path, f"unknown backend {backend!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
-    return _BACKEND_CLASSES[name](path, mpp=mpp)
+    return _BACKEND_CLASSES[name](path, mpp=mpp, max_level0_px=max_level0_px)
+
+
+#: Datalist item key giving a slide's level-0 mpp (um/px, a number or [mpp_x, mpp_y]) over its file's.
+ITEM_MPP_KEY = "mpp"
+
+
+def item_mpp(item: Any, default: float | tuple[float, float] | None = None) -> float | tuple[float, float] | None:
+    """The level-0 mpp override to open a datalist item's slide with.
+
+    Args:
+        item: a datalist item (a dict with ``image`` and optionally ``mpp``) or a bare path.
+        default: the run's override (the bundles' ``slide_mpp`` key), in um/px; None keeps the file's value.
+
+    Returns:
+        the item's own ``mpp`` when it has one, else ``default``; lists become tuples. `open_slide` checks it.
+    """
+    value = item.get(ITEM_MPP_KEY) if isinstance(item, dict) else None
+    value = default if value is None else value
+    return tuple(value) if isinstance(value, list) else value
 
 
 def slide_info(path: str | os.PathLike, backend: str = "auto",

@@ -38,15 +38,34 @@ def _by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
     return found
 
 
-def _paired(truth: dict[str, Path], other: dict[str, Path], truth_dir: Path, other_dir: Path) -> list[str]:
-    """Stems present in both folders; a file without its partner is an error naming it."""
-    for stem, path in sorted(other.items()):
-        if stem not in truth:
-            raise InputError(path, f"no ground truth '{stem}' with the same stem in {truth_dir}")
-    for stem, path in sorted(truth.items()):
-        if stem not in other:
-            raise InputError(path, f"no file '{stem}' with the same stem in {other_dir}")
-    return sorted(truth)
+def _paired(truth: dict[str, Path], other: dict[str, Path], truth_dir: Path, other_dir: Path,
+            other_alone: bool = False) -> tuple[list[str], list[str]]:
+    """Match the files of two folders by stem: ``(stems in both, stems only in other)``, each sorted.
+
+    A file of ``other`` without ground truth is an error unless ``other_alone`` (FROC: a detection CSV without a
+    mask is a normal slide), and so is a ground-truth file without its partner. The error names the file, the other
+    folder and that folder's files without a partner; names must match exactly, and one that differs only in case
+    is pointed out.
+    """
+    truth_alone, alone = sorted(set(truth) - set(other)), sorted(set(other) - set(truth))
+
+    def missing(path: Path, stem: str, where: Path, unmatched: list[str], files: dict[str, Path],
+                what: str) -> InputError:
+        near = [files[s].name for s in unmatched if s.lower() == stem.lower()]
+        if near:
+            hint = f" ({near[0]} differs only in case: names must match exactly)"
+        elif unmatched:
+            listed = ", ".join(files[s].name for s in unmatched[:3]) + (", ..." if len(unmatched) > 3 else "")
+            hint = f" (files there without a partner: {listed})"
+        else:
+            hint = ""
+        return InputError(path, f"no {what} '{stem}' with the same stem in {where}{hint}")
+
+    if alone and not other_alone:
+        raise missing(other[alone[0]], alone[0], truth_dir, truth_alone, truth, "ground truth")
+    if truth_alone:
+        raise missing(truth[truth_alone[0]], truth_alone[0], other_dir, alone, other, "file")
+    return sorted(truth), alone
 
 
 def _write_json(out: str | os.PathLike, result: dict) -> dict:
@@ -66,7 +85,8 @@ def froc_command(masks: str | os.PathLike, detections: str | os.PathLike, out: s
         level0_mpp: micrometres per level-0 pixel.
         mask_downsample: level-0 pixels per mask pixel.
 
-    A CSV without a mask is a normal slide; a mask without a CSV is a slide with no detections.
+    A CSV without a mask is a normal slide. A mask without a CSV is an error naming both (a detector that found
+    nothing writes an empty CSV), so that names differing only in case never score as missed lesions.
 
     Returns:
         ``{"froc", "sensitivity": {"0.25", "0.5", "1", "2", "4", "8"}, "n_slides", "n_lesions", "n_itc"}``.
@@ -77,14 +97,14 @@ def froc_command(masks: str | os.PathLike, detections: str | os.PathLike, out: s
     mask_dir, detection_dir = _folder(masks, "masks"), _folder(detections, "detections")
     mask_files = _by_stem(mask_dir, _MASK_SUFFIXES)
     csv_files = _by_stem(detection_dir, (".csv",))
+    tumour, normal = _paired(mask_files, csv_files, mask_dir, detection_dir, other_alone=True)
     slides = []
-    for stem in sorted(set(mask_files) | set(csv_files)):
+    for stem in sorted(tumour + normal):
         lesions = None
         if stem in mask_files:
             lesions = evaluation_mask(read_mask_image(mask_files[stem], allow_colour=True), level0_mpp=level0_mpp,
                                       mask_downsample=mask_downsample)
-        found = read_detections_csv(csv_files[stem]) if stem in csv_files else np.zeros((0, 3))
-        slides.append(slide_hits(found, lesions))
+        slides.append(slide_hits(read_detections_csv(csv_files[stem]), lesions))
     if not slides:
         raise InputError(detection_dir, f"no detection CSVs here and no masks in {mask_dir}")
     if sum(len(s.lesion_scores) for s in slides) == 0:
@@ -98,27 +118,42 @@ def mitosis_f1_command(truth: str | os.PathLike, detections: str | os.PathLike, 
 
     Args:
         truth: folder of ``<image>.csv`` ground-truth centroids, rows ``x,y``.
-        detections: folder of ``<image>.csv`` detections, rows ``x,y,score``.
+        detections: folder of ``<image>.csv`` detections, rows ``x,y,score`` with score a probability in [0, 1]
+            (a score outside it, as a Camelyon16 ``probability,x,y`` row gives, is an error naming the file).
         out: JSON file to write.
         radius_px: matching radius in pixels (30 px = 7.5 um at 0.25 um/px; 20 px for MITOS 2012).
-        score_threshold: detections scoring below this are dropped (choose it on validation data, not on test).
+        score_threshold: detections scoring below this are dropped, in [0, 1] (choose it on validation data, not on
+            test).
 
     Returns:
-        ``{"precision", "recall", "f1", "tp", "fp", "fn"}``.
+        ``{"precision", "recall", "f1", "tp", "fp", "fn"}``; with no ground-truth mitosis and no detection F1 is
+        undefined: ``"f1": null`` and ``"f1_undefined"`` says why.
     """
     from pathbundles.annotations import read_points_csv
     from pathbundles.metrics.mitosis import mitosis_f1
 
+    from pathbundles.checks import out_of_unit_range, probability
+
+    score_threshold = probability(score_threshold, "score_threshold")
     truth_dir, detection_dir = _folder(truth, "truth"), _folder(detections, "detections")
     truth_files, detection_files = _by_stem(truth_dir, (".csv",)), _by_stem(detection_dir, (".csv",))
     images = []
-    for stem in _paired(truth_files, detection_files, truth_dir, detection_dir):
+    for stem in _paired(truth_files, detection_files, truth_dir, detection_dir)[0]:
         truth_xy, extra = read_points_csv(truth_files[stem], "xy")
         if extra is not None:
             raise InputError(truth_files[stem], "ground truth rows must be 'x,y' (two columns), found three")
         detection_xy, scores = read_points_csv(detection_files[stem], "xy")
         if scores is None and len(detection_xy):
             raise InputError(detection_files[stem], "detection rows must be 'x,y,score' (three columns), found two")
+        bad = out_of_unit_range(scores) if scores is not None else []
+        if len(bad):
+            k = int(bad[0])
+            camelyon = bool(((detection_xy[:, 0] >= 0) & (detection_xy[:, 0] <= 1)).all())
+            raise InputError(detection_files[stem], f"detection {k + 1} (x={detection_xy[k, 0]:g}, "
+                                                    f"y={detection_xy[k, 1]:g}, score={scores[k]:g}): the score is "
+                                                    "not a probability in [0, 1]; rows must be 'x,y,score'"
+                                                    + ("; these look like Camelyon16 'probability,x,y' rows"
+                                                       if camelyon else ""))
         images.append((truth_xy, detection_xy, scores))
     if not images:
         raise InputError(truth_dir, "no ground-truth CSVs found")
@@ -142,7 +177,7 @@ def iou_command(truth: str | os.PathLike, pred: str | os.PathLike, out: str | os
     num_classes = int(num_classes)
     truth_dir, pred_dir = _folder(truth, "truth"), _folder(pred, "pred")
     truth_files, pred_files = _by_stem(truth_dir, (".png",)), _by_stem(pred_dir, (".png",))
-    stems = _paired(truth_files, pred_files, truth_dir, pred_dir)
+    stems = _paired(truth_files, pred_files, truth_dir, pred_dir)[0]
     if not stems:
         raise InputError(truth_dir, "no ground-truth PNG label maps found")
     total = np.zeros((num_classes + 1, num_classes + 1), dtype=np.int64)

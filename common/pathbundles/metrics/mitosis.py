@@ -9,9 +9,13 @@ the wrong mitosis and leave another detection without a partner, so it can under
 
 Counts: TP = pairs, FP = detections - TP, FN = mitoses - TP, summed over images before computing
 precision = TP / (TP + FP), recall = TP / (TP + FN) and F1 = 2 TP / (2 TP + FP + FN) (= 2PR / (P + R)). With no
-detections precision is 1 (nothing false was claimed); with no mitoses recall is 1 (nothing was missed); F1 is 1
-only when there is nothing to find and nothing was found. Swapping detections and ground truth swaps precision and
-recall and keeps F1.
+detections precision is 1 (nothing false was claimed); with no mitoses recall is 1 (nothing was missed). When there
+is nothing to find and nothing was found, F1 is 0 / 0: undefined, NaN (``null`` in JSON), and :func:`mitosis_f1`
+warns with :class:`UndefinedMetricWarning`. Swapping detections and ground truth swaps precision and recall and
+keeps F1.
+
+Scores and ``score_threshold`` are probabilities in [0, 1]; anything else is refused (a score of 500 is a
+coordinate read as a score: a ``probability,x,y`` Camelyon16 row read as ``x,y,score``).
 
 Score threshold: tune it (and SegMitos' blob thresholds) on a validation set with ``best_threshold`` and apply
 the chosen value unchanged to the test set. Never tune on the test set: the F-score it reports would be optimistic
@@ -20,10 +24,21 @@ the chosen value unchanged to the test set. Never tune on the test set: the F-sc
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from pathbundles.checks import out_of_unit_range, probability
+
+#: What ``as_dict`` says in place of an undefined F1.
+UNDEFINED_F1 = "undefined: no ground-truth mitosis and no detection (F1 = 0 / 0)"
+
+
+class UndefinedMetricWarning(UserWarning):
+    """A metric that is 0 / 0 on the data given (F1 with nothing to find and nothing found): reported as NaN."""
 
 
 def radius_in_px(radius_px: float | None = None, radius_um: float | None = None, mpp: float | None = None) -> float:
@@ -111,24 +126,39 @@ class DetectionCounts:
 
     @property
     def f1(self) -> float:
-        """2 TP / (2 TP + FP + FN); 1 when there is nothing to find and nothing found."""
+        """2 TP / (2 TP + FP + FN); NaN (undefined) when there is nothing to find and nothing found."""
         denominator = 2 * self.tp + self.fp + self.fn
-        return 2 * self.tp / denominator if denominator else 1.0
+        return 2 * self.tp / denominator if denominator else math.nan
 
     def as_dict(self) -> dict:
-        """The JSON result of ``python -m pathbundles mitosis_f1``."""
-        return {"precision": self.precision, "recall": self.recall, "f1": self.f1,
-                "tp": self.tp, "fp": self.fp, "fn": self.fn}
+        """The JSON result of ``python -m pathbundles mitosis_f1``: an undefined F1 is ``None`` (JSON ``null``),
+        with ``"f1_undefined"`` saying why."""
+        f1 = self.f1
+        result = {"precision": self.precision, "recall": self.recall, "f1": None if math.isnan(f1) else f1,
+                  "tp": self.tp, "fp": self.fp, "fn": self.fn}
+        if math.isnan(f1):
+            result["f1_undefined"] = UNDEFINED_F1
+        return result
 
 
 def _kept(detection_xy: np.ndarray, scores: np.ndarray | None, score_threshold: float) -> np.ndarray:
     detection_xy = _points(detection_xy, "detection_xy")
     if scores is None:
         return detection_xy
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    if len(scores) != len(detection_xy):
-        raise ValueError(f"{len(scores)} scores for {len(detection_xy)} detections")
+    scores = _scores(scores, len(detection_xy))
     return detection_xy[scores >= score_threshold]
+
+
+def _scores(scores: np.ndarray, n_detections: int) -> np.ndarray:
+    """Detection scores as float64 (N,), refusing a count mismatch and values that are not probabilities."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if len(scores) != n_detections:
+        raise ValueError(f"{len(scores)} scores for {n_detections} detections")
+    bad = out_of_unit_range(scores)
+    if len(bad):
+        raise ValueError(f"detection score {float(scores[bad[0]])!r} (detection {int(bad[0])}) is not a probability in "
+                         "[0, 1]; were the columns read in the wrong order?")
+    return scores
 
 
 def mitosis_counts(truth_xy: np.ndarray, detection_xy: np.ndarray, scores: np.ndarray | None = None,
@@ -144,6 +174,7 @@ def mitosis_counts(truth_xy: np.ndarray, detection_xy: np.ndarray, scores: np.nd
         score_threshold: detections scoring below this are dropped.
     """
     radius = radius_in_px(radius_px, radius_um, mpp)
+    score_threshold = probability(score_threshold, "score_threshold")
     truth_xy = _points(truth_xy, "truth_xy")
     kept = _kept(detection_xy, scores, score_threshold)
     tp = len(match_points(truth_xy, kept, radius))
@@ -158,14 +189,19 @@ def mitosis_f1(images: Iterable[Image], radius_px: float | None = None, radius_u
                mpp: float | None = None, score_threshold: float = 0.0) -> DetectionCounts:
     """Pooled TP/FP/FN (and so precision, recall, F1) over images, counts summed before the ratios.
 
+    Warns with :class:`UndefinedMetricWarning` when there is no ground-truth mitosis and no detection at all (F1 is
+    then NaN, not a perfect 1).
+
     Args:
         images: (truth_xy, detection_xy, scores) per image, positions in pixels of that image.
         radius_px: matching radius in pixels; or ``radius_um`` with ``mpp`` (um/px, the same for all images).
-        score_threshold: detections scoring below this are dropped.
+        score_threshold: detections scoring below this are dropped (a probability in [0, 1]).
     """
     total = DetectionCounts()
     for truth_xy, detection_xy, scores in images:
         total = total + mitosis_counts(truth_xy, detection_xy, scores, radius_px, radius_um, mpp, score_threshold)
+    if total.tp + total.fp + total.fn == 0:
+        warnings.warn(f"mitosis F1 is {UNDEFINED_F1}", UndefinedMetricWarning, stacklevel=2)
     return total
 
 
@@ -215,9 +251,7 @@ def precision_recall_curve(images: Sequence[Image], radius_px: float | None = No
         if scores is None:
             raise ValueError("precision_recall_curve needs detection scores")
         detection_xy = _points(detection_xy, "detection_xy")
-        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-        if len(scores) != len(detection_xy):
-            raise ValueError(f"{len(scores)} scores for {len(detection_xy)} detections")
+        scores = _scores(scores, len(detection_xy))
         prepared.append((_points(truth_xy, "truth_xy"), detection_xy, scores))
     all_scores = np.concatenate([s for _, _, s in prepared]) if prepared else np.zeros(0)
     thresholds = np.unique(all_scores)[::-1]
