@@ -65,25 +65,35 @@ def test_pyramids_are_what_scanners_write(slides: list[dict]) -> None:
         with open_slide(item["image"], backend="openslide") as slide:
             assert slide.mpp == pytest.approx((item["mpp"], item["mpp"]), rel=1e-6)
             ratios = np.array(slide.level_downsamples[1:]) / np.array(slide.level_downsamples[:-1])
-            assert ratios == pytest.approx(item["step"], rel=0.002)
+            assert ratios[0] == pytest.approx(item["step"], rel=0.002)
+            assert ratios == pytest.approx(item["step"], rel=0.02)  # small levels' sizes are rounded
             if item["step"] == 4.002:
-                assert not np.allclose(ratios, 4.0, rtol=1e-4, atol=0)
+                assert (np.abs(ratios - 4.0) > 1e-3).any()  # some level is not a whole downsample
 
 
 @pytest.mark.parametrize("backend", ["openslide", "tifffile"])
 @pytest.mark.parametrize("out_mpp", [0.25, 0.5, 1.0, 2.0])
 def test_reads_put_the_markers_where_they_are(slides: list[dict], backend: str, out_mpp: float) -> None:
-    """A read at any mpp, from whichever level, has the marker's darkness centred where the marker is (within a
-    tenth of an output pixel) and matches a reference area-resampling of level 0."""
+    """A read at any mpp, from whichever level, has the marker's darkness centred where the marker is and matches a
+    reference area-resampling of level 0.
+
+    Within a tenth of an output pixel, plus what the level read from may be off by itself: a level whose size was
+    rounded up (ceil, as SVS and these 2x/4x phantoms are) holds exactly ds-fold blocks while every reader places
+    it by the ratio of the sizes, so its last pixels lie up to ds - 1 level-0 px from where they are said to be.
+    (A read at 0.453 um/px vs one at 0.5 from a 0.2265 um/px slide's 0.906 um/px level, which snapping returned,
+    is off by 10 % of the distance from the origin: tens of um.)"""
     for item in slides:
         with open_slide(item["image"], backend=backend) as slide:
             level0_mpp = slide.mpp[0]
+            finer = [slide.level_mpp(i)[0] for i in range(slide.level_count)
+                     if slide.level_mpp(i)[0] <= out_mpp * (1 + 1e-6)]
+            tolerance_um = 0.1 * out_mpp + (max(finer, default=level0_mpp) - level0_mpp)
             for mx, my in item["markers_xy"][:2]:
                 size = int(2 * RADIUS_UM / out_mpp) + 8
                 half0 = size / 2 * out_mpp / level0_mpp
                 view = slide.read_region((mx - half0, my - half0), (size, size), out_mpp)
                 offset = _dark_centroid_um(view, out_mpp, RADIUS_UM)
-                assert np.abs(offset).max() <= 0.1 * out_mpp, (item["name"], out_mpp, offset)
+                assert np.abs(offset).max() <= tolerance_um, (item["name"], out_mpp, offset, tolerance_um)
                 level0 = slide.read_level_region(0, (int(mx - half0) - 2, int(my - half0) - 2),
                                                  (int(2 * half0) + 6, int(2 * half0) + 6))
                 reference = box_reference(level0, (mx - half0 - (int(mx - half0) - 2), my - half0 - (int(my - half0) - 2)),
