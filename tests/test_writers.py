@@ -102,8 +102,26 @@ def test_step4_ceil_sizes_and_partial_blocks(tmp_path: Path) -> None:
         assert np.abs(tif.pages[1].asarray() - block_mean(image, 4)).max() <= 0.5  # rounded, edges included
         # Level 2 is made from level 1 (cascaded), as a reader would expect of a pyramid.
         assert np.abs(tif.pages[2].asarray() - block_mean(tif.pages[1].asarray(), 4)).max() <= 0.5
-        # Per-axis mpp follows the real (ceil-divided) size: 1999 / 500 along x, 3001 / 751 along y.
-        np.testing.assert_allclose(mpp_from_tags(tif.pages[1]), (0.5 * 1999 / 500, 0.5 * 3001 / 751), rtol=1e-6)
+        # The mpp tags are the blocks' (4 x 0.5 um), not the ratio of the rounded sizes (1999 / 500 = 3.998).
+        np.testing.assert_allclose(mpp_from_tags(tif.pages[1]), (2.0, 2.0), rtol=1e-6)
+        assert json.loads(tif.pages[2].description)["downsample"] == [16.0, 16.0]
+
+
+def test_floor_rounded_levels_drop_partial_blocks(tmp_path: Path) -> None:
+    """Levels of floor-divided size, as Aperio SVS has: partial blocks at the right and bottom are left out, and the
+    slide layer still places every level as 4-fold blocks (3001 / 750 = 4.0013 is not the factor)."""
+    image = gradient_rgb(3001, 1999)
+    out = write_pyramid_tiff(tmp_path / "f4.tif", image, mpp=0.5, downsample_step=4, tile_px=512,
+                             level_rounding="floor", min_level_px=130)
+    with tifffile.TiffFile(out) as tif:
+        assert [p.shape[:2] for p in tif.pages] == [(3001, 1999), (750, 499), (187, 124)]
+        assert np.abs(tif.pages[1].asarray() - block_mean(image[:3000, :1996], 4)).max() <= 0.5
+        assert np.abs(tif.pages[2].asarray() - block_mean(tif.pages[1].asarray()[:748, :496], 4)).max() <= 0.5
+    from pathbundles.wsi import open_slide
+
+    with open_slide(out, backend="openslide") as slide:
+        assert slide.level_downsamples == [1.0, 4.0, 16.0]
+        assert slide.level_mpp(2) == pytest.approx((8.0, 8.0))
 
 
 def test_float_map_lossless_and_label_map_nearest(tmp_path: Path) -> None:

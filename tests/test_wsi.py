@@ -159,10 +159,32 @@ def test_generated_pyramid_geometry(generated: dict, backend: str) -> None:
             count = 1 if "subifd" in name and backend == "openslide" else len(levels)
             assert slide.level_dimensions == [(a.shape[1], a.shape[0]) for a in levels[:count]], name
             step = 4 if "4x" in name else 2
-            assert slide.level_downsamples[:2] == pytest.approx([1.0, step][:count])
+            # Whole decimation factors, also where the sizes were rounded (the odd variant's 2100 -> 525 -> 131: the
+            # last level holds 16 x 16 blocks although 2100 / 131 = 16.03).
+            assert slide.level_downsamples == [float(step ** k) for k in range(count)], name
             assert slide.mpp == pytest.approx((GENERATED_MPP, GENERATED_MPP))
-            width = slide.level_dimensions[-1][0]
-            assert slide.level_mpp(count - 1)[0] == pytest.approx(GENERATED_MPP * levels[0].shape[1] / width)
+            assert slide.level_mpp(count - 1) == pytest.approx((GENERATED_MPP * step ** (count - 1),) * 2)
+
+
+@pytest.mark.parametrize("sizes,factors", [
+    # An Aperio SVS (CMU-1): sizes floor-divided by 4; OpenSlide's ratios 4.00012, 16.0014.
+    ([(46000, 32914), (11500, 8228), (2875, 2057)], [1, 4, 16]),
+    # A 2x chain rounded up (NDPI, DICOM converters): ratios 1.9995, 3.9991, 7.998, 15.996.
+    ([(4415, 4415), (2208, 2208), (1104, 1104), (552, 552), (276, 276)], [1, 2, 4, 8, 16]),
+    # Floor-halved from 3000: 2.0, 4.0, 8.0, 16.04 (a real DICOM pyramid's 16.06 is of this kind).
+    ([(3000, 2000), (1500, 1000), (750, 500), (375, 250), (187, 125)], [1, 2, 4, 8, 16]),
+])
+def test_levels_are_placed_by_whole_decimation_factors(sizes: list, factors: list) -> None:
+    """A level that is its predecessor's size divided by a whole m and rounded either way is m-fold decimated:
+    placing it by the ratio of the sizes instead puts its far pixels up to m - 1 level-0 px off."""
+    assert wsi._level_scales(sizes) == [(float(k), float(k)) for k in factors]
+
+
+def test_levels_of_no_whole_factor_keep_the_ratio_of_their_sizes() -> None:
+    """A level that is not a rounded whole fraction of its predecessor (a resampled 1.5x level, an odd crop) is
+    placed by the ratio of its sides to level 0's, per axis, and so is every level after it."""
+    scales = wsi._level_scales([(3000, 2000), (2000, 1333), (1000, 666), (500, 333)])
+    assert scales == [(1.0, 1.0), (1.5, 2000 / 1333), (3.0, 2000 / 666), (6.0, 2000 / 333)]
 
 
 @pytest.mark.parametrize("name", ["deflate_2x", "deflate_4x", "deflate_subifd_2x", "deflate_odd_4x", "jpeg_2x"])
@@ -192,7 +214,10 @@ def test_backends_agree_on_generated(generated: dict, name: str, backend: str) -
                 level0_xy = (round(xy[0] * ds), round(xy[1] * ds))
                 a = ours.read_level_region(level, level0_xy, size)
                 b = other.read_level_region(level, level0_xy, size)
-                if name.startswith("deflate") and ds.is_integer():
+                # OpenSlide finds a level pixel by dividing a level-0 position by the ratio of the level sizes; where
+                # that ratio is not whole (2100 / 131 = 16.03) it lands between stored pixels and interpolates.
+                whole = all((n0 / n).is_integer() for n0, n in zip(other.dimensions, (width, height)))
+                if name.startswith("deflate") and whole:
                     np.testing.assert_array_equal(a, b)
                 else:  # JPEG decoders, or OpenSlide interpolating at a fractional level offset
                     assert np.abs(a.astype(int) - b).mean() < 2

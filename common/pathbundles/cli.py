@@ -33,10 +33,10 @@ def tissue(slide: str, out: str, mpp: float = 8.0, backend: str = "auto", slide_
 
 
 def phantom(outdir: str, kind: str = "metastasis", n: int = 4, seed: int = 0, mpp: float | None = None,
-            downsample_step: float | None = None) -> None:
+            downsample_step: int | None = None) -> None:
     """Generate a deterministic phantom dataset (kind: metastasis | mitosis | multiclass | geometry) into OUTDIR;
-    --mpp (level-0 um/px) and --downsample_step (pyramid step, e.g. 4.002; not for mitosis HPFs) override the
-    kind's defaults."""
+    --mpp (level-0 um/px, e.g. 0.2265) and --downsample_step (pyramid step, 2 or 4; not for mitosis HPFs) override
+    the kind's defaults."""
     from pathbundles.phantom import make_phantom
 
     options = {k: v for k, v in (("mpp", mpp), ("downsample_step", downsample_step)) if v is not None}

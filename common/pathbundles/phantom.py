@@ -8,9 +8,10 @@ Three generators, each writing a folder with a ``dataset.json`` datalist (paths 
   mimics and centroid CSVs.
 - :func:`make_multiclass_dataset`: pyramidal TIFFs with six tissue classes, full label maps and partial
   (GeoJSON + PNG) annotations.
-- :func:`make_geometry_dataset`: geometry test slides at a scanner's resolution and pyramid step (0.2265 um/px,
-  uneven 4.002 steps, ...): dark cone-shaped markers at known sub-pixel positions on tissue-coloured ground, the
-  ground truth for "does every output land where it belongs on the slide".
+- :func:`make_geometry_dataset`: geometry test slides at a scanner's resolution and pyramid (0.2265 um/px, 2x or 4x
+  steps with sizes rounded up or down, so downsamples such as 3.9991 or 4.0027): dark cone-shaped markers at known
+  sub-pixel positions on tissue-coloured ground, the ground truth for "does every output land where it belongs on
+  the slide".
 
 How the pixels are made: colour follows a Beer-Lambert stain model (haematoxylin and eosin concentrations times
 per-slide stain vectors). All geometry is global and seeded: region polygons, nucleus positions (jittered-grid
@@ -553,13 +554,14 @@ class _BandSource:
         self._bar.close()
 
 
-def _write_slide(path: Path, scene: Any, mpp: float, downsample_step: float, description: dict[str, Any]) -> None:
+def _write_slide(path: Path, scene: Any, mpp: float, downsample_step: int, description: dict[str, Any],
+                 level_rounding: str = "ceil") -> None:
     """Render ``scene`` (anything with ``shape_hw`` and ``render(y0, y1)``) into a pyramidal JPEG TIFF (tiles 256,
     quality 90)."""
     source = _BandSource(scene, path.name)
     try:
         write_pyramid_tiff(path, source, mpp=mpp, tile_px=256, compression="jpeg", quality=90,
-                           downsample_step=downsample_step, description=description)
+                           downsample_step=downsample_step, level_rounding=level_rounding, description=description)
     finally:
         source.close()
 
@@ -784,7 +786,7 @@ def _lymph_node_scene(rng: np.random.Generator, shape_hw: tuple[int, int], mpp: 
 
 def make_metastasis_dataset(outdir: str | os.PathLike, n: int = 4, seed: int = 0,
                             size_px: int | tuple[int, int] = (8192, 8192), mpp: float = 0.5,
-                            downsample_step: float = 4) -> Path:
+                            downsample_step: int = 4) -> Path:
     """Write ``n`` Camelyon16-style phantom slides (even index = tumour, odd = normal) and ``dataset.json``.
 
     Per slide: ``phantom_{tumor|normal}_{i:03d}.tif`` (pyramidal JPEG TIFF, tiles 256, downsample step 4 like an
@@ -799,8 +801,7 @@ def make_metastasis_dataset(outdir: str | os.PathLike, n: int = 4, seed: int = 0
         size_px: slide (width, height) in level-0 px, or one int for a square. Macro and micro lesion sizes scale
             with ``min(size) / 8192``; ITCs keep their size (< 400 px).
         mpp: level-0 resolution, um/px (0.243 for Radboud's scanner, 0.226 for Utrecht's).
-        downsample_step: pyramid step (4 like an Aperio SVS; 2 like NDPI, MRXS or DICOM; fractional for uneven
-            pyramids, see :func:`pathbundles.writers.write_pyramid_tiff`).
+        downsample_step: pyramid step (4 like an Aperio SVS; 2 like NDPI, MRXS or DICOM).
 
     Returns:
         Path of ``dataset.json``.
@@ -1093,7 +1094,7 @@ def _partial_annotations(rng: np.random.Generator, labels: np.ndarray, label_ds:
 
 def make_multiclass_dataset(outdir: str | os.PathLike, n: int = 4, seed: int = 0,
                             size_px: int | tuple[int, int] = (4096, 4096), mpp: float = 0.5,
-                            downsample_step: float = 2) -> Path:
+                            downsample_step: int = 2) -> Path:
     """Write ``n`` multi-class phantom slides (DMMN-style) and ``dataset.json``.
 
     Per slide: ``phantom_mc_{i:03d}.tif`` (pyramidal JPEG TIFF, downsample step 2), ``labels/<name>.png`` (class
@@ -1107,7 +1108,7 @@ def make_multiclass_dataset(outdir: str | os.PathLike, n: int = 4, seed: int = 0
         seed: random seed; the same seed gives byte-identical files.
         size_px: slide (width, height) in level-0 px, or one int for a square.
         mpp: level-0 resolution, um/px.
-        downsample_step: pyramid step (whole or fractional, as :func:`make_metastasis_dataset`).
+        downsample_step: pyramid step (as :func:`make_metastasis_dataset`).
 
     Returns:
         Path of ``dataset.json``.
@@ -1179,17 +1180,19 @@ class _MarkerScene:
         return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
-def make_geometry_dataset(outdir: str | os.PathLike, n: int = 1, seed: int = 0, size_um: float = 1200.0,
-                          mpp: float = 0.2265, downsample_step: float = 4.002, marker_radius_um: float = 60.0,
-                          marker_spacing_um: float = 300.0, edge_um: float = 200.0) -> Path:
+def make_geometry_dataset(outdir: str | os.PathLike, n: int = 1, seed: int = 0, size_um: float = 1000.0,
+                          mpp: float = 0.2265, downsample_step: int = 4, level_rounding: str = "floor",
+                          marker_radius_um: float = 60.0, marker_spacing_um: float = 300.0,
+                          edge_um: float = 200.0) -> Path:
     """Write ``n`` geometry test slides at a scanner's resolution and pyramid step, and ``dataset.json``.
 
     Each slide (``phantom_geometry_{i:03d}.tif``, square, ``size_um`` wide) is pink tissue inside a 40 um glass margin
     with dark cone-shaped markers (radius ``marker_radius_um``) at seeded sub-pixel positions, at least
     ``marker_spacing_um`` apart and ``edge_um`` from the slide's edges. Whatever reads, scans or segments the slide
     must put each marker's response at the marker's position: the ground truth for every output's geometry, at
-    resolutions (0.2265, 0.243, 0.2527, 0.499 um/px) and pyramid steps (2, 4, 4.002) where a snapped pyramid level
-    or an unregistered map would misplace it.
+    resolutions (0.2265, 0.243, 0.2527, 0.499 um/px) and pyramids (2x, 4x; sizes rounded down as SVS levels are,
+    or up, which makes downsamples such as 4.0027 or 3.9991) where a snapped pyramid level or an unregistered map
+    would misplace it.
 
     Args:
         outdir: output folder (created).
@@ -1197,7 +1200,8 @@ def make_geometry_dataset(outdir: str | os.PathLike, n: int = 1, seed: int = 0, 
         seed: random seed of the marker positions.
         size_um: slide side in um (level-0 side ``round(size_um / mpp)`` px).
         mpp: level-0 resolution, um/px.
-        downsample_step: pyramid step (whole or fractional).
+        downsample_step: pyramid step.
+        level_rounding: "floor" or "ceil", how level sizes are rounded (:func:`pathbundles.writers.write_pyramid_tiff`).
         marker_radius_um: radius of each cone, um.
         marker_spacing_um: smallest distance between marker centres, um.
         edge_um: smallest distance of a marker centre from the slide's edges, um.
@@ -1221,11 +1225,13 @@ def make_geometry_dataset(outdir: str | os.PathLike, n: int = 1, seed: int = 0, 
         scene = _MarkerScene((side, side), markers_um / mpp, marker_radius_um / mpp, 40.0 / mpp)
         name = f"phantom_geometry_{i:03d}"
         _write_slide(out / f"{name}.tif", scene, mpp, downsample_step,
-                     {"phantom": "geometry", "seed": seed, "mpp": mpp, "downsample_step": downsample_step})
+                     {"phantom": "geometry", "seed": seed, "mpp": mpp, "downsample_step": downsample_step},
+                     level_rounding)
         items.append({"image": f"{name}.tif", "markers_xy": (markers_um / mpp).tolist(),
                       "markers_um": markers_um.tolist()})
     return _write_datalist(out, {"kind": "geometry", "seed": seed, "level0_mpp": mpp,
-                                 "downsample_step": downsample_step, "marker_radius_um": marker_radius_um,
+                                 "downsample_step": downsample_step, "level_rounding": level_rounding,
+                                 "marker_radius_um": marker_radius_um,
                                  "size_px": [side, side], "items": items})
 
 

@@ -86,7 +86,8 @@ class BandSource(Protocol):
 
 def write_pyramid_tiff(path: str | os.PathLike, source: BandSource, *, mpp: float, tile_px: int = 256,
                        compression: str = "deflate", quality: int = 90, deflate_level: int = 6,
-                       min_level_px: int = 256, downsample_step: float = 2, resample: str = "area",
+                       min_level_px: int = 256, downsample_step: int = 2, resample: str = "area",
+                       level_rounding: str = "ceil",
                        description: Mapping[str, Any] | str | None = None,
                        tmp_dir: str | os.PathLike | None = None) -> Path:
     """Stream ``source`` into a tiled pyramidal TIFF without holding any level in memory.
@@ -106,12 +107,14 @@ def write_pyramid_tiff(path: str | os.PathLike, source: BandSource, *, mpp: floa
         quality: JPEG quality, 1..100.
         deflate_level: zlib level, 1 (fast) .. 9 (small).
         min_level_px: stop adding levels once the smaller side of the last level is at most this (pixels).
-        downsample_step: linear factor between consecutive levels. A whole number (2 or 4 usual) ceil-divides the
-            sizes and averages blocks; any other factor > 1 (4.002, as uneven as a real DICOM pyramid) rounds the
-            sizes and area-averages each level to exactly ``previous size / its size`` per axis, so that a reader's
-            downsample (a ratio of level sizes) places its pixels right. ``resample="area"`` only.
+        downsample_step: linear factor between consecutive levels (2 or 4 usual).
         resample: ``"area"`` (block mean over the pixels inside the image, rounded for integers) or
             ``"nearest"`` (top-left pixel of each block: use it for label maps, where a mean is meaningless).
+        level_rounding: ``"ceil"`` (a level's sides are the previous ones ceil-divided by the step, partial blocks
+            at the right and bottom averaged over their pixels) or ``"floor"`` (partial blocks dropped, as Aperio
+            SVS levels are). Either way level pixel j holds level-0 block ``[j * d, (j + 1) * d)``, d the level's
+            whole downsample, which is how :class:`pathbundles.wsi.Slide` places it; readers that take the ratio
+            of the sizes place a level's last pixels up to d - 1 level-0 px off.
         description: extra JSON fields for the ImageDescription (e.g. ``{"scale": "probability * 255"}``);
             a plain string is stored as ``{"note": description}``.
         tmp_dir: folder for the raw temporaries of the reduced levels (default: the output folder, so that
@@ -125,12 +128,11 @@ def write_pyramid_tiff(path: str | os.PathLike, source: BandSource, *, mpp: floa
     shape = tuple(int(n) for n in source.shape)
     dtype = np.dtype(source.dtype)
     _check_pyramid_args(shape, dtype, mpp, tile_px, compression, quality, deflate_level, min_level_px,
-                        downsample_step, resample)
+                        downsample_step, resample, level_rounding)
     samples = 1 if len(shape) == 2 else shape[2]
-    level_hw = _level_sizes(shape[:2], downsample_step, min_level_px)
+    level_hw = _level_sizes(shape[:2], downsample_step, min_level_px, level_rounding)
     raw_bytes = sum(h * w for h, w in level_hw) * samples * dtype.itemsize
     downsample = _area_downsample if resample == "area" else _nearest_downsample
-    whole_step = float(downsample_step).is_integer()
     extra = {"note": description} if isinstance(description, str) else dict(description or {})
 
     page_args: dict[str, Any] = {
@@ -154,21 +156,22 @@ def write_pyramid_tiff(path: str | os.PathLike, source: BandSource, *, mpp: floa
         for level, (h, w) in enumerate(level_hw):
             level_shape = (h, w) if samples == 1 else (h, w, samples)
             next_raw = Path(level_dir) / f"level{level + 1}.raw" if level + 1 < len(level_hw) else None
-            scale_x, scale_y = shape[1] / w, shape[0] / h
+            # A level pixel is a step ** level block of level 0 whatever the rounding of its size: that is its mpp.
+            scale_x = scale_y = float(downsample_step ** level)
             # The caller's fields first, so that none of them can shadow the mpp a reader relies on.
             fields = {**extra, "pathbundles": "pyramid", "mpp": mpp, "level": level,
                       "level_mpp": [mpp * scale_x, mpp * scale_y], "downsample": [scale_x, scale_y]}
             with open(next_raw, "wb") if next_raw is not None else contextlib.nullcontext() as sink:
-                fractional = None if whole_step or next_raw is None else \
-                    _FractionalDownsampler((h, w), level_hw[level + 1])
+                # Rows and columns of this level that make up the next one (all of them, or whole blocks only).
+                next_h, next_w = level_hw[level + 1] if next_raw is not None else (0, 0)
+                keep_h, keep_w = (next_h * downsample_step, next_w * downsample_step) if level_rounding == "floor" \
+                    else (h, w)
 
-                def on_band(band: np.ndarray, sink: Any = sink, fractional: Any = fractional) -> None:
-                    if sink is None:
-                        return
-                    # Written band by band: the next level never exists in memory as a whole.
-                    smaller = fractional.push(band) if fractional is not None else \
-                        downsample(band, int(downsample_step))
-                    np.ascontiguousarray(smaller).tofile(sink)
+                def on_band(band: np.ndarray, y0: int, sink: Any = sink, keep_h: int = keep_h,
+                            keep_w: int = keep_w) -> None:
+                    if sink is not None and y0 < keep_h:
+                        # Written band by band: the next level never exists in memory as a whole.
+                        np.ascontiguousarray(downsample(band[:keep_h - y0, :keep_w], downsample_step)).tofile(sink)
 
                 tiles = _iter_tiles(level_source, level_shape, dtype, tile_px, on_band, bar.update)
                 if compression in ("deflate", "zlib"):
@@ -213,8 +216,8 @@ def read_pyramid_mpp(path: str | os.PathLike) -> float:
 
 
 def _check_pyramid_args(shape: tuple[int, ...], dtype: np.dtype, mpp: float, tile_px: int, compression: str,
-                        quality: int, deflate_level: int, min_level_px: int, downsample_step: float,
-                        resample: str) -> None:
+                        quality: int, deflate_level: int, min_level_px: int, downsample_step: int,
+                        resample: str, level_rounding: str) -> None:
     """Raise ValueError naming the first argument of :func:`write_pyramid_tiff` that cannot work."""
     if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3)) or min(shape[:2]) < 1:
         raise ValueError(f"source shape {shape}: expected (H, W) or (H, W, C) with C in (1, 3), H, W >= 1")
@@ -234,30 +237,25 @@ def _check_pyramid_args(shape: tuple[int, ...], dtype: np.dtype, mpp: float, til
         raise ValueError(f"deflate_level {deflate_level}: expected 1..9")
     if min_level_px < 1:
         raise ValueError(f"min_level_px {min_level_px}: expected >= 1")
+    if not isinstance(downsample_step, (int, np.integer)) or downsample_step < 2 or tile_px % downsample_step:
+        raise ValueError(f"downsample_step {downsample_step}: expected a whole number >= 2 dividing tile_px {tile_px}")
     if resample not in ("area", "nearest"):
         raise ValueError(f"resample {resample!r}: expected 'area' or 'nearest'")
-    if float(downsample_step).is_integer():
-        if downsample_step < 2 or tile_px % int(downsample_step):
-            raise ValueError(f"downsample_step {downsample_step}: expected >= 2 and dividing tile_px {tile_px}")
-    elif not (math.isfinite(downsample_step) and downsample_step > 1.25) or resample != "area":
-        raise ValueError(f"downsample_step {downsample_step}: a fractional step must be > 1.25 with resample 'area'")
+    if level_rounding not in ("ceil", "floor"):
+        raise ValueError(f"level_rounding {level_rounding!r}: expected 'ceil' or 'floor'")
 
 
-def _level_sizes(hw: tuple[int, int], step: float, min_level_px: int) -> list[tuple[int, int]]:
-    """(H, W) of every level until the smaller side is <= ``min_level_px``: sizes ceil-divided by a whole ``step``,
-    rounded for a fractional one."""
+def _level_sizes(hw: tuple[int, int], step: int, min_level_px: int, rounding: str = "ceil") -> list[tuple[int, int]]:
+    """(H, W) of every level: ceil- or floor-divide by ``step`` until the smaller side is <= ``min_level_px``."""
     sizes = [hw]
-    while min(sizes[-1]) > min_level_px:
+    while min(sizes[-1]) > min_level_px and (rounding == "ceil" or min(sizes[-1]) >= step):
         h, w = sizes[-1]
-        if float(step).is_integer():
-            sizes.append((-(-h // int(step)), -(-w // int(step))))
-        else:
-            sizes.append((max(1, round(h / step)), max(1, round(w / step))))
+        sizes.append((-(-h // step), -(-w // step)) if rounding == "ceil" else (h // step, w // step))
     return sizes
 
 
 def _iter_tiles(source: BandSource, shape: tuple[int, ...], dtype: np.dtype, tile_px: int,
-                on_band: Callable[[np.ndarray], None], on_tile: Callable[[], Any]) -> Iterator[np.ndarray]:
+                on_band: Callable[[np.ndarray, int], None], on_tile: Callable[[], Any]) -> Iterator[np.ndarray]:
     """Yield row-major tiles of ``source`` as views of one band at a time (edge tiles uncut)."""
     h, w = shape[:2]
     for y0 in range(0, h, tile_px):
@@ -268,7 +266,7 @@ def _iter_tiles(source: BandSource, shape: tuple[int, ...], dtype: np.dtype, til
         if band.shape != (y1 - y0, *shape[1:]) or band.dtype != dtype:
             raise ValueError(f"source[{y0}:{y1}] gave {band.shape} {band.dtype}, "
                              f"expected {(y1 - y0, *shape[1:])} {dtype}")
-        on_band(band)
+        on_band(band, y0)
         for x0 in range(0, w, tile_px):
             yield band[:, x0:x0 + tile_px]
             on_tile()
@@ -342,58 +340,6 @@ def _area_downsample(band: np.ndarray, step: int) -> np.ndarray:
             sums /= counts
         out[:, ox0:ox1] = sums
     return out
-
-
-def _area_weights(n_in: int, n_out: int) -> Any:
-    """Sparse (n_out, n_in) matrix of exact area weights: output pixel j averages input ``[j r, (j + 1) r)``,
-    ``r = n_in / n_out``, each input pixel weighted by its overlap (rows sum to 1)."""
-    from scipy import sparse
-
-    ratio = n_in / n_out
-    rows, cols, weights = [], [], []
-    for j in range(n_out):
-        lo, hi = j * ratio, (j + 1) * ratio
-        for i in range(math.floor(lo), min(n_in, math.ceil(hi))):
-            overlap = min(hi, i + 1) - max(lo, i)
-            if overlap > 1e-12:
-                rows.append(j)
-                cols.append(i)
-                weights.append(overlap / ratio)
-    return sparse.csr_matrix((weights, (rows, cols)), shape=(n_out, n_in))
-
-
-class _FractionalDownsampler:
-    """Area-average a level streamed in row bands to a size that is not a whole fraction of it.
-
-    :meth:`push` takes the level's bands in order and returns the output rows that the rows seen so far complete
-    (maybe none); the rows an output row needs beyond the band wait in a small carry-over.
-    """
-
-    def __init__(self, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> None:
-        self.in_h, self.out_h = in_hw[0], out_hw[0]
-        self.row_weights = _area_weights(in_hw[0], out_hw[0])
-        self.col_weights = _area_weights(in_hw[1], out_hw[1])
-        self.pending: np.ndarray | None = None
-        self.pending_y0 = 0  # input row of pending[0]
-        self.next_row = 0  # next output row to emit
-
-    def push(self, band: np.ndarray) -> np.ndarray:
-        # Columns first: the carry-over then holds output-width rows, and each input row is resampled once.
-        flat = band.reshape(band.shape[0], band.shape[1], -1).astype(np.float64)
-        narrow = np.stack([self.col_weights.dot(flat[..., c].T).T for c in range(flat.shape[2])], axis=-1)
-        self.pending = narrow if self.pending is None else np.concatenate([self.pending, narrow])
-        seen = self.pending_y0 + len(self.pending)
-        # Output row j is complete once input row ceil((j + 1) * in_h / out_h) - 1 has been seen.
-        ends = np.ceil(np.arange(1, self.out_h + 1) * self.in_h / self.out_h - 1e-9)
-        last = self.out_h if seen >= self.in_h else int(np.searchsorted(ends, seen, side="right"))
-        rows = self.row_weights[self.next_row:last][:, self.pending_y0:seen]
-        out = np.stack([rows.dot(self.pending[..., c]) for c in range(self.pending.shape[2])], axis=-1)
-        self.next_row = last
-        keep_from = math.floor(last * self.in_h / self.out_h) if last < self.out_h else seen
-        self.pending = self.pending[keep_from - self.pending_y0:]
-        self.pending_y0 = keep_from
-        out = out.reshape(out.shape[0], out.shape[1], *band.shape[2:])
-        return np.rint(out).astype(band.dtype) if band.dtype.kind in "ui" else out.astype(band.dtype)
 
 
 def _nearest_downsample(band: np.ndarray, step: int) -> np.ndarray:

@@ -26,12 +26,14 @@ import math
 import os
 import re
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pathbundles.errors import SlideError
+from pathbundles.resample import resample_area
 
 BACKENDS = ("cucim", "openslide", "tifffile")
 
@@ -81,11 +83,16 @@ class Slide(abc.ABC):
         backend: "cucim", "openslide" or "tifffile".
         vendor: the format as the backend names it ("aperio", "generic-tiff", ...).
         level_dimensions: [(width, height), ...] per level, in that level's pixels.
-        level_downsamples: level-0 pixels per level pixel, as the file states them (never assumed 2**level).
+        level_downsamples: level-0 pixels per level pixel (never assumed 2**level): a whole k where the level's
+            size is the level-0 size divided by k and rounded, either way, on both axes (scanners and converters
+            decimate by whole factors, then round the size: SVS floors, others ceil), else the ratio of the sizes.
+            Readers that take the ratio of the sizes (OpenSlide's "downsample", 3.9991 for a 4415 -> 1104 level)
+            place the last pixels of such a level up to k - 1 level-0 pixels off.
         associated_images: names of non-pyramid images in the file (thumbnail, label, macro).
     """
 
     backend: str = ""
+    _addressed_by_level0 = False  # True where _read_level goes through _level0_location (OpenSlide, cuCIM)
 
     def __init__(self, path: str | os.PathLike, mpp: float | tuple[float, float] | None = None,
                  max_level0_px: int | None = None) -> None:
@@ -117,8 +124,12 @@ class Slide(abc.ABC):
             raise SlideError(self.path, truncated or f"not a whole-slide image the {self.backend} backend can read "
                                                      f"({type(exc).__name__}: {exc})") from exc
         w0, h0 = self.level_dimensions[0]
-        # OpenSlide's definition: the mean of the width and height ratios, so every backend reports the same value.
-        self.level_downsamples: list[float] = [(w0 / w + h0 / h) / 2 for w, h in self.level_dimensions]
+        # OpenSlide's definition, the mean of the width and height ratios: how the OpenSlide and cuCIM backends
+        # address a level (a level-0 position divided by it).
+        self._size_ratios: list[float] = [(w0 / w + h0 / h) / 2 for w, h in self.level_dimensions]
+        #: (x, y) level-0 pixels per level pixel, the level's geometry (see ``level_downsamples``).
+        self._level_scales = _level_scales(self.level_dimensions)
+        self.level_downsamples: list[float] = [(sx + sy) / 2 for sx, sy in self._level_scales]
         if mpp is None:
             self._warn_if_implausible_mpp()
 
@@ -135,6 +146,21 @@ class Slide(abc.ABC):
     @abc.abstractmethod
     def _read_level(self, level: int, level_xy: tuple[int, int], size_px: tuple[int, int]) -> np.ndarray:
         """Return uint8 (h, w, 1|3|4) pixels of a region lying inside the level, position and size in level pixels."""
+
+    def _level0_location(self, level: int, level_xy: tuple[int, int]) -> tuple[int, int]:
+        """The whole level-0 position that backends addressed by level 0 (OpenSlide, cuCIM) take for level pixel
+        ``level_xy``: they divide it by the level's size ratio (their downsample) to find the level pixel."""
+        ds = self._size_ratios[level]
+        return round(level_xy[0] * ds), round(level_xy[1] * ds)
+
+    def _level_offset(self, level: int, level_xy: tuple[int, int]) -> tuple[float, float]:
+        """How far (x, y), in level pixels, the pixels ``_read_level`` returns for ``level_xy`` lie from it: 0 for
+        backends that read stored pixels; a backend addressed by level 0 lands on a fractional level pixel (and
+        interpolates) when the level's size ratio is not whole."""
+        if not self._addressed_by_level0:
+            return 0.0, 0.0
+        location, ds = self._level0_location(level, level_xy), self._size_ratios[level]
+        return location[0] / ds - level_xy[0], location[1] / ds - level_xy[1]
 
     @abc.abstractmethod
     def _file_mpp(self) -> tuple[float, float] | None:
@@ -227,10 +253,8 @@ class Slide(abc.ABC):
             level: pyramid level index.
         """
         self._check_level(level)
-        w0, h0 = self.dimensions
-        w, h = self.level_dimensions[level]
-        mpp_x, mpp_y = self.mpp
-        return mpp_x * (w0 / w), mpp_y * (h0 / h)
+        (mpp_x, mpp_y), (scale_x, scale_y) = self.mpp, self._level_scales[level]
+        return mpp_x * scale_x, mpp_y * scale_y
 
     def info(self) -> dict[str, Any]:
         """JSON-ready summary: backend, vendor, levels (size, downsample, mpp), level-0 mpp or None, associated."""
@@ -263,8 +287,9 @@ class Slide(abc.ABC):
         """Read a region at exactly ``mpp``.
 
         A pyramid level is returned as stored only when its mpp equals ``mpp`` on both axes (to float rounding,
-        relative 1e-6); otherwise the covering region of the coarsest finer level is area-averaged (anti-aliased)
-        to ``mpp``, or bilinearly upsampled when ``mpp`` is finer than level 0. So output pixel (i, j) always covers
+        relative 1e-6); otherwise the covering region of the coarsest finer level is area-averaged to ``mpp``
+        (each level pixel weighted by its overlap with the output pixel, :mod:`pathbundles.resample`: anti-aliased,
+        and exact in position at any scale), or bilinearly upsampled when ``mpp`` is finer than level 0. So output pixel (i, j) always covers
         level-0 ``[x + j * s_x, x + (j + 1) * s_x) x [y + i * s_y, y + (i + 1) * s_y)`` with
         ``s = mpp / level0_mpp``, whatever levels the file has (a 0.226 um/px scan has a 0.904 um/px level, not a
         1.0 one). Use :meth:`read_region_near` to accept a nearby level as it is.
@@ -399,8 +424,8 @@ class Slide(abc.ABC):
 
     def _read_stored(self, level: int, level0_xy: tuple[float, float], size_px: tuple[int, int]) -> np.ndarray:
         """(w, h) pixels of ``level`` as stored, from the level pixel nearest to ``level0_xy``."""
-        ds = self.level_downsamples[level]
-        return self._read_level_px(level, (round(level0_xy[0] / ds), round(level0_xy[1] / ds)), size_px)
+        scale_x, scale_y = self._level_scales[level]
+        return self._read_level_px(level, (round(level0_xy[0] / scale_x), round(level0_xy[1] / scale_y)), size_px)
 
     def _read_at_level(self, level: int, level0_xy: tuple[float, float], size_px: tuple[int, int],
                        mpp: float) -> np.ndarray:
@@ -413,16 +438,18 @@ class Slide(abc.ABC):
         level_mpp_x, level_mpp_y = self.level_mpp(level)
         if max(abs(level_mpp_x - mpp), abs(level_mpp_y - mpp)) <= _SAME_MPP_RTOL * mpp:
             return self._read_stored(level, level0_xy, size_px)
-        ds = self.level_downsamples[level]
-        x, y = level0_xy[0] / ds, level0_xy[1] / ds
+        scale_x, scale_y = self._level_scales[level]
+        x, y = level0_xy[0] / scale_x, level0_xy[1] / scale_y
         span_x, span_y = w * mpp / level_mpp_x, h * mpp / level_mpp_y  # level pixels the output covers
         x0, y0 = math.floor(x), math.floor(y)
         x1, y1 = math.ceil(x + span_x), math.ceil(y + span_y)
         source = self._read_level_px(level, (x0, y0), (x1 - x0, y1 - y0))
-        box = (x - x0, y - y0, x - x0 + span_x, y - y0 + span_y)
-        downsampling = span_x >= w and span_y >= h
-        resample = Image.Resampling.BOX if downsampling else Image.Resampling.BILINEAR
-        return np.asarray(Image.fromarray(source).resize((w, h), resample, box=box))
+        # Where the backend's first pixel really lies (the part of the region inside the level decides it).
+        dx, dy = self._level_offset(level, (max(x0, 0), max(y0, 0)))
+        box = (x - x0 - dx, y - y0 - dy, x - x0 - dx + span_x, y - y0 - dy + span_y)
+        if span_x >= w and span_y >= h:
+            return resample_area(source, box, (w, h))
+        return np.asarray(Image.fromarray(source).resize((w, h), Image.Resampling.BILINEAR, box=box))
 
     def _read_level_px(self, level: int, level_xy: tuple[int, int], size_px: tuple[int, int]) -> np.ndarray:
         """Read (w, h) pixels of `level` at level position (x, y), white outside the level, always RGB."""
@@ -688,6 +715,21 @@ def _least_tile_bytes(compression: int, tile_w: int, tile_h: int, samples: int) 
     return 1
 
 
+def _level_scales(sizes_wh: Sequence[tuple[int, int]]) -> list[tuple[float, float]]:
+    """(x, y) level-0 pixels per pixel of each level: whole factors along a chain of levels each of which is the
+    previous one's size divided by a whole m and rounded down or up on both sides (how pyramids are made), else,
+    from the first level that is not, the ratio of its sides to level 0's."""
+    (w0, h0), scales = sizes_wh[0], [(1.0, 1.0)]
+    for (pw, ph), (w, h) in zip(sizes_wh[:-1], sizes_wh[1:]):
+        m = round((pw / w + ph / h) / 2)
+        whole = scales[-1][0] == scales[-1][1] and float(scales[-1][0]).is_integer()
+        if whole and m >= 1 and w in (pw // m, -(-pw // m)) and h in (ph // m, -(-ph // m)):
+            scales.append((scales[-1][0] * m, scales[-1][1] * m))
+        else:
+            scales.append((w0 / w, h0 / h))
+    return scales
+
+
 def _similar_ratio(ratio_x: float, ratio_y: float) -> bool:
     """True when two downsample ratios agree within 10 % (tile padding makes them differ slightly)."""
     return abs(ratio_x - ratio_y) <= 0.1 * max(ratio_x, ratio_y)
@@ -705,6 +747,7 @@ class OpenSlideSlide(Slide):
     """
 
     backend = "openslide"
+    _addressed_by_level0 = True
 
     def _open(self) -> None:
         import openslide
@@ -718,9 +761,7 @@ class OpenSlideSlide(Slide):
     def _read_level(self, level: int, level_xy: tuple[int, int], size_px: tuple[int, int]) -> np.ndarray:
         from PIL import Image
 
-        ds = self.level_downsamples[level]
-        location = (round(level_xy[0] * ds), round(level_xy[1] * ds))
-        region = self._osr.read_region(location, level, size_px)  # RGBA, straight alpha
+        region = self._osr.read_region(self._level0_location(level, level_xy), level, size_px)  # RGBA, straight alpha
         # Compositing in PIL (C) is several times faster than numpy for the usual fully opaque region.
         if region.getchannel("A").getextrema()[0] < 255:
             region = Image.alpha_composite(Image.new("RGBA", region.size, "white"), region)
@@ -753,6 +794,7 @@ class CuCIMSlide(Slide):
     """Reader backed by cuCIM (`cucim.CuImage`); optional, imported only when used."""
 
     backend = "cucim"
+    _addressed_by_level0 = True
 
     def _open(self) -> None:
         from cucim import CuImage
@@ -766,8 +808,7 @@ class CuCIMSlide(Slide):
             self._img.associated_images)
 
     def _read_level(self, level: int, level_xy: tuple[int, int], size_px: tuple[int, int]) -> np.ndarray:
-        ds = self.level_downsamples[level]
-        location = (round(level_xy[0] * ds), round(level_xy[1] * ds))
+        location = self._level0_location(level, level_xy)
         return np.asarray(self._img.read_region(location=location, size=tuple(size_px), level=level))
 
     def _objective_power(self) -> float | None:
