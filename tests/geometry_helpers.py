@@ -56,17 +56,23 @@ class DarkSpotScanNet(nn.Module):
 
 class DarkSpotSpatialLSTM(nn.Module):
     """The spatial LSTM's interface (``patch_features``, ``grid_logits``, ``forward`` on (N, G*G, C, crop, crop)):
-    a patch's feature is the mean intensity of its central 16 px, a grid patch's logit its own feature's."""
+    a patch's feature is the mean intensity of its central 16 px, a grid patch's logit its own feature's.
 
-    def __init__(self, grid_size: int = 3, crop_px: int = 224) -> None:
+    Args:
+        threshold: intensity below which a patch is "tumour"; a map of stride 64 um needs a higher one than
+            THRESHOLD, so that a marker 45 um (half a diagonal) from the nearest map pixel still exceeds 0.5 there.
+    """
+
+    def __init__(self, grid_size: int = 3, crop_px: int = 224, threshold: float = THRESHOLD) -> None:
         super().__init__()
         self.grid_size, self.crop_px, self.in_channels, self.feature_size = grid_size, crop_px, 3, 1
+        self.threshold = threshold
 
     def patch_features(self, patches: torch.Tensor) -> torch.Tensor:
         return _centre_window_mean(patches)[:, None]
 
     def grid_logits(self, features: torch.Tensor) -> torch.Tensor:
-        return GAIN * (THRESHOLD - features[..., 0])
+        return GAIN * (self.threshold - features[..., 0])
 
     def forward(self, grids: torch.Tensor) -> torch.Tensor:
         n, k = grids.shape[:2]

@@ -149,9 +149,11 @@ class Slide(abc.ABC):
 
     def _level0_location(self, level: int, level_xy: tuple[int, int]) -> tuple[int, int]:
         """The whole level-0 position that backends addressed by level 0 (OpenSlide, cuCIM) take for level pixel
-        ``level_xy``: they divide it by the level's size ratio (their downsample) to find the level pixel."""
+        ``level_xy``: they divide it by the level's size ratio (their downsample) to find the level pixel. Rounded
+        up, so that they land on the pixel or up to 1 / ratio after it: OpenSlide then interpolates linearly between
+        the stored pixels (measured), where before a pixel it does not."""
         ds = self._size_ratios[level]
-        return round(level_xy[0] * ds), round(level_xy[1] * ds)
+        return math.ceil(level_xy[0] * ds - 1e-9), math.ceil(level_xy[1] * ds - 1e-9)
 
     def _level_offset(self, level: int, level_xy: tuple[int, int]) -> tuple[float, float]:
         """How far (x, y), in level pixels, the pixels ``_read_level`` returns for ``level_xy`` lie from it: 0 for
@@ -429,20 +431,23 @@ class Slide(abc.ABC):
 
     def _read_at_level(self, level: int, level0_xy: tuple[float, float], size_px: tuple[int, int],
                        mpp: float) -> np.ndarray:
-        """(w, h) pixels at exactly ``mpp`` from ``level``: as stored when the level is at ``mpp`` on both axes,
-        else resampled from the level's pixels covering the region (sub-pixel offsets kept, so neighbouring reads
-        tile exactly)."""
+        """(w, h) pixels at exactly ``mpp`` from ``level``: as stored when the level is at ``mpp`` on both axes (and
+        the backend returns stored pixels there), else resampled from the level's pixels covering the region
+        (sub-pixel offsets kept, so neighbouring reads tile exactly)."""
         from PIL import Image
 
         w, h = size_px
         level_mpp_x, level_mpp_y = self.level_mpp(level)
-        if max(abs(level_mpp_x - mpp), abs(level_mpp_y - mpp)) <= _SAME_MPP_RTOL * mpp:
-            return self._read_stored(level, level0_xy, size_px)
         scale_x, scale_y = self._level_scales[level]
         x, y = level0_xy[0] / scale_x, level0_xy[1] / scale_y
+        if max(abs(level_mpp_x - mpp), abs(level_mpp_y - mpp)) <= _SAME_MPP_RTOL * mpp:
+            stored_xy = (round(x), round(y))
+            if self._level_offset(level, (max(stored_xy[0], 0), max(stored_xy[1], 0))) == (0.0, 0.0):
+                return self._read_level_px(level, stored_xy, size_px)
         span_x, span_y = w * mpp / level_mpp_x, h * mpp / level_mpp_y  # level pixels the output covers
-        x0, y0 = math.floor(x), math.floor(y)
-        x1, y1 = math.ceil(x + span_x), math.ceil(y + span_y)
+        # A pixel of margin each side: a backend's pixels may lie up to a pixel after where they were asked for.
+        x0, y0 = math.floor(x) - 1, math.floor(y) - 1
+        x1, y1 = math.ceil(x + span_x) + 1, math.ceil(y + span_y) + 1
         source = self._read_level_px(level, (x0, y0), (x1 - x0, y1 - y0))
         # Where the backend's first pixel really lies (the part of the region inside the level decides it).
         dx, dy = self._level_offset(level, (max(x0, 0), max(y0, 0)))
