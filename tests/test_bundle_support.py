@@ -47,6 +47,27 @@ def test_datalist_from_folder_and_json(tmp_path: Path) -> None:
         datalist(empty)
 
 
+def test_split_fields_give_disjoint_train_and_validation_sets(tmp_path: Path) -> None:
+    """One dataset.json with split fields, given as both train_source and val_source, trains and validates on
+    different slides (split= used to be ignored for user datalists: both got every item, and the checkpoint was
+    selected on training slides); a file without split fields is used whole; a half-split file is refused."""
+    doc = {"items": [{"image": f"s{i}.tif", "split": split} for i, split in enumerate(["train", "train", "val",
+                                                                                    "test", "train", "val"])]}
+    (tmp_path / "d.json").write_text(json.dumps(doc))
+    train = [Path(i["image"]).name for i in datalist(tmp_path / "d.json", split="train")]
+    val = [Path(i["image"]).name for i in datalist(tmp_path / "d.json", split="val")]
+    assert train == ["s0.tif", "s1.tif", "s4.tif"] and val == ["s2.tif", "s5.tif"] and not set(train) & set(val)
+    assert [Path(i["image"]).name for i in datalist(tmp_path / "d.json", split="test")] == ["s3.tif"]
+    with pytest.raises(InputError, match=r"no item of split 'tune'; the file has splits \['test', 'train', 'val'\]"):
+        datalist(tmp_path / "d.json", split="tune")
+    (tmp_path / "plain.json").write_text(json.dumps({"items": [{"image": "a.tif"}, {"image": "b.tif"}]}))
+    assert len(datalist(tmp_path / "plain.json", split="val")) == 2  # a file per split
+    doc["items"][3].pop("split")
+    (tmp_path / "half.json").write_text(json.dumps(doc))
+    with pytest.raises(InputError, match=r"half\.json: items \[3\] have no 'split' while others have one"):
+        datalist(tmp_path / "half.json", split="train")
+
+
 @pytest.mark.parametrize("doc, problem", [
     ({"items": []}, "the datalist lists no items"),
     ([], "the datalist lists no items"),
