@@ -6,8 +6,8 @@ the whole-slide segmentation time and peak memory of the dmmn bundle. Measured h
 1. Reads (``reads`` in the JSON). Patch sets per second of :func:`pathbundles.multimag.read_concentric` (three
    256 px views at 0.5, 1.0 and 2.0 um/px around one centre; the default ``pad_value=0``) for every slide backend
    (tifffile, openslide, and cucim when it imports; otherwise recorded as unavailable) x read path ("levels": each
-   view from the pyramid level within 10 % of its mpp, anti-aliased resampling where there is none; "tile": one
-   1024 px tile at 0.5 um/px area-averaged to the coarser views) x slide variant x read order, all in one run over
+   view at exactly its mpp, a pyramid level as stored where one is at that mpp, area-resampled where none is;
+   "tile": one 1024 px tile at 0.5 um/px area-averaged to the coarser views) x slide variant x read order, all in one run over
    the same centres:
 
    * slide variants: the phantom multi-class slide (``make_multiclass_dataset(n=1, size_px=--size, seed=5)``, a
