@@ -15,7 +15,7 @@ import pytest
 import tifffile
 
 from geometry_helpers import box_reference
-from hostile_files import aperio_like, million_px_square, patch_tag, sparse_tiff
+from hostile_files import aperio_like, million_px_square, patch_tag, small_tiff, sparse_tiff
 from pathbundles import wsi
 from pathbundles.errors import SlideError
 
@@ -542,3 +542,20 @@ def test_implausible_mpp_is_a_warning_naming_the_file(tmp_path: Path, caplog, ba
     with wsi.open_slide(far, backend=backend):
         pass
     assert "outside the 0.1-20.0 um/px a scanner produces" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_stated_mpp_that_is_no_positive_number_states_none(tmp_path: Path, backend: str) -> None:
+    """An Aperio ``MPP = -`` or ``AppMag = .`` made the tifffile backend raise ValueError at open (a traceback from
+    ``pathbundles info``); ``MPP = 1e999`` and a resolution tag of 1/0 px per cm gave an mpp of inf and 0, on which
+    a run's planning overflowed or divided by zero and stopped every slide."""
+    for name, mpp in (("dash", "-"), ("dot", "."), ("e", "e"), ("inf", "1e999")):
+        with wsi.open_slide(aperio_like(tmp_path / f"{name}.svs", mpp, 40), backend=backend) as slide:
+            assert slide.file_mpp is None, name
+            with pytest.raises(SlideError, match=rf"{name}\.svs: the slide states no resolution"):
+                _ = slide.mpp
+    with wsi.open_slide(aperio_like(tmp_path / "mag.svs", 0.25, "."), backend=backend) as slide:
+        assert slide.mpp == pytest.approx((0.25, 0.25))  # the power is unknown, the mpp stands
+    zero = patch_tag(small_tiff(tmp_path / "small.tif"), tmp_path / "zero.tif", "XResolution", [1, 0])
+    with wsi.open_slide(zero, backend=backend) as slide:
+        assert slide.file_mpp is None

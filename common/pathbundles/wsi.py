@@ -54,6 +54,10 @@ _MULTI_FILE_SUFFIXES = (".mrxs", ".vms", ".vmu", ".dcm")
 MPP_HINT = ("set the slide's level-0 mpp: the bundle config key slide_mpp (--slide_mpp, also on pathbundles info and "
             "tissue) or the datalist item's 'mpp'")
 
+#: A decimal number in an Aperio image description (``MPP = 0.2525``, ``AppMag = 40``); text such as ``MPP = -``
+#: is no number and states nothing.
+_NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)"
+
 logger = logging.getLogger(__name__)
 _warned_mpp: set[tuple[str, tuple[float, float]]] = set()
 
@@ -148,6 +152,14 @@ class Slide(abc.ABC):
         """The scan's objective power (20, 40) as the file states it, or None."""
         return None
 
+    def _stated_mpp(self) -> tuple[float, float] | None:
+        """The file's level-0 mpp (`_file_mpp`) when both values are positive and finite, else None: a resolution
+        tag of 1/0 px per unit or an Aperio ``MPP = 1e999`` states nothing a run can use."""
+        mpp = self._file_mpp()
+        if mpp is None or not all(math.isfinite(v) and v > 0 for v in mpp):
+            return None
+        return mpp
+
     def _stored_bytes(self) -> int | None:
         """Bytes holding the slide's pixels: the file's size; None for formats whose levels live in other files."""
         if self.path.suffix.lower() in _MULTI_FILE_SUFFIXES:
@@ -177,7 +189,7 @@ class Slide(abc.ABC):
 
     def _warn_if_implausible_mpp(self) -> None:
         """Log a warning naming the file when its stated mpp is outside `PLAUSIBLE_MPP` or far from 10 / power."""
-        stated = self._file_mpp()
+        stated = self._stated_mpp()
         if stated is None:
             return
         power = self._objective_power()
@@ -210,7 +222,7 @@ class Slide(abc.ABC):
     @property
     def file_mpp(self) -> tuple[float, float] | None:
         """Level-0 (mpp_x, mpp_y) in um/px: the override given to `open_slide`, else the file's value, else None."""
-        return self._mpp_override or self._file_mpp()
+        return self._mpp_override or self._stated_mpp()
 
     @property
     def mpp(self) -> tuple[float, float]:
@@ -593,7 +605,7 @@ class TiffSlide(Slide):
     def _file_mpp(self) -> tuple[float, float] | None:
         first = self._tif.pages.first
         if self._tif.is_svs:
-            match = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", first.description)
+            match = re.search(r"\|\s*MPP\s*=\s*" + _NUMBER, first.description)
             if match and float(match.group(1)) > 0:
                 return float(match.group(1)), float(match.group(1))
         um_per_unit = {2: 25400.0, 3: 10000.0}.get(int(first.tags.valueof("ResolutionUnit", 2)))
@@ -604,7 +616,7 @@ class TiffSlide(Slide):
         return um_per_unit * xres[1] / xres[0], um_per_unit * yres[1] / yres[0]
 
     def _objective_power(self) -> float | None:
-        match = re.search(r"\|\s*AppMag\s*=\s*([0-9.]+)", self._tif.pages.first.description or "")
+        match = re.search(r"\|\s*AppMag\s*=\s*" + _NUMBER, self._tif.pages.first.description or "")
         return float(match.group(1)) if match and float(match.group(1)) > 0 else None
 
     def _read_level(self, level: int, level_xy: tuple[int, int], size_px: tuple[int, int]) -> np.ndarray:
