@@ -423,6 +423,10 @@ def test_bad_requests_raise_slide_error_naming_the_file(generated: dict, backend
             slide.read_thumbnail(0.0)
     with pytest.raises(SlideError, match=rf"{path.name}: mpp override must be positive"):
         wsi.open_slide(path, backend=backend, mpp=-1.0)
+    # A datalist item's mpp is any JSON: it used to raise ValueError without the file, or TypeError (stopping the run).
+    for value in ("$1", "abc", [None, None], [[0.5], 0.5], {"x": 0.5}, [], [0.5, 0.5, 0.5], float("nan")):
+        with pytest.raises(SlideError, match=rf"{path.name}: mpp override must be positive um/px, got "):
+            wsi.open_slide(path, backend=backend, mpp=value)
 
 
 def test_unknown_backend(generated: dict) -> None:

@@ -97,7 +97,10 @@ class Slide(abc.ABC):
         if not self.path.is_file():
             raise SlideError(self.path, "file does not exist" if not self.path.exists() else "not a regular file")
         if mpp is not None:
-            mpp_xy = (float(mpp), float(mpp)) if np.isscalar(mpp) else tuple(float(v) for v in mpp)
+            try:
+                mpp_xy = (float(mpp), float(mpp)) if np.isscalar(mpp) else tuple(float(v) for v in mpp)
+            except (TypeError, ValueError):  # a datalist item's "mpp" may be any JSON: text, null, an object
+                mpp_xy = ()
             if len(mpp_xy) != 2 or min(mpp_xy) <= 0 or not all(math.isfinite(v) for v in mpp_xy):
                 raise SlideError(self.path, f"mpp override must be positive um/px, got {mpp!r}")
             mpp = mpp_xy
