@@ -466,6 +466,8 @@ def test_header_claiming_a_million_pixels_square_is_refused(tmp_path: Path) -> N
 class _Claims:
     """What `Slide._check_claims` reads from a slide, without a backend."""
 
+    file_mpp = None
+
     def __init__(self, path: Path, level_dimensions: list[tuple[int, int]]) -> None:
         self.path, self.level_dimensions, self._max_level0_px = path, level_dimensions, wsi.MAX_LEVEL0_PX
 
@@ -489,6 +491,21 @@ def test_level0_pixel_limit_for_every_backend(tmp_path: Path, monkeypatch, backe
     monkeypatch.setattr(wsi, "MAX_PX_PER_FILE_BYTE", 1000)
     with pytest.raises(SlideError, match=r"sparse\.tif: claims 16384 x 16384 px at level 0 .* px per byte"):
         wsi.open_slide(path, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_an_mpp_that_makes_the_slide_larger_than_glass_is_refused(tmp_path: Path, backend: str) -> None:
+    """A resolution tag of 1e-9 px per cm (1e13 um/px) was only a warning; planning a run on it overflowed
+    (OverflowError, stopping the whole run), and a smaller absurd value would read a thumbnail of billions of px."""
+    huge = patch_tag(small_tiff(tmp_path / "small.tif"), tmp_path / "huge.tif", "XResolution", [1, 10**9])
+    with pytest.raises(SlideError, match=r"huge\.tif: 512 x 512 px at 1e\+13 x 0\.25 um/px would be a scan of "
+                                         r"5\.12e\+12 x 0\.128 mm, larger than any glass slide \(200 mm a side\); "
+                                         r"the mpp is wrong: set the slide's level-0 mpp"):
+        wsi.open_slide(huge, backend=backend)
+    with wsi.open_slide(huge, backend=backend, mpp=0.25) as slide:  # the right mpp opens it; an absurd one does not
+        assert slide.mpp == (0.25, 0.25)
+    with pytest.raises(SlideError, match=r"small\.tif: 512 x 512 px at 500 x 500 um/px would be a scan of 256 x"):
+        wsi.open_slide(tmp_path / "small.tif", backend=backend, mpp=500)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

@@ -11,9 +11,10 @@ validation, info); each backend subclass implements five small methods (`_open`,
 
 What a file claims is bounded before anything is read (`Slide._check_claims`, every backend): at most
 `max_level0_px` level-0 pixels (default `MAX_LEVEL0_PX`, or `$PATHBUNDLES_MAX_LEVEL0_PX`), at most
-`MAX_PX_PER_FILE_BYTE` level-0 pixels per byte of a single-file slide, every level within level 0. The tifffile
-backend also checks each level's tile table (count, byte ranges, a least size per compressed tile). A stated mpp
-that is implausible (outside 0.1-20 um/px, or far from 10 / objective power) is logged as a warning naming the file.
+`MAX_PX_PER_FILE_BYTE` level-0 pixels per byte of a single-file slide, every level within level 0, at its mpp no
+side longer than a glass slide (`MAX_SCAN_UM`). The tifffile backend also checks each level's tile table (count,
+byte ranges, a least size per compressed tile). A stated mpp that is implausible (outside 0.1-20 um/px, or far from
+10 / objective power) is logged as a warning naming the file; one that is no positive finite number states none.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ MAX_LEVEL0_PX = 10**11
 #: tiles are all empty (sparse background) stores an offset and a byte count per tile: about 8 bytes per 256 x 256
 #: tile, 8192 px per byte; a real slide with tissue stores far fewer pixels per byte (JPEG: below 512).
 MAX_PX_PER_FILE_BYTE = 10**5
+#: Longest side in um a slide's level 0 may cover at its mpp (the file's or the override). Glass slides are 75 x 25
+#: mm, large-format ones up to about 150 x 100 mm; an mpp that makes a slide larger is wrong, and a run would read
+#: its tissue thumbnail (8 um/px) at billions of pixels a side.
+MAX_SCAN_UM = 200_000.0
 #: Level-0 mpp (um/px) a scanner can plausibly produce; a stated value outside is logged as suspect.
 PLAUSIBLE_MPP = (0.1, 20.0)
 #: How far (factor) a stated mpp may lie from 10 um / objective power (20x ~ 0.5, 40x ~ 0.25) before it is suspect;
@@ -173,7 +178,8 @@ class Slide(abc.ABC):
 
     def _check_claims(self) -> None:
         """Refuse geometry no real slide has, before anything is read (a hostile header would make reads run for
-        days): levels within level 0, level-0 pixels within the limit and within what the file's bytes can hold."""
+        days): levels within level 0, level-0 pixels within the limit and within what the file's bytes can hold,
+        and at its mpp no side longer than `MAX_SCAN_UM`."""
         w0, h0 = self.level_dimensions[0]
         for level, (w, h) in enumerate(self.level_dimensions):
             if w <= 0 or h <= 0 or w > w0 or h > h0:
@@ -189,6 +195,11 @@ class Slide(abc.ABC):
             raise SlideError(self.path, f"claims {w0} x {h0} px at level 0 ({pixels:.3g} px) in a file of {stored} "
                                         f"bytes: {pixels / max(stored, 1):.3g} px per byte, where no slide format "
                                         f"stores more than {MAX_PX_PER_FILE_BYTE:.0e}; the header is corrupt")
+        mpp = self.file_mpp
+        if mpp is not None and max(w0 * mpp[0], h0 * mpp[1]) > MAX_SCAN_UM:
+            raise SlideError(self.path, f"{w0} x {h0} px at {mpp[0]:.4g} x {mpp[1]:.4g} um/px would be a scan of "
+                                        f"{w0 * mpp[0] / 1e3:.4g} x {h0 * mpp[1] / 1e3:.4g} mm, larger than any glass "
+                                        f"slide ({MAX_SCAN_UM / 1e3:g} mm a side); the mpp is wrong: {MPP_HINT}")
 
     def _warn_if_implausible_mpp(self) -> None:
         """Log a warning naming the file when its stated mpp is outside `PLAUSIBLE_MPP` or far from 10 / power."""
