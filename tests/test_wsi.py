@@ -468,11 +468,16 @@ class _Claims:
 
     file_mpp = None
 
-    def __init__(self, path: Path, level_dimensions: list[tuple[int, int]]) -> None:
+    def __init__(self, path: Path, level_dimensions: list[tuple[int, int]],
+                 tile_sizes: dict[int, tuple[int, int]] | None = None) -> None:
         self.path, self.level_dimensions, self._max_level0_px = path, level_dimensions, wsi.MAX_LEVEL0_PX
+        self.tile_sizes = tile_sizes or {}
 
     def _stored_bytes(self) -> int:
         return self.path.stat().st_size
+
+    def _tile_sizes(self) -> dict[int, tuple[int, int]]:
+        return self.tile_sizes
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -491,6 +496,20 @@ def test_level0_pixel_limit_for_every_backend(tmp_path: Path, monkeypatch, backe
     monkeypatch.setattr(wsi, "MAX_PX_PER_FILE_BYTE", 1000)
     with pytest.raises(SlideError, match=r"sparse\.tif: claims 16384 x 16384 px at level 0 .* px per byte"):
         wsi.open_slide(path, backend=backend)
+
+
+def test_a_header_claiming_huge_tiles_is_refused_before_a_read(tmp_path: Path) -> None:
+    """OpenSlide opened a TIFF claiming tiles of 256 x 2^30 px and aborted the whole process (GLib: failed to
+    allocate 1 TiB) at the first read; the tifffile backend refused it by its tile table."""
+    huge = patch_tag(small_tiff(tmp_path / "small.tif"), tmp_path / "huge.tif", "TileLength", [2**30])
+    backends = ["tifffile"] + (["openslide"] if importlib.util.find_spec("openslide") is not None else [])
+    for backend in backends:
+        with pytest.raises(SlideError, match=r"huge\.tif: level 0 claims (tiles of 256 x 1073741824 px, more than the "
+                                             r"2\.68e\+08 px a tile may have|512 x 512 px, which takes 2 tiles)"):
+            wsi.open_slide(huge, backend=backend)
+    with pytest.raises(SlideError, match=r"huge\.tif: level 1 claims tiles of 16384 x 16385 px"):
+        wsi.Slide._check_claims(_Claims(huge, [(100, 100), (50, 50)], {0: (256, 256), 1: (16384, 16385)}))
+    wsi.Slide._check_claims(_Claims(huge, [(200000, 100)], {0: (200000, 8)}))  # NDPI: a level's width by 8 rows
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

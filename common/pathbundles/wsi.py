@@ -6,15 +6,16 @@ outside the slide read as white (255) and RGBA is composited on white.
 
 `Slide` holds all logic (level choice, reads at any mpp with anti-aliased resampling, bounds and padding,
 validation, info); each backend subclass implements five small methods (`_open`, `_geometry`, `_read_level`,
-`_file_mpp`, `_close`) and may override `_objective_power` and `_stored_bytes`. MONAI is imported only when
-`TiledTiffWSIReader` is first used.
+`_file_mpp`, `_close`) and may override `_objective_power`, `_stored_bytes` and `_tile_sizes`. MONAI is imported
+only when `TiledTiffWSIReader` is first used.
 
 What a file claims is bounded before anything is read (`Slide._check_claims`, every backend): at most
 `max_level0_px` level-0 pixels (default `MAX_LEVEL0_PX`, or `$PATHBUNDLES_MAX_LEVEL0_PX`), at most
-`MAX_PX_PER_FILE_BYTE` level-0 pixels per byte of a single-file slide, every level within level 0, at its mpp no
-side longer than a glass slide (`MAX_SCAN_UM`). The tifffile backend also checks each level's tile table (count,
-byte ranges, a least size per compressed tile). A stated mpp that is implausible (outside 0.1-20 um/px, or far from
-10 / objective power) is logged as a warning naming the file; one that is no positive finite number states none.
+`MAX_PX_PER_FILE_BYTE` level-0 pixels per byte of a single-file slide, every level within level 0, tiles of at
+most `MAX_TILE_PX` where the backend reports them, and at its mpp no side longer than a glass slide
+(`MAX_SCAN_UM`). The tifffile backend also checks each level's tile table (count, byte ranges, a least size per
+compressed tile). A stated mpp that is implausible (outside 0.1-20 um/px, or far from 10 / objective power) is
+logged as a warning naming the file; one that is no positive finite number states none.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ MAX_LEVEL0_PX = 10**11
 #: tiles are all empty (sparse background) stores an offset and a byte count per tile: about 8 bytes per 256 x 256
 #: tile, 8192 px per byte; a real slide with tissue stores far fewer pixels per byte (JPEG: below 512).
 MAX_PX_PER_FILE_BYTE = 10**5
+#: Most pixels one tile of a level may claim. Formats tile at 240 to 4096 px a side (NDPI: a level's width by 8
+#: rows); OpenSlide allocates a whole tile (4 bytes a pixel) for each read and aborts the process when it cannot,
+#: as it did on a header claiming tiles of 256 x 2^30 px.
+MAX_TILE_PX = 1 << 28
 #: Longest side in um a slide's level 0 may cover at its mpp (the file's or the override). Glass slides are 75 x 25
 #: mm, large-format ones up to about 150 x 100 mm; an mpp that makes a slide larger is wrong, and a run would read
 #: its tissue thumbnail (8 um/px) at billions of pixels a side.
@@ -160,6 +165,10 @@ class Slide(abc.ABC):
         """The scan's objective power (20, 40) as the file states it, or None."""
         return None
 
+    def _tile_sizes(self) -> dict[int, tuple[int, int]]:
+        """{level: (tile width, tile height) in px} of the levels whose tiles the backend reports."""
+        return {}
+
     def _stated_mpp(self) -> tuple[float, float] | None:
         """The file's level-0 mpp (`_file_mpp`) when both values are positive and finite, else None: a resolution
         tag of 1/0 px per unit or an Aperio ``MPP = 1e999`` states nothing a run can use."""
@@ -179,7 +188,7 @@ class Slide(abc.ABC):
     def _check_claims(self) -> None:
         """Refuse geometry no real slide has, before anything is read (a hostile header would make reads run for
         days): levels within level 0, level-0 pixels within the limit and within what the file's bytes can hold,
-        and at its mpp no side longer than `MAX_SCAN_UM`."""
+        tiles of at most `MAX_TILE_PX`, and at its mpp no side longer than `MAX_SCAN_UM`."""
         w0, h0 = self.level_dimensions[0]
         for level, (w, h) in enumerate(self.level_dimensions):
             if w <= 0 or h <= 0 or w > w0 or h > h0:
@@ -195,6 +204,10 @@ class Slide(abc.ABC):
             raise SlideError(self.path, f"claims {w0} x {h0} px at level 0 ({pixels:.3g} px) in a file of {stored} "
                                         f"bytes: {pixels / max(stored, 1):.3g} px per byte, where no slide format "
                                         f"stores more than {MAX_PX_PER_FILE_BYTE:.0e}; the header is corrupt")
+        for level, (tile_w, tile_h) in self._tile_sizes().items():
+            if tile_w * tile_h > MAX_TILE_PX:
+                raise SlideError(self.path, f"level {level} claims tiles of {tile_w} x {tile_h} px, more than the "
+                                            f"{MAX_TILE_PX:.3g} px a tile may have; the header is corrupt")
         mpp = self.file_mpp
         if mpp is not None and max(w0 * mpp[0], h0 * mpp[1]) > MAX_SCAN_UM:
             raise SlideError(self.path, f"{w0} x {h0} px at {mpp[0]:.4g} x {mpp[1]:.4g} um/px would be a scan of "
@@ -751,6 +764,16 @@ class OpenSlideSlide(Slide):
         if region.getchannel("A").getextrema()[0] < 255:
             region = Image.alpha_composite(Image.new("RGBA", region.size, "white"), region)
         return np.asarray(region.convert("RGB"))
+
+    def _tile_sizes(self) -> dict[int, tuple[int, int]]:
+        props, sizes = self._osr.properties, {}
+        for level in range(self._osr.level_count):
+            try:
+                sizes[level] = (int(props[f"openslide.level[{level}].tile-width"]),
+                                int(props[f"openslide.level[{level}].tile-height"]))
+            except (KeyError, ValueError):
+                continue
+        return sizes
 
     def _objective_power(self) -> float | None:
         try:
