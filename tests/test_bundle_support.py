@@ -58,6 +58,10 @@ def test_datalist_from_folder_and_json(tmp_path: Path) -> None:
     ({"items": [{"image": ["a.tif"]}]}, "item 0: 'image' must be a non-empty path, got ['a.tif']"),
     ({"items": ["a.tif", 7]}, "item 1: expected an image path or an object with 'image', got int"),
     ({"items": [{"image": "a.tif", "name": 3}]}, "item 0: 'name' must be a string, got int"),
+    # Path fields of other types raised TypeError (a traceback) when the paths were made absolute.
+    ({"items": [{"image": "a.tif", "annotation": 5}]}, "item 0: 'annotation' must be a file path, got int"),
+    ({"items": ["a.tif", {"image": "b.tif", "mask": ["m.png"]}]}, "item 1: 'mask' must be a file path, got list"),
+    ({"items": [{"image": "a.tif", "labels": {"$x": 1}}]}, "item 0: 'labels' must be a file path, got dict"),
 ])
 def test_a_malformed_datalist_is_refused_naming_the_file_and_the_item(tmp_path: Path, doc: object,
                                                                       problem: str) -> None:
@@ -66,6 +70,15 @@ def test_a_malformed_datalist_is_refused_naming_the_file_and_the_item(tmp_path: 
     with pytest.raises(InputError) as caught:
         datalist(path)
     assert str(caught.value) == f"{path}: {problem}"
+
+
+def test_a_datalist_nested_too_deeply_is_refused_naming_the_file(tmp_path: Path) -> None:
+    """json.loads raised RecursionError, which read_datalist did not turn into an InputError: a traceback."""
+    path = tmp_path / "deep.json"
+    path.write_text('{"items": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(InputError) as caught:
+        datalist(path)
+    assert str(caught.value) == f"{path}: cannot read the datalist: its JSON is nested too deeply"
 
 
 def test_unreadable_entries_are_listed_for_the_run_to_fail_one_by_one(tmp_path: Path) -> None:
