@@ -296,8 +296,8 @@ def test_slide_mpp_and_item_mpp_reach_every_slide_dataset(tmp_path: Path) -> Non
     grid = ScanGeometry(lp=8).grid()
     (bare,) = plan_slides([{"image": slide}], grid, scan_mpp=1.0, backend="tifffile")
     assert "states no resolution" in bare.error and "slide_mpp" in bare.error
-    run_wide, own = plan_slides([{"image": slide}, {"image": slide, "mpp": 0.5}], grid, scan_mpp=1.0,
-                                backend="tifffile", mpp_override=0.25)
+    run_wide, own = plan_slides([{"image": slide}, {"image": slide, "mpp": 0.5, "name": "own_mpp"}], grid,
+                                scan_mpp=1.0, backend="tifffile", mpp_override=0.25)
     assert (run_wide.error, run_wide.level0_mpp, own.error, own.level0_mpp) == (None, 0.25, None, 0.5)
     assert [s.level0_mpp for s in locate([{"image": slide}, {"image": slide, "mpp": [0.5, 0.5]}],
                                          backend="tifffile", mpp_override=0.25)] == [0.25, 0.5]
