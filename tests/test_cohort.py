@@ -267,6 +267,17 @@ def test_bundle_run_overlay_takes_configs_and_overrides_from_the_command_line(mo
         cohort.bundle_run_command(str(SCANNET), [{"image": "x.tif"}], str(tmp_path))
 
 
+def test_a_fifo_or_device_named_like_a_slide_has_no_area_and_does_not_hang_planning(tmp_path: Path) -> None:
+    """Planning opened a FIFO named like a slide with PIL (after the slide backends refused it) and waited forever
+    for data: the cohort never started."""
+    os.mkfifo(tmp_path / "fifo.tif")
+    (tmp_path / "zero.tif").symlink_to("/dev/zero")
+    (tmp_path / "folder.tif").mkdir()
+    for name in ("fifo.tif", "zero.tif", "folder.tif", "absent.tif"):
+        assert cohort.slide_area_px({"image": str(tmp_path / name)}) == 0.0
+    assert cohort.slide_area_px({"image": "x.svs", "box": [0, 0, 30, 20]}) == 600.0
+
+
 def test_the_bundle_lists_the_slides_of_a_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("b.tif", "a.svs", "notes.txt"):
         (tmp_path / name).write_bytes(b"")

@@ -97,10 +97,13 @@ def shard_by_area(areas: Sequence[float], world_size: int) -> list[list[int]]:
 
 def slide_area_px(item: Mapping[str, Any]) -> float:
     """Level-0 area in pixels of a datalist item: its ``box`` (HPF boxes of a slide), the slide's level-0 size, or
-    an image's pixel size (HPF files); 0 when the file cannot be opened (the run then reports why)."""
+    an image's pixel size (HPF files); 0 when it is not a regular file or cannot be opened (the run then reports
+    why)."""
     if item.get("box") is not None:
         return float(item["box"][2]) * float(item["box"][3])
     path = str(item["image"])
+    if not os.path.isfile(path):  # PIL would open a FIFO or a device and wait for data that never comes
+        return 0.0
     from pathbundles.errors import PathBundlesError
     from pathbundles.wsi import open_slide
 
