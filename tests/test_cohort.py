@@ -152,6 +152,26 @@ def test_cohort_records_failures_summarises_and_resumes(tmp_path: Path) -> None:
     assert (third["done"], third["skipped"]) == (4, 0)
 
 
+def test_a_bad_slide_is_logged_in_one_line_and_a_bug_with_its_traceback(tmp_path: Path, caplog) -> None:
+    """Every failed slide was logged with logger.exception: a cohort over a few unreadable slides wrote one
+    traceback each to stderr for what is bad input named by its file."""
+    from pathbundles.errors import SlidesFailedError
+
+    def run(item: dict, work_dir: Path) -> tuple[dict, dict]:
+        if Path(item["image"]).stem == "bad":
+            raise SlidesFailedError(f"1 slide(s) failed, the others were written: bad: {item['image']}: truncated")
+        raise KeyError("a bug")
+
+    caplog.set_level("ERROR", logger="pathbundles.cohort")
+    summary = run_cohort([{"image": str(tmp_path / n)} for n in ("bad.tif", "bug.tif")], tmp_path / "out", BUNDLE,
+                         run)
+    assert summary["failed"] == 2
+    bad, bug = (next(r for r in caplog.records if f"slide {n} failed" in r.getMessage()) for n in ("bad", "bug"))
+    assert bad.getMessage() == (f"cohort: slide bad failed: SlidesFailedError: 1 slide(s) failed, the others were "
+                                f"written: bad: {tmp_path / 'bad.tif'}: truncated") and not bad.exc_info
+    assert bug.exc_info and bug.exc_info[0] is KeyError
+
+
 def test_cohort_refuses_two_slides_with_one_name(tmp_path: Path) -> None:
     items = [{"image": str(tmp_path / "a" / "s.tif")}, {"image": str(tmp_path / "b" / "s.tif")}]
     with pytest.raises(ValueError, match="same name.*s"):

@@ -368,8 +368,12 @@ def process_slide(item: Mapping[str, Any], out: Path, work_root: Path, run_slide
                                if k not in ("name", "score", "n_detections", "outputs")},
                       timing=timing)
     except Exception as err:  # noqa: BLE001 - one slide's failure must not stop the others
+        from pathbundles.bundle import pathbundles_error_behind
+
         record["error"] = f"{type(err).__name__}: {err}"[:4000]
-        logger.exception("cohort: slide %s failed", name)
+        # A bad slide's error names its file and problem: one line. Anything else is a bug: keep its traceback.
+        logger.error("cohort: slide %s failed: %s", name, record["error"],
+                     exc_info=pathbundles_error_behind(err) is None)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     record.update(finished=_now(), seconds=time.perf_counter() - start)
