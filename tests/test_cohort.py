@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from bundle_helpers import REPO
+from hostile_files import million_px_square
 from pathbundles import cohort
 from pathbundles.cohort import LoopTimer, ProcessGroup, is_done, read_manifest, run_cohort, shard_by_area
 from pathbundles.errors import FolderInUseError, InputError
@@ -287,7 +288,7 @@ def test_bundle_run_overlay_takes_configs_and_overrides_from_the_command_line(mo
         cohort.bundle_run_command(str(SCANNET), [{"image": "x.tif"}], str(tmp_path))
 
 
-def test_a_fifo_or_device_named_like_a_slide_has_no_area_and_does_not_hang_planning(tmp_path: Path) -> None:
+def test_a_file_no_reader_takes_has_no_area_and_does_not_stop_the_planning(tmp_path: Path) -> None:
     """Planning opened a FIFO named like a slide with PIL (after the slide backends refused it) and waited forever
     for data: the cohort never started."""
     os.mkfifo(tmp_path / "fifo.tif")
@@ -295,6 +296,9 @@ def test_a_fifo_or_device_named_like_a_slide_has_no_area_and_does_not_hang_plann
     (tmp_path / "folder.tif").mkdir()
     for name in ("fifo.tif", "zero.tif", "folder.tif", "absent.tif"):
         assert cohort.slide_area_px({"image": str(tmp_path / name)}) == 0.0
+    # A header claiming 10^6 x 10^6 px: the slide layer refuses it, and PIL's DecompressionBombError stopped the
+    # planning with a traceback.
+    assert cohort.slide_area_px({"image": str(million_px_square(tmp_path))}) == 0.0
     assert cohort.slide_area_px({"image": "x.svs", "box": [0, 0, 30, 20]}) == 600.0
 
 

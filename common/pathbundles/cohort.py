@@ -118,7 +118,7 @@ def slide_area_px(item: Mapping[str, Any]) -> float:
 
         with Image.open(path) as image:
             return float(image.size[0]) * float(image.size[1])
-    except (OSError, ValueError, SyntaxError):
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # the bomb: a header claiming 1e12 px
         return 0.0
 
 
