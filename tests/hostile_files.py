@@ -139,6 +139,7 @@ def bad_slide_files(folder: Path) -> dict[str, Path]:
     put("ini_named_mrxs.mrxs", b"[GENERAL]\nSLIDE_VERSION = 1.0\n")
     put("html_named_scn.scn", b"<html><body>404</body></html>")
     put("json_named_tiff.tiff", b'{"items": []}')
+    put("${bundle_root}@x%y.svs", rng.bytes(1024))  # a name that reads as config syntax
     for name, mpp in (("aperio_mpp_dash", "-"), ("aperio_mpp_dot", "."), ("aperio_mpp_inf", "1e999"),
                       ("aperio_mpp_e", "e")):
         files[name] = aperio_like(folder / f"{name}.svs", mpp, 40)
@@ -183,3 +184,110 @@ def _jpeg_bytes() -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.full((64, 64, 3), 180, np.uint8)).save(buffer, format="JPEG")
     return buffer.getvalue()
+
+
+_ASAP_HEAD = '<?xml version="1.0"?>\n<ASAP_Annotations>\n<Annotations>\n'
+_ASAP_TAIL = "</Annotations>\n<AnnotationGroups />\n</ASAP_Annotations>\n"
+
+
+def _asap(*polygons: list[tuple[object, object, object]]) -> str:
+    """ASAP XML with one polygon per list of (Order, X, Y) vertices, written as given."""
+    body = "".join(
+        f'<Annotation Name="a{k}" Type="Polygon" PartOfGroup="_0"><Coordinates>'
+        + "".join(f'<Coordinate Order="{o}" X="{x}" Y="{y}" />' for o, x, y in vertices)
+        + "</Coordinates></Annotation>\n" for k, vertices in enumerate(polygons))
+    return _ASAP_HEAD + body + _ASAP_TAIL
+
+
+def _feature(geometry: object, properties: object = None) -> str:
+    import json
+
+    return json.dumps({"type": "FeatureCollection",
+                       "features": [{"type": "Feature", "properties": properties, "geometry": geometry}]})
+
+
+def bad_annotation_files(folder: Path) -> dict[str, Path]:
+    """Annotation files no reader may accept, by a short name saying what each is: ASAP XML with a repeated
+    Order, a ring crossing itself, malformed or hostile XML (unclosed, another root, entity expansion, an external
+    entity), vertices that are no numbers; GeoJSON and NCRF JSON garbage; files that are no text at all."""
+    folder.mkdir(parents=True, exist_ok=True)
+    square = [(0, 0, 0), (1, 100, 0), (2, 100, 100), (3, 0, 100)]
+    lol = "".join(f'<!ENTITY l{k} "{("&l%d;" % (k - 1)) * 10 if k else "lol"}">' for k in range(10))
+    texts: dict[str, str | bytes] = {
+        "asap_duplicate_order.xml": _asap([(0, 0, 0), (1, 100, 0), (1, 100, 100), (2, 0, 100)]),
+        "asap_bow_tie.xml": _asap([(0, 0, 0), (1, 100, 100), (2, 100, 0), (3, 0, 100)]),
+        "asap_shared_stretch.xml": _asap([(0, 0, 0), (1, 100, 0), (2, 100, 10), (3, 60, 0), (4, 40, 0),
+                                          (5, 40, -10)]),
+        "asap_two_vertices.xml": _asap([(0, 0, 0), (1, 100, 0)]),
+        "asap_text_coordinate.xml": _asap([(0, "$x", 0), *square[1:]]),
+        "asap_infinite_coordinate.xml": _asap([(0, "1e999", 0), *square[1:]]),
+        "asap_nan_order.xml": _asap([("nan", 0, 0), *square[1:]]),
+        "asap_unclosed.xml": _asap(square)[:-40],
+        "asap_other_root.xml": "<Annotations><Annotation /></Annotations>",
+        "asap_unknown_type.xml": _asap(square).replace('Type="Polygon"', 'Type="Spline%"'),
+        "asap_billion_laughs.xml": f'<?xml version="1.0"?><!DOCTYPE x [{lol}]>' + _asap(square).split("?>", 1)[1]
+        .replace('Name="a0"', 'Name="&l9;"'),
+        "asap_external_entity.xml": '<?xml version="1.0"?><!DOCTYPE x [<!ENTITY e SYSTEM "file:///etc/passwd">]>'
+        + _asap(square).split("?>", 1)[1].replace('Name="a0"', 'Name="&e;"'),
+        "geojson_not_json.geojson": '{"type": "FeatureCollection", "features": [',
+        "geojson_properties_list.geojson": _feature({"type": "Point", "coordinates": [1, 2]}, ["@x"]),
+        "geojson_no_geometry.geojson": _feature(None),
+        "geojson_line.geojson": _feature({"type": "LineString", "coordinates": [[0, 0], [1, 1]]}),
+        "geojson_text_coordinates.geojson": _feature({"type": "Polygon", "coordinates": "%ring"}),
+        "geojson_crossing_ring.geojson": _feature({"type": "Polygon", "coordinates": [
+            [[0, 0], [100, 100], [100, 0], [0, 100], [0, 0]]]}),
+        "geojson_nested_too_deeply.geojson": "[" * 50_000 + "]" * 50_000,
+        "ncrf_text_vertices.json": '{"positive": [{"name": "$p", "vertices": [[1, "x"], [2, 3], [4, 5]]}]}',
+        "ncrf_regions_object.json": '{"negative": {"@ref": 1}}',
+        "empty.xml": "",
+        "binary.xml": bytes(range(256)) * 4,
+        "utf16.geojson": _feature({"type": "Point", "coordinates": [1, 2]}).encode("utf-16"),
+    }
+    files = {}
+    for name, text in texts.items():
+        path = folder / name
+        path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+        files[Path(name).stem] = path
+    return files
+
+
+def malformed_datalists(folder: Path, image: Path) -> dict[str, Path]:
+    """Datalists a run must refuse as a whole (InputError naming the file, or the item's image for an output name
+    that is not one plain file name or is taken twice), by a short name saying what each is; ``image`` is a
+    readable slide the items may name."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    good = str(image)
+    docs: dict[str, object] = {
+        "null": None, "number": 5, "text": "abc.tif", "object_without_items": {"slides": [good]},
+        "items_empty": {"items": []}, "list_empty": [], "items_object": {"items": {"image": good}},
+        "item_null": {"items": [None]}, "item_number": [good, 7], "item_list": [[good]],
+        "item_without_image": [{"label": 1, "name": "x"}], "image_null": [{"image": None}],
+        "image_number": [{"image": 5}], "image_empty": [{"image": ""}], "image_list": [{"image": [good]}],
+        "name_number": [{"image": good, "name": 3}], "name_list": [{"image": good, "name": ["$x"]}],
+        "annotation_number": [{"image": good, "annotation": 5}],
+        "mask_object": [{"image": good, "mask": {"_target_": "os.system", "command": "touch PWNED"}}],
+        "split_some_items": [{"image": good, "split": "test"}, {"image": good, "name": "b"}],
+        "split_other_only": [{"image": good, "split": "train"}],
+        "name_parent": [{"image": good, "name": "../x"}], "name_absolute": [{"image": good, "name": "/tmp/x"}],
+        "name_hidden": [{"image": good, "name": ".hidden"}], "name_dot_dot": [{"image": good, "name": ".."}],
+        "name_newline": [{"image": good, "name": "a\nb"}], "name_nul": [{"image": good, "name": "a\x00b"}],
+        "name_backslash": [{"image": good, "name": "a\\b"}], "name_too_long": [{"image": good, "name": "n" * 300}],
+        "name_taken_twice": [{"image": good}, {"image": good}],
+        "name_taken_twice_by_case": [{"image": good, "name": "Case"}, {"image": good, "name": "cASE"}],
+        "box_text": [{"image": good, "box": "$box"}], "box_short": [{"image": good, "box": [1, 2]}],
+    }
+    texts: dict[str, str | bytes] = {
+        "not_json": '{"items": [', "empty_file": "", "binary": bytes(range(256)),
+        "utf16": json.dumps({"items": [good]}).encode("utf-16"),
+        "nested_too_deeply": '{"items": ' + "[" * 50_000 + "]" * 50_000 + "}",
+    }
+    files = {}
+    for name, doc in docs.items():
+        texts[name] = json.dumps(doc)
+    for name, text in texts.items():
+        path = folder / f"{name}.json"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+        files[name] = path
+    return files
