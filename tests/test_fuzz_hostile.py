@@ -210,6 +210,10 @@ def test_each_malformed_datalist_is_refused_as_a_whole_naming_the_file(fuzz: Fuz
             output_names(items)
         with pytest.raises(InputError, match=f"^{image}: "):  # the bundle's dataset, before reading any slide
             SlideROIDataset(items, ScanGeometry(lp=8).grid(), scan_mpp=1.0)
+    # The bad slides as a folder: every entry with a slide suffix is listed (links, the FIFO and the folder too),
+    # each to fail alone by name in the run.
+    listed = datalist(fuzz.root / "slides")
+    assert sorted(output_names(listed)) == sorted(fuzz.slides)
 
 
 def test_info_names_each_bad_slide_in_one_line_or_shows_its_header(fuzz: Fuzz) -> None:
