@@ -327,6 +327,10 @@ def test_non_numeric_coordinate_names_line(tmp_path: Path) -> None:
     ('{"positive": [\n{"name": "a",}]}', ("malformed JSON", "line 2")),
     ("", ("empty file",)),
     ("x,y\n1,2\n", ("unknown annotation format",)),
+    # These two raised AttributeError and RecursionError (tracebacks) instead of naming the file.
+    ('{"type": "Feature", "properties": [1], "geometry": {"type": "Point", "coordinates": [1, 2]}}',
+     ("feature 0: 'properties' must be an object, got list",)),
+    ("[" * 100_000 + "]" * 100_000, ("malformed JSON: nested too deeply",)),
 ])
 def test_malformed_files(tmp_path: Path, content: str, fragments: tuple[str, ...]) -> None:
     path = tmp_path / "ann.xml"

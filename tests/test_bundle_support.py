@@ -79,6 +79,10 @@ def test_split_fields_give_disjoint_train_and_validation_sets(tmp_path: Path) ->
     ({"items": [{"image": ["a.tif"]}]}, "item 0: 'image' must be a non-empty path, got ['a.tif']"),
     ({"items": ["a.tif", 7]}, "item 1: expected an image path or an object with 'image', got int"),
     ({"items": [{"image": "a.tif", "name": 3}]}, "item 0: 'name' must be a string, got int"),
+    # Path fields of other types raised TypeError (a traceback) when the paths were made absolute.
+    ({"items": [{"image": "a.tif", "annotation": 5}]}, "item 0: 'annotation' must be a file path, got int"),
+    ({"items": ["a.tif", {"image": "b.tif", "mask": ["m.png"]}]}, "item 1: 'mask' must be a file path, got list"),
+    ({"items": [{"image": "a.tif", "labels": {"$x": 1}}]}, "item 0: 'labels' must be a file path, got dict"),
 ])
 def test_a_malformed_datalist_is_refused_naming_the_file_and_the_item(tmp_path: Path, doc: object,
                                                                       problem: str) -> None:
@@ -87,6 +91,15 @@ def test_a_malformed_datalist_is_refused_naming_the_file_and_the_item(tmp_path: 
     with pytest.raises(InputError) as caught:
         datalist(path)
     assert str(caught.value) == f"{path}: {problem}"
+
+
+def test_a_datalist_nested_too_deeply_is_refused_naming_the_file(tmp_path: Path) -> None:
+    """json.loads raised RecursionError, which read_datalist did not turn into an InputError: a traceback."""
+    path = tmp_path / "deep.json"
+    path.write_text('{"items": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(InputError) as caught:
+        datalist(path)
+    assert str(caught.value) == f"{path}: cannot read the datalist: its JSON is nested too deeply"
 
 
 def test_unreadable_entries_are_listed_for_the_run_to_fail_one_by_one(tmp_path: Path) -> None:
@@ -213,6 +226,31 @@ def test_map_writer_completes_a_run_that_never_started(tmp_path: Path) -> None:
     assert not (out / "slide_scores.csv").exists()
 
 
+def test_failed_slides_end_the_run_after_the_engine_not_inside_it(tmp_path: Path) -> None:
+    """The writer raised the failed slides from its end-of-epoch handler, so MONAI's StatsHandler logged the error
+    with a traceback and the process ended in MONAI's traceback. The engine's end of epoch now completes the run,
+    and ensure_completed (the config's run list) raises SlidesFailedError, which exit_on_bad_input prints as one
+    line."""
+    from pathbundles.errors import PathBundlesError, SlidesFailedError
+    from pathbundles.scannet import ScanGeometry
+    from pathbundles.slide_inference import SlideMapWriter, SlideROIDataset
+    from pathbundles.writers import write_pyramid_tiff
+
+    write_pyramid_tiff(tmp_path / "glass.tif", np.full((1024, 1024, 3), 245, np.uint8), mpp=0.5,
+                       compression="deflate")
+    items = [{"image": str(tmp_path / "glass.tif")}, {"image": str(tmp_path / "gone.tif")}]
+    dataset = SlideROIDataset(items, ScanGeometry(lp=8).grid(), scan_mpp=0.5, backend="tifffile")
+    writer = SlideMapWriter(dataset, str(tmp_path / "out"), detect=lambda *args, **kwargs: np.zeros((0, 3)))
+    writer.started()
+    writer.completed()  # the engine's EPOCH_COMPLETED: the others are written, nothing is raised
+    assert (tmp_path / "out" / "maps" / "glass.tif").is_file() and list(writer.failed) == ["gone"]
+    for _ in range(2):  # the run list, then bundle_runner's own call
+        with pytest.raises(SlidesFailedError, match=rf"^1 slide\(s\) failed, the others were written: gone: "
+                                                    rf"{tmp_path / 'gone.tif'}: file does not exist$") as caught:
+            writer.ensure_completed()
+        assert isinstance(caught.value, PathBundlesError) and isinstance(caught.value, RuntimeError)
+
+
 def test_config_error_cause_unwraps_monai_expression_errors() -> None:
     from pathbundles.bundle_runner import config_error_cause
     from pathbundles.errors import InputError
@@ -236,13 +274,17 @@ def test_config_error_cause_unwraps_monai_expression_errors() -> None:
      2, "pathbundles: error: /d/list.json: bad row"),
     ("raise SettingError('detection_threshold must be a probability in [0, 1], got 2')",
      2, "pathbundles: error: detection_threshold must be a probability in [0, 1], got 2"),
+    ("raise RuntimeError('Failed to evaluate ConfigExpression: ...') from SlidesFailedError('1 slide(s) failed, "
+     "the others were written: s: /d/s.tif: file does not exist')",
+     2, "pathbundles: error: 1 slide(s) failed, the others were written: s: /d/s.tif: file does not exist"),
     # Anything else keeps Python's traceback and status 1.
     ("raise KeyError('other')", 1, "KeyError: 'other'"),
 ])
 def test_exit_on_bad_input_gives_one_line_and_status_2(raised: str, status: int, last_line: str) -> None:
     import subprocess
 
-    code = ("import pathbundles.bundle as b\nfrom pathbundles.errors import InputError, SettingError\n"
+    code = ("import pathbundles.bundle as b\nfrom pathbundles.errors import InputError, SettingError, "
+            "SlidesFailedError\n"
             f"b.exit_on_bad_input()\nb.exit_on_bad_input()\n{raised}\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == status

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from bundle_helpers import REPO
+from hostile_files import million_px_square
 from pathbundles import cohort
 from pathbundles.cohort import LoopTimer, ProcessGroup, is_done, read_manifest, run_cohort, shard_by_area
 from pathbundles.errors import FolderInUseError, InputError
@@ -152,6 +153,26 @@ def test_cohort_records_failures_summarises_and_resumes(tmp_path: Path) -> None:
     assert (third["done"], third["skipped"]) == (4, 0)
 
 
+def test_a_bad_slide_is_logged_in_one_line_and_a_bug_with_its_traceback(tmp_path: Path, caplog) -> None:
+    """Every failed slide was logged with logger.exception: a cohort over a few unreadable slides wrote one
+    traceback each to stderr for what is bad input named by its file."""
+    from pathbundles.errors import SlidesFailedError
+
+    def run(item: dict, work_dir: Path) -> tuple[dict, dict]:
+        if Path(item["image"]).stem == "bad":
+            raise SlidesFailedError(f"1 slide(s) failed, the others were written: bad: {item['image']}: truncated")
+        raise KeyError("a bug")
+
+    caplog.set_level("ERROR", logger="pathbundles.cohort")
+    summary = run_cohort([{"image": str(tmp_path / n)} for n in ("bad.tif", "bug.tif")], tmp_path / "out", BUNDLE,
+                         run)
+    assert summary["failed"] == 2
+    bad, bug = (next(r for r in caplog.records if f"slide {n} failed" in r.getMessage()) for n in ("bad", "bug"))
+    assert bad.getMessage() == (f"cohort: slide bad failed: SlidesFailedError: 1 slide(s) failed, the others were "
+                                f"written: bad: {tmp_path / 'bad.tif'}: truncated") and not bad.exc_info
+    assert bug.exc_info and bug.exc_info[0] is KeyError
+
+
 def test_cohort_refuses_two_slides_with_one_name(tmp_path: Path) -> None:
     items = [{"image": str(tmp_path / "a" / "s.tif")}, {"image": str(tmp_path / "b" / "s.tif")}]
     with pytest.raises(ValueError, match="same name.*s"):
@@ -265,6 +286,20 @@ def test_bundle_run_overlay_takes_configs_and_overrides_from_the_command_line(mo
                                                                     "files": {"slides": "slides.csv"}})
     with pytest.raises(RuntimeError, match="1 slide.*x: broken"):
         cohort.bundle_run_command(str(SCANNET), [{"image": "x.tif"}], str(tmp_path))
+
+
+def test_a_file_no_reader_takes_has_no_area_and_does_not_stop_the_planning(tmp_path: Path) -> None:
+    """Planning opened a FIFO named like a slide with PIL (after the slide backends refused it) and waited forever
+    for data: the cohort never started."""
+    os.mkfifo(tmp_path / "fifo.tif")
+    (tmp_path / "zero.tif").symlink_to("/dev/zero")
+    (tmp_path / "folder.tif").mkdir()
+    for name in ("fifo.tif", "zero.tif", "folder.tif", "absent.tif"):
+        assert cohort.slide_area_px({"image": str(tmp_path / name)}) == 0.0
+    # A header claiming 10^6 x 10^6 px: the slide layer refuses it, and PIL's DecompressionBombError stopped the
+    # planning with a traceback.
+    assert cohort.slide_area_px({"image": str(million_px_square(tmp_path))}) == 0.0
+    assert cohort.slide_area_px({"image": "x.svs", "box": [0, 0, 30, 20]}) == 600.0
 
 
 def test_the_bundle_lists_the_slides_of_a_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

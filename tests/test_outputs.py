@@ -45,6 +45,15 @@ def test_names_are_plain_text_and_file_stems_are_checked_too() -> None:
         slide_name({"image": "/d/s.tif", "name": "é" * 101})
 
 
+@pytest.mark.parametrize("box", ["abc", 5, [1], [1, None, 3, 4], [float("nan"), 0, 1, 1], [0, 0, 0, 10],
+                                 [0, 0, 10, 10, 10], {"x": 0}])
+def test_a_box_that_is_not_four_numbers_is_refused_naming_the_item(box: object) -> None:
+    """It raised ValueError or TypeError (a traceback stopping the run) while the outputs were named."""
+    with pytest.raises(InputError, match=r"^/d/s\.tif: box must be \[x, y, width, height\] in level-0 px, got "):
+        slide_name({"image": "/d/s.tif", "box": box})
+    assert slide_name({"image": "/d/s.tif", "box": [10.7, 20, 5, 5]})[0] == "s_x10_y20"
+
+
 def test_two_items_with_one_output_name_are_refused_naming_both() -> None:
     assert output_names([{"image": "/a/case1.tif"}, {"image": "/b/case1.tif", "name": "case1-b"}]) == \
         ["case1", "case1-b"]

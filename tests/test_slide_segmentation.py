@@ -61,7 +61,8 @@ def _run(writer: SlideLabelWriter, dataset: MultiMagnificationDataset, label_of_
         item = {"slide_index": s, "location": torch.tensor([x0 + 128 * step0, y0 + 128 * step0], dtype=torch.float64),
                 "error": (errors or {}).get(s, "")}
         writer.iteration_completed(_engine([item], [_logits(label_of_tile(s, x0, y0))]))
-    writer.completed()
+    writer.completed()  # the engine's end of epoch
+    writer.ensure_completed()  # the config's run list, which names the failed slides
 
 
 def _tile_labels(s: int, x0: int, y0: int) -> np.ndarray:

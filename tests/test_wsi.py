@@ -15,7 +15,7 @@ import pytest
 import tifffile
 
 from geometry_helpers import box_reference
-from hostile_files import aperio_like, million_px_square, patch_tag, sparse_tiff
+from hostile_files import aperio_like, million_px_square, patch_tag, small_tiff, sparse_tiff
 from pathbundles import wsi
 from pathbundles.errors import SlideError
 
@@ -448,6 +448,10 @@ def test_bad_requests_raise_slide_error_naming_the_file(generated: dict, backend
             slide.read_thumbnail(0.0)
     with pytest.raises(SlideError, match=rf"{path.name}: mpp override must be positive"):
         wsi.open_slide(path, backend=backend, mpp=-1.0)
+    # A datalist item's mpp is any JSON: it used to raise ValueError without the file, or TypeError (stopping the run).
+    for value in ("$1", "abc", [None, None], [[0.5], 0.5], {"x": 0.5}, [], [0.5, 0.5, 0.5], float("nan")):
+        with pytest.raises(SlideError, match=rf"{path.name}: mpp override must be positive um/px, got "):
+            wsi.open_slide(path, backend=backend, mpp=value)
 
 
 def test_unknown_backend(generated: dict) -> None:
@@ -487,11 +491,18 @@ def test_header_claiming_a_million_pixels_square_is_refused(tmp_path: Path) -> N
 class _Claims:
     """What `Slide._check_claims` reads from a slide, without a backend."""
 
-    def __init__(self, path: Path, level_dimensions: list[tuple[int, int]]) -> None:
+    file_mpp = None
+
+    def __init__(self, path: Path, level_dimensions: list[tuple[int, int]],
+                 tile_sizes: dict[int, tuple[int, int]] | None = None) -> None:
         self.path, self.level_dimensions, self._max_level0_px = path, level_dimensions, wsi.MAX_LEVEL0_PX
+        self.tile_sizes = tile_sizes or {}
 
     def _stored_bytes(self) -> int:
         return self.path.stat().st_size
+
+    def _tile_sizes(self) -> dict[int, tuple[int, int]]:
+        return self.tile_sizes
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -510,6 +521,35 @@ def test_level0_pixel_limit_for_every_backend(tmp_path: Path, monkeypatch, backe
     monkeypatch.setattr(wsi, "MAX_PX_PER_FILE_BYTE", 1000)
     with pytest.raises(SlideError, match=r"sparse\.tif: claims 16384 x 16384 px at level 0 .* px per byte"):
         wsi.open_slide(path, backend=backend)
+
+
+def test_a_header_claiming_huge_tiles_is_refused_before_a_read(tmp_path: Path) -> None:
+    """OpenSlide opened a TIFF claiming tiles of 256 x 2^30 px and aborted the whole process (GLib: failed to
+    allocate 1 TiB) at the first read; the tifffile backend refused it by its tile table."""
+    huge = patch_tag(small_tiff(tmp_path / "small.tif"), tmp_path / "huge.tif", "TileLength", [2**30])
+    backends = ["tifffile"] + (["openslide"] if importlib.util.find_spec("openslide") is not None else [])
+    for backend in backends:
+        with pytest.raises(SlideError, match=r"huge\.tif: level 0 claims (tiles of 256 x 1073741824 px, more than the "
+                                             r"2\.68e\+08 px a tile may have|512 x 512 px, which takes 2 tiles)"):
+            wsi.open_slide(huge, backend=backend)
+    with pytest.raises(SlideError, match=r"huge\.tif: level 1 claims tiles of 16384 x 16385 px"):
+        wsi.Slide._check_claims(_Claims(huge, [(100, 100), (50, 50)], {0: (256, 256), 1: (16384, 16385)}))
+    wsi.Slide._check_claims(_Claims(huge, [(200000, 100)], {0: (200000, 8)}))  # NDPI: a level's width by 8 rows
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_an_mpp_that_makes_the_slide_larger_than_glass_is_refused(tmp_path: Path, backend: str) -> None:
+    """A resolution tag of 1e-9 px per cm (1e13 um/px) was only a warning; planning a run on it overflowed
+    (OverflowError, stopping the whole run), and a smaller absurd value would read a thumbnail of billions of px."""
+    huge = patch_tag(small_tiff(tmp_path / "small.tif"), tmp_path / "huge.tif", "XResolution", [1, 10**9])
+    with pytest.raises(SlideError, match=r"huge\.tif: 512 x 512 px at 1e\+13 x 0\.25 um/px would be a scan of "
+                                         r"5\.12e\+12 x 0\.128 mm, larger than any glass slide \(200 mm a side\); "
+                                         r"the mpp is wrong: set the slide's level-0 mpp"):
+        wsi.open_slide(huge, backend=backend)
+    with wsi.open_slide(huge, backend=backend, mpp=0.25) as slide:  # the right mpp opens it; an absurd one does not
+        assert slide.mpp == (0.25, 0.25)
+    with pytest.raises(SlideError, match=r"small\.tif: 512 x 512 px at 500 x 500 um/px would be a scan of 256 x"):
+        wsi.open_slide(tmp_path / "small.tif", backend=backend, mpp=500)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -567,3 +607,20 @@ def test_implausible_mpp_is_a_warning_naming_the_file(tmp_path: Path, caplog, ba
     with wsi.open_slide(far, backend=backend):
         pass
     assert "outside the 0.1-20.0 um/px a scanner produces" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_stated_mpp_that_is_no_positive_number_states_none(tmp_path: Path, backend: str) -> None:
+    """An Aperio ``MPP = -`` or ``AppMag = .`` made the tifffile backend raise ValueError at open (a traceback from
+    ``pathbundles info``); ``MPP = 1e999`` and a resolution tag of 1/0 px per cm gave an mpp of inf and 0, on which
+    a run's planning overflowed or divided by zero and stopped every slide."""
+    for name, mpp in (("dash", "-"), ("dot", "."), ("e", "e"), ("inf", "1e999")):
+        with wsi.open_slide(aperio_like(tmp_path / f"{name}.svs", mpp, 40), backend=backend) as slide:
+            assert slide.file_mpp is None, name
+            with pytest.raises(SlideError, match=rf"{name}\.svs: the slide states no resolution"):
+                _ = slide.mpp
+    with wsi.open_slide(aperio_like(tmp_path / "mag.svs", 0.25, "."), backend=backend) as slide:
+        assert slide.mpp == pytest.approx((0.25, 0.25))  # the power is unknown, the mpp stands
+    zero = patch_tag(small_tiff(tmp_path / "small.tif"), tmp_path / "zero.tif", "XResolution", [1, 0])
+    with wsi.open_slide(zero, backend=backend) as slide:
+        assert slide.file_mpp is None

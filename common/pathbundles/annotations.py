@@ -237,6 +237,8 @@ def read_annotations(path: str | os.PathLike) -> list[Annotation]:
             raise AnnotationError(path, f"not UTF-8 text ({err.reason})") from None
         except json.JSONDecodeError as err:
             raise AnnotationError(path, f"malformed JSON: {err.msg} (column {err.colno})", err.lineno) from None
+        except RecursionError:
+            raise AnnotationError(path, "malformed JSON: nested too deeply") from None
         if isinstance(doc, dict) and ("positive" in doc or "negative" in doc):
             return _read_ncrf(path, doc)
         return _read_geojson(path, doc)
@@ -352,6 +354,8 @@ def _read_geojson(path: str | os.PathLike, doc: Any) -> list[Annotation]:
         if not isinstance(feature, dict) or feature.get("type") != "Feature":
             raise AnnotationError(path, f"feature {k}: not a GeoJSON Feature")
         props = feature.get("properties") or {}
+        if not isinstance(props, dict):
+            raise AnnotationError(path, f"feature {k}: 'properties' must be an object, got {type(props).__name__}")
         classification = props.get("classification")
         label = str(classification.get("name", "")) if isinstance(classification, dict) else ""
         name = str(props.get("name", ""))

@@ -97,10 +97,13 @@ def shard_by_area(areas: Sequence[float], world_size: int) -> list[list[int]]:
 
 def slide_area_px(item: Mapping[str, Any]) -> float:
     """Level-0 area in pixels of a datalist item: its ``box`` (HPF boxes of a slide), the slide's level-0 size, or
-    an image's pixel size (HPF files); 0 when the file cannot be opened (the run then reports why)."""
+    an image's pixel size (HPF files); 0 when it is not a regular file or cannot be opened (the run then reports
+    why)."""
     if item.get("box") is not None:
         return float(item["box"][2]) * float(item["box"][3])
     path = str(item["image"])
+    if not os.path.isfile(path):  # PIL would open a FIFO or a device and wait for data that never comes
+        return 0.0
     from pathbundles.errors import PathBundlesError
     from pathbundles.wsi import open_slide
 
@@ -115,7 +118,7 @@ def slide_area_px(item: Mapping[str, Any]) -> float:
 
         with Image.open(path) as image:
             return float(image.size[0]) * float(image.size[1])
-    except (OSError, ValueError, SyntaxError):
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # the bomb: a header claiming 1e12 px
         return 0.0
 
 
@@ -365,8 +368,12 @@ def process_slide(item: Mapping[str, Any], out: Path, work_root: Path, run_slide
                                if k not in ("name", "score", "n_detections", "outputs")},
                       timing=timing)
     except Exception as err:  # noqa: BLE001 - one slide's failure must not stop the others
+        from pathbundles.bundle import pathbundles_error_behind
+
         record["error"] = f"{type(err).__name__}: {err}"[:4000]
-        logger.exception("cohort: slide %s failed", name)
+        # A bad slide's error names its file and problem: one line. Anything else is a bug: keep its traceback.
+        logger.error("cohort: slide %s failed: %s", name, record["error"],
+                     exc_info=pathbundles_error_behind(err) is None)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     record.update(finished=_now(), seconds=time.perf_counter() - start)

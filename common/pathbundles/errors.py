@@ -44,6 +44,11 @@ class SlideTimeoutError(PathBundlesError):
     ``ValueError``), so that the handlers of unreadable slides do not take it for one and go on."""
 
 
+class SlidesFailedError(PathBundlesError, RuntimeError):
+    """Slides of a run failed, each named with its file and problem, while the others were written (the whole-slide
+    writers' end of a run, :meth:`pathbundles.slide_inference.StreamedSlideWriter.ensure_completed`)."""
+
+
 class SettingError(PathBundlesError, ValueError):
     """A setting (a bundle config key, a command-line option, an argument) has a value outside its range; the
     message names the setting, the value and what is allowed."""

@@ -21,6 +21,7 @@ import datetime
 import errno
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -90,9 +91,21 @@ def slide_name(item: Mapping[str, Any] | str) -> tuple[str, str]:
     base = Path(path).stem if isinstance(item, str) else str(item.get("name") or Path(path).stem)
     box = None if isinstance(item, str) else item.get("box")
     if box is not None:
-        x, y = (int(v) for v in box[:2])
+        x, y = _box_origin(box, path)
         base = f"{base}_x{x}_y{y}"
     return check_name(base, path), path
+
+
+def _box_origin(box: Any, source: str) -> tuple[int, int]:
+    """(x, y) of an item's ``box``; InputError naming ``source`` unless it is [x, y, width, height] of finite
+    numbers (level-0 px) with a positive size."""
+    try:
+        values = [float(v) for v in box] if isinstance(box, (list, tuple)) else []
+    except (TypeError, ValueError):
+        values = []
+    if len(values) != 4 or not all(math.isfinite(v) for v in values) or min(values[2:]) <= 0:
+        raise InputError(source, f"box must be [x, y, width, height] in level-0 px, got {box!r}")
+    return int(values[0]), int(values[1])
 
 
 def output_names(items: Sequence[Mapping[str, Any] | str]) -> list[str]:

@@ -178,6 +178,10 @@ class ClassBalancedPatchDataset(torch.utils.data.Dataset):
         return self.transform(item) if self.transform is not None else item
 
 
+#: Datalist item keys that hold a file path (made absolute by :func:`read_datalist`).
+PATH_KEYS = ("image", "annotation", "mask", "labels", "partial_labels", "centroids")
+
+
 def read_datalist(path: str | Path, split: str | None = None) -> list[dict]:
     """Items of a ``dataset.json`` (``{"items": [...]}`` or a list) with paths made absolute.
 
@@ -203,6 +207,8 @@ def read_datalist(path: str | Path, split: str | None = None) -> list[dict]:
         doc = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(path, f"cannot read the datalist: {err}") from err
+    except RecursionError:
+        raise InputError(path, "cannot read the datalist: its JSON is nested too deeply") from None
     items = [dict(item) if isinstance(item, dict) else {"image": item} for item in check_datalist(path, doc)]
     if split is not None:
         without = [i for i, item in enumerate(items) if item.get("split") is None]
@@ -215,7 +221,7 @@ def read_datalist(path: str | Path, split: str | None = None) -> list[dict]:
             if not items:
                 raise InputError(path, f"no item of split {split!r}; the file has splits {splits}")
     for item in items:
-        for key in ("image", "annotation", "mask", "labels", "partial_labels", "centroids"):
+        for key in PATH_KEYS:
             if item.get(key):
                 item[key] = os.path.abspath(path.parent / item[key])
     return items
@@ -223,8 +229,9 @@ def read_datalist(path: str | Path, split: str | None = None) -> list[dict]:
 
 def check_datalist(path: str | os.PathLike, doc: object) -> list:
     """The items of a parsed datalist document ``doc`` read from ``path``: ``{"items": [...]}`` or a list, each an
-    image path or a dict with a non-empty string ``image`` (and a string ``name`` when it has one). InputError naming
-    ``path`` and the item's index otherwise, and for a datalist without items."""
+    image path or a dict with a non-empty string ``image`` (and a string ``name`` and string paths under
+    :data:`PATH_KEYS` when it has them). InputError naming ``path`` and the item's index otherwise, and for a
+    datalist without items."""
     from pathbundles.errors import InputError
 
     if isinstance(doc, dict):
@@ -248,4 +255,7 @@ def check_datalist(path: str | os.PathLike, doc: object) -> list:
             raise InputError(path, f"{where}: 'image' must be a non-empty path, got {item['image']!r}")
         if item.get("name") is not None and not isinstance(item["name"], str):
             raise InputError(path, f"{where}: 'name' must be a string, got {type(item['name']).__name__}")
+        for key in PATH_KEYS[1:]:
+            if item.get(key) and not isinstance(item[key], str):
+                raise InputError(path, f"{where}: '{key}' must be a file path, got {type(item[key]).__name__}")
     return doc

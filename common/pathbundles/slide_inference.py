@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from pathbundles.atomic import atomic_path
-from pathbundles.errors import PathBundlesError
+from pathbundles.errors import PathBundlesError, SlidesFailedError
 from pathbundles.outputs import claim_folder, output_file, output_names, slide_name, work_area
 
 logger = logging.getLogger(__name__)
@@ -198,9 +198,12 @@ class StreamedSlideWriter:
     goes on with the next slide meanwhile; a slide that fails (read error or writing error) is logged, loses every
     file it had started (:meth:`outputs`), and does not stop the others; at the end of the epoch the slides not
     finished yet are finished (:meth:`_finish_remaining`), the run's own files are written
-    (:meth:`_write_run_files`), the folder is released, and the run raises naming every failed slide. A config runs
-    :meth:`ensure_completed` after the engine, for the run in which no slide gave an item (MONAI's ``Workflow.run``
-    then returns without firing any event).
+    (:meth:`_write_run_files`) and the folder is released. A config runs :meth:`ensure_completed` after the engine:
+    it completes the run in which no slide gave an item (MONAI's ``Workflow.run`` then returns without firing any
+    event), and raises :class:`~pathbundles.errors.SlidesFailedError` naming every failed slide. That is raised
+    there rather than from the engine's end-of-epoch event, because a slide's failure is no engine failure: MONAI's
+    ``StatsHandler`` logs an exception inside the engine with a traceback, and the handlers after the writer (the
+    metrics reports, which leave failed slides out) would not run.
 
     Subclasses implement ``iteration_completed``, :meth:`_finish_remaining`, :meth:`_write_run_files` and
     :meth:`outputs`, and call :meth:`_submit` with a slide's name, its error (None when it read well), its
@@ -272,8 +275,9 @@ class StreamedSlideWriter:
                 canvas.close()
 
     def completed(self, engine: Any = None) -> None:
-        """Finish the slides not finished yet, wait for the writer, write the run's files, raise if any slide
-        failed. The output folder's lock is released (also when this raises)."""
+        """Finish the slides not finished yet, wait for the writer, write the run's files; the output folder's lock
+        is released (also when this raises). The slides that failed are in :attr:`failed`, raised by
+        :meth:`ensure_completed`."""
         self._completed = True
         self._claim()  # a run whose engine never started (ensure_completed)
         try:
@@ -290,17 +294,17 @@ class StreamedSlideWriter:
             self._write_run_files()
         finally:
             self._lock.release()
-        if self.failed:
-            listing = "; ".join(f"{name}: {why}" for name, why in self.failed.items())
-            raise RuntimeError(f"{len(self.failed)} slide(s) failed, the others were written: {listing}")
 
     def ensure_completed(self, engine: Any = None) -> None:
-        """Complete a run whose engine never started: every slide failed to open or has no tissue, so the data
-        loader was empty and no event fired. The slides without tissue are then written (all-zero outputs), and the
-        run raises naming the slides that failed. Nothing happens once the writer has completed a run: its dataset
-        is fixed, so its runs are all empty or none is."""
+        """End a run: complete it when its engine never started (every slide failed to open or has no tissue, so
+        the data loader was empty and no event fired; the slides without tissue are then written with all-zero
+        outputs), then raise :class:`~pathbundles.errors.SlidesFailedError` naming every slide that failed. A run is
+        completed once: its dataset is fixed, so its runs are all empty or none is."""
         if not self._completed:
             self.completed(engine)
+        if self.failed:
+            listing = "; ".join(f"{name}: {why}" for name, why in self.failed.items())
+            raise SlidesFailedError(f"{len(self.failed)} slide(s) failed, the others were written: {listing}")
 
     def _finish_remaining(self) -> None:
         """Submit every slide whose items did not all come back (no tissue, say)."""

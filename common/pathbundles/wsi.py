@@ -6,14 +6,16 @@ outside the slide read as white (255) and RGBA is composited on white.
 
 `Slide` holds all logic (level choice, reads at any mpp with anti-aliased resampling, bounds and padding,
 validation, info); each backend subclass implements five small methods (`_open`, `_geometry`, `_read_level`,
-`_file_mpp`, `_close`) and may override `_objective_power` and `_stored_bytes`. MONAI is imported only when
-`TiledTiffWSIReader` is first used.
+`_file_mpp`, `_close`) and may override `_objective_power`, `_stored_bytes` and `_tile_sizes`. MONAI is imported
+only when `TiledTiffWSIReader` is first used.
 
 What a file claims is bounded before anything is read (`Slide._check_claims`, every backend): at most
 `max_level0_px` level-0 pixels (default `MAX_LEVEL0_PX`, or `$PATHBUNDLES_MAX_LEVEL0_PX`), at most
-`MAX_PX_PER_FILE_BYTE` level-0 pixels per byte of a single-file slide, every level within level 0. The tifffile
-backend also checks each level's tile table (count, byte ranges, a least size per compressed tile). A stated mpp
-that is implausible (outside 0.1-20 um/px, or far from 10 / objective power) is logged as a warning naming the file.
+`MAX_PX_PER_FILE_BYTE` level-0 pixels per byte of a single-file slide, every level within level 0, tiles of at
+most `MAX_TILE_PX` where the backend reports them, and at its mpp no side longer than a glass slide
+(`MAX_SCAN_UM`). The tifffile backend also checks each level's tile table (count, byte ranges, a least size per
+compressed tile). A stated mpp that is implausible (outside 0.1-20 um/px, or far from 10 / objective power) is
+logged as a warning naming the file; one that is no positive finite number states none.
 """
 
 from __future__ import annotations
@@ -45,6 +47,14 @@ MAX_LEVEL0_PX = 10**11
 #: tiles are all empty (sparse background) stores an offset and a byte count per tile: about 8 bytes per 256 x 256
 #: tile, 8192 px per byte; a real slide with tissue stores far fewer pixels per byte (JPEG: below 512).
 MAX_PX_PER_FILE_BYTE = 10**5
+#: Most pixels one tile of a level may claim. Formats tile at 240 to 4096 px a side (NDPI: a level's width by 8
+#: rows); OpenSlide allocates a whole tile (4 bytes a pixel) for each read and aborts the process when it cannot,
+#: as it did on a header claiming tiles of 256 x 2^30 px.
+MAX_TILE_PX = 1 << 28
+#: Longest side in um a slide's level 0 may cover at its mpp (the file's or the override). Glass slides are 75 x 25
+#: mm, large-format ones up to about 150 x 100 mm; an mpp that makes a slide larger is wrong, and a run would read
+#: its tissue thumbnail (8 um/px) at billions of pixels a side.
+MAX_SCAN_UM = 200_000.0
 #: Level-0 mpp (um/px) a scanner can plausibly produce; a stated value outside is logged as suspect.
 PLAUSIBLE_MPP = (0.1, 20.0)
 #: How far (factor) a stated mpp may lie from 10 um / objective power (20x ~ 0.5, 40x ~ 0.25) before it is suspect;
@@ -55,6 +65,10 @@ _MULTI_FILE_SUFFIXES = (".mrxs", ".vms", ".vmu", ".dcm")
 #: The datalist/config keys that give a slide's level-0 mpp when its file states none or a wrong one.
 MPP_HINT = ("set the slide's level-0 mpp: the bundle config key slide_mpp (--slide_mpp, also on pathbundles info and "
             "tissue) or the datalist item's 'mpp'")
+
+#: A decimal number in an Aperio image description (``MPP = 0.2525``, ``AppMag = 40``); text such as ``MPP = -``
+#: is no number and states nothing.
+_NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)"
 
 logger = logging.getLogger(__name__)
 _warned_mpp: set[tuple[str, tuple[float, float]]] = set()
@@ -100,7 +114,10 @@ class Slide(abc.ABC):
         if not self.path.is_file():
             raise SlideError(self.path, "file does not exist" if not self.path.exists() else "not a regular file")
         if mpp is not None:
-            mpp_xy = (float(mpp), float(mpp)) if np.isscalar(mpp) else tuple(float(v) for v in mpp)
+            try:
+                mpp_xy = (float(mpp), float(mpp)) if np.isscalar(mpp) else tuple(float(v) for v in mpp)
+            except (TypeError, ValueError):  # a datalist item's "mpp" may be any JSON: text, null, an object
+                mpp_xy = ()
             if len(mpp_xy) != 2 or min(mpp_xy) <= 0 or not all(math.isfinite(v) for v in mpp_xy):
                 raise SlideError(self.path, f"mpp override must be positive um/px, got {mpp!r}")
             mpp = mpp_xy
@@ -176,6 +193,18 @@ class Slide(abc.ABC):
         """The scan's objective power (20, 40) as the file states it, or None."""
         return None
 
+    def _tile_sizes(self) -> dict[int, tuple[int, int]]:
+        """{level: (tile width, tile height) in px} of the levels whose tiles the backend reports."""
+        return {}
+
+    def _stated_mpp(self) -> tuple[float, float] | None:
+        """The file's level-0 mpp (`_file_mpp`) when both values are positive and finite, else None: a resolution
+        tag of 1/0 px per unit or an Aperio ``MPP = 1e999`` states nothing a run can use."""
+        mpp = self._file_mpp()
+        if mpp is None or not all(math.isfinite(v) and v > 0 for v in mpp):
+            return None
+        return mpp
+
     def _stored_bytes(self) -> int | None:
         """Bytes holding the slide's pixels: the file's size; None for formats whose levels live in other files."""
         if self.path.suffix.lower() in _MULTI_FILE_SUFFIXES:
@@ -186,7 +215,8 @@ class Slide(abc.ABC):
 
     def _check_claims(self) -> None:
         """Refuse geometry no real slide has, before anything is read (a hostile header would make reads run for
-        days): levels within level 0, level-0 pixels within the limit and within what the file's bytes can hold."""
+        days): levels within level 0, level-0 pixels within the limit and within what the file's bytes can hold,
+        tiles of at most `MAX_TILE_PX`, and at its mpp no side longer than `MAX_SCAN_UM`."""
         w0, h0 = self.level_dimensions[0]
         for level, (w, h) in enumerate(self.level_dimensions):
             if w <= 0 or h <= 0 or w > w0 or h > h0:
@@ -202,10 +232,19 @@ class Slide(abc.ABC):
             raise SlideError(self.path, f"claims {w0} x {h0} px at level 0 ({pixels:.3g} px) in a file of {stored} "
                                         f"bytes: {pixels / max(stored, 1):.3g} px per byte, where no slide format "
                                         f"stores more than {MAX_PX_PER_FILE_BYTE:.0e}; the header is corrupt")
+        for level, (tile_w, tile_h) in self._tile_sizes().items():
+            if tile_w * tile_h > MAX_TILE_PX:
+                raise SlideError(self.path, f"level {level} claims tiles of {tile_w} x {tile_h} px, more than the "
+                                            f"{MAX_TILE_PX:.3g} px a tile may have; the header is corrupt")
+        mpp = self.file_mpp
+        if mpp is not None and max(w0 * mpp[0], h0 * mpp[1]) > MAX_SCAN_UM:
+            raise SlideError(self.path, f"{w0} x {h0} px at {mpp[0]:.4g} x {mpp[1]:.4g} um/px would be a scan of "
+                                        f"{w0 * mpp[0] / 1e3:.4g} x {h0 * mpp[1] / 1e3:.4g} mm, larger than any glass "
+                                        f"slide ({MAX_SCAN_UM / 1e3:g} mm a side); the mpp is wrong: {MPP_HINT}")
 
     def _warn_if_implausible_mpp(self) -> None:
         """Log a warning naming the file when its stated mpp is outside `PLAUSIBLE_MPP` or far from 10 / power."""
-        stated = self._file_mpp()
+        stated = self._stated_mpp()
         if stated is None:
             return
         power = self._objective_power()
@@ -238,7 +277,7 @@ class Slide(abc.ABC):
     @property
     def file_mpp(self) -> tuple[float, float] | None:
         """Level-0 (mpp_x, mpp_y) in um/px: the override given to `open_slide`, else the file's value, else None."""
-        return self._mpp_override or self._file_mpp()
+        return self._mpp_override or self._stated_mpp()
 
     @property
     def mpp(self) -> tuple[float, float]:
@@ -625,7 +664,7 @@ class TiffSlide(Slide):
     def _file_mpp(self) -> tuple[float, float] | None:
         first = self._tif.pages.first
         if self._tif.is_svs:
-            match = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", first.description)
+            match = re.search(r"\|\s*MPP\s*=\s*" + _NUMBER, first.description)
             if match and float(match.group(1)) > 0:
                 return float(match.group(1)), float(match.group(1))
         um_per_unit = {2: 25400.0, 3: 10000.0}.get(int(first.tags.valueof("ResolutionUnit", 2)))
@@ -636,7 +675,7 @@ class TiffSlide(Slide):
         return um_per_unit * xres[1] / xres[0], um_per_unit * yres[1] / yres[0]
 
     def _objective_power(self) -> float | None:
-        match = re.search(r"\|\s*AppMag\s*=\s*([0-9.]+)", self._tif.pages.first.description or "")
+        match = re.search(r"\|\s*AppMag\s*=\s*" + _NUMBER, self._tif.pages.first.description or "")
         return float(match.group(1)) if match and float(match.group(1)) > 0 else None
 
     def _read_level(self, level: int, level_xy: tuple[int, int], size_px: tuple[int, int]) -> np.ndarray:
@@ -771,6 +810,16 @@ class OpenSlideSlide(Slide):
         if region.getchannel("A").getextrema()[0] < 255:
             region = Image.alpha_composite(Image.new("RGBA", region.size, "white"), region)
         return np.asarray(region.convert("RGB"))
+
+    def _tile_sizes(self) -> dict[int, tuple[int, int]]:
+        props, sizes = self._osr.properties, {}
+        for level in range(self._osr.level_count):
+            try:
+                sizes[level] = (int(props[f"openslide.level[{level}].tile-width"]),
+                                int(props[f"openslide.level[{level}].tile-height"]))
+            except (KeyError, ValueError):
+                continue
+        return sizes
 
     def _objective_power(self) -> float | None:
         try:
