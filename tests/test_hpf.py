@@ -229,16 +229,19 @@ def test_hpf_dataset_items_names_and_errors(tmp_path: Path) -> None:
     assert item["image"].shape == (3, 50, 70) and item["image"].dtype == torch.uint8
     assert int(item["image"][0, 45, 60]) == 60 and int(item["image"][1, 45, 60]) == 45  # (x, y) = (60, 45)
     np.testing.assert_allclose(item["label"].numpy(), [[10, 20], [60.4, 45]], rtol=1e-6)
-    assert "label" not in ds[1] and ds[1]["index"] == 1
-    with pytest.raises(InputError, match="centroids outside"):
-        HPFDataset([a], centroid_order="rc")  # (45, 60.4) read as (row, col) falls outside the 70 x 50 image
-    with pytest.raises(InputError, match="0.5 um/px"):
-        HPFDataset([dict(a, mpp=0.5)], centroid_order="xy")
+    assert "label" not in ds[1] and ds[1]["index"] == 1 and ds[1]["error"] == ""
+    # An item that cannot be used is left out with its error (the writer fails it by name); the others stay.
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    with pytest.raises(InputError, match="broken.png"):
-        HPFDataset([{"image": str(tmp_path / "broken.png")}])
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    bad = HPFDataset([dict(a, mpp=0.5), {"image": str(tmp_path / "broken.png")}, b,
+                      {"image": str(tmp_path / "loop.png")}], centroid_order="xy")
+    assert len(bad) == 1 and bad.usable == [2] and bad[0]["name"] == "b" and bad[0]["index"] == 2
+    assert sorted(bad.failed) == [0, 1, 3]
+    assert "0.5 um/px" in bad.failed[0] and "broken.png" in bad.failed[1] and "loop.png" in bad.failed[3]
+    rc = HPFDataset([a], centroid_order="rc")  # (45, 60.4) read as (row, col) falls outside the 70 x 50 image
+    assert len(rc) == 0 and "centroids outside" in rc.failed[0]
     with pytest.raises(InputError, match="output name 'a' is the same name"):
-        HPFDataset([a, a])
+        HPFDataset([a, a])  # a datalist problem: the whole run is refused
 
 
 def test_hpf_dataset_reads_a_slide_box(shared_data: Path) -> None:
@@ -276,6 +279,37 @@ def _run_handlers(dataset: HPFDataset, maps: list[np.ndarray], *handlers) -> _En
     for handler in handlers[1:]:
         handler(engine)
     return engine
+
+
+def test_writer_fails_unreadable_hpfs_by_name_and_writes_the_others(tmp_path: Path) -> None:
+    """An HPF left out by the dataset, and one whose read fails during the run, get no output and are named by
+    ensure_completed; the good one is written and counted."""
+    from pathbundles.errors import SlidesFailedError
+
+    good = _hand_made(tmp_path, (200, 200), [(50, 50)], "good")
+    late = _hand_made(tmp_path, (200, 200), [], "late")
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    ds = HPFDataset([{"image": str(tmp_path / "loop.png")}, good, late])
+    writer = HPFDetectionWriter(ds, tmp_path / "out", min_mean_score=0.0)
+    engine = _Engine()
+    writer.started(engine)
+    for k, index in enumerate(ds.usable):
+        item = ds[k]
+        if index == 2:  # as if the file broke after the check
+            item["error"] = f"{late['image']}: truncated"
+        prob = _gaussian_map((200, 200), [(50, 50, 0.9, 5)])
+        engine.state.batch = [item]
+        engine.state.output = [{"pred": torch.from_numpy(np.stack([1 - prob, prob]))}]
+        writer.iteration_completed(engine)
+    writer.completed(engine)
+    assert [r["name"] for r in writer.results()] == ["good"]
+    assert (tmp_path / "out" / "detections" / "good.csv").exists()
+    assert not (tmp_path / "out" / "detections" / "late.csv").exists()
+    counts = (tmp_path / "out" / "hpf_counts.csv").read_text().splitlines()
+    assert len(counts) == 2 and counts[1].startswith("good,1,")
+    with pytest.raises(SlidesFailedError, match=r"2 HPF\(s\) failed, the others were written: loop: .*loop\.png.*; "
+                                                 r"late: .*truncated"):
+        writer.ensure_completed()
 
 
 def test_writer_metrics_report_and_tuner_store(tmp_path: Path) -> None:

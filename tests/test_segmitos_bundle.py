@@ -20,21 +20,20 @@ CONFIGS = BUNDLE / "configs"
 pytestmark = pytest.mark.slow
 
 
-
-
-
-
 @pytest.fixture(scope="module")
 def small_hpfs(tmp_path_factory) -> Path:
-    """Four 400 px phantom HPFs with centroid CSVs (seed 3), plus a truncated PNG listed in ``with_bad.json``."""
+    """Four 400 px phantom HPFs with centroid CSVs (seed 3), plus a truncated PNG and a symlink loop listed in
+    ``with_bad.json``."""
     from pathbundles.phantom import make_phantom
 
     root = tmp_path_factory.mktemp("segmitos-data")
     dataset = make_phantom(root, kind="mitosis", n=4, seed=3, size_px=400)
     good = (root / "images" / "phantom_hpf_000.png").read_bytes()
     (root / "images" / "truncated.png").write_bytes(good[: len(good) // 3])
+    (root / "loop.png").symlink_to(root / "loop.png")
     doc = json.loads(dataset.read_text())
-    (root / "with_bad.json").write_text(json.dumps(dict(doc, items=doc["items"] + [{"image": "images/truncated.png"}])))
+    bad = [{"image": "images/truncated.png"}, {"image": "loop.png"}]
+    (root / "with_bad.json").write_text(json.dumps(dict(doc, items=doc["items"] + bad)))
     return root
 
 
@@ -132,13 +131,18 @@ def test_tune_stores_thresholds_that_inference_then_uses(small_hpfs: Path, bundl
     assert len(list((out / "overlays").glob("*.png"))) == 4 and len(list((out / "maps").glob("*.png"))) == 4
 
 
-def test_inference_refuses_a_truncated_hpf_before_writing(small_hpfs: Path, tmp_path: Path) -> None:
+def test_inference_fails_unreadable_hpfs_by_name_and_writes_the_others(small_hpfs: Path, tmp_path: Path) -> None:
+    """A truncated PNG and a symlink loop fail by name in one line (exit 2); the four good HPFs are written (the
+    run used to stop before any HPF at the first bad file)."""
     out = tmp_path / "out"
     result = run_bundle("run", "--config_file", str(CONFIGS / "inference.json"), "--data_source",
                         str(small_hpfs / "with_bad.json"), "--output_dir", str(out), "--num_workers", "0")
-    assert result.returncode != 0
-    assert "truncated.png" in result.stderr
-    assert not out.exists()
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "2 HPF(s) failed" in last and "truncated.png" in last and "loop.png" in last
+    assert "Traceback" not in result.stderr
+    assert sorted(p.stem for p in (out / "detections").iterdir()) == [f"phantom_hpf_00{i}" for i in range(4)]
+    assert len((out / "hpf_counts.csv").read_text().splitlines()) == 5
 
 
 def test_evaluate_demo_weights_on_held_out_phantom_hpfs(tmp_path: Path) -> None:

@@ -148,10 +148,7 @@ def _run(workflow: Any, handlers: Sequence[Any]) -> list[dict]:
         with config_errors_unwrapped():
             workflow.run()
         writer = workflow.parser.get_parsed_content("writer")
-        if hasattr(writer, "ensure_completed"):
-            writer.ensure_completed()
-        elif evaluator.state.epoch_length == 0:  # a writer without it (segmitos' HPF writer)
-            writer.completed()
+        writer.ensure_completed()
     finally:
         workflow.finalize()
     return [{**record, "outputs": {k: str(v) for k, v in record["outputs"].items()}} for record in writer.results()]

@@ -14,6 +14,7 @@ Coordinates are (x, y) = (column, row) in HPF pixels, pixel centres at integers.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -28,7 +29,7 @@ from PIL import Image, ImageDraw
 from pathbundles.annotations import read_points_csv, write_points_csv
 from pathbundles.atomic import atomic_path
 from pathbundles.checks import probability
-from pathbundles.errors import InputError
+from pathbundles.errors import InputError, PathBundlesError, SlidesFailedError
 from pathbundles.outputs import claim_folder, output_file, output_names
 from pathbundles.metrics.mitosis import match_points, mitosis_f1
 from pathbundles.postprocess import mitosis_blobs
@@ -36,6 +37,8 @@ from pathbundles.postprocess import mitosis_blobs
 #: PIL modes that convert to RGB without losing meaning: 8-bit RGB(A), grey (+alpha), palette, bilevel.
 _RGB_CONVERTIBLE = {"RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1"}
 WHITE = 255  # pad value: blank glass, never tissue
+_BLANK_PX = 64  # side of the stand-in image of an HPF whose read failed (the writer drops it)
+logger = logging.getLogger(__name__)
 NEGATIVE_TRIES = 32  # rejection draws for a mitosis-free crop before settling for any crop
 
 #: overlay colours (RGB)
@@ -375,13 +378,16 @@ class HPFDataset(torch.utils.data.Dataset):
     ``[x, y, width, height]`` in level-0 px of that slide, optional ``centroids`` (CSV of ground-truth mitoses in
     HPF px, columns in ``centroid_order``) and optional ``mpp`` (an HPF file's resolution, or a slide's level-0
     resolution for a box; an HPF file at another resolution than ``mpp`` is refused: HPFs are never resampled
-    silently). Every file is checked when the dataset is built, so a
-    bad item fails the run before any output is written.
+    silently). Every file is checked when the dataset is built: an item that cannot be used (an unreadable or
+    broken image, a symlink loop, a slide without mpp, an HPF at another resolution, centroids outside it) is left
+    out of the items with its error in :attr:`failed`, so the writer fails it by name and the others run. Names are
+    checked for the whole datalist first (:func:`pathbundles.outputs.output_names`): a bad name refuses the run.
 
-    Items: ``image`` uint8 (3, H, W) tensor; ``label`` float32 (M, 2) ground-truth (x, y) when the item has
-    ``centroids`` (MONAI engines carry ``label`` into their output, where metrics find it); ``name``
-    (:func:`pathbundles.outputs.slide_name`: the item's ``name`` or file stem, plus ``_x{x}_y{y}`` for a slide box)
-    and ``index``.
+    Items (the usable HPFs, in datalist order): ``image`` uint8 (3, H, W) tensor; ``label`` float32 (M, 2)
+    ground-truth (x, y) when the item has ``centroids`` (MONAI engines carry ``label`` into their output, where
+    metrics find it); ``name`` (:func:`pathbundles.outputs.slide_name`: the item's ``name`` or file stem, plus
+    ``_x{x}_y{y}`` for a slide box); ``index`` (the datalist index) and ``error`` ("" when the read succeeded; a read
+    that fails later gives a small blank image and the error, which the writer reports).
 
     Args:
         data: datalist items.
@@ -402,20 +408,33 @@ class HPFDataset(torch.utils.data.Dataset):
         self.mpp_override = mpp_override
         self.names: list[str] = output_names(self.items)
         self.truths: list[np.ndarray | None] = []
-        for item in self.items:
-            path = str(item["image"])
-            if item.get("box") is not None:
-                size = self._box_size(item)
-            else:
-                _check_hpf_mpp(item, mpp_override, self.mpp)
-                size = _image_size(path, verify=True)
-            truth = None
-            if item.get("centroids"):
-                truth = read_points_csv(item["centroids"], centroid_order)[0]
-                if np.any((_pixel(truth) < 0) | (_pixel(truth) >= np.asarray(size))):
-                    raise InputError(item["centroids"], f"centroids outside the {size[0]}x{size[1]} px HPF {path} "
-                                                        f"(wrong centroid_order {centroid_order!r}?)")
-            self.truths.append(truth)
+        #: {datalist index: why} of the items left out: each file's own problem, never the whole run's.
+        self.failed: dict[int, str] = {}
+        for index, item in enumerate(self.items):
+            try:
+                self.truths.append(self._check_item(item, centroid_order))
+            except (PathBundlesError, OSError, ValueError) as err:
+                self.truths.append(None)
+                self.failed[index] = str(err)
+                logger.error("HPF %s left out: %s", self.names[index], err)
+        #: datalist indices of the usable items, the dataset's items in order
+        self.usable = [i for i in range(len(self.items)) if i not in self.failed]
+
+    def _check_item(self, item: dict, centroid_order: Literal["xy", "rc"]) -> np.ndarray | None:
+        """Check one datalist item's files; its ground truth (or None)."""
+        path = str(item["image"])
+        if item.get("box") is not None:
+            size = self._box_size(item)
+        else:
+            _check_hpf_mpp(item, self.mpp_override, self.mpp)
+            size = _image_size(path, verify=True)
+        if not item.get("centroids"):
+            return None
+        truth = read_points_csv(item["centroids"], centroid_order)[0]
+        if np.any((_pixel(truth) < 0) | (_pixel(truth) >= np.asarray(size))):
+            raise InputError(item["centroids"], f"centroids outside the {size[0]}x{size[1]} px HPF {path} "
+                                                f"(wrong centroid_order {centroid_order!r}?)")
+        return truth
 
     def _box_size(self, item: dict) -> tuple[int, int]:
         """(width, height) in px at ``mpp`` of a slide box, checking the slide opens and has an mpp."""
@@ -429,10 +448,10 @@ class HPFDataset(torch.utils.data.Dataset):
         return round(box[2] * level0_mpp / self.mpp), round(box[3] * level0_mpp / self.mpp)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.usable)
 
     def read_image(self, i: int) -> np.ndarray:
-        """HPF ``i`` as uint8 (H, W, 3) RGB at ``mpp``."""
+        """HPF ``i`` (datalist index) as uint8 (H, W, 3) RGB at ``mpp``."""
         item = self.items[i]
         if item.get("box") is None:
             return read_hpf(item["image"])
@@ -442,10 +461,15 @@ class HPFDataset(torch.utils.data.Dataset):
         with open_slide(item["image"], backend=self.backend, mpp=item_mpp(item, self.mpp_override)) as slide:
             return slide.read_region((x, y), self._box_size(item), self.mpp)
 
-    def __getitem__(self, i: int) -> dict:
-        image = self.read_image(i)
+    def __getitem__(self, k: int) -> dict:
+        i = self.usable[k]
+        error = ""
+        try:
+            image = self.read_image(i)
+        except (PathBundlesError, OSError, ValueError) as err:  # the file changed or broke after the check
+            image, error = np.full((_BLANK_PX, _BLANK_PX, 3), WHITE, np.uint8), f"{self.items[i]['image']}: {err}"
         out: dict = {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-                     "name": self.names[i], "index": i}
+                     "name": self.names[i], "index": i, "error": error}
         if self.truths[i] is not None:
             out["label"] = torch.from_numpy(self.truths[i].astype(np.float32))
         return dict(self.transform(out)) if self.transform is not None else out
@@ -459,7 +483,9 @@ class HPFDetectionWriter:
     positives green, false positives red, misses blue when the item has ground truth; yellow otherwise); and one
     ``hpf_counts.csv`` (``name,n_detections,max_score``) for the run. Every file is written atomically. The output
     folder is locked from the start of the run to its end, and what a killed run left there is removed
-    (:func:`pathbundles.outputs.claim_folder`).
+    (:func:`pathbundles.outputs.claim_folder`). An HPF that cannot be read (left out by the dataset, or failing
+    when read) gets no output and is named in :attr:`failed`; the others are written, and
+    :meth:`ensure_completed`, which the bundle's configs run after the engine, then raises naming the failed ones.
 
     Args:
         dataset: the run's :class:`HPFDataset` (names, ground truth, and the original pixels for overlays).
@@ -483,7 +509,13 @@ class HPFDetectionWriter:
         self.write_images, self.prob_channel, self.pred_key = write_images, prob_channel, pred_key
         self.blobs: dict[str, np.ndarray] = {}
         self.detections: dict[str, np.ndarray] = {}
+        #: {HPF name: why} of the HPFs that failed.
+        self.failed: dict[str, str] = self._failed_in_dataset()
         self._lock: Any = None
+        self._completed = False
+
+    def _failed_in_dataset(self) -> dict[str, str]:
+        return {self.dataset.names[i]: why for i, why in getattr(self.dataset, "failed", {}).items()}
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
@@ -497,6 +529,7 @@ class HPFDetectionWriter:
         self._claim()
         self.blobs.clear()
         self.detections.clear()
+        self.failed = self._failed_in_dataset()
 
     def _claim(self) -> None:
         """Lock the output folder for this run and remove a killed run's work files from it."""
@@ -520,8 +553,14 @@ class HPFDetectionWriter:
 
     def iteration_completed(self, engine: Any) -> None:
         for item, out in zip(engine.state.batch, engine.state.output):
+            index = int(item["index"])
+            if item.get("error"):
+                name = self.dataset.names[index]
+                self.failed[name] = str(item["error"])
+                logger.error("HPF %s failed: %s", name, item["error"])
+                continue
             prob = out[self.pred_key][self.prob_channel].detach().float().cpu().numpy()
-            self.add(int(item["index"]), prob)
+            self.add(index, prob)
 
     def add(self, index: int, prob: np.ndarray) -> np.ndarray:
         """Post-process and write HPF ``index`` of the dataset from its (H, W) probability map; its detections."""
@@ -540,6 +579,7 @@ class HPFDetectionWriter:
 
     def completed(self, engine: Any = None) -> None:
         """Write ``hpf_counts.csv`` in datalist order; release the output folder."""
+        self._completed = True
         self._claim()  # a run whose engine never started
         try:
             rows = [f"{name},{len(d)},{(float(d[:, 2].max()) if len(d) else 0.0):.6f}"
@@ -548,6 +588,15 @@ class HPFDetectionWriter:
                 tmp.write_text("name,n_detections,max_score\n" + "".join(r + "\n" for r in rows), encoding="utf-8")
         finally:
             self._lock.release()
+
+    def ensure_completed(self, engine: Any = None) -> None:
+        """End a run: complete it when its engine never started (no usable HPF), then raise
+        :class:`~pathbundles.errors.SlidesFailedError` naming every HPF that failed."""
+        if not self._completed:
+            self.completed(engine)
+        if self.failed:
+            listing = "; ".join(f"{name}: {why}" for name, why in self.failed.items())
+            raise SlidesFailedError(f"{len(self.failed)} HPF(s) failed, the others were written: {listing}")
 
     def annotated(self) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
         """(names, blobs, truths) of the processed HPFs that have ground truth, in datalist order."""
@@ -675,7 +724,8 @@ class ThresholdTuner:
 
     After the writer, grid-searches :func:`tune_blob_thresholds`, writes the grid to ``output_dir/tuning.json``,
     and, when ``config_file`` is given, sets its ``min_mean_score`` and ``min_area_um2`` keys and records
-    ``thresholds_tuned_on`` (which HPFs, the F1 reached), rewriting the file atomically.
+    ``thresholds_tuned_on`` (which HPFs, the F1 reached), rewriting the file atomically; not when validation HPFs
+    failed (the writer's ``ensure_completed`` then fails the run naming them).
 
     Args:
         writer: the run's :class:`HPFDetectionWriter` (its blobs; its own thresholds are ignored).
@@ -706,7 +756,11 @@ class ThresholdTuner:
         with atomic_path(self.output_dir / "tuning.json") as tmp:
             tmp.write_text(json.dumps({"best": best, "hpfs": names, "radius_px": self.radius_px,
                                        "grid": self.result["grid"]}, indent=2) + "\n", encoding="utf-8")
-        if self.config_file is not None:
+        failed = getattr(self.writer, "failed", {})
+        if self.config_file is not None and failed:
+            # Thresholds tuned without some validation HPFs are not stored; the run then fails naming them.
+            logger.error("thresholds not stored in %s: %d validation HPF(s) failed", self.config_file, len(failed))
+        elif self.config_file is not None:
             store_thresholds(self.config_file, best["min_mean_score"], best["min_area_um2"],
                              {"hpfs": len(names), "f1": best["f1"], "radius_px": self.radius_px})
         if engine is not None:
