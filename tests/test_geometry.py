@@ -94,10 +94,10 @@ def test_reads_put_the_markers_where_they_are(slides: list[dict], backend: str, 
                 view = slide.read_region((mx - half0, my - half0), (size, size), out_mpp)
                 offset = _dark_centroid_um(view, out_mpp, RADIUS_UM)
                 assert np.abs(offset).max() <= tolerance_um, (item["name"], out_mpp, offset, tolerance_um)
-                level0 = slide.read_level_region(0, (int(mx - half0) - 2, int(my - half0) - 2),
-                                                 (int(2 * half0) + 6, int(2 * half0) + 6))
-                reference = box_reference(level0, (mx - half0 - (int(mx - half0) - 2), my - half0 - (int(my - half0) - 2)),
-                                          (size, size), out_mpp / level0_mpp)
+                x0, y0 = int(mx - half0) - 2, int(my - half0) - 2
+                level0 = slide.read_level_region(0, (x0, y0), (int(2 * half0) + 6, int(2 * half0) + 6))
+                reference = box_reference(level0, (mx - half0 - x0, my - half0 - y0), (size, size),
+                                          out_mpp / level0_mpp)
                 assert np.abs(view - reference).mean() < 2.0, (item["name"], out_mpp)
 
 
@@ -299,4 +299,5 @@ def test_maps_of_the_real_svs_are_registered_to_it(shared_data: Path, tmp_path: 
 
     scores = {(dx, dy): correlation(dx, dy) for dx in range(-3, 4) for dy in range(-3, 4)}
     assert max(scores, key=scores.get) == (0, 0), sorted(scores.items(), key=lambda kv: -kv[1])[:3]
-    assert json.loads(tifffile.TiffFile(next(iter(records.values()))["outputs"]["map"]).pages[0].description)
+    with tifffile.TiffFile(next(iter(records.values()))["outputs"]["map"]) as tif:
+        assert "starts at the slide's level-0 origin" in json.loads(tif.pages[0].description)["registration"]

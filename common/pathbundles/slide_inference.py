@@ -325,7 +325,8 @@ class SlideMapWriter(StreamedSlideWriter):
 
     For slide ``name`` under ``output_dir``: ``maps/name.tif`` (probability x 255 as a tiled pyramidal TIFF with
     mpp tags, registered to the slide: pixel (0, 0) starts at the slide's origin, see :func:`registered_map`),
-    ``overlays/name.png`` (the same registration over the slide thumbnail), ``detections/name.csv`` (Camelyon16 ``prob,x,y`` at level 0) and
+    ``overlays/name.png`` (the same registration over the slide thumbnail), ``detections/name.csv``
+    (Camelyon16 ``prob,x,y`` at level 0) and
     ``detections/name.geojson``; and one ``slide_scores.csv`` (``name,score,n_detections``) for the run. A slide
     without tissue gets an all-zero map, no detections and score 0. A slide that fails is reported by name, gets
     no output, and the run raises at the end after finishing the other slides.

@@ -330,10 +330,10 @@ class Slide(abc.ABC):
         A pyramid level is returned as stored only when its mpp equals ``mpp`` on both axes (to float rounding,
         relative 1e-6); otherwise the covering region of the coarsest finer level is area-averaged to ``mpp``
         (each level pixel weighted by its overlap with the output pixel, :mod:`pathbundles.resample`: anti-aliased,
-        and exact in position at any scale), or bilinearly upsampled when ``mpp`` is finer than level 0. So output pixel (i, j) always covers
-        level-0 ``[x + j * s_x, x + (j + 1) * s_x) x [y + i * s_y, y + (i + 1) * s_y)`` with
-        ``s = mpp / level0_mpp``, whatever levels the file has (a 0.226 um/px scan has a 0.904 um/px level, not a
-        1.0 one). Use :meth:`read_region_near` to accept a nearby level as it is.
+        and exact in position at any scale), or bilinearly upsampled when ``mpp`` is finer than level 0. So output
+        pixel (i, j) always covers level-0 ``[x + j * s_x, x + (j + 1) * s_x) x [y + i * s_y, y + (i + 1) * s_y)``
+        with ``s = mpp / level0_mpp``, whatever levels the file has (a 0.226 um/px scan has a 0.904 um/px level,
+        not a 1.0 one). Use :meth:`read_region_near` to accept a nearby level as it is.
 
         Args:
             level0_xy: top-left corner (x, y) in level-0 pixels; fractional positions are honoured when resampling
@@ -395,11 +395,13 @@ class Slide(abc.ABC):
             source = self._level_for(actual)
         source_per_row = out_w * (actual / self.level_mpp(source)[0]) ** 2
         band = max(1, int(_THUMBNAIL_BAND_SOURCE_PX // source_per_row))
+        # Level-0 rows per output row: the level's own along y when it is taken as stored.
+        row_scale = (self.level_mpp(level)[1] if level is not None else actual) / mpp_y
         rows = []
         for top in range(0, out_h, band):
             size = (out_w, min(band, out_h - top))
-            rows.append(self._read_stored(level, (0, top * actual / mpp_y), size) if level is not None else
-                        self._read_at_level(source, (0, top * actual / mpp_y), size, actual))
+            rows.append(self._read_stored(level, (0, top * row_scale), size) if level is not None else
+                        self._read_at_level(source, (0, top * row_scale), size, actual))
         return np.concatenate(rows, axis=0), actual
 
     # ---- lifecycle -----------------------------------------------------------------------------------------------
