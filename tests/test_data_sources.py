@@ -101,6 +101,15 @@ def test_listed_images_are_checked_up_front_only_when_asked(slides: Path) -> Non
         slide_list(slides / "d.json", "metastasis")
 
 
+def test_a_cohort_lists_one_slide_or_a_manifest_as_the_bundle_does(slides: Path) -> None:
+    from pathbundles.cohort import bundle_datalist
+
+    assert bundle_datalist(SCANNET, slides / "b.tif") == [{"image": str(slides / "b.tif")}]
+    (slides / "cohort.txt").write_text("a.SVS\nb.tif\n")
+    assert bundle_datalist(SCANNET, slides / "cohort.txt") == [{"image": str(slides / "a.SVS")},
+                                                               {"image": str(slides / "b.tif")}]
+
+
 @pytest.mark.slow
 def test_scannet_runs_on_one_slide_with_an_override_file_first(tmp_path: Path) -> None:
     """``--data_source slide.tif`` (it failed with UnicodeDecodeError) and a --config_file list that starts with an
