@@ -658,9 +658,9 @@ def _run_slide(item: Mapping[str, Any], work_dir: Path, *, bundle: str | os.Path
 
 def cohort_cli(bundle: str, slides: str, out: str, config: str | Sequence[str] = "inference.json",
                timeout_hours: float = 72.0, slide_timeout_s: float | None = None, **overrides: Any) -> None:
-    """``pathbundles cohort``: run BUNDLE over SLIDES (a folder, one slide, a text manifest or a datalist) into OUT, each slide within
-    ``--slide_timeout_s`` seconds when given; further ``--key value`` flags set bundle config ids. Rank 0 prints the
-    summary as JSON; the exit status is 1 when any slide failed."""
+    """``pathbundles cohort``: run BUNDLE over SLIDES (a folder, one slide, a text manifest or a datalist) into OUT,
+    each slide within ``--slide_timeout_s`` seconds when given; further ``--key value`` flags set bundle config
+    ids. Rank 0 prints the summary as JSON; the exit status is 1 when any slide failed."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
     summary = cohort_command(bundle, slides, out, config_files=config, overrides=overrides,

@@ -138,8 +138,8 @@ class Slide(abc.ABC):
         except Exception as exc:  # backends raise their own types; the caller needs the file and the cause
             self._safe_close()
             truncated = tiff_truncation(self.path)
-            raise BackendRefusedError(self.path, truncated or f"not a whole-slide image the {self.backend} backend can read "
-                                                     f"({type(exc).__name__}: {exc})") from exc
+            raise BackendRefusedError(self.path, truncated or f"not a whole-slide image the {self.backend} backend "
+                                                              f"can read ({type(exc).__name__}: {exc})") from exc
         w0, h0 = self.level_dimensions[0]
         # OpenSlide's definition, the mean of the width and height ratios: how the OpenSlide and cuCIM backends
         # address a level (a level-0 position divided by it).
@@ -643,11 +643,11 @@ class TiffSlide(Slide):
 
     def _check_page(self, level: int, page: Any, file_size: int) -> None:
         if page.dtype != np.uint8 or page.samplesperpixel not in (1, 3, 4):
-            raise BackendRefusedError(self.path, f"level {level} has {page.samplesperpixel} samples of {page.dtype}; "
-                                        "the tifffile backend reads 8-bit gray, RGB or RGBA")
+            raise BackendRefusedError(self.path, f"level {level} has {page.samplesperpixel} samples of "
+                                                 f"{page.dtype}; the tifffile backend reads 8-bit gray, RGB or RGBA")
         if page.samplesperpixel > 1 and page.planarconfig != 1:
-            raise BackendRefusedError(self.path, f"level {level} stores colour planes separately, which the tifffile "
-                                        "backend does not read")
+            raise BackendRefusedError(self.path, f"level {level} stores colour planes separately, which the "
+                                                 "tifffile backend does not read")
         tile_w, tile_h = _tile_wh(page)
         if tile_w <= 0 or tile_h <= 0:
             raise SlideError(self.path, f"level {level} claims tiles of {tile_w} x {tile_h} px")
