@@ -25,6 +25,44 @@ def test_root_of_running_bundle(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
     assert root_of_running_bundle() == str(root.resolve())
 
 
+SCANNET = Path(__file__).resolve().parents[1] / "bundles" / "scannet"
+
+
+@pytest.mark.parametrize("value", [
+    "['{override}','{bundle}/configs/inference.json']",  # a Python list, the override first
+    "{override},{bundle}/configs/inference.json",  # MONAI's comma form
+    "{override}, {bundle}/configs/inference.json,{other}/configs/evaluate.json",
+])
+def test_root_of_running_bundle_is_the_bundle_of_a_list_that_starts_with_an_override(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, value: str) -> None:
+    """An override file kept outside the bundle, given first, made bundle_root its own folder (no weights there)."""
+    override = tmp_path / "site" / "override.json"
+    other = tmp_path / "elsewhere"  # a configs/ folder without metadata.json: not a bundle, so not chosen
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["monai.bundle", "run", "--config_file",
+                                      value.format(override=override, bundle=SCANNET, other=other)])
+    assert root_of_running_bundle() == str(SCANNET.resolve())
+    # Relative to the working directory, as a user types it.
+    monkeypatch.chdir(SCANNET.parent.parent)
+    monkeypatch.setattr(sys, "argv", ["monai.bundle", "run", f"--config_file=['{override}',"
+                                      "'bundles/scannet/configs/inference.json']"])
+    assert root_of_running_bundle() == str(SCANNET.resolve())
+
+
+def test_root_of_running_bundle_names_the_files_when_none_is_in_a_bundle(monkeypatch: pytest.MonkeyPatch,
+                                                                         tmp_path: Path) -> None:
+    from pathbundles.errors import SettingError
+
+    monkeypatch.setattr(sys, "argv", ["monai.bundle", "run", "--config_file",
+                                      f"['{tmp_path / 'a.json'}','{tmp_path / 'b.json'}']"])
+    with pytest.raises(SettingError) as caught:
+        root_of_running_bundle()
+    message = str(caught.value)
+    assert message.startswith(f"--config_file ['{tmp_path / 'a.json'}', '{tmp_path / 'b.json'}']: no file lies "
+                              "in a bundle's configs/ folder")
+    assert "--bundle_root" in message
+
+
 def test_root_defaults_without_config_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(sys, "argv", ["x"])
     assert root_of_running_bundle(tmp_path) == str(tmp_path.resolve())

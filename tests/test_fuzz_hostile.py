@@ -31,12 +31,13 @@ TRACEBACK = "Traceback (most recent call last)"
 #: Text that MONAI's config parser would evaluate ($), resolve (@), expand (%) or instantiate (_target_): put in
 #: every field of the mixed datalist, where it must stay text.
 CONFIG_TEXT = ["$__import__('os').system('touch PWNED') and 'x'", "@bundle_root", "%configs#version", "_target_"]
-#: Bad slide files whose header OpenSlide (the auto backend) reads, so that ``info`` shows them (without an mpp where
-#: the file states none usable). A run fails those without a usable mpp (NO_MPP) and those whose pixels OpenSlide
-#: cannot decode (UNDECODABLE); the others (odd sample layouts, an unreadable objective power) it reads and writes.
+#: Bad slide files whose header the auto backend reads (OpenSlide; tifffile for the directory that points back at
+#: itself, which OpenSlide refuses), so that ``info`` shows them (without an mpp where the file states none usable).
+#: A run fails those without a usable mpp (NO_MPP) and those whose pixels OpenSlide cannot decode (UNDECODABLE); the
+#: others (odd sample layouts, an unreadable objective power, that directory) it reads and writes.
 HEADER_READABLE = {"no_mpp", "resolution_zero", "aperio_mpp_dash", "aperio_mpp_dot", "aperio_mpp_e", "aperio_mpp_inf",
                    "aperio_appmag_dot", "float_samples", "uint16_samples", "two_samples", "planes_separate",
-                   "tiles_of_4gb", "tiles_of_one_byte"}
+                   "tiles_of_4gb", "tiles_of_one_byte", "ifd_loop"}
 NO_MPP = {"no_mpp", "resolution_zero", "aperio_mpp_dash", "aperio_mpp_dot", "aperio_mpp_e", "aperio_mpp_inf"}
 UNDECODABLE = {"float_samples", "tiles_of_4gb", "tiles_of_one_byte"}
 #: Datalist items of a good slide whose own ``mpp`` is no usable number.

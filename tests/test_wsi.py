@@ -465,6 +465,117 @@ def test_auto_backend_prefers_cucim_then_openslide() -> None:
     assert found == [name for name in ("cucim", "openslide", "tifffile") if name in found]
 
 
+def test_auto_backend_falls_back_when_one_refuses_the_file(shared_data: Path, monkeypatch) -> None:
+    """OpenSlide refuses a QuPath/Bio-Formats OME-TIFF (OpenSlideUnsupportedFormatError): "auto" used to stop there.
+    Taken as no OME-TIFF, the file goes to OpenSlide first, which refuses it, and the tifffile backend reads it."""
+    path = shared_data / "openslide_os1_he_40x_crop.ome.tif"
+    if importlib.util.find_spec("openslide") is not None:
+        with pytest.raises(SlideError, match="OpenSlideUnsupportedFormatError"):
+            wsi.open_slide(path, backend="openslide")
+    monkeypatch.setattr(wsi, "is_ome_tiff", lambda _: False)
+    with wsi.open_slide(path) as slide:
+        assert slide.backend == "tifffile" and slide.dimensions == (1101, 1101)
+
+
+def test_auto_backend_names_each_backends_reason_when_none_reads_the_file(tmp_path: Path) -> None:
+    text = tmp_path / "notes.tif"
+    text.write_text("not a slide\n")
+    with pytest.raises(SlideError) as info:
+        wsi.open_slide(text)
+    message = str(info.value)
+    assert message.startswith(f"{text}: no slide backend reads it (")
+    for name in wsi.available_backends():
+        assert f"{name}: not a whole-slide image the {name} backend can read" in message
+
+
+def test_auto_backend_refuses_an_unsound_file_at_once(tmp_path: Path) -> None:
+    """A file the first backend reads but finds unsound (here: more level-0 pixels than allowed) goes to no other
+    backend: that backend's reason is the error. One it refuses and the next finds unsound gives both reasons."""
+    sparse = sparse_tiff(tmp_path / "sparse.tif", 16384, 16384)
+    with pytest.raises(SlideError) as alone:
+        wsi.open_slide(sparse, backend=wsi.available_backends()[0], max_level0_px=10**8)
+    with pytest.raises(SlideError) as auto:
+        wsi.open_slide(sparse, max_level0_px=10**8)
+    assert str(auto.value) == str(alone.value)
+    assert "more than the 1e+08 px a slide may have" in str(auto.value)
+    if "openslide" in wsi.available_backends():
+        hostile = million_px_square(tmp_path)  # OpenSlide: "Invalid TIFF"; tifffile: too few tiles for the size
+        with pytest.raises(SlideError, match=r"hostile\.tif: no slide backend reads it \(openslide: not a "
+                                             r"whole-slide image .*; tifffile: level 0 claims 1000000 x 1000000 px"):
+            wsi.open_slide(hostile)
+
+
+def test_real_ome_tiff_reads_as_its_ome_xml_says(shared_data: Path) -> None:
+    """A single-level OME-TIFF exported by QuPath/Bio-Formats: mpp, size and pixels as tifffile reads them itself."""
+    path = shared_data / "openslide_os1_he_40x_crop.ome.tif"
+    with tifffile.TiffFile(path) as tif:
+        pixels = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]["Pixels"]
+        levels = [level.shape for level in tif.series[0].levels]
+        stored = tif.series[0].asarray()
+    assert pixels["PhysicalSizeXUnit"] == "\u00b5m"
+    with wsi.open_slide(path) as slide:
+        assert (slide.backend, slide.vendor) == ("tifffile", "ome-tiff")
+        assert slide.level_count == len(levels) == 1
+        assert slide.dimensions == (levels[0][1], levels[0][0]) == (1101, 1101)
+        assert slide.mpp == (float(pixels["PhysicalSizeX"]), float(pixels["PhysicalSizeY"]))
+        assert slide.mpp == pytest.approx((0.2271, 0.2271), abs=1e-4)
+        np.testing.assert_array_equal(slide.read_level_region(0, (700, 300), (256, 200)),
+                                      stored[300:500, 700:956])
+
+
+def _ome_subifd_pyramid(path: Path, level0: np.ndarray, physical_size: float, unit: str) -> list[np.ndarray]:
+    """An OME-TIFF as Bio-Formats 6+ writes a pyramid: level 0 with its 2x and 4x levels as SubIFDs (marked
+    reduced), PhysicalSizeX/Y in ``unit`` and resolution tags without a unit, so that its mpp is only in the
+    OME-XML."""
+    levels = _pyramid(level0, 2, 3)
+    options = dict(tile=(256, 256), compression="zlib", photometric="rgb")
+    with tifffile.TiffWriter(path, ome=True) as writer:
+        writer.write(levels[0], subifds=2, metadata={"PhysicalSizeX": physical_size, "PhysicalSizeXUnit": unit,
+                                                     "PhysicalSizeY": physical_size, "PhysicalSizeYUnit": unit},
+                     **options)
+        for level in levels[1:]:
+            writer.write(level, subfiletype=1, **options)
+    return levels
+
+
+@pytest.mark.parametrize("physical_size, unit", [(0.2527, "\u00b5m"), (252.7, "nm")])
+def test_ome_tiff_subifd_pyramid_levels_mpp_and_pixels(tmp_path: Path, physical_size: float, unit: str) -> None:
+    rng = np.random.default_rng(3)
+    level0 = rng.integers(0, 256, (1000, 1200, 3), dtype=np.uint8)
+    path = tmp_path / "pyramid.ome.tif"
+    levels = _ome_subifd_pyramid(path, level0, physical_size, unit)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_ome and tif.pages.first.tags.valueof("ResolutionUnit") == 1  # NONE: the tags give no mpp
+    if importlib.util.find_spec("openslide") is not None:
+        with wsi.open_slide(path, backend="openslide") as slide:  # why "auto" takes tifffile first for OME-TIFF
+            assert slide.level_count == 1
+    with wsi.open_slide(path) as slide:
+        assert (slide.backend, slide.vendor) == ("tifffile", "ome-tiff")
+        assert slide.level_dimensions == [(1200, 1000), (600, 500), (300, 250)]
+        assert slide.level_downsamples == [1.0, 2.0, 4.0]
+        for level, factor in enumerate((1, 2, 4)):
+            assert slide.level_mpp(level) == pytest.approx((0.2527 * factor,) * 2, rel=1e-9)
+        # Level 1 at level-0 (x, y) = (400, 240) is its pixel (200, 120), as written.
+        np.testing.assert_array_equal(slide.read_level_region(1, (400, 240), (150, 100)),
+                                      levels[1][120:220, 200:350])
+        np.testing.assert_array_equal(slide.read_region((400, 240), (150, 100), mpp=0.2527 * 4),
+                                      levels[2][60:160, 100:250])
+        np.testing.assert_array_equal(slide.read_level_region(0, (1100, 900), (100, 100)), level0[900:, 1100:])
+
+
+@pytest.mark.parametrize("xml, expected", [
+    ('<OME><Image><Pixels PhysicalSizeX="0.5" PhysicalSizeY="0.25"/></Image></OME>', (0.5, 0.25)),
+    ('<OME><Image><Pixels PhysicalSizeX="0.5" PhysicalSizeXUnit="mm" PhysicalSizeY="2" PhysicalSizeYUnit="cm"/>'
+     '</Image></OME>', (500.0, 20000.0)),
+    ('<OME><Image><Pixels PhysicalSizeX="0.5" PhysicalSizeXUnit="s" PhysicalSizeY="0.5"/></Image></OME>', None),
+    ('<OME><Image><Pixels PhysicalSizeX="0.5"/></Image></OME>', None),
+    ('<OME><Image><Pixels PhysicalSizeX="x" PhysicalSizeY="0.5"/></Image></OME>', None),
+    ("<OME><Image>", None),
+])
+def test_ome_mpp_reads_physical_sizes_in_their_units(xml: str, expected: tuple | None) -> None:
+    assert wsi.ome_mpp(xml) == (pytest.approx(expected) if expected else None)
+
+
 # ---- hostile and implausible files ----------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 #: Demo datasets: (phantom kind, number of slides, seed) per split. Training and held-out data never share a seed.
@@ -31,13 +32,44 @@ def _bundle_of_config(config_file: str | os.PathLike) -> str:
     return str(first.parent.parent if first.parent.name == "configs" else first.parent)
 
 
+def bundle_of_config_files(files: Sequence[str | os.PathLike]) -> str:
+    """The bundle folder of a ``--config_file`` list, whatever its order: that of the first file in a bundle's
+    ``configs/`` folder (one holding ``metadata.json``), else of the first file in any ``configs/`` folder.
+
+    A list may start with an override file kept elsewhere (``['site.json', 'bundles/scannet/configs/inference.json']``);
+    taking the bundle from the first file made ``bundle_root`` that file's folder, where no weights are.
+
+    Args:
+        files: the config files, as given (relative to the working directory).
+
+    Raises:
+        SettingError: naming the files when none lies in a ``configs/`` folder; ``--bundle_root`` then says
+            where the bundle is.
+    """
+    from pathbundles.errors import SettingError
+
+    paths = [Path(str(f).strip()).resolve() for f in files if str(f).strip()]
+    in_configs = [p for p in paths if p.parent.name == "configs"]
+    in_bundle = [p for p in in_configs if (p.parent / "metadata.json").is_file()]
+    if not in_configs:
+        raise SettingError(f"--config_file {[str(f) for f in files]}: no file lies in a bundle's configs/ folder "
+                           "(beside its metadata.json), so the bundle is unknown; name a bundle config "
+                           "(bundles/<name>/configs/inference.json) in the list, or pass --bundle_root")
+    return str((in_bundle or in_configs)[0].parent.parent)
+
+
 def root_of_running_bundle(default: str | os.PathLike = ".") -> str:
     """The bundle folder of the config being run.
 
-    Looks at ``--config_file`` on the command line (``python -m monai.bundle run --config_file ...``), then at a
-    MONAI ``ConfigWorkflow`` up the call stack (bundles run from Python), so a bundle runs from any working
-    directory and from a copy anywhere (``registry export``). ``--bundle_root`` still overrides it; ``default`` is
-    returned when neither is found.
+    Looks at ``--config_file`` on the command line (``python -m monai.bundle run --config_file ...``: one file, a
+    Python list ``"['a.json', 'b.json']"`` or a comma list ``a.json,b.json``; the bundle is that of the file in a
+    bundle's ``configs/`` folder, in any position: :func:`bundle_of_config_files`), then at a MONAI
+    ``ConfigWorkflow`` up the call stack (bundles run from Python), so a bundle runs from any working directory and
+    from a copy anywhere (``registry export``). ``--bundle_root`` still overrides it; ``default`` is returned when
+    neither is found.
+
+    Raises:
+        SettingError: when no file of ``--config_file`` lies in a ``configs/`` folder.
     """
     argv = sys.argv
     for i, arg in enumerate(argv):
@@ -49,7 +81,7 @@ def root_of_running_bundle(default: str | os.PathLike = ".") -> str:
             files = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             files = value.split(",")
-        return _bundle_of_config(files[0] if isinstance(files, (list, tuple)) else str(files))
+        return bundle_of_config_files(files if isinstance(files, (list, tuple)) else [str(files)])
     frame = inspect.currentframe()
     while frame is not None:
         # The instance dict, not getattr: some MONAI classes raise ValueError from __getattr__.
@@ -98,22 +130,37 @@ def demo_datalist(kind: str = "metastasis", split: str = "test", first: int | No
 SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".bif")
 #: image files a folder of high-power fields is listed by (``kind="mitosis"``)
 HPF_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+#: text manifests: one slide (or HPF image) path a line; a file without a suffix is read as one too
+MANIFEST_SUFFIXES = (".txt", ".lst", ".list")
 
 
 def datalist(source: str | os.PathLike | None = None, kind: str = "metastasis", split: str = "test",
-             first: int | None = None) -> list[dict]:
-    """The slides a bundle run works on.
+             first: int | None = None, existing: bool = False) -> list[dict]:
+    """The slides a bundle run works on (``--data_source``), told apart by what ``source`` is.
 
     Args:
-        source: ``None`` for the phantom demo data; a ``dataset.json`` datalist (checked by
-            :func:`pathbundles.sampling.read_datalist`); or a folder of slides (every entry with a slide suffix,
-            sorted by name, hidden ones such as macOS ``._`` files left out), or of HPF images for
-            ``kind="mitosis"``. Entries are listed as they are: one that cannot be read (a broken link, a symlink
-            loop) fails by name when the run reaches it, and the others run.
-        kind: which demo data when ``source`` is ``None``.
+        source: ``None`` for the phantom demo data; or
+            - a folder of slides (every entry with a slide suffix, :data:`SLIDE_SUFFIXES`, sorted by name, hidden
+              ones such as macOS ``._`` files left out), or of HPF images (:data:`HPF_SUFFIXES`) for
+              ``kind="mitosis"``;
+            - one slide (one HPF image for ``kind="mitosis"``), by the same suffixes;
+            - a ``.json`` datalist (checked by :func:`pathbundles.sampling.read_datalist`);
+            - a text manifest (:data:`MANIFEST_SUFFIXES` or no suffix, UTF-8): one path a line, relative to the
+              manifest's folder; blank lines and lines starting with ``#`` are skipped.
+            Entries are listed as they are: one that cannot be read (a broken link, a symlink loop) fails by name
+            when the run reaches it, and the others run.
+        kind: which demo data when ``source`` is ``None``, and which files a folder or single file holds:
+            "metastasis" or "multiclass" (slides), "mitosis" (HPF images).
         split: which split: of the demo data, or of a datalist whose items have ``split`` fields (a datalist
-            without them is used whole; see :func:`pathbundles.sampling.read_datalist`).
+            without them, a folder, a slide and a manifest are used whole; see
+            :func:`pathbundles.sampling.read_datalist`).
         first: how many demo items, when ``source`` is ``None``.
+        existing: refuse a list (datalist or manifest) naming an image that is not a file, naming the list and the
+            entry, before anything runs (the deploy applications); by default such an entry fails alone in the run.
+
+    Raises:
+        InputError: naming ``source`` when it does not exist, is a folder without slides, a file of another
+            extension, a manifest that is not text or lists nothing, or a malformed datalist.
     """
     from pathbundles.errors import InputError
     from pathbundles.sampling import read_datalist
@@ -121,8 +168,10 @@ def datalist(source: str | os.PathLike | None = None, kind: str = "metastasis", 
     if source is None:
         return demo_datalist(kind, split, first)
     path = Path(source)
+    suffixes, what = (HPF_SUFFIXES, "HPF image") if kind == "mitosis" else (SLIDE_SUFFIXES, "slide")
+    expected = (f"expected a folder of {what}s, one {what} ({', '.join(suffixes)}), a datalist .json or a text "
+                f"manifest of {what} paths ({', '.join(MANIFEST_SUFFIXES)} or no suffix, one path a line)")
     if path.is_dir():
-        suffixes, what = (HPF_SUFFIXES, "HPF image") if kind == "mitosis" else (SLIDE_SUFFIXES, "slide")
         try:
             slides = sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes and not p.name.startswith("."))
         except OSError as err:
@@ -131,7 +180,50 @@ def datalist(source: str | os.PathLike | None = None, kind: str = "metastasis", 
             raise InputError(path, f"no {what} files ({', '.join(suffixes)}) in this folder")
         # Not resolve(): it raises on a symlink loop, and a linked slide keeps the name it has in this folder.
         return [{"image": os.path.abspath(p)} for p in slides]
-    return read_datalist(path, split=split)
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        items = read_datalist(path, split=split)
+        lines: list[int | None] = [None] * len(items)
+    elif not path.is_file():
+        raise InputError(path, f"no such file or folder: {expected}")
+    elif suffix in suffixes:
+        return [{"image": os.path.abspath(path)}]
+    elif suffix in MANIFEST_SUFFIXES or not suffix:
+        lines, items = _read_manifest(path, what, expected)
+    else:
+        other = f"; a {suffix} is not read as {what}s by this bundle" if suffix in SLIDE_SUFFIXES + HPF_SUFFIXES \
+            else ""
+        raise InputError(path, f"unknown extension {suffix!r}{other}: {expected}")
+    if existing:
+        for line, item in zip(lines, items):
+            if not Path(item["image"]).is_file():
+                raise InputError(path, f"{item['image']}: no such file", line=line)
+    return items
+
+
+def _read_manifest(path: Path, what: str, expected: str) -> tuple[list[int], list[dict]]:
+    """(line numbers, items) of a text manifest: one path a line, relative to its folder; InputError naming it when
+    it is not UTF-8 text (a slide or other binary file under a manifest's name) or lists nothing."""
+    from pathbundles.errors import InputError
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(path, f"not a text manifest: its bytes are not UTF-8 text (byte {err.start}); {expected}") \
+            from None
+    except OSError as err:
+        raise InputError(path, f"cannot read the manifest: {err}") from err
+    if "\0" in text:
+        raise InputError(path, f"not a text manifest: it holds NUL bytes (a binary file); {expected}")
+    lines, items = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        entry = line.strip()
+        if entry and not entry.startswith("#"):
+            lines.append(number)
+            items.append({"image": os.path.abspath(path.parent / entry)})  # resolve() raises on a symlink loop
+    if not items:
+        raise InputError(path, f"the manifest lists no {what}s (one path a line; '#' starts a comment)")
+    return lines, items
 
 
 def report_outputs(writer: object) -> dict:

@@ -81,9 +81,9 @@ def deploy() -> object:
 
 def cohort(bundle: str, slides: str, out: str, config: str | list[str] = "inference.json",
            timeout_hours: float = 72.0, slide_timeout_s: float | None = None, **overrides: Any) -> None:
-    """Run BUNDLE over SLIDES (folder or datalist) into OUT, resumable; under torchrun every process takes a share
-    balanced by slide area. ``--slide_timeout_s`` fails a slide that runs longer (seconds) and goes on. Further
-    ``--key value`` flags set bundle config ids (see docs/COHORT.md)."""
+    """Run BUNDLE over SLIDES (a folder, one slide, a text manifest or a datalist) into OUT, resumable; under
+    torchrun every process takes a share balanced by slide area. ``--slide_timeout_s`` fails a slide that runs
+    longer (seconds) and goes on. Further ``--key value`` flags set bundle config ids (see docs/COHORT.md)."""
     from pathbundles.cohort import cohort_cli
 
     cohort_cli(bundle, slides, out, config=config, timeout_hours=timeout_hours, slide_timeout_s=slide_timeout_s,

@@ -619,7 +619,8 @@ def cohort_command(bundle: str | os.PathLike, slides: str | os.PathLike | Sequen
 
     Args:
         bundle: the bundle folder (``bundles/<name>`` or an exported copy).
-        slides: a folder of slides (HPF images for segmitos), a datalist JSON, or datalist items.
+        slides: what the bundle's ``--data_source`` takes (a folder of slides, HPF images for segmitos; one slide;
+            a text manifest; a datalist JSON: :func:`pathbundles.bundle.datalist`), or datalist items.
         out: the cohort output folder (see the module docstring).
         config_files: the bundle's config names (or paths) merged per slide run, ``inference.json`` by default.
         overrides: config ids to set in every slide's run (``lp``, ``num_workers``, ``ckpt_path``, ...); part of
@@ -657,9 +658,9 @@ def _run_slide(item: Mapping[str, Any], work_dir: Path, *, bundle: str | os.Path
 
 def cohort_cli(bundle: str, slides: str, out: str, config: str | Sequence[str] = "inference.json",
                timeout_hours: float = 72.0, slide_timeout_s: float | None = None, **overrides: Any) -> None:
-    """``pathbundles cohort``: run BUNDLE over SLIDES (folder or datalist) into OUT, each slide within
-    ``--slide_timeout_s`` seconds when given; further ``--key value`` flags set bundle config ids. Rank 0 prints the
-    summary as JSON; the exit status is 1 when any slide failed."""
+    """``pathbundles cohort``: run BUNDLE over SLIDES (a folder, one slide, a text manifest or a datalist) into OUT,
+    each slide within ``--slide_timeout_s`` seconds when given; further ``--key value`` flags set bundle config
+    ids. Rank 0 prints the summary as JSON; the exit status is 1 when any slide failed."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
     summary = cohort_command(bundle, slides, out, config_files=config, overrides=overrides,

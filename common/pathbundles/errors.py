@@ -31,6 +31,11 @@ class SlideError(InputError):
     """A whole-slide image cannot be opened or read (corrupt, truncated, no mpp, missing level, ...)."""
 
 
+class BackendRefusedError(SlideError):
+    """One slide backend cannot read a file (a format it does not know, a sample layout it does not decode, its
+    library missing), where another backend may: ``open_slide(backend="auto")`` then tries the next one."""
+
+
 class AnnotationError(InputError):
     """An annotation file (ASAP XML, JSON, GeoJSON, CSV) is malformed."""
 

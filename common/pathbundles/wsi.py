@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from pathbundles.errors import SlideError
+from pathbundles.errors import BackendRefusedError, SlideError
 from pathbundles.resample import resample_area
 
 BACKENDS = ("cucim", "openslide", "tifffile")
@@ -127,19 +127,19 @@ class Slide(abc.ABC):
             self._open()
             dims, self.vendor, self.associated_images = self._geometry()
             if not dims:
-                raise SlideError(self.path, f"the {self.backend} backend found no image levels")
+                raise BackendRefusedError(self.path, f"the {self.backend} backend found no image levels")
             self.level_dimensions: list[tuple[int, int]] = [(int(w), int(h)) for w, h in dims]
             self._check_claims()
         except SlideError:
             self._safe_close()
             raise
         except ImportError as exc:
-            raise SlideError(self.path, f"the {self.backend} backend is not installed ({exc})") from exc
+            raise BackendRefusedError(self.path, f"the {self.backend} backend is not installed ({exc})") from exc
         except Exception as exc:  # backends raise their own types; the caller needs the file and the cause
             self._safe_close()
             truncated = tiff_truncation(self.path)
-            raise SlideError(self.path, truncated or f"not a whole-slide image the {self.backend} backend can read "
-                                                     f"({type(exc).__name__}: {exc})") from exc
+            raise BackendRefusedError(self.path, truncated or f"not a whole-slide image the {self.backend} backend "
+                                                              f"can read ({type(exc).__name__}: {exc})") from exc
         w0, h0 = self.level_dimensions[0]
         # OpenSlide's definition, the mean of the width and height ratios: how the OpenSlide and cuCIM backends
         # address a level (a level-0 position divided by it).
@@ -590,6 +590,11 @@ class TiffSlide(Slide):
     Levels: the first page, then either its SubIFDs or later top-level pages that are tiled, smaller, of the same
     aspect ratio and marked reduced-resolution (NewSubfileType bit 0; Aperio SVS levels carry no mark, so for SVS
     any such tiled page counts). Stripped pages (the SVS thumbnail) and label/macro pages are never levels.
+
+    OME-TIFF (QuPath and Bio-Formats exports, ``bfconvert``): the levels are those of the first image (series) as
+    tifffile lists them, its SubIFDs (OME-TIFF 6) or further series levels, all of them reduced-resolution by the
+    OME-TIFF specification whatever their NewSubfileType; the level-0 mpp is the OME-XML PhysicalSizeX/Y of that
+    image in its units (`ome_mpp`), else the resolution tags.
     """
 
     backend = "tifffile"
@@ -605,13 +610,18 @@ class TiffSlide(Slide):
 
     def _geometry(self) -> tuple[list[tuple[int, int]], str, list[str]]:
         tif = self._tif
-        first = tif.pages.first
+        ome_levels = [level.keyframe for level in tif.series[0].levels] if tif.is_ome and tif.series else []
+        self._ome = len(ome_levels) > 1
+        if self._ome:
+            first, candidates = ome_levels[0], ome_levels[1:]
+        else:
+            first = tif.pages.first
+            candidates = list(first.pages) if first.subifds else list(tif.pages)[1:]
         self._levels = [first]
-        candidates = list(first.pages) if first.subifds else list(tif.pages)[1:]
         for page in candidates:
             prev = self._levels[-1]
-            reduced = tif.is_svs or (page.subfiletype & 1)
-            if (page.is_tiled and reduced and not page.subfiletype & ~1
+            reduced = tif.is_svs or self._ome or (page.subfiletype & 1)
+            if ((page.is_tiled or self._ome) and reduced and not page.subfiletype & ~1
                     and page.samplesperpixel == first.samplesperpixel and page.dtype == first.dtype
                     and page.imagewidth < prev.imagewidth and page.imagelength < prev.imagelength
                     and _similar_ratio(first.imagewidth / page.imagewidth, first.imagelength / page.imagelength)):
@@ -628,15 +638,16 @@ class TiffSlide(Slide):
                 elif index == 1 and not page.is_tiled:
                     associated.append("thumbnail")
         dims = [(p.imagewidth, p.imagelength) for p in self._levels]
-        return dims, "aperio" if tif.is_svs else "generic-tiff", sorted(associated)
+        vendor = "aperio" if tif.is_svs else "ome-tiff" if tif.is_ome else "generic-tiff"
+        return dims, vendor, sorted(associated)
 
     def _check_page(self, level: int, page: Any, file_size: int) -> None:
         if page.dtype != np.uint8 or page.samplesperpixel not in (1, 3, 4):
-            raise SlideError(self.path, f"level {level} has {page.samplesperpixel} samples of {page.dtype}; "
-                                        "the tifffile backend reads 8-bit gray, RGB or RGBA")
+            raise BackendRefusedError(self.path, f"level {level} has {page.samplesperpixel} samples of "
+                                                 f"{page.dtype}; the tifffile backend reads 8-bit gray, RGB or RGBA")
         if page.samplesperpixel > 1 and page.planarconfig != 1:
-            raise SlideError(self.path, f"level {level} stores colour planes separately, which the tifffile "
-                                        "backend does not read")
+            raise BackendRefusedError(self.path, f"level {level} stores colour planes separately, which the "
+                                                 "tifffile backend does not read")
         tile_w, tile_h = _tile_wh(page)
         if tile_w <= 0 or tile_h <= 0:
             raise SlideError(self.path, f"level {level} claims tiles of {tile_w} x {tile_h} px")
@@ -664,7 +675,11 @@ class TiffSlide(Slide):
                                         "table is corrupt")
 
     def _file_mpp(self) -> tuple[float, float] | None:
-        first = self._tif.pages.first
+        first = self._levels[0]
+        if self._tif.is_ome:
+            mpp = ome_mpp(self._tif.ome_metadata or "")
+            if mpp is not None:
+                return mpp
         if self._tif.is_svs:
             match = re.search(r"\|\s*MPP\s*=\s*" + _NUMBER, first.description)
             if match and float(match.group(1)) > 0:
@@ -740,6 +755,45 @@ class TiffSlide(Slide):
         for handle in ("_tif", "_raw"):
             if hasattr(self, handle):
                 getattr(self, handle).close()
+
+
+#: Micrometres per unit of the OME schema's length units (UnitsLength symbols) that pixel sizes are given in.
+_OME_UM_PER_UNIT = {"pm": 1e-6, "\u00c5": 1e-4, "nm": 1e-3, "\u00b5m": 1.0, "\u03bcm": 1.0, "um": 1.0, "mm": 1e3,
+                    "cm": 1e4, "m": 1e6, "in": 25400.0}
+
+
+def ome_mpp(ome_xml: str) -> tuple[float, float] | None:
+    """Level-0 (mpp_x, mpp_y) in um/px of the first image in an OME-XML document.
+
+    Args:
+        ome_xml: the OME-XML text (an OME-TIFF's first ImageDescription).
+
+    Returns:
+        the first ``Pixels`` element's PhysicalSizeX and PhysicalSizeY converted from the units that
+        PhysicalSizeXUnit / PhysicalSizeYUnit name (um when absent, as the schema says); None when the XML does not
+        parse, either size is absent or not a number, or its unit is no length.
+    """
+    import xml.etree.ElementTree as ElementTree
+
+    try:
+        root = ElementTree.fromstring(ome_xml)
+    except (ElementTree.ParseError, ValueError):
+        return None
+    pixels = next((el for el in root.iter() if isinstance(el.tag, str) and el.tag.rsplit("}", 1)[-1] == "Pixels"),
+                  None)
+    if pixels is None:
+        return None
+    mpp = []
+    for axis in "XY":
+        unit = _OME_UM_PER_UNIT.get(pixels.get(f"PhysicalSize{axis}Unit", "\u00b5m"))
+        try:
+            size = float(pixels.get(f"PhysicalSize{axis}", ""))
+        except ValueError:
+            return None
+        if unit is None:
+            return None
+        mpp.append(size * unit)
+    return mpp[0], mpp[1]
 
 
 def _tile_wh(page: Any) -> tuple[int, int]:
@@ -911,25 +965,65 @@ def open_slide(path: str | os.PathLike, backend: str = "auto",
     """Open a whole-slide image.
 
     Args:
-        path: slide file (SVS, tiled/pyramidal TIFF, or any format the chosen backend reads).
-        backend: "auto" (cuCIM, else OpenSlide, else tifffile, whichever imports first), "cucim", "openslide" or
-            "tifffile".
+        path: slide file (SVS, tiled/pyramidal TIFF, OME-TIFF, or any format the chosen backend reads).
+        backend: "auto", "cucim", "openslide" or "tifffile". "auto" tries the installed backends in the order
+            cuCIM, OpenSlide, tifffile (tifffile first for an OME-TIFF, whose SubIFD levels and OME-XML pixel sizes
+            the others do not read) and takes the first that reads the file; a backend that refuses it (a format or
+            sample layout it does not read) passes it on to the next. A file that a backend reads but finds unsound
+            (a header claiming more than the file holds, a truncated tile table) is refused at once.
         mpp: level-0 resolution in um/px (number or (mpp_x, mpp_y)) overriding the file's value.
         max_level0_px: most level-0 pixels the file may claim (default `$PATHBUNDLES_MAX_LEVEL0_PX`, else
             `MAX_LEVEL0_PX`); a file claiming more raises SlideError before anything is read.
 
     Returns:
         a `Slide`; use it as a context manager or call `close()`.
+
+    Raises:
+        SlideError: naming the file and, with "auto", each backend's reason when none reads it.
     """
     name = backend.lower()
-    if name == "auto":
-        found = available_backends()
-        if not found:
-            raise SlideError(path, "no slide backend is installed (need cucim, openslide-python or tifffile)")
-        name = found[0]
-    if name not in _BACKEND_CLASSES:
-        raise SlideError(path, f"unknown backend {backend!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
-    return _BACKEND_CLASSES[name](path, mpp=mpp, max_level0_px=max_level0_px)
+    if name != "auto":
+        if name not in _BACKEND_CLASSES:
+            raise SlideError(path, f"unknown backend {backend!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
+        return _BACKEND_CLASSES[name](path, mpp=mpp, max_level0_px=max_level0_px)
+    found = available_backends()
+    if not found:
+        raise SlideError(path, "no slide backend is installed (need cucim, openslide-python or tifffile)")
+    if "tifffile" in found and is_ome_tiff(path):
+        found.remove("tifffile")
+        found.insert(0, "tifffile")
+    refusals: dict[str, list[str]] = {}  # problem -> the backends that gave it
+    for name in found:
+        try:
+            return _BACKEND_CLASSES[name](path, mpp=mpp, max_level0_px=max_level0_px)
+        except SlideError as err:
+            if not refusals and not isinstance(err, BackendRefusedError):
+                raise  # the file itself is unusable (missing, unsound, a bad mpp): every backend would say so
+            refusals.setdefault(err.problem, []).append(name)
+            last = err
+            if not isinstance(err, BackendRefusedError):
+                break
+    if len(refusals) == 1:
+        raise last
+    reasons = "; ".join(f"{', '.join(names)}: {problem}" for problem, names in refusals.items())
+    raise SlideError(path, f"no slide backend reads it ({reasons})") from last
+
+
+def is_ome_tiff(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an OME-TIFF (its first ImageDescription is OME-XML), as tifffile tells; False for any
+    other file, one tifffile cannot open, or where tifffile is not installed."""
+    try:
+        if not Path(path).is_file():  # a FIFO would block the read; the backends say what is wrong
+            return False
+        with open(path, "rb") as f:
+            if f.read(4) not in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
+                return False
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            return bool(tif.is_ome)
+    except Exception:  # unreadable or not a TIFF: the backends then say why, naming the file
+        return False
 
 
 #: Datalist item key giving a slide's level-0 mpp (um/px, a number or [mpp_x, mpp_y]) over its file's.

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pathbundles
-from pathbundles.errors import InputError, PathBundlesError
+from pathbundles.errors import PathBundlesError
 
 #: The application's settings file (read by the SDK's packager as the MAP configuration too).
 APP_CONFIG = "app.yaml"
@@ -110,46 +110,22 @@ def load_settings(app_dir: str | os.PathLike, overrides: Mapping[str, Any] | Non
 
 
 def slide_list(source: str | os.PathLike, kind: str) -> list[dict]:
-    """The datalist of an application's input, for a bundle whose inputs are of ``kind``.
+    """The datalist of an application's input, for a bundle whose inputs are of ``kind``: as the bundle's
+    ``--data_source`` lists it (:func:`pathbundles.bundle.datalist`), with every listed image checked to exist
+    before the application starts.
 
     Args:
-        source: a folder (every slide in it, or every HPF image for ``kind="mitosis"``, sorted by name, as
-            ``python -m monai.bundle run --data_source FOLDER`` lists it); a datalist ``.json``; one slide or
-            image file; or a text manifest: one path a line (relative to the manifest's folder), blank lines and
-            ``#`` comments skipped.
+        source: a folder (every slide in it, or every HPF image for ``kind="mitosis"``, sorted by name); a datalist
+            ``.json``; one slide or image file; or a text manifest: one path a line (relative to the manifest's
+            folder), blank lines and ``#`` comments skipped.
         kind: "metastasis", "mitosis" or "multiclass".
 
     Returns:
         Items with an absolute ``image`` path (and, from a datalist, its other keys).
     """
-    from pathbundles.bundle import HPF_SUFFIXES, SLIDE_SUFFIXES, datalist
+    from pathbundles.bundle import datalist
 
-    path = Path(source)
-    if path.is_dir():
-        return datalist(path, kind=kind)
-    if not path.is_file():
-        raise InputError(path, "no such file or folder: expected a folder of slides, a datalist .json, a slide or "
-                               "a text manifest of slide paths")
-    if path.suffix.lower() in (HPF_SUFFIXES if kind == "mitosis" else SLIDE_SUFFIXES):
-        return [{"image": os.path.abspath(path)}]
-    if path.suffix.lower() == ".json":
-        items = datalist(path, kind=kind)
-        missing = [item["image"] for item in items if not Path(item["image"]).is_file()]
-        if missing:
-            raise InputError(path, f"listed image(s) not found: {', '.join(missing)}")
-    else:
-        items = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            entry = line.strip()
-            if not entry or entry.startswith("#"):
-                continue
-            image = Path(os.path.abspath(path.parent / entry))  # resolve() raises on a symlink loop
-            if not image.is_file():
-                raise InputError(path, f"{image}: no such file (expected one slide path a line)", line=number)
-            items.append({"image": str(image)})
-    if not items:
-        raise InputError(path, "the manifest lists no slides")
-    return items
+    return datalist(source, kind=kind, existing=True)
 
 
 def summarize(records: Sequence[dict], bundle: Mapping[str, Any], output_dir: str | os.PathLike,
