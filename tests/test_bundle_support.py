@@ -63,6 +63,19 @@ def test_root_of_running_bundle_names_the_files_when_none_is_in_a_bundle(monkeyp
     assert "--bundle_root" in message
 
 
+@pytest.mark.parametrize("value, files", [
+    ("a/inference.json", ["a/inference.json"]),
+    ("a/site.json,a/inference.json", ["a/site.json", "a/inference.json"]),
+    ("['a/site.json', 'a/inference.json']", ["a/site.json", "a/inference.json"]),
+    ("'a/inference.json'", ["a/inference.json"]),
+])
+def test_config_file_list_forms(value: str, files: list[str]) -> None:
+    """One parser for --config_file serves the bundle root and the cohort overlay's per-slide runs."""
+    from pathbundles.bundle import config_file_list
+
+    assert config_file_list(value) == files
+
+
 def test_root_defaults_without_config_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(sys, "argv", ["x"])
     assert root_of_running_bundle(tmp_path) == str(tmp_path.resolve())

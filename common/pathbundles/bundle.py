@@ -58,6 +58,16 @@ def bundle_of_config_files(files: Sequence[str | os.PathLike]) -> str:
     return str((in_bundle or in_configs)[0].parent.parent)
 
 
+def config_file_list(value: str) -> list[str]:
+    """The files of a ``--config_file`` value: one file, a Python list ``"['a.json', 'b.json']"`` or a comma list
+    ``a.json,b.json`` (the forms MONAI's bundle commands take)."""
+    try:
+        files = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        files = value
+    return [str(f) for f in files] if isinstance(files, (list, tuple)) else str(files).split(",")
+
+
 def root_of_running_bundle(default: str | os.PathLike = ".") -> str:
     """The bundle folder of the config being run.
 
@@ -77,11 +87,7 @@ def root_of_running_bundle(default: str | os.PathLike = ".") -> str:
             (argv[i + 1] if arg == "--config_file" and i + 1 < len(argv) else None)
         if value is None:
             continue
-        try:
-            files = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            files = value.split(",")
-        return bundle_of_config_files(files if isinstance(files, (list, tuple)) else [str(files)])
+        return bundle_of_config_files(config_file_list(value))
     frame = inspect.currentframe()
     while frame is not None:
         # The instance dict, not getattr: some MONAI classes raise ValueError from __getattr__.

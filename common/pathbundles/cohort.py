@@ -681,6 +681,8 @@ def bundle_run_command(bundle_root: str, datalist: Sequence[Mapping[str, Any]], 
     """
     import fire.parser
 
+    from pathbundles.bundle import config_file_list
+
     configs, overrides, argv = [], {}, sys.argv[1:]
     for i, arg in enumerate(argv):
         if not arg.startswith("--"):
@@ -689,8 +691,7 @@ def bundle_run_command(bundle_root: str, datalist: Sequence[Mapping[str, Any]], 
         if not sep:
             value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else "True"
         if key == "config_file":
-            files = fire.parser.DefaultParseValue(value)
-            configs = [str(f) for f in (files if isinstance(files, (list, tuple)) else str(files).split(","))]
+            configs = config_file_list(value)
         elif key not in _RUN_ARGUMENTS and key not in _COHORT_KEYS:
             overrides[key] = fire.parser.DefaultParseValue(value)
     configs = [str(Path(c).resolve()) for c in configs if Path(c).name != "cohort.json"] or ["inference.json"]
