@@ -13,10 +13,11 @@ from PIL import Image
 
 from pathbundles.annotations import read_points_csv, write_points_csv
 from pathbundles.errors import InputError
-from pathbundles.hpf import (FN_COLOUR, FP_COLOUR, LEVEL0_CSV_HEADER, TP_COLOUR, HPFCropDataset, HPFDataset, HPFDetectionWriter,
-                             MitosisMetricsReport, ThresholdTuner, TunedMitosisF1, average_precision, blob_candidates,
-                             detect_mitoses, filter_blobs, read_hpf, store_thresholds, tune_blob_thresholds,
-                             tune_thresholds, write_circle_overlay_png, write_detections)
+from pathbundles.hpf import (FN_COLOUR, FP_COLOUR, LEVEL0_CSV_HEADER, TP_COLOUR, HPFCropDataset, HPFDataset,
+                             HPFDetectionWriter, MitosisMetricsReport, ThresholdTuner, TunedMitosisF1,
+                             average_precision, blob_candidates, detect_mitoses, filter_blobs, read_hpf,
+                             store_thresholds, tune_blob_thresholds, tune_thresholds, write_circle_overlay_png,
+                             write_detections)
 from pathbundles.phantom import make_phantom
 from pathbundles.sampling import read_datalist
 from pathbundles.segmitos import RandConcentricLabeld

@@ -526,7 +526,8 @@ class HPFDetectionWriter:
     level-0 px of the image a viewer opens (the slide for a box, the HPF file itself otherwise: there pixel k spans
     [k, k + 1), so positions are the CSV's + 0.5), ``maps/<name>.png`` (mitosis probability x 255, 8-bit grey, one
     value per HPF pixel) and ``overlays/<name>.png`` (circles: true positives green, false positives red, misses
-    blue when the item has ground truth; yellow otherwise); and one ``hpf_counts.csv`` (``name,n_detections,max_score``) for the run. Every file is written atomically. The output
+    blue when the item has ground truth; yellow otherwise); and one ``hpf_counts.csv``
+    (``name,n_detections,max_score``) for the run. Every file is written atomically. The output
     folder is locked from the start of the run to its end, and what a killed run left there is removed
     (:func:`pathbundles.outputs.claim_folder`). An HPF that cannot be read (left out by the dataset, or failing
     when read) gets no output and is named in :attr:`failed`; the others are written, and

@@ -105,8 +105,8 @@ def predict_bundle(bundle_root: str | os.PathLike, slides: Sequence[str], output
         output_dir: where the outputs go; empty for a new temporary folder (kept: the result points into it).
 
     Columns: ``image, name, score, n_detections, detections`` (JSON ``[[prob, x, y], ...]`` in level-0 pixels, or
-    HPF pixels for an HPF bundle (level-0 pixels of the slide for a slide box), whose score is its highest detection score), ``detections_csv, overlay, map,
-    output_dir`` (absolute paths; empty when the bundle wrote no such file).
+    HPF pixels for an HPF bundle (level-0 pixels of the slide for a slide box), whose score is its highest detection
+    score), ``detections_csv, overlay, map, output_dir`` (absolute paths; empty when the bundle wrote no such file).
     """
     import csv
 

@@ -637,8 +637,9 @@ def write_detections_csv(path: str | os.PathLike, detections: ArrayLike) -> Path
     x, y are the level-0 pixel (column, row) holding the detection: ``floor`` of its position, pixel i spanning
     ``[i, i + 1)``. The organisers' ``readCSVContent`` parses x and y with ``int()`` and fails on ``1462.925852``;
     and their hit test ``mask[int(y / d), int(x / d)]`` (:mod:`pathbundles.metrics.froc`: ``floor``) gives the same
-    mask pixel for the whole number as for the position, so the FROC is unchanged. The sub-pixel positions are in
-    the GeoJSON (:func:`write_detections_geojson`).
+    mask pixel for the whole number as for the position whenever the mask downsample d is a whole number (32 for
+    Camelyon16's level 5), so the FROC is unchanged. The sub-pixel positions are in the GeoJSON
+    (:func:`write_detections_geojson`).
 
     Args:
         path: output ``.csv``.
