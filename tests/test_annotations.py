@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pathbundles.annotations import (Annotation, rasterize, read_annotations, read_points_csv, write_asap_xml,
-                                     write_geojson, write_points_csv)
+from pathbundles.annotations import (Annotation, feature_id, rasterize, read_annotations, read_points_csv,
+                                     write_asap_xml, write_geojson, write_points_csv)
 from pathbundles.errors import AnnotationError
 
 
@@ -236,6 +236,29 @@ def test_asap_xml_round_trip_keeps_groups(tmp_path: Path) -> None:
         write_asap_xml(tmp_path / "holes.xml", [poly(square(0, 0, 4, 4), holes=[square(1, 1, 2, 2)])])
 
 
+def test_asap_xml_colours_per_group(tmp_path: Path) -> None:
+    annotations = [poly(square(0, 0, 4, 4), group="carcinoma", label="carcinoma", name="c"),
+                   poly(square(1, 1, 2, 2), group="_2", label="Exclusion", name="hole"),
+                   Annotation("m", "Mitosis", "point", "Mitosis", np.array([[3.5, 4.5]]))]
+    path = tmp_path / "c.xml"
+    write_asap_xml(path, annotations, colours={"carcinoma": (255, 0, 0), "Mitosis": "#FFFF00"})
+    assert read_annotations(path) == annotations
+    text = path.read_text()
+    for group, colour in (("carcinoma", "#FF0000"), ("_2", "#64FE2E"), ("Mitosis", "#FFFF00")):
+        assert f'PartOfGroup="{group}" Color="{colour}"' in text and f'<Group Name="{group}" PartOfGroup="None" ' \
+            f'Color="{colour}"' in text
+
+
+def test_feature_ids_are_name_based_uuids() -> None:
+    import uuid
+
+    assert feature_id("Test_001/detections", 0) == feature_id("Test_001/detections", 0)
+    ids = {feature_id(scope, k) for scope in ("Test_001/detections", "Test_002/detections") for k in range(50)}
+    assert len(ids) == 100 and all(uuid.UUID(i).version == 5 for i in ids)
+    # Fixed: a change of namespace or recipe would give every feature of every earlier output a new id.
+    assert feature_id("Test_001/detections", 0) == "815dc920-ea80-58e8-80ea-7de5f5181fe5"
+
+
 def test_geojson_round_trip_with_holes_points_and_classes(tmp_path: Path) -> None:
     annotations = [
         poly(square(0, 0, 40, 40), group="Tumor", label="Tumor", name="t", holes=[square(10, 10, 20, 20),
@@ -368,6 +391,13 @@ def test_points_csv_order_scores_and_round_trip(tmp_path: Path) -> None:
         back, back_scores = read_points_csv(tmp_path / f"{order}.csv", order)
         assert np.array_equal(back, points) and np.array_equal(back_scores, confidence)
     assert (tmp_path / "rc.csv").read_text().splitlines()[0] == "2,1.25,0.9"
+    header = ("x_level0_px", "y_level0_px", "score")
+    write_points_csv(tmp_path / "h.csv", points, "xy", scores=confidence, header=header)
+    assert (tmp_path / "h.csv").read_text().splitlines()[:2] == ["x_level0_px,y_level0_px,score", "1.25,2,0.9"]
+    back, back_scores = read_points_csv(tmp_path / "h.csv", "xy")
+    assert np.array_equal(back, points) and np.array_equal(back_scores, confidence)
+    with pytest.raises(ValueError, match="header"):
+        write_points_csv(tmp_path / "bad.csv", points, "xy", header=header)
 
 
 def test_points_csv_header_empty_and_whitespace(tmp_path: Path) -> None:

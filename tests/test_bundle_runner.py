@@ -97,7 +97,7 @@ def test_run_inference_returns_the_writers_records(tmp_path: Path) -> None:
     for record, row in zip(records, rows):
         assert record["n_detections"] == int(row["n_detections"])
         assert record["score"] == pytest.approx(float(row["max_score"]), abs=1e-6)
-        assert set(record["outputs"]) == {"detections", "map", "overlay"}
+        assert set(record["outputs"]) == {"detections", "geojson", "asap_xml", "map", "overlay"}
         assert all(Path(p).is_file() and Path(p).parent.parent == tmp_path / "out"
                    for p in record["outputs"].values())
 

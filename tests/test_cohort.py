@@ -383,7 +383,7 @@ def test_two_gloo_processes_write_what_one_process_writes(slides: Path, tmp_path
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
     single, union = _outputs(tmp_path / "one"), _outputs(tmp_path / "two")
-    assert len(single) == 4 * 4 and single.keys() == union.keys()  # map, overlay, detections CSV + GeoJSON
+    assert len(single) == 4 * 5 and single.keys() == union.keys()  # map, overlay, detections CSV, GeoJSON, XML
     assert single == union  # byte for byte
     assert (tmp_path / "one" / "scores.csv").read_text() == (tmp_path / "two" / "scores.csv").read_text()
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
@@ -411,7 +411,7 @@ def test_killed_job_resumes_without_redoing_its_slides(slides: Path, tmp_path: P
     assert all(manifest[name]["status"] == "skipped" and manifest[name]["run_id"] == r["run_id"]
                for name, r in done.items())
     assert all((out / rel).stat().st_mtime_ns == t for rel, t in stamps.items())  # not rewritten
-    assert len(_outputs(out)) == 16 and not (out / ".cohort-work").exists() and not (out / "manifest").exists()
+    assert len(_outputs(out)) == 4 * 5 and not (out / ".cohort-work").exists() and not (out / "manifest").exists()
 
 
 @pytest.mark.slow

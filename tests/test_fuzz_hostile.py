@@ -267,7 +267,7 @@ def test_a_bundle_run_writes_the_good_slides_and_names_each_bad_one(fuzz: Fuzz) 
     assert written | failed == set(fuzz.items) and not written & failed
     for name in written:
         assert {p.name for p in out.rglob(f"{name}.*")} == {f"{name}.tif", f"{name}.png", f"{name}.csv",
-                                                            f"{name}.geojson"}
+                                                            f"{name}.geojson", f"{name}.xml"}
     assert not any(list(out.rglob(f"{name}.*")) for name in failed)
 
 

@@ -11,7 +11,6 @@ Rasters are read back with OpenSlide and placed by their mpp tag, as a viewer wo
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -172,6 +171,23 @@ def _read_raster(path: str) -> tuple[np.ndarray, float]:
     return pixels, mpp
 
 
+def _check_detection_files(outputs: dict) -> np.ndarray:
+    """A slide's detections as the GeoJSON gives them (sub-pixel level-0 positions), after checking that the
+    Camelyon16 CSV parses in the organisers' way (int() of x, y) as the whole level-0 pixels holding them and that
+    the ASAP XML has the same points."""
+    from challenge_parsers import read_csv_content
+    from pathbundles.annotations import read_annotations
+    from pathbundles.writers import read_detections_geojson
+
+    detections = read_detections_geojson(outputs["geojson"])
+    probs, xs, ys = read_csv_content(outputs["detections"])
+    np.testing.assert_allclose(probs, detections[:, 0], rtol=1e-9)
+    np.testing.assert_array_equal(np.column_stack([xs, ys]).reshape(-1, 2), np.floor(detections[:, 1:]))
+    dots = read_annotations(outputs["asap_xml"])
+    np.testing.assert_array_equal(np.vstack([a.xy for a in dots]).reshape(-1, 2), detections[:, 1:])
+    return detections
+
+
 def _check_map_outputs(slides: list[dict], records: dict[str, dict], map_mpp: float, map_origin_um: float) -> None:
     """Detections within half a map pixel of each marker, one per marker; the map TIFF, placed by its mpp tag,
     has each marker's response centred within half a map pixel of the marker; its extent covers the slide.
@@ -181,8 +197,7 @@ def _check_map_outputs(slides: list[dict], records: dict[str, dict], map_mpp: fl
     responses = 0
     for item in slides:
         outputs = records[item["name"]]["outputs"]
-        with open(outputs["detections"], newline="") as f:
-            detections = np.array([[float(v) for v in row] for row in csv.reader(f)]).reshape(-1, 3)
+        detections = _check_detection_files(outputs)
         markers_um = np.asarray(item["markers_um"])
         covered = markers_um.min(axis=1) >= map_origin_um - map_mpp / 2
         maybe = markers_um.min(axis=1) >= map_origin_um - map_mpp
@@ -222,7 +237,8 @@ def test_spatial_lstm_outputs_land_on_the_markers(slides: list[dict], tmp_path: 
 
 @pytest.mark.slow
 def test_segmitos_slide_box_detections_land_on_the_markers(slides: list[dict], tmp_path: Path) -> None:
-    """Slide boxes read at 0.25 um/px: each marker's detection, taken back to level 0, is within 1 um of it."""
+    """Slide boxes read at 0.25 um/px: each marker's detection, written in level-0 px of the slide, is within 1 um
+    of it."""
     datalist, truth = [], {}
     for item in slides:
         for k, (mx, my) in enumerate(item["markers_xy"][:2]):
@@ -230,6 +246,9 @@ def test_segmitos_slide_box_detections_land_on_the_markers(slides: list[dict], t
             box = [int(mx - side0 * (0.3 + 0.2 * k)), int(my - side0 * (0.6 - 0.1 * k)), int(side0), int(side0)]
             datalist.append({"image": item["image"], "box": box, "name": f"{item['name']}_{k}"})
             truth[f"{item['name']}_{k}"] = (item["mpp"], box, (mx, my))
+    from pathbundles.annotations import read_points_csv
+    from pathbundles.writers import read_detections_geojson
+
     records = _run("segmitos", datalist, tmp_path / "out",
                    {"network_def": {"_target_": "geometry_helpers.DarkSpotFCN"},
                     "ckpt_path": str(oracle_checkpoint(tmp_path)), "min_mean_score": 0.0, "min_area_um2": 0.0})
@@ -237,13 +256,12 @@ def test_segmitos_slide_box_detections_land_on_the_markers(slides: list[dict], t
     for record in records.values():
         name = next(n for n in truth if record["name"].startswith(n))
         level0_mpp, box, (mx, my) = truth[name]
-        with open(record["outputs"]["detections"], newline="") as f:
-            rows = np.array([[float(v) for v in row] for row in csv.reader(f)]).reshape(-1, 3)
-        assert len(rows) == 1, record["name"]
-        # HPF pixel u (centre at u) covers box px [u, u + 1): level-0 x = box x + (u + 0.5) * 0.25 / level0 mpp.
-        scale = 0.25 / level0_mpp
-        found_um = (np.array(box[:2]) + (rows[0, :2] + 0.5) * scale) * level0_mpp
+        xy, _ = read_points_csv(record["outputs"]["detections"], "xy")  # level-0 px of the slide, with a header
+        assert len(xy) == 1, record["name"]
+        found_um = xy[0] * level0_mpp
         assert np.abs(found_um - np.array([mx, my]) * level0_mpp).max() <= 1.0, (record["name"], found_um)
+        geojson = read_detections_geojson(record["outputs"]["geojson"])
+        np.testing.assert_allclose(geojson[:, 1:], xy, rtol=0, atol=1e-9)
 
 
 @pytest.mark.slow
@@ -296,6 +314,9 @@ def test_maps_of_the_real_svs_are_registered_to_it(shared_data: Path, tmp_path: 
         shifted = np.roll(np.roll(darkness, dy, axis=0), dx, axis=1)
         inner = np.s_[4:-4, 4:-4]
         return float(np.corrcoef(a[inner][valid[inner]], shifted[inner][valid[inner]])[0, 1])
+
+    detections = _check_detection_files(next(iter(records.values()))["outputs"])
+    assert len(detections) and (detections[:, 1:] % 1).any()  # sub-pixel positions, written as whole pixels
 
     scores = {(dx, dy): correlation(dx, dy) for dx in range(-3, 4) for dy in range(-3, 4)}
     assert max(scores, key=scores.get) == (0, 0), sorted(scores.items(), key=lambda kv: -kv[1])[:3]

@@ -13,10 +13,11 @@ from PIL import Image
 
 from pathbundles.annotations import read_points_csv, write_points_csv
 from pathbundles.errors import InputError
-from pathbundles.hpf import (FN_COLOUR, FP_COLOUR, TP_COLOUR, HPFCropDataset, HPFDataset, HPFDetectionWriter,
-                             MitosisMetricsReport, ThresholdTuner, TunedMitosisF1, average_precision, blob_candidates,
-                             detect_mitoses, filter_blobs, read_hpf, store_thresholds, tune_blob_thresholds,
-                             tune_thresholds, write_circle_overlay_png, write_detections)
+from pathbundles.hpf import (FN_COLOUR, FP_COLOUR, LEVEL0_CSV_HEADER, TP_COLOUR, HPFCropDataset, HPFDataset,
+                             HPFDetectionWriter, MitosisMetricsReport, ThresholdTuner, TunedMitosisF1,
+                             average_precision, blob_candidates, detect_mitoses, filter_blobs, read_hpf,
+                             store_thresholds, tune_blob_thresholds, tune_thresholds, write_circle_overlay_png,
+                             write_detections)
 from pathbundles.phantom import make_phantom
 from pathbundles.sampling import read_datalist
 from pathbundles.segmitos import RandConcentricLabeld
@@ -382,3 +383,76 @@ def test_writer_and_miner_thresholds_are_probabilities(tmp_path: Path) -> None:
         HPFDetectionWriter(None, tmp_path, min_mean_score=1.5)
     with pytest.raises(SettingError, match=r"threshold must be a probability in \[0, 1\], got 2"):
         HardNegativeMining(None, None, threshold=2)
+
+
+# ------------------------------------------------------------------------------------------- level-0 outputs of boxes
+
+
+def _darkness_map(hpf_chw: torch.Tensor) -> np.ndarray:
+    """An oracle's mitosis probability: how much darker than the phantom's tissue ground each HPF pixel is."""
+    from pathbundles.phantom import GEOMETRY_MARKER_RGB, GEOMETRY_TISSUE_RGB
+
+    grey = hpf_chw.numpy().astype(np.float64).mean(axis=0)
+    ground, apex = float(np.mean(GEOMETRY_TISSUE_RGB)), float(np.mean(GEOMETRY_MARKER_RGB))
+    return np.clip((ground - grey) / (ground - apex), 0, 1).astype(np.float32)
+
+
+def test_slide_box_detections_are_written_at_their_level0_position(tmp_path: Path) -> None:
+    """Boxes of a 0.2527 um/px geometry phantom read at 0.25 um/px: the detection of the mitosis-sized dark blob
+    in each box is written (CSV with a level-0 header, GeoJSON, ASAP XML) at the blob's level-0 position within a
+    quarter level-0 pixel, though the box's own pixels are another size and start elsewhere."""
+    from pathbundles.annotations import read_annotations
+    from pathbundles.phantom import make_geometry_dataset
+    from pathbundles.writers import read_detections_geojson
+
+    slide = read_datalist(make_geometry_dataset(tmp_path / "g", n=1, seed=4, size_um=400.0, mpp=0.2527,
+                                                marker_radius_um=5.0, marker_spacing_um=100.0, edge_um=50.0))[0]
+    markers = np.asarray(slide["markers_xy"])
+    assert len(markers) >= 3
+    items = []
+    for k, (mx, my) in enumerate(markers[:3]):
+        side0 = 60.0 / 0.2527  # a 60 um box, the blob off its centre
+        items.append({"image": slide["image"], "box": [int(mx - side0 * (0.3 + 0.1 * k)), int(my - side0 * 0.6),
+                                                       int(side0), int(side0)], "name": f"box{k}"})
+    ds = HPFDataset(items, mpp=0.25, backend="tifffile")
+    assert len(ds) == len(items) and ds.level0_mpp(0) == pytest.approx(0.2527)
+    writer = HPFDetectionWriter(ds, tmp_path / "out", mpp=0.25, min_mean_score=0.0, min_area_um2=10.0)
+    _run_handlers(ds, [_darkness_map(ds[k]["image"]) for k in range(len(ds))], writer)
+    for k, (mx, my) in enumerate(markers[:3]):
+        name = ds.names[k]
+        assert name.startswith(f"box{k}_x")
+        files = writer.outputs(name)
+        csv_lines = files["detections"].read_text().splitlines()
+        assert csv_lines[0] == ",".join(LEVEL0_CSV_HEADER)
+        xy, scores = read_points_csv(files["detections"], "xy")
+        assert len(xy) == 1, (k, xy)
+        # Level-0 px of the slide, not box px; a quarter pixel: taking pixel centres as corners is half a pixel off.
+        np.testing.assert_allclose(xy[0], [mx, my], atol=0.25)
+        hpf_xy = writer.detections[name][0, :2]
+        box = np.array(items[k]["box"][:2], float)
+        np.testing.assert_allclose(xy[0], box + (hpf_xy + 0.5) * 0.25 / 0.2527, rtol=0, atol=1e-9)
+        geojson = read_detections_geojson(files["geojson"])
+        np.testing.assert_allclose(geojson, [[scores[0], *xy[0]]], rtol=0, atol=1e-9)
+        doc = json.loads(files["geojson"].read_text())
+        assert doc["properties"]["mpp"] == pytest.approx(0.2527)
+        assert doc["features"][0]["properties"]["classification"] == {"name": "Mitosis", "color": [255, 255, 0]}
+        (dot,) = read_annotations(files["asap_xml"])
+        assert (dot.kind, dot.group) == ("point", "Mitosis")
+        np.testing.assert_allclose(dot.xy[0], xy[0], rtol=0, atol=1e-9)
+
+
+def test_hpf_file_detections_keep_the_challenge_csv_and_get_geojson(tmp_path: Path) -> None:
+    """An HPF file: the CSV stays header-less in HPF px (pixel centres at integers, as the challenges'); GeoJSON and
+    ASAP XML place the same detection in the image's pixels as viewers do (pixel k spans [k, k + 1)): + 0.5."""
+    from pathbundles.annotations import read_annotations
+    from pathbundles.writers import read_detections_geojson
+
+    ds = HPFDataset([_hand_made(tmp_path, (200, 200), [(60, 70)], "a")])
+    writer = HPFDetectionWriter(ds, tmp_path / "out", min_mean_score=0.0)
+    _run_handlers(ds, [_gaussian_map((200, 200), [(60, 70, 0.9, 5)])], writer)
+    files = writer.outputs("a")
+    xy, scores = read_points_csv(files["detections"], "xy")
+    assert files["detections"].read_text()[0].isdigit()  # no header
+    np.testing.assert_allclose(xy, [[60, 70]], atol=0.05)
+    np.testing.assert_allclose(read_detections_geojson(files["geojson"]), [[scores[0], *(xy[0] + 0.5)]], atol=1e-9)
+    np.testing.assert_allclose(read_annotations(files["asap_xml"])[0].xy, xy + 0.5, atol=1e-9)

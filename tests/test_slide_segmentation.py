@@ -14,7 +14,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from pathbundles.annotations import Annotation, read_annotations, write_geojson
+from pathbundles.annotations import Annotation, rasterize, read_annotations, write_geojson
 from pathbundles.multimag import MultiMagnificationDataset
 from pathbundles import slide_segmentation
 from pathbundles.phantom import MULTICLASS_CLASSES
@@ -177,6 +177,55 @@ def test_carcinoma_outline_bounds_the_square_and_drops_specks(written):
     feature = json.loads(path.read_text())["features"][0]
     assert feature["properties"]["classification"] == {"name": "carcinoma", "color": [255, 0, 0]}
     assert feature["properties"]["measurements"]["area_um2"] == 64 * 64  # 16 x 16 pixels of 4 x 4 um
+
+
+def _ring_tile(s: int, x0: int, y0: int) -> np.ndarray:
+    """Stroma with a carcinoma square ring (a hole of stroma inside) and a necrosis square, in tile (0, 0)."""
+    tile = np.full((256, 256), 3, np.uint8)
+    if (x0, y0) == (0, 0):
+        tile[32:224, 16:208] = 1
+        tile[96:160, 80:144] = 3  # a 32 x 32 um hole
+        tile[8:24, 224:252] = 4
+    return tile
+
+
+def test_region_ids_are_stable_and_the_asap_xml_holds_the_geojson_regions(tmp_path):
+    """regions/<name>.xml: each region a polygon in its class's group and colour, each hole an exclusion ("_2")
+    polygon; read back, the vertices are the GeoJSON's (level-0 px) and rasterise to the same mask. Feature ids
+    are the same in two runs, distinct, and every class has its colour."""
+    slide = _slide(tmp_path, "s1", (300, 300))
+    features = []
+    for run in ("a", "b"):
+        dataset = _dataset([slide])
+        writer = SlideLabelWriter(dataset, tmp_path / run, MULTICLASS_CLASSES, polygon_mpp=2.0,
+                                  min_polygon_area_um2=50.0, polygon_classes=("carcinoma", "necrosis"))
+        _run(writer, dataset, _ring_tile)
+        files = writer.outputs("s1")
+        features.append(json.loads(files["regions"].read_text())["features"])
+    assert [f["id"] for f in features[0]] == [f["id"] for f in features[1]]
+    assert len({f["id"] for f in features[0]}) == len(features[0]) == 2
+    assert {f["properties"]["classification"]["name"]: tuple(f["properties"]["classification"]["color"])
+            for f in features[0]} == {"carcinoma": (255, 0, 0), "necrosis": (128, 128, 128)}
+
+    geojson, xml = read_annotations(files["regions"]), read_annotations(files["asap_xml"])
+    assert [(a.name, a.group, a.label) for a in xml] == [("carcinoma 1", "carcinoma", "carcinoma"),
+                                                       ("carcinoma 1 hole 1", "_2", "Exclusion"),
+                                                       ("necrosis 1", "necrosis", "necrosis")]
+    (carcinoma, necrosis) = geojson
+    np.testing.assert_array_equal(xml[0].xy, carcinoma.xy)
+    np.testing.assert_array_equal(xml[1].xy, carcinoma.holes[0])
+    np.testing.assert_array_equal(xml[2].xy, necrosis.xy)
+    # Level-0 px (0.5 um/px slide, 2 um/px outlines): the square spans x 16..208, y 32..224 map px = level-0 px.
+    np.testing.assert_allclose(xml[0].xy.min(0), [16, 32], atol=4)
+    np.testing.assert_allclose(xml[0].xy.max(0), [208, 224], atol=4)
+    np.testing.assert_allclose([xml[1].xy.min(0), xml[1].xy.max(0)], [[80, 96], [144, 160]], atol=4)
+    label_of = {"carcinoma": 1, "necrosis": 4}
+    from_xml, from_geojson = rasterize(xml, (300, 300), label_of=label_of), rasterize(geojson, (300, 300),
+                                                                                      label_of=label_of)
+    np.testing.assert_array_equal(from_xml, from_geojson)
+    assert (from_xml == 1).sum() == pytest.approx(192 * 192 - 64 * 64, rel=0.03)
+    text = files["asap_xml"].read_text()
+    assert 'PartOfGroup="carcinoma" Color="#FF0000"' in text and 'PartOfGroup="necrosis" Color="#808080"' in text
 
 
 def test_trace_regions_keeps_holes_and_orders_by_size():

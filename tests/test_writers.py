@@ -24,6 +24,7 @@ from pathbundles.writers import (
     read_detections_csv,
     read_detections_geojson,
     read_pyramid_mpp,
+    write_detections_asap_xml,
     write_detections_csv,
     write_detections_geojson,
     write_label_overlay_png,
@@ -400,14 +401,82 @@ def test_label_overlay_png(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 DETECTIONS = np.array([[0.9731, 51234.0, 80211.5], [0.5, 12.0, 7.0], [1.0, 0.0, 99999.0]])
+# Detections as post-processing gives them on the real SVS: sub-pixel level-0 positions.
+SUBPIXEL = np.array([[0.8123456789, 1462.925852, 2047.5], [0.51, 63.999, 31.0001], [1.0, 0.25, 2218.75]])
 
 
 def test_detections_csv_round_trip(tmp_path: Path) -> None:
     out = write_detections_csv(tmp_path / "Test_001.csv", DETECTIONS)
-    assert out.read_text().splitlines()[0] == "0.9731,51234,80211.5"  # Camelyon16: no header, prob,x,y
-    np.testing.assert_array_equal(read_detections_csv(out), DETECTIONS)
+    assert out.read_text().splitlines()[0] == "0.9731,51234,80211"  # Camelyon16: no header, prob,x,y
+    np.testing.assert_array_equal(read_detections_csv(out), np.column_stack([DETECTIONS[:, 0],
+                                                                             np.floor(DETECTIONS[:, 1:])]))
     empty = write_detections_csv(tmp_path / "empty.csv", [])
     assert read_detections_csv(empty).shape == (0, 3)
+
+
+def test_detections_csv_opens_in_the_organisers_parser_and_keeps_the_froc(tmp_path: Path) -> None:
+    """readCSVContent does int() on x and y: it must parse every row, giving the level-0 pixel that holds each
+    detection, and the FROC hit test (mask pixel floor(x / 32), floor(y / 32)) must find the same lesion pixel
+    for the written whole numbers as for the sub-pixel positions."""
+    from challenge_parsers import read_csv_content
+    from pathbundles.metrics.froc import LesionMask
+
+    out = write_detections_csv(tmp_path / "Test_001.csv", SUBPIXEL)
+    assert out.read_text().splitlines() == ["0.8123456789,1462,2047", "0.51,63,31", "1,0,2218"]
+    probs, xs, ys = read_csv_content(out)
+    assert probs == pytest.approx(SUBPIXEL[:, 0].tolist(), abs=1e-10)
+    assert (xs, ys) == ([1462, 63, 0], [2047, 31, 2218])
+    rng = np.random.default_rng(0)
+    positions = np.concatenate([rng.uniform(0, 3200, (500, 2)), [[63.999, 31.0001], [95.99, 127.5]]])
+    detections = np.column_stack([np.full(len(positions), 0.9), positions])
+    written = read_detections_csv(write_detections_csv(tmp_path / "many.csv", detections))
+    mask = LesionMask(labels=np.arange(100 * 100, dtype=np.int32).reshape(100, 100), itc=(), mask_downsample=32.0,
+                      level0_mpp=0.243)
+    np.testing.assert_array_equal(mask.label_at(written[:, 1:]), mask.label_at(positions))
+
+
+def test_detections_geojson_round_trip_qupath_fields(tmp_path: Path) -> None:
+    out = write_detections_geojson(tmp_path / "det.geojson", DETECTIONS, mpp=0.243)
+    collection = json.loads(out.read_text())
+    assert collection["type"] == "FeatureCollection" and collection["properties"]["mpp"] == 0.243
+    feature = collection["features"][0]
+    assert feature["geometry"] == {"type": "Point", "coordinates": [51234.0, 80211.5]}  # sub-pixel, as detected
+    assert feature["properties"]["objectType"] == "detection"
+    assert feature["properties"]["classification"] == {"name": "Tumor", "color": [200, 0, 0]}
+    assert feature["properties"]["score"] == 0.9731 and feature["properties"]["name"] == "Tumor 1"
+    np.testing.assert_array_equal(read_detections_geojson(out), DETECTIONS)
+
+
+def test_detection_geojson_ids_are_stable_uuids_and_every_class_has_a_colour(tmp_path: Path) -> None:
+    import uuid
+
+    first = json.loads(write_detections_geojson(tmp_path / "a" / "Test_001.geojson", SUBPIXEL).read_text())
+    again = json.loads(write_detections_geojson(tmp_path / "b" / "Test_001.geojson", SUBPIXEL).read_text())
+    other = json.loads(write_detections_geojson(tmp_path / "Test_002.geojson", SUBPIXEL).read_text())
+    mitoses = json.loads(write_detections_geojson(tmp_path / "m.geojson", SUBPIXEL, class_name="Mitosis",
+                                                  color=(255, 255, 0), id_scope="Test_001/detections").read_text())
+    ids = [f["id"] for f in first["features"]]
+    assert ids == [f["id"] for f in again["features"]]  # the same slide's file written twice
+    assert ids == [f["id"] for f in mitoses["features"]]  # the same scope given explicitly
+    assert len(set(ids)) == len(ids) and not set(ids) & {f["id"] for f in other["features"]}
+    assert all(uuid.UUID(i).version == 5 for i in ids)  # QuPath reads a feature's id as its object's UUID
+    assert {tuple(f["properties"]["classification"]["color"]) for f in mitoses["features"]} == {(255, 255, 0)}
+    assert all(len(f["properties"]["classification"]["color"]) == 3 for f in first["features"])
+
+
+def test_detections_asap_xml_reads_back_as_dots_at_the_level0_positions(tmp_path: Path) -> None:
+    from pathbundles.annotations import read_annotations
+
+    out = write_detections_asap_xml(tmp_path / "Test_001.xml", SUBPIXEL, class_name="Tumor", color=(200, 0, 0))
+    dots = read_annotations(out)
+    assert [(a.kind, a.group, a.label) for a in dots] == [("point", "Tumor", "Tumor")] * 3
+    np.testing.assert_array_equal(np.vstack([a.xy for a in dots]), SUBPIXEL[:, 1:])  # exact, sub-pixel
+    scores = [float(a.name.split("score=")[1]) for a in dots]
+    assert [a.name.split(" score=")[0] for a in dots] == ["Tumor 1", "Tumor 2", "Tumor 3"]
+    np.testing.assert_allclose(scores, SUBPIXEL[:, 0], rtol=1e-5)
+    text = out.read_text()
+    assert text.count('Type="Dot"') == 3 and text.count('Color="#C80000"') == 4  # 3 dots and their group
+    assert read_annotations(write_detections_asap_xml(tmp_path / "none.xml", [])) == []
 
 
 def test_detections_csv_bad_line_names_file_and_line(tmp_path: Path) -> None:

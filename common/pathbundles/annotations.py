@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ _CAMELYON_LABELS = {"_0": "Tumor", "_1": "Tumor", "Tumor": "Tumor", "_2": "Exclu
 _ASAP_KINDS = {"Polygon": "polygon", "Spline": "polygon", "Rectangle": "polygon", "Dot": "point", "PointSet": "point"}
 # Colours ASAP shows for the groups it writes (tumour yellow as in Camelyon16, exclusion green, others blue).
 _ASAP_COLOURS = {"_0": "#F4FA58", "_1": "#F4FA58", "Tumor": "#F4FA58", "_2": "#64FE2E"}
+# Namespace of the name-based UUIDs of :func:`feature_id` (fixed: the same feature gets the same id in every run).
+_FEATURE_NAMESPACE = uuid.UUID("be7f3805-bb0a-4c67-bb5d-324857cfa6f1")
 
 Kind = Literal["polygon", "point"]
 PointOrder = Literal["xy", "rc"]
@@ -421,7 +424,30 @@ def write_geojson(path: str | os.PathLike, annotations: Iterable[Annotation]) ->
         tmp.write_text(json.dumps({"type": "FeatureCollection", "features": features}), encoding="utf-8")
 
 
-def write_asap_xml(path: str | os.PathLike, annotations: Iterable[Annotation]) -> None:
+def feature_id(scope: str, index: int) -> str:
+    """A stable GeoJSON feature ``id``: the name-based UUID (version 5) of ``"<scope>/<index>"``.
+
+    The same slide output and feature index give the same id in every run and on every machine, so two runs'
+    features can be matched and a QuPath project that imported one keeps its objects' ids; QuPath reads a feature's
+    ``id`` as its object UUID, hence a UUID rather than the readable text (which goes into the ``name``).
+
+    Args:
+        scope: what the features belong to, e.g. ``"<slide name>/detections"``.
+        index: the feature's 0-based position in its file.
+    """
+    return str(uuid.uuid5(_FEATURE_NAMESPACE, f"{scope}/{int(index)}"))
+
+
+def _asap_colour(colour: Sequence[int] | str) -> str:
+    """``#RRGGBB`` of an (r, g, b) 0..255 colour (a ``#RRGGBB`` string is kept)."""
+    if isinstance(colour, str):
+        return colour
+    r, g, b = (int(c) for c in colour)
+    return f"#{r:02X}{g:02X}{b:02X}"
+
+
+def write_asap_xml(path: str | os.PathLike, annotations: Iterable[Annotation],
+                   colours: Mapping[str, Sequence[int] | str] | None = None) -> None:
     """Write annotations as ASAP XML (the Camelyon16 format), atomically, with a ``<Group>`` entry per group.
 
     Polygons are written as Type "Polygon", single points as "Dot", point sets as "PointSet". ASAP keeps a group per
@@ -431,11 +457,14 @@ def write_asap_xml(path: str | os.PathLike, annotations: Iterable[Annotation]) -
     Args:
         path: output ``.xml`` file.
         annotations: annotations in level-0 pixels (x, y).
+        colours: {group: (r, g, b) 0..255 or "#RRGGBB"} shown by ASAP for the group and its annotations; groups
+            not in it get the Camelyon16 colours (tumour yellow, exclusion "_2" green), others blue.
 
     Raises:
         ValueError: a polygon with holes; ASAP has no holes (write it as an exclusion polygon of group "_2" if it is
             Camelyon-style tumour, or use GeoJSON).
     """
+    palette = {**_ASAP_COLOURS, **{g: _asap_colour(c) for g, c in (colours or {}).items()}}
     root = ET.Element("ASAP_Annotations")
     container = ET.SubElement(root, "Annotations")
     groups: dict[str, None] = {}
@@ -444,7 +473,7 @@ def write_asap_xml(path: str | os.PathLike, annotations: Iterable[Annotation]) -
             raise ValueError(f"{path}: annotation {a.name!r} has holes, which ASAP XML cannot store")
         asap_type = "Polygon" if a.kind == "polygon" else ("Dot" if len(a.xy) == 1 else "PointSet")
         element = ET.SubElement(container, "Annotation", Name=a.name, Type=asap_type, PartOfGroup=a.group,
-                                Color=_ASAP_COLOURS.get(a.group, "#0000FF"))
+                                Color=palette.get(a.group, "#0000FF"))
         coordinates = ET.SubElement(element, "Coordinates")
         for k, (x, y) in enumerate(a.xy):
             ET.SubElement(coordinates, "Coordinate", Order=str(k), X=_fmt(x), Y=_fmt(y))
@@ -452,7 +481,7 @@ def write_asap_xml(path: str | os.PathLike, annotations: Iterable[Annotation]) -
     group_container = ET.SubElement(root, "AnnotationGroups")
     for group in groups:
         ET.SubElement(ET.SubElement(group_container, "Group", Name=group, PartOfGroup="None",
-                                    Color=_ASAP_COLOURS.get(group, "#0000FF")), "Attributes")
+                                    Color=palette.get(group, "#0000FF")), "Attributes")
     ET.indent(root, space="\t")
     with atomic_path(path) as tmp:
         ET.ElementTree(root).write(tmp, encoding="utf-8", xml_declaration=True)
@@ -630,14 +659,16 @@ def read_points_csv(path: str | os.PathLike, order: PointOrder) -> tuple[np.ndar
 
 
 def write_points_csv(path: str | os.PathLike, xy: np.ndarray, order: PointOrder,
-                     scores: np.ndarray | None = None) -> None:
-    """Write points as a headerless CSV that :func:`read_points_csv` reads back exactly, atomically.
+                     scores: np.ndarray | None = None, header: Sequence[str] | None = None) -> None:
+    """Write points as a CSV that :func:`read_points_csv` reads back exactly, atomically.
 
     Args:
         path: output CSV.
         xy: (N, 2) level-0 (x, y) positions.
         order: column order in the file, "xy" or "rc" (row, col), as for :func:`read_points_csv`.
         scores: optional (N,) third column.
+        header: column names for a first line (none by default, as the challenges' CSVs); names must not be
+            numbers, so that :func:`read_points_csv` takes the line as a header.
     """
     if order not in ("xy", "rc"):
         raise ValueError(f"order must be 'xy' or 'rc', not {order!r}")
@@ -649,5 +680,8 @@ def write_points_csv(path: str | os.PathLike, xy: np.ndarray, order: PointOrder,
             raise ValueError(f"{len(scores)} scores for {len(xy)} points")
         columns.append(scores[:, None])
     table = np.hstack(columns)
+    if header is not None and len(header) != table.shape[1]:
+        raise ValueError(f"header {list(header)} for {table.shape[1]} columns")
+    lines = ([",".join(header)] if header is not None else []) + [",".join(_fmt(v) for v in row) for row in table]
     with atomic_path(path) as tmp:
-        tmp.write_text("".join(",".join(_fmt(v) for v in row) + "\n" for row in table), encoding="utf-8")
+        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")

@@ -33,6 +33,7 @@ from pathbundles.errors import InputError, PathBundlesError, SlidesFailedError
 from pathbundles.outputs import claim_folder, output_file, output_names
 from pathbundles.metrics.mitosis import match_points, mitosis_f1
 from pathbundles.postprocess import mitosis_blobs
+from pathbundles.writers import write_detections_asap_xml, write_detections_geojson
 
 #: PIL modes that convert to RGB without losing meaning: 8-bit RGB(A), grey (+alpha), palette, bilevel.
 _RGB_CONVERTIBLE = {"RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1"}
@@ -43,6 +44,8 @@ NEGATIVE_TRIES = 32  # rejection draws for a mitosis-free crop before settling f
 
 #: overlay colours (RGB)
 TP_COLOUR, FP_COLOUR, FN_COLOUR, DETECTION_COLOUR = (0, 255, 0), (255, 0, 0), (0, 0, 255), (255, 255, 0)
+#: class name of the detections in the GeoJSON and ASAP XML outputs
+MITOSIS_CLASS = "Mitosis"
 
 
 def read_hpf(path: str | os.PathLike) -> np.ndarray:
@@ -319,15 +322,21 @@ def tune_thresholds(prob_maps: Sequence[np.ndarray | torch.Tensor], truths: Sequ
     return tune_blob_thresholds(blobs, truths, radius_px, score_grid, area_grid_um2)
 
 
-def write_detections(path: str | os.PathLike, detections: np.ndarray) -> None:
-    """Write (N, 3) ``[x, y, score]`` detections as header-less ``x,y,score`` CSV rows, atomically.
+#: Header of the detection CSV of a slide box, whose positions are level-0 pixels of the slide.
+LEVEL0_CSV_HEADER = ("x_level0_px", "y_level0_px", "score")
+
+
+def write_detections(path: str | os.PathLike, detections: np.ndarray, header: Sequence[str] | None = None) -> None:
+    """Write (N, 3) ``[x, y, score]`` detections as ``x,y,score`` CSV rows, atomically.
 
     Args:
         path: output CSV.
-        detections: (N, 3) x, y in HPF px and score, as from :func:`detect_mitoses`.
+        detections: (N, 3) x, y and score: HPF px as from :func:`detect_mitoses`, or level-0 px of a slide.
+        header: column names for a first line (e.g. :data:`LEVEL0_CSV_HEADER`); None: no header, as the
+            challenges' CSVs.
     """
     detections = np.asarray(detections, dtype=np.float64).reshape(-1, 3)
-    write_points_csv(path, detections[:, :2], order="xy", scores=detections[:, 2])
+    write_points_csv(path, detections[:, :2], order="xy", scores=detections[:, 2], header=header)
 
 
 def write_circle_overlay_png(path: str | os.PathLike, image: np.ndarray, detections: np.ndarray,
@@ -406,6 +415,7 @@ class HPFDataset(torch.utils.data.Dataset):
             raise ValueError("HPFDataset needs at least one datalist item")
         self.items, self.mpp, self.backend, self.transform = [dict(d) for d in data], float(mpp), backend, transform
         self.mpp_override = mpp_override
+        self._level0_mpp: dict[str, float] = {}  # slide path -> level-0 um/px, of the box items' slides
         self.names: list[str] = output_names(self.items)
         self.truths: list[np.ndarray | None] = []
         #: {datalist index: why} of the items left out: each file's own problem, never the whole run's.
@@ -445,7 +455,38 @@ class HPFDataset(torch.utils.data.Dataset):
             raise InputError(item["image"], f"box must be [x, y, width, height] in level-0 px, got {item['box']}")
         with open_slide(item["image"], backend=self.backend, mpp=item_mpp(item, self.mpp_override)) as slide:
             level0_mpp = float(slide.mpp[0])
+        self._level0_mpp[str(item["image"])] = level0_mpp
         return round(box[2] * level0_mpp / self.mpp), round(box[3] * level0_mpp / self.mpp)
+
+    def is_box(self, i: int) -> bool:
+        """Whether item ``i`` (datalist index) is a box of a slide rather than an HPF file."""
+        return self.items[i].get("box") is not None
+
+    def level0_mpp(self, i: int) -> float:
+        """um/px of the level 0 of what item ``i`` (datalist index) is placed on: its slide for a box, else the HPF
+        itself (``mpp``)."""
+        return self._level0_mpp[str(self.items[i]["image"])] if self.is_box(i) else self.mpp
+
+    def to_level0(self, i: int, xy: np.ndarray) -> np.ndarray:
+        """HPF positions of item ``i`` (datalist index) in level-0 pixels of the image a viewer opens.
+
+        HPF pixel u is centred at u (:data:`HPF_PIXEL_CENTRE_XY`) and covers level-0 ``[x0 + u * s, x0 + (u + 1) *
+        s)`` as :meth:`pathbundles.wsi.Slide.read_region` reads it, so position u lies at level-0 ``x0 + (u + 0.5) * s``
+        (continuous level-0 coordinates: pixel k spans [k, k + 1)).  For a box, (x0, y0) is the box's origin and
+        ``s = mpp / level0 mpp`` of the slide; for an HPF file (its own level 0) x0 = y0 = 0 and s = 1.
+
+        Args:
+            i: datalist index.
+            xy: (N, 2) HPF (x, y) in px.
+
+        Returns:
+            float64 (N, 2) level-0 (x, y).
+        """
+        xy = np.asarray(xy, np.float64).reshape(-1, 2)
+        if not self.is_box(i):
+            return xy + 0.5
+        box = self.items[i]["box"]
+        return np.array([float(box[0]), float(box[1])]) + (xy + 0.5) * (self.mpp / self.level0_mpp(i))
 
     def __len__(self) -> int:
         return len(self.usable)
@@ -478,10 +519,15 @@ class HPFDataset(torch.utils.data.Dataset):
 class HPFDetectionWriter:
     """Ignite handler: per HPF, blobs -> detections and the outputs; keeps every blob for metrics and tuning.
 
-    Under ``output_dir``: ``detections/<name>.csv`` (header-less ``x,y,score`` in HPF px), ``maps/<name>.png``
-    (mitosis probability x 255, 8-bit grey, one value per HPF pixel) and ``overlays/<name>.png`` (circles: true
-    positives green, false positives red, misses blue when the item has ground truth; yellow otherwise); and one
-    ``hpf_counts.csv`` (``name,n_detections,max_score``) for the run. Every file is written atomically. The output
+    Under ``output_dir``: ``detections/<name>.csv`` (an HPF file: header-less ``x,y,score`` in HPF px, pixel
+    centres at integers, as the challenges' CSVs; a slide box: ``x_level0_px,y_level0_px,score`` with that header,
+    in level-0 px of the slide, :meth:`HPFDataset.to_level0`), ``detections/<name>.geojson`` (QuPath points, class
+    "Mitosis", stable ids) and ``detections/<name>.xml`` (ASAP "Dot" annotations named with their score), both in
+    level-0 px of the image a viewer opens (the slide for a box, the HPF file itself otherwise: there pixel k spans
+    [k, k + 1), so positions are the CSV's + 0.5), ``maps/<name>.png`` (mitosis probability x 255, 8-bit grey, one
+    value per HPF pixel) and ``overlays/<name>.png`` (circles: true positives green, false positives red, misses
+    blue when the item has ground truth; yellow otherwise); and one ``hpf_counts.csv``
+    (``name,n_detections,max_score``) for the run. Every file is written atomically. The output
     folder is locked from the start of the run to its end, and what a killed run left there is removed
     (:func:`pathbundles.outputs.claim_folder`). An HPF that cannot be read (left out by the dataset, or failing
     when read) gets no output and is named in :attr:`failed`; the others are written, and
@@ -545,7 +591,9 @@ class HPFDetectionWriter:
 
     def outputs(self, name: str) -> dict[str, Path]:
         """The files written for HPF ``name``."""
-        files = {"detections": output_file(self.output_dir, "detections", name, ".csv")}
+        files = {"detections": output_file(self.output_dir, "detections", name, ".csv"),
+                 "geojson": output_file(self.output_dir, "detections", name, ".geojson"),
+                 "asap_xml": output_file(self.output_dir, "detections", name, ".xml")}
         if self.write_images:
             files |= {"map": output_file(self.output_dir, "maps", name, ".png"),
                       "overlay": output_file(self.output_dir, "overlays", name, ".png")}
@@ -569,7 +617,14 @@ class HPFDetectionWriter:
         detections = filter_blobs(blobs, self.min_mean_score, self.min_area_um2)
         self.blobs[name], self.detections[name] = blobs, detections
         files = self.outputs(name)
-        write_detections(files["detections"], detections)
+        level0 = np.column_stack([detections[:, 2], self.dataset.to_level0(index, detections[:, :2])])
+        if self.dataset.is_box(index):
+            write_detections(files["detections"], level0[:, [1, 2, 0]], header=LEVEL0_CSV_HEADER)
+        else:
+            write_detections(files["detections"], detections)
+        write_detections_geojson(files["geojson"], level0, mpp=self.dataset.level0_mpp(index),
+                                 class_name=MITOSIS_CLASS, color=DETECTION_COLOUR, id_scope=f"{name}/detections")
+        write_detections_asap_xml(files["asap_xml"], level0, class_name=MITOSIS_CLASS, color=DETECTION_COLOUR)
         if self.write_images:
             with atomic_path(files["map"]) as tmp:
                 Image.fromarray(np.clip(np.rint(prob * 255), 0, 255).astype(np.uint8)).save(tmp, format="PNG")

@@ -105,13 +105,14 @@ def predict_bundle(bundle_root: str | os.PathLike, slides: Sequence[str], output
         output_dir: where the outputs go; empty for a new temporary folder (kept: the result points into it).
 
     Columns: ``image, name, score, n_detections, detections`` (JSON ``[[prob, x, y], ...]`` in level-0 pixels, or
-    HPF pixels for an HPF bundle, whose score is its highest detection score), ``detections_csv, overlay, map,
-    output_dir`` (absolute paths; empty when the bundle wrote no such file).
+    HPF pixels for an HPF bundle (level-0 pixels of the slide for a slide box), whose score is its highest detection
+    score), ``detections_csv, overlay, map, output_dir`` (absolute paths; empty when the bundle wrote no such file).
     """
     import csv
 
     import pandas as pd
 
+    from pathbundles.annotations import read_points_csv
     from pathbundles.errors import InputError
 
     slides = [str(Path(s).resolve()) for s in slides]
@@ -140,11 +141,14 @@ def predict_bundle(bundle_root: str | os.PathLike, slides: Sequence[str], output
             name = record["name"]
             csv_path = out / "detections" / f"{name}.csv"
             detections = []
-            if csv_path.is_file():
+            if csv_path.is_file() and hpf:
+                # read_points_csv skips the header a slide box's level-0 CSV has.
+                xy, scores = read_points_csv(csv_path, "xy")
+                detections = [[score, x, y] for (x, y), score in zip(xy.tolist(), [] if scores is None
+                                                                     else scores.tolist())]
+            elif csv_path.is_file():
                 with open(csv_path, newline="") as g:
                     detections = [[float(v) for v in row] for row in csv.reader(g) if row]
-                if hpf:
-                    detections = [[score, x, y] for x, y, score in detections]
             found = {key: out / sub / f"{name}{suffix}" for key, sub, suffix in
                      (("detections_csv", "detections", ".csv"), ("overlay", "overlays", ".png"),
                       ("map", "maps", ".png" if hpf else ".tif"))}

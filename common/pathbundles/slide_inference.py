@@ -326,10 +326,12 @@ class SlideMapWriter(StreamedSlideWriter):
     For slide ``name`` under ``output_dir``: ``maps/name.tif`` (probability x 255 as a tiled pyramidal TIFF with
     mpp tags, registered to the slide: pixel (0, 0) starts at the slide's origin, see :func:`registered_map`),
     ``overlays/name.png`` (the same registration over the slide thumbnail), ``detections/name.csv``
-    (Camelyon16 ``prob,x,y`` at level 0) and
-    ``detections/name.geojson``; and one ``slide_scores.csv`` (``name,score,n_detections``) for the run. A slide
-    without tissue gets an all-zero map, no detections and score 0. A slide that fails is reported by name, gets
-    no output, and the run raises at the end after finishing the other slides.
+    (Camelyon16 ``prob,x,y``, x and y the whole level-0 pixel holding the detection),
+    ``detections/name.geojson`` (QuPath points, sub-pixel level-0 positions, stable ids) and
+    ``detections/name.xml`` (ASAP "Dot" annotations, named with their score); and one ``slide_scores.csv``
+    (``name,score,n_detections``) for the run. A slide without tissue gets an all-zero map, no detections and
+    score 0. A slide that fails is reported by name, gets no output, and the run raises at the end after finishing
+    the other slides.
 
     Args:
         dataset: the ``SlideROIDataset`` being run (its plans give each slide's geometry).
@@ -406,7 +408,8 @@ class SlideMapWriter(StreamedSlideWriter):
         return {"map": output_file(self.output_dir, "maps", name, ".tif"),
                 "overlay": output_file(self.output_dir, "overlays", name, ".png"),
                 "detections": output_file(self.output_dir, "detections", name, ".csv"),
-                "geojson": output_file(self.output_dir, "detections", name, ".geojson")}
+                "geojson": output_file(self.output_dir, "detections", name, ".geojson"),
+                "asap_xml": output_file(self.output_dir, "detections", name, ".xml")}
 
     def _finish(self, s: int) -> None:
         """Hand a complete slide to the writer thread, so the network goes on with the next slide meanwhile."""
@@ -415,8 +418,8 @@ class SlideMapWriter(StreamedSlideWriter):
 
     def _write_slide(self, plan: SlidePlan, canvas: Any) -> None:
         from pathbundles.wsi import open_slide
-        from pathbundles.writers import (write_detections_csv, write_detections_geojson, write_overlay_png,
-                                         write_pyramid_tiff)
+        from pathbundles.writers import (write_detections_asap_xml, write_detections_csv, write_detections_geojson,
+                                         write_overlay_png, write_pyramid_tiff)
 
         grid, scan_mpp = self.dataset.grid, self.dataset.scan_mpp
         # Post-processing needs the whole map (connected components); it is at the scan stride (Sd = 8-32 px), so a
@@ -447,7 +450,9 @@ class SlideMapWriter(StreamedSlideWriter):
         thumb_cols = (np.arange(thumb.shape[1]) + 0.5) * (w0 / thumb.shape[1]) * to_scan
         write_overlay_png(files["overlay"], thumb, registered_map(prob, grid, thumb_rows, thumb_cols))
         write_detections_csv(files["detections"], detections)
-        write_detections_geojson(files["geojson"], detections, mpp=plan.level0_mpp)
+        write_detections_geojson(files["geojson"], detections, mpp=plan.level0_mpp,
+                                 id_scope=f"{plan.name}/detections")
+        write_detections_asap_xml(files["asap_xml"], detections)
         self.scores[plan.name] = (float(prob.max()) if prob.size else 0.0, int(len(detections)))
 
 

@@ -183,15 +183,18 @@ def trace_regions(mask: np.ndarray, level0_px: float, min_pixels: float = 1) -> 
 
 
 def _write_regions_geojson(path: Path, regions: Mapping[str, list], colours: Mapping[str, Sequence[int]],
-                           um2_per_px: float) -> None:
-    """QuPath GeoJSON: a Polygon annotation per region (:func:`trace_regions`) with its class name and colour and
-    its area in um^2 (``um2_per_px`` per pixel of the traced mask)."""
+                           um2_per_px: float, id_scope: str) -> None:
+    """QuPath GeoJSON: a Polygon annotation per region (:func:`trace_regions`) with its class name and colour, its
+    area in um^2 (``um2_per_px`` per pixel of the traced mask) and a stable ``id``
+    (:func:`pathbundles.annotations.feature_id` of ``id_scope`` and the feature's index)."""
+    from pathbundles.annotations import feature_id
+
     features = []
     for class_name, outlines in regions.items():
         for k, (exterior, holes, n_pixels) in enumerate(outlines, start=1):
             rings = [np.vstack([ring, ring[:1]]) for ring in (exterior, *holes)]
             features.append({
-                "type": "Feature",
+                "type": "Feature", "id": feature_id(id_scope, len(features)),
                 "geometry": {"type": "Polygon", "coordinates": [np.round(r, 3).tolist() for r in rings]},
                 "properties": {"objectType": "annotation", "name": f"{class_name} {k}", "isLocked": False,
                                "classification": {"name": class_name, "color": [int(c) for c in colours[class_name]]},
@@ -201,6 +204,23 @@ def _write_regions_geojson(path: Path, regions: Mapping[str, list], colours: Map
            "properties": {"coordinates": "level-0 pixels (x, y)"}}
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(doc), encoding="utf-8")
+
+
+def _write_regions_asap_xml(path: Path, regions: Mapping[str, list], colours: Mapping[str, Sequence[int]]) -> None:
+    """ASAP XML of the same regions as :func:`_write_regions_geojson`: region k of a class is a Polygon named
+    ``"<class> <k>"`` in the class's group and colour; ASAP has no holes, so each hole j is a Polygon named
+    ``"<class> <k> hole <j>"`` in the Camelyon16 exclusion group "_2" (what ASAP users and
+    :func:`pathbundles.annotations.rasterize` take as "not inside the polygon around it")."""
+    from pathbundles.annotations import EXCLUSION_GROUPS, Annotation, write_asap_xml
+
+    polygons = []
+    for class_name, outlines in regions.items():
+        for k, (exterior, holes, _) in enumerate(outlines, start=1):
+            polygons.append(Annotation(name=f"{class_name} {k}", group=class_name, kind="polygon", label=class_name,
+                                       xy=np.round(exterior, 3)))
+            polygons += [Annotation(name=f"{class_name} {k} hole {j}", group=EXCLUSION_GROUPS[0], kind="polygon",
+                                    label="Exclusion", xy=np.round(hole, 3)) for j, hole in enumerate(holes, start=1)]
+    write_asap_xml(path, polygons, colours=colours)
 
 
 class SlideLabelWriter(StreamedSlideWriter):
@@ -217,7 +237,9 @@ class SlideLabelWriter(StreamedSlideWriter):
       and a legend to its right;
     - ``areas/<name>.json``: pixels and mm^2 per class, the unpredicted area and the map mpp;
     - ``regions/<name>.geojson`` (when ``polygon_classes``): outlines of the connected regions of those classes as
-      QuPath annotations, traced at ``polygon_mpp``;
+      QuPath annotations with their class colours and stable ids, traced at ``polygon_mpp``;
+    - ``regions/<name>.xml`` (when ``polygon_classes``): the same outlines as ASAP XML polygons, holes as
+      exclusion ("_2") polygons;
 
     and at the end of the epoch ``areas.csv`` (mm^2 per class and unpredicted, one row per slide). A slide without
     tiles gets an all-zero map. A slide whose tile has a non-empty ``error`` entry, or whose writing fails, is
@@ -347,6 +369,7 @@ class SlideLabelWriter(StreamedSlideWriter):
                  "areas": output_file(self.output_dir, "areas", name, ".json")}
         if self.polygon_ids:
             files["regions"] = output_file(self.output_dir, "regions", name, ".geojson")
+            files["asap_xml"] = output_file(self.output_dir, "regions", name, ".xml")
         return files
 
     def _finish(self, s: int) -> None:
@@ -407,8 +430,9 @@ class SlideLabelWriter(StreamedSlideWriter):
             regions = {self.classes[k]: trace_regions(polygon_map.array == k, step0, min_pixels)
                        for k in self.polygon_ids}
             n_regions = sum(len(v) for v in regions.values())
-            _write_regions_geojson(files["regions"], regions, {self.classes[k]: self.colours[k]
-                                                               for k in self.polygon_ids}, self.polygon_mpp ** 2)
+            colours = {self.classes[k]: self.colours[k] for k in self.polygon_ids}
+            _write_regions_geojson(files["regions"], regions, colours, self.polygon_mpp ** 2, f"{entry.name}/regions")
+            _write_regions_asap_xml(files["asap_xml"], regions, colours)
 
         mm2_per_px = (self.map_mpp * 1e-3) ** 2
         predicted = int(counts[1:].sum())

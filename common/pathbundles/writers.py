@@ -37,6 +37,7 @@ import tifffile
 from numpy.typing import ArrayLike, DTypeLike
 from PIL import Image
 
+from pathbundles.annotations import Annotation, feature_id, write_asap_xml
 from pathbundles.atomic import atomic_path
 from pathbundles.outputs import CANVAS_PREFIX, levels_dir_prefix
 from pathbundles.errors import InputError
@@ -49,6 +50,7 @@ __all__ = [
     "read_detections_csv",
     "read_detections_geojson",
     "read_pyramid_mpp",
+    "write_detections_asap_xml",
     "write_detections_csv",
     "write_detections_geojson",
     "write_label_overlay_png",
@@ -629,17 +631,25 @@ def _as_detections(detections: ArrayLike) -> np.ndarray:
 
 
 def write_detections_csv(path: str | os.PathLike, detections: ArrayLike) -> Path:
-    """Write detections in the Camelyon16 format: no header, one ``probability,x,y`` row per detection
-    (10 significant digits).
+    """Write detections in the Camelyon16 format: no header, one ``probability,x,y`` row per detection, the
+    probability to 10 significant digits and x, y as whole numbers.
+
+    x, y are the level-0 pixel (column, row) holding the detection: ``floor`` of its position, pixel i spanning
+    ``[i, i + 1)``. The organisers' ``readCSVContent`` parses x and y with ``int()`` and fails on ``1462.925852``;
+    and their hit test ``mask[int(y / d), int(x / d)]`` (:mod:`pathbundles.metrics.froc`: ``floor``) gives the same
+    mask pixel for the whole number as for the position whenever the mask downsample d is a whole number (32 for
+    Camelyon16's level 5), so the FROC is unchanged. The sub-pixel positions are in the GeoJSON
+    (:func:`write_detections_geojson`).
 
     Args:
         path: output ``.csv``.
         detections: (N, 3) array-like of [probability, x, y], x and y in level-0 pixels.
     """
     rows = _as_detections(detections)
+    pixels = np.floor(rows[:, 1:]).astype(np.int64)
     with atomic_path(path) as tmp, open(tmp, "w", encoding="ascii", newline="\n") as f:
-        for p, x, y in rows:
-            f.write(f"{p:.10g},{x:.10g},{y:.10g}\n")
+        for p, (x, y) in zip(rows[:, 0], pixels):
+            f.write(f"{p:.10g},{x},{y}\n")
     return Path(path)
 
 
@@ -675,11 +685,13 @@ def read_detections_csv(path: str | os.PathLike) -> np.ndarray:
 
 def write_detections_geojson(path: str | os.PathLike, detections: ArrayLike, mpp: float | None = None, *,
                              object_type: str = "detection", class_name: str = "Tumor",
-                             color: Sequence[int] = (200, 0, 0)) -> Path:
+                             color: Sequence[int] = (200, 0, 0), id_scope: str | None = None) -> Path:
     """Write detections as a GeoJSON FeatureCollection of Points that QuPath imports.
 
-    Each feature: ``Point [x, y]`` in level-0 pixels, properties ``{"score": p, "objectType": object_type,
-    "classification": {"name": class_name, "color": color}, "measurements": {"score": p}}``.
+    Feature k: ``id`` :func:`pathbundles.annotations.feature_id` of (``id_scope``, k), the same in every run;
+    ``Point [x, y]`` in level-0 pixels (sub-pixel, as detected); properties ``{"name": "<class_name> <k + 1>",
+    "score": p, "objectType": object_type, "classification": {"name": class_name, "color": color},
+    "measurements": {"score": p}}``.
 
     Args:
         path: output ``.geojson``/``.json``.
@@ -688,22 +700,46 @@ def write_detections_geojson(path: str | os.PathLike, detections: ArrayLike, mpp
         object_type: QuPath object type, ``"detection"`` or ``"annotation"``.
         class_name: QuPath classification name.
         color: classification colour (r, g, b) 0..255.
+        id_scope: what the ids are made from with the feature index, e.g. ``"<slide name>/detections"``; default:
+            ``"<file stem>/detections"`` (our outputs are named by their slide).
     """
     if object_type not in ("detection", "annotation"):
         raise ValueError(f"object_type {object_type!r}: expected 'detection' or 'annotation'")
+    scope = f"{Path(path).stem}/detections" if id_scope is None else id_scope
     classification = {"name": class_name, "color": [int(c) for c in color]}
     features = [
-        {"type": "Feature",
+        {"type": "Feature", "id": feature_id(scope, k),
          "geometry": {"type": "Point", "coordinates": [float(x), float(y)]},
-         "properties": {"score": float(p), "objectType": object_type, "classification": classification,
-                        "measurements": {"score": float(p)}}}
-        for p, x, y in _as_detections(detections)
+         "properties": {"name": f"{class_name} {k + 1}", "score": float(p), "objectType": object_type,
+                        "classification": classification, "measurements": {"score": float(p)}}}
+        for k, (p, x, y) in enumerate(_as_detections(detections))
     ]
     collection: dict[str, Any] = {"type": "FeatureCollection", "features": features}
     collection["properties"] = {"coordinates": "level-0 pixels (x, y)",
                                 **({"mpp": float(mpp)} if mpp is not None else {})}
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(collection, f)
+    return Path(path)
+
+
+def write_detections_asap_xml(path: str | os.PathLike, detections: ArrayLike, *, class_name: str = "Tumor",
+                              color: Sequence[int] = (200, 0, 0)) -> Path:
+    """Write detections as ASAP XML (the Camelyon16 viewer's format): one "Dot" annotation per detection.
+
+    Detection k is named ``"<class_name> <k + 1> score=<p>"`` (ASAP shows names; it has no other field for a
+    score), in group ``class_name`` shown in ``color``; its position is the level-0 (x, y), sub-pixel.
+    :func:`pathbundles.annotations.read_annotations` reads the file back.
+
+    Args:
+        path: output ``.xml``.
+        detections: (N, 3) array-like of [probability, x, y], x and y in level-0 pixels.
+        class_name: the ASAP group of the detections.
+        color: the group's colour (r, g, b) 0..255.
+    """
+    dots = [Annotation(name=f"{class_name} {k + 1} score={p:.6g}", group=class_name, kind="point", label=class_name,
+                       xy=[[x, y]])
+            for k, (p, x, y) in enumerate(_as_detections(detections))]
+    write_asap_xml(path, dots, colours={class_name: color})
     return Path(path)
 
 
