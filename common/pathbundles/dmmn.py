@@ -74,7 +74,7 @@ class _Encoder(nn.Module):
         """Features of every stage, finest (256 x 256) first, bottleneck (16 x 16) last."""
         features = []
         for i, block in enumerate(self.blocks):
-            x = block(self.pool(x) if i else x)
+            x = block(self.pool(x) if i > 0 else x)
             features.append(x)
         return features
 
@@ -133,6 +133,14 @@ class DMMN(nn.Module):
         self.widths = tuple(c)
         bn = bool(batch_norm)
         self.enc20 = _Encoder(in_channels, c, bn)
+        # Parts a variant lacks are None, not missing: TorchScript compiles every branch of forward and drops only
+        # those guarded by ``is None`` on a None attribute (a string comparison with the variant is not pruned).
+        self.enc10: _Encoder | None = None
+        self.enc5: _Encoder | None = None
+        self.dec10: _Decoder | None = None
+        self.dec5: _Decoder | None = None
+        self.tr10: nn.Sequential | None = None
+        self.tr5: nn.Sequential | None = None
         if variant != "S2":
             self.enc10, self.enc5 = _Encoder(in_channels, c, bn), _Encoder(in_channels, c, bn)
         if variant in ("M2S", "M3"):
@@ -168,17 +176,19 @@ class DMMN(nn.Module):
             if x20.shape[1] != 3 * self.in_channels:
                 raise ValueError(f"one input must stack the 20x, 10x and 5x views on the channel axis: expected "
                                  f"{3 * self.in_channels} channels, got {x20.shape[1]}")
-            x20, x10, x5 = x20[:, :self.in_channels], x20[:, self.in_channels:2 * self.in_channels], \
-                x20[:, 2 * self.in_channels:]
+            c = self.in_channels
+            x20, x10, x5 = x20[:, :c], x20[:, c:2 * c], x20[:, 2 * c:]
         f20 = self.enc20(x20)
-        if self.variant == "S2":
+        # The variant is told by which parts exist (see __init__): S2 has no 10x/5x encoders, MS no 10x/5x
+        # decoders, M2S transposed convolutions at the end, M3 none.
+        if self.enc10 is None or self.enc5 is None:
             return self.final(self.dec20(f20)[-1])
         f10, f5 = self.enc10(x10), self.enc5(x5)
-        if self.variant == "MS":
+        if self.dec10 is None or self.dec5 is None:
             bottleneck = torch.cat([f20[4], self.tr10(centre_crop(f10[4], 2)), self.tr5(centre_crop(f5[4], 4))], 1)
-            return self.final(self.dec20([*f20[:4], bottleneck])[-1])
+            return self.final(self.dec20(f20[:4] + [bottleneck])[-1])
         d10, d5 = self.dec10(f10), self.dec5(f5)
-        if self.variant == "M2S":
+        if self.tr10 is not None and self.tr5 is not None:
             return self.final(torch.cat([self.dec20(f20)[-1], self.tr10(centre_crop(d10[-1], 2)),
                                          self.tr5(centre_crop(d5[-1], 4))], 1))
         x = f20[4]

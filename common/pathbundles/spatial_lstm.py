@@ -23,8 +23,10 @@ Conventions:
   ``NormalizeIntensityd(subtrahend=128, divisor=128)``; the inferer cuts the crops itself.
 - **Shapes.** Network input (N, G*G, 3, crop, crop), output (N, G*G) logits (sigmoid = tumour probability). For
   MONAI's ``verify_net_in_out`` give the metadata input ``num_channels: G*G`` with ``spatial_shape: [3, crop, crop]``
-  and the output ``num_channels: G*G``. The model scripts with ``torch.jit.script`` (MONAI ``ckpt_export``);
-  ``patch_features`` and ``grid_logits`` are exported too, so the exported model also runs the lattice inferer.
+  and the output ``num_channels: G*G``. The model scripts and traces to TorchScript and exports to ONNX (MONAI
+  ``ckpt_export`` / ``onnx_export``, see :mod:`pathbundles.exported`). An exported model has ``forward`` only
+  (``torch.jit.trace`` cannot compile extra exported methods over traced submodules, and ONNX has one graph), so
+  :func:`lattice_map` runs it by :func:`naive_grid_map`: the same map, each patch through the CNN up to G*G times.
 - **Map geometry** (:class:`LatticeGeometry`, all lengths in pixels at the scanning resolution): map pixel ``k`` is
   the grid centred on scan pixel ``k * stride + G * patch / 2`` and holds the tumour probability of that grid's
   centre patch (NCRF's convention). The first grid lies wholly inside the slide, as ScanNet's first patch does.
@@ -101,7 +103,6 @@ class SpatialLSTMNet(nn.Module):
         head_in = hidden_size * (2 if bidirectional else 1) if use_lstm else self.feature_size
         self.classifier = nn.Linear(head_in, 1)
 
-    @torch.jit.export
     def patch_features(self, patches: torch.Tensor) -> torch.Tensor:
         """CNN features (M, feature_size) of patches (M, 3, crop_px, crop_px) (Eq. 1)."""
         if patches.dim() != 4 or patches.shape[1] != self.in_channels or patches.shape[2] != self.crop_px \
@@ -110,7 +111,6 @@ class SpatialLSTMNet(nn.Module):
                              f"got {list(patches.shape)}")
         return self.cnn(patches)
 
-    @torch.jit.export
     def grid_logits(self, features: torch.Tensor) -> torch.Tensor:
         """Tumour logits (N, G*G) from the patch features (N, G*G, feature_size) of N grids in raster order."""
         if features.dim() != 3 or features.shape[1] != self.grid_size * self.grid_size \
@@ -479,7 +479,7 @@ def lattice_features(network: nn.Module, region: torch.Tensor, geometry: Lattice
     """CNN features of every lattice patch of ROI regions, each patch through the CNN once.
 
     Args:
-        network: a :class:`SpatialLSTMNet` (or its TorchScript export).
+        network: an eager :class:`SpatialLSTMNet` (exported models have no ``patch_features``).
         region: (N, C, read_px, read_px) normalised regions.
         geometry: the scan geometry.
         patch_batch: patches per CNN call (memory bound).
@@ -507,7 +507,8 @@ def lattice_map(network: nn.Module, region: torch.Tensor, geometry: LatticeGeome
     """Tumour probability map tiles of ROI regions: CNN once per lattice patch, then the LSTM per grid.
 
     Args:
-        network: a :class:`SpatialLSTMNet` (or its TorchScript export) in eval mode.
+        network: a :class:`SpatialLSTMNet` in eval mode, or an exported one (forward only: run by
+            :func:`naive_grid_map`).
         region: (N, C, read_px, read_px) normalised regions.
         geometry: the scan geometry.
         tta: average the probabilities over the 8 dihedral transforms of the region (Sec. 4.1).
@@ -516,6 +517,8 @@ def lattice_map(network: nn.Module, region: torch.Tensor, geometry: LatticeGeome
     Returns:
         (N, tile_px, tile_px) probabilities of the centre patch of the grid centred on each map pixel.
     """
+    if not (hasattr(network, "patch_features") and hasattr(network, "grid_logits")):
+        return naive_grid_map(network, region, geometry, tta=tta)  # an exported model: forward only
     _check_region(region, geometry, network)
     g, t = geometry.grid_size, geometry.tile_px
     cells = torch.arange(t, device=region.device)[:, None] + \
