@@ -433,9 +433,11 @@ class SlideMapWriter(StreamedSlideWriter):
         files = self.outputs(plan.name)
         pixel_centres = (np.arange(max(plan.map_shape)) + 0.5) * grid.map_step_px
         registered = registered_map(prob, grid, pixel_centres[:plan.map_shape[0]], pixel_centres[:plan.map_shape[1]])
+        # RGB (R = G = B): TIAToolbox reads no single-channel TIFF (pathbundles.writers, samples).
         write_pyramid_tiff(files["map"], np.clip(np.rint(registered * 255.0), 0, 255).astype(np.uint8), mpp=map_mpp,
-                           compression="deflate",
-                           description={"content": "tumour probability map: value / 255 = probability",
+                           compression="deflate", store_rgb=True,
+                           description={"content": "tumour probability map: value / 255 = probability "
+                                                   "(R = G = B)",
                                         "registration": f"pixel (0, 0) starts at the slide's level-0 origin; pixel "
                                                         f"(r, c) covers level-0 [c * s, (c + 1) * s) x [r * s, "
                                                         f"(r + 1) * s), s = {map_mpp} / level-0 mpp"})
