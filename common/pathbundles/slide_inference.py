@@ -323,8 +323,8 @@ class StreamedSlideWriter:
 class SlideMapWriter(StreamedSlideWriter):
     """Ignite handler: stitch ROI tiles into per-slide maps on disk and write each slide's outputs when complete.
 
-    For slide ``name`` under ``output_dir``: ``maps/name.tif`` (probability x 255 as a tiled pyramidal TIFF with
-    mpp tags, registered to the slide: pixel (0, 0) starts at the slide's origin, see :func:`registered_map`),
+    For slide ``name`` under ``output_dir``: ``maps/name.tif`` (probability x 255, stored R = G = B, as a tiled
+    pyramidal OME-TIFF with mpp tags (:func:`pathbundles.writers.write_pyramid_tiff`), registered to the slide: pixel (0, 0) starts at the slide's origin, see :func:`registered_map`),
     ``overlays/name.png`` (the same registration over the slide thumbnail), ``detections/name.csv``
     (Camelyon16 ``prob,x,y`` at level 0) and
     ``detections/name.geojson``; and one ``slide_scores.csv`` (``name,score,n_detections``) for the run. A slide
