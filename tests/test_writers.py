@@ -104,6 +104,20 @@ def test_deflate_round_trip_levels_tags(rgb_tiff: Path, rgb_image: np.ndarray) -
     assert read_pyramid_mpp(rgb_tiff) == 0.243
 
 
+def test_mpp_and_fields_of_older_and_foreign_files(tmp_path: Path, shared_data: Path) -> None:
+    """A pyramid written before the OME layout (JSON in page 0's own description) still reads back; an OME-TIFF
+    written by QuPath/Bio-Formats gives its OME-XML PhysicalSizeX (0.2271 um/px, as its README states)."""
+    old = tmp_path / "old.tif"
+    fields = {"pathbundles": "pyramid", "mpp": 0.972, "level": 0, "level_mpp": [0.972, 0.972]}
+    tifffile.imwrite(old, np.zeros((64, 64), np.uint8), tile=(16, 16), description=json.dumps(fields), metadata=None,
+                     resolution=(10_000 / 2.0, 10_000 / 2.0), resolutionunit="CENTIMETER")
+    assert read_pyramid_mpp(old) == 0.972 and read_pyramid_fields(old) == fields  # the JSON wins over the tags
+    ome = shared_data / "openslide_os1_he_40x_crop.ome.tif"
+    assert read_pyramid_mpp(ome) == pytest.approx(0.2271, abs=1e-4)
+    with pytest.raises(InputError, match="no pathbundles pyramid fields"):
+        read_pyramid_fields(ome)
+
+
 def test_step4_ceil_sizes_and_partial_blocks(tmp_path: Path) -> None:
     image = gradient_rgb(3001, 1999)
     out = write_pyramid_tiff(tmp_path / "s4.tif", image, mpp=0.5, downsample_step=4, tile_px=512)

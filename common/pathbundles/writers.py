@@ -16,7 +16,8 @@ on an OME-TIFF and TIAToolbox only see the SubIFDs of level 0. So every reduced 
 - then the same reduced levels again as top-level tiled pages (``NewSubfileType = 1``, the JSON as their
   ``ImageDescription``): the pyramid of OpenSlide and MONAI. The OME-XML references only IFD 0, so OME readers
   ignore these copies. The copies cost 1/3 more bytes for 2-fold steps (1/15 for 4-fold); pointing the SubIFDs at
-  the top-level pages instead would save that but is not valid TIFF (an IFD is a child or in the chain, not both);
+  the top-level pages instead would save that, but makes one IFD both a child and a link of the main chain, which
+  TIFF's SubIFD note does not provide for and which TIFF copying tools duplicate or break;
 - ``XResolution``/``YResolution`` in pixels per centimetre (``ResolutionUnit = 3``) on every page, i.e.
   ``10_000 / mpp`` at that level: OpenSlide's ``openslide.mpp-x/y`` and tiffslide's ``tiffslide.mpp-x/y``;
 - JSON fields ``{"pathbundles": "pyramid", "mpp": <level-0 um/px>, "level": k, "level_mpp": [x, y],
