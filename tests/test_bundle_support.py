@@ -235,6 +235,8 @@ def test_map_writer_restricts_the_map_to_tissue(tmp_path: Path) -> None:
     # The TIFF is registered to the slide: its pixel j covers scan px [32 j, 32 j + 32), i.e. the network's map
     # read (bilinearly, 0 beyond it) at j + 0.5 - 122 / 32 = j - 3.3125.
     written = tifffile.imread(tmp_path / "out" / "maps" / "s.tif", level=0)
+    assert (written == written[..., :1]).all()  # stored R = G = B (for TIAToolbox)
+    written = written[..., 0]
     rows, cols = np.indices(written.shape, dtype=np.float64) - 3.3125
     from scipy import ndimage
 
@@ -266,7 +268,7 @@ def test_map_writer_completes_a_run_that_never_started(tmp_path: Path) -> None:
     writer.ensure_completed()
     assert (out / "slide_scores.csv").read_text() == "name,score,n_detections\nglass,0.000000,0\n"
     level0 = tifffile.imread(out / "maps" / "glass.tif", level=0)
-    assert level0.shape == dataset.plans[0].map_shape and not level0.any()
+    assert level0.shape == (*dataset.plans[0].map_shape, 3) and not level0.any()
     (out / "slide_scores.csv").unlink()
     writer.ensure_completed()  # already completed: nothing is written again
     assert not (out / "slide_scores.csv").exists()

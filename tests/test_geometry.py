@@ -23,6 +23,8 @@ from geometry_helpers import (GAIN, THRESHOLD, box_reference, nearest_offsets, o
 from pathbundles.multimag import READ_PATHS, read_concentric
 from pathbundles.phantom import GEOMETRY_MARKER_RGB, GEOMETRY_TISSUE_RGB, make_geometry_dataset
 from pathbundles.sampling import read_datalist
+from pathbundles.slide_segmentation import DMMN_PALETTE
+from pathbundles.writers import read_pyramid_fields
 from pathbundles.wsi import open_slide
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,14 +162,15 @@ def _datalist(slides: list[dict]) -> list[dict]:
     return [{"image": item["image"], "name": item["name"]} for item in slides]
 
 
-def _read_raster(path: str) -> tuple[np.ndarray, float]:
-    """A written raster as a viewer sees it: OpenSlide's level 0 (first channel) and its mpp tag."""
+def _read_raster(path: str, channels: slice | int = 0) -> tuple[np.ndarray, float]:
+    """A written raster as a viewer sees it: OpenSlide's level 0 (first channel, or ``channels`` of RGBA) and its
+    mpp tag."""
     import openslide
 
     with openslide.OpenSlide(path) as raster:
         mpp = float(raster.properties["openslide.mpp-x"])
         assert float(raster.properties["openslide.mpp-y"]) == pytest.approx(mpp)
-        pixels = np.asarray(raster.read_region((0, 0), 0, raster.level_dimensions[0]))[..., 0]
+        pixels = np.asarray(raster.read_region((0, 0), 0, raster.level_dimensions[0]))[..., channels]
     return pixels, mpp
 
 
@@ -280,9 +283,10 @@ def test_dmmn_label_regions_land_on_the_markers(slides: list[dict], tmp_path: Pa
     apex = (float(np.mean(GEOMETRY_MARKER_RGB)) - 127.5) / 127.5
     radius_um = RADIUS_UM * (1 - (ground - THRESHOLD) / (ground - apex))
     for item in slides:
-        pixels, mpp = _read_raster(records[item["name"]]["outputs"]["labels"])
+        # A viewer sees the label map's palette: carcinoma in the paper's red.
+        pixels, mpp = _read_raster(records[item["name"]]["outputs"]["labels"], slice(0, 3))
         assert mpp == pytest.approx(0.5, rel=1e-6)
-        carcinoma = (pixels == 1).astype(np.float64)
+        carcinoma = (pixels == DMMN_PALETTE["carcinoma"]).all(axis=-1).astype(np.float64)
         found = response_centroid_um(carcinoma, mpp, np.asarray(item["markers_um"]), RADIUS_UM, 0.0)
         assert np.abs(found - item["markers_um"]).max() <= 0.25, (item["name"], found - item["markers_um"])
         area_um2 = carcinoma.sum() * mpp ** 2 / len(item["markers_um"])
@@ -321,4 +325,4 @@ def test_maps_of_the_real_svs_are_registered_to_it(shared_data: Path, tmp_path: 
     scores = {(dx, dy): correlation(dx, dy) for dx in range(-3, 4) for dy in range(-3, 4)}
     assert max(scores, key=scores.get) == (0, 0), sorted(scores.items(), key=lambda kv: -kv[1])[:3]
     with tifffile.TiffFile(next(iter(records.values()))["outputs"]["map"]) as tif:
-        assert "starts at the slide's level-0 origin" in json.loads(tif.pages[0].description)["registration"]
+        assert "starts at the slide's level-0 origin" in read_pyramid_fields(tif.filehandle.path)["registration"]

@@ -20,7 +20,7 @@ from pathbundles import slide_segmentation
 from pathbundles.phantom import MULTICLASS_CLASSES
 from pathbundles.slide_segmentation import (DMMN_PALETTE, SegmentationMetricsReport, SlideLabelWriter,
                                             canonical_class_name, class_colours, legend_image, trace_regions)
-from pathbundles.writers import write_pyramid_tiff
+from pathbundles.writers import read_pyramid_fields, write_pyramid_tiff
 
 C = len(MULTICLASS_CLASSES)  # 1 carcinoma, 2 benign epithelium, 3 stroma, 4 necrosis, 5 adipose, 6 background
 PX_MM2 = 0.5e-3 ** 2  # one map pixel at 0.5 um/px, in mm^2
@@ -110,11 +110,24 @@ def test_label_tiff_holds_every_tile_at_its_grid_place(written):
     files = writer.outputs("s0")
     with tifffile.TiffFile(files["labels"]) as tif:
         level0, level1 = tif.pages[0].asarray(), tif.pages[1].asarray()
-        description = json.loads(tif.pages[0].description)
+        palette = tif.pages[0].colormap
+        assert tif.pages[0].photometric == tifffile.PHOTOMETRIC.PALETTE
+    description = read_pyramid_fields(files["labels"])
     expected = _expected_map()
     np.testing.assert_array_equal(level0, expected)
     np.testing.assert_array_equal(level1, expected[::2, ::2])  # nearest, never a mean of labels
     assert description["mpp"] == 0.5 and description["classes"]["1"] == "carcinoma"
+    assert description["colours"]["1"] == [255, 0, 0]
+    # The palette holds the paper's colours (16-bit TIFF palette entries), not predicted = black.
+    for k, colour in writer.colours.items():
+        assert (palette[:, k] // 257).tolist() == list(colour)
+    assert palette[:, 0].tolist() == [0, 0, 0]
+    # The RGB copy is the same map in the class colours.
+    lut = np.zeros((256, 3), np.uint8)
+    for k, colour in writer.colours.items():
+        lut[k] = colour
+    np.testing.assert_array_equal(tifffile.imread(files["labels_rgb"], level=0), lut[expected])
+    assert read_pyramid_fields(files["labels_rgb"])["classes"] == description["classes"]
 
 
 def test_tiles_land_on_the_20x_grid_of_a_40x_slide(tmp_path):
@@ -127,7 +140,7 @@ def test_tiles_land_on_the_20x_grid_of_a_40x_slide(tmp_path):
     expected = np.zeros((450, 500), np.uint8)
     expected[:256, :256], expected[:256, 256:], expected[256:, :256], expected[256:, 256:] = 1, 2, 3, 4
     np.testing.assert_array_equal(level0, expected)
-    assert set(writer.outputs("s40")) == {"labels", "overlay", "areas"}
+    assert set(writer.outputs("s40")) == {"labels", "labels_rgb", "overlay", "areas"}
 
 
 def test_areas_are_counted_per_class_in_mm2(written):

@@ -23,6 +23,7 @@ from pathbundles.writers import (
     colormap_lut,
     read_detections_csv,
     read_detections_geojson,
+    read_pyramid_fields,
     read_pyramid_mpp,
     write_detections_asap_xml,
     write_detections_csv,
@@ -77,21 +78,45 @@ def rgb_tiff(tmp_path_factory: pytest.TempPathFactory, rgb_image: np.ndarray) ->
 def test_deflate_round_trip_levels_tags(rgb_tiff: Path, rgb_image: np.ndarray) -> None:
     with tifffile.TiffFile(rgb_tiff) as tif:
         pages = list(tif.pages)
-        # Top-level pages only: one per level, no SubIFDs anywhere.
+        # One top-level page per level (OpenSlide's pyramid), and the reduced levels again as SubIFDs of level 0
+        # (the OME-TIFF pyramid), pixel for pixel the same.
         assert [p.shape for p in pages] == [(3000, 2000, 3), (1500, 1000, 3), (750, 500, 3), (375, 250, 3)]
-        assert all(p.is_tiled and p.tilewidth == 256 and p.tilelength == 256 for p in pages)
-        assert [p.subfiletype for p in pages] == [0, 1, 1, 1]
-        assert all("SubIFDs" not in p.tags for p in pages)
+        subifds = list(pages[0].pages)
+        assert [p.shape for p in subifds] == [p.shape for p in pages[1:]]
+        assert tif.is_ome and tif.series[0].is_pyramidal and len(tif.series) == 1
+        assert all(p.is_tiled and p.tilewidth == 256 and p.tilelength == 256 for p in pages + subifds)
+        assert [p.subfiletype for p in pages + subifds] == [0, 1, 1, 1, 1, 1, 1]
         assert all(p.compression == tifffile.COMPRESSION.ADOBE_DEFLATE for p in pages)
         np.testing.assert_array_equal(pages[0].asarray(), rgb_image)
         level1 = pages[1].asarray().astype(np.float64)
         assert np.abs(level1 - block_mean(rgb_image, 2)).max() <= 1
+        for copy, page in zip(subifds, pages[1:], strict=True):
+            np.testing.assert_array_equal(copy.asarray(), page.asarray())
+            assert mpp_from_tags(copy) == mpp_from_tags(page)
         for k, page in enumerate(pages):
             np.testing.assert_allclose(mpp_from_tags(page), (0.243 * 2**k, 0.243 * 2**k), rtol=1e-6)
-            fields = json.loads(page.description)
+            fields = read_pyramid_fields(rgb_tiff, k)
             assert fields["mpp"] == 0.243 and fields["level"] == k
             assert fields["level_mpp"] == pytest.approx([0.243 * 2**k] * 2)
+        # Level 0's OME-XML states the physical pixel size (um, the OME default unit) and holds the fields.
+        pixels = tif.ome_metadata.split("<Pixels ")[1].split(">")[0]
+        assert 'PhysicalSizeX="0.243"' in pixels and 'PhysicalSizeY="0.243"' in pixels and "Unit" not in pixels
+        assert tif.ome_metadata.isascii()
     assert read_pyramid_mpp(rgb_tiff) == 0.243
+
+
+def test_mpp_and_fields_of_older_and_foreign_files(tmp_path: Path, shared_data: Path) -> None:
+    """A pyramid written before the OME layout (JSON in page 0's own description) still reads back; an OME-TIFF
+    written by QuPath/Bio-Formats gives its OME-XML PhysicalSizeX (0.2271 um/px, as its README states)."""
+    old = tmp_path / "old.tif"
+    fields = {"pathbundles": "pyramid", "mpp": 0.972, "level": 0, "level_mpp": [0.972, 0.972]}
+    tifffile.imwrite(old, np.zeros((64, 64), np.uint8), tile=(16, 16), description=json.dumps(fields), metadata=None,
+                     resolution=(10_000 / 2.0, 10_000 / 2.0), resolutionunit="CENTIMETER")
+    assert read_pyramid_mpp(old) == 0.972 and read_pyramid_fields(old) == fields  # the JSON wins over the tags
+    ome = shared_data / "openslide_os1_he_40x_crop.ome.tif"
+    assert read_pyramid_mpp(ome) == pytest.approx(0.2271, abs=1e-4)
+    with pytest.raises(InputError, match="no pathbundles pyramid fields"):
+        read_pyramid_fields(ome)
 
 
 def test_step4_ceil_sizes_and_partial_blocks(tmp_path: Path) -> None:
@@ -105,7 +130,7 @@ def test_step4_ceil_sizes_and_partial_blocks(tmp_path: Path) -> None:
         assert np.abs(tif.pages[2].asarray() - block_mean(tif.pages[1].asarray(), 4)).max() <= 0.5
         # The mpp tags are the blocks' (4 x 0.5 um), not the ratio of the rounded sizes (1999 / 500 = 3.998).
         np.testing.assert_allclose(mpp_from_tags(tif.pages[1]), (2.0, 2.0), rtol=1e-6)
-        assert json.loads(tif.pages[2].description)["downsample"] == [16.0, 16.0]
+        assert read_pyramid_fields(out, 2)["downsample"] == [16.0, 16.0]
 
 
 def test_floor_rounded_levels_drop_partial_blocks(tmp_path: Path) -> None:
@@ -133,7 +158,7 @@ def test_float_map_lossless_and_label_map_nearest(tmp_path: Path) -> None:
     with tifffile.TiffFile(out) as tif:
         np.testing.assert_array_equal(tif.pages[0].asarray(), prob)
         np.testing.assert_allclose(tif.pages[1].asarray(), block_mean(prob, 2), atol=1e-6)
-        assert json.loads(tif.pages[0].description)["scale"] == "probability, float32 0..1"
+        assert read_pyramid_fields(out)["scale"] == "probability, float32 0..1"
     labels = ((x // 100 + y // 100) % 3 * 2 + 1).astype(np.uint8)  # labels 1, 3, 5: a mean would invent 2 and 4
     out = write_pyramid_tiff(tmp_path / "labels.tif", labels, mpp=8.0, min_level_px=100, resample="nearest")
     with tifffile.TiffFile(out) as tif:
@@ -170,9 +195,9 @@ def test_openslide_reads_single_channel_map(tmp_path: Path) -> None:
     out = write_pyramid_tiff(tmp_path / "map.tif", prob, mpp=3.888, description={"scale": "probability * 255"})
     with openslide.OpenSlide(out) as slide:
         assert slide.level_dimensions == ((1500, 1200), (750, 600), (375, 300), (188, 150))
-        assert json.loads(slide.properties[openslide.PROPERTY_NAME_COMMENT])["mpp"] == 3.888
+        assert 'PhysicalSizeX="3.888"' in slide.properties[openslide.PROPERTY_NAME_COMMENT]  # the OME-XML
         assert float(slide.properties[openslide.PROPERTY_NAME_MPP_X]) == pytest.approx(3.888, rel=1e-6)
-        assert json.loads(slide.properties[openslide.PROPERTY_NAME_COMMENT])["scale"] == "probability * 255"
+        assert read_pyramid_fields(out)["scale"] == "probability * 255"
         region = np.asarray(slide.read_region((0, 0), 0, (1500, 1200)))
     # Grey pages come back as R = G = B = value, opaque.
     for channel in range(3):
@@ -187,8 +212,7 @@ def test_openslide_rejects_float_map_as_documented(tmp_path: Path) -> None:
         with openslide.OpenSlide(out) as slide:
             slide.read_region((0, 0), 0, (8, 8))
     assert read_pyramid_mpp(out) == 1.0  # the tifffile path still works
-    with tifffile.TiffFile(out) as tif:
-        assert json.loads(tif.pages[0].description)["note"] == "probability, float32 0..1"
+    assert read_pyramid_fields(out)["note"] == "probability, float32 0..1"
 
 
 def test_jpeg_rgb_round_trip(tmp_path: Path, rgb_image: np.ndarray) -> None:
@@ -211,6 +235,17 @@ def test_invalid_arguments_raise_before_writing(tmp_path: Path) -> None:
         write_pyramid_tiff(tmp_path / "a.tif", image, mpp=1.0, tile_px=100)
     with pytest.raises(ValueError, match="mpp"):
         write_pyramid_tiff(tmp_path / "a.tif", image, mpp=0.0)
+    with pytest.raises(ValueError, match="uint8 single-channel"):
+        write_pyramid_tiff(tmp_path / "a.tif", image, mpp=1.0, colormap={1: (255, 0, 0)})
+    with pytest.raises(ValueError, match="uint8 single-channel"):
+        write_pyramid_tiff(tmp_path / "a.tif", np.zeros((64, 64, 3), np.uint8), mpp=1.0, store_rgb=True)
+    labels = np.zeros((64, 64), np.uint8)
+    with pytest.raises(ValueError, match="palette"):
+        write_pyramid_tiff(tmp_path / "a.tif", labels, mpp=1.0, colormap={1: (255, 0, 0)}, compression="jpeg")
+    with pytest.raises(ValueError, match="colormap entry 1"):
+        write_pyramid_tiff(tmp_path / "a.tif", labels, mpp=1.0, colormap={1: (256, 0, 0)})
+    with pytest.raises(ValueError, match="OME-TIFF"):
+        write_pyramid_tiff(tmp_path / "a.tif", np.zeros((64, 64), np.int64), mpp=1.0)
     assert list(tmp_path.iterdir()) == []
 
 

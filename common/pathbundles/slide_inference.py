@@ -323,8 +323,8 @@ class StreamedSlideWriter:
 class SlideMapWriter(StreamedSlideWriter):
     """Ignite handler: stitch ROI tiles into per-slide maps on disk and write each slide's outputs when complete.
 
-    For slide ``name`` under ``output_dir``: ``maps/name.tif`` (probability x 255 as a tiled pyramidal TIFF with
-    mpp tags, registered to the slide: pixel (0, 0) starts at the slide's origin, see :func:`registered_map`),
+    For slide ``name`` under ``output_dir``: ``maps/name.tif`` (probability x 255, stored R = G = B, as a tiled
+    pyramidal OME-TIFF with mpp tags (:func:`pathbundles.writers.write_pyramid_tiff`), registered to the slide: pixel (0, 0) starts at the slide's origin, see :func:`registered_map`),
     ``overlays/name.png`` (the same registration over the slide thumbnail), ``detections/name.csv``
     (Camelyon16 ``prob,x,y``, x and y the whole level-0 pixel holding the detection),
     ``detections/name.geojson`` (QuPath points, sub-pixel level-0 positions, stable ids) and
@@ -436,9 +436,11 @@ class SlideMapWriter(StreamedSlideWriter):
         files = self.outputs(plan.name)
         pixel_centres = (np.arange(max(plan.map_shape)) + 0.5) * grid.map_step_px
         registered = registered_map(prob, grid, pixel_centres[:plan.map_shape[0]], pixel_centres[:plan.map_shape[1]])
+        # RGB (R = G = B): TIAToolbox reads no single-channel TIFF (pathbundles.writers, samples).
         write_pyramid_tiff(files["map"], np.clip(np.rint(registered * 255.0), 0, 255).astype(np.uint8), mpp=map_mpp,
-                           compression="deflate",
-                           description={"content": "tumour probability map: value / 255 = probability",
+                           compression="deflate", store_rgb=True,
+                           description={"content": "tumour probability map: value / 255 = probability "
+                                                   "(R = G = B)",
                                         "registration": f"pixel (0, 0) starts at the slide's level-0 origin; pixel "
                                                         f"(r, c) covers level-0 [c * s, (c + 1) * s) x [r * s, "
                                                         f"(r + 1) * s), s = {map_mpp} / level-0 mpp"})

@@ -231,8 +231,11 @@ class SlideLabelWriter(StreamedSlideWriter):
     docstring for the geometry; tiles reaching past the map are clipped). When a slide's last tile is in, a writer
     thread writes, under ``output_dir``:
 
-    - ``labels/<name>.tif``: uint8 labels (0 = not predicted) at ``map_mpp``, tiled pyramidal TIFF (deflate,
-      nearest-neighbour levels, mpp tags, class names in the description), streamed from the disk canvas;
+    - ``labels/<name>.tif``: uint8 labels (0 = not predicted) at ``map_mpp``, tiled pyramidal OME-TIFF (deflate,
+      nearest-neighbour levels, mpp tags, the class colours as its TIFF palette, class names and colours in its
+      fields, :func:`pathbundles.writers.read_pyramid_fields`), streamed from the disk canvas;
+    - ``labels_rgb/<name>.tif`` (when ``rgb_labels``): the same map as RGB class colours, for readers that cannot
+      read a palette image (TIAToolbox's ``WSIReader.open``);
     - ``overlays/<name>.png``: the slide thumbnail at ``overlay_mpp`` with the label colours (:func:`class_colours`)
       and a legend to its right;
     - ``areas/<name>.json``: pixels and mm^2 per class, the unpredicted area and the map mpp;
@@ -256,12 +259,14 @@ class SlideLabelWriter(StreamedSlideWriter):
         polygon_mpp: resolution at which outlines are traced (um/px); coarser gives fewer vertices.
         min_polygon_area_um2: regions (and holes in them) smaller than this are not outlined (um^2).
         alpha: opacity of the label colours in the overlay, 0..1.
+        rgb_labels: also write ``labels_rgb/<name>.tif``.
     """
 
     def __init__(self, dataset: Any, output_dir: str | os.PathLike, classes: Mapping[Any, str], pred_key: str = "pred",
                  overlay_mpp: float = 16.0, polygon_classes: Sequence[str] = ("carcinoma",), polygon_mpp: float = 4.0,
-                 min_polygon_area_um2: float = 1000.0, alpha: float = 0.5) -> None:
+                 min_polygon_area_um2: float = 1000.0, alpha: float = 0.5, rgb_labels: bool = True) -> None:
         super().__init__(dataset, output_dir, "DMMN tiles", "tile")
+        self.rgb_labels = bool(rgb_labels)
         self.classes = _check_classes(classes)
         self.pred_key, self.overlay_mpp, self.alpha = pred_key, float(overlay_mpp), float(alpha)
         self.map_mpp = float(dataset.mpps[0])
@@ -367,6 +372,8 @@ class SlideLabelWriter(StreamedSlideWriter):
         files = {"labels": output_file(self.output_dir, "labels", name, ".tif"),
                  "overlay": output_file(self.output_dir, "overlays", name, ".png"),
                  "areas": output_file(self.output_dir, "areas", name, ".json")}
+        if self.rgb_labels:
+            files["labels_rgb"] = output_file(self.output_dir, "labels_rgb", name, ".tif")
         if self.polygon_ids:
             files["regions"] = output_file(self.output_dir, "regions", name, ".geojson")
             files["asap_xml"] = output_file(self.output_dir, "regions", name, ".xml")
@@ -410,10 +417,19 @@ class SlideLabelWriter(StreamedSlideWriter):
             for copy in copies:
                 copy.take(band, y0)
 
-        names = {str(k): v for k, v in self.classes.items()}
+        # The label values with the class colours as the TIFF palette (viewers show colours, tifffile reads labels),
+        # then the same colours as RGB for readers that need samples (TIAToolbox); names and colours in the fields.
+        fields = {"classes": {str(k): v for k, v in self.classes.items()},
+                  "colours": {str(k): list(c) for k, c in self.colours.items()}}
         write_pyramid_tiff(files["labels"], canvas, mpp=self.map_mpp, compression="deflate", resample="nearest",
-                           description={"content": "class labels, 0 = not predicted", "classes": names,
-                                        "colours": {str(k): list(c) for k, c in self.colours.items()}})
+                           colormap=self.colours, description={"content": "class labels, 0 = not predicted (black); "
+                                                                          "the palette holds the class colours",
+                                                               **fields})
+        if self.rgb_labels:
+            write_pyramid_tiff(files["labels_rgb"], canvas, mpp=self.map_mpp, compression="deflate",
+                               resample="nearest", colormap=self.colours, store_rgb=True,
+                               description={"content": "class colours of labels/<name>.tif, not predicted = black",
+                                            **fields})
         legend = legend_image([(name, self.colours[k]) for k, name in self.classes.items()])
         canvas_hw = (max(thumb.shape[0], legend.shape[0]), thumb.shape[1] + legend.shape[1])
         image = np.full((*canvas_hw, 3), 255, np.uint8)

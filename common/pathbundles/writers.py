@@ -3,20 +3,34 @@
 Every file is written through :func:`pathbundles.atomic.atomic_path`, so an exception part-way leaves neither the
 final file nor a temporary one.
 
-Pyramidal TIFF layout (what :func:`write_pyramid_tiff` produces and what OpenSlide, MONAI and tifffile read):
+Pyramidal TIFF layout (what :func:`write_pyramid_tiff` produces): one file that OpenSlide 4, Bio-Formats 7
+(QuPath, Fiji, ``showinf``), tiffslide, TIAToolbox 2.1, MONAI and tifffile all open with every level and the
+right physical size. The readers disagree on where reduced levels live: OpenSlide's generic-TIFF driver (and MONAI,
+and a non-OME TIFF in Bio-Formats) only sees top-level pages, while Bio-Formats' OME-TIFF reader, tifffile/tiffslide
+on an OME-TIFF and TIAToolbox only see the SubIFDs of level 0. So every reduced level is stored twice:
 
-- one top-level, tiled page per level, full resolution first; reduced levels carry ``NewSubfileType = 1``
-  (SubIFDs are not used: OpenSlide's generic-TIFF driver and MONAI only see top-level pages);
+- page 0: level 0, tiled, with an OME-XML ``ImageDescription`` (``PhysicalSizeX/Y`` = level-0 um/px, the default
+  OME unit; no non-ASCII characters, which make Bio-Formats fall back to its plain TIFF reader) whose Image
+  ``Description`` holds the JSON fields below, and a ``SubIFDs`` tag pointing at the reduced levels
+  (``NewSubfileType = 1``): the OME-TIFF pyramid of Bio-Formats, tifffile, tiffslide and TIAToolbox;
+- then the same reduced levels again as top-level tiled pages (``NewSubfileType = 1``, the JSON as their
+  ``ImageDescription``): the pyramid of OpenSlide and MONAI. The OME-XML references only IFD 0, so OME readers
+  ignore these copies. The copies cost 1/3 more bytes for 2-fold steps (1/15 for 4-fold); pointing the SubIFDs at
+  the top-level pages instead would save that, but makes one IFD both a child and a link of the main chain, which
+  TIFF's SubIFD note does not provide for and which TIFF copying tools duplicate or break;
 - ``XResolution``/``YResolution`` in pixels per centimetre (``ResolutionUnit = 3``) on every page, i.e.
-  ``10_000 / mpp`` at that level;
-- an ``ImageDescription`` holding JSON: ``{"pathbundles": "pyramid", "mpp": <level-0 um/px>, "level": k,
-  "level_mpp": [x, y], "downsample": [x, y], ...caller's fields}``. :func:`read_pyramid_mpp` reads the
-  level-0 mpp back with tifffile (from the JSON, else from the resolution tags).
+  ``10_000 / mpp`` at that level: OpenSlide's ``openslide.mpp-x/y`` and tiffslide's ``tiffslide.mpp-x/y``;
+- JSON fields ``{"pathbundles": "pyramid", "mpp": <level-0 um/px>, "level": k, "level_mpp": [x, y],
+  "downsample": [x, y], ...caller's fields}``: :func:`read_pyramid_fields` reads them back,
+  :func:`read_pyramid_mpp` the level-0 mpp (also of files written before the OME layout, whose page 0 held the
+  JSON itself).
 
-OpenSlide (4.0, "generic-tiff" vendor) opens these files, reports ``openslide.mpp-x/y`` from the resolution tags
-and the JSON as ``openslide.comment``. It reads uint8 RGB and uint8 grey (as R = G = B), JPEG or deflate; it
-cannot read float32 pages and keeps only the high byte of uint16. So write probability maps meant for
-OpenSlide/MONAI viewers as uint8 (probability * 255, say so in ``description``); float32 maps are for tifffile.
+Samples: OpenSlide reads uint8 RGB, uint8 grey (as R = G = B) and palette pages (as their colours), JPEG or
+deflate; it cannot read float32 pages and keeps only the high byte of uint16. TIAToolbox's ``WSIReader.open``
+reads only pages with samples (RGB): a single-channel page fails with ``Unsupported axes 'YX'``. So maps meant for
+viewers are uint8 (probability * 255, say so in ``description``) stored with ``store_rgb=True`` (R = G = B); label
+maps carry their class colours as a TIFF palette (``colormap``: tifffile still reads the label values, OpenSlide
+and Bio-Formats show the colours) and, for TIAToolbox, an RGB copy. float32 maps are for tifffile.
 """
 
 from __future__ import annotations
@@ -27,6 +41,8 @@ import math
 import os
 import tempfile
 import weakref
+import xml.etree.ElementTree as ElementTree
+from xml.sax.saxutils import escape
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -49,6 +65,7 @@ __all__ = [
     "DiskCanvas",
     "read_detections_csv",
     "read_detections_geojson",
+    "read_pyramid_fields",
     "read_pyramid_mpp",
     "write_detections_asap_xml",
     "write_detections_csv",
@@ -90,12 +107,15 @@ def write_pyramid_tiff(path: str | os.PathLike, source: BandSource, *, mpp: floa
                        compression: str = "deflate", quality: int = 90, deflate_level: int = 6,
                        min_level_px: int = 256, downsample_step: int = 2, resample: str = "area",
                        level_rounding: str = "ceil",
+                       colormap: Mapping[int, Sequence[int]] | None = None, store_rgb: bool = False,
                        description: Mapping[str, Any] | str | None = None,
                        tmp_dir: str | os.PathLike | None = None) -> Path:
-    """Stream ``source`` into a tiled pyramidal TIFF without holding any level in memory.
+    """Stream ``source`` into a tiled pyramidal OME-TIFF (layout in the module docstring) without holding any
+    level in memory.
 
     Level 0 is read in bands of ``tile_px`` rows. Each band is downsampled and appended to a raw temporary file,
-    which is then streamed as the next level in the same way, until the smaller side is ``<= min_level_px``.
+    which is then streamed as the next level in the same way, until the smaller side is ``<= min_level_px``; the
+    reduced levels are then streamed once more from their raw files as the top-level copies OpenSlide reads.
     Memory stays at a few bands of the widest level whatever the image height.
 
     Args:
@@ -117,8 +137,13 @@ def write_pyramid_tiff(path: str | os.PathLike, source: BandSource, *, mpp: floa
             SVS levels are). Either way level pixel j holds level-0 block ``[j * d, (j + 1) * d)``, d the level's
             whole downsample, which is how :class:`pathbundles.wsi.Slide` places it; readers that take the ratio
             of the sizes place a level's last pixels up to d - 1 level-0 px off.
-        description: extra JSON fields for the ImageDescription (e.g. ``{"scale": "probability * 255"}``);
-            a plain string is stored as ``{"note": description}``.
+        colormap: ``{value: (r, g, b)}`` (0..255) of a uint8 single-channel source (a label map): stored as the
+            TIFF palette (``PhotometricInterpretation = 3``, values without a colour are black), so viewers show
+            the colours while tifffile reads the values. With ``store_rgb`` the colours are stored instead.
+        store_rgb: store a uint8 single-channel source as RGB, for readers that need samples (TIAToolbox): the
+            value in all three channels, or its ``colormap`` colour.
+        description: extra JSON fields (e.g. ``{"scale": "probability * 255"}``); a plain string is stored as
+            ``{"note": description}``.
         tmp_dir: folder for the raw temporaries of the reduced levels (default: the output folder, so that
             they never land on a RAM-backed /tmp). Removed on success and on failure; a killed run's are removed by
             the next run of the folder (:func:`pathbundles.outputs.remove_stale_work_files`).
@@ -131,90 +156,197 @@ def write_pyramid_tiff(path: str | os.PathLike, source: BandSource, *, mpp: floa
     dtype = np.dtype(source.dtype)
     _check_pyramid_args(shape, dtype, mpp, tile_px, compression, quality, deflate_level, min_level_px,
                         downsample_step, resample, level_rounding)
+    lut = _colour_lut(colormap, shape, dtype, store_rgb)
+    if colormap is not None and not store_rgb and compression == "jpeg":
+        raise ValueError("compression 'jpeg' cannot store a palette (colormap): use 'deflate'")
+    if store_rgb and (len(shape) == 2 or shape[2] == 1):
+        source, shape = _LookupBands(source, lut), (*shape[:2], 3)
     samples = 1 if len(shape) == 2 else shape[2]
     level_hw = _level_sizes(shape[:2], downsample_step, min_level_px, level_rounding)
-    raw_bytes = sum(h * w for h, w in level_hw) * samples * dtype.itemsize
+    # Reduced levels are stored twice (SubIFDs and top-level pages).
+    raw_bytes = (sum(h * w for h, w in level_hw) * 2 - level_hw[0][0] * level_hw[0][1]) * samples * dtype.itemsize
     downsample = _area_downsample if resample == "area" else _nearest_downsample
     extra = {"note": description} if isinstance(description, str) else dict(description or {})
+    palette = colormap is not None and samples == 1
 
     page_args: dict[str, Any] = {
-        "dtype": dtype, "tile": (tile_px, tile_px), "photometric": "rgb" if samples == 3 else "minisblack",
+        "dtype": dtype, "tile": (tile_px, tile_px),
+        "photometric": "rgb" if samples == 3 else "palette" if palette else "minisblack",
         "resolutionunit": "CENTIMETER", "software": "pathbundles", "metadata": None,
         "buffersize": _ENCODE_BUFFER_BYTES,
     }
+    if palette:
+        page_args["colormap"] = lut.T.astype(np.uint16) * 257  # TIFF palettes are 16-bit per channel
     if compression == "jpeg":
         page_args.update(compression="jpeg", compressionargs={"level": quality})
     elif compression in ("deflate", "zlib"):
         page_args.update(compression="zlib")
 
-    n_tiles = sum(math.ceil(h / tile_px) * math.ceil(w / tile_px) for h, w in level_hw)
+    def level_fields(level: int) -> dict[str, Any]:
+        scale = float(downsample_step ** level)
+        # The caller's fields first, so that none of them can shadow the mpp a reader relies on.
+        return {**extra, "pathbundles": "pyramid", "mpp": float(mpp), "level": level,
+                "level_mpp": [float(mpp) * scale] * 2, "downsample": [scale, scale]}
+
+    def write_level(tif: tifffile.TiffWriter, level: int, level_source: BandSource, sink: Any, bar: Any,
+                    **tags: Any) -> None:
+        h, w = level_hw[level]
+        level_shape = (h, w) if samples == 1 else (h, w, samples)
+        # Rows and columns of this level that make up the next one (all of them, or whole blocks only).
+        next_h, next_w = level_hw[level + 1] if sink is not None else (0, 0)
+        keep_h, keep_w = (next_h * downsample_step, next_w * downsample_step) if level_rounding == "floor" \
+            else (h, w)
+
+        def on_band(band: np.ndarray, y0: int) -> None:
+            if sink is not None and y0 < keep_h:
+                # Written band by band: the next level never exists in memory as a whole.
+                np.ascontiguousarray(downsample(band[:keep_h - y0, :keep_w], downsample_step)).tofile(sink)
+
+        tiles = _iter_tiles(level_source, level_shape, dtype, tile_px, on_band, bar.update)
+        if compression in ("deflate", "zlib"):
+            tiles = _deflate_tiles(tiles, tile_px, deflate_level)
+        else:
+            # Copies, so that a band is freed while tifffile still buffers its tiles for the encoder threads (it
+            # would make them contiguous anyway); edge tiles are zero-padded by tifffile.
+            tiles = (np.ascontiguousarray(tile) for tile in tiles)
+        # A level pixel is a step ** level block of level 0 whatever the rounding of its size: that is its mpp.
+        level_mpp = float(mpp) * downsample_step ** level
+        tif.write(tiles, shape=level_shape, resolution=(10_000 / level_mpp, 10_000 / level_mpp), **tags,
+                  **page_args)
+
+    def raw_level(level_dir: str, level: int) -> _RawBands:
+        h, w = level_hw[level]
+        return _RawBands(Path(level_dir) / f"level{level}.raw", (h, w) + ((samples,) if samples > 1 else ()), dtype)
+
+    n_tiles = sum(math.ceil(h / tile_px) * math.ceil(w / tile_px) * (2 if k else 1)
+                  for k, (h, w) in enumerate(level_hw))
     tmp_parent = Path(tmp_dir) if tmp_dir is not None else final.parent
     tmp_parent.mkdir(parents=True, exist_ok=True)
     with (atomic_path(final) as tmp,
           tempfile.TemporaryDirectory(prefix=levels_dir_prefix(final), dir=tmp_parent) as level_dir,
           progress(total=n_tiles, desc=final.name) as bar,
           tifffile.TiffWriter(tmp, bigtiff=raw_bytes > _BIGTIFF_BYTES, byteorder="<") as tif):
+        n_levels = len(level_hw)
         level_source: BandSource = source
-        for level, (h, w) in enumerate(level_hw):
-            level_shape = (h, w) if samples == 1 else (h, w, samples)
-            next_raw = Path(level_dir) / f"level{level + 1}.raw" if level + 1 < len(level_hw) else None
-            # A level pixel is a step ** level block of level 0 whatever the rounding of its size: that is its mpp.
-            scale_x = scale_y = float(downsample_step ** level)
-            # The caller's fields first, so that none of them can shadow the mpp a reader relies on.
-            fields = {**extra, "pathbundles": "pyramid", "mpp": mpp, "level": level,
-                      "level_mpp": [mpp * scale_x, mpp * scale_y], "downsample": [scale_x, scale_y]}
+        # Level 0 and, in its SubIFDs, the reduced levels, each made from the previous one's raw file.
+        for level in range(n_levels):
+            next_raw = Path(level_dir) / f"level{level + 1}.raw" if level + 1 < n_levels else None
             with open(next_raw, "wb") if next_raw is not None else contextlib.nullcontext() as sink:
-                # Rows and columns of this level that make up the next one (all of them, or whole blocks only).
-                next_h, next_w = level_hw[level + 1] if next_raw is not None else (0, 0)
-                keep_h, keep_w = (next_h * downsample_step, next_w * downsample_step) if level_rounding == "floor" \
-                    else (h, w)
-
-                def on_band(band: np.ndarray, y0: int, sink: Any = sink, keep_h: int = keep_h,
-                            keep_w: int = keep_w) -> None:
-                    if sink is not None and y0 < keep_h:
-                        # Written band by band: the next level never exists in memory as a whole.
-                        np.ascontiguousarray(downsample(band[:keep_h - y0, :keep_w], downsample_step)).tofile(sink)
-
-                tiles = _iter_tiles(level_source, level_shape, dtype, tile_px, on_band, bar.update)
-                if compression in ("deflate", "zlib"):
-                    tiles = _deflate_tiles(tiles, tile_px, deflate_level)
+                if level == 0:
+                    tags = {"subfiletype": 0, "subifds": n_levels - 1 or None,
+                            "description": _ome_xml(shape, dtype, mpp, level_fields(0))}
                 else:
-                    # Copies, so that a band is freed while tifffile still buffers its tiles for the encoder
-                    # threads (it would make them contiguous anyway); edge tiles are zero-padded by tifffile.
-                    tiles = (np.ascontiguousarray(tile) for tile in tiles)
-                tif.write(
-                    tiles,
-                    shape=level_shape,
-                    subfiletype=1 if level else 0,
-                    resolution=(10_000 / (mpp * scale_x), 10_000 / (mpp * scale_y)),
-                    description=json.dumps(fields),
-                    **page_args,
-                )
+                    tags = {"subfiletype": 1, "description": json.dumps(level_fields(level))}
+                write_level(tif, level, level_source, sink, bar, **tags)
             if next_raw is not None:
-                next_h, next_w = level_hw[level + 1]
-                level_source = _RawBands(next_raw, (next_h, next_w) + level_shape[2:], dtype)
+                level_source = raw_level(level_dir, level + 1)
+        # The same reduced levels as top-level pages, for OpenSlide.
+        for level in range(1, n_levels):
+            write_level(tif, level, raw_level(level_dir, level), None, bar, subfiletype=1,
+                        description=json.dumps(level_fields(level)))
     return final
 
 
+def read_pyramid_fields(path: str | os.PathLike, level: int = 0) -> dict[str, Any]:
+    """The JSON fields :func:`write_pyramid_tiff` stored for ``level`` (``mpp``, ``level_mpp``, ``downsample``
+    and the caller's ``description`` fields), read with tifffile: level 0 from the OME-XML Image ``Description``
+    (or, in files written before the OME layout, the page's own description), level k from the k-th top-level
+    page.
+
+    Raises:
+        InputError: the file has no such level or no pathbundles fields there.
+    """
+    with tifffile.TiffFile(path) as tif:
+        if level >= len(tif.pages):
+            raise InputError(path, f"no level {level}: the file has {len(tif.pages)} top-level pages")
+        text = tif.pages[level].description
+    fields = None
+    with contextlib.suppress(ValueError, TypeError):
+        fields = json.loads(text)
+    if fields is None and level == 0:
+        with contextlib.suppress(ElementTree.ParseError, TypeError, ValueError):
+            node = ElementTree.fromstring(text).find(f"{{{_OME_NS}}}Image/{{{_OME_NS}}}Description")
+            fields = json.loads(node.text) if node is not None and node.text else None
+    if not isinstance(fields, dict) or fields.get("pathbundles") != "pyramid":
+        raise InputError(path, f"level {level} holds no pathbundles pyramid fields (not written by "
+                               "pathbundles.writers.write_pyramid_tiff)")
+    return fields
+
+
 def read_pyramid_mpp(path: str | os.PathLike) -> float:
-    """Level-0 resolution (um/px) of a TIFF written by :func:`write_pyramid_tiff` (or any TIFF with resolution
-    tags in cm or inch), read with tifffile; the JSON ImageDescription wins over the tags.
+    """Level-0 resolution (um/px) of a TIFF written by :func:`write_pyramid_tiff` (or any TIFF with an OME-XML
+    ``PhysicalSizeX``, or resolution tags in cm or inch), read with tifffile; the pathbundles JSON fields win over
+    OME-XML, which wins over the tags.
 
     Raises:
         InputError: the file states no usable resolution.
     """
+    with contextlib.suppress(InputError):
+        return float(read_pyramid_fields(path)["mpp"])
     with tifffile.TiffFile(path) as tif:
         page = tif.pages.first
-        with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
-            fields = json.loads(page.description)
-            if fields.get("pathbundles") == "pyramid":
-                return float(fields["mpp"])
+        with contextlib.suppress(ElementTree.ParseError, TypeError, ValueError, KeyError):
+            pixels = ElementTree.fromstring(page.description).find(f"{{{_OME_NS}}}Image/{{{_OME_NS}}}Pixels")
+            unit_um = _OME_UNITS_UM[pixels.get("PhysicalSizeXUnit", "\u00b5m")]
+            return float(pixels.get("PhysicalSizeX")) * unit_um
         tags = page.tags
         unit_um = {2: 25_400.0, 3: 10_000.0}.get(int(tags.valueof("ResolutionUnit", 2)))
         xres = tags.valueof("XResolution")
         if unit_um is None or xres is None or xres[0] == 0:
-            raise InputError(path, "no mpp: neither a pathbundles JSON description nor XResolution in cm/inch")
+            raise InputError(path, "no mpp: neither pathbundles JSON fields, an OME-XML PhysicalSizeX nor "
+                                   "XResolution in cm/inch")
         return unit_um * xres[1] / xres[0]
+
+
+_OME_NS = "http://www.openmicroscopy.org/Schemas/OME/2016-06"
+_OME_UNITS_UM = {"\u00b5m": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+_OME_TYPES = {"u1": "uint8", "u2": "uint16", "u4": "uint32", "i1": "int8", "i2": "int16", "i4": "int32",
+              "f4": "float", "f8": "double"}
+
+
+def _ome_xml(shape: tuple[int, ...], dtype: np.dtype, mpp: float, fields: Mapping[str, Any]) -> str:
+    """OME-XML for page 0 of :func:`write_pyramid_tiff`: one Image of IFD 0 (its SubIFDs are the pyramid), the
+    physical pixel size in um (the OME default unit, left implicit: Bio-Formats rejects the XML when the unit is
+    spelled with a character reference) and the JSON ``fields`` as the Image's Description. ASCII only."""
+    samples = 1 if len(shape) == 2 else shape[2]
+    return ('<?xml version="1.0" encoding="UTF-8"?>'
+            f'<OME xmlns="{_OME_NS}" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
+            f'xsi:schemaLocation="{_OME_NS} {_OME_NS}/ome.xsd" Creator="pathbundles">'
+            f'<Image ID="Image:0"><Description>{escape(json.dumps(fields))}</Description>'
+            f'<Pixels ID="Pixels:0" DimensionOrder="XYCZT" Type="{_OME_TYPES[dtype.str[1:]]}" '
+            f'SizeX="{shape[1]}" SizeY="{shape[0]}" SizeC="{samples}" SizeZ="1" SizeT="1" '
+            f'PhysicalSizeX="{float(mpp)!r}" PhysicalSizeY="{float(mpp)!r}">'
+            f'<Channel ID="Channel:0:0" SamplesPerPixel="{samples}"><LightPath/></Channel>'
+            '<TiffData IFD="0" PlaneCount="1"/></Pixels></Image></OME>')
+
+
+def _colour_lut(colormap: Mapping[int, Sequence[int]] | None, shape: tuple[int, ...], dtype: np.dtype,
+                store_rgb: bool) -> np.ndarray:
+    """(256, 3) uint8 colour of every value: ``colormap``'s (black where it has none), else grey (R = G = B)."""
+    single = len(shape) == 2 or shape[2] == 1
+    if (colormap is not None or store_rgb) and not (single and dtype == np.uint8):
+        raise ValueError(f"colormap/store_rgb need a uint8 single-channel source, got {shape} {dtype}")
+    if colormap is None:
+        return np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+    lut = np.zeros((256, 3), np.uint8)
+    for value, colour in colormap.items():
+        rgb = [int(c) for c in colour]
+        if not 0 <= int(value) <= 255 or len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
+            raise ValueError(f"colormap entry {value}: {colour}: expected a value 0..255 and (r, g, b) in 0..255")
+        lut[int(value)] = rgb
+    return lut
+
+
+class _LookupBands:
+    """Row bands of a uint8 single-channel source as RGB through a (256, 3) lookup table."""
+
+    def __init__(self, source: BandSource, lut: np.ndarray) -> None:
+        self.source, self.lut = source, lut
+        self.shape, self.dtype = (*tuple(source.shape)[:2], 3), np.dtype(np.uint8)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        band = np.asarray(self.source[rows])
+        return self.lut[band[..., 0] if band.ndim == 3 else band]
 
 
 def _check_pyramid_args(shape: tuple[int, ...], dtype: np.dtype, mpp: float, tile_px: int, compression: str,
@@ -223,8 +355,9 @@ def _check_pyramid_args(shape: tuple[int, ...], dtype: np.dtype, mpp: float, til
     """Raise ValueError naming the first argument of :func:`write_pyramid_tiff` that cannot work."""
     if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3)) or min(shape[:2]) < 1:
         raise ValueError(f"source shape {shape}: expected (H, W) or (H, W, C) with C in (1, 3), H, W >= 1")
-    if dtype == np.bool_ or dtype.kind not in "uif":
-        raise ValueError(f"source dtype {dtype}: expected an integer or float dtype (bool: use uint8 0/255)")
+    if dtype == np.bool_ or dtype.str[1:] not in _OME_TYPES:
+        raise ValueError(f"source dtype {dtype}: expected one of OME-TIFF's {sorted(set(_OME_TYPES.values()))} "
+                         "(bool: use uint8 0/255)")
     if not (math.isfinite(mpp) and mpp > 0):
         raise ValueError(f"mpp {mpp}: expected a positive number of um/px")
     if tile_px < 16 or tile_px % 16:
