@@ -57,26 +57,6 @@ def test_metadata_and_network_verify() -> None:
     check_metadata_and_network(CONFIGS, OMP_NUM_THREADS="1")
 
 
-def test_torchscript_export_gives_same_outputs(tmp_path: Path) -> None:
-    import torch
-    from monai.bundle import ConfigParser
-
-    out = tmp_path / "model.ts"
-    result = run_bundle("ckpt_export", "network_def", "--filepath", str(out), "--ckpt_file",
-                        str(BUNDLE / "models" / "model.pt"), "--meta_file", str(CONFIGS / "metadata.json"),
-                        "--config_file", str(CONFIGS / "inference.json"), "--use_trace", "True",
-                        "--input_shape", "[1, 9, 256, 256]")
-    assert result.returncode == 0, result.stderr[-3000:]
-    parser = ConfigParser()
-    parser.read_config(CONFIGS / "inference.json")
-    net = parser.get_parsed_content("network_def")
-    net.load_state_dict(torch.load(BUNDLE / "models" / "model.pt", map_location="cpu"))
-    net.eval()
-    x = torch.rand(2, 9, 256, 256, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    with torch.no_grad():
-        torch.testing.assert_close(torch.jit.load(str(out))(x), net(x))
-
-
 def test_class_keys_follow_the_papers_order_and_rates() -> None:
     from monai.bundle import ConfigParser
 

@@ -11,7 +11,6 @@ Rasters are read back with OpenSlide and placed by their mpp tag, as a viewer wo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

@@ -44,25 +44,6 @@ def test_metadata_and_network_verify() -> None:
     check_metadata_and_network(CONFIGS, "--n", "2")
 
 
-def test_torchscript_export_gives_same_outputs(tmp_path: Path) -> None:
-    import torch
-
-    from pathbundles.scannet import ScanNet
-
-    out = tmp_path / "model.ts"
-    result = run_bundle("ckpt_export", "network_def", "--filepath", str(out), "--ckpt_file",
-                        str(BUNDLE / "models" / "model.pt"), "--meta_file", str(CONFIGS / "metadata.json"),
-                        "--config_file", str(CONFIGS / "inference.json"))
-    assert result.returncode == 0, result.stderr
-    net = ScanNet(width=0.125, batch_norm=True)
-    net.load_state_dict(torch.load(BUNDLE / "models" / "model.pt", map_location="cpu"))
-    net.eval()
-    scripted = torch.jit.load(str(out))
-    x = torch.randn(1, 3, 308, 308)
-    with torch.no_grad():
-        torch.testing.assert_close(scripted(x), net(x))
-
-
 def test_inference_reports_bad_slide_and_writes_the_others(small_dataset: Path, tmp_path: Path) -> None:
     from openslide import OpenSlide
 

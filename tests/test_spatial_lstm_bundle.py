@@ -60,26 +60,6 @@ def test_metadata_and_network_verify() -> None:
     check_metadata_and_network(CONFIGS, OMP_NUM_THREADS="1")
 
 
-def test_torchscript_export_gives_same_outputs(tmp_path: Path) -> None:
-    import torch
-    from monai.bundle import ConfigParser
-
-    out = tmp_path / "model.ts"
-    result = run_bundle("ckpt_export", "network_def", "--filepath", str(out), "--ckpt_file",
-                        str(BUNDLE / "models" / "model.pt"), "--meta_file", str(CONFIGS / "metadata.json"),
-                        "--config_file", str(CONFIGS / "inference.json"))
-    assert result.returncode == 0, result.stderr
-    parser = ConfigParser()
-    parser.read_config(CONFIGS / "inference.json")
-    net = parser.get_parsed_content("network_def")  # the shipped weights' architecture, as inference builds it
-    net.load_state_dict(torch.load(BUNDLE / "models" / "model.pt", map_location="cpu"))
-    net.eval()
-    scripted = torch.jit.load(str(out))
-    x = torch.randn(1, 9, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(scripted(x), net(x))
-
-
 def test_ablation_overlays_change_network_loss_and_checkpoint_name() -> None:
     from monai.bundle import ConfigParser
 

@@ -525,18 +525,6 @@ def test_detections_csv_bad_line_names_file_and_line(tmp_path: Path) -> None:
         read_detections_csv(path)
 
 
-def test_detections_geojson_round_trip_qupath_fields(tmp_path: Path) -> None:
-    out = write_detections_geojson(tmp_path / "det.geojson", DETECTIONS, mpp=0.243)
-    collection = json.loads(out.read_text())
-    assert collection["type"] == "FeatureCollection" and collection["properties"]["mpp"] == 0.243
-    feature = collection["features"][0]
-    assert feature["geometry"] == {"type": "Point", "coordinates": [51234.0, 80211.5]}
-    assert feature["properties"]["objectType"] == "detection"
-    assert feature["properties"]["classification"]["name"] == "Tumor"
-    assert feature["properties"]["score"] == 0.9731
-    np.testing.assert_array_equal(read_detections_geojson(out), DETECTIONS)
-
-
 def test_detections_geojson_bad_feature(tmp_path: Path) -> None:
     path = tmp_path / "bad.geojson"
     path.write_text(json.dumps({"type": "FeatureCollection", "features": [
