@@ -120,7 +120,9 @@ def test_inference_fails_unreadable_hpfs_by_name_and_writes_the_others(small_hpf
     last = result.stderr.strip().splitlines()[-1]
     assert "2 HPF(s) failed" in last and "truncated.png" in last and "loop.png" in last
     assert "Traceback" not in result.stderr
-    assert sorted(p.stem for p in (out / "detections").iterdir()) == [f"phantom_hpf_00{i}" for i in range(4)]
+    # Each good HPF gets its CSV, GeoJSON and ASAP XML; the failed ones get nothing.
+    assert sorted(p.name for p in (out / "detections").iterdir()) == \
+        sorted(f"phantom_hpf_00{i}{suffix}" for i in range(4) for suffix in (".csv", ".geojson", ".xml"))
     assert len((out / "hpf_counts.csv").read_text().splitlines()) == 5
 
 
