@@ -872,8 +872,10 @@ def write_annotated_png(path: str | os.PathLike, slide: np.ndarray, *, title: Se
     title_h = (len(title) * (font_px + pad) + pad) if title else 0
     panel_h, panel_w = panel.shape[:2] if panel is not None else (0, 0)
     panel_x = w + pad if panel is not None else w
-    canvas = Image.new("RGB", (panel_x + panel_w + (pad if panel is not None else 0), title_h + max(h, panel_h)),
-                       _PAPER)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    title_w = max((probe.textbbox((0, 0), line, font=font)[2] + 2 * pad for line in title), default=0)
+    canvas = Image.new("RGB", (max(panel_x + panel_w + (pad if panel is not None else 0), title_w),
+                               title_h + max(h, panel_h)), _PAPER)
     canvas.paste(Image.fromarray(slide), (0, title_h))
     if panel is not None:
         canvas.paste(Image.fromarray(panel), (panel_x, title_h))
