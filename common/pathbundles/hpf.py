@@ -342,7 +342,8 @@ def write_detections(path: str | os.PathLike, detections: np.ndarray, header: Se
 
 def write_circle_overlay_png(path: str | os.PathLike, image: np.ndarray, detections: np.ndarray,
                              truth: np.ndarray | None = None, radius_px: float = 30.0, width_px: int = 3, *,
-                             title: Sequence[str] = (), legend: bool = True) -> None:
+                             title: Sequence[str] = (), legend: bool = True,
+                             fields: dict[str, Any] | None = None) -> None:
     """Draw detections (and ground truth) as circles on an HPF and save it as PNG, atomically.
 
     With ``truth``: true positives green, false positives red, missed mitoses blue, split by the one-to-one
@@ -359,6 +360,7 @@ def write_circle_overlay_png(path: str | os.PathLike, image: np.ndarray, detecti
         width_px: line width, px.
         title: lines of the title strip (HPF name, model and version, counts).
         legend: draw the legend of the circle colours.
+        fields: extra entries for the layout record (e.g. the HPF name and the model).
     """
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3:
@@ -379,7 +381,7 @@ def write_circle_overlay_png(path: str | os.PathLike, image: np.ndarray, detecti
         entries = [("true positive", TP_COLOUR), ("false positive", FP_COLOUR), ("missed mitosis", FN_COLOUR)]
     panel = legend_panel(entries, overlay_font_px(max(image.shape[:2]))) if legend else None
     write_annotated_png(path, image.astype(np.uint8), title=title, panel=panel, markers=markers,
-                        ring_px=radius_px, ring_width_px=width_px)
+                        ring_px=radius_px, ring_width_px=width_px, fields=fields)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -642,7 +644,8 @@ class HPFDetectionWriter:
                                      self.dataset.truths[index], radius_px=self.radius_px,
                                      title=[name, *([self.model_label] if self.model_label else []),
                                             f"{len(detections)} detections, numbered as the rows of "
-                                            f"detections/{files['detections'].name}"])
+                                            f"detections/{files['detections'].name}"],
+                                     fields={"hpf": name, "model": self.model_label})
         return detections
 
     def completed(self, engine: Any = None) -> None:
