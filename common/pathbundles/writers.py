@@ -818,8 +818,8 @@ def _font(font_px: int) -> Any:
         return ImageFont.load_default()
 
 
-def _colour_bar_panel(lut: np.ndarray, label: str, threshold: float | None, font_px: int) -> tuple[np.ndarray,
-                                                                                                   list[int]]:
+def _colour_bar_panel(lut: np.ndarray, label: str, threshold: float | None,
+                      font_px: int) -> tuple[np.ndarray, list[int]]:
     """A white panel with a vertical colour bar (1 at the top), ticks 0, 0.5, 1, the label above it and, with a
     threshold, a tick at it and a note that values below it are not coloured. Returns the panel and the bar's box
     [x, y, w, h] in it."""
