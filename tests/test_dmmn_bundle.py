@@ -76,7 +76,8 @@ def test_class_keys_follow_the_papers_order_and_rates() -> None:
 
 def test_inference_writes_label_map_overlay_areas_and_regions(small_dataset: Path, tmp_path: Path) -> None:
     import tifffile
-    from PIL import Image
+
+    from pathbundles.writers import read_overlay_layout
 
     out = tmp_path / "out"
     result = run_bundle("run", "--config_file", str(CONFIGS / "inference.json"), "--data_source",
@@ -97,8 +98,13 @@ def test_inference_writes_label_map_overlay_areas_and_regions(small_dataset: Pat
             assert areas["classes"][class_name]["pixels"] == counts[class_id]
             assert areas["classes"][class_name]["area_mm2"] == pytest.approx(counts[class_id] * 0.25e-6)
             assert float(row[f"{class_name.replace(' ', '_')}_mm2"]) == pytest.approx(counts[class_id] * 0.25e-6)
-        with Image.open(out / "overlays" / f"{name}.png") as overlay:
-            assert overlay.size[1] >= 1024 * 0.5 / 16  # thumbnail at 16 um/px, legend beside it
+        # The overlay: the 1024 px slide is smaller than overlay_long_side_px (2000), so it is level 0 as stored;
+        # the legend beside it, the model and version from metadata.json in the title.
+        layout = read_overlay_layout(out / "overlays" / f"{name}.png")
+        x0, y0, w, h = layout["slide_box_px"]
+        assert (w, h) == (1024, 1024) and layout["panel_box_px"][0] >= x0 + w and y0 > 0
+        version = json.loads((CONFIGS / "metadata.json").read_text())["version"]
+        assert layout["fields"]["model"] == f"DMMN multi-class breast tissue segmentation {version} (dmmn)"
         regions = json.loads((out / "regions" / f"{name}.geojson").read_text())
         assert regions["type"] == "FeatureCollection"
         assert all(f["properties"]["classification"]["name"].lower() == "carcinoma" for f in regions["features"])

@@ -23,7 +23,7 @@ from pathbundles.multimag import READ_PATHS, read_concentric
 from pathbundles.phantom import GEOMETRY_MARKER_RGB, GEOMETRY_TISSUE_RGB, make_geometry_dataset
 from pathbundles.sampling import read_datalist
 from pathbundles.slide_segmentation import DMMN_PALETTE
-from pathbundles.writers import read_pyramid_fields
+from pathbundles.writers import read_overlay_layout, read_pyramid_fields
 from pathbundles.wsi import open_slide
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,6 +208,13 @@ def _check_map_outputs(slides: list[dict], records: dict[str, dict], map_mpp: fl
         offsets_um = nearest_offsets(detections[:, 1:] * item["mpp"], markers_um[covered])
         assert np.abs(offsets_um).max() <= map_mpp / 2 + 1e-6, (item["name"], offsets_um)
         assert np.abs(nearest_offsets(markers_um[maybe], detections[:, 1:] * item["mpp"])).max() <= map_mpp
+        # The review overlay rings each detection (CSV order) where it lies on the slide, to an overlay pixel.
+        layout = read_overlay_layout(outputs["overlay"])
+        x0, y0, w, h = layout["slide_box_px"]
+        um_per_px = np.asarray(layout["fields"]["overlay_um_per_px"])
+        assert max(w, h) == min(2000, round(SIZE_UM / item["mpp"]))
+        ringed_um = (np.asarray(layout["markers"]).reshape(-1, 2) - (x0, y0)) * um_per_px
+        assert np.abs(ringed_um - detections[:, 1:] * item["mpp"]).max(initial=0) <= um_per_px.max()
         pixels, mpp = _read_raster(outputs["map"])
         assert mpp == pytest.approx(map_mpp, rel=1e-6)
         assert (pixels.shape[1] - 1) * mpp < SIZE_UM <= pixels.shape[1] * mpp + item["mpp"]

@@ -21,6 +21,7 @@ from pathbundles.hpf import (FN_COLOUR, FP_COLOUR, LEVEL0_CSV_HEADER, TP_COLOUR,
 from pathbundles.phantom import make_phantom
 from pathbundles.sampling import read_datalist
 from pathbundles.segmitos import RandConcentricLabeld
+from pathbundles.writers import read_overlay_layout
 
 
 @pytest.fixture(scope="module")
@@ -369,7 +370,8 @@ def test_circle_overlay_with_no_detections(tmp_path: Path) -> None:
     image = np.full((40, 50, 3), 200, np.uint8)
     write_circle_overlay_png(tmp_path / "o.png", image, np.zeros((0, 3)), truth=np.array([[20.0, 20.0]]),
                              radius_px=5, width_px=1)
-    out = np.asarray(Image.open(tmp_path / "o.png"))
+    x0, y0, w, h = read_overlay_layout(tmp_path / "o.png")["slide_box_px"]
+    out = np.asarray(Image.open(tmp_path / "o.png"))[y0:y0 + h, x0:x0 + w]
     assert out.shape == (40, 50, 3) and (out == FN_COLOUR).all(axis=-1).sum() > 10  # the miss is drawn
     assert not (out == FP_COLOUR).all(axis=-1).any()
 

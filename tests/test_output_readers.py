@@ -58,7 +58,7 @@ def rasters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     prob_levels = [prob[::2 ** k, ::2 ** k] for k in range(4)]
 
     dataset = _dataset([_slide(folder, "s0", (600, 500))])
-    writer = SlideLabelWriter(dataset, folder / "out", MULTICLASS_CLASSES, overlay_mpp=2.0, polygon_classes=())
+    writer = SlideLabelWriter(dataset, folder / "out", MULTICLASS_CLASSES, overlay_long_side_px=150, polygon_classes=())
     _run(writer, dataset, _tile_labels, skip={(0, 512, 256)})
     labels = _expected_map()
     lut = np.zeros((256, 3), np.uint8)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from bundle_helpers import REPO, check_metadata_and_network, merged, run_bundle
+from pathbundles.writers import read_overlay_layout
 
 BUNDLE = REPO / "bundles" / "segmitos"
 CONFIGS = BUNDLE / "configs"
@@ -124,6 +125,10 @@ def test_inference_fails_unreadable_hpfs_by_name_and_writes_the_others(small_hpf
     assert sorted(p.name for p in (out / "detections").iterdir()) == \
         sorted(f"phantom_hpf_00{i}{suffix}" for i in range(4) for suffix in (".csv", ".geojson", ".xml"))
     assert len((out / "hpf_counts.csv").read_text().splitlines()) == 5
+    # The overlays name the model and version (metadata.json) they were made with.
+    version = json.loads((CONFIGS / "metadata.json").read_text())["version"]
+    layout = read_overlay_layout(out / "overlays" / "phantom_hpf_000.png")
+    assert layout["fields"] == {"hpf": "phantom_hpf_000", "model": f"SegMitos mitosis detection {version} (segmitos)"}
 
 
 def test_evaluate_demo_weights_on_held_out_phantom_hpfs(tmp_path: Path) -> None:

@@ -19,8 +19,9 @@ from pathbundles.multimag import MultiMagnificationDataset
 from pathbundles import slide_segmentation
 from pathbundles.phantom import MULTICLASS_CLASSES
 from pathbundles.slide_segmentation import (DMMN_PALETTE, SegmentationMetricsReport, SlideLabelWriter,
-                                            canonical_class_name, class_colours, legend_image, trace_regions)
-from pathbundles.writers import read_pyramid_fields, write_pyramid_tiff
+                                            canonical_class_name, class_colours, trace_regions)
+from pathbundles.writers import (legend_panel, overlay_font_px, read_overlay_layout, read_pyramid_fields,
+                                 write_pyramid_tiff)
 
 C = len(MULTICLASS_CLASSES)  # 1 carcinoma, 2 benign epithelium, 3 stroma, 4 necrosis, 5 adipose, 6 background
 PX_MM2 = 0.5e-3 ** 2  # one map pixel at 0.5 um/px, in mm^2
@@ -89,7 +90,7 @@ def _expected_map() -> np.ndarray:
 def written(tmp_path, monkeypatch):
     monkeypatch.setattr(slide_segmentation, "_BAND_PIXELS", 600 * 7)  # bands of 7 rows: the scan is band by band
     dataset = _dataset([_slide(tmp_path, "s0", (600, 500))])
-    writer = SlideLabelWriter(dataset, tmp_path / "out", MULTICLASS_CLASSES, overlay_mpp=2.0, polygon_mpp=4.0,
+    writer = SlideLabelWriter(dataset, tmp_path / "out", MULTICLASS_CLASSES, overlay_long_side_px=150, polygon_mpp=4.0,
                               min_polygon_area_um2=1000.0)
     _run(writer, dataset, _tile_labels, skip={(0, 512, 256)})
     return writer, dataset
@@ -166,15 +167,24 @@ def test_areas_are_counted_per_class_in_mm2(written):
 
 def test_overlay_is_the_thumbnail_in_class_colours_with_a_legend(written):
     writer, _ = written
-    overlay = np.asarray(Image.open(writer.outputs("s0")["overlay"]))
-    legend = legend_image([(name, class_colours(MULTICLASS_CLASSES)[k]) for k, name in MULTICLASS_CLASSES.items()])
-    thumb_hw = (125, 150)  # 600 x 500 px at 0.5 um/px seen at 2 um/px
-    assert overlay.shape == (max(thumb_hw[0], legend.shape[0]), thumb_hw[1] + legend.shape[1], 3)
+    path = writer.outputs("s0")["overlay"]
+    overlay, layout = np.asarray(Image.open(path)), read_overlay_layout(path)
+    colours = class_colours(MULTICLASS_CLASSES)
+    legend = legend_panel([(name, colours[k]) for k, name in MULTICLASS_CLASSES.items()], overlay_font_px(150))
+    x0, y0, w, h = layout["slide_box_px"]
+    assert (w, h) == (150, 125)  # 600 x 500 px at 0.5 um/px, long side overlay_long_side_px = 150
+    assert layout["fields"]["level0_px_per_overlay_px"] == [4.0, 4.0] and layout["fields"]["slide"] == "s0"
+    slide = overlay[y0:y0 + h, x0:x0 + w]
     # Thumbnail pixel (30, 20) is map pixel (122, 82): carcinoma, grey 200 blended half with red.
-    assert overlay[30, 20].tolist() == [228, 100, 100]
-    assert overlay[10, 100].tolist() == [100, 100, 228]  # benign epithelium: blue
-    assert overlay[100, 140].tolist() == [200, 200, 200]  # the unpredicted tile is left as it is
-    np.testing.assert_array_equal(overlay[:legend.shape[0], thumb_hw[1]:], legend)
+    assert slide[30, 20].tolist() == [228, 100, 100]
+    assert slide[10, 100].tolist() == [100, 100, 228]  # benign epithelium: blue
+    assert slide[100, 140].tolist() == [200, 200, 200]  # the unpredicted tile is left as it is
+    # The legend at its readable size beside the slide, never over it; the slide name in the title strip.
+    px, py, pw, ph = layout["panel_box_px"]
+    assert px >= x0 + w and (ph, pw) == legend.shape[:2]
+    np.testing.assert_array_equal(overlay[py:py + ph, px:px + pw], legend)
+    strip = overlay[:y0]
+    assert y0 > 0 and (strip != 255).any(axis=-1).sum() > 50
 
 
 def test_carcinoma_outline_bounds_the_square_and_drops_specks(written):

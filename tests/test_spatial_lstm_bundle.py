@@ -85,7 +85,7 @@ def test_inference_writes_maps_detections_and_scores(small_dataset: Path, tmp_pa
     from openslide import OpenSlide
     from PIL import Image
 
-    from pathbundles.writers import read_detections_csv
+    from pathbundles.writers import read_detections_csv, read_overlay_layout
 
     out = tmp_path / "out"
     # Threshold 0: every map pixel with tissue is a candidate, so the suppression radius shows in the output.
@@ -112,8 +112,14 @@ def test_inference_writes_maps_detections_and_scores(small_dataset: Path, tmp_pa
         # Non-maximum suppression: no two detections closer than the 187 um radius (374 level-0 px).
         gaps = np.linalg.norm(det[:, None, 1:] - det[None, :, 1:], axis=-1)[np.triu_indices(len(det), 1)]
         assert gaps.min() > 187.0 / 0.5
-        with Image.open(out / "overlays" / f"{name}.png") as overlay:  # at the map's 64 um/px: 24 px a side
-            assert overlay.size == (24, 24)
+        # The overlay: the 3072 px slide at overlay_long_side_px = 2000, each detection ringed at its position
+        # (CSV order), the model and version from metadata.json in its title.
+        layout = read_overlay_layout(out / "overlays" / f"{name}.png")
+        x0, y0, w, h = layout["slide_box_px"]
+        assert (w, h) == (2000, 2000)
+        np.testing.assert_allclose(np.asarray(layout["markers"]) - (x0, y0), det[:, 1:] * 2000 / 3072, atol=1)
+        version = json.loads((BUNDLE / "configs" / "metadata.json").read_text())["version"]
+        assert layout["fields"]["model"] == f"Spatial LSTM metastasis detection {version} (spatial_lstm)"
 
 
 def test_evaluate_writes_froc_and_auc(small_dataset: Path, tmp_path: Path) -> None:

@@ -245,6 +245,27 @@ def report_outputs(writer: object) -> dict:
     return report
 
 
+def model_label(metadata_file: str | os.PathLike) -> str:
+    """``"<name> <version> (<bundle folder>)"`` of a bundle's ``configs/metadata.json``: the model an output was
+    made with, as overlays print it.
+
+    Raises:
+        InputError: the file cannot be read as JSON or lacks a string ``name`` or ``version``.
+    """
+    import json
+
+    from pathbundles.errors import InputError
+
+    path = Path(metadata_file)
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise InputError(path, f"cannot read the bundle metadata: {err}") from err
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), str) for k in ("name", "version")):
+        raise InputError(path, "expected a JSON object with string 'name' and 'version'")
+    return f"{meta['name']} {meta['version']} ({path.resolve().parent.parent.name})"
+
+
 def exit_on_bad_input() -> None:
     """End the process as the ``pathbundles`` command line does when a pathbundles error is not caught: one line
     ``pathbundles: error: <file>: <problem>`` on stderr and exit status 2, instead of MONAI's traceback and status 1.

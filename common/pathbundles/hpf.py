@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from ignite.metrics import Metric
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from pathbundles.annotations import read_points_csv, write_points_csv
 from pathbundles.atomic import atomic_path
@@ -33,7 +33,8 @@ from pathbundles.errors import InputError, PathBundlesError, SlidesFailedError
 from pathbundles.outputs import claim_folder, output_file, output_names
 from pathbundles.metrics.mitosis import match_points, mitosis_f1
 from pathbundles.postprocess import mitosis_blobs
-from pathbundles.writers import write_detections_asap_xml, write_detections_geojson
+from pathbundles.writers import (legend_panel, overlay_font_px, write_annotated_png, write_detections_asap_xml,
+                                 write_detections_geojson)
 
 #: PIL modes that convert to RGB without losing meaning: 8-bit RGB(A), grey (+alpha), palette, bilevel.
 _RGB_CONVERTIBLE = {"RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1"}
@@ -340,11 +341,15 @@ def write_detections(path: str | os.PathLike, detections: np.ndarray, header: Se
 
 
 def write_circle_overlay_png(path: str | os.PathLike, image: np.ndarray, detections: np.ndarray,
-                             truth: np.ndarray | None = None, radius_px: float = 30.0, width_px: int = 3) -> None:
+                             truth: np.ndarray | None = None, radius_px: float = 30.0, width_px: int = 3, *,
+                             title: Sequence[str] = (), legend: bool = True,
+                             fields: dict[str, Any] | None = None) -> None:
     """Draw detections (and ground truth) as circles on an HPF and save it as PNG, atomically.
 
     With ``truth``: true positives green, false positives red, missed mitoses blue, split by the one-to-one
-    matching of ``metrics.mitosis.match_points``. Without it every detection is yellow.
+    matching of ``metrics.mitosis.match_points``. Without it every detection is yellow. Detections are numbered
+    1..N in the order given (the rows of the detection CSV). ``title`` lines go in a strip above the HPF and the
+    legend of the colours to its right (:func:`pathbundles.writers.read_overlay_layout` says where the HPF lies).
 
     Args:
         path: output PNG.
@@ -353,27 +358,30 @@ def write_circle_overlay_png(path: str | os.PathLike, image: np.ndarray, detecti
         truth: (M, 2) ground-truth x, y in HPF px, or None.
         radius_px: circle radius and matching radius, px (the circle shows where a match was allowed).
         width_px: line width, px.
+        title: lines of the title strip (HPF name, model and version, counts).
+        legend: draw the legend of the circle colours.
+        fields: extra entries for the layout record (e.g. the HPF name and the model).
     """
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
     found = np.asarray(detections, dtype=np.float64)
     det_xy = (found if found.ndim == 2 else found.reshape(-1, 2))[:, :2]
-    circles: list[tuple[np.ndarray, tuple[int, int, int]]]
+    markers: list[tuple[float, float, tuple[int, int, int], str | None]]
     if truth is None:
-        circles = [(xy, DETECTION_COLOUR) for xy in det_xy]
+        markers = [(x, y, DETECTION_COLOUR, str(j + 1)) for j, (x, y) in enumerate(det_xy)]
+        entries = [("detection", DETECTION_COLOUR)]
     else:
         truth_xy = np.asarray(truth, dtype=np.float64).reshape(-1, 2)
         pairs = match_points(truth_xy, det_xy, radius_px)
         matched_det, matched_truth = set(pairs[:, 1].tolist()), set(pairs[:, 0].tolist())
-        circles = ([(xy, TP_COLOUR if j in matched_det else FP_COLOUR) for j, xy in enumerate(det_xy)]
-                   + [(xy, FN_COLOUR) for i, xy in enumerate(truth_xy) if i not in matched_truth])
-    canvas = Image.fromarray(image.astype(np.uint8))
-    draw = ImageDraw.Draw(canvas)
-    for (x, y), colour in circles:
-        draw.ellipse((x - radius_px, y - radius_px, x + radius_px, y + radius_px), outline=colour, width=width_px)
-    with atomic_path(path) as tmp:
-        canvas.save(tmp, format="PNG")
+        markers = ([(x, y, TP_COLOUR if j in matched_det else FP_COLOUR, str(j + 1))
+                    for j, (x, y) in enumerate(det_xy)]
+                   + [(x, y, FN_COLOUR, None) for i, (x, y) in enumerate(truth_xy) if i not in matched_truth])
+        entries = [("true positive", TP_COLOUR), ("false positive", FP_COLOUR), ("missed mitosis", FN_COLOUR)]
+    panel = legend_panel(entries, overlay_font_px(max(image.shape[:2]))) if legend else None
+    write_annotated_png(path, image.astype(np.uint8), title=title, panel=panel, markers=markers,
+                        ring_px=radius_px, ring_width_px=width_px, fields=fields)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -525,8 +533,9 @@ class HPFDetectionWriter:
     "Mitosis", stable ids) and ``detections/<name>.xml`` (ASAP "Dot" annotations named with their score), both in
     level-0 px of the image a viewer opens (the slide for a box, the HPF file itself otherwise: there pixel k spans
     [k, k + 1), so positions are the CSV's + 0.5), ``maps/<name>.png`` (mitosis probability x 255, 8-bit grey, one
-    value per HPF pixel) and ``overlays/<name>.png`` (circles: true positives green, false positives red, misses
-    blue when the item has ground truth; yellow otherwise); and one ``hpf_counts.csv``
+    value per HPF pixel) and ``overlays/<name>.png`` (the HPF with circles: true positives green, false positives red,
+    misses blue when the item has ground truth, yellow otherwise; detections numbered as the CSV's rows; a legend,
+    and the HPF name, model and version in a title strip); and one ``hpf_counts.csv``
     (``name,n_detections,max_score``) for the run. Every file is written atomically. The output
     folder is locked from the start of the run to its end, and what a killed run left there is removed
     (:func:`pathbundles.outputs.claim_folder`). An HPF that cannot be read (left out by the dataset, or failing
@@ -543,16 +552,19 @@ class HPFDetectionWriter:
         write_images: write the map and overlay PNGs (the tune step needs only the blobs).
         prob_channel: channel of the network output holding the mitosis probability.
         pred_key: key of the prediction in ``engine.state.output``.
+        model_label: the model and version printed on overlays (:func:`pathbundles.bundle.model_label`).
     """
 
     def __init__(self, dataset: HPFDataset, output_dir: str | os.PathLike, mpp: float = 0.25, sigma_um: float = 1.0,
                  min_mean_score: float = 0.0, min_area_um2: float = 0.0, radius_px: float = 30.0,
-                 write_images: bool = True, prob_channel: int = 1, pred_key: str = "pred") -> None:
+                 write_images: bool = True, prob_channel: int = 1, pred_key: str = "pred",
+                 model_label: str = "") -> None:
         self.dataset, self.output_dir = dataset, Path(output_dir)
         self.mpp, self.sigma_um, self.radius_px = mpp, sigma_um, radius_px
         # Checked here, not first at the end of the run: a score threshold above 1 keeps no blob at all.
         self.min_mean_score, self.min_area_um2 = probability(min_mean_score, "min_mean_score"), min_area_um2
         self.write_images, self.prob_channel, self.pred_key = write_images, prob_channel, pred_key
+        self.model_label = str(model_label)
         self.blobs: dict[str, np.ndarray] = {}
         self.detections: dict[str, np.ndarray] = {}
         #: {HPF name: why} of the HPFs that failed.
@@ -629,7 +641,11 @@ class HPFDetectionWriter:
             with atomic_path(files["map"]) as tmp:
                 Image.fromarray(np.clip(np.rint(prob * 255), 0, 255).astype(np.uint8)).save(tmp, format="PNG")
             write_circle_overlay_png(files["overlay"], self.dataset.read_image(index), detections,
-                                     self.dataset.truths[index], radius_px=self.radius_px)
+                                     self.dataset.truths[index], radius_px=self.radius_px,
+                                     title=[name, *([self.model_label] if self.model_label else []),
+                                            f"{len(detections)} detections, numbered as the rows of "
+                                            f"detections/{files['detections'].name}"],
+                                     fields={"hpf": name, "model": self.model_label})
         return detections
 
     def completed(self, engine: Any = None) -> None:

@@ -325,7 +325,10 @@ class SlideMapWriter(StreamedSlideWriter):
 
     For slide ``name`` under ``output_dir``: ``maps/name.tif`` (probability x 255, stored R = G = B, as a tiled
     pyramidal OME-TIFF with mpp tags (:func:`pathbundles.writers.write_pyramid_tiff`), registered to the slide: pixel (0, 0) starts at the slide's origin, see :func:`registered_map`),
-    ``overlays/name.png`` (the same registration over the slide thumbnail), ``detections/name.csv``
+    ``overlays/name.png`` (for review: the slide thumbnail, its long side ``overlay_long_side_px``, with the map in
+    the jet colours where it is at least ``overlay_min_probability`` on tissue, glass left as scanned, in the same
+    registration; the detections ringed and numbered as the CSV's rows; a colour bar; the slide name, model and
+    version, and score in a title strip; :func:`pathbundles.writers.write_overlay_png`), ``detections/name.csv``
     (Camelyon16 ``prob,x,y``, x and y the whole level-0 pixel holding the detection),
     ``detections/name.geojson`` (QuPath points, sub-pixel level-0 positions, stable ids) and
     ``detections/name.xml`` (ASAP "Dot" annotations, named with their score); and one ``slide_scores.csv``
@@ -339,7 +342,9 @@ class SlideMapWriter(StreamedSlideWriter):
         detect: ``f(prob_map, map_mpp, level0_mpp, origin_xy=...) -> (N, >=3) [score, x, y, ...]`` level-0
             detections, e.g. ``pathbundles.postprocess.detections_from_components``.
         prob_channel: channel of the network output holding the tumour probability.
-        overlay_mpp: resolution of the overlay thumbnail (um/px).
+        overlay_long_side_px: pixels along the overlay thumbnail's long side (at most the slide's level 0).
+        model_label: the model and version printed on overlays (:func:`pathbundles.bundle.model_label`).
+        overlay_min_probability: map values below this are not coloured on the overlay (0..1).
         pred_key: key of the prediction in ``engine.state.output``.
         tissue_only: zero the map where the slide's tissue mask (the one that chose the ROIs) has no tissue at the
             map pixel's centre, before detection, scoring and writing: a probability map "over tissue", as NCRF
@@ -347,11 +352,15 @@ class SlideMapWriter(StreamedSlideWriter):
     """
 
     def __init__(self, dataset: SlideROIDataset, output_dir: str, detect: Callable[..., np.ndarray],
-                 prob_channel: int = 1, overlay_mpp: float = 16.0, pred_key: str = "pred",
-                 tissue_only: bool = False) -> None:
+                 prob_channel: int = 1, overlay_long_side_px: int = 2000, model_label: str = "",
+                 overlay_min_probability: float = 0.05, pred_key: str = "pred", tissue_only: bool = False) -> None:
+        from pathbundles.checks import probability
+
         super().__init__(dataset, output_dir, "tissue ROIs", "roi")
         self.detect = detect
-        self.prob_channel, self.overlay_mpp, self.pred_key = prob_channel, overlay_mpp, pred_key
+        self.prob_channel, self.pred_key = prob_channel, pred_key
+        self.overlay_long_side_px, self.model_label = int(overlay_long_side_px), str(model_label)
+        self.overlay_min_probability = probability(overlay_min_probability, "overlay_min_probability")
         self.tissue_only = tissue_only
         self._canvas: dict[int, Any] = {}
         self._done_rois: dict[int, int] = {}
@@ -445,17 +454,29 @@ class SlideMapWriter(StreamedSlideWriter):
                                                         f"(r, c) covers level-0 [c * s, (c + 1) * s) x [r * s, "
                                                         f"(r + 1) * s), s = {map_mpp} / level-0 mpp"})
         with open_slide(plan.path, backend=self.dataset.backend, mpp=plan.mpp_override) as slide:
-            thumb, _ = slide.read_thumbnail(max(self.overlay_mpp, map_mpp))
-        # Thumbnail pixel centres in scan pixels: the overlay samples the map where each thumbnail pixel lies.
+            thumb, _ = slide.read_overview(self.overlay_long_side_px)
+        # Thumbnail pixel centres in level-0 and scan pixels: the overlay samples the map where each pixel lies.
         (w0, h0), to_scan = plan.level0_size, plan.level0_mpp / scan_mpp
-        thumb_rows = (np.arange(thumb.shape[0]) + 0.5) * (h0 / thumb.shape[0]) * to_scan
-        thumb_cols = (np.arange(thumb.shape[1]) + 0.5) * (w0 / thumb.shape[1]) * to_scan
-        write_overlay_png(files["overlay"], thumb, registered_map(prob, grid, thumb_rows, thumb_cols))
+        step_x, step_y = w0 / thumb.shape[1], h0 / thumb.shape[0]
+        rows0, cols0 = (np.arange(thumb.shape[0]) + 0.5) * step_y, (np.arange(thumb.shape[1]) + 0.5) * step_x
+        tissue = (np.asarray(plan.tissue.at_level0(cols0[None, :], rows0[:, None])) > 0
+                  if plan.tissue is not None else None)
+        score = float(prob.max()) if prob.size else 0.0
+        write_overlay_png(files["overlay"], thumb, registered_map(prob, grid, rows0 * to_scan, cols0 * to_scan),
+                          threshold=self.overlay_min_probability, mask=tissue,
+                          detections_px=detections[:, 1:] / (step_x, step_y),
+                          title=[plan.name, *([self.model_label] if self.model_label else []),
+                                 f"slide score {score:.3f}; {len(detections)} detections, numbered as the rows of "
+                                 f"detections/{files['detections'].name}"],
+                          colour_bar="tumour probability",
+                          fields={"slide": plan.name, "model": self.model_label,
+                                  "level0_px_per_overlay_px": [step_x, step_y],
+                                  "overlay_um_per_px": [step_x * plan.level0_mpp, step_y * plan.level0_mpp]})
         write_detections_csv(files["detections"], detections)
         write_detections_geojson(files["geojson"], detections, mpp=plan.level0_mpp,
                                  id_scope=f"{plan.name}/detections")
         write_detections_asap_xml(files["asap_xml"], detections)
-        self.scores[plan.name] = (float(prob.max()) if prob.size else 0.0, int(len(detections)))
+        self.scores[plan.name] = (score, int(len(detections)))
 
 
 def registered_map(prob: np.ndarray, grid: MapGrid, rows_scan_px: np.ndarray, cols_scan_px: np.ndarray) -> np.ndarray:

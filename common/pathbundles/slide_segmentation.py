@@ -39,7 +39,7 @@ from pathbundles.writers import write_label_overlay_png
 logger = logging.getLogger(__name__)
 
 __all__ = ["DMMN_PALETTE", "SegmentationMetricsReport", "SlideLabelWriter", "canonical_class_name", "class_colours",
-           "legend_image", "report_label_outputs", "trace_regions", "write_table_i"]
+           "report_label_outputs", "trace_regions", "write_table_i"]
 
 #: Class colours of the paper's figures (Sec. III: "carcinoma in red, benign epithelial in blue, background in
 #: yellow, stroma in green, necrotic in gray, and adipose in orange"), keyed by canonical class name.
@@ -89,33 +89,6 @@ def class_colours(classes: Mapping[Any, str]) -> dict[int, tuple[int, int, int]]
         colour = DMMN_PALETTE.get(canonical_class_name(name))
         colours[class_id] = colour if colour is not None else next(extra, (0, 0, 0))
     return colours
-
-
-def legend_image(entries: Sequence[tuple[str, Sequence[int]]], swatch_px: int = 12, pad_px: int = 6) -> np.ndarray:
-    """A white legend box, one row per (name, colour): a colour swatch with a black border, then the name.
-
-    Returns:
-        (h, w, 3) uint8 RGB.
-    """
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.load_default()
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    boxes = [probe.textbbox((0, 0), name, font=font) for name, _ in entries]
-    row_px = max([swatch_px, *(b[3] - b[1] for b in boxes)]) + pad_px // 2
-    text_px = max((b[2] - b[0] for b in boxes), default=0)
-    width = 3 * pad_px + swatch_px + text_px
-    height = 2 * pad_px + row_px * len(entries)
-    image = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((0, 0, width - 1, height - 1), outline=(0, 0, 0))
-    for k, ((name, colour), box) in enumerate(zip(entries, boxes, strict=True)):
-        top = pad_px + k * row_px
-        draw.rectangle((pad_px, top, pad_px + swatch_px - 1, top + swatch_px - 1),
-                       fill=tuple(int(c) for c in colour), outline=(0, 0, 0))
-        draw.text((2 * pad_px + swatch_px - box[0], top + (swatch_px - (box[3] - box[1])) // 2 - box[1]), name,
-                  fill=(0, 0, 0), font=font)
-    return np.asarray(image)
 
 
 def _centre_indices(n_out: int, step: float, n_in: int) -> np.ndarray:
@@ -236,8 +209,10 @@ class SlideLabelWriter(StreamedSlideWriter):
       fields, :func:`pathbundles.writers.read_pyramid_fields`), streamed from the disk canvas;
     - ``labels_rgb/<name>.tif`` (when ``rgb_labels``): the same map as RGB class colours, for readers that cannot
       read a palette image (TIAToolbox's ``WSIReader.open``);
-    - ``overlays/<name>.png``: the slide thumbnail at ``overlay_mpp`` with the label colours (:func:`class_colours`)
-      and a legend to its right;
+    - ``overlays/<name>.png``: for review, the slide thumbnail (its long side ``overlay_long_side_px``) with the label
+      colours (:func:`class_colours`; unpredicted pixels left as scanned), a legend of the class colours and names
+      to its right, and the slide name, model and version and the predicted area in a title strip
+      (:func:`pathbundles.writers.write_label_overlay_png`);
     - ``areas/<name>.json``: pixels and mm^2 per class, the unpredicted area and the map mpp;
     - ``regions/<name>.geojson`` (when ``polygon_classes``): outlines of the connected regions of those classes as
       QuPath annotations with their class colours and stable ids, traced at ``polygon_mpp``;
@@ -254,7 +229,8 @@ class SlideLabelWriter(StreamedSlideWriter):
             :func:`pathbundles.outputs.work_area`).
         classes: {id: name} of the network's classes, ids 1..C.
         pred_key: key of the prediction in each ``engine.state.output`` item.
-        overlay_mpp: resolution of the overlay thumbnail (um/px).
+        overlay_long_side_px: pixels along the overlay thumbnail's long side (at most the slide's level 0).
+        model_label: the model and version printed on overlays (:func:`pathbundles.bundle.model_label`).
         polygon_classes: class names to outline in GeoJSON; () for none.
         polygon_mpp: resolution at which outlines are traced (um/px); coarser gives fewer vertices.
         min_polygon_area_um2: regions (and holes in them) smaller than this are not outlined (um^2).
@@ -263,12 +239,14 @@ class SlideLabelWriter(StreamedSlideWriter):
     """
 
     def __init__(self, dataset: Any, output_dir: str | os.PathLike, classes: Mapping[Any, str], pred_key: str = "pred",
-                 overlay_mpp: float = 16.0, polygon_classes: Sequence[str] = ("carcinoma",), polygon_mpp: float = 4.0,
+                 overlay_long_side_px: int = 2000, model_label: str = "",
+                 polygon_classes: Sequence[str] = ("carcinoma",), polygon_mpp: float = 4.0,
                  min_polygon_area_um2: float = 1000.0, alpha: float = 0.5, rgb_labels: bool = True) -> None:
         super().__init__(dataset, output_dir, "DMMN tiles", "tile")
         self.rgb_labels = bool(rgb_labels)
         self.classes = _check_classes(classes)
-        self.pred_key, self.overlay_mpp, self.alpha = pred_key, float(overlay_mpp), float(alpha)
+        self.pred_key, self.alpha = pred_key, float(alpha)
+        self.overlay_long_side_px, self.model_label = int(overlay_long_side_px), str(model_label)
         self.map_mpp = float(dataset.mpps[0])
         by_name = {canonical_class_name(v): k for k, v in self.classes.items()}
         unknown = [c for c in polygon_classes if canonical_class_name(c) not in by_name]
@@ -396,7 +374,7 @@ class SlideLabelWriter(StreamedSlideWriter):
         height, width = canvas.shape
         # The thumbnail first: a slide that cannot be read fails before anything is written.
         with open_slide(entry.path, backend=self.dataset.handles.backend, mpp=entry.mpp_override) as slide:
-            thumb, _ = slide.read_thumbnail(max(self.overlay_mpp, self.map_mpp))
+            thumb, _ = slide.read_overview(self.overlay_long_side_px)
         w0, h0 = entry.level0_size
         thumb_map = _NearestCopy(_centre_indices(thumb.shape[0], h0 * entry.level0_mpp / thumb.shape[0] / self.map_mpp,
                                                  height),
@@ -430,14 +408,16 @@ class SlideLabelWriter(StreamedSlideWriter):
                                resample="nearest", colormap=self.colours, store_rgb=True,
                                description={"content": "class colours of labels/<name>.tif, not predicted = black",
                                             **fields})
-        legend = legend_image([(name, self.colours[k]) for k, name in self.classes.items()])
-        canvas_hw = (max(thumb.shape[0], legend.shape[0]), thumb.shape[1] + legend.shape[1])
-        image = np.full((*canvas_hw, 3), 255, np.uint8)
-        image[:thumb.shape[0], :thumb.shape[1]] = thumb[..., :3]
-        image[:legend.shape[0], thumb.shape[1]:] = legend
-        labels = np.zeros(canvas_hw, np.uint8)  # 0 (uncoloured) under the legend and the padding
-        labels[:thumb.shape[0], :thumb.shape[1]] = thumb_map.array
-        write_label_overlay_png(files["overlay"], image, labels, self.colours, alpha=self.alpha)
+        mm2_per_px = (self.map_mpp * 1e-3) ** 2
+        step_x, step_y = w0 / thumb.shape[1], h0 / thumb.shape[0]
+        write_label_overlay_png(files["overlay"], thumb, thumb_map.array, self.colours, alpha=self.alpha,
+                                legend=[(name, self.colours[k]) for k, name in self.classes.items()],
+                                title=[entry.name, *([self.model_label] if self.model_label else []),
+                                       f"predicted {counts[1:].sum() * mm2_per_px:.2f} mm^2 of "
+                                       f"{counts.sum() * mm2_per_px:.2f} mm^2; areas in areas/{files['areas'].name}"],
+                                fields={"slide": entry.name, "model": self.model_label,
+                                        "level0_px_per_overlay_px": [step_x, step_y],
+                                        "overlay_um_per_px": [step_x * entry.level0_mpp, step_y * entry.level0_mpp]})
 
         n_regions = 0
         if self.polygon_ids:
@@ -450,7 +430,6 @@ class SlideLabelWriter(StreamedSlideWriter):
             _write_regions_geojson(files["regions"], regions, colours, self.polygon_mpp ** 2, f"{entry.name}/regions")
             _write_regions_asap_xml(files["asap_xml"], regions, colours)
 
-        mm2_per_px = (self.map_mpp * 1e-3) ** 2
         predicted = int(counts[1:].sum())
         per_class = {name: {"id": k, "pixels": int(counts[k]), "area_mm2": float(counts[k] * mm2_per_px),
                             "fraction_of_predicted": float(counts[k] / predicted) if predicted else None}

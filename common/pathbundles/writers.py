@@ -51,7 +51,7 @@ import imagecodecs
 import numpy as np
 import tifffile
 from numpy.typing import ArrayLike, DTypeLike
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from pathbundles.annotations import Annotation, feature_id, write_asap_xml
 from pathbundles.atomic import atomic_path
@@ -63,6 +63,11 @@ __all__ = [
     "BandSource",
     "colormap_lut",
     "DiskCanvas",
+    "legend_panel",
+    "write_annotated_png",
+    "MARKER_COLOUR",
+    "overlay_font_px",
+    "read_overlay_layout",
     "read_detections_csv",
     "read_detections_geojson",
     "read_pyramid_fields",
@@ -643,6 +648,12 @@ _COLORMAPS: dict[str, tuple[Sequence[tuple[float, float]], ...]] = {
     "gray": (((0, 0), (1, 1)),) * 3,
 }
 
+#: Ring colour of detection markers on probability overlays: magenta is in no jet colour nor H&E stain.
+MARKER_COLOUR = (255, 0, 255)
+#: PNG text key of the overlay's layout (:func:`read_overlay_layout`).
+OVERLAY_LAYOUT_KEY = "pathbundles-overlay"
+_PAPER, _INK = (255, 255, 255), (0, 0, 0)
+
 
 def colormap_lut(cmap: str | ArrayLike) -> np.ndarray:
     """A (256, 3) uint8 lookup table from a name in ("jet", "hot", "gray") or from a (256, 3) array."""
@@ -658,21 +669,42 @@ def colormap_lut(cmap: str | ArrayLike) -> np.ndarray:
     return lut.astype(np.uint8)
 
 
+def overlay_font_px(long_side_px: int) -> int:
+    """Text height for an overlay whose slide image has this long side: ~1/90 of it, at least 12 px (22 px on a
+    2000 px overlay), so that labels stay legible at the size the image is shown."""
+    return max(12, round(long_side_px / 90))
+
+
 def write_overlay_png(path: str | os.PathLike, rgb_thumbnail: ArrayLike, prob_map: ArrayLike, *,
                       alpha: float = 0.5, threshold: float | None = None, cmap: str | ArrayLike = "jet",
-                      value_range: tuple[float, float] | None = None, resample: str = "bilinear") -> Path:
-    """Colour a probability map over a slide thumbnail and write an RGB PNG of the thumbnail's size.
+                      value_range: tuple[float, float] | None = None, resample: str = "bilinear",
+                      mask: ArrayLike | None = None, detections_px: ArrayLike | None = None,
+                      title: Sequence[str] = (), colour_bar: str | None = None,
+                      fields: Mapping[str, Any] | None = None) -> Path:
+    """Colour a probability map over a slide thumbnail and write an RGB PNG.
+
+    Without ``detections_px``, ``title`` and ``colour_bar`` the PNG is the thumbnail's size. With them it is laid
+    out for review (:func:`read_overlay_layout` gives where each part lies): a title strip on top, the coloured
+    thumbnail below it with detections marked by a ring (:data:`MARKER_COLOUR`) and numbered 1..N in the order
+    given (the detection CSV's rows), and a colour bar (0..1, labelled with ``colour_bar``) in a margin to its
+    right, never over the slide.
 
     Args:
         path: output ``.png``.
         rgb_thumbnail: (h, w, 3) uint8 (an alpha channel is dropped).
         prob_map: (H, W) map covering the same slide area at any resolution; resized to (h, w).
         alpha: opacity of the colour, 0..1.
-        threshold: colour only where the probability (in 0..1 after scaling) is >= threshold; None: everywhere.
+        threshold: colour only where the probability (in 0..1 after scaling) is >= threshold, so glass and
+            negligible probabilities show the thumbnail as it is; None: everywhere.
         cmap: colormap name ("jet", "hot", "gray") or a (256, 3) uint8 lookup table.
         value_range: map values shown as 0 and 1; default (0, 1) for floats, (0, dtype max) for integers
             (so a uint8 map stored as probability * 255 reads right).
         resample: "bilinear" (smooth) or "nearest" (keeps the map's pixels visible).
+        mask: (h, w) bool, colour only where True (tissue); None: everywhere.
+        detections_px: (N, 2) x, y of detections in thumbnail px (pixel k spans [k, k + 1)).
+        title: lines of the title strip (slide name, model and version, score).
+        colour_bar: the colour bar's label (e.g. "tumour probability"); None: no colour bar.
+        fields: extra entries for the layout record (e.g. the overlay's um/px).
     """
     rgb = _as_rgb(rgb_thumbnail)
     prob = np.asarray(prob_map)
@@ -683,16 +715,32 @@ def write_overlay_png(path: str | os.PathLike, rgb_thumbnail: ArrayLike, prob_ma
     lo, hi = value_range
     scaled = np.clip((prob.astype(np.float32) - lo) / (hi - lo), 0, 1)
     scaled = _resize(scaled, rgb.shape[:2], resample)
-    colour = colormap_lut(cmap)[np.rint(scaled * 255).astype(np.uint8)]
+    lut = colormap_lut(cmap)
+    colour = lut[np.rint(scaled * 255).astype(np.uint8)]
     weight = np.full(scaled.shape, alpha, np.float32)
     if threshold is not None:
         weight[scaled < threshold] = 0
-    return _write_blend(path, rgb, colour, weight)
+    if mask is not None:
+        tissue = np.asarray(mask, bool)
+        if tissue.shape != scaled.shape:
+            raise ValueError(f"mask shape {tissue.shape}: expected the thumbnail's {scaled.shape}")
+        weight[~tissue] = 0
+    blended = _blend(rgb, colour, weight)
+    font_px = overlay_font_px(max(rgb.shape[:2]))
+    panel = None if colour_bar is None else _colour_bar_panel(lut, colour_bar, threshold, font_px)
+    xy = np.zeros((0, 2)) if detections_px is None else np.asarray(detections_px, np.float64).reshape(-1, 2)
+    markers = [(x, y, MARKER_COLOUR, str(k + 1)) for k, (x, y) in enumerate(xy)]
+    return write_annotated_png(path, blended, title=title, panel=panel, markers=markers, fields=fields)
 
 
 def write_label_overlay_png(path: str | os.PathLike, rgb: ArrayLike, label_map: ArrayLike,
-                            palette: Mapping[int, Sequence[int]], *, alpha: float = 0.5) -> Path:
+                            palette: Mapping[int, Sequence[int]], *, alpha: float = 0.5,
+                            legend: Sequence[tuple[str, Sequence[int]]] | None = None, title: Sequence[str] = (),
+                            fields: Mapping[str, Any] | None = None) -> Path:
     """Colour a multi-class label map over a thumbnail (nearest-neighbour resize) and write an RGB PNG.
+
+    Without ``legend`` and ``title`` the PNG is the thumbnail's size; with them, a title strip on top and the
+    legend (a swatch and name per class) in a margin to the right (:func:`read_overlay_layout`).
 
     Args:
         path: output ``.png``.
@@ -700,6 +748,9 @@ def write_label_overlay_png(path: str | os.PathLike, rgb: ArrayLike, label_map: 
         label_map: (H, W) integer labels covering the same slide area at any resolution.
         palette: label -> (r, g, b) 0..255. Labels absent from it (e.g. background 0) are left uncoloured.
         alpha: opacity of the colour, 0..1.
+        legend: (name, colour) rows of the legend; None: no legend.
+        title: lines of the title strip.
+        fields: extra entries for the layout record.
     """
     base = _as_rgb(rgb)
     labels = np.asarray(label_map)
@@ -712,7 +763,146 @@ def write_label_overlay_png(path: str | os.PathLike, rgb: ArrayLike, label_map: 
         hit = labels == label
         colour[hit] = rgb_value
         weight[hit] = alpha
-    return _write_blend(path, base, colour, weight)
+    panel = None if legend is None else legend_panel(legend, overlay_font_px(max(base.shape[:2])))
+    return write_annotated_png(path, _blend(base, colour, weight), title=title, panel=panel, markers=(),
+                             fields=fields)
+
+
+def legend_panel(entries: Sequence[tuple[str, Sequence[int]]], font_px: int = 12) -> np.ndarray:
+    """A white legend box, one row per (name, colour): a colour swatch with a black border, then the name, at
+    ``font_px`` text height.
+
+    Returns:
+        (h, w, 3) uint8 RGB.
+    """
+    font = _font(font_px)
+    pad, swatch = max(4, font_px // 2), font_px
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    boxes = [probe.textbbox((0, 0), name, font=font) for name, _ in entries]
+    row_px = max([swatch, *(b[3] - b[1] for b in boxes)]) + pad
+    width = 3 * pad + swatch + max((b[2] - b[0] for b in boxes), default=0)
+    height = pad + row_px * len(entries)
+    image = Image.new("RGB", (width, height), _PAPER)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((0, 0, width - 1, height - 1), outline=_INK)
+    for k, ((name, colour), box) in enumerate(zip(entries, boxes, strict=True)):
+        top = pad + k * row_px
+        draw.rectangle((pad, top, pad + swatch - 1, top + swatch - 1), fill=tuple(int(c) for c in colour),
+                       outline=_INK)
+        draw.text((2 * pad + swatch - box[0], top + (swatch - (box[3] - box[1])) // 2 - box[1]), name, fill=_INK,
+                  font=font)
+    return np.asarray(image)
+
+
+def read_overlay_layout(path: str | os.PathLike) -> dict[str, Any]:
+    """Where the parts of an overlay PNG lie, from its text chunk: ``slide_box_px`` [x, y, w, h] (the slide
+    thumbnail), ``title_box_px`` and ``panel_box_px`` (colour bar or legend; [0, 0, 0, 0] when absent),
+    ``colour_bar_box_px`` (the bar itself, value 1 at its top row and 0 at its bottom row), ``markers`` (the
+    numbered detections' [x, y] in PNG px) and the writer's ``fields``.
+
+    Raises:
+        InputError: the PNG has no layout record (not written by this module).
+    """
+    with Image.open(path) as image:
+        text = getattr(image, "text", {}).get(OVERLAY_LAYOUT_KEY)
+    if text is None:
+        raise InputError(path, f"no {OVERLAY_LAYOUT_KEY!r} text chunk: not an overlay written by pathbundles")
+    return json.loads(text)
+
+
+def _font(font_px: int) -> Any:
+    # PIL >= 10.1 scales its bundled font when FreeType is there; otherwise the fixed bitmap font.
+    try:
+        return ImageFont.load_default(size=font_px)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def _colour_bar_panel(lut: np.ndarray, label: str, threshold: float | None,
+                      font_px: int) -> tuple[np.ndarray, list[int]]:
+    """A white panel with a vertical colour bar (1 at the top), ticks 0, 0.5, 1, the label above it and, with a
+    threshold, a tick at it and a note that values below it are not coloured. Returns the panel and the bar's box
+    [x, y, w, h] in it."""
+    font = _font(font_px)
+    pad, bar_w, bar_h = font_px, font_px, 12 * font_px
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = [label] + ([f"< {threshold:g}: not coloured"] if threshold else [])
+    text_w = max(probe.textbbox((0, 0), line, font=font)[2] for line in lines)
+    tick_w = probe.textbbox((0, 0), "0.5", font=font)[2]
+    width = max(text_w, bar_w + pad // 2 + font_px // 2 + tick_w) + 2 * pad
+    bar_x, bar_y = pad, 2 * pad + font_px
+    height = bar_y + bar_h + 2 * pad + (font_px + pad // 2) * (len(lines) - 1) + font_px // 2
+    image = Image.new("RGB", (width, height), _PAPER)
+    draw = ImageDraw.Draw(image)
+    draw.text((pad, pad), label, fill=_INK, font=font)
+    values = 1.0 - np.arange(bar_h) / (bar_h - 1)
+    bar = np.repeat(lut[np.rint(values * 255).astype(np.intp)][:, None], bar_w, axis=1)
+    image.paste(Image.fromarray(bar), (bar_x, bar_y))
+    draw.rectangle((bar_x - 1, bar_y - 1, bar_x + bar_w, bar_y + bar_h), outline=_INK)
+    ticks = [0.0, 0.5, 1.0] + ([float(threshold)] if threshold else [])
+    for value in ticks:
+        y = bar_y + round((1.0 - value) * (bar_h - 1))
+        draw.line((bar_x + bar_w, y, bar_x + bar_w + font_px // 2, y), fill=_INK, width=max(1, font_px // 10))
+        if value in (0.0, 0.5, 1.0):
+            draw.text((bar_x + bar_w + font_px // 2 + pad // 2, y), f"{value:g}", fill=_INK, font=font, anchor="lm")
+    for k, line in enumerate(lines[1:]):
+        draw.text((pad, bar_y + bar_h + pad + k * (font_px + pad // 2)), line, fill=_INK, font=font)
+    return np.asarray(image), [bar_x, bar_y, bar_w, bar_h]
+
+
+def write_annotated_png(path: str | os.PathLike, slide: np.ndarray, *, title: Sequence[str] = (),
+                        panel: np.ndarray | tuple[np.ndarray, list[int]] | None = None,
+                        markers: Sequence[tuple[float, float, Sequence[int], str | None]] = (),
+                        fields: Mapping[str, Any] | None = None, ring_px: float | None = None,
+                        ring_width_px: int | None = None) -> Path:
+    """Lay out and write an overlay: ``title`` lines on top, ``slide`` (its px (0, 0) at the strip's foot) with
+    ``markers`` (x, y in slide px, ring colour, label or None), ``panel`` (an image, or an image and a colour bar
+    box [x, y, w, h] in it) to the right, all on white; the layout as a PNG text chunk (:func:`read_overlay_layout`).
+    With no title, panel nor markers the PNG is ``slide`` itself.
+
+    Args:
+        ring_px, ring_width_px: marker ring radius and line width, px; default from the text height.
+    """
+    h, w = slide.shape[:2]
+    font_px = overlay_font_px(max(h, w))
+    font, pad = _font(font_px), font_px // 2
+    bar_box = None
+    if isinstance(panel, tuple):
+        panel, bar_box = panel
+    title_h = (len(title) * (font_px + pad) + pad) if title else 0
+    panel_h, panel_w = panel.shape[:2] if panel is not None else (0, 0)
+    panel_x = w + pad if panel is not None else w
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    title_w = max((probe.textbbox((0, 0), line, font=font)[2] + 2 * pad for line in title), default=0)
+    canvas = Image.new("RGB", (max(panel_x + panel_w + (pad if panel is not None else 0), title_w),
+                               title_h + max(h, panel_h)), _PAPER)
+    canvas.paste(Image.fromarray(slide), (0, title_h))
+    if panel is not None:
+        canvas.paste(Image.fromarray(panel), (panel_x, title_h))
+    draw = ImageDraw.Draw(canvas)
+    for k, line in enumerate(title):
+        draw.text((pad, pad + k * (font_px + pad)), line, fill=_INK, font=font)
+    radius = ring_px if ring_px is not None else float(font_px)
+    ring_w = ring_width_px if ring_width_px is not None else max(2, font_px // 7)
+    placed = []
+    for x, y, colour, label in markers:
+        cx, cy = float(x), float(y) + title_h
+        placed.append([cx, cy])
+        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), outline=tuple(colour), width=ring_w)
+        if label:
+            # Black digits with a white outline read on any background.
+            draw.text((cx + radius + 2, cy - radius - 2), label, fill=_INK, font=font, anchor="lb",
+                      stroke_width=max(1, font_px // 8), stroke_fill=_PAPER)
+    layout = {"slide_box_px": [0, title_h, w, h], "title_box_px": [0, 0, canvas.width, title_h],
+              "panel_box_px": [panel_x, title_h, panel_w, panel_h] if panel is not None else [0, 0, 0, 0],
+              "colour_bar_box_px": ([panel_x + bar_box[0], title_h + bar_box[1], *bar_box[2:]] if bar_box
+                                    else [0, 0, 0, 0]),
+              "markers": placed, "fields": dict(fields or {})}
+    info = PngImagePlugin.PngInfo()
+    info.add_text(OVERLAY_LAYOUT_KEY, json.dumps(layout))
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG", pnginfo=info)
+    return Path(path)
 
 
 def _as_rgb(image: ArrayLike) -> np.ndarray:
@@ -736,11 +926,10 @@ def _resize(image: np.ndarray, hw: tuple[int, int], resample: str) -> np.ndarray
     raise ValueError(f"resample {resample!r}: expected 'bilinear' or 'nearest'")
 
 
-def _write_blend(path: str | os.PathLike, rgb: np.ndarray, colour: np.ndarray, weight: np.ndarray) -> Path:
+def _blend(rgb: np.ndarray, colour: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """``rgb`` where ``weight`` is 0 (exactly: glass stays the thumbnail), ``colour`` blended in by ``weight``."""
     blended = rgb * (1 - weight[..., None]) + colour * weight[..., None]
-    with atomic_path(path) as tmp:
-        Image.fromarray(np.rint(blended).astype(np.uint8)).save(tmp, format="PNG")
-    return Path(path)
+    return np.rint(blended).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------------------

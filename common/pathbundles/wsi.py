@@ -404,6 +404,28 @@ class Slide(abc.ABC):
                         self._read_at_level(source, (0, top * row_scale), size, actual))
         return np.concatenate(rows, axis=0), actual
 
+    def read_overview(self, long_side_px: int) -> tuple[np.ndarray, float]:
+        """Read the whole slide with its long side ``long_side_px`` pixels (for review overlays), at most level 0's.
+
+        The pixels come from the coarsest pyramid level at or finer than the needed resolution, area-resampled
+        (:meth:`read_thumbnail` with no tolerance), so a 100k px slide costs a read of a few thousand px a side.
+
+        Args:
+            long_side_px: pixels along the slide's longer physical side; slides smaller than this are read at
+                level 0 as stored.
+
+        Returns:
+            (uint8 array (height, width, 3), its mpp in um/px along x).
+        """
+        if not (isinstance(long_side_px, (int, np.integer)) and long_side_px >= 1):
+            raise SlideError(self.path, f"overview long side must be a positive whole number of px, "
+                                        f"got {long_side_px!r}")
+        (w0, h0), (mpp_x, mpp_y) = self.dimensions, self.mpp
+        long_um = max(w0 * mpp_x, h0 * mpp_y)
+        if long_side_px >= max(w0, h0):
+            return self.read_thumbnail(min(mpp_x, mpp_y))
+        return self.read_thumbnail(long_um / long_side_px, tolerance=0.0)
+
     # ---- lifecycle -----------------------------------------------------------------------------------------------
 
     def close(self) -> None:
