@@ -330,6 +330,11 @@ def test_writer_metrics_report_and_tuner_store(tmp_path: Path) -> None:
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["metrics"]
     assert metrics["f1"] == pytest.approx(2 / 3) and metrics["precision"] == pytest.approx(2 / 3)
     assert engine.state.metrics["recall"] == pytest.approx(2 / 3)
+    # Well-separated mitoses: the challenge scorers' greedy matching counts the same as the optimal one.
+    details = json.loads((tmp_path / "out" / "metrics.json").read_text())["details"]
+    assert details["matching"] == "optimal"
+    assert {m: (c["tp"], c["fp"], c["fn"]) for m, c in details["counts_by_matching"].items()} == {
+        "optimal": (2, 1, 1), "greedy": (2, 1, 1)}
     # PR curve: the two strong TPs first (P 1, R 2/3), then the weak FP (P 2/3): AP = 2/3 * 1 + 0 * 2/3.
     assert metrics["average_precision"] == pytest.approx(2 / 3)
     curves = json.loads((tmp_path / "out" / "curves.json").read_text())

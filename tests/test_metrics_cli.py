@@ -46,7 +46,7 @@ def _expected_froc() -> dict:
     """Slides 3, lesions 2 (tumour_a found at 0.9, tumour_b missed). FPs 0.7, 0.6.
     Curve: (0,0) (0,1/2)@0.9 (1/3,1/2)@0.7 (2/3,1/2)@0.6 (2/3,1/2)@0.5 -> sensitivity 1/2 at every rate."""
     return {"froc": 0.5, "sensitivity": {k: 0.5 for k in ("0.25", "0.5", "1", "2", "4", "8")},
-            "n_slides": 3, "n_lesions": 2, "n_itc": 0}
+            "n_slides": 3, "n_lesions": 2, "n_itc": 0, "excluded_slides": []}
 
 
 def test_froc_command(froc_dirs: tuple[Path, Path], tmp_path: Path) -> None:
@@ -65,6 +65,43 @@ def test_froc_mask_downsample_and_mpp_are_used(froc_dirs: tuple[Path, Path], tmp
     # outside the lesion: a third FP, which changes no sensitivity (1/2 throughout).
     result = froc_command(masks, detections, tmp_path / "r.json", level0_mpp=0.5, mask_downsample=16)
     assert result == _expected_froc()
+
+
+def test_froc_leaves_out_the_organisers_excluded_slides(froc_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    """The Camelyon16 test set ships test_049.tif; the organisers left Test_049 and Test_114 out. A normal
+    'test_049' with two FPs at 0.95 and 0.8 would, if counted, give 2 FP above the lesion's 0.9 hit among 4 slides."""
+    masks, detections = froc_dirs
+    _write_csv(detections / "test_049.csv", [[0.95, 100, 100], [0.8, 200, 200]])
+    # Default: left out (names compared without case), and the result says so; same numbers as without the file.
+    result = froc_command(masks, detections, tmp_path / "r.json")
+    assert result == {**_expected_froc(), "excluded_slides": ["test_049"]}
+    # No exclusion: 4 slides, FPs 0.95, 0.8, 0.7, 0.6; the lesion (0.9) is found after 1 FP (1/4 FP per slide):
+    # sensitivity 0 at 1/4 FP per slide would be interpolated... the curve: (0,0) (1/4,0)@0.95 (1/4,1/2)@0.9
+    # (1/2,1/2)@0.8 ... so 1/2 at every rate from 1/4 on (the highest sensitivity at a shared rate counts).
+    counted = froc_command(masks, detections, tmp_path / "r.json", exclude_slides="")
+    assert counted["n_slides"] == 4 and counted["excluded_slides"] == []
+    assert counted["sensitivity"]["0.25"] == 0.5
+    # An exclusion list of the user's own, as a comma-separated string (the command line's form).
+    own = froc_command(masks, detections, tmp_path / "r.json", exclude_slides="normal_c, TEST_049")
+    assert own["excluded_slides"] == ["normal_c", "test_049"] and own["n_slides"] == 2
+    assert own["froc"] == 0.5  # tumour_a's FP at 0.7 is 1/2 FP per slide; the lesion at 0.9 comes first
+
+
+def test_mitosis_f1_command_greedy_matching(tmp_path: Path) -> None:
+    """Radius 10, mitoses at x=0 and x=15; detections in file order d1 x=7.6 (nearest B: 7.4 < 7.6), d2 x=22.
+    Greedy (the challenge scorers'): d1-B, d2 finds no free mitosis within 10 -> TP 1, FP 1, FN 1; optimal: 2 TP."""
+    truth, detections = tmp_path / "truth", tmp_path / "det"
+    truth.mkdir()
+    detections.mkdir()
+    _write_csv(truth / "img.csv", [[0, 0], [15, 0]])
+    _write_csv(detections / "img.csv", [[7.6, 0, 0.9], [22, 0, 0.8]])
+    greedy = mitosis_f1_command(truth, detections, tmp_path / "f1.json", radius_px=10, matching="greedy")
+    assert (greedy["tp"], greedy["fp"], greedy["fn"], greedy["matching"]) == (1, 1, 1, "greedy")
+    assert greedy["f1"] == pytest.approx(0.5)
+    optimal = mitosis_f1_command(truth, detections, tmp_path / "f1.json", radius_px=10)
+    assert (optimal["tp"], optimal["fp"], optimal["fn"]) == (2, 0, 0)
+    with pytest.raises(ValueError, match="matching must be one of optimal, greedy"):
+        mitosis_f1_command(truth, detections, tmp_path / "f1.json", matching="hungarian")
 
 
 def test_froc_malformed_csv_names_file_and_line(froc_dirs: tuple[Path, Path], tmp_path: Path) -> None:
@@ -116,7 +153,7 @@ def test_mitosis_f1_command(tmp_path: Path) -> None:
     _write_csv(detections / "img2.csv", [[5, 5, 0.8]])
     result = mitosis_f1_command(truth, detections, tmp_path / "f1.json", radius_px=30)
     assert result == {"precision": pytest.approx(1 / 3), "recall": 0.5, "f1": pytest.approx(0.4),
-                      "tp": 1, "fp": 2, "fn": 1}
+                      "tp": 1, "fp": 2, "fn": 1, "matching": "optimal"}
     thresholded = mitosis_f1_command(truth, detections, tmp_path / "f1.json", radius_px=30, score_threshold=0.85)
     assert (thresholded["tp"], thresholded["fp"], thresholded["fn"]) == (1, 0, 1)
 
@@ -170,7 +207,8 @@ def test_mitosis_f1_with_nothing_to_find_and_nothing_found_is_undefined(tmp_path
     with pytest.warns(UndefinedMetricWarning, match="no ground-truth mitosis and no detection"):
         result = mitosis_f1_command(truth, detections, tmp_path / "f1.json")
     assert result == {"precision": 1.0, "recall": 1.0, "f1": None, "tp": 0, "fp": 0, "fn": 0,
-                      "f1_undefined": "undefined: no ground-truth mitosis and no detection (F1 = 0 / 0)"}
+                      "f1_undefined": "undefined: no ground-truth mitosis and no detection (F1 = 0 / 0)",
+                      "matching": "optimal"}
     assert json.loads((tmp_path / "f1.json").read_text()) == result
 
 
@@ -236,7 +274,8 @@ def test_command_line(froc_dirs: tuple[Path, Path], tmp_path: Path) -> None:
     run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr
     assert json.loads((tmp_path / "f1.json").read_text()) == {"precision": 0.5, "recall": 1.0,
-                                                              "f1": pytest.approx(2 / 3), "tp": 1, "fp": 1, "fn": 0}
+                                                              "f1": pytest.approx(2 / 3), "tp": 1, "fp": 1, "fn": 0,
+                                                              "matching": "optimal"}
     # An undefined F1 is said in the JSON and warned about by name; a threshold off [0, 1] is one line, exit 2.
     (mitosis_truth / "hpf.csv").write_text("")
     (mitosis_det / "hpf.csv").write_text("")

@@ -256,3 +256,43 @@ def test_tumor_001_polygons(shared_data) -> None:
     result = froc([slide_hits(np.array([[0.9, *polygons[0].xy.mean(axis=0)], [0.8, 10_000.0, 10_000.0]]), lesions)])
     # Lesion found at 0.9 with no FP, the other missed: sensitivity 1/2 at every rate.
     assert result.score == pytest.approx(0.5) and result.n_lesions == 2
+
+
+def test_detection_report_leaves_out_the_organisers_excluded_slides(tmp_path) -> None:
+    """evaluate.json's report over a run's outputs: Camelyon16's Test_114 (a normal slide here, scored 0.99 with an FP
+    at 0.99) is left out of FROC and AUC by default and named in metrics.json; with no exclusion it counts."""
+    import json
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from pathbundles.evaluation import DetectionMetricsReport
+
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[8:48, 8:48] = 255  # 40 mask px at 7.776 um/px = 311 um: a lesion, not an ITC
+    Image.fromarray(mask).save(tmp_path / "tumour_1_mask.png")
+    (tmp_path / "tumour_1.csv").write_text(f"0.8,{20 * 32},{20 * 32}\n")
+    (tmp_path / "Test_114.csv").write_text("0.99,100,100\n")
+    (tmp_path / "normal_2.csv").write_text("")
+    datalist = [{"image": str(tmp_path / "tumour_1.tif"), "mask": str(tmp_path / "tumour_1_mask.png"), "label": 1},
+                {"image": str(tmp_path / "Test_114.tif"), "label": 0},
+                {"image": str(tmp_path / "normal_2.tif"), "label": 0}]
+    plans = [SimpleNamespace(name=n, level0_size=(64 * 32, 64 * 32), level0_mpp=MPP)
+             for n in ("tumour_1", "Test_114", "normal_2")]
+    writer = SimpleNamespace(dataset=SimpleNamespace(plans=plans),
+                             scores={"tumour_1": (0.8,), "Test_114": (0.99,), "normal_2": (0.1,)},
+                             outputs=lambda name: {"detections": tmp_path / f"{name}.csv"})
+    default = DetectionMetricsReport(writer, datalist, tmp_path / "default", n_bootstrap=10)
+    (tmp_path / "default").mkdir()
+    report = default()
+    # Without Test_114: the lesion is found with no FP (FROC 1) and the tumour slide outscores the normal one.
+    assert report["metrics"] == {"froc": 1.0, "slide_auc": 1.0}
+    assert report["excluded_slides"] == ["Test_114"]
+    assert json.loads((tmp_path / "default" / "metrics.json").read_text())["excluded_slides"] == ["Test_114"]
+    (tmp_path / "all").mkdir()
+    counted = DetectionMetricsReport(writer, datalist, tmp_path / "all", n_bootstrap=10, exclude_slides=None)()
+    # With it: 1 FP (0.99) above the lesion's 0.8 over 3 slides (1/3 FP per slide): sensitivity 0 at 1/4, 1 from 1/2
+    # on: FROC 5/6. AUC: the tumour slide (0.8) beats normal_2 (0.1), loses to Test_114 (0.99): 1/2.
+    assert counted["metrics"]["froc"] == pytest.approx(5 / 6)
+    assert counted["metrics"]["slide_auc"] == pytest.approx(0.5)
+    assert counted["excluded_slides"] == []

@@ -95,6 +95,22 @@ def test_optimal_matching_beats_greedy_nearest() -> None:
     assert mitosis_counts(truth, detections, np.array([0.9, 0.8]), radius_px=10).tp == 2
 
 
+def test_greedy_matching_follows_detection_order_and_a_strict_radius() -> None:
+    """The challenge scorers' rule: detections in the order given, nearest free mitosis, distance < radius."""
+    truth = np.array([[0.0, 0.0], [15.0, 0.0]])
+    detections = np.array([[7.6, 0.0], [22.0, 0.0]])
+    assert match_points(truth, detections, 10.0, "greedy").tolist() == [[1, 0]]
+    # The other order: d2 (x=22) first takes B (7 px), then d1 takes A (7.6 px): both pair, as optimal does.
+    assert match_points(truth, detections[::-1], 10.0, "greedy").tolist() == [[1, 0], [0, 1]]
+    # Strict radius: exactly 10 px apart pairs optimally (<=) but not greedily (<).
+    at_radius = (np.array([[0.0, 0.0]]), np.array([[6.0, 8.0]]))
+    assert len(match_points(*at_radius, 10.0)) == 1 and len(match_points(*at_radius, 10.0, "greedy")) == 0
+    counts = mitosis_f1([(truth, detections, np.array([0.9, 0.8]))], radius_px=10, matching="greedy")
+    assert counts == DetectionCounts(tp=1, fp=1, fn=1)
+    with pytest.raises(ValueError, match="matching must be one of"):
+        match_points(truth, detections, 10.0, "nearest")
+
+
 def test_image_without_mitoses_and_empty_detections() -> None:
     no_mitoses = mitosis_counts(np.zeros((0, 2)), np.array([[1.0, 1.0], [5.0, 5.0]]), radius_px=30)
     assert no_mitoses == DetectionCounts(0, 2, 0)

@@ -119,6 +119,9 @@ def test_label_tiff_holds_every_tile_at_its_grid_place(written):
     np.testing.assert_array_equal(level1, expected[::2, ::2])  # nearest, never a mean of labels
     assert description["mpp"] == 0.5 and description["classes"]["1"] == "carcinoma"
     assert description["colours"]["1"] == [255, 0, 0]
+    # How the views were read is recorded with the map ("auto" chose one per slide; "levels" or "tile").
+    assert description["read_path"] == {e.name: e.read_path for e in writer.dataset.slides}["s0"]
+    assert description["read_path"] in ("levels", "tile")
     # The palette holds the paper's colours (16-bit TIFF palette entries), not predicted = black.
     for k, colour in writer.colours.items():
         assert (palette[:, k] // 257).tolist() == list(colour)

@@ -241,6 +241,37 @@ def _inside_tumour(annotation_path: str, xy: np.ndarray) -> np.ndarray:
     return inside & ~excluded
 
 
+def test_paper_patch_label_rule_marks_a_cell_with_any_tumour(phantom: list[dict]) -> None:
+    """The paper's rule (default): a cell is tumour when any of its 16 x 16 evenly spread points is (exact polygon
+    test), so every cell the centre rule calls tumour stays tumour and border cells join; never on a normal slide."""
+    from pathbundles.errors import SettingError
+
+    ds = SpatialGridDataset(phantom, mpp=1.0, grid_size=3, patch_px=64, samples_per_epoch=24, fixed=True, seed=3,
+                            backend="tifffile")
+    assert ds.label_rule == "any"
+    centre_ds = SpatialGridDataset(phantom, mpp=1.0, grid_size=3, patch_px=64, samples_per_epoch=24, fixed=True,
+                                   seed=3, backend="tifffile", label_rule="centre")
+    cell0 = 64 * 1.0 / 0.5
+    sub = (np.arange(16) + 0.5) * cell0 / 16
+    gained = 0
+    for i in range(len(ds)):
+        slide, x, y, _ = ds.draw_item(i)
+        labels, centre_labels = ds[i]["label"].numpy(), centre_ds[i]["label"].numpy()
+        if slide.name == "phantom_normal_001":
+            assert not labels.any()
+            continue
+        x0, y0 = ds.region_origin(slide, x, y)
+        for r in range(3):
+            for c in range(3):
+                xy = np.stack(np.meshgrid(x0 + c * cell0 + sub, y0 + r * cell0 + sub), -1).reshape(-1, 2)
+                assert labels[r, c] == _inside_tumour(phantom[0]["annotation"], xy).any(), (i, r, c)
+        assert (labels >= centre_labels).all()
+        gained += int((labels > centre_labels).sum())
+    assert gained >= 1  # border cells whose centre is outside the lesion but part of it inside
+    with pytest.raises(SettingError, match="patch_label_rule must be one of any, centre"):
+        SpatialGridDataset(phantom, mpp=1.0, grid_size=3, patch_px=64, backend="tifffile", label_rule="majority")
+
+
 def test_dataset_grids_labels_and_transform_chain(phantom: list[dict]) -> None:
     from monai.transforms import CastToTyped, Compose, ScaleIntensityRanged
 
@@ -248,7 +279,7 @@ def test_dataset_grids_labels_and_transform_chain(phantom: list[dict]) -> None:
     from pathbundles.wsi import open_slide
 
     ds = SpatialGridDataset(phantom, mpp=1.0, grid_size=3, patch_px=64, samples_per_epoch=24, fixed=True, seed=3,
-                            backend="tifffile")
+                            backend="tifffile", label_rule="centre")
     cell0 = 64 * 1.0 / 0.5  # level-0 px per grid cell
     centres = (np.arange(3) + 0.5) * cell0
     mixed = 0

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from pathbundles.metrics.froc import CAMELYON16_EXCLUDED_SLIDES
 from pathbundles.outputs import slide_name
 from pathbundles.slide_inference import SlideMapWriter
 
@@ -56,12 +57,18 @@ class DetectionMetricsReport:
         output_dir: folder for the report.
         mask_mpp: resolution of evaluation masks built from polygons (um/px).
         n_bootstrap: bootstrap resamples for the AUC interval.
+        exclude_slides: slide names left out of FROC and AUC (without case), by default the Camelyon16
+            organisers' Test_049 and Test_114; ``metrics.json`` lists those left out under ``"excluded_slides"``.
     """
 
     def __init__(self, writer: SlideMapWriter, datalist: Sequence[dict], output_dir: str | os.PathLike,
-                 mask_mpp: float = 8.0, n_bootstrap: int = 1000) -> None:
+                 mask_mpp: float = 8.0, n_bootstrap: int = 1000,
+                 exclude_slides: str | Sequence[str] | None = CAMELYON16_EXCLUDED_SLIDES) -> None:
+        from pathbundles.metrics.froc import exclusion_set
+
         self.writer, self.datalist, self.output_dir = writer, list(datalist), Path(output_dir)
         self.mask_mpp, self.n_bootstrap = mask_mpp, n_bootstrap
+        self.excluded = exclusion_set(exclude_slides)
         self.report: dict | None = None
 
     def attach(self, engine: Any) -> None:
@@ -79,10 +86,13 @@ class DetectionMetricsReport:
         froc_metric, auc_metric = FROCMetric(), SlideAUCMetric(n_bootstrap=self.n_bootstrap)
         froc_metric.reset()
         auc_metric.reset()
-        labels, scores = [], []
+        labels, scores, left_out = [], [], []
         for plan in self.writer.dataset.plans:
             if plan.name not in self.writer.scores:
                 continue  # failed slides are reported by the writer
+            if plan.name.lower() in self.excluded:
+                left_out.append(plan.name)
+                continue
             item = items[plan.name]
             lesions = ground_truth_lesions(item, plan.level0_size, plan.level0_mpp, self.mask_mpp)
             detections = read_detections_csv(self.writer.outputs(plan.name)["detections"])
@@ -93,7 +103,10 @@ class DetectionMetricsReport:
             scores.append(self.writer.scores[plan.name][0])
         auc_metric.update((scores, labels))
         scalars = {"froc": float(froc_metric.compute()), "slide_auc": float(auc_metric.compute())}
-        self.report = write_report(self.output_dir, scalars, {"froc": froc_metric, "slide_auc": auc_metric})
+        if left_out:
+            logger.info("left out of FROC and AUC (exclusion list): %s", ", ".join(left_out))
+        self.report = write_report(self.output_dir, scalars, {"froc": froc_metric, "slide_auc": auc_metric},
+                                   extra={"excluded_slides": left_out})
         fpr, tpr, _ = roc_curve(np.asarray(labels), np.asarray(scores))
         write_curves(self.output_dir, fp_per_slide=froc_metric.result.fp_per_slide,
                      sensitivity=froc_metric.result.sensitivity, fpr=fpr, tpr=tpr)

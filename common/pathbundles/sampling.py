@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from pathbundles.checks import probability
 from pathbundles.outputs import slide_name
 from pathbundles.slide_inference import SlideHandles
 from pathbundles.tissue import LevelMask
@@ -106,7 +107,11 @@ class ClassBalancedPatchDataset(torch.utils.data.Dataset):
         read_px: side of the region read (patch plus room for rotation/scaling/translation augmentation).
         mpp: resolution of the patches (um/px).
         samples_per_epoch: length of the dataset.
-        hard_negative_fraction: share of normal draws taken from mined hard negatives, when there are any.
+        hard_negative_fraction: share of normal draws taken from mined hard negatives, when there are any; ``None``
+            (the default) adds them back to the normal candidates, as the paper does: a normal draw is a mined
+            location with probability mined / (mined + normal tissue-mask cells of all slides), i.e. in proportion
+            to their number (10 mined spots among 10,000 normal cells: 0.1 % of normal draws), every mined location
+            equally likely; the other normal draws are as without mining (slide first, then a cell).
         fixed: draw item ``i`` from a generator seeded with ``(seed, i)`` (a fixed validation set).
         seed: seed of ``fixed`` draws.
         backend: slide reader backend.
@@ -116,10 +121,13 @@ class ClassBalancedPatchDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, data: Sequence[dict], read_px: int, mpp: float, samples_per_epoch: int = 1024,
-                 hard_negative_fraction: float = 0.5, fixed: bool = False, seed: int = 0, backend: str = "auto",
+                 hard_negative_fraction: float | None = None, fixed: bool = False, seed: int = 0,
+                 backend: str = "auto",
                  tissue_mpp: float = 8.0, transform: Callable[[dict], dict] | None = None,
                  mpp_override: float | tuple[float, float] | None = None) -> None:
         self.read_px, self.mpp, self.length = int(read_px), float(mpp), int(samples_per_epoch)
+        if hard_negative_fraction is not None:
+            hard_negative_fraction = probability(hard_negative_fraction, "hard_negative_fraction")
         self.hard_negative_fraction, self.fixed, self.seed = hard_negative_fraction, fixed, seed
         self.transform = transform
         self.slides = locate(data, backend=backend, tissue_mpp=tissue_mpp, mpp_override=mpp_override)
@@ -132,12 +140,31 @@ class ClassBalancedPatchDataset(torch.utils.data.Dataset):
         return self.length
 
     def add_hard_negatives(self, slide_path: str, level0_xy: np.ndarray) -> int:
-        """Add mined false positives (level-0 (x, y) patch centres) of the slide at ``slide_path``."""
+        """Add mined false positives (level-0 (x, y) patch centres) of the slide at ``slide_path``; returns how many
+        were new (a location already in the pool, mined again by a later round, is not added twice)."""
         for s in self.slides:
             if s.path == str(slide_path):
-                s.hard_negatives = np.concatenate([s.hard_negatives, np.asarray(level0_xy, float).reshape(-1, 2)])
-                return len(s.hard_negatives)
+                xy = np.asarray(level0_xy, float).reshape(-1, 2)
+                known = {tuple(p) for p in np.round(s.hard_negatives, 6).tolist()}
+                fresh = []
+                for point, key in zip(xy, np.round(xy, 6).tolist()):
+                    if tuple(key) not in known:
+                        known.add(tuple(key))
+                        fresh.append(point)
+                if fresh:
+                    s.hard_negatives = np.concatenate([s.hard_negatives, np.asarray(fresh)])
+                return len(fresh)
         raise KeyError(f"{slide_path} is not a training slide of this dataset")
+
+    def hard_negative_share(self) -> float:
+        """Probability that a normal draw takes a mined hard negative: ``hard_negative_fraction`` when set, else
+        mined locations / (mined locations + normal candidate cells) over all slides; 0 without mined ones."""
+        n_hard = self.n_hard_negatives
+        if n_hard == 0:
+            return 0.0
+        if self.hard_negative_fraction is not None:
+            return self.hard_negative_fraction
+        return n_hard / (n_hard + sum(len(s.pools[NORMAL]) for s in self.slides))
 
     @property
     def n_hard_negatives(self) -> int:
@@ -147,8 +174,12 @@ class ClassBalancedPatchDataset(torch.utils.data.Dataset):
         """One (slide, level-0 x, level-0 y, label) draw: class first, then slide, then location."""
         label = int(rng.integers(2))
         hard = [s for s in self.slides if len(s.hard_negatives)]
-        if label == NORMAL and hard and rng.random() < self.hard_negative_fraction:
-            slide = hard[rng.integers(len(hard))]
+        if label == NORMAL and hard and rng.random() < self.hard_negative_share():
+            if self.hard_negative_fraction is None:  # added back: every mined location equally likely
+                sizes = np.asarray([len(s.hard_negatives) for s in hard], np.float64)
+                slide = hard[rng.choice(len(hard), p=sizes / sizes.sum())]
+            else:
+                slide = hard[rng.integers(len(hard))]
             x, y = slide.hard_negatives[rng.integers(len(slide.hard_negatives))]
             return slide, float(x), float(y), label
         candidates = [s for s in self.slides if len(s.pools[label])]

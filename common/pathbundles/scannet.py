@@ -183,14 +183,17 @@ class ScanNetInferer(Inferer):
 
 
 class HardNegativeMining:
-    """ScanNet's two-stage training (section 2.2, 3.2): train on general samples, then ``rounds`` times scan the
-    training slides' normal tissue with the current model, add its false positives to the training set as hard
-    negatives, and fine-tune for ``epochs_per_round`` more epochs.
+    """ScanNet's two-stage training (section 2.2, 3.2): train on general samples, then up to ``rounds`` times scan
+    the training slides' normal tissue with the current model, add its false positives to the training set as hard
+    negatives, and fine-tune for ``epochs_per_round`` more epochs. Mining is iterative, as in the paper: each round
+    mines with the model the previous round fine-tuned, and a round that finds no new false positive (none, or
+    only locations already in the pool) ends the mining without fine-tuning. :attr:`mined` holds the new false
+    positives of each round.
 
     Args:
         trainer: a MONAI ``SupervisedTrainer`` whose data loader draws from ``dataset``.
         dataset: the training :class:`pathbundles.sampling.ClassBalancedPatchDataset`.
-        rounds: mining rounds after the first training stage (0 = no mining).
+        rounds: the most mining rounds after the first training stage (0 = no mining).
         epochs_per_round: epochs of fine-tuning after each round.
         threshold: tumour probability above which a normal-tissue location is a false positive.
         max_per_slide: the highest-scoring false positives kept per slide and round.
@@ -230,17 +233,20 @@ class HardNegativeMining:
             keep = slide.in_pool(NORMAL, xy)
             order = np.argsort(-prob[rows[keep], cols[keep]], kind="stable")[:self.max_per_slide]
             if len(order):
-                self.dataset.add_hard_negatives(slide.path, xy[keep][order])
-                added += len(order)
-        logger.info("hard negative mining: %d false positives added (%d in the pool)", added,
-                    self.dataset.n_hard_negatives)
+                added += self.dataset.add_hard_negatives(slide.path, xy[keep][order])
+        logger.info("hard negative mining: %d false positives added (%d in the pool; a normal draw takes one with "
+                    "probability %.4f)", added, self.dataset.n_hard_negatives, self.dataset.hard_negative_share())
         self.mined.append(added)
         return added
 
     def run(self) -> None:
-        """Train, then alternate mining and fine-tuning for ``rounds`` rounds."""
+        """Train, then alternate mining and fine-tuning for up to ``rounds`` rounds, stopping at a round that adds
+        no new false positive."""
         self.trainer.run()
-        for _ in range(self.rounds):
-            self.mine()
+        for round_index in range(self.rounds):
+            if self.mine() == 0:
+                logger.info("hard negative mining: round %d found no new false positive; mining ends",
+                            round_index + 1)
+                break
             self.trainer.state.max_epochs += self.epochs_per_round
             self.trainer.run()

@@ -398,7 +398,8 @@ class SlideLabelWriter(StreamedSlideWriter):
         # The label values with the class colours as the TIFF palette (viewers show colours, tifffile reads labels),
         # then the same colours as RGB for readers that need samples (TIAToolbox); names and colours in the fields.
         fields = {"classes": {str(k): v for k, v in self.classes.items()},
-                  "colours": {str(k): list(c) for k, c in self.colours.items()}}
+                  "colours": {str(k): list(c) for k, c in self.colours.items()},
+                  "read_path": entry.read_path}
         write_pyramid_tiff(files["labels"], canvas, mpp=self.map_mpp, compression="deflate", resample="nearest",
                            colormap=self.colours, description={"content": "class labels, 0 = not predicted (black); "
                                                                           "the palette holds the class colours",

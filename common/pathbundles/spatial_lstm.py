@@ -301,6 +301,22 @@ class GridToPatchesd(MapTransform):
         return out
 
 
+#: Patch-label rules of :class:`SpatialGridDataset`: the paper's "any" (a patch is tumour when any pixel of it is)
+#: and NCRF's "centre" (when its centre is).
+LABEL_RULES = ("any", "centre")
+#: Points per cell side the "any" rule tests (16 x 16 = 256 per cell).
+ANY_RULE_SAMPLES = 16
+
+
+def check_label_rule(rule: str) -> str:
+    """``rule`` when it is one of :data:`LABEL_RULES`; :class:`SettingError` otherwise."""
+    from pathbundles.errors import SettingError
+
+    if rule not in LABEL_RULES:
+        raise SettingError(f"patch_label_rule must be one of {', '.join(LABEL_RULES)}, got {rule!r}")
+    return rule
+
+
 class _TumourLookup:
     """Whether level-0 points of one slide lie in tumour: exact polygon test of the ``annotation`` (exclusion
     regions removed), else the ``mask`` image, else never (a normal slide)."""
@@ -317,17 +333,27 @@ class _TumourLookup:
             with open_slide(str(item["image"]), backend=backend, mpp=mpp) as slide:
                 self.mask = LevelMask.load_mask(item["mask"], slide.level_dimensions[0], float(slide.mpp[0]))
 
-    def grid(self, origin_xy: tuple[float, float], grid_size: int, cell0_px: float) -> np.ndarray:
-        """(G, G) bool: is the centre of each cell of side ``cell0_px`` level-0 px from ``origin_xy`` in tumour."""
+    def grid(self, origin_xy: tuple[float, float], grid_size: int, cell0_px: float,
+             rule: str = "any") -> np.ndarray:
+        """(G, G) bool: is each cell of side ``cell0_px`` level-0 px from ``origin_xy`` tumour, by ``rule``.
+
+        ``"any"`` (the paper's, Sec. 4.1: "at least one pixel marked as a tumor within the patch area"): any of
+        :data:`ANY_RULE_SAMPLES` x :data:`ANY_RULE_SAMPLES` points spread evenly over the cell is in tumour (a
+        tumour region smaller than 1/16 of a cell side between them can be missed). ``"centre"`` (NCRF's): the
+        cell's centre is in tumour.
+        """
         from pathbundles.annotations import rasterize
 
+        k = ANY_RULE_SAMPLES if check_label_rule(rule) == "any" else 1
         if self.annotations is not None:
-            # A pixel of a rasterised mask is inside when its centre is: a G x G mask of cell-sized pixels.
-            return rasterize(self.annotations, (grid_size, grid_size), cell0_px, origin_xy=origin_xy) > 0
-        if self.mask is not None:
-            centres = (np.arange(grid_size) + 0.5) * cell0_px
-            return self.mask.at_level0(origin_xy[0] + centres[None, :], origin_xy[1] + centres[:, None]) > 0
-        return np.zeros((grid_size, grid_size), bool)
+            # A pixel of a rasterised mask is inside when its centre is: (G k) x (G k) sub-cells, then any per cell.
+            inside = rasterize(self.annotations, (grid_size * k, grid_size * k), cell0_px / k, origin_xy=origin_xy) > 0
+        elif self.mask is not None:
+            centres = (np.arange(grid_size * k) + 0.5) * cell0_px / k
+            inside = self.mask.at_level0(origin_xy[0] + centres[None, :], origin_xy[1] + centres[:, None]) > 0
+        else:
+            return np.zeros((grid_size, grid_size), bool)
+        return inside.reshape(grid_size, k, grid_size, k).any(axis=(1, 3))
 
 
 class SpatialGridDataset(ClassBalancedPatchDataset):
@@ -336,8 +362,8 @@ class SpatialGridDataset(ClassBalancedPatchDataset):
     The grid's centre is drawn as :class:`pathbundles.sampling.ClassBalancedPatchDataset` draws a patch centre
     (class with equal probability, then a slide having it, then a location of that class; hard negatives join the
     normal pool); one region of ``G * patch_px`` pixels centred there is read. Each item is a dict: ``image``
-    (3, G*patch_px, G*patch_px) uint8 tensor, ``label`` (G, G) float32 tensor (1 where the centre of that
-    ``patch_px`` cell lies in tumour, 0 elsewhere), ``location`` level-0 (x, y) float64 of the grid centre; then
+    (3, G*patch_px, G*patch_px) uint8 tensor, ``label`` (G, G) float32 tensor (1 where that ``patch_px`` cell is
+    tumour by ``label_rule``, 0 elsewhere), ``location`` level-0 (x, y) float64 of the grid centre; then
     ``transform`` (see the module docstring: :class:`RandDihedrald` on image and label, colour jitter,
     normalisation, :class:`GridToPatchesd`).
 
@@ -349,19 +375,22 @@ class SpatialGridDataset(ClassBalancedPatchDataset):
         patch_px: side of one grid cell in pixels at ``mpp`` (256; the network's crop is cut by the transforms).
         samples_per_epoch, hard_negative_fraction, fixed, seed, backend, tissue_mpp, transform, mpp_override: as
             :class:`pathbundles.sampling.ClassBalancedPatchDataset`.
+        label_rule: "any" (the paper's: a cell with any tumour pixel is tumour) or "centre" (NCRF's: its centre
+            decides); see :meth:`_TumourLookup.grid`.
     """
 
     def __init__(self, data: Sequence[dict], mpp: float, grid_size: int = GRID_SIZE, patch_px: int = PATCH_PX,
                  samples_per_epoch: int = 1024, hard_negative_fraction: float = 0.5, fixed: bool = False,
                  seed: int = 0, backend: str = "auto", tissue_mpp: float = 8.0,
                  transform: Callable[[dict], dict] | None = None,
-                 mpp_override: float | tuple[float, float] | None = None) -> None:
+                 mpp_override: float | tuple[float, float] | None = None, label_rule: str = "any") -> None:
         if grid_size < 1 or patch_px < 1:
             raise ValueError(f"grid_size and patch_px must be >= 1, got {grid_size} and {patch_px}")
         super().__init__(data, read_px=grid_size * patch_px, mpp=mpp, samples_per_epoch=samples_per_epoch,
                          hard_negative_fraction=hard_negative_fraction, fixed=fixed, seed=seed, backend=backend,
                          tissue_mpp=tissue_mpp, transform=transform, mpp_override=mpp_override)
         self.grid_size, self.patch_px = int(grid_size), int(patch_px)
+        self.label_rule = check_label_rule(label_rule)
         self.tumour = {s.path: _TumourLookup(item, backend, s.mpp_override) for item, s in zip(data, self.slides)}
 
     def __getitem__(self, i: int) -> dict:
@@ -369,7 +398,8 @@ class SpatialGridDataset(ClassBalancedPatchDataset):
         origin = self.region_origin(slide, x, y)
         region = self.handles(slide.path, slide.mpp_override).read_region(origin, (self.read_px, self.read_px),
                                                                           self.mpp)
-        labels = self.tumour[slide.path].grid(origin, self.grid_size, self.patch_px * self.mpp / slide.level0_mpp)
+        labels = self.tumour[slide.path].grid(origin, self.grid_size, self.patch_px * self.mpp / slide.level0_mpp,
+                                              self.label_rule)
         item = {"image": torch.from_numpy(np.ascontiguousarray(region.transpose(2, 0, 1))),
                 "label": torch.from_numpy(labels.astype(np.float32)),
                 "location": torch.tensor([x, y], dtype=torch.float64)}

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from pathbundles.atomic import atomic_path
 from pathbundles.errors import InputError
+from pathbundles.metrics.froc import CAMELYON16_EXCLUDED_SLIDES
 from pathbundles.tissue import read_mask_image
 
 _MASK_SUFFIXES = (".png", ".tif", ".tiff")
@@ -75,7 +77,8 @@ def _write_json(out: str | os.PathLike, result: dict) -> dict:
 
 
 def froc_command(masks: str | os.PathLike, detections: str | os.PathLike, out: str | os.PathLike,
-                 level0_mpp: float = 0.243, mask_downsample: float = 32) -> dict:
+                 level0_mpp: float = 0.243, mask_downsample: float = 32,
+                 exclude_slides: str | Sequence[str] | None = CAMELYON16_EXCLUDED_SLIDES) -> dict:
     """Camelyon16 FROC of a folder of detection CSVs against a folder of ground-truth tumour masks.
 
     Args:
@@ -84,19 +87,26 @@ def froc_command(masks: str | os.PathLike, detections: str | os.PathLike, out: s
         out: JSON file to write.
         level0_mpp: micrometres per level-0 pixel.
         mask_downsample: level-0 pixels per mask pixel.
+        exclude_slides: slide names left out (their mask and CSV both), compared without case; by default the
+            organisers' Test_049 and Test_114; a comma-separated string or "" for none.
 
     A CSV without a mask is a normal slide. A mask without a CSV is an error naming both (a detector that found
     nothing writes an empty CSV), so that names differing only in case never score as missed lesions.
 
     Returns:
-        ``{"froc", "sensitivity": {"0.25", "0.5", "1", "2", "4", "8"}, "n_slides", "n_lesions", "n_itc"}``.
+        ``{"froc", "sensitivity": {"0.25", "0.5", "1", "2", "4", "8"}, "n_slides", "n_lesions", "n_itc",
+        "excluded_slides"}`` (the names found here and left out).
     """
-    from pathbundles.metrics.froc import evaluation_mask, froc, slide_hits
+    from pathbundles.metrics.froc import evaluation_mask, exclusion_set, froc, slide_hits
     from pathbundles.writers import read_detections_csv
 
     mask_dir, detection_dir = _folder(masks, "masks"), _folder(detections, "detections")
+    excluded = exclusion_set(exclude_slides)
     mask_files = _by_stem(mask_dir, _MASK_SUFFIXES)
     csv_files = _by_stem(detection_dir, (".csv",))
+    left_out = sorted({stem for stem in (*mask_files, *csv_files) if stem.lower() in excluded})
+    mask_files = {stem: path for stem, path in mask_files.items() if stem not in left_out}
+    csv_files = {stem: path for stem, path in csv_files.items() if stem not in left_out}
     tumour, normal = _paired(mask_files, csv_files, mask_dir, detection_dir, other_alone=True)
     slides = []
     for stem in sorted(tumour + normal):
@@ -109,11 +119,11 @@ def froc_command(masks: str | os.PathLike, detections: str | os.PathLike, out: s
         raise InputError(detection_dir, f"no detection CSVs here and no masks in {mask_dir}")
     if sum(len(s.lesion_scores) for s in slides) == 0:
         raise InputError(mask_dir, "no lesion other than isolated tumour cells in any mask: sensitivity is undefined")
-    return _write_json(out, froc(slides).as_dict())
+    return _write_json(out, {**froc(slides).as_dict(), "excluded_slides": left_out})
 
 
 def mitosis_f1_command(truth: str | os.PathLike, detections: str | os.PathLike, out: str | os.PathLike,
-                       radius_px: float = 30.0, score_threshold: float = 0.0) -> dict:
+                       radius_px: float = 30.0, score_threshold: float = 0.0, matching: str = "optimal") -> dict:
     """Pooled mitosis precision, recall and F1 over images, one CSV per image in each folder (same stem).
 
     Args:
@@ -124,16 +134,19 @@ def mitosis_f1_command(truth: str | os.PathLike, detections: str | os.PathLike, 
         radius_px: matching radius in pixels (30 px = 7.5 um at 0.25 um/px; 20 px for MITOS 2012).
         score_threshold: detections scoring below this are dropped, in [0, 1] (choose it on validation data, not on
             test).
+        matching: ``"optimal"`` (maximum one-to-one matching, distance <= radius) or ``"greedy"`` (the challenge
+            scorers' and the SegMitos authors' ``cal_F.py``: rows in file order, nearest free mitosis at distance
+            < radius; use it to compare with published F-scores).
 
     Returns:
-        ``{"precision", "recall", "f1", "tp", "fp", "fn"}``; with no ground-truth mitosis and no detection F1 is
+        ``{"precision", "recall", "f1", "tp", "fp", "fn", "matching"}``; with no ground-truth mitosis and no detection F1 is
         undefined: ``"f1": null`` and ``"f1_undefined"`` says why.
     """
     from pathbundles.annotations import read_points_csv
-    from pathbundles.metrics.mitosis import mitosis_f1
-
     from pathbundles.checks import out_of_unit_range, probability
+    from pathbundles.metrics.mitosis import check_matching, mitosis_f1
 
+    check_matching(matching)
     score_threshold = probability(score_threshold, "score_threshold")
     truth_dir, detection_dir = _folder(truth, "truth"), _folder(detections, "detections")
     truth_files, detection_files = _by_stem(truth_dir, (".csv",)), _by_stem(detection_dir, (".csv",))
@@ -157,7 +170,8 @@ def mitosis_f1_command(truth: str | os.PathLike, detections: str | os.PathLike, 
         images.append((truth_xy, detection_xy, scores))
     if not images:
         raise InputError(truth_dir, "no ground-truth CSVs found")
-    return _write_json(out, mitosis_f1(images, radius_px=radius_px, score_threshold=score_threshold).as_dict())
+    counts = mitosis_f1(images, radius_px=radius_px, score_threshold=score_threshold, matching=matching)
+    return _write_json(out, {**counts.as_dict(), "matching": matching})
 
 
 def iou_command(truth: str | os.PathLike, pred: str | os.PathLike, out: str | os.PathLike, num_classes: int) -> dict:

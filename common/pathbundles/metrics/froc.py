@@ -21,7 +21,13 @@ is the mean sensitivity at 1/4, 1/2, 1, 2, 4 and 8 FP per slide, linearly interp
 evaluation does with ``np.interp``: where several points share one FP rate the highest sensitivity counts, between
 rates the line runs from the highest sensitivity of the lower rate to the lowest of the higher rate, and past the
 curve's last point the sensitivity stays at its last value.
+
+Excluded slides: the organisers left Camelyon16 slides Test_049 and Test_114 out of the challenge's evaluation
+(:data:`CAMELYON16_EXCLUDED_SLIDES`). The FROC and slide-AUC evaluations (``python -m pathbundles froc``, the
+bundles' ``evaluate.json``) leave out the slides of an exclusion list, by default those two (names compared without
+case, as the test set ships ``test_049.tif`` while the reference uses ``Test_049``), and report which they left out.
 """
+
 
 from __future__ import annotations
 
@@ -34,6 +40,20 @@ import numpy as np
 from scipy import ndimage
 
 FP_RATES: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+#: Camelyon16 test slides the organisers excluded from the evaluation.
+CAMELYON16_EXCLUDED_SLIDES: tuple[str, ...] = ("Test_049", "Test_114")
+
+
+def exclusion_set(exclude_slides: str | Sequence[str] | None) -> frozenset[str]:
+    """Lower-case slide names of an exclusion list: a sequence of names, one comma-separated string (the command
+    line), or None / "" for none."""
+    if exclude_slides is None:
+        return frozenset()
+    if isinstance(exclude_slides, str):
+        exclude_slides = exclude_slides.split(",")
+    names = [str(name).strip() for name in exclude_slides]
+    return frozenset(name.lower() for name in names if name)
 
 
 @dataclass(frozen=True)

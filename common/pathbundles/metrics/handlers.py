@@ -33,7 +33,7 @@ from pathbundles.atomic import atomic_path
 from pathbundles.metrics import plots
 from pathbundles.metrics.classification import SlideAUC, roc_curve, slide_auc
 from pathbundles.metrics.froc import FROCResult, LesionMask, evaluation_mask, froc, slide_hits
-from pathbundles.metrics.mitosis import DetectionCounts, mitosis_f1
+from pathbundles.metrics.mitosis import DetectionCounts, check_matching, mitosis_f1
 from pathbundles.metrics.segmentation import SegmentationScores, confusion_matrix
 
 #: Attribute of ``engine.state`` where the metrics below register themselves for ``MetricsReport``.
@@ -162,12 +162,14 @@ class MitosisF1Metric(_ReportedMetric):
     Args:
         radius_px: matching radius in pixels.
         score_threshold: detections scoring below this are dropped (choose it on validation data).
+        matching: ``"optimal"`` or ``"greedy"`` (the challenge scorers'; ``pathbundles.metrics.mitosis``).
         output_transform: engine output -> (y_pred, y).
     """
 
-    def __init__(self, radius_px: float = 30.0, score_threshold: float = 0.0,
+    def __init__(self, radius_px: float = 30.0, score_threshold: float = 0.0, matching: str = "optimal",
                  output_transform: Callable = lambda x: x) -> None:
         self.radius_px, self.score_threshold = radius_px, score_threshold
+        self.matching = check_matching(matching)
         super().__init__(output_transform)
 
     def reset(self) -> None:
@@ -182,7 +184,7 @@ class MitosisF1Metric(_ReportedMetric):
 
     def compute(self) -> float:
         self.result: DetectionCounts = mitosis_f1(self._images, radius_px=self.radius_px,
-                                                  score_threshold=self.score_threshold)
+                                                  score_threshold=self.score_threshold, matching=self.matching)
         return self.result.f1
 
     def details(self) -> dict:
@@ -259,11 +261,12 @@ class MetricsReport:
 
 
 def write_report(output_dir: str | os.PathLike, scalars: dict[str, float],
-                 reported: dict[str, _ReportedMetric], plot: bool = True) -> dict:
-    """Write ``metrics.json`` (scalars plus each reported metric's details) and the plots; return the JSON dict."""
+                 reported: dict[str, _ReportedMetric], plot: bool = True, extra: dict | None = None) -> dict:
+    """Write ``metrics.json`` (scalars plus each reported metric's details, and ``extra`` fields such as the
+    slides an exclusion list left out) and the plots; return the JSON dict."""
     directory = Path(output_dir)
     report = {"metrics": {k: (None if np.isnan(v) else v) for k, v in scalars.items()},
-              "details": {name: metric.details() for name, metric in reported.items()}}
+              "details": {name: metric.details() for name, metric in reported.items()}, **(extra or {})}
     if plot:
         written: list[str] = []
         for name, metric in reported.items():
