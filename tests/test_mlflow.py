@@ -61,14 +61,25 @@ def test_gates_relative_to_champion() -> None:
     assert not results[0]["passed"] and "has: froc" in results[0]["note"]
 
 
-def test_preview_is_the_top_scoring_slide(tmp_path: Path) -> None:
+def test_preview_is_the_top_tumour_and_top_normal_slide(tmp_path: Path) -> None:
     (tmp_path / "overlays").mkdir()
-    for name in ("a", "b"):
+    for name in ("a", "b", "c"):
         (tmp_path / "overlays" / f"{name}.png").write_bytes(b"png")
-    assert tracking.preview_overlay(tmp_path).name == "a.png"
-    (tmp_path / "slide_scores.csv").write_text("name,score,n_detections\na,0.2,1\nb,0.9,3\n")
-    assert tracking.preview_overlay(tmp_path).name == "b.png"
-    assert tracking.preview_overlay(tmp_path / "none") is None
+    assert {k: p.name for k, p in tracking.preview_overlays(tmp_path).items()} == {"first": "a.png"}
+    (tmp_path / "slide_scores.csv").write_text("name,score,n_detections\na,0.2,1\nb,0.9,3\nc,0.5,2\n")
+    assert {k: p.name for k, p in tracking.preview_overlays(tmp_path).items()} == {"highest": "b.png",
+                                                                                  "lowest": "a.png"}
+    labels = tracking.slide_labels([{"image": "/x/a.tif", "label": 1}, {"image": "/x/b.tif", "label": 0},
+                                    {"image": "/x/c.tif", "name": "c", "label": 1},
+                                    {"image": "/x/d.tif", "label": "masks/d.png"}, "/x/e.tif"])
+    assert labels == {"a": 1, "b": 0, "c": 1}
+    # the highest-scoring tumour slide (c: 0.5 > a: 0.2) and the highest-scoring normal slide (b)
+    assert {k: p.name for k, p in tracking.preview_overlays(tmp_path, labels).items()} == {"tumour": "c.png",
+                                                                                          "normal": "b.png"}
+    (tmp_path / "slide_scores.csv").write_text("name,label,score,n_detections\na,1,0.2,1\nb,1,0.9,3\nc,0,0.5,2\n")
+    assert {k: p.name for k, p in tracking.preview_overlays(tmp_path).items()} == {"tumour": "b.png",
+                                                                                  "normal": "c.png"}
+    assert tracking.preview_overlays(tmp_path / "none") == {}
 
 
 def test_git_commit_of_a_copied_bundle_is_the_code_s(tmp_path: Path) -> None:
@@ -166,8 +177,9 @@ def _check_evaluate_run(client, bundle: Path, dataset: Path) -> str:
     assert {"evaluation/metrics.json", "evaluation/curves.json", "evaluation/froc.png", "evaluation/roc.png",
             "evaluation/slide_scores.csv", "config/metadata.json"} <= artifacts
     assert any(re.fullmatch(r"config/config_\d{8}_\d{6}\.json", a) for a in artifacts)
-    previews = [a for a in artifacts if a.startswith("preview/")]
-    assert len(previews) == 1 and previews[0].endswith(".png")
+    # the dataset's labels pick the previews: its one tumour slide and its one normal slide
+    assert {a for a in artifacts if a.startswith("preview/")} == {"preview/tumour/phantom_tumor_000.png",
+                                                                  "preview/normal/phantom_normal_001.png"}
     return evaluation.info.run_id
 
 
@@ -203,8 +215,12 @@ def _registry_cycle(uri: str, bundle: Path, tmp_path: Path, train_run_id: str | 
     reviewed = registry.review(MODEL, 2, tracking_uri=uri)
     froc_row = next(r for r in reviewed["rows"] if r["metric"] == "froc")
     assert froc_row["champion"] == froc_row["candidate"] and froc_row["delta"] == 0.0
+    assert [r["metric"] for r in reviewed["rows"][:2]] == ["froc", "slide_auc"] and reviewed["same_data"] is True
+    assert {s["setting"]: s["candidate"] for s in reviewed["settings"]}["details.slide_auc.n_bootstrap"] == 50
     assert set(reviewed["plots"]) == {"review/froc_overlay.png", "review/roc_overlay.png"}
-    assert {"review/review.md", "review/review.json", *reviewed["plots"]} <= _artifacts(
+    assert set(reviewed["previews"]) == {"review/preview/tumour/phantom_tumor_000.png",
+                                         "review/preview/normal/phantom_normal_001.png"}
+    assert {"review/review.md", "review/review.json", *reviewed["plots"], *reviewed["previews"]} <= _artifacts(
         client, reviewed["review_run_id"])
     froc = froc_row["candidate"]
     if slide is not None:  # the CLI: a refused promotion exits with 2 and names the gate, value and threshold
@@ -214,6 +230,9 @@ def _registry_cycle(uri: str, bundle: Path, tmp_path: Path, train_run_id: str | 
         assert done.returncode == 2, done.stdout + done.stderr
         assert f"froc>=champion+0.01: froc = {froc:.4f}, needs >= {froc + 0.01:.4f}" in done.stderr
         assert "slide_auc>=0:" not in done.stderr
+        refusal = json.loads(done.stdout)
+        assert refusal["promoted"] is False and refusal["reasons"] == [
+            f"froc>=champion+0.01: froc = {froc:.4f}, needs >= {froc + 0.01:.4f}"]
     else:
         with pytest.raises(registry.PromotionRefused, match=re.escape(f"froc = {froc:.4f}, needs >= {froc + 0.01:.4f}")):
             registry.promote(MODEL, 2, gate=["slide_auc>=0", "froc>=champion+0.01"], tracking_uri=uri)
@@ -300,6 +319,8 @@ def test_promotion_needs_an_evaluation_and_an_absolute_gate(tmp_path: Path) -> N
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     first = registry.register(bundle, tracking_uri=uri)
     assert first["eval_run_id"] is None
+    description = mlflow.MlflowClient(uri, registry_uri=uri).get_model_version(MODEL, "1").description
+    assert "Measured performance: not measured" in description and "1.000" not in description
     with pytest.raises(registry.RegistryError, match=r"'pathbundles-scannet' v1 has no evaluation run: run the "
                                                       r"bundle's evaluate\.json"):
         registry.review(MODEL, 1, tracking_uri=uri)
@@ -328,4 +349,102 @@ def test_promotion_needs_an_evaluation_and_an_absolute_gate(tmp_path: Path) -> N
     done = subprocess.run([PYTHON, "-m", "pathbundles", "registry", "--tracking_uri", uri, "review", "--name", MODEL,
                            "--candidate", "1"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "v1 has no evaluation run" in done.stderr and "Traceback" not in done.stderr
-    assert "| metric |" not in done.stdout
+    assert "v1 has no evaluation run" in json.loads(done.stdout)["error"]  # stdout is one JSON object
+
+
+def _logged_run(client, experiment: str, tags: dict, metrics: dict, folder: Path,
+                files: dict[str, bytes] = {}) -> str:
+    """A finished run with ``tags``, ``metrics`` (a list of values is a history, steps 1, 2, ...) and ``files``
+    (artifact path -> content)."""
+    run_id = client.create_run(experiment, tags=tags).info.run_id
+    for metric, values in metrics.items():
+        for step, value in enumerate(values if isinstance(values, list) else [values], start=1):
+            client.log_metric(run_id, metric, value, step=step)
+    for artifact, content in files.items():
+        local = folder / run_id / artifact
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(content)
+        client.log_artifact(run_id, str(local), Path(artifact).parent.as_posix())
+    client.set_terminated(run_id)
+    return run_id
+
+
+def test_review_for_a_person_and_promotion_on_other_data(tmp_path: Path) -> None:
+    """The description and review state the measured metrics (headline first; settings and training curves apart,
+    without deltas; the candidate's curves and previews with no champion); a champion evaluated on another
+    datalist is flagged by the review and refuses the promotion unless --allow_different_data. The CLI prints
+    one JSON object, a refused promotion included."""
+    import mlflow
+
+    from mlflow_fixtures import SCANNET, copy_bundle
+
+    bundle = copy_bundle(SCANNET, tmp_path / "scannet")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    experiment = client.create_experiment(MODEL, artifact_location=tracking.default_artifact_location(uri))
+    weights = {tracking.TAG_WEIGHTS_SHA: sha256_file(bundle / "models" / "model.pt")}
+    train_run = _logged_run(client, experiment, {tracking.TAG_WORKFLOW: "train", **weights},
+                            {"train_loss": [0.9, 0.6, 0.4]}, tmp_path)
+    curves = {"froc": {"fp_per_slide": [0.0, 1.0, 8.0], "sensitivity": [0.0, 0.25, 0.5]},
+              "roc": {"fpr": [0.0, 0.0, 1.0], "tpr": [0.0, 1.0, 1.0]}}
+    first_eval = _logged_run(
+        client, experiment, {tracking.TAG_WORKFLOW: "evaluate", tracking.TAG_DATALIST_SHA: "a" * 64, **weights},
+        {"froc": 0.28, "slide_auc": 0.5, "details.froc.sensitivity.0.25": 0.1, "details.froc.n_slides": 2,
+         "details.slide_auc.n_bootstrap": 50, "details.slide_auc.confidence": 0.95}, tmp_path,
+        {"evaluation/curves.json": json.dumps(curves).encode(), "preview/tumour/t1.png": b"png-t",
+         "preview/normal/n1.png": b"png-n"})
+    assert registry.register(bundle, tracking_uri=uri)["run_id"] == train_run
+    description = client.get_model_version(MODEL, "1").description
+    for line in ("- froc: 0.2800\n- slide_auc: 0.5000\n", f"by evaluation run {first_eval} (runs:/{first_eval})",
+                 f"datalist sha256 {'a' * 64}", "confidence 0.95, n_bootstrap 50, n_slides 2"):
+        assert line in description, description
+    assert "1.000" not in description  # the docs README's demo FROC and AUC
+
+    alone = registry.review(MODEL, 1, tracking_uri=uri)  # no champion yet
+    assert alone["champion"] is None and alone["same_data"] is None and alone["warnings"] == []
+    assert [(r["metric"], r["candidate"], r["delta"], r["headline"]) for r in alone["rows"]] == [
+        ("froc", 0.28, None, True), ("slide_auc", 0.5, None, True), ("details.froc.sensitivity.0.25", 0.1, None, False)]
+    assert alone["settings"] == [{"setting": s, "champion": None, "candidate": v} for s, v in (
+        ("details.froc.n_slides", 2), ("details.slide_auc.confidence", 0.95), ("details.slide_auc.n_bootstrap", 50))]
+    assert alone["training"] == [{"metric": "train_loss", "steps": 3, "first": 0.9, "last": 0.4}]
+    assert alone["plots"] == ["review/froc_overlay.png", "review/roc_overlay.png"]  # the candidate's own curves
+    assert alone["previews"] == ["review/preview/normal/n1.png", "review/preview/tumour/t1.png"]
+    assert set(alone["plots"] + alone["previews"]) <= _artifacts(client, alone["review_run_id"])
+    markdown = alone["markdown"]
+    assert markdown.index("## Headline metrics") < markdown.index("## Other measured values") < markdown.index(
+        "## Evaluation settings") < markdown.index("## Training curves")
+    assert "| froc | - | 0.2800 | - |" in markdown and "| details.slide_auc.n_bootstrap | - | 50 |" in markdown
+    assert "| train_loss | 3 | 0.9 | 0.4 |" in markdown and "Warning" not in markdown
+    assert registry.promote(MODEL, 1, gate="froc>=0.2", tracking_uri=uri)["promoted"] is True
+
+    second_eval = _logged_run(
+        client, experiment, {tracking.TAG_WORKFLOW: "evaluate", tracking.TAG_DATALIST_SHA: "b" * 64, **weights},
+        {"froc": 0.35, "slide_auc": 0.75, "details.froc.n_slides": 3}, tmp_path)
+    assert registry.register(bundle, tracking_uri=uri)["eval_run_id"] == second_eval
+    cli = [PYTHON, "-m", "pathbundles", "registry", "--tracking_uri", uri]
+    done = subprocess.run(cli + ["review", "--name", MODEL, "--candidate", "2", "--markdown",
+                                 str(tmp_path / "review.md")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    reviewed = json.loads(done.stdout)  # the whole of stdout is one JSON object
+    assert reviewed["same_data"] is False and "different datalists (sha256 bbbbbbbbbbbb vs aaaaaaaaaaaa)" in \
+        reviewed["warnings"][0]
+    froc = reviewed["rows"][0]
+    assert froc["metric"] == "froc" and froc["delta"] == pytest.approx(0.07)
+    markdown = (tmp_path / "review.md").read_text()
+    assert markdown == reviewed["markdown"]
+    assert markdown.index("> **Warning:** candidate and v1 (champion) were evaluated on different datalists") < \
+        markdown.index("| froc | 0.2800 | 0.3500 | +0.0700 |")
+    assert "| details.froc.n_slides | 2 | 3 |" in markdown  # a count: no delta
+
+    done = subprocess.run(cli + ["promote", "--name", MODEL, "--candidate", "2", "--gate", "froc>=0.2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "error: refused to promote pathbundles-scannet v2" in done.stderr
+    refusal = json.loads(done.stdout)
+    assert refusal["promoted"] is False and [g["passed"] for g in refusal["gates"]] == [True]
+    (reason,) = refusal["reasons"]
+    assert "different datalists" in reason and "--allow_different_data" in reason
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
+    promoted = registry.promote(MODEL, 2, gate="froc>=0.2", allow_different_data=True, tracking_uri=uri)
+    assert promoted["promoted"] is True and promoted["same_data"] is False
+    assert "different datalists" in client.get_model_version(MODEL, "2").tags["promoted_on_different_data"]
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "2"

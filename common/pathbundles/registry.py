@@ -4,16 +4,23 @@
 
 - ``register --bundle bundles/<name> [--run_id ID]``: log the bundle folder as a pyfunc model (:class:`BundleModel`,
   predict = the bundle's inference on slide paths) and register it as a new version of ``pathbundles-<name>``,
-  linked to its training run and, by the weights hash, its latest evaluation run.
-- ``review --name M --candidate V``: candidate's evaluation metrics against the ``champion`` version's (table
-  printed and logged with overlaid FROC/ROC curves in a review run); a candidate without evaluation metrics fails.
+  linked to its training run and, by the weights hash, its latest evaluation run; the version's description states
+  that evaluation's measured metrics (or "not measured").
+- ``review --name M --candidate V [--markdown FILE]``: candidate's evaluation against the ``champion`` version's:
+  headline metrics first, other measured values, evaluation settings and training curves apart (no deltas); a
+  warning when the two evaluations ran on different datalists; logged with the FROC/ROC curves and the candidate's
+  preview overlays in a review run. A candidate without evaluation metrics fails.
 - ``promote --name M --candidate V [--gate "froc>=0.85,froc>=champion-0.01"] [--policy FILE]``: move the
   ``champion`` alias when every gate passes, recording who, why and the gate results as version tags; refuse with
-  the failed gates otherwise. The candidate needs an evaluation run, and the gates at least one absolute threshold;
-  without ``--gate`` they come from ``--policy`` (``{model name: [gates]}``), else from the bundle's
+  the failed gates otherwise, and when the champion was evaluated on other data (unless
+  ``--allow_different_data``). The candidate needs an evaluation run, and the gates at least one absolute
+  threshold; without ``--gate`` they come from ``--policy`` (``{model name: [gates]}``), else from the bundle's
   ``metadata.json`` field ``promotion_gates`` (recorded on the version at registration: the paper's metric).
 - ``export --name M --alias champion --out DIR``: write the bundle back, byte-identical, as a folder that
   ``python -m monai.bundle run`` runs unchanged.
+
+Every verb prints one JSON object on stdout; a failure prints ``{"error": ...}`` (a refused promotion
+``{"promoted": false, "reasons": [...]}``), repeats the message on stderr and exits with status 2.
 
 The tracking store is ``--tracking_uri``, else as for tracked runs (:func:`pathbundles.tracking.default_tracking_uri`).
 """
@@ -38,9 +45,10 @@ from typing import Any
 import mlflow.pyfunc
 
 from pathbundles.atomic import atomic_path
-from pathbundles.tracking import (CURVES_FILE, EVALUATION_DIR, TAG_BUNDLE, TAG_BUNDLE_VERSION, TAG_GIT_COMMIT,
-                                  TAG_WEIGHTS_SHA, TAG_WORKFLOW, default_artifact_location, default_tracking_uri,
-                                  project_git_commit, read_metadata, sha256_file)
+from pathbundles.tracking import (CURVES_FILE, EVALUATION_DIR, PREVIEW_DIR, TAG_BUNDLE, TAG_BUNDLE_VERSION,
+                                  TAG_DATALIST_SHA, TAG_GIT_COMMIT, TAG_WEIGHTS_SHA, TAG_WORKFLOW,
+                                  default_artifact_location, default_tracking_uri, project_git_commit,
+                                  read_metadata, sha256_file)
 
 CHAMPION = "champion"
 #: metadata.json field with a bundle's default promotion gates, and the version tag it is recorded in.
@@ -51,6 +59,11 @@ MODEL_ARTIFACT = "bundle"  # name of the logged model and of its bundle-folder a
 _EXCLUDED = ("eval", "__pycache__", "mlflow", ".*")
 #: Packages pinned (at their installed versions) in every registered model's requirements.
 _PINNED = ("mlflow", "monai", "torch", "pytorch-ignite", "numpy", "pandas", "pathbundles")
+#: The bundles' headline metrics, shown first (in this order) by a review and a version description; any other
+#: top-level metric of an evaluation run follows them. Dotted names (``details.*``) are the rest of metrics.json.
+HEADLINE_METRICS = ("froc", "slide_auc", "f1", "mean_iou")
+#: Last parts of metrics.json values that are evaluation settings, not measurements (counts ``n_*`` neither).
+_SETTINGS = ("n_bootstrap", "confidence")
 
 
 class RegistryError(Exception):
@@ -58,11 +71,13 @@ class RegistryError(Exception):
 
 
 class PromotionRefused(RegistryError):
-    """A promotion whose gates did not all pass; ``results`` holds every gate's outcome."""
+    """A refused promotion: ``results`` holds every gate's outcome, ``reasons`` one sentence per failed gate or
+    other cause (the champion evaluated on other data)."""
 
-    def __init__(self, message: str, results: list[dict]) -> None:
+    def __init__(self, message: str, results: list[dict], reasons: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.results = results
+        self.reasons = list(reasons)
 
 
 # ------------------------------------------------------------------------------------------------ the pyfunc model
@@ -296,8 +311,7 @@ def register(bundle: str | os.PathLike, run_id: str | None = None, name: str | N
         client.get_run(run_id)  # an unknown run id fails here, naming it
     eval_run_id = eval_run_id or _find_run(client, experiment_name, "evaluate", weights_sha)
     commit = project_git_commit(bundle_root)
-    docs = bundle_root / "docs" / "README.md"
-    description = docs.read_text(encoding="utf-8") if docs.is_file() else str(metadata.get("description", ""))
+    description = version_description(client, bundle_root, weights_sha, eval_run_id)
     tags = {TAG_BUNDLE: bundle_root.name, TAG_BUNDLE_VERSION: str(metadata.get("version", "unknown")),
             TAG_WEIGHTS_SHA: weights_sha, TAG_GIT_COMMIT: commit}
     if run_id is None:
@@ -367,6 +381,97 @@ def evaluated_metrics(client: Any, name: str, version: Any) -> dict[str, float]:
     return version_metrics(client, version)
 
 
+def metric_kind(metric: str) -> str:
+    """``"headline"`` (a top-level metric of metrics.json: froc, slide_auc, ...), ``"setting"`` (how it was
+    measured or on how much: ``n_bootstrap``, ``confidence``, counts ``n_*``) or ``"detail"`` (another measured
+    value, e.g. ``details.froc.sensitivity.0.25``)."""
+    last = metric.rsplit(".", 1)[-1]
+    if "." not in metric:
+        return "headline"
+    return "setting" if last in _SETTINGS or last.startswith("n_") else "detail"
+
+
+def _headline_order(metrics: Any) -> list[str]:
+    present = [m for m in metrics if metric_kind(m) == "headline"]
+    return [m for m in HEADLINE_METRICS if m in present] + sorted(m for m in present if m not in HEADLINE_METRICS)
+
+
+def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """Where a person opens a run: its page in the MLflow UI for a server store, else ``runs:/<id>`` (open it in
+    ``mlflow server`` started on the same store, mlflow/README.md)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"runs:/{run_id}"
+
+
+def _eval_run_id(version: Any | None) -> str | None:
+    return (version.tags or {}).get("pathbundles.eval_run_id") if version is not None else None
+
+
+def _evaluation(client: Any, run_id: str | None) -> dict | None:
+    """An evaluation run: ``{"run_id", "link", "datalist_sha256", "metrics"}``; None without one."""
+    if not run_id:
+        return None
+    run = client.get_run(run_id)
+    return {"run_id": run_id, "link": run_link(client.tracking_uri, run.info.experiment_id, run_id),
+            "datalist_sha256": run.data.tags.get(TAG_DATALIST_SHA), "metrics": dict(run.data.metrics)}
+
+
+def compare_evaluation_data(candidate: dict, champion: dict | None, champion_label: str) -> tuple[bool | None, str]:
+    """Whether a candidate's and a champion's evaluations (:func:`_evaluation`) ran on the same datalist, by the
+    datalist hash their runs are tagged with: ``(True, "")``, or ``(False | None, why)`` when they differ (False)
+    or cannot be compared (None: a run without the hash, or a champion without an evaluation)."""
+    if champion is None:
+        return None, f"{champion_label} has no evaluation run: its metrics cannot be compared"
+    ours, theirs = candidate["datalist_sha256"], champion["datalist_sha256"]
+    if ours and theirs and ours == theirs:
+        return True, ""
+    if ours and theirs:
+        return False, (f"candidate and {champion_label} were evaluated on different datalists (sha256 "
+                       f"{ours[:12]} vs {theirs[:12]}): their metrics are not comparable")
+    missing = [f"run {e['run_id']}" for e in (candidate, champion) if not e["datalist_sha256"]]
+    return None, (f"the evaluation data cannot be compared: {' and '.join(missing)} record no datalist hash "
+                  f"(tag {TAG_DATALIST_SHA})")
+
+
+def version_description(client: Any, bundle_root: Path, weights_sha: str, eval_run_id: str | None) -> str:
+    """A version's description: what was measured for these weights by ``eval_run_id`` (its headline metrics,
+    counts and settings, datalist hash and run link), or that nothing was; never the docs' demo figures."""
+    metadata = read_metadata(bundle_root)
+    lines = [f"{metadata.get('name', bundle_root.name)}: bundle {bundle_root.name} "
+             f"{metadata.get('version', 'unknown')}, weights sha256 {weights_sha}.", ""]
+    evaluation = _evaluation(client, eval_run_id)
+    if evaluation is None or not evaluation["metrics"]:
+        why = (f"evaluation run {eval_run_id} logged no metrics" if evaluation is not None else
+               "no finished evaluation run with these weights when it was registered")
+        lines.append(f"Measured performance: not measured ({why}; run the bundle's evaluate.json with --tracking "
+                     "on these weights and register again).")
+    else:
+        metrics = evaluation["metrics"]
+        lines.append(f"Measured performance, by evaluation run {evaluation['run_id']} ({evaluation['link']}) on "
+                     f"datalist sha256 {evaluation['datalist_sha256'] or 'not recorded'}:")
+        lines += [f"- {m}: {metrics[m]:.4f}" for m in _headline_order(metrics)]
+        settings = sorted((m.rsplit(".", 1)[-1], v) for m, v in metrics.items() if metric_kind(m) == "setting")
+        if settings:
+            lines.append("- measured with: " + ", ".join(f"{k} {v:g}" for k, v in dict(settings).items()))
+    lines += ["", "The bundle's docs/README.md (in the model's bundle artifact) describes the method and how to run "
+              "it; the performance figures there are the demo's or the paper's, not this version's."]
+    return "\n".join(lines) + "\n"
+
+
+def _training_curves(client: Any, version: Any) -> list[dict]:
+    """The metrics of a version's training run as curves: ``{"metric", "steps", "first", "last"}``."""
+    if not version.run_id:
+        return []
+    curves = []
+    for metric in sorted(client.get_run(version.run_id).data.metrics):
+        history = sorted(client.get_metric_history(version.run_id, metric), key=lambda m: (m.step, m.timestamp))
+        if history:
+            curves.append({"metric": metric, "steps": len(history), "first": history[0].value,
+                           "last": history[-1].value})
+    return curves
+
+
 def _curves(client: Any, version: Any) -> dict:
     import mlflow
 
@@ -376,13 +481,13 @@ def _curves(client: Any, version: Any) -> dict:
             path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{EVALUATION_DIR}/{CURVES_FILE}",
                                                        dst_path=tmp, tracking_uri=client.tracking_uri)
             return json.loads(Path(path).read_text(encoding="utf-8"))
-    except Exception:  # no curves logged for this version: the review shows the table only
+    except Exception:  # no curves logged for this version: the review shows the tables only
         return {}
 
 
-def _overlay_plots(curves: dict[str, dict], folder: Path) -> list[Path]:
-    """FROC, ROC and precision-recall curves of each version (label -> curves.json content) overlaid, one PNG per
-    curve kind."""
+def _curve_plots(curves: dict[str, dict], folder: Path) -> list[Path]:
+    """FROC, ROC and precision-recall curves of each version (label -> curves.json content), one PNG per curve
+    kind that any version has: the candidate's alone when there is no champion."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -394,7 +499,7 @@ def _overlay_plots(curves: dict[str, dict], folder: Path) -> list[Path]:
                                          "roc": ("fpr", "tpr", "false positive rate", "true positive rate"),
                                          "pr": ("recall", "precision", "recall", "precision")}.items():
         present = {label: c[kind] for label, c in curves.items() if kind in c}
-        if len(present) < 2:
+        if not present:
             continue
         figure, ax = plt.subplots(figsize=(5, 4), dpi=100)
         for label, curve in present.items():
@@ -406,7 +511,7 @@ def _overlay_plots(curves: dict[str, dict], folder: Path) -> list[Path]:
         ax.set_ylim(0, 1.02)
         ax.grid(True, alpha=0.3)
         ax.legend(loc="lower right")
-        ax.set_title(f"{kind.upper()}: candidate vs champion")
+        ax.set_title(f"{kind.upper()}: " + " vs ".join(present))
         path = folder / f"{kind}_overlay.png"
         with atomic_path(path) as tmp:
             figure.savefig(tmp, format="png", bbox_inches="tight")
@@ -415,15 +520,80 @@ def _overlay_plots(curves: dict[str, dict], folder: Path) -> list[Path]:
     return written
 
 
-def review(name: str, candidate: str | int, alias: str = CHAMPION, tracking_uri: str | None = None) -> dict:
-    """Compare a candidate version's metrics with the version holding ``alias``; print and log the comparison.
+def _download_previews(client: Any, run_id: str, folder: Path) -> Path | None:
+    """The evaluation run's ``preview/`` folder (``<role>/<slide>.png`` overlays) downloaded under ``folder``;
+    None when it has none."""
+    import mlflow
 
-    The table (markdown and JSON) and the overlaid FROC/ROC curves are logged in a new ``review`` run of the
-    candidate's experiment, whose id is stored on the candidate version as ``pathbundles.review_run_id``.
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=PREVIEW_DIR,
+                                                        dst_path=str(folder), tracking_uri=client.tracking_uri))
+    except Exception:  # an evaluation without overlays (metrics only): nothing to preview
+        return None
+
+
+def _fmt(value: float | None, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _markdown(name: str, cand_label: str, champ_label: str, warnings: list[str], rows: list[dict],
+              settings: list[dict], training: list[dict], evaluations: dict, files: list[str]) -> str:
+    lines = [f"# Review of {name} {cand_label} against {champ_label}", ""]
+    lines += [f"> **Warning:** {w}" for w in warnings] + ([""] if warnings else [])
+    header = [f"| metric | {champ_label} | {cand_label} | delta |", "|---|---:|---:|---:|"]
+    for title, subset in (("Headline metrics", [r for r in rows if r["headline"]]),
+                          ("Other measured values", [r for r in rows if not r["headline"]])):
+        if subset:
+            lines += [f"## {title}", "", *header]
+            lines += [f"| {r['metric']} | {_fmt(r['champion'])} | {_fmt(r['candidate'])} | "
+                      f"{_fmt(r['delta'], '+.4f')} |" for r in subset] + [""]
+    lines += ["## Evaluations", ""]
+    for label, evaluation in evaluations.items():
+        lines.append(f"- {label}: " + ("no evaluation run" if evaluation is None else
+                                       f"run {evaluation['run_id']} ({evaluation['link']}), datalist sha256 "
+                                       f"{evaluation['datalist_sha256'] or 'not recorded'}"))
+    lines.append("")
+    if settings:
+        lines += ["## Evaluation settings and counts (how and on how much it was measured; not compared)", "",
+                  f"| setting | {champ_label} | {cand_label} |", "|---|---:|---:|"]
+        lines += [f"| {s['setting']} | {_fmt(s['champion'], 'g')} | {_fmt(s['candidate'], 'g')} |"
+                  for s in settings] + [""]
+    if training:
+        lines += ["## Training curves of the candidate (its training run; not compared)", "",
+                  "| metric | steps | first | last |", "|---|---:|---:|---:|"]
+        lines += [f"| {c['metric']} | {c['steps']} | {_fmt(c['first'], '.4g')} | {_fmt(c['last'], '.4g')} |"
+                  for c in training]
+        lines.append("")
+    if files:
+        lines += ["## Plots and previews (artifacts of this review run)", ""] + [f"- `{f}`" for f in files] + [""]
+    return "\n".join(lines)
+
+
+def review(name: str, candidate: str | int, alias: str = CHAMPION, tracking_uri: str | None = None,
+           markdown_file: str | os.PathLike | None = None) -> dict:
+    """Compare a candidate version's evaluation with that of the version holding ``alias``, for a person to decide.
+
+    The Markdown review puts the headline metrics (:data:`HEADLINE_METRICS` first) with their deltas first, then
+    the other measured values; evaluation settings and counts (``n_bootstrap``, ``confidence``, ``n_slides``, ...)
+    and the candidate's training curves are listed apart, without deltas. A champion evaluated on another datalist
+    (or one whose datalist hash is unknown) is flagged: ``same_data`` false (or null) and a warning. The review
+    (``review/review.md``, ``review/review.json``), the FROC/ROC curves (the candidate's alone when there is no
+    champion) and the candidate's evaluation previews (``review/preview/<role>/<slide>.png``) are logged in a new
+    ``review`` run of the candidate's experiment, whose id is stored on the candidate version as
+    ``pathbundles.review_run_id``.
+
+    Args:
+        name: registered model.
+        candidate: version to review; it needs an evaluation run with metrics.
+        alias: the alias of the version to compare with.
+        tracking_uri: tracking and registry store.
+        markdown_file: also write the Markdown review to this file.
 
     Returns:
-        ``{"name", "candidate", "champion" (version or None), "rows": [{"metric", "champion", "candidate",
-        "delta"}], "review_run_id", "table"}``.
+        ``{"name", "candidate", "champion" (version or None), "same_data", "warnings", "evaluations": {"candidate",
+        "champion"}, "rows": [{"metric", "champion", "candidate", "delta", "headline"}], "settings": [{"setting",
+        "champion", "candidate"}], "training": [{"metric", "steps", "first", "last"}], "review_run_id", "plots",
+        "previews", "markdown"}``.
 
     Raises:
         RegistryError: the candidate has no evaluation run, or its evaluation logged no metrics.
@@ -431,45 +601,61 @@ def review(name: str, candidate: str | int, alias: str = CHAMPION, tracking_uri:
     client = _client(tracking_uri)
     cand = _version(client, name, candidate)
     champ = _alias_version(client, name, alias)
-    cand_metrics = evaluated_metrics(client, name, cand)
-    champ_metrics = version_metrics(client, champ) if champ is not None else {}
-    rows = []
-    for metric in sorted(set(cand_metrics) | set(champ_metrics)):
-        a, b = champ_metrics.get(metric), cand_metrics.get(metric)
-        rows.append({"metric": metric, "champion": a, "candidate": b,
-                     "delta": None if a is None or b is None else b - a})
+    evaluated_metrics(client, name, cand)
+    cand_eval = _evaluation(client, _eval_run_id(cand))
+    champ_eval = _evaluation(client, _eval_run_id(champ))
+    cand_label = f"v{cand.version} (candidate)"
     champ_label = f"v{champ.version} ({alias})" if champ is not None else f"no {alias}"
-
-    def cell(value: float | None) -> str:
-        return "-" if value is None else f"{value:.4f}"
-
-    lines = [f"# Review of {name} v{cand.version} against {champ_label}", "",
-             f"| metric | {champ_label} | v{cand.version} (candidate) | delta |", "|---|---:|---:|---:|"]
-    lines += [f"| {r['metric']} | {cell(r['champion'])} | {cell(r['candidate'])} | "
-              f"{'-' if r['delta'] is None else format(r['delta'], '+.4f')} |" for r in rows]
-    table = "\n".join(lines) + "\n"
-    print(table)
+    warnings = []
+    same_data = None
+    if champ is not None:
+        same_data, note = compare_evaluation_data(cand_eval, champ_eval, champ_label)
+        if note:
+            warnings.append(note)
+    cand_metrics, champ_metrics = cand_eval["metrics"], (champ_eval or {}).get("metrics", {})
+    both = set(cand_metrics) | set(champ_metrics)
+    order = _headline_order(both) + sorted(m for m in both if metric_kind(m) == "detail")
+    rows = [{"metric": m, "champion": champ_metrics.get(m), "candidate": cand_metrics.get(m),
+             "delta": None if m not in champ_metrics or m not in cand_metrics else cand_metrics[m] - champ_metrics[m],
+             "headline": metric_kind(m) == "headline"} for m in order]
+    settings = [{"setting": m, "champion": champ_metrics.get(m), "candidate": cand_metrics.get(m)}
+                for m in sorted(both) if metric_kind(m) == "setting"]
+    training = _training_curves(client, cand)
     experiment_id = client.get_run(cand.run_id).info.experiment_id
     run = client.create_run(experiment_id, run_name=f"review-{name}-v{cand.version}",
                             tags={TAG_WORKFLOW: "review", "pathbundles.model": name,
                                   "pathbundles.candidate_version": str(cand.version),
-                                  "pathbundles.champion_version": str(champ.version) if champ else "none"})
+                                  "pathbundles.champion_version": str(champ.version) if champ else "none",
+                                  "pathbundles.same_data": str(same_data).lower()})
     result = {"name": name, "candidate": str(cand.version), "champion": str(champ.version) if champ else None,
-              "rows": rows, "review_run_id": run.info.run_id, "table": table}
+              "same_data": same_data, "warnings": warnings,
+              "evaluations": {"candidate": cand_eval, "champion": champ_eval}, "rows": rows, "settings": settings,
+              "training": training, "review_run_id": run.info.run_id}
     with tempfile.TemporaryDirectory(prefix="pathbundles-review-") as tmp:
         folder = Path(tmp)
-        (folder / "review.md").write_text(table, encoding="utf-8")
-        (folder / "review.json").write_text(json.dumps({k: v for k, v in result.items() if k != "table"},
-                                                       indent=2), encoding="utf-8")
-        curves = {f"v{cand.version} (candidate)": _curves(client, cand)}
+        curves = {cand_label: _curves(client, cand)}
         if champ is not None:
             curves[champ_label] = _curves(client, champ)
-        plots = _overlay_plots(curves, folder)
+        plots = _curve_plots(curves, folder)
+        previews = _download_previews(client, cand_eval["run_id"], folder / "download")
+        result["plots"] = [f"review/{p.name}" for p in plots]
+        result["previews"] = [] if previews is None else sorted(
+            f"review/{PREVIEW_DIR}/{p.relative_to(previews).as_posix()}" for p in previews.rglob("*") if p.is_file())
+        markdown = _markdown(name, cand_label, champ_label, warnings, rows, settings, training,
+                             {cand_label: cand_eval, champ_label: champ_eval} if champ is not None
+                             else {cand_label: cand_eval}, result["plots"] + result["previews"])
+        result["markdown"] = markdown
+        (folder / "review.md").write_text(markdown, encoding="utf-8")
+        (folder / "review.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
         for path in [folder / "review.md", folder / "review.json", *plots]:
             client.log_artifact(run.info.run_id, str(path), "review")
+        if previews is not None:
+            client.log_artifacts(run.info.run_id, str(previews), f"review/{PREVIEW_DIR}")
     client.set_terminated(run.info.run_id)
     client.set_model_version_tag(name, str(cand.version), "pathbundles.review_run_id", run.info.run_id)
-    result["plots"] = [f"review/{p.name}" for p in plots]
+    if markdown_file is not None:
+        with atomic_path(Path(markdown_file)) as tmp:
+            tmp.write_text(markdown, encoding="utf-8")
     return result
 
 
@@ -542,8 +728,9 @@ def policy_gates(name: str, version: Any, policy: str | os.PathLike | None = Non
 
 def promote(name: str, candidate: str | int, gate: str | Sequence[str] = (), who: str | None = None,
             why: str = "", alias: str = CHAMPION, tracking_uri: str | None = None,
-            policy: str | os.PathLike | None = None) -> dict:
-    """Give ``alias`` to the candidate version when every gate passes; refuse (:class:`PromotionRefused`) otherwise.
+            policy: str | os.PathLike | None = None, allow_different_data: bool = False) -> dict:
+    """Give ``alias`` to the candidate version when every gate passes and its evaluation ran on the champion's
+    datalist; refuse (:class:`PromotionRefused`) otherwise.
 
     Args:
         name: registered model.
@@ -556,9 +743,15 @@ def promote(name: str, candidate: str | int, gate: str | Sequence[str] = (), who
         alias: the alias to move.
         policy: JSON file ``{model name: [gates]}`` giving the gates when ``gate`` is empty; default the bundle's
             ``metadata.json`` ``promotion_gates``.
+        allow_different_data: promote even when the champion's evaluation ran on another datalist (or its datalist
+            hash is unknown); recorded as the tag ``promoted_on_different_data``.
 
     The candidate version gets tags ``promoted_by``, ``promotion_reason``, ``promotion_gates`` (JSON results),
-    ``promoted_at`` and ``previous_champion``; a refusal records ``refused_gates`` and ``refused_at``.
+    ``promoted_at`` and ``previous_champion``; a refusal records ``refused_gates``, ``refused_reasons`` and
+    ``refused_at``.
+
+    Returns:
+        ``{"promoted": true, "name", "version", "alias", "promoted_by", "previous", "same_data", "gates"}``.
     """
     client = _client(tracking_uri)
     gates = [gate] if isinstance(gate, str) else list(gate)
@@ -575,23 +768,33 @@ def promote(name: str, candidate: str | int, gate: str | Sequence[str] = (), who
                             f"from {source}) need at least one absolute threshold, e.g. --gate \"froc>=0.85\"")
     cand_metrics = evaluated_metrics(client, name, cand)
     champ = _alias_version(client, name, alias)
-    champ_metrics = version_metrics(client, champ) if champ is not None and champ.version != cand.version else None
+    other = champ is not None and champ.version != cand.version
+    champ_metrics = version_metrics(client, champ) if other else None
     results = evaluate_gates(gates, cand_metrics, champ_metrics)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    failed = [r for r in results if not r["passed"]]
-    if failed:
-        client.set_model_version_tag(name, str(cand.version), "refused_gates", json.dumps(results))
-        client.set_model_version_tag(name, str(cand.version), "refused_at", stamp)
-        reasons = "; ".join(f"{r['gate']}: " + (r["note"] or f"{r['metric']} = {r['value']:.4f}, needs "
-                                                  f"{r['op']} {r['threshold']:.4f}") for r in failed)
-        raise PromotionRefused(f"refused to promote {name} v{cand.version} to '{alias}': {reasons}", results)
+    reasons = [f"{r['gate']}: " + (r["note"] or f"{r['metric']} = {r['value']:.4f}, needs {r['op']} "
+                                                f"{r['threshold']:.4f}") for r in results if not r["passed"]]
+    same_data, data_note = (compare_evaluation_data(_evaluation(client, _eval_run_id(cand)),
+                                                    _evaluation(client, _eval_run_id(champ)),
+                                                    f"v{champ.version} ({alias})") if other else (None, ""))
+    if data_note and not allow_different_data:
+        reasons.append(f"{data_note} (--allow_different_data promotes anyway)")
+    if reasons:
+        for key, value in {"refused_gates": json.dumps(results), "refused_reasons": json.dumps(reasons),
+                           "refused_at": stamp}.items():
+            client.set_model_version_tag(name, str(cand.version), key, value)
+        raise PromotionRefused(f"refused to promote {name} v{cand.version} to '{alias}': {'; '.join(reasons)}",
+                               results, reasons)
     user = who or getpass.getuser()
-    for key, value in {"promoted_by": user, "promotion_reason": why, "promotion_gates": json.dumps(results),
-                       "promoted_at": stamp, "previous_champion": str(champ.version) if champ else "none"}.items():
+    tags = {"promoted_by": user, "promotion_reason": why, "promotion_gates": json.dumps(results),
+            "promoted_at": stamp, "previous_champion": str(champ.version) if champ else "none"}
+    if data_note:
+        tags["promoted_on_different_data"] = data_note
+    for key, value in tags.items():
         client.set_model_version_tag(name, str(cand.version), key, str(value))
     client.set_registered_model_alias(name, alias, str(cand.version))
-    return {"name": name, "version": str(cand.version), "alias": alias, "promoted_by": user,
-            "previous": str(champ.version) if champ else None, "gates": results}
+    return {"promoted": True, "name": name, "version": str(cand.version), "alias": alias, "promoted_by": user,
+            "previous": str(champ.version) if champ else None, "same_data": same_data, "gates": results}
 
 
 # ------------------------------------------------------------------------------------------------------- export
@@ -649,7 +852,9 @@ def export(name: str, out: str | os.PathLike, alias: str | None = CHAMPION, vers
 # --------------------------------------------------------------------------------------------------------- CLI
 
 class Registry:
-    """``python -m pathbundles registry <verb>``: each verb prints its result as JSON.
+    """``python -m pathbundles registry <verb>``: each verb prints one JSON object on stdout (a failure:
+    ``{"error": ...}``, a refused promotion ``{"promoted": false, "reasons": [...], ...}``, with the message on
+    stderr and exit status 2).
 
     Args:
         tracking_uri: tracking and registry store (default as for tracked runs).
@@ -664,30 +869,34 @@ class Registry:
         self._print(register, bundle, run_id=run_id, name=name, eval_run_id=eval_run_id,
                     tracking_uri=self.tracking_uri)
 
-    def review(self, name: str, candidate: str, alias: str = CHAMPION) -> None:
-        """Compare version CANDIDATE of NAME with the champion; the table is printed and logged."""
-        self._print(review, name, candidate, alias=alias, tracking_uri=self.tracking_uri, show=False)
+    def review(self, name: str, candidate: str, alias: str = CHAMPION, markdown: str | None = None) -> None:
+        """Compare version CANDIDATE of NAME with the champion; the review (its Markdown in the field "markdown",
+        and in --markdown FILE) is printed as JSON and logged in a review run."""
+        self._print(review, name, candidate, alias=alias, tracking_uri=self.tracking_uri, markdown_file=markdown)
 
     def promote(self, name: str, candidate: str, gate: Any = (), who: str | None = None, why: str = "",
-                alias: str = CHAMPION, policy: str | None = None) -> None:
+                alias: str = CHAMPION, policy: str | None = None, allow_different_data: bool = False) -> None:
         """Give CANDIDATE the champion alias if every gate passes: --gate "froc>=0.85,froc>=champion-0.01" (at least
-        one absolute); without --gate, the gates of --policy FILE or of the bundle's metadata.json."""
+        one absolute); without --gate, the gates of --policy FILE or of the bundle's metadata.json. A champion
+        evaluated on another datalist refuses it, unless --allow_different_data."""
         gates = [g for g in gate.split(",") if g.strip()] if isinstance(gate, str) else list(gate)
         self._print(promote, name, candidate, gate=gates, who=who, why=why, alias=alias,
-                    tracking_uri=self.tracking_uri, policy=policy)
+                    tracking_uri=self.tracking_uri, policy=policy, allow_different_data=allow_different_data)
 
     def export(self, name: str, out: str, alias: str = CHAMPION, version: str | None = None) -> None:
         """Write the bundle of NAME@ALIAS (or --version) to OUT, runnable by python -m monai.bundle run."""
         self._print(export, name, out, alias=alias, version=version, tracking_uri=self.tracking_uri)
 
     @staticmethod
-    def _print(function: Any, *args: Any, show: bool = True, **kwargs: Any) -> None:
+    def _print(function: Any, *args: Any, **kwargs: Any) -> None:
         try:
             result = function(*args, **kwargs)
         except RegistryError as err:
+            failure = {"error": str(err)}
+            if isinstance(err, PromotionRefused):
+                failure = {"promoted": False, "name": args[0], "version": str(args[1]), "reasons": err.reasons,
+                           "gates": err.results, **failure}
+            print(json.dumps(failure, indent=2, default=str))
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
-        if show or not isinstance(result, dict):
-            print(json.dumps(result, indent=2, default=str))
-        else:
-            print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2, default=str))
+        print(json.dumps(result, indent=2, default=str))

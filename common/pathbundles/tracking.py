@@ -7,7 +7,8 @@ patches the bundle config (MONAI's ``patch_bundle_tracking``) with:
   tags the run (bundle name and version from metadata.json, project git commit, sha256 of each datalist and of the
   weights), logs the merged config flattened into params, and logs the merged config and metadata.json as
   artifacts. At ``finish`` it logs the evaluation outputs found in ``output_dir`` (``metrics.json`` scalars as
-  metrics, ``curves.json``, ``slide_scores.csv``, the PNG plots, the top-scoring slide's overlay) and the final
+  metrics, ``curves.json``, ``slide_scores.csv``, the PNG plots, ``report.html``, the overlays of
+  :func:`preview_overlays`: the highest-scoring tumour slide and the highest-scoring normal slide) and the final
   weights hash.
 - :class:`BundleMLFlowHandler` on the trainer, validator and evaluator engines (MONAI's handler: loss and learning
   rate per iteration, engine metrics per epoch) all writing into that one run; validation metrics are stepped by
@@ -63,6 +64,7 @@ PREVIEW_DIR = "preview"
 METRICS_FILE = "metrics.json"
 CURVES_FILE = "curves.json"
 SCORES_FILE = "slide_scores.csv"
+REPORT_FILE = "report.html"
 
 _MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value (longer values are cut, with a marker)
 _MAX_KEY = 250  # MLflow's limit on a param / metric key
@@ -215,6 +217,7 @@ class BundleRun:
         self.artifact_location = default_artifact_location(self.tracking_uri)
         self.disabled = bool(disabled)
         self.train_epoch = 0
+        self.slide_labels: dict[str, int] = {}
         self.run_id: str | None = None
         self.finished = False
         self._client: Any = None
@@ -269,6 +272,8 @@ class BundleRun:
             tags[f"{TAG_DATALIST_SHA}.{key}"] = sha256_datalist(items)
         if datalists:
             tags[TAG_DATALIST_SHA] = sha256_datalist({k: datalists[k] for k in sorted(datalists)})
+        self.slide_labels = slide_labels(item for items in datalists.values() if isinstance(items, list)
+                                         for item in items)
         self.weights_path = _weights_path(resolved, self.bundle_root)
         if self.weights_path.is_file():
             tags[TAG_WEIGHTS_SHA] = sha256_file(self.weights_path)
@@ -297,8 +302,8 @@ class BundleRun:
         return exported[-1] if exported else None
 
     def log_outputs(self) -> dict[str, float]:
-        """Log ``metrics.json`` scalars, ``curves.json``, ``slide_scores.csv``, PNG plots and the overlay of
-        :func:`preview_overlay` from ``output_dir``."""
+        """Log ``metrics.json`` scalars, ``curves.json``, ``slide_scores.csv``, ``report.html``, PNG plots and the
+        overlays of :func:`preview_overlays` (as ``preview/<role>/<slide>.png``) from ``output_dir``."""
         metrics: dict[str, float] = {}
         metrics_file = self.output_dir / METRICS_FILE
         if metrics_file.is_file():
@@ -315,13 +320,12 @@ class BundleRun:
             for i in range(0, len(batch), 1000):
                 self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
             self.client.log_artifact(self.run_id, str(metrics_file), EVALUATION_DIR)
-        for path in sorted(self.output_dir.glob("*.png")) + [self.output_dir / CURVES_FILE,
-                                                             self.output_dir / SCORES_FILE]:
+        for path in sorted(self.output_dir.glob("*.png")) + [self.output_dir / name for name in
+                                                             (CURVES_FILE, SCORES_FILE, REPORT_FILE)]:
             if path.is_file() and not path.name.startswith("."):
                 self.client.log_artifact(self.run_id, str(path), EVALUATION_DIR)
-        preview = preview_overlay(self.output_dir)
-        if preview is not None:
-            self.client.log_artifact(self.run_id, str(preview), PREVIEW_DIR)
+        for role, path in preview_overlays(self.output_dir, self.slide_labels).items():
+            self.client.log_artifact(self.run_id, str(path), f"{PREVIEW_DIR}/{role}")
         return metrics
 
     def _at_exit(self) -> None:
@@ -369,26 +373,63 @@ def _install_exit_hooks() -> None:
     _EXIT_STATE["installed"] = True
 
 
-def preview_overlay(output_dir: str | os.PathLike) -> Path | None:
-    """The overlay PNG to preview from an output folder: the highest-scoring slide's (by ``slide_scores.csv``),
-    else the first by name; ``None`` when there is none."""
+def slide_labels(items: Iterable[Any]) -> dict[str, int]:
+    """``{output name: 0 or 1}`` of the datalist items that carry a slide ``label`` of 0 (normal) or 1 (tumour);
+    items without one (or with a mask, a path, another value) are left out."""
+    from pathbundles.outputs import slide_name
+
+    labels = {}
+    for item in items:
+        label = item.get("label") if isinstance(item, Mapping) else None
+        if isinstance(label, bool) or not isinstance(label, (int, float)) or label not in (0, 1):
+            continue
+        try:
+            labels[slide_name(item)[0]] = int(label)
+        except Exception:  # an item the bundle itself refuses: no preview role for it
+            continue
+    return labels
+
+
+def preview_overlays(output_dir: str | os.PathLike, labels: Mapping[str, int] | None = None) -> dict[str, Path]:
+    """The overlay PNGs a reviewer looks at first, by role, from an output folder.
+
+    With slide labels (``labels``, or a ``label`` column of ``slide_scores.csv``): ``tumour``, the
+    highest-scoring tumour slide (label 1), and ``normal``, the highest-scoring normal slide (label 0: the one
+    closest to a false positive). Without labels: ``highest`` and ``lowest`` by ``slide_scores.csv`` score; without
+    scores, ``first`` by name. Roles without an overlay are left out; ``{}`` when there is no overlay.
+    """
     import csv
 
     folder = Path(output_dir) / "overlays"
-    overlays = sorted(p for p in folder.glob("*.png") if not p.name.startswith("."))
+    overlays = {p.stem: p for p in sorted(folder.glob("*.png")) if not p.name.startswith(".")}
     if not overlays:
-        return None
+        return {}
+    scores: dict[str, float] = {}
+    known = dict(labels or {})
     scores_file = Path(output_dir) / SCORES_FILE
     if scores_file.is_file():
         try:
             with open(scores_file, newline="") as f:
-                ranked = sorted(csv.DictReader(f), key=lambda r: -float(r["score"]))
+                for record in csv.DictReader(f):
+                    scores[record["name"]] = float(record["score"])
+                    if record.get("label") in ("0", "1"):
+                        known[record["name"]] = int(record["label"])
         except (KeyError, ValueError, OSError):
-            ranked = []
-        for record in ranked:
-            if (folder / f"{record['name']}.png").is_file():
-                return folder / f"{record['name']}.png"
-    return overlays[0]
+            scores = {}
+    ranked = sorted((name for name in overlays if name in scores), key=lambda n: -scores[n])
+    if not ranked:
+        return {"first": next(iter(overlays.values()))}
+    chosen = {}
+    if any(known.get(name) in (0, 1) for name in ranked):
+        for role, label in (("tumour", 1), ("normal", 0)):
+            name = next((n for n in ranked if known.get(n) == label), None)
+            if name is not None:
+                chosen[role] = overlays[name]
+        return chosen
+    chosen["highest"] = overlays[ranked[0]]
+    if len(ranked) > 1:
+        chosen["lowest"] = overlays[ranked[-1]]
+    return chosen
 
 
 def _resolve_keys(config: dict, wanted: Any) -> dict[str, Any]:
