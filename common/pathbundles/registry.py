@@ -38,6 +38,7 @@ from typing import Any
 import mlflow.pyfunc
 
 from pathbundles.atomic import atomic_path
+from pathbundles.weights import NOT_MEASURED, identify
 from pathbundles.tracking import (CURVES_FILE, EVALUATION_DIR, TAG_BUNDLE, TAG_BUNDLE_VERSION, TAG_GIT_COMMIT,
                                   TAG_WEIGHTS_SHA, TAG_WORKFLOW, default_artifact_location, default_tracking_uri,
                                   project_git_commit, read_metadata, sha256_file)
@@ -46,6 +47,9 @@ CHAMPION = "champion"
 #: metadata.json field with a bundle's default promotion gates, and the version tag it is recorded in.
 GATES_FIELD = "promotion_gates"
 TAG_GATES = "pathbundles.promotion_gates"
+#: Version tags of the weights' identity (pathbundles.weights): demo weights or not, and whether metadata.json's
+#: eval_metrics were measured on these weights ("metadata.json") or not ("not measured").
+TAG_DEMO_WEIGHTS, TAG_EVAL_METRICS = "pathbundles.demo_weights", "pathbundles.eval_metrics"
 MODEL_ARTIFACT = "bundle"  # name of the logged model and of its bundle-folder artifact
 #: Bundle content that is part of a registered model; outputs (eval/), caches and hidden files are not.
 _EXCLUDED = ("eval", "__pycache__", "mlflow", ".*")
@@ -276,7 +280,10 @@ def register(bundle: str | os.PathLike, run_id: str | None = None, name: str | N
         input_example_slide: path stored as the model's input example (not run); default a placeholder.
 
     Returns:
-        ``{"name", "version", "model_uri", "run_id", "eval_run_id", "weights_sha256", "bundle_version"}``.
+        ``{"name", "version", "model_uri", "run_id", "eval_run_id", "weights_sha256", "demo_weights",
+        "bundle_version"}``. The version's tags name the weights (``pathbundles.weights_sha256``), say whether they
+        are the bundle's demo weights (``pathbundles.demo_weights``: true/false) and whether metadata.json's
+        eval_metrics were measured on them (``pathbundles.eval_metrics``: "metadata.json" or "not measured").
     """
     import mlflow
     import pandas as pd
@@ -298,8 +305,10 @@ def register(bundle: str | os.PathLike, run_id: str | None = None, name: str | N
     commit = project_git_commit(bundle_root)
     docs = bundle_root / "docs" / "README.md"
     description = docs.read_text(encoding="utf-8") if docs.is_file() else str(metadata.get("description", ""))
+    weights = identify(bundle_root / "models" / "model.pt", bundle_root / "configs" / "metadata.json")
     tags = {TAG_BUNDLE: bundle_root.name, TAG_BUNDLE_VERSION: str(metadata.get("version", "unknown")),
-            TAG_WEIGHTS_SHA: weights_sha, TAG_GIT_COMMIT: commit}
+            TAG_WEIGHTS_SHA: weights_sha, TAG_GIT_COMMIT: commit, TAG_DEMO_WEIGHTS: str(weights.demo).lower(),
+            TAG_EVAL_METRICS: NOT_MEASURED if weights.eval_metrics == NOT_MEASURED else "metadata.json"}
     if run_id is None:
         experiment = client.get_experiment_by_name(experiment_name)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(
@@ -333,7 +342,7 @@ def register(bundle: str | os.PathLike, run_id: str | None = None, name: str | N
                                           description=description, model_id=info.model_id)
     return {"name": name, "version": str(created.version), "model_uri": f"models:/{name}/{created.version}",
             "logged_model_uri": info.model_uri, "run_id": run_id, "eval_run_id": eval_run_id,
-            "weights_sha256": weights_sha, "bundle_version": tags[TAG_BUNDLE_VERSION]}
+            "weights_sha256": weights_sha, "demo_weights": weights.demo, "bundle_version": tags[TAG_BUNDLE_VERSION]}
 
 
 def sha256_file_text(text: str) -> str:
