@@ -536,7 +536,8 @@ def summarise(out: Path, names: Sequence[str], records: Mapping[str, dict], run_
     """Write ``slides.csv``, ``scores.csv`` and ``summary.json`` for the slides ``names`` of run ``run_id``.
 
     ``scores.csv`` ends each row with the run's weights (:data:`pathbundles.weights.RECORD_FIELDS`, from
-    ``bundle``), and ``summary.json``'s ``bundle`` holds them too. Slides per hour count the slides this run did (not the skipped ones) over the run's wall time. The data-wait
+    ``bundle``), and ``summary.json``'s ``bundle`` holds them too. Slides per hour count the slides this run did
+    (not the skipped ones) over the run's wall time. The data-wait
     fraction pools the slides' steady-state waits for batches over waits plus iterations (:class:`LoopTimer`).
     """
     rows = [records.get(name, {"name": name, "status": "missing", "error": "no record (the run did not reach it)"})
