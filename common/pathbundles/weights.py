@@ -7,8 +7,11 @@ marks them in its ``trained_with`` field, by hash: ``{"models/model.pt": {"sha25
 "settings": {...}}}``. Demo is decided by that hash, never by the file's name or place: weights retrained into
 ``models/model.pt`` are not demo weights, and a copy of the demo file anywhere still is.
 
-``metadata.json``'s ``eval_metrics`` were measured on the weights its ``trained_with`` entries name; any other
-weights (a training run's) have none: :attr:`WeightsIdentity.eval_metrics` is :data:`NOT_MEASURED` for them.
+``metadata.json``'s ``eval_metrics`` name the weights they were measured on (their ``weights_sha256`` field); any
+other weights (a training run's, even written to the same ``models/model.pt`` under the same bundle version) have
+none: :attr:`WeightsIdentity.eval_metrics` is :data:`NOT_MEASURED` for them, and ``registry register`` tags their
+version so. Their own measurements are the tracked ``evaluate`` runs, which carry the weights' sha256
+(:mod:`pathbundles.tracking`) and which the registry's review reads.
 
 Runs record the identity in their outputs under the names of :meth:`WeightsIdentity.record`
 (``weights_sha256``, ``demo_weights``, ``weights_warning``), and log :data:`DEMO_WARNING` at their start and end.
@@ -91,6 +94,13 @@ def described_weights(metadata: Mapping[str, Any]) -> dict[str, dict]:
     return {e["sha256"]: dict(e) for e in entries if isinstance(e, Mapping) and isinstance(e.get("sha256"), str)}
 
 
+def measured_metrics(metadata: Mapping[str, Any], sha256: str) -> Any:
+    """``metadata.json``'s ``eval_metrics`` when they were measured on the weights with ``sha256`` (their own
+    ``weights_sha256`` field names them), else :data:`NOT_MEASURED`."""
+    metrics = metadata.get("eval_metrics")
+    return dict(metrics) if isinstance(metrics, Mapping) and metrics.get("weights_sha256") == sha256 else NOT_MEASURED
+
+
 def identify(path: str | os.PathLike, metadata_file: str | os.PathLike | None) -> WeightsIdentity:
     """The identity of a checkpoint file, by its sha256 against the bundle's ``metadata.json``.
 
@@ -105,10 +115,8 @@ def identify(path: str | os.PathLike, metadata_file: str | os.PathLike | None) -
         return WeightsIdentity(str(path), None, False)
     digest = sha256_file(path)
     metadata = _metadata(metadata_file)
-    entry = described_weights(metadata).get(digest)
-    if entry is None:
-        return WeightsIdentity(str(path), digest, False)
-    return WeightsIdentity(str(path), digest, bool(entry.get("demo")), metadata.get("eval_metrics", NOT_MEASURED))
+    entry = described_weights(metadata).get(digest) or {}
+    return WeightsIdentity(str(path), digest, bool(entry.get("demo")), measured_metrics(metadata, digest))
 
 
 def identify_exported(path: str | os.PathLike, metadata_file: str | os.PathLike | None,
@@ -152,7 +160,7 @@ def identify_exported(path: str | os.PathLike, metadata_file: str | os.PathLike 
         demo_state = read_weights(demo_file)
         if demo_state.keys() == exported.keys() and all(torch.equal(demo_state[k].cpu(), exported[k].cpu())
                                                         for k in exported):
-            return WeightsIdentity(str(path), digest, True, metadata.get("eval_metrics", NOT_MEASURED))
+            return WeightsIdentity(str(path), digest, True, measured_metrics(metadata, entry["sha256"]))
     return WeightsIdentity(str(path), digest, False)
 
 
