@@ -93,7 +93,8 @@ class DetectionMetricsReport:
             scores.append(self.writer.scores[plan.name][0])
         auc_metric.update((scores, labels))
         scalars = {"froc": float(froc_metric.compute()), "slide_auc": float(auc_metric.compute())}
-        self.report = write_report(self.output_dir, scalars, {"froc": froc_metric, "slide_auc": auc_metric})
+        self.report = write_report(self.output_dir, scalars, {"froc": froc_metric, "slide_auc": auc_metric},
+                                   weights=self.writer.weights_record())
         fpr, tpr, _ = roc_curve(np.asarray(labels), np.asarray(scores))
         write_curves(self.output_dir, fp_per_slide=froc_metric.result.fp_per_slide,
                      sensitivity=froc_metric.result.sensitivity, fpr=fpr, tpr=tpr)

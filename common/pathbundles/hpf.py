@@ -739,7 +739,8 @@ class MitosisMetricsReport:
                                    "per_hpf": per_image,
                                    "pr_curve": {"score_threshold": curve.thresholds.tolist(),
                                                 "precision": precision.tolist(), "recall": recall.tolist()}},
-                       "plots": ["pr.png"]}
+                       "plots": ["pr.png"], **({"weights": self.writer.weights_record()}
+                                                if self.writer.weights_record() else {})}
         plots.plot_precision_recall(precision, recall, self.output_dir / "pr.png",
                                     point=(counts.precision, counts.recall))
         with atomic_path(self.output_dir / "metrics.json") as tmp:

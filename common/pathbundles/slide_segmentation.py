@@ -795,7 +795,8 @@ class SegmentationMetricsReport:
                         for name, v in zip(classes.values(), self.scores.iou, strict=True)})
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.report = write_report(self.output_dir, scalars,
-                                   {"segmentation": _SegmentationResult(self.scores, classes, truth_used)}, self.plot)
+                                   {"segmentation": _SegmentationResult(self.scores, classes, truth_used)}, self.plot,
+                                   weights=self.writer.weights_record())
         self._write_confusion(classes)
         self._write_slide_metrics(classes, truth_used)
         write_table_i(self.output_dir, {self.model_name: self.scores}, classes, self.class_order)

@@ -259,11 +259,13 @@ class MetricsReport:
 
 
 def write_report(output_dir: str | os.PathLike, scalars: dict[str, float],
-                 reported: dict[str, _ReportedMetric], plot: bool = True) -> dict:
-    """Write ``metrics.json`` (scalars plus each reported metric's details) and the plots; return the JSON dict."""
+                 reported: dict[str, _ReportedMetric], plot: bool = True, weights: dict | None = None) -> dict:
+    """Write ``metrics.json`` (scalars plus each reported metric's details, and ``weights``: the weights measured,
+    :meth:`pathbundles.weights.WeightsIdentity.record`, when given) and the plots; return the JSON dict."""
     directory = Path(output_dir)
     report = {"metrics": {k: (None if np.isnan(v) else v) for k, v in scalars.items()},
-              "details": {name: metric.details() for name, metric in reported.items()}}
+              "details": {name: metric.details() for name, metric in reported.items()},
+              **({"weights": dict(weights)} if weights else {})}
     if plot:
         written: list[str] = []
         for name, metric in reported.items():
