@@ -149,6 +149,8 @@ def test_evaluate_writes_froc_and_auc(small_dataset: Path, tmp_path: Path) -> No
     assert report["details"]["froc"]["n_slides"] == 2
     assert report["details"]["slide_auc"]["n_tumour"] == 1 and report["details"]["slide_auc"]["n_normal"] == 1
     assert (out / "froc.png").stat().st_size > 1000 and (out / "roc.png").stat().st_size > 1000
+    # The numbers are those of the demo weights, and the report says so.
+    assert report["weights"] == {"weights_sha256": DEMO_SHA256, "demo_weights": True, "weights_warning": DEMO_WARNING}
 
 
 TINY_TRAIN = ["--epochs", "1", "--samples_per_epoch", "8", "--val_samples", "8", "--batch_size", "4",
@@ -170,6 +172,11 @@ def test_train_with_hard_negative_mining(small_dataset: Path, tmp_path: Path) ->
     checkpoint = torch.load(tmp_path / "model.pt", map_location="cpu")
     assert checkpoint["model"]["classifier.6.weight"].shape == (2, 128, 1, 1)
     assert checkpoint["training"] == {"bundle": "scannet", "scan_mpp": 1.0, "width": 0.125, "batch_norm": True}
+    # Trained weights are not the demo weights, and metadata.json's eval_metrics are not claimed for them.
+    from pathbundles.weights import NOT_MEASURED, identify
+
+    trained = identify(tmp_path / "model.pt", CONFIGS / "metadata.json")
+    assert (trained.demo, trained.eval_metrics, trained.warning) == (False, NOT_MEASURED, None)
 
 
 def test_multi_gpu_overlay_runs_with_gloo_on_two_processes(small_dataset: Path, tmp_path: Path) -> None:
