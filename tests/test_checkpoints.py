@@ -115,6 +115,8 @@ def test_exported_demo_weights_are_demo_weights(tmp_path: Path) -> None:
     assert (demo.demo, demo.warning, demo.sha256) == (True, DEMO_WARNING,
                                                       hashlib.sha256((tmp_path / "demo.ts").read_bytes()).hexdigest())
     assert identify_exported(tmp_path / "other.ts", meta).demo is False  # loaded here when not given
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / "foreign.ts"))  # other tensor names: not comparable
+    assert identify_exported(tmp_path / "foreign.ts", meta).demo is None
     (tmp_path / "model.onnx").write_bytes(b"not compared")
     onnx = identify_exported(tmp_path / "model.onnx", meta)
     assert onnx.demo is None and onnx.csv_values()[1] == "unknown"

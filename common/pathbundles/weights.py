@@ -122,8 +122,9 @@ def identify(path: str | os.PathLike, metadata_file: str | os.PathLike | None) -
 def identify_exported(path: str | os.PathLike, metadata_file: str | os.PathLike | None,
                       network: Any = None) -> WeightsIdentity:
     """The identity of an exported model (``ckpt_export``/``onnx_export``): its own sha256; demo when its tensors
-    equal those of the bundle's demo checkpoint (a TorchScript export of the demo weights), unknown (None) for an
-    ONNX file, whose exporter may fold weights together.
+    equal those of the bundle's demo checkpoint (a TorchScript export of the demo weights), not demo when they
+    differ, unknown (None) when they could not be compared: an ONNX file (its exporter may fold weights together),
+    tensors of other names, or a bundle whose demo checkpoint is not there.
 
     Args:
         path: the exported file.
@@ -151,6 +152,7 @@ def identify_exported(path: str | os.PathLike, metadata_file: str | os.PathLike 
     exported = module.state_dict()
     metadata = _metadata(metadata_file)
     bundle_root = Path(metadata_file).resolve().parent.parent if metadata_file else None
+    compared = False
     for relative, entry in (metadata.get(METADATA_FIELD) or {}).items():
         if not (isinstance(entry, Mapping) and entry.get("demo") and bundle_root is not None):
             continue
@@ -158,10 +160,13 @@ def identify_exported(path: str | os.PathLike, metadata_file: str | os.PathLike 
         if not demo_file.is_file() or sha256_file(demo_file) != entry.get("sha256"):
             continue
         demo_state = read_weights(demo_file)
-        if demo_state.keys() == exported.keys() and all(torch.equal(demo_state[k].cpu(), exported[k].cpu())
-                                                        for k in exported):
+        if demo_state.keys() != exported.keys():
+            continue  # other tensor names (an exporter that renames them): not comparable
+        compared = True
+        if all(torch.equal(demo_state[k].cpu(), exported[k].cpu()) for k in exported):
             return WeightsIdentity(str(path), digest, True, measured_metrics(metadata, entry["sha256"]))
-    return WeightsIdentity(str(path), digest, False)
+    # Not compared with any demo checkpoint: unknown, so that an export of the demo weights is never called clean.
+    return WeightsIdentity(str(path), digest, False if compared else None)
 
 
 def csv_header_and_row(identity: WeightsIdentity | None) -> tuple[list[str], list[str]]:
