@@ -34,7 +34,7 @@ from pathbundles.errors import InputError, PathBundlesError, SlidesFailedError
 from pathbundles.outputs import claim_folder, output_file, output_names
 from pathbundles.metrics.mitosis import match_points, mitosis_f1
 from pathbundles.postprocess import mitosis_blobs
-from pathbundles.weights import WeightsIdentity, csv_header_and_row
+from pathbundles.weights import RecordsWeights, WeightsIdentity, csv_header_and_row
 from pathbundles.writers import write_detections_asap_xml, write_detections_geojson
 
 #: PIL modes that convert to RGB without losing meaning: 8-bit RGB(A), grey (+alpha), palette, bilevel.
@@ -518,7 +518,7 @@ class HPFDataset(torch.utils.data.Dataset):
         return dict(self.transform(out)) if self.transform is not None else out
 
 
-class HPFDetectionWriter:
+class HPFDetectionWriter(RecordsWeights):
     """Ignite handler: per HPF, blobs -> detections and the outputs; keeps every blob for metrics and tuning.
 
     Under ``output_dir``: ``detections/<name>.csv`` (an HPF file: header-less ``x,y,score`` in HPF px, pixel
@@ -668,10 +668,6 @@ class HPFDetectionWriter:
         if self.failed:
             listing = "; ".join(f"{name}: {why}" for name, why in self.failed.items())
             raise SlidesFailedError(f"{len(self.failed)} HPF(s) failed, the others were written: {listing}")
-
-    def weights_record(self) -> dict[str, Any]:
-        """The run's weights as the fields a file records, ``{}`` when the writer was not told them."""
-        return {} if self.weights is None else self.weights.record()
 
     def annotated(self) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
         """(names, blobs, truths) of the processed HPFs that have ground truth, in datalist order."""

@@ -32,7 +32,7 @@ import torch
 from pathbundles.atomic import atomic_path
 from pathbundles.errors import PathBundlesError, SlidesFailedError
 from pathbundles.outputs import claim_folder, output_file, output_names, slide_name, work_area
-from pathbundles.weights import WeightsIdentity, csv_header_and_row
+from pathbundles.weights import RecordsWeights, WeightsIdentity, csv_header_and_row
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class SlideROIDataset(torch.utils.data.Dataset):
         return self.transform(item) if self.transform is not None else item
 
 
-class StreamedSlideWriter:
+class StreamedSlideWriter(RecordsWeights):
     """Ignite handler base of the whole-slide writers: per-slide outputs written on a background thread.
 
     The lifecycle shared by :class:`SlideMapWriter` and
@@ -312,11 +312,6 @@ class StreamedSlideWriter:
         if self.failed:
             listing = "; ".join(f"{name}: {why}" for name, why in self.failed.items())
             raise SlidesFailedError(f"{len(self.failed)} slide(s) failed, the others were written: {listing}")
-
-    def weights_record(self) -> dict[str, Any]:
-        """The run's weights as the fields a file records (:meth:`pathbundles.weights.WeightsIdentity.record`),
-        ``{}`` when the writer was not told them."""
-        return {} if self.weights is None else self.weights.record()
 
     def _finish_remaining(self) -> None:
         """Submit every slide whose items did not all come back (no tissue, say)."""

@@ -169,6 +169,17 @@ def identify_exported(path: str | os.PathLike, metadata_file: str | os.PathLike 
     return WeightsIdentity(str(path), digest, False if compared else None)
 
 
+class RecordsWeights:
+    """Mixin of the bundles' writers: the run's weights (``weights``, None when not told) as the fields their files
+    record."""
+
+    weights: WeightsIdentity | None = None
+
+    def weights_record(self) -> dict[str, Any]:
+        """:meth:`WeightsIdentity.record` of the run's weights, ``{}`` when the writer was not told them."""
+        return {} if self.weights is None else self.weights.record()
+
+
 def csv_header_and_row(identity: WeightsIdentity | None) -> tuple[list[str], list[str]]:
     """The columns a run's CSV tables append after their own (none when the run's weights are unknown)."""
     return ([], []) if identity is None else (list(RECORD_FIELDS), identity.csv_values())
