@@ -38,7 +38,7 @@ from typing import Any
 import mlflow.pyfunc
 
 from pathbundles.atomic import atomic_path
-from pathbundles.weights import NOT_MEASURED, identify
+from pathbundles.weights import NOT_MEASURED, RECORD_FIELDS, identify
 from pathbundles.tracking import (CURVES_FILE, EVALUATION_DIR, TAG_BUNDLE, TAG_BUNDLE_VERSION, TAG_GIT_COMMIT,
                                   TAG_WEIGHTS_SHA, TAG_WORKFLOW, default_artifact_location, default_tracking_uri,
                                   project_git_commit, read_metadata, sha256_file)
@@ -110,7 +110,9 @@ def predict_bundle(bundle_root: str | os.PathLike, slides: Sequence[str], output
 
     Columns: ``image, name, score, n_detections, detections`` (JSON ``[[prob, x, y], ...]`` in level-0 pixels, or
     HPF pixels for an HPF bundle (level-0 pixels of the slide for a slide box), whose score is its highest detection
-    score), ``detections_csv, overlay, map, output_dir`` (absolute paths; empty when the bundle wrote no such file).
+    score), ``detections_csv, overlay, map, output_dir`` (absolute paths; empty when the bundle wrote no such file),
+    ``weights_sha256, demo_weights, weights_warning`` (the run's weights as its table gives them:
+    :mod:`pathbundles.weights`; ``demo_weights`` "true" with the warning for the bundle's demo weights).
     """
     import csv
 
@@ -160,9 +162,9 @@ def predict_bundle(bundle_root: str | os.PathLike, slides: Sequence[str], output
             rows.append({"image": by_stem.get(name, ""), "name": name, "score": float(score),
                          "n_detections": int(record["n_detections"]), "detections": json.dumps(detections),
                          **{key: str(p) if p.is_file() else "" for key, p in found.items()},
-                         "output_dir": str(out)})
+                         "output_dir": str(out), **{c: record.get(c, "") for c in RECORD_FIELDS}})
     return pd.DataFrame(rows, columns=["image", "name", "score", "n_detections", "detections", "detections_csv",
-                                       "overlay", "map", "output_dir"])
+                                       "overlay", "map", "output_dir", *RECORD_FIELDS])
 
 
 def _signature() -> Any:
@@ -172,7 +174,7 @@ def _signature() -> Any:
     outputs = Schema([ColSpec("string", "image"), ColSpec("string", "name"), ColSpec("double", "score"),
                       ColSpec("long", "n_detections"), ColSpec("string", "detections"),
                       ColSpec("string", "detections_csv"), ColSpec("string", "overlay"), ColSpec("string", "map"),
-                      ColSpec("string", "output_dir")])
+                      ColSpec("string", "output_dir"), *(ColSpec("string", c) for c in RECORD_FIELDS)])
     return ModelSignature(inputs=Schema([ColSpec("string", "image")]), outputs=outputs,
                           params=ParamSchema([ParamSpec("output_dir", "string", "")]))
 
