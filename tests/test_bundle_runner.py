@@ -94,6 +94,14 @@ def test_run_inference_returns_the_writers_records(tmp_path: Path) -> None:
     records = run_inference(SEGMITOS, items, tmp_path / "out", overrides={"num_workers": 0})
     rows = list(csv.DictReader(open(tmp_path / "out" / "hpf_counts.csv")))
     assert [r["name"] for r in records] == [r["name"] for r in rows] == ["phantom_hpf_000", "phantom_hpf_001"]
+    # segmitos' shipped weights are demo weights: every row says so, after the table's own columns.
+    from pathbundles.weights import DEMO_WARNING, RECORD_FIELDS
+
+    demo_sha = json.loads((SEGMITOS / "configs" / "metadata.json").read_text())["trained_with"]["models/model.pt"][
+        "sha256"]
+    assert list(rows[0]) == ["name", "n_detections", "max_score", *RECORD_FIELDS]
+    assert {(r["weights_sha256"], r["demo_weights"], r["weights_warning"]) for r in rows} == {
+        (demo_sha, "true", DEMO_WARNING)}
     for record, row in zip(records, rows):
         assert record["n_detections"] == int(row["n_detections"])
         assert record["score"] == pytest.approx(float(row["max_score"]), abs=1e-6)

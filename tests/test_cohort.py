@@ -4,6 +4,7 @@ bundle over phantom slides in one process and in two gloo processes under torchr
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import signal
@@ -151,6 +152,40 @@ def test_cohort_records_failures_summarises_and_resumes(tmp_path: Path) -> None:
     # Another configuration redoes everything.
     third = run_cohort(items, out, {**BUNDLE, "config_sha256": "c2"}, _fake_runner(set()))
     assert (third["done"], third["skipped"]) == (4, 0)
+
+
+def test_a_cohort_on_demo_weights_says_so_in_its_tables_summary_and_log(tmp_path: Path, caplog) -> None:
+    """The scannet bundle's shipped weights are demo weights: scores.csv ends each row with their hash and the
+    warning, summary.json's bundle record has them, the end of the run logs the warning."""
+    import logging
+
+    from pathbundles.bundle_runner import bundle_info
+    from pathbundles.weights import DEMO_WARNING
+
+    info = bundle_info(SCANNET)
+    demo_sha = json.loads((SCANNET / "configs" / "metadata.json").read_text())["trained_with"]["models/model.pt"][
+        "sha256"]
+    assert (info["weights_sha256"], info["demo_weights"], info["weights_warning"]) == (demo_sha, True, DEMO_WARNING)
+    items = [{"image": str(tmp_path / f"{n}.tif"), "label": label} for n, label in (("t1", 1), ("n22", 0))]
+    caplog.set_level(logging.WARNING, logger="pathbundles.weights")
+    summary = run_cohort(items, tmp_path / "out", info, _fake_runner(set()))
+    scores = list(csv.DictReader(open(tmp_path / "out" / "scores.csv")))
+    demo = {"weights_sha256": demo_sha, "demo_weights": "true", "weights_warning": DEMO_WARNING}
+    assert scores == [{"name": "t1", "label": "1", "score": "0.200000", "n_detections": "2", **demo},
+                      {"name": "n22", "label": "0", "score": "0.300000", "n_detections": "2", **demo}]
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert written["bundle"]["demo_weights"] is True and written["bundle"]["weights_warning"] == DEMO_WARNING
+    assert summary["bundle"]["weights_sha256"] == demo_sha
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{DEMO_WARNING} (end of the run; weights {SCANNET / 'models' / 'model.pt'}, sha256 {demo_sha[:12]})"]
+    # A cohort of other weights (a retraining) carries their hash, and no warning.
+    other = tmp_path / "retrained.pt"
+    other.write_bytes(b"retrained weights")
+    info = bundle_info(SCANNET, overrides={"ckpt_path": str(other)})
+    run_cohort(items, tmp_path / "other", info, _fake_runner(set()))
+    row = next(csv.DictReader(open(tmp_path / "other" / "scores.csv")))
+    assert (row["weights_sha256"], row["demo_weights"], row["weights_warning"]) == (
+        hashlib.sha256(b"retrained weights").hexdigest(), "false", "")
 
 
 def test_a_bad_slide_is_logged_in_one_line_and_a_bug_with_its_traceback(tmp_path: Path, caplog) -> None:

@@ -24,6 +24,7 @@ from pathbundles.deploy.build import BUNDLE_EXCLUDED, build, input_kind, parse_m
 from pathbundles.deploy.runtime import (DeployError, load_settings, parse_value, slide_list, split_override_args,
                                         summarize)
 from pathbundles.errors import InputError
+from pathbundles.weights import DEMO_WARNING
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
@@ -56,7 +57,8 @@ def test_build_writes_a_complete_build_context(tmp_path: Path) -> None:
 
     out = tmp_path / "app"
     result = build(out, bundle=BUNDLES / "scannet")
-    assert result["out"] == str(out) and result["kind"] == "metastasis" and result["warnings"] == []
+    # The shipped weights are demo weights: the one warning of the build, recorded in build.json.
+    assert result["out"] == str(out) and result["kind"] == "metastasis" and result["warnings"] == [DEMO_WARNING]
     assert {p.name for p in out.iterdir()} == {"__main__.py", "app.py", "app.yaml", "requirements.txt", "build.json",
                                                "README.md", "bundle", "pathbundles"}
     # The bundle's content, not its outputs; the pathbundles source the application runs, without caches.
@@ -75,11 +77,17 @@ def test_build_writes_a_complete_build_context(tmp_path: Path) -> None:
     assert {"monai", "pytorch-ignite", "openslide-python", "numpy"} <= set(pins) and "holoscan-cli" not in pins
     record = json.loads((out / "build.json").read_text())
     assert record["source"] == {"bundle": str(BUNDLES / "scannet")} and record["bundle"] == result["bundle"]
-    assert len(record["bundle"]["weights_sha256"]) == 64
+    demo_sha = json.loads((BUNDLES / "scannet/configs/metadata.json").read_text())["trained_with"]["models/model.pt"][
+        "sha256"]
+    assert (record["bundle"]["weights_sha256"], record["bundle"]["demo_weights"]) == (demo_sha, True)
+    assert record["bundle"]["weights_warning"] == DEMO_WARNING
     readme = (out / "README.md").read_text()
     version = json.loads((BUNDLES / "scannet" / "configs" / "metadata.json").read_text())["version"]
-    assert (f"monai-deploy package {out} --config {out / 'app.yaml'} --tag pathbundles-scannet:{version} "
-            "--platform x86_64 -l DEBUG") in readme
+    # The image tag names the weights: retrained weights under the same bundle version get another tag.
+    assert (f"monai-deploy package {out} --config {out / 'app.yaml'} --tag pathbundles-scannet:{version}-"
+            f"{demo_sha[:12]} --platform x86_64 -l DEBUG") in readme
+    assert result["package_command"].split("--tag ")[1].split()[0] == f"pathbundles-scannet:{version}-{demo_sha[:12]}"
+    assert f"**{DEMO_WARNING}**" in readme
     assert "ulimit -s 32768" in readme and f"python {out} -i INPUT -o OUTPUT" in readme
     assert "from app import main" in (out / "__main__.py").read_text()
 
@@ -103,6 +111,8 @@ def test_build_of_a_bundle_without_weights_warns(tmp_path: Path) -> None:
     shutil.copytree(BUNDLES / "segmitos", bundle, ignore=shutil.ignore_patterns("eval", "*.pt"))
     result = build(tmp_path / "app", bundle=bundle)
     assert result["kind"] == "mitosis" and result["bundle"]["weights_sha256"] is None
+    assert result["bundle"]["demo_weights"] is False and result["package_command"].split("--tag ")[1].startswith(
+        "pathbundles-segmitos:") and "-noweights " in result["package_command"]
     assert any("--override ckpt_path=" in w for w in result["warnings"])
     assert "--override ckpt_path=" in (tmp_path / "app" / "README.md").read_text()
 
@@ -185,11 +195,13 @@ def test_overrides_come_from_app_yaml_then_the_command_line(tmp_path: Path, monk
 def test_summary_names_outputs_relative_to_the_output_folder(tmp_path: Path) -> None:
     record = {"name": "s1", "score": 0.9, "n_detections": 2, "areas_mm2": {"carcinoma": 1.0},
               "outputs": {"map": str(tmp_path / "maps" / "s1.tif")}}
-    info = {"name": "B", "version": "0.1.0", "weights_sha256": "ab", "config_sha256": "cd"}
+    info = {"name": "B", "version": "0.1.0", "weights_sha256": "ab", "demo_weights": True,
+            "weights_warning": DEMO_WARNING, "config_sha256": "cd"}
     summary = summarize([record], info, tmp_path, datalist=[{"image": "/data/s1.svs"}])
     assert summary["slides"] == [{"slide": "s1", "image": "/data/s1.svs", "score": 0.9, "n_detections": 2,
                                   "areas_mm2": {"carcinoma": 1.0}, "outputs": {"map": "maps/s1.tif"}}]
     assert summary["bundle"]["weights_sha256"] == "ab" and summary["n_slides"] == 1
+    assert (summary["bundle"]["demo_weights"], summary["bundle"]["weights_warning"]) == (True, DEMO_WARNING)
 
 
 # ---------------------------------------------------------------------------------- built applications end to end
@@ -312,6 +324,11 @@ def test_built_application_writes_what_the_bundle_writes(name: str, tiny_inputs:
     summary = json.loads((app_out / "summary.json").read_text())
     metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
     assert summary["bundle"]["name"] == metadata["name"] and summary["bundle"]["version"] == metadata["version"]
+    # scannet and segmitos run their shipped demo weights here, spatial_lstm and dmmn a random tiny checkpoint.
+    demo = ckpt is None
+    assert (summary["bundle"]["demo_weights"], summary["bundle"]["weights_warning"]) == (
+        demo, DEMO_WARNING if demo else None)
+    assert (f"{DEMO_WARNING} (end of the run" in done.stdout + done.stderr) is demo
     assert summary["pathbundles"]["path"] == str(app / "pathbundles")  # the code built into the application ran
     assert summary["bundle"]["overrides"] == {k: parse_value(v) for k, v in overrides.items()}
     assert sorted(s["image"] for s in summary["slides"]) == sorted(i["image"] for i in slide_list(source, kind))

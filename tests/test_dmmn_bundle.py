@@ -8,6 +8,7 @@ verification, TorchScript export and the demo claim on the held-out phantom slid
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import subprocess
@@ -86,6 +87,10 @@ def test_inference_writes_label_map_overlay_areas_and_regions(small_dataset: Pat
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader(open(out / "areas.csv")))
     assert [r["name"] for r in rows] == ["phantom_mc_000", "phantom_mc_001"]
+    # A tiny random checkpoint: not the demo weights, named by its hash, no warning.
+    tiny_sha = hashlib.sha256((small_dataset / "tiny.pt").read_bytes()).hexdigest()
+    assert {(r["weights_sha256"], r["demo_weights"], r["weights_warning"]) for r in rows} == {(tiny_sha, "false", "")}
+    assert "DEMO WEIGHTS" not in result.stdout + result.stderr
     for row in rows:
         name = row["name"]
         # The label map at the 20x grid: 1024 px at 0.5 um/px, every tile predicted (use_tissue False).

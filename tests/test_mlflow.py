@@ -303,6 +303,39 @@ def test_scannet_cycle_on_sqlite(trained_scannet: dict, sqlite_tracking_uri: str
     _registry_cycle(uri, bundle, tmp_path, None, eval_run_id, None)
 
 
+def test_registered_versions_name_their_weights_and_say_whether_they_are_demo(tmp_path: Path) -> None:
+    """The shipped weights register as demo weights whose metadata.json metrics were measured on them; weights
+    retrained into the same bundle version register as not demo and not measured, with their own hash."""
+    import shutil
+
+    import mlflow
+    import torch
+
+    from mlflow_fixtures import BUNDLE_CONTENT, SCANNET
+    from pathbundles.scannet import ScanNet
+
+    bundle = tmp_path / "scannet"
+    bundle.mkdir()
+    for part in BUNDLE_CONTENT:
+        (shutil.copytree if (SCANNET / part).is_dir() else shutil.copy)(SCANNET / part, bundle / part)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    demo_sha = json.loads((SCANNET / "configs" / "metadata.json").read_text())["trained_with"]["models/model.pt"][
+        "sha256"]
+    first = registry.register(bundle, tracking_uri=uri)
+    tags = client.get_model_version(MODEL, first["version"]).tags
+    assert (first["weights_sha256"], first["demo_weights"]) == (demo_sha, True)
+    assert (tags["pathbundles.weights_sha256"], tags["pathbundles.demo_weights"], tags["pathbundles.eval_metrics"]) \
+        == (demo_sha, "true", "metadata.json")
+    torch.manual_seed(1)
+    torch.save(ScanNet(width=0.125, batch_norm=True).state_dict(), bundle / "models" / "model.pt")
+    second = registry.register(bundle, tracking_uri=uri)
+    tags = client.get_model_version(MODEL, second["version"]).tags
+    assert second["demo_weights"] is False and second["bundle_version"] == first["bundle_version"]
+    assert (tags["pathbundles.weights_sha256"], tags["pathbundles.demo_weights"], tags["pathbundles.eval_metrics"]) \
+        == (sha256_file(bundle / "models" / "model.pt"), "false", "not measured")
+
+
 def test_promotion_needs_an_evaluation_and_an_absolute_gate(tmp_path: Path) -> None:
     """A version without an evaluation cannot be reviewed or promoted; relative gates alone promote nothing; without
     --gate the bundle's metadata.json gates (the paper's metric) apply, or a policy file's."""

@@ -13,11 +13,16 @@ import numpy as np
 import pytest
 
 from bundle_helpers import REPO, check_metadata_and_network, run_bundle
+from pathbundles.weights import DEMO_WARNING
+from pathbundles.writers import read_pyramid_fields
 
 BUNDLE = REPO / "bundles" / "scannet"
 CONFIGS = BUNDLE / "configs"
 
 pytestmark = pytest.mark.slow
+
+#: sha256 of the shipped demo weights, models/model.pt (metadata.json's trained_with).
+DEMO_SHA256 = json.loads((CONFIGS / "metadata.json").read_text())["trained_with"]["models/model.pt"]["sha256"]
 
 
 
@@ -88,9 +93,20 @@ def test_inference_on_a_lone_slide_that_gives_no_roi(small_dataset: Path, tmp_pa
         assert not list(out.rglob("truncated*")) and not list(out.rglob(".*partial*"))
     else:
         assert result.returncode == 0, log[-3000:]
+        # The shipped weights are demo weights: the table, the map's fields, the GeoJSON, the printed report and the
+        # log (start and end of the run) all say so.
+        demo = {"weights_sha256": DEMO_SHA256, "demo_weights": "true", "weights_warning": DEMO_WARNING}
         rows = list(csv.DictReader(open(out / "slide_scores.csv")))
-        assert rows == [{"name": "empty", "score": "0.000000", "n_detections": "0"}]
+        assert rows == [{"name": "empty", "score": "0.000000", "n_detections": "0", **demo}]
         assert (out / "maps" / "empty.tif").exists() and (out / "overlays" / "empty.png").exists()
+        record = {**demo, "demo_weights": True}
+        assert read_pyramid_fields(out / "maps" / "empty.tif").items() >= record.items()
+        assert json.loads((out / "detections" / "empty.geojson").read_text())["properties"].items() >= record.items()
+        report = result.stdout[result.stdout.index('{\n  "output_dir"'):]
+        assert json.loads(report[:report.index("\n}\n") + 2])["weights"] == record
+        warnings = [line for line in log.splitlines() if DEMO_WARNING in line and "WARNING" in line]
+        assert [w.split(DEMO_WARNING)[1].split(";")[0] for w in warnings] == [" (start of the run", " (end of the run"]
+        assert all(f"sha256 {DEMO_SHA256[:12]})" in w for w in warnings)
 
 
 @pytest.mark.parametrize("case", ["scan_mpp", "foreign_weights", "truncated_weights", "missing_datalist",
@@ -133,6 +149,8 @@ def test_evaluate_writes_froc_and_auc(small_dataset: Path, tmp_path: Path) -> No
     assert report["details"]["froc"]["n_slides"] == 2
     assert report["details"]["slide_auc"]["n_tumour"] == 1 and report["details"]["slide_auc"]["n_normal"] == 1
     assert (out / "froc.png").stat().st_size > 1000 and (out / "roc.png").stat().st_size > 1000
+    # The numbers are those of the demo weights, and the report says so.
+    assert report["weights"] == {"weights_sha256": DEMO_SHA256, "demo_weights": True, "weights_warning": DEMO_WARNING}
 
 
 TINY_TRAIN = ["--epochs", "1", "--samples_per_epoch", "8", "--val_samples", "8", "--batch_size", "4",
@@ -154,6 +172,11 @@ def test_train_with_hard_negative_mining(small_dataset: Path, tmp_path: Path) ->
     checkpoint = torch.load(tmp_path / "model.pt", map_location="cpu")
     assert checkpoint["model"]["classifier.6.weight"].shape == (2, 128, 1, 1)
     assert checkpoint["training"] == {"bundle": "scannet", "scan_mpp": 1.0, "width": 0.125, "batch_norm": True}
+    # Trained weights are not the demo weights, and metadata.json's eval_metrics are not claimed for them.
+    from pathbundles.weights import NOT_MEASURED, identify
+
+    trained = identify(tmp_path / "model.pt", CONFIGS / "metadata.json")
+    assert (trained.demo, trained.eval_metrics, trained.warning) == (False, NOT_MEASURED, None)
 
 
 def test_multi_gpu_overlay_runs_with_gloo_on_two_processes(small_dataset: Path, tmp_path: Path) -> None:

@@ -174,6 +174,13 @@ def test_registry_pyfunc_prediction_on_hpfs(small_hpfs: Path, tmp_path: Path) ->
             np.testing.assert_allclose(np.asarray(detections)[:, 1:], xy, atol=1e-3)
             assert row["score"] == pytest.approx(scores.max(), abs=1e-6)
         assert row["map"].endswith(".png") and row["overlay"].endswith(".png")
+    # The shipped weights are demo weights, and every prediction says so.
+    from pathbundles.weights import DEMO_WARNING
+
+    demo_sha = json.loads((BUNDLE / "configs" / "metadata.json").read_text())["trained_with"]["models/model.pt"][
+        "sha256"]
+    assert set(zip(frame["weights_sha256"], frame["demo_weights"], frame["weights_warning"])) == {
+        (demo_sha, "true", DEMO_WARNING)}
 
 
 def test_evaluate_is_tracked_in_mlflow(small_hpfs: Path, tmp_path: Path) -> None:

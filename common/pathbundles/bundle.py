@@ -233,10 +233,12 @@ def _read_manifest(path: Path, what: str, expected: str) -> tuple[list[int], lis
 
 
 def report_outputs(writer: object) -> dict:
-    """Print (and return) where a :class:`pathbundles.slide_inference.SlideMapWriter` put each slide's outputs."""
+    """Print (and return) where a :class:`pathbundles.slide_inference.SlideMapWriter` put each slide's outputs, and
+    the run's weights (``weights``: sha256, demo or not, the demo warning) when the writer knows them."""
     import json
 
     report = {"output_dir": str(Path(writer.output_dir).resolve()),
+              **({"weights": writer.weights_record()} if writer.weights_record() else {}),
               "slide_scores": str((Path(writer.output_dir) / "slide_scores.csv").resolve()),
               "slides": {name: {"score": score, "n_detections": n,
                                 **{k: str(v.resolve()) for k, v in writer.outputs(name).items()}}

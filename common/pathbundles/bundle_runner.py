@@ -35,6 +35,10 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+#: The overlay that runs a bundle from an exported model (:mod:`pathbundles.exported`).
+EXPORTED_CONFIG = "exported.json"
+
+
 def config_paths(bundle: str | os.PathLike, config_files: Sequence[str] = ("inference.json",)) -> list[Path]:
     """Absolute paths of ``config_files`` (names in the bundle's ``configs/`` folder, or paths)."""
     root = Path(bundle).resolve()
@@ -50,8 +54,12 @@ def bundle_info(bundle: str | os.PathLike, config_files: Sequence[str] = ("infer
     """Name, version, weights hash and config hash of a bundle as a run of ``config_files`` uses it.
 
     ``config_sha256`` hashes the config files' bytes and the overrides, so a changed threshold or network key makes
-    a different configuration; ``weights_sha256`` hashes ``ckpt_path`` (the override, else ``models/model.pt``).
+    a different configuration; ``weights_sha256`` hashes ``ckpt_path`` (the override, else ``models/model.pt``; with
+    ``exported.json`` among the configs, ``exported_model``, else ``models/model.ts``), and ``demo_weights`` and
+    ``weights_warning`` say whether those are the bundle's demo weights (:mod:`pathbundles.weights`).
     """
+    from pathbundles.weights import identify, identify_exported
+
     root = Path(bundle).resolve()
     meta_file = root / "configs" / "metadata.json"
     if not meta_file.is_file():
@@ -61,10 +69,14 @@ def bundle_info(bundle: str | os.PathLike, config_files: Sequence[str] = ("infer
     for path in config_paths(root, config_files):
         digest.update(path.read_bytes())
     digest.update(json.dumps(dict(overrides or {}), sort_keys=True, default=str).encode())
-    weights = Path((overrides or {}).get("ckpt_path") or root / "models" / "model.pt")
+    overrides = dict(overrides or {})
+    if any(Path(c).name == EXPORTED_CONFIG for c in config_files):
+        weights = identify_exported(overrides.get("exported_model") or root / "models" / "model.ts", meta_file)
+    else:
+        weights = identify(overrides.get("ckpt_path") or root / "models" / "model.pt", meta_file)
     return {"bundle": root.name, "bundle_root": str(root), "name": meta.get("name", root.name),
-            "version": meta.get("version"), "weights": str(weights),
-            "weights_sha256": sha256_file(weights) if weights.is_file() else None, "config_sha256": digest.hexdigest()}
+            "version": meta.get("version"), "weights": weights.path, **weights.record(),
+            "config_sha256": digest.hexdigest()}
 
 
 def config_error_cause(err: BaseException) -> BaseException:

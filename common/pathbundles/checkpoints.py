@@ -8,9 +8,10 @@ values the run uses, and :class:`CheckpointLoader` refuses weights trained with 
 checkpoint, the key and both values (``--scan_mpp 8`` on weights trained at 1.0 um/px gave a meaningless score).
 
 Checkpoints saved before they carried their settings (the shipped ``models/*.pt``, plain state dicts) are described
-in the bundle's ``metadata.json`` field ``trained_with``: ``{"models/model.pt": {"sha256": ..., "settings":
-{...}}}``, which applies only to a file with that exact hash. Any other checkpoint without settings loads with a
-logged warning that they could not be checked.
+in the bundle's ``metadata.json`` field ``trained_with``: ``{"models/model.pt": {"sha256": ..., "demo": true,
+"settings": {...}}}``, which applies only to a file with that exact hash (and marks it as demo weights:
+:mod:`pathbundles.weights`). Any other checkpoint without settings loads with a logged warning that they could not
+be checked.
 
 A missing, truncated or foreign file (another bundle's weights) is an :class:`~pathbundles.errors.InputError`
 naming it. ``python -m monai.bundle ckpt_export`` takes ``--key_in_ckpt model`` for checkpoints trained by this
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pathbundles.errors import InputError
+from pathbundles.weights import identify
 
 logger = logging.getLogger(__name__)
 
@@ -101,15 +103,12 @@ def read_weights(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
 def metadata_settings(path: str | os.PathLike, metadata_file: str | os.PathLike | None) -> dict | None:
     """Settings that ``metadata_file``'s ``trained_with`` field gives for a checkpoint with ``path``'s sha256."""
     from pathbundles.bundle_runner import sha256_file
+    from pathbundles.weights import described_weights
 
     if metadata_file is None or not Path(metadata_file).is_file():
         return None
-    described = json.loads(Path(metadata_file).read_text(encoding="utf-8")).get(METADATA_FIELD) or {}
-    digest = sha256_file(path)
-    for entry in described.values():
-        if isinstance(entry, Mapping) and entry.get("sha256") == digest:
-            return dict(entry.get("settings") or {})
-    return None
+    entry = described_weights(json.loads(Path(metadata_file).read_text(encoding="utf-8"))).get(sha256_file(path))
+    return None if entry is None else dict(entry.get("settings") or {})
 
 
 def check_training_settings(path: str | os.PathLike, trained: Mapping[str, Any] | None, expected: Mapping[str, Any],
@@ -189,7 +188,13 @@ class CheckpointLoader:
         load_dict: ``{"model": network}``, as for MONAI's ``CheckpointLoader``.
         map_location: as for ``torch.load``.
         expected: the run's values of the settings the weights depend on (the config's ``trained_with``).
-        metadata_file: the bundle's ``metadata.json``, describing checkpoints saved without settings.
+        metadata_file: the bundle's ``metadata.json``, describing checkpoints saved without settings and marking
+            the shipped demo weights.
+
+    Attributes:
+        weights: the checkpoint's :class:`~pathbundles.weights.WeightsIdentity` (sha256, demo or not), which the
+            bundles' writers record in every output; demo weights are warned of (logger WARNING) when the
+            handler is built, before any slide is read.
     """
 
     def __init__(self, load_path: str | os.PathLike, load_dict: Mapping[str, Any], map_location: Any = None,
@@ -205,6 +210,8 @@ class CheckpointLoader:
         check_training_settings(self.load_path, trained, self.expected, source)
         check_fit(self.load_path, self.network, state)
         self._state: dict | None = state
+        self.weights = identify(self.load_path, metadata_file)
+        self.weights.log_warning("start")  # here, not when the engine starts: a run without batches never starts it
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events

@@ -51,6 +51,7 @@ from typing import Any
 from pathbundles.atomic import atomic_path
 from pathbundles.errors import SlideTimeoutError
 from pathbundles.outputs import claim_folder, inside, output_names, slide_name
+from pathbundles.weights import csv_header_and_row, weights_identity
 
 logger = logging.getLogger("pathbundles.cohort")  # also when run as __main__
 
@@ -534,7 +535,9 @@ def summarise(out: Path, names: Sequence[str], records: Mapping[str, dict], run_
               bundle: Mapping[str, Any], world_size: int, wall_s: float) -> dict:
     """Write ``slides.csv``, ``scores.csv`` and ``summary.json`` for the slides ``names`` of run ``run_id``.
 
-    Slides per hour count the slides this run did (not the skipped ones) over the run's wall time. The data-wait
+    ``scores.csv`` ends each row with the run's weights (:data:`pathbundles.weights.RECORD_FIELDS`, from
+    ``bundle``), and ``summary.json``'s ``bundle`` holds them too. Slides per hour count the slides this run did
+    (not the skipped ones) over the run's wall time. The data-wait
     fraction pools the slides' steady-state waits for batches over waits plus iterations (:class:`LoopTimer`).
     """
     rows = [records.get(name, {"name": name, "status": "missing", "error": "no record (the run did not reach it)"})
@@ -556,12 +559,14 @@ def summarise(out: Path, names: Sequence[str], records: Mapping[str, dict], run_
             setup = r["seconds"] - timing["run_s"] if timing and r.get("seconds") is not None else None
             writer.writerow({**r, **timing, "setup_s": setup})
     scored = [r for r in rows if r["status"] in ("done", "skipped")]
+    weights = weights_identity(bundle)
+    extra_columns, extra_values = csv_header_and_row(weights)
     with atomic_path(out / "scores.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["name", "label", "score", "n_detections"])
+        writer.writerow(["name", "label", "score", "n_detections", *extra_columns])
         for r in scored:
             writer.writerow([r["name"], "" if r.get("label") is None else r["label"], f"{r['score']:.6f}",
-                             r["n_detections"]])
+                             r["n_detections"], *extra_values])
     summary = {
         "run_id": run_id, "output_dir": str(out), "bundle": dict(bundle), "world_size": world_size,
         "slides": len(rows), "done": len(done), "skipped": sum(r["status"] == "skipped" for r in rows),
@@ -576,6 +581,8 @@ def summarise(out: Path, names: Sequence[str], records: Mapping[str, dict], run_
                                                 ("scores", "scores.csv"), ("summary", "summary.json"))},
     }
     _write_json(out / "summary.json", summary)
+    if weights is not None:
+        weights.log_warning("end")
     return summary
 
 
@@ -639,6 +646,9 @@ def cohort_command(bundle: str | os.PathLike, slides: str | os.PathLike | Sequen
     config_files = [config_files] if isinstance(config_files, str) else list(config_files)
     overrides = dict(overrides or {})
     info = bundle_info(bundle, config_files, overrides)
+    weights = weights_identity(info)
+    if weights is not None and int(os.environ.get("RANK", "0")) == 0:
+        weights.log_warning("start")
     with process_group(timeout_hours) as group:
         # Every rank imports MONAI (~10 s on a loaded CPU) while rank 0 plans, rather than in its first slide.
         import monai.bundle  # noqa: F401

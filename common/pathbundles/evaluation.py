@@ -106,7 +106,7 @@ class DetectionMetricsReport:
         if left_out:
             logger.info("left out of FROC and AUC (exclusion list): %s", ", ".join(left_out))
         self.report = write_report(self.output_dir, scalars, {"froc": froc_metric, "slide_auc": auc_metric},
-                                   extra={"excluded_slides": left_out})
+                                   weights=self.writer.weights_record(), extra={"excluded_slides": left_out})
         fpr, tpr, _ = roc_curve(np.asarray(labels), np.asarray(scores))
         write_curves(self.output_dir, fp_per_slide=froc_metric.result.fp_per_slide,
                      sensitivity=froc_metric.result.sensitivity, fpr=fpr, tpr=tpr)

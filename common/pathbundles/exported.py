@@ -7,7 +7,8 @@ bundle's ``inference.json`` runs the bundle from such a file (``--exported_model
 
 - ``network_def`` becomes :func:`load_exported` of the file: :class:`TorchScriptNetwork`, or
   :class:`OnnxRuntimeNetwork` for a ``.onnx`` file;
-- ``checkpoint_loader`` becomes :class:`ExportedWeights`, which loads nothing: the weights are in the file.
+- ``checkpoint_loader`` becomes :class:`ExportedWeights`, which loads nothing: the weights are in the file (it
+  tells the writer whether they are an export of the demo weights).
 
 An exported network has ``forward`` only; the spatial LSTM's inferer then cuts every grid itself
 (:func:`pathbundles.spatial_lstm.lattice_map`), giving the same map. ONNX Runtime comes with the ``export`` extra
@@ -114,10 +115,22 @@ class ExportedWeights:
 
     Args:
         path: the exported model (as given to :func:`load_exported`).
+        network: the network :func:`load_exported` made of it (a TorchScript one has its tensors compared with the
+            bundle's demo weights).
+        metadata_file: the bundle's ``metadata.json`` (which marks its demo weights).
+
+    Attributes:
+        weights: the file's :class:`~pathbundles.weights.WeightsIdentity`
+            (:func:`pathbundles.weights.identify_exported`): an export of the demo weights is demo weights.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, network: Any = None,
+                 metadata_file: str | os.PathLike | None = None) -> None:
+        from pathbundles.weights import identify_exported
+
         self.path = Path(path)
+        self.weights = identify_exported(self.path, metadata_file, network)
+        self.weights.log_warning("start")
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events

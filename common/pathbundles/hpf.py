@@ -13,6 +13,7 @@ Coordinates are (x, y) = (column, row) in HPF pixels, pixel centres at integers.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ from pathbundles.errors import InputError, PathBundlesError, SlidesFailedError
 from pathbundles.outputs import claim_folder, output_file, output_names
 from pathbundles.metrics.mitosis import check_matching, match_points, mitosis_f1
 from pathbundles.postprocess import mitosis_blobs
+from pathbundles.weights import RecordsWeights, WeightsIdentity, csv_header_and_row
 from pathbundles.writers import (legend_panel, overlay_font_px, write_annotated_png, write_detections_asap_xml,
                                  write_detections_geojson)
 
@@ -524,7 +526,7 @@ class HPFDataset(torch.utils.data.Dataset):
         return dict(self.transform(out)) if self.transform is not None else out
 
 
-class HPFDetectionWriter:
+class HPFDetectionWriter(RecordsWeights):
     """Ignite handler: per HPF, blobs -> detections and the outputs; keeps every blob for metrics and tuning.
 
     Under ``output_dir``: ``detections/<name>.csv`` (an HPF file: header-less ``x,y,score`` in HPF px, pixel
@@ -536,7 +538,8 @@ class HPFDetectionWriter:
     value per HPF pixel) and ``overlays/<name>.png`` (the HPF with circles: true positives green, false positives red,
     misses blue when the item has ground truth, yellow otherwise; detections numbered as the CSV's rows; a legend,
     and the HPF name, model and version in a title strip); and one ``hpf_counts.csv``
-    (``name,n_detections,max_score``) for the run. Every file is written atomically. The output
+    (``name,n_detections,max_score``, then ``weights_sha256,demo_weights,weights_warning`` when the writer knows the
+    run's weights) for the run. Every file is written atomically. The output
     folder is locked from the start of the run to its end, and what a killed run left there is removed
     (:func:`pathbundles.outputs.claim_folder`). An HPF that cannot be read (left out by the dataset, or failing
     when read) gets no output and is named in :attr:`failed`; the others are written, and
@@ -553,13 +556,17 @@ class HPFDetectionWriter:
         prob_channel: channel of the network output holding the mitosis probability.
         pred_key: key of the prediction in ``engine.state.output``.
         model_label: the model and version printed on overlays (:func:`pathbundles.bundle.model_label`).
+        weights: the run's weights (the ``checkpoint_loader``'s ``weights``): recorded in ``hpf_counts.csv``
+            (columns :data:`pathbundles.weights.RECORD_FIELDS` after its own) and the GeoJSON properties, the demo
+            warning logged at the end of the run; None records nothing.
     """
 
     def __init__(self, dataset: HPFDataset, output_dir: str | os.PathLike, mpp: float = 0.25, sigma_um: float = 1.0,
                  min_mean_score: float = 0.0, min_area_um2: float = 0.0, radius_px: float = 30.0,
                  write_images: bool = True, prob_channel: int = 1, pred_key: str = "pred",
-                 model_label: str = "") -> None:
+                 model_label: str = "", weights: WeightsIdentity | None = None) -> None:
         self.dataset, self.output_dir = dataset, Path(output_dir)
+        self.weights = weights
         self.mpp, self.sigma_um, self.radius_px = mpp, sigma_um, radius_px
         # Checked here, not first at the end of the run: a score threshold above 1 keeps no blob at all.
         self.min_mean_score, self.min_area_um2 = probability(min_mean_score, "min_mean_score"), min_area_um2
@@ -635,7 +642,8 @@ class HPFDetectionWriter:
         else:
             write_detections(files["detections"], detections)
         write_detections_geojson(files["geojson"], level0, mpp=self.dataset.level0_mpp(index),
-                                 class_name=MITOSIS_CLASS, color=DETECTION_COLOUR, id_scope=f"{name}/detections")
+                                 class_name=MITOSIS_CLASS, color=DETECTION_COLOUR, id_scope=f"{name}/detections",
+                                 properties=self.weights_record())
         write_detections_asap_xml(files["asap_xml"], level0, class_name=MITOSIS_CLASS, color=DETECTION_COLOUR)
         if self.write_images:
             with atomic_path(files["map"]) as tmp:
@@ -653,10 +661,15 @@ class HPFDetectionWriter:
         self._completed = True
         self._claim()  # a run whose engine never started
         try:
-            rows = [f"{name},{len(d)},{(float(d[:, 2].max()) if len(d) else 0.0):.6f}"
-                    for name in self.dataset.names if (d := self.detections.get(name)) is not None]
-            with atomic_path(self.output_dir / "hpf_counts.csv") as tmp:
-                tmp.write_text("name,n_detections,max_score\n" + "".join(r + "\n" for r in rows), encoding="utf-8")
+            extra_columns, extra_values = csv_header_and_row(self.weights)
+            with atomic_path(self.output_dir / "hpf_counts.csv") as tmp, open(tmp, "w", newline="",
+                                                                             encoding="utf-8") as f:
+                writer = csv.writer(f, lineterminator="\n")
+                writer.writerow(["name", "n_detections", "max_score", *extra_columns])
+                for name in self.dataset.names:
+                    if (d := self.detections.get(name)) is not None:
+                        writer.writerow([name, len(d), f"{(float(d[:, 2].max()) if len(d) else 0.0):.6f}",
+                                         *extra_values])
         finally:
             self._lock.release()
 
@@ -665,6 +678,8 @@ class HPFDetectionWriter:
         :class:`~pathbundles.errors.SlidesFailedError` naming every HPF that failed."""
         if not self._completed:
             self.completed(engine)
+        if self.weights is not None:
+            self.weights.log_warning("end")
         if self.failed:
             listing = "; ".join(f"{name}: {why}" for name, why in self.failed.items())
             raise SlidesFailedError(f"{len(self.failed)} HPF(s) failed, the others were written: {listing}")
@@ -678,6 +693,7 @@ class HPFDetectionWriter:
     def report(self) -> dict:
         """Where the outputs went, as printed by the bundle (and returned)."""
         return {"output_dir": str(self.output_dir.resolve()),
+                **({"weights": self.weights_record()} if self.weights_record() else {}),
                 "hpf_counts": str((self.output_dir / "hpf_counts.csv").resolve()),
                 "hpfs": {name: {"n_detections": int(len(d)), **{k: str(v.resolve()) for k, v in
                                                                  self.outputs(name).items()}}
@@ -742,7 +758,8 @@ class MitosisMetricsReport:
                                    "per_hpf": per_image,
                                    "pr_curve": {"score_threshold": curve.thresholds.tolist(),
                                                 "precision": precision.tolist(), "recall": recall.tolist()}},
-                       "plots": ["pr.png"]}
+                       "plots": ["pr.png"], **({"weights": self.writer.weights_record()}
+                                                if self.writer.weights_record() else {})}
         plots.plot_precision_recall(precision, recall, self.output_dir / "pr.png",
                                     point=(counts.precision, counts.recall))
         with atomic_path(self.output_dir / "metrics.json") as tmp:

@@ -49,11 +49,15 @@ from pathbundles.tracking import (CURVES_FILE, EVALUATION_DIR, PREVIEW_DIR, TAG_
                                   TAG_DATALIST_SHA, TAG_GIT_COMMIT, TAG_WEIGHTS_SHA, TAG_WORKFLOW,
                                   default_artifact_location, default_tracking_uri, project_git_commit,
                                   read_metadata, sha256_file)
+from pathbundles.weights import NOT_MEASURED, RECORD_FIELDS, identify
 
 CHAMPION = "champion"
 #: metadata.json field with a bundle's default promotion gates, and the version tag it is recorded in.
 GATES_FIELD = "promotion_gates"
 TAG_GATES = "pathbundles.promotion_gates"
+#: Version tags of the weights' identity (pathbundles.weights): demo weights or not, and whether metadata.json's
+#: eval_metrics were measured on these weights ("metadata.json") or not ("not measured").
+TAG_DEMO_WEIGHTS, TAG_EVAL_METRICS = "pathbundles.demo_weights", "pathbundles.eval_metrics"
 MODEL_ARTIFACT = "bundle"  # name of the logged model and of its bundle-folder artifact
 #: Bundle content that is part of a registered model; outputs (eval/), caches and hidden files are not.
 _EXCLUDED = ("eval", "__pycache__", "mlflow", ".*")
@@ -121,7 +125,9 @@ def predict_bundle(bundle_root: str | os.PathLike, slides: Sequence[str], output
 
     Columns: ``image, name, score, n_detections, detections`` (JSON ``[[prob, x, y], ...]`` in level-0 pixels, or
     HPF pixels for an HPF bundle (level-0 pixels of the slide for a slide box), whose score is its highest detection
-    score), ``detections_csv, overlay, map, output_dir`` (absolute paths; empty when the bundle wrote no such file).
+    score), ``detections_csv, overlay, map, output_dir`` (absolute paths; empty when the bundle wrote no such file),
+    ``weights_sha256, demo_weights, weights_warning`` (the run's weights as its table gives them:
+    :mod:`pathbundles.weights`; ``demo_weights`` "true" with the warning for the bundle's demo weights).
     """
     import csv
 
@@ -171,9 +177,9 @@ def predict_bundle(bundle_root: str | os.PathLike, slides: Sequence[str], output
             rows.append({"image": by_stem.get(name, ""), "name": name, "score": float(score),
                          "n_detections": int(record["n_detections"]), "detections": json.dumps(detections),
                          **{key: str(p) if p.is_file() else "" for key, p in found.items()},
-                         "output_dir": str(out)})
+                         "output_dir": str(out), **{c: record.get(c, "") for c in RECORD_FIELDS}})
     return pd.DataFrame(rows, columns=["image", "name", "score", "n_detections", "detections", "detections_csv",
-                                       "overlay", "map", "output_dir"])
+                                       "overlay", "map", "output_dir", *RECORD_FIELDS])
 
 
 def _signature() -> Any:
@@ -183,7 +189,7 @@ def _signature() -> Any:
     outputs = Schema([ColSpec("string", "image"), ColSpec("string", "name"), ColSpec("double", "score"),
                       ColSpec("long", "n_detections"), ColSpec("string", "detections"),
                       ColSpec("string", "detections_csv"), ColSpec("string", "overlay"), ColSpec("string", "map"),
-                      ColSpec("string", "output_dir")])
+                      ColSpec("string", "output_dir"), *(ColSpec("string", c) for c in RECORD_FIELDS)])
     return ModelSignature(inputs=Schema([ColSpec("string", "image")]), outputs=outputs,
                           params=ParamSchema([ParamSpec("output_dir", "string", "")]))
 
@@ -291,7 +297,10 @@ def register(bundle: str | os.PathLike, run_id: str | None = None, name: str | N
         input_example_slide: path stored as the model's input example (not run); default a placeholder.
 
     Returns:
-        ``{"name", "version", "model_uri", "run_id", "eval_run_id", "weights_sha256", "bundle_version"}``.
+        ``{"name", "version", "model_uri", "run_id", "eval_run_id", "weights_sha256", "demo_weights",
+        "bundle_version"}``. The version's tags name the weights (``pathbundles.weights_sha256``), say whether they
+        are the bundle's demo weights (``pathbundles.demo_weights``: true/false) and whether metadata.json's
+        eval_metrics were measured on them (``pathbundles.eval_metrics``: "metadata.json" or "not measured").
     """
     import mlflow
     import pandas as pd
@@ -312,8 +321,10 @@ def register(bundle: str | os.PathLike, run_id: str | None = None, name: str | N
     eval_run_id = eval_run_id or _find_run(client, experiment_name, "evaluate", weights_sha)
     commit = project_git_commit(bundle_root)
     description = version_description(client, bundle_root, weights_sha, eval_run_id)
+    weights = identify(bundle_root / "models" / "model.pt", bundle_root / "configs" / "metadata.json")
     tags = {TAG_BUNDLE: bundle_root.name, TAG_BUNDLE_VERSION: str(metadata.get("version", "unknown")),
-            TAG_WEIGHTS_SHA: weights_sha, TAG_GIT_COMMIT: commit}
+            TAG_WEIGHTS_SHA: weights_sha, TAG_GIT_COMMIT: commit, TAG_DEMO_WEIGHTS: str(weights.demo).lower(),
+            TAG_EVAL_METRICS: NOT_MEASURED if weights.eval_metrics == NOT_MEASURED else "metadata.json"}
     if run_id is None:
         experiment = client.get_experiment_by_name(experiment_name)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(
@@ -347,7 +358,7 @@ def register(bundle: str | os.PathLike, run_id: str | None = None, name: str | N
                                           description=description, model_id=info.model_id)
     return {"name": name, "version": str(created.version), "model_uri": f"models:/{name}/{created.version}",
             "logged_model_uri": info.model_uri, "run_id": run_id, "eval_run_id": eval_run_id,
-            "weights_sha256": weights_sha, "bundle_version": tags[TAG_BUNDLE_VERSION]}
+            "weights_sha256": weights_sha, "demo_weights": weights.demo, "bundle_version": tags[TAG_BUNDLE_VERSION]}
 
 
 def sha256_file_text(text: str) -> str:

@@ -32,6 +32,7 @@ import torch
 from pathbundles.atomic import atomic_path
 from pathbundles.errors import PathBundlesError, SlidesFailedError
 from pathbundles.outputs import claim_folder, output_file, output_names, slide_name, work_area
+from pathbundles.weights import RecordsWeights, WeightsIdentity, csv_header_and_row
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ class SlideROIDataset(torch.utils.data.Dataset):
         return self.transform(item) if self.transform is not None else item
 
 
-class StreamedSlideWriter:
+class StreamedSlideWriter(RecordsWeights):
     """Ignite handler base of the whole-slide writers: per-slide outputs written on a background thread.
 
     The lifecycle shared by :class:`SlideMapWriter` and
@@ -213,11 +214,15 @@ class StreamedSlideWriter:
         dataset: the dataset being run (its length is the progress bar's total).
         output_dir: folder for all outputs.
         progress_desc, progress_unit: label and unit of the progress bar.
+        weights: the run's weights (the ``checkpoint_loader``'s ``weights``): recorded in the run's files (the
+            columns of :data:`pathbundles.weights.RECORD_FIELDS` after a table's own, the maps' fields, the
+            GeoJSON properties), with the demo warning logged at the end of the run; None records nothing.
     """
 
     def __init__(self, dataset: Any, output_dir: str | os.PathLike, progress_desc: str,
-                 progress_unit: str = "item") -> None:
+                 progress_unit: str = "item", weights: WeightsIdentity | None = None) -> None:
         self.dataset, self.output_dir = dataset, Path(output_dir)
+        self.weights = weights
         self.progress_desc, self.progress_unit = progress_desc, progress_unit
         #: {slide name: why} of the slides that failed.
         self.failed: dict[str, str] = {}
@@ -302,6 +307,8 @@ class StreamedSlideWriter:
         completed once: its dataset is fixed, so its runs are all empty or none is."""
         if not self._completed:
             self.completed(engine)
+        if self.weights is not None:
+            self.weights.log_warning("end")
         if self.failed:
             listing = "; ".join(f"{name}: {why}" for name, why in self.failed.items())
             raise SlidesFailedError(f"{len(self.failed)} slide(s) failed, the others were written: {listing}")
@@ -332,7 +339,8 @@ class SlideMapWriter(StreamedSlideWriter):
     (Camelyon16 ``prob,x,y``, x and y the whole level-0 pixel holding the detection),
     ``detections/name.geojson`` (QuPath points, sub-pixel level-0 positions, stable ids) and
     ``detections/name.xml`` (ASAP "Dot" annotations, named with their score); and one ``slide_scores.csv``
-    (``name,score,n_detections``) for the run. A slide without tissue gets an all-zero map, no detections and
+    (``name,score,n_detections``, then ``weights_sha256,demo_weights,weights_warning`` when the writer
+    knows the run's weights) for the run. A slide without tissue gets an all-zero map, no detections and
     score 0. A slide that fails is reported by name, gets no output, and the run raises at the end after finishing
     the other slides.
 
@@ -349,14 +357,16 @@ class SlideMapWriter(StreamedSlideWriter):
         tissue_only: zero the map where the slide's tissue mask (the one that chose the ROIs) has no tissue at the
             map pixel's centre, before detection, scoring and writing: a probability map "over tissue", as NCRF
             computes it (a network trained on tissue patches says nothing meaningful about glass).
+        weights: the run's weights, recorded in every output (see :class:`StreamedSlideWriter`).
     """
 
     def __init__(self, dataset: SlideROIDataset, output_dir: str, detect: Callable[..., np.ndarray],
                  prob_channel: int = 1, overlay_long_side_px: int = 2000, model_label: str = "",
-                 overlay_min_probability: float = 0.05, pred_key: str = "pred", tissue_only: bool = False) -> None:
+                 overlay_min_probability: float = 0.05, pred_key: str = "pred", tissue_only: bool = False,
+                 weights: WeightsIdentity | None = None) -> None:
         from pathbundles.checks import probability
 
-        super().__init__(dataset, output_dir, "tissue ROIs", "roi")
+        super().__init__(dataset, output_dir, "tissue ROIs", "roi", weights)
         self.detect = detect
         self.prob_channel, self.pred_key = prob_channel, pred_key
         self.overlay_long_side_px, self.model_label = int(overlay_long_side_px), str(model_label)
@@ -400,11 +410,12 @@ class SlideMapWriter(StreamedSlideWriter):
     def _write_run_files(self) -> None:
         """``slide_scores.csv``, slides in datalist order whatever order the writer finished them in."""
         self.scores = {p.name: self.scores[p.name] for p in self.dataset.plans if p.name in self.scores}
+        extra_columns, extra_values = csv_header_and_row(self.weights)
         with atomic_path(self.output_dir / "slide_scores.csv") as tmp, open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["name", "score", "n_detections"])
+            writer.writerow(["name", "score", "n_detections", *extra_columns])
             for name, (score, n) in self.scores.items():
-                writer.writerow([name, f"{score:.6f}", n])
+                writer.writerow([name, f"{score:.6f}", n, *extra_values])
 
     def results(self) -> list[dict]:
         """One record per slide written by the run (datalist order): ``name``, ``score`` (max of the map),
@@ -452,7 +463,8 @@ class SlideMapWriter(StreamedSlideWriter):
                                                    "(R = G = B)",
                                         "registration": f"pixel (0, 0) starts at the slide's level-0 origin; pixel "
                                                         f"(r, c) covers level-0 [c * s, (c + 1) * s) x [r * s, "
-                                                        f"(r + 1) * s), s = {map_mpp} / level-0 mpp"})
+                                                        f"(r + 1) * s), s = {map_mpp} / level-0 mpp",
+                                        **self.weights_record()})
         with open_slide(plan.path, backend=self.dataset.backend, mpp=plan.mpp_override) as slide:
             thumb, _ = slide.read_overview(self.overlay_long_side_px)
         # Thumbnail pixel centres in level-0 and scan pixels: the overlay samples the map where each pixel lies.
@@ -474,7 +486,7 @@ class SlideMapWriter(StreamedSlideWriter):
                                   "overlay_um_per_px": [step_x * plan.level0_mpp, step_y * plan.level0_mpp]})
         write_detections_csv(files["detections"], detections)
         write_detections_geojson(files["geojson"], detections, mpp=plan.level0_mpp,
-                                 id_scope=f"{plan.name}/detections")
+                                 id_scope=f"{plan.name}/detections", properties=self.weights_record())
         write_detections_asap_xml(files["asap_xml"], detections)
         self.scores[plan.name] = (score, int(len(detections)))
 

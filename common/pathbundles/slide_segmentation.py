@@ -34,6 +34,7 @@ from pathbundles.errors import InputError
 from pathbundles.metrics.segmentation import SegmentationScores, confusion_matrix
 from pathbundles.outputs import output_file, work_area
 from pathbundles.slide_inference import StreamedSlideWriter
+from pathbundles.weights import WeightsIdentity, csv_header_and_row
 from pathbundles.writers import write_label_overlay_png
 
 logger = logging.getLogger(__name__)
@@ -156,10 +157,11 @@ def trace_regions(mask: np.ndarray, level0_px: float, min_pixels: float = 1) -> 
 
 
 def _write_regions_geojson(path: Path, regions: Mapping[str, list], colours: Mapping[str, Sequence[int]],
-                           um2_per_px: float, id_scope: str) -> None:
+                           um2_per_px: float, id_scope: str, properties: Mapping[str, Any] | None = None) -> None:
     """QuPath GeoJSON: a Polygon annotation per region (:func:`trace_regions`) with its class name and colour, its
     area in um^2 (``um2_per_px`` per pixel of the traced mask) and a stable ``id``
-    (:func:`pathbundles.annotations.feature_id` of ``id_scope`` and the feature's index)."""
+    (:func:`pathbundles.annotations.feature_id` of ``id_scope`` and the feature's index); ``properties`` are added
+    to the collection's own (the run's weights)."""
     from pathbundles.annotations import feature_id
 
     features = []
@@ -174,7 +176,7 @@ def _write_regions_geojson(path: Path, regions: Mapping[str, list], colours: Map
                                "measurements": {"area_um2": round(float(n_pixels * um2_per_px), 3)}},
             })
     doc = {"type": "FeatureCollection", "features": features,
-           "properties": {"coordinates": "level-0 pixels (x, y)"}}
+           "properties": {"coordinates": "level-0 pixels (x, y)", **dict(properties or {})}}
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(doc), encoding="utf-8")
 
@@ -236,13 +238,17 @@ class SlideLabelWriter(StreamedSlideWriter):
         min_polygon_area_um2: regions (and holes in them) smaller than this are not outlined (um^2).
         alpha: opacity of the label colours in the overlay, 0..1.
         rgb_labels: also write ``labels_rgb/<name>.tif``.
+        weights: the run's weights, recorded in ``areas.csv`` (columns after the areas), ``areas/<name>.json``, the
+            label maps' fields and the regions' GeoJSON properties
+            (:class:`~pathbundles.slide_inference.StreamedSlideWriter`).
     """
 
     def __init__(self, dataset: Any, output_dir: str | os.PathLike, classes: Mapping[Any, str], pred_key: str = "pred",
                  overlay_long_side_px: int = 2000, model_label: str = "",
                  polygon_classes: Sequence[str] = ("carcinoma",), polygon_mpp: float = 4.0,
-                 min_polygon_area_um2: float = 1000.0, alpha: float = 0.5, rgb_labels: bool = True) -> None:
-        super().__init__(dataset, output_dir, "DMMN tiles", "tile")
+                 min_polygon_area_um2: float = 1000.0, alpha: float = 0.5, rgb_labels: bool = True,
+                 weights: WeightsIdentity | None = None) -> None:
+        super().__init__(dataset, output_dir, "DMMN tiles", "tile", weights)
         self.rgb_labels = bool(rgb_labels)
         self.classes = _check_classes(classes)
         self.pred_key, self.alpha = pred_key, float(alpha)
@@ -327,11 +333,12 @@ class SlideLabelWriter(StreamedSlideWriter):
         names = [e.name for e in self.dataset.slides]
         self.areas = {n: self.areas[n] for n in names if n in self.areas}  # datalist order, not finishing order
         columns = [*self.classes.values(), "unpredicted"]
+        extra_columns, extra_values = csv_header_and_row(self.weights)
         with atomic_path(self.output_dir / "areas.csv") as tmp, open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["name", *(f"{_slug(c)}_mm2" for c in columns)])
+            writer.writerow(["name", *(f"{_slug(c)}_mm2" for c in columns), *extra_columns])
             for name, areas in self.areas.items():
-                writer.writerow([name, *(f"{areas[c]:.6f}" for c in columns)])
+                writer.writerow([name, *(f"{areas[c]:.6f}" for c in columns), *extra_values])
 
     def results(self) -> list[dict]:
         """One record per slide written by the run: ``name``, ``score`` (the carcinoma share of the predicted
@@ -399,7 +406,7 @@ class SlideLabelWriter(StreamedSlideWriter):
         # then the same colours as RGB for readers that need samples (TIAToolbox); names and colours in the fields.
         fields = {"classes": {str(k): v for k, v in self.classes.items()},
                   "colours": {str(k): list(c) for k, c in self.colours.items()},
-                  "read_path": entry.read_path}
+                  "read_path": entry.read_path, **self.weights_record()}
         write_pyramid_tiff(files["labels"], canvas, mpp=self.map_mpp, compression="deflate", resample="nearest",
                            colormap=self.colours, description={"content": "class labels, 0 = not predicted (black); "
                                                                           "the palette holds the class colours",
@@ -428,7 +435,8 @@ class SlideLabelWriter(StreamedSlideWriter):
                        for k in self.polygon_ids}
             n_regions = sum(len(v) for v in regions.values())
             colours = {self.classes[k]: self.colours[k] for k in self.polygon_ids}
-            _write_regions_geojson(files["regions"], regions, colours, self.polygon_mpp ** 2, f"{entry.name}/regions")
+            _write_regions_geojson(files["regions"], regions, colours, self.polygon_mpp ** 2, f"{entry.name}/regions",
+                                   self.weights_record())
             _write_regions_asap_xml(files["asap_xml"], regions, colours)
 
         predicted = int(counts[1:].sum())
@@ -438,7 +446,7 @@ class SlideLabelWriter(StreamedSlideWriter):
         doc = {"slide": entry.name, "map_mpp": self.map_mpp, "map_shape_hw": [height, width],
                "pixel_area_mm2": mm2_per_px, "classes": per_class,
                "unpredicted": {"pixels": int(counts[0]), "area_mm2": float(counts[0] * mm2_per_px)},
-               "predicted_area_mm2": float(predicted * mm2_per_px), "n_regions": n_regions}
+               "predicted_area_mm2": float(predicted * mm2_per_px), "n_regions": n_regions, **self.weights_record()}
         with atomic_path(files["areas"]) as tmp:
             tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
         self.areas[entry.name] = {**{n: v["area_mm2"] for n, v in per_class.items()},
@@ -449,6 +457,7 @@ class SlideLabelWriter(StreamedSlideWriter):
 def report_label_outputs(writer: SlideLabelWriter) -> dict:
     """Print (and return) where a :class:`SlideLabelWriter` put each slide's outputs, with its areas (mm^2)."""
     report = {"output_dir": str(writer.output_dir.resolve()),
+              **({"weights": writer.weights_record()} if writer.weights_record() else {}),
               "areas": str((writer.output_dir / "areas.csv").resolve()),
               "slides": {name: {"areas_mm2": areas, "n_regions": writer.n_regions.get(name, 0),
                                 **{k: str(v.resolve()) for k, v in writer.outputs(name).items()}}
@@ -766,7 +775,8 @@ class SegmentationMetricsReport:
                         for name, v in zip(classes.values(), self.scores.iou, strict=True)})
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.report = write_report(self.output_dir, scalars,
-                                   {"segmentation": _SegmentationResult(self.scores, classes, truth_used)}, self.plot)
+                                   {"segmentation": _SegmentationResult(self.scores, classes, truth_used)}, self.plot,
+                                   weights=self.writer.weights_record())
         self._write_confusion(classes)
         self._write_slide_metrics(classes, truth_used)
         write_table_i(self.output_dir, {self.model_name: self.scores}, classes, self.class_order)

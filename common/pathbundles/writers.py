@@ -1007,7 +1007,8 @@ def read_detections_csv(path: str | os.PathLike) -> np.ndarray:
 
 def write_detections_geojson(path: str | os.PathLike, detections: ArrayLike, mpp: float | None = None, *,
                              object_type: str = "detection", class_name: str = "Tumor",
-                             color: Sequence[int] = (200, 0, 0), id_scope: str | None = None) -> Path:
+                             color: Sequence[int] = (200, 0, 0), id_scope: str | None = None,
+                             properties: Mapping[str, Any] | None = None) -> Path:
     """Write detections as a GeoJSON FeatureCollection of Points that QuPath imports.
 
     Feature k: ``id`` :func:`pathbundles.annotations.feature_id` of (``id_scope``, k), the same in every run;
@@ -1024,6 +1025,8 @@ def write_detections_geojson(path: str | os.PathLike, detections: ArrayLike, mpp
         color: classification colour (r, g, b) 0..255.
         id_scope: what the ids are made from with the feature index, e.g. ``"<slide name>/detections"``; default:
             ``"<file stem>/detections"`` (our outputs are named by their slide).
+        properties: further fields of the collection's ``properties`` (the run's weights:
+            :meth:`pathbundles.weights.WeightsIdentity.record`).
     """
     if object_type not in ("detection", "annotation"):
         raise ValueError(f"object_type {object_type!r}: expected 'detection' or 'annotation'")
@@ -1038,7 +1041,7 @@ def write_detections_geojson(path: str | os.PathLike, detections: ArrayLike, mpp
     ]
     collection: dict[str, Any] = {"type": "FeatureCollection", "features": features}
     collection["properties"] = {"coordinates": "level-0 pixels (x, y)",
-                                **({"mpp": float(mpp)} if mpp is not None else {})}
+                                **({"mpp": float(mpp)} if mpp is not None else {}), **dict(properties or {})}
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(collection, f)
     return Path(path)

@@ -213,11 +213,14 @@ def build(out: str | os.PathLike, bundle: str | os.PathLike | None = None, model
         shutil.copytree(Path(__file__).resolve().parents[1], partial / "pathbundles",
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         app_resources = resources(bundle_id, gpu=gpu, cpu=cpu, memory=memory)
-        tag = f"pathbundles-{bundle_id.lower()}:{info['version']}"
+        tag = image_tag(bundle_id, info["version"], info["weights_sha256"])
         package_command = (f"monai-deploy package {target} --config {target / APP_CONFIG} --tag {tag} "
                            "--platform x86_64 -l DEBUG")
         bundle_summary = {"name": info["name"], "version": info["version"], "weights_sha256": info["weights_sha256"],
+                          "demo_weights": info["demo_weights"], "weights_warning": info["weights_warning"],
                           "config_sha256": info["config_sha256"]}
+        if info["weights_warning"]:
+            warnings.append(info["weights_warning"])
         record = {"built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "bundle_id": bundle_id, "source": source,
                   "bundle": bundle_summary, "kind": kind, "config_files": config_files,
                   "pathbundles": __version__, "python": sys.version.split()[0],
@@ -287,6 +290,17 @@ main()
 '''
 
 
+#: Characters of the weights' sha256 in an image tag: enough to tell weights apart, short enough to read.
+TAG_SHA_CHARS = 12
+
+
+def image_tag(bundle_id: str, version: str, weights_sha256: str | None) -> str:
+    """The MAP image tag of a build: ``pathbundles-<bundle>:<version>-<first 12 hex of the weights' sha256>``, so
+    that weights retrained under the same bundle version get another tag (``-noweights`` without weights)."""
+    weights = weights_sha256[:TAG_SHA_CHARS] if weights_sha256 else "noweights"
+    return f"pathbundles-{bundle_id.lower()}:{version}-{weights}"
+
+
 def _readme(target: Path, bundle_id: str, info: dict, record: dict, app_resources: dict, tag: str,
             package_command: str, warnings: list[str]) -> str:
     source = record["source"]
@@ -315,7 +329,8 @@ python {target} -i INPUT -o OUTPUT
 `INPUT` is a folder of slides (of HPF images for mitosis bundles), a datalist `.json`, one slide, or a text file of
 slide paths (one a line, relative to the file). Instead of `-i`/`-o`, `HOLOSCAN_INPUT_PATH`/`HOLOSCAN_OUTPUT_PATH`
 work too. `OUTPUT` receives the bundle's outputs and `{SUMMARY}` (per slide: score, number of detections, output
-files relative to `OUTPUT`; the bundle's name, version and weights hash; this build's record).
+files relative to `OUTPUT`; the bundle's name, version, weights hash and whether they are demo weights
+(`demo_weights`, `weights_warning`); this build's record).
 
 Bundle config ids can be set for a run with `--override KEY=VALUE` (repeatable, e.g. `--override num_workers=0
 --override ckpt_path=/path/model.pt`; values are read as `python -m monai.bundle run --KEY VALUE` reads them), or for

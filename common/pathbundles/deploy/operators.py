@@ -104,3 +104,5 @@ class ResultWriterOperator(Operator):
                             settings=self.settings)
         path = write_summary(summary, self.output_dir)
         logger.info("summary of %d slide(s): %s", summary["n_slides"], path)
+        if summary["bundle"]["weights_warning"]:
+            logger.warning("%s (%s)", summary["bundle"]["weights_warning"], path)

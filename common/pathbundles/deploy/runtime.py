@@ -130,7 +130,8 @@ def slide_list(source: str | os.PathLike, kind: str) -> list[dict]:
 
 def summarize(records: Sequence[dict], bundle: Mapping[str, Any], output_dir: str | os.PathLike,
               datalist: Sequence[dict] = (), settings: AppSettings | None = None) -> dict:
-    """The run's summary: the bundle (name, version, weights and config hashes, configs, overrides), the
+    """The run's summary: the bundle (name, version, weights and config hashes, whether the weights are demo weights
+    and their warning (``demo_weights``, ``weights_warning``), configs, overrides), the
     application's build record, the pathbundles code that ran, and per slide its name, input image, score,
     detection count, the writer's other values and its output files relative to ``output_dir``.
 
@@ -156,6 +157,7 @@ def summarize(records: Sequence[dict], bundle: Mapping[str, Any], output_dir: st
                "outputs": {kind: relative(p) for kind, p in r["outputs"].items()}} for r in records]
     return {"bundle": {"name": bundle.get("name"), "version": bundle.get("version"),
                        "weights_sha256": bundle.get("weights_sha256"),
+                       "demo_weights": bundle.get("demo_weights"), "weights_warning": bundle.get("weights_warning"),
                        "config_sha256": bundle.get("config_sha256"),
                        "config_files": list(settings.config_files) if settings else None,
                        "overrides": dict(settings.overrides) if settings else None},

@@ -261,12 +261,15 @@ class MetricsReport:
 
 
 def write_report(output_dir: str | os.PathLike, scalars: dict[str, float],
-                 reported: dict[str, _ReportedMetric], plot: bool = True, extra: dict | None = None) -> dict:
-    """Write ``metrics.json`` (scalars plus each reported metric's details, and ``extra`` fields such as the
-    slides an exclusion list left out) and the plots; return the JSON dict."""
+                 reported: dict[str, _ReportedMetric], plot: bool = True, weights: dict | None = None,
+                 extra: dict | None = None) -> dict:
+    """Write ``metrics.json`` (scalars plus each reported metric's details, ``weights``: the weights measured,
+    :meth:`pathbundles.weights.WeightsIdentity.record`, when given, and ``extra`` fields such as the slides an
+    exclusion list left out) and the plots; return the JSON dict."""
     directory = Path(output_dir)
     report = {"metrics": {k: (None if np.isnan(v) else v) for k, v in scalars.items()},
-              "details": {name: metric.details() for name, metric in reported.items()}, **(extra or {})}
+              "details": {name: metric.details() for name, metric in reported.items()},
+              **({"weights": dict(weights)} if weights else {}), **(extra or {})}
     if plot:
         written: list[str] = []
         for name, metric in reported.items():
