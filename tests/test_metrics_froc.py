@@ -281,7 +281,7 @@ def test_detection_report_leaves_out_the_organisers_excluded_slides(tmp_path) ->
              for n in ("tumour_1", "Test_114", "normal_2")]
     writer = SimpleNamespace(dataset=SimpleNamespace(plans=plans),
                              scores={"tumour_1": (0.8,), "Test_114": (0.99,), "normal_2": (0.1,)},
-                             outputs=lambda name: {"detections": tmp_path / f"{name}.csv"})
+                             outputs=lambda name: {"detections": tmp_path / f"{name}.csv"}, weights_record=dict)
     default = DetectionMetricsReport(writer, datalist, tmp_path / "default", n_bootstrap=10)
     (tmp_path / "default").mkdir()
     report = default()
