@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 
 from pathbundles.annotations import read_points_csv, write_points_csv
 from pathbundles.atomic import atomic_path
-from pathbundles.checks import probability
+from pathbundles.checks import flag, probability
 from pathbundles.errors import InputError, PathBundlesError, SlidesFailedError
 from pathbundles.outputs import claim_folder, output_file, output_names
 from pathbundles.metrics.mitosis import match_points, mitosis_f1
@@ -142,7 +142,7 @@ class HPFCropDataset(torch.utils.data.Dataset):
         if not 0.0 <= positive_fraction <= 1.0:
             raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
         self.crop_px, self.length, self.positive_fraction = int(crop_px), int(samples_per_epoch), positive_fraction
-        self.mpp, self.transform, self.fixed, self.seed = float(mpp), transform, fixed, seed
+        self.mpp, self.transform, self.fixed, self.seed = float(mpp), transform, flag(fixed, "fixed"), seed
         self.paths: list[str] = []
         self.sizes: list[tuple[int, int]] = []
         self.centroids: list[np.ndarray] = []
@@ -552,7 +552,8 @@ class HPFDetectionWriter:
         self.mpp, self.sigma_um, self.radius_px = mpp, sigma_um, radius_px
         # Checked here, not first at the end of the run: a score threshold above 1 keeps no blob at all.
         self.min_mean_score, self.min_area_um2 = probability(min_mean_score, "min_mean_score"), min_area_um2
-        self.write_images, self.prob_channel, self.pred_key = write_images, prob_channel, pred_key
+        self.write_images = flag(write_images, "write_images")
+        self.prob_channel, self.pred_key = prob_channel, pred_key
         self.blobs: dict[str, np.ndarray] = {}
         self.detections: dict[str, np.ndarray] = {}
         #: {HPF name: why} of the HPFs that failed.

@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
+from pathbundles.checks import flag
 from pathbundles.errors import PathBundlesError
 from pathbundles.outputs import output_names, slide_name
 from pathbundles.slide_inference import SlideHandles
@@ -395,6 +396,7 @@ class MultiMagnificationDataset(torch.utils.data.Dataset):
         if any(r < 0 for r in self.rates.values()):
             raise ValueError(f"rates must be non-negative integers, got {self.rates}")
         self.pad_value, self.seed, self.transform = pad_value, seed, transform
+        use_tissue = flag(use_tissue, "use_tissue")
         self.handles = SlideHandles(backend)
         self.slides: list[_SlideEntry] = []
         tiles = []  # rows (slide index, level-0 origin x, origin y, class); origins exact, not rounded

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from pathbundles.checks import flag
 from pathbundles.outputs import slide_name
 from pathbundles.slide_inference import SlideHandles
 from pathbundles.tissue import LevelMask
@@ -120,7 +121,7 @@ class ClassBalancedPatchDataset(torch.utils.data.Dataset):
                  tissue_mpp: float = 8.0, transform: Callable[[dict], dict] | None = None,
                  mpp_override: float | tuple[float, float] | None = None) -> None:
         self.read_px, self.mpp, self.length = int(read_px), float(mpp), int(samples_per_epoch)
-        self.hard_negative_fraction, self.fixed, self.seed = hard_negative_fraction, fixed, seed
+        self.hard_negative_fraction, self.fixed, self.seed = hard_negative_fraction, flag(fixed, "fixed"), seed
         self.transform = transform
         self.slides = locate(data, backend=backend, tissue_mpp=tissue_mpp, mpp_override=mpp_override)
         self.handles = SlideHandles(backend)

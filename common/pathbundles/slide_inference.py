@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from pathbundles.atomic import atomic_path
+from pathbundles.checks import flag
 from pathbundles.errors import PathBundlesError, SlidesFailedError
 from pathbundles.outputs import claim_folder, output_file, output_names, slide_name, work_area
 
@@ -352,7 +353,7 @@ class SlideMapWriter(StreamedSlideWriter):
         super().__init__(dataset, output_dir, "tissue ROIs", "roi")
         self.detect = detect
         self.prob_channel, self.overlay_mpp, self.pred_key = prob_channel, overlay_mpp, pred_key
-        self.tissue_only = tissue_only
+        self.tissue_only = flag(tissue_only, "tissue_only")
         self._canvas: dict[int, Any] = {}
         self._done_rois: dict[int, int] = {}
         self.scores: dict[str, tuple[float, int]] = {}
