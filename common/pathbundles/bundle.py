@@ -253,8 +253,12 @@ def exit_on_bad_input() -> None:
     missing or truncated datalist or checkpoint, another bundle's weights or a setting out of range in one line.
     It installs a ``sys.excepthook`` that finds the :class:`~pathbundles.errors.PathBundlesError` behind MONAI's
     wrappers (``Failed to evaluate ConfigExpression``, raised ``from`` it); any other error keeps the previous hook
-    (Python's traceback). Raising ``SystemExit`` from the hook is what sets the status: Python exits with it.
+    (Python's traceback, status 1), and when MONAI's wrapper ends that traceback, 40 lines below the real error, a
+    last line names the real error. Raising ``SystemExit`` from the hook is what sets the status: Python exits
+    with it.
     """
+    from pathbundles.bundle_runner import config_error_cause
+
     previous = sys.excepthook
     if getattr(previous, "pathbundles_brief", False):
         return  # installed already (a second workflow in the same process)
@@ -263,6 +267,11 @@ def exit_on_bad_input() -> None:
         cause = pathbundles_error_behind(exc)
         if cause is None:
             previous(exc_type, exc, tb)
+            behind = config_error_cause(exc)
+            if behind is not exc:
+                message = " ".join(str(behind).split())
+                print(f"pathbundles: error: the run failed with {type(behind).__name__}: {message} (the traceback "
+                      "above shows where)", file=sys.stderr, flush=True)
             return
         message = " ".join(str(cause).split())  # one line, whatever the message holds
         print(f"pathbundles: error: {message}", file=sys.stderr, flush=True)

@@ -651,8 +651,8 @@ class HPFDetectionWriter:
         if not self._completed:
             self.completed(engine)
         if self.failed:
-            listing = "; ".join(f"{name}: {why}" for name, why in self.failed.items())
-            raise SlidesFailedError(f"{len(self.failed)} HPF(s) failed, the others were written: {listing}")
+            raise SlidesFailedError.listing(self.failed, written=len(self.dataset.names) - len(self.failed),
+                                            unit="HPF")
 
     def annotated(self) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
         """(names, blobs, truths) of the processed HPFs that have ground truth, in datalist order."""

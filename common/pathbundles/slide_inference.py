@@ -222,6 +222,8 @@ class StreamedSlideWriter:
         self.progress_desc, self.progress_unit = progress_desc, progress_unit
         #: {slide name: why} of the slides that failed.
         self.failed: dict[str, str] = {}
+        #: names of the slides written.
+        self.written: list[str] = []
         self._bar: Any = None
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
@@ -266,6 +268,7 @@ class StreamedSlideWriter:
             if error is not None:
                 raise RuntimeError(error)
             write(canvas)
+            self.written.append(name)
         except Exception as err:  # noqa: BLE001 - one slide's failure must not stop the others
             self.failed[name] = str(err)
             for path in self.outputs(name).values():
@@ -304,8 +307,7 @@ class StreamedSlideWriter:
         if not self._completed:
             self.completed(engine)
         if self.failed:
-            listing = "; ".join(f"{name}: {why}" for name, why in self.failed.items())
-            raise SlidesFailedError(f"{len(self.failed)} slide(s) failed, the others were written: {listing}")
+            raise SlidesFailedError.listing(self.failed, written=len(self.written))
 
     def _finish_remaining(self) -> None:
         """Submit every slide whose items did not all come back (no tissue, say)."""
