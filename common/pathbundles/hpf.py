@@ -779,14 +779,17 @@ class ThresholdTuner:
     """Ignite handler for the bundle's tune step: choose (s1, a1) on the run's (validation) HPFs and store them.
 
     After the writer, grid-searches :func:`tune_blob_thresholds`, writes the grid to ``output_dir/tuning.json``,
-    and, when ``config_file`` is given, sets its ``min_mean_score`` and ``min_area_um2`` keys and records
-    ``thresholds_tuned_on`` (which HPFs, the F1 reached), rewriting the file atomically; not when validation HPFs
-    failed (the writer's ``ensure_completed`` then fails the run naming them).
+    and, when ``config_file`` is given, stores ``min_mean_score``, ``min_area_um2`` and ``thresholds_tuned_on``
+    (which HPFs, the F1 reached) in it (:func:`store_thresholds`: a new override file, or one holding both keys);
+    not when validation HPFs failed (the writer's ``ensure_completed`` then fails the run naming them). The file
+    is checked when the tuner is made (:func:`check_thresholds_target`), so a file it cannot write fails the run
+    before the tuning, not after.
 
     Args:
         writer: the run's :class:`HPFDetectionWriter` (its blobs; its own thresholds are ignored).
         output_dir: folder for ``tuning.json``.
-        config_file: the bundle config to store the thresholds in (``configs/inference.json``), or None.
+        config_file: the file to store the thresholds in (the bundle's tune.json: ``eval/tune/thresholds.json``, an
+            override config to list after ``inference.json``), or None.
         radius_px: matching radius, px.
         score_grid, area_grid_um2: candidate thresholds (defaults of :func:`tune_blob_thresholds`).
     """
@@ -797,6 +800,8 @@ class ThresholdTuner:
         self.writer, self.output_dir, self.config_file = writer, Path(output_dir), config_file
         self.radius_px, self.score_grid, self.area_grid_um2 = radius_px, score_grid, area_grid_um2
         self.result: dict | None = None
+        if config_file is not None:
+            check_thresholds_target(config_file)
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
@@ -819,29 +824,61 @@ class ThresholdTuner:
         elif self.config_file is not None:
             store_thresholds(self.config_file, best["min_mean_score"], best["min_area_um2"],
                              {"hpfs": len(names), "f1": best["f1"], "radius_px": self.radius_px})
+            self.result["stored_in"] = str(Path(self.config_file).resolve())
         if engine is not None:
             engine.state.metrics.update({"tuned_f1": math.nan if best["f1"] is None else best["f1"]})
         return best
 
 
-def store_thresholds(config_file: str | os.PathLike, min_mean_score: float, min_area_um2: float,
-                     provenance: dict | None = None) -> None:
-    """Set ``min_mean_score``, ``min_area_um2`` (and ``thresholds_tuned_on``) in a JSON bundle config, atomically.
-
-    The file is rewritten as ``json.dumps(indent=4)``, the format the bundle's configs are kept in, so only the
-    changed values differ.
-
-    Raises:
-        InputError: the file is not a JSON object holding both keys.
-    """
-    path = Path(config_file)
+def _thresholds_config(path: Path) -> dict:
+    """The JSON object of an existing file that holds ``min_mean_score`` and ``min_area_um2``."""
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise InputError(path, f"cannot read the bundle config ({err})") from None
     missing = [k for k in ("min_mean_score", "min_area_um2") if not isinstance(config, dict) or k not in config]
     if missing:
-        raise InputError(path, f"the config has no {', '.join(missing)} key: not the segmitos inference config?")
+        raise InputError(path, f"the config has no {', '.join(missing)} key: not the segmitos inference config "
+                               "nor a thresholds file a tune run wrote? (store_in a new file instead)")
+    return config
+
+
+def check_thresholds_target(config_file: str | os.PathLike) -> Path:
+    """Refuse a file :func:`store_thresholds` could not write, before a tuning run rather than after it: an
+    existing file must be a JSON object holding both keys; a new one needs a writable folder (created if missing).
+
+    Raises:
+        InputError: naming the file and why.
+    """
+    path = Path(config_file)
+    if path.exists():
+        _thresholds_config(path)
+        if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK):
+            raise InputError(path, "cannot store the tuned thresholds: the file or its folder is not writable")
+        return path
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(path, f"cannot store the tuned thresholds: {folder} is not a writable folder")
+    return path
+
+
+def store_thresholds(config_file: str | os.PathLike, min_mean_score: float, min_area_um2: float,
+                     provenance: dict | None = None) -> None:
+    """Set ``min_mean_score``, ``min_area_um2`` (and ``thresholds_tuned_on``) in a JSON bundle config, atomically;
+    a file that does not exist is created holding these keys alone (an override config: list it after
+    ``inference.json``).
+
+    The file is rewritten as ``json.dumps(indent=4)``, the format the bundle's configs are kept in, so only the
+    changed values differ.
+
+    Raises:
+        InputError: the file exists and is not a JSON object holding both keys.
+    """
+    path = Path(config_file)
+    config = _thresholds_config(path) if path.exists() else {}
+    path.parent.mkdir(parents=True, exist_ok=True)
     config["min_mean_score"], config["min_area_um2"] = float(min_mean_score), float(min_area_um2)
     if provenance is not None:
         config["thresholds_tuned_on"] = provenance
