@@ -175,6 +175,26 @@ def test_train_writes_best_and_final_checkpoints_and_class_weights(small_dataset
     np.testing.assert_allclose([weights["weights"][str(c)] for c in range(1, 7)], expected, rtol=1e-6)
 
 
+def test_samples_per_epoch_sets_the_epoch_size(small_dataset: Path) -> None:
+    """``samples_per_epoch`` (as in the other bundles) draws that many training tiles per epoch; null keeps the
+    whole class-balanced tile set."""
+    data = str(small_dataset / "dataset.json")
+
+    probe = ("$print('epoch', len(@train#dataset), len(list(@train#sampler or range(len(@train#dataset)))), "
+             "len(@train#dataloader))")
+
+    def epoch(*flags: str) -> str:
+        """'epoch <tiles> <tiles drawn per epoch> <batches per epoch>'."""
+        result = run_bundle("run", "probe", "--config_file", str(CONFIGS / "train.json"), "--train_source", data,
+                            "--val_source", data, *TINY_TRAIN, *flags, "--probe", probe)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return next(line for line in result.stdout.splitlines() if line.startswith("epoch "))
+
+    tiles = int(epoch().split()[1])
+    assert epoch() == f"epoch {tiles} {tiles} {-(-tiles // 4)}"
+    assert epoch("--samples_per_epoch", "6") == f"epoch {tiles} 6 2"  # 6 tiles in batches of 4
+
+
 def test_train_augmentation_moves_views_and_label_together() -> None:
     """The train preprocessing rotates and flips the three views and the label by one draw (before the jitter, so
     that CacheDataset can keep the deterministic reads): a label painted from the 20x view stays on it."""
