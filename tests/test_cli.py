@@ -48,6 +48,29 @@ def test_tissue_and_phantom_verbs(tmp_path: Path) -> None:
     assert len(doc["items"]) == 2
 
 
+def test_tissue_on_the_camelyon16_level5_file(shared_data: Path, tmp_path: Path) -> None:
+    """The file ../shared/data/README.md gives for tissue masks states no mpp: the error names the setting to give,
+    and with --slide_mpp (level 5 of 0.243 um/px: 7.776) the mask covers both tumour annotations."""
+    slide = shared_data / "camelyon16_tumor_001_level5.tif"
+    if not slide.exists():
+        pytest.skip(f"{slide} not found")
+    run = pathbundles("tissue", str(slide), "--out", str(tmp_path / "m.png"))
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip() == (f"pathbundles: error: {slide}: the slide states no resolution (mpp); set the "
+                                  "slide's level-0 mpp: the bundle config key slide_mpp (--slide_mpp, also on "
+                                  "pathbundles info and tissue) or the datalist item's 'mpp'")
+    run = pathbundles("tissue", str(slide), "--out", str(tmp_path / "m.png"), "--slide_mpp", "7.776")
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["mpp"] == 7.776 and result["shape_hw"] == [7168, 3072]  # 8 um/px asked: the file's own level
+    mask = np.asarray(Image.open(tmp_path / "m.png")) > 0
+    assert 0.05 < mask.mean() < 0.10  # the section covers a small part of the padded glass
+    annotation = json.loads((shared_data / "camelyon16_tumor_001_annotation.json").read_text())
+    for polygon in annotation["positive"]:  # every tumour vertex (level-0 px / 32) lies on tissue
+        xy = (np.asarray(polygon["vertices"], float) / 32).astype(int)
+        assert mask[xy[:, 1], xy[:, 0]].mean() > 0.95, polygon["name"]
+
+
 def test_bad_slide_gives_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "notes.svs"
     bad.write_text("this is not a slide")
