@@ -46,6 +46,23 @@ def test_tissue_and_phantom_verbs(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     doc = json.loads((tmp_path / "hpf" / "dataset.json").read_text())
     assert len(doc["items"]) == 2
+    # A line per step on stderr (generation used to pass in silence), the JSON alone on stdout.
+    lines = run.stderr.strip().splitlines()
+    assert lines[:2] == ["phantom mitosis HPFs: image 1/2", "phantom mitosis HPFs: image 2/2"]
+    assert lines[2].startswith("phantom mitosis HPFs: 2 image(s) in ") and len(lines) == 3
+    assert json.loads(run.stdout) == {"dataset": str((tmp_path / "hpf" / "dataset.json").resolve())}
+
+
+def test_logged_steps_count_each_step(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from pathbundles.progress import logged_steps
+
+    with caplog.at_level(logging.INFO, logger="pathbundles.progress"):
+        assert list(logged_steps(["a", "b", "c"], "training tiles")) == ["a", "b", "c"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[:3] == [f"training tiles: slide {k}/3" for k in (1, 2, 3)]
+    assert messages[3].startswith("training tiles: 3 slide(s) in ") and len(messages) == 4
 
 
 def test_tissue_on_the_camelyon16_level5_file(shared_data: Path, tmp_path: Path) -> None:

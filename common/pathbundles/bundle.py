@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import ast
 import inspect
+import logging
 import os
 import shutil
 import sys
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 #: Demo datasets: (phantom kind, number of slides, seed) per split. Training and held-out data never share a seed.
 DEMO_DATASETS: dict[tuple[str, str], tuple[int, int]] = {
@@ -114,6 +117,8 @@ def demo_dataset(kind: str = "metastasis", split: str = "test") -> Path:
     n, seed = DEMO_DATASETS[(kind, split)]
     final = cache_dir() / f"phantom-{kind}-n{n}-seed{seed}"
     if not (final / "dataset.json").exists():
+        logger.info("generating the %s phantom demo data (%s split, %d images; once, a minute or two) into %s", kind,
+                    split, n, final)
         tmp = final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
         try:
             make_phantom(tmp, kind=kind, n=n, seed=seed)

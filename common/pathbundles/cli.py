@@ -260,6 +260,20 @@ def quiet_third_party() -> None:
     warnings.showwarning = show
 
 
+def _log_progress_lines() -> None:
+    """Show pathbundles' INFO lines (progress of slow steps, :func:`pathbundles.progress.logged_steps`) on stderr,
+    where nothing else configured logging; stdout keeps the JSON result alone."""
+    import logging
+    import sys
+
+    package = logging.getLogger("pathbundles")
+    if not logging.getLogger().handlers and not package.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+
+
 def main() -> None:
     """Entry point of ``python -m pathbundles`` and the ``pathbundles`` console script.
 
@@ -277,6 +291,7 @@ def main() -> None:
         print(help_text(args)[0], file=sys.stderr)  # a group without a verb: what the verbs are
         sys.exit(2)
     quiet_third_party()
+    _log_progress_lines()
 
     import fire
 

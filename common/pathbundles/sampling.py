@@ -21,6 +21,7 @@ from scipy import ndimage
 
 from pathbundles.checks import flag
 from pathbundles.outputs import slide_name
+from pathbundles.progress import logged_steps
 from pathbundles.slide_inference import SlideHandles
 from pathbundles.tissue import LevelMask
 
@@ -78,7 +79,7 @@ def locate(data: Sequence[dict], backend: str = "auto", tissue_mpp: float = 8.0,
     from pathbundles.wsi import item_mpp, open_slide
 
     out = []
-    for item in data:
+    for item in logged_steps(data, "training locations (a tissue mask per slide)"):
         name, path = slide_name(item)
         override = item_mpp(item, mpp_override)
         with open_slide(path, backend=backend, mpp=override) as slide:
