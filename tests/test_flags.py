@@ -19,8 +19,8 @@ PACKAGE = ROOT / "common" / "pathbundles"
 
 
 @pytest.mark.parametrize("text,expected", [
-    ("false", False), ("False", False), ("FALSE", False), ("no", False), ("No", False), ("0", False), (" false ", False),
-    ("true", True), ("True", True), ("YES", True), ("1", True), (True, True), (False, False), (1, True), (0, False)])
+    ("false", False), ("False", False), ("FALSE", False), ("no", False), ("No", False), ("0", False),
+    (" false ", False), ("true", True), ("True", True), ("YES", True), ("1", True), (True, True), (False, False), (1, True), (0, False)])
 def test_flag_parses_command_line_spellings(text, expected) -> None:
     assert flag(text, "tta") is expected
 

@@ -162,9 +162,12 @@ def _parameters(function: ast.FunctionDef, constants: dict[str, Any]) -> tuple[l
     def row(left: str, annotation: ast.expr | None, default: ast.expr | None) -> tuple[str, str]:
         kind = ast.unparse(annotation) if annotation is not None else ""
         if default is not None:
-            value = (constants[default.id] if isinstance(default, ast.Name) and default.id in constants
-                     else ast.literal_eval(default) if not isinstance(default, ast.Name) else default.id)
-            kind += f"{', ' if kind else ''}default {value!r}"
+            try:
+                value = repr(constants[default.id] if isinstance(default, ast.Name) and default.id in constants
+                             else ast.literal_eval(default))
+            except ValueError:  # an expression: shown as written
+                value = ast.unparse(default)
+            kind += f"{', ' if kind else ''}default {value}"
         return left, kind
 
     for arg, default in zip(args, defaults):
@@ -172,7 +175,8 @@ def _parameters(function: ast.FunctionDef, constants: dict[str, Any]) -> tuple[l
             words.append(arg.arg.upper())
             rows.append(row(arg.arg.upper(), arg.annotation, None))
     for arg, default in named:
-        words.append(f"[--{arg.arg} {arg.arg.upper()}]")
+        flag = f"--{arg.arg} {arg.arg.upper()}"
+        words.append(flag if default is None else f"[{flag}]")  # a keyword-only argument without default
         rows.append(row(f"--{arg.arg} {arg.arg.upper()}", arg.annotation, default))
     if function.args.kwarg is not None:
         words.append("[--KEY VALUE ...]")
