@@ -330,8 +330,11 @@ def test_config_error_cause_unwraps_monai_expression_errors() -> None:
     ("raise RuntimeError('Failed to evaluate ConfigExpression: ...') from SlidesFailedError('1 slide(s) failed, "
      "the others were written: s: /d/s.tif: file does not exist')",
      2, "pathbundles: error: 1 slide(s) failed, the others were written: s: /d/s.tif: file does not exist"),
-    # Anything else keeps Python's traceback and status 1.
+    # Anything else keeps Python's traceback and status 1; behind MONAI's wrapper, the last line names it.
     ("raise KeyError('other')", 1, "KeyError: 'other'"),
+    ("raise RuntimeError('Failed to evaluate ConfigExpression: ...') from FileNotFoundError(2, 'No such file', "
+     "'/d/w.pt')", 1, "pathbundles: error: the run failed with FileNotFoundError: [Errno 2] No such file: '/d/w.pt' "
+                      "(the traceback above shows where)"),
 ])
 def test_exit_on_bad_input_gives_one_line_and_status_2(raised: str, status: int, last_line: str) -> None:
     import subprocess

@@ -202,6 +202,13 @@ def test_summary_names_outputs_relative_to_the_output_folder(tmp_path: Path) -> 
                                   "areas_mm2": {"carcinoma": 1.0}, "outputs": {"map": "maps/s1.tif"}}]
     assert summary["bundle"]["weights_sha256"] == "ab" and summary["n_slides"] == 1
     assert (summary["bundle"]["demo_weights"], summary["bundle"]["weights_warning"]) == (True, DEMO_WARNING)
+    assert summary["n_failed"] == 0
+
+    # A slide that failed is listed after the others, with why and no outputs.
+    summary = summarize([record], info, tmp_path, datalist=[{"image": "/data/s1.svs"}, {"image": "/data/bad.svs"}],
+                        failed={"bad": "/data/bad.svs: truncated"})
+    assert summary["slides"][1] == {"slide": "bad", "image": "/data/bad.svs", "failed": "/data/bad.svs: truncated"}
+    assert summary["n_slides"] == 2 and summary["n_failed"] == 1
 
 
 # ---------------------------------------------------------------------------------- built applications end to end
@@ -316,6 +323,7 @@ def test_built_application_writes_what_the_bundle_writes(name: str, tiny_inputs:
                  *[f"--override={k}={v}" for k, v in overrides.items()]], cwd=tmp_path)
     assert "below the recommended minimum" not in done.stderr or \
         resource.getrlimit(resource.RLIMIT_STACK)[1] < STACK_BYTES  # the documented ulimit silences Holoscan
+    assert "waiting for execution" not in done.stdout + done.stderr  # the scheduler ends a good run quietly
     _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
           "--data_source", str(source), "--output_dir", str(bundle_out),
           *[a for k, v in overrides.items() for a in (f"--{k}", v)]], cwd=tmp_path)
@@ -341,6 +349,36 @@ def test_built_application_writes_what_the_bundle_writes(name: str, tiny_inputs:
         for slide in summary["slides"]:
             assert float(rows[slide["slide"]]["score"]) == pytest.approx(slide["score"], abs=1e-6)
             assert int(rows[slide["slide"]]["n_detections"]) == slide["n_detections"]
+
+
+@pytest.mark.slow
+@needs_sdk
+def test_one_unreadable_slide_leaves_a_summary_of_all(tiny_inputs: dict, tmp_path: Path) -> None:
+    """The good slides are written and summarised, the bad one is in summary.json with why, the run exits 2 with a
+    last line naming it."""
+    import shutil
+
+    source = tmp_path / "slides"
+    shutil.copytree(tiny_inputs["metastasis"], source)
+    good = sorted(p.name for p in source.glob("*.tif"))
+    whole = (source / good[0]).read_bytes()
+    (source / "zz_cut.tif").write_bytes(whole[: len(whole) // 3])
+    app, out = tmp_path / "app", tmp_path / "out"
+    build(app, bundle=existing_bundle("scannet"))
+    environ = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(app), "-i", str(source), "-o", str(out), "--override=lp=8",
+                           "--override=num_workers=0"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env=environ, preexec_fn=_raise_stack_limit)
+    assert done.returncode == 2, done.stderr[-5000:]
+    assert "waiting for execution" not in done.stdout + done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 1 slide(s) failed, the others were written: zz_cut: ") and "zz_cut.tif" in last
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_slides"] == len(good) + 1 and summary["n_failed"] == 1
+    written = [s for s in summary["slides"] if "failed" not in s]
+    assert sorted(Path(s["image"]).name for s in written) == good
+    assert all((out / p).is_file() for s in written for p in s["outputs"].values())
+    assert summary["slides"][-1]["slide"] == "zz_cut" and "zz_cut.tif" in summary["slides"][-1]["failed"]
 
 
 def _evaluation_run(uri: str, bundle: Path, **metrics: float) -> str:

@@ -132,7 +132,8 @@ def test_unreadable_slide_fails_by_name_and_the_others_are_written(small_dataset
     result = run_bundle("run", "--config_file", str(CONFIGS / "inference.json"), "--data_source", str(source),
                         "--output_dir", str(out), "--ckpt_path", str(small_dataset / "tiny.pt"), *TINY_SCAN)
     assert result.returncode != 0
-    assert f"1 slide(s) failed, the others were written: cut: {source / 'cut.tif'}" in result.stdout + result.stderr
+    others = "the others were written" if with_good_slide else "no slide was written"
+    assert f"1 slide(s) failed, {others}: cut: {source / 'cut.tif'}" in result.stdout + result.stderr
     assert not list(out.rglob("cut*")) and not list(out.rglob(".*partial*"))
     if with_good_slide:
         assert [r["name"] for r in csv.DictReader(open(out / "areas.csv"))] == ["good"]
@@ -184,6 +185,26 @@ def test_train_writes_best_and_final_checkpoints_and_class_weights(small_dataset
     pixels = np.array([weights["label_pixels"][str(c)] for c in range(1, 7)], float)
     expected = 1 - pixels / pixels.sum()
     np.testing.assert_allclose([weights["weights"][str(c)] for c in range(1, 7)], expected, rtol=1e-6)
+
+
+def test_samples_per_epoch_sets_the_epoch_size(small_dataset: Path) -> None:
+    """``samples_per_epoch`` (as in the other bundles) draws that many training tiles per epoch; null keeps the
+    whole class-balanced tile set."""
+    data = str(small_dataset / "dataset.json")
+
+    probe = ("$print('epoch', len(@train#dataset), len(list(@train#sampler or range(len(@train#dataset)))), "
+             "len(@train#dataloader))")
+
+    def epoch(*flags: str) -> str:
+        """'epoch <tiles> <tiles drawn per epoch> <batches per epoch>'."""
+        result = run_bundle("run", "probe", "--config_file", str(CONFIGS / "train.json"), "--train_source", data,
+                            "--val_source", data, *TINY_TRAIN, *flags, "--probe", probe)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return next(line for line in result.stdout.splitlines() if line.startswith("epoch "))
+
+    tiles = int(epoch().split()[1])
+    assert epoch() == f"epoch {tiles} {tiles} {-(-tiles // 4)}"
+    assert epoch("--samples_per_epoch", "6") == f"epoch {tiles} 6 2"  # 6 tiles in batches of 4
 
 
 def test_train_augmentation_moves_views_and_label_together() -> None:

@@ -363,6 +363,31 @@ def test_store_thresholds_refuses_a_foreign_config(tmp_path: Path) -> None:
     assert json.loads(config.read_text()) == {"min_mean_score": 0.1}
 
 
+def test_thresholds_go_to_a_new_override_file_and_bad_targets_fail_before_tuning(tmp_path: Path) -> None:
+    from pathbundles.hpf import check_thresholds_target
+
+    target = tmp_path / "eval" / "tune" / "thresholds.json"  # folders made when stored
+    assert check_thresholds_target(target) == target and not target.parent.exists()
+    store_thresholds(target, 0.35, 42.0, {"hpfs": 3, "f1": 0.5, "radius_px": 30.0})
+    assert json.loads(target.read_text()) == {"min_mean_score": 0.35, "min_area_um2": 42.0,
+                                              "thresholds_tuned_on": {"hpfs": 3, "f1": 0.5, "radius_px": 30.0}}
+    store_thresholds(target, 0.4, 10.0)  # a second tune run updates its own file
+    assert json.loads(target.read_text())["min_mean_score"] == 0.4
+    foreign = tmp_path / "train.json"
+    foreign.write_text('{"epochs": 3}')
+    with pytest.raises(InputError, match=r"train\.json: the config has no min_mean_score, min_area_um2 key"):
+        check_thresholds_target(foreign)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(InputError, match=rf"cannot store the tuned thresholds: {blocker} is not a writable folder"):
+        check_thresholds_target(blocker / "sub" / "thresholds.json")
+    # The tuner checks its target when it is made, before any HPF is run.
+    ds = HPFDataset([_hand_made(tmp_path, (64, 64), [(20, 20)], "c")])
+    writer = HPFDetectionWriter(ds, tmp_path / "out")
+    with pytest.raises(InputError, match="a_file is not a writable folder"):
+        ThresholdTuner(writer, tmp_path / "out", config_file=blocker / "thresholds.json")
+
+
 def test_tuned_f1_metric_is_the_best_grid_f1() -> None:
     maps = [_gaussian_map((200, 200), [(50, 50, 0.9, 5), (150, 150, 0.3, 12)])]
     metric = TunedMitosisF1()

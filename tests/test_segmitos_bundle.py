@@ -87,23 +87,34 @@ def test_tune_stores_thresholds_that_inference_then_uses(small_hpfs: Path, bundl
 
     configs = bundle_copy / "configs"
     data = str(small_hpfs / "dataset.json")
+    # A target the thresholds cannot be stored in fails before the tuning run, naming it.
+    blocked = bundle_copy / "not_a_folder"
+    blocked.write_text("")
+    early = run_bundle("run", "--config_file", merged(configs, "inference.json", "tune.json"), "--val_source", data,
+                       "--num_workers", "0", "--store_in", str(blocked / "thresholds.json"))
+    assert early.returncode == 2
+    assert early.stderr.strip().splitlines()[-1] == (
+        f"pathbundles: error: {blocked / 'thresholds.json'}: cannot store the tuned thresholds: {blocked} is not a "
+        "writable folder")
+    assert not (bundle_copy / "eval" / "tune" / "tuning.json").exists()
+
     tune = run_bundle("run", "--config_file", merged(configs, "inference.json", "tune.json"),
                       "--val_source", data, "--num_workers", "0")
     assert tune.returncode == 0, tune.stderr[-3000:]
     tuning = json.loads((bundle_copy / "eval" / "tune" / "tuning.json").read_text())
-    stored = json.loads((configs / "inference.json").read_text())
+    # By default the thresholds go to an override file beside tuning.json; the bundle's own config is untouched.
+    thresholds = bundle_copy / "eval" / "tune" / "thresholds.json"
+    stored = json.loads(thresholds.read_text())
+    assert (configs / "inference.json").read_bytes() == (CONFIGS / "inference.json").read_bytes()
     best = tuning["best"]
-    assert (stored["min_mean_score"], stored["min_area_um2"]) == (best["min_mean_score"], best["min_area_um2"])
-    assert stored["thresholds_tuned_on"] == {"hpfs": 4, "f1": best["f1"], "radius_px": 30.0}
+    assert stored == {"min_mean_score": best["min_mean_score"], "min_area_um2": best["min_area_um2"],
+                      "thresholds_tuned_on": {"hpfs": 4, "f1": best["f1"], "radius_px": 30.0}}
+    assert f'"stored_in": "{thresholds}"' in tune.stdout
     assert len(tuning["grid"]) == 20 * 41 and best["f1"] == max(g["f1"] for g in tuning["grid"])
-    # Only that one key set changed; the rest of the config is byte-for-byte what json.dumps(indent=4) gives.
-    original = json.loads((CONFIGS / "inference.json").read_text())
-    assert {k: v for k, v in stored.items() if k not in ("min_mean_score", "min_area_um2", "thresholds_tuned_on")} \
-        == {k: v for k, v in original.items() if k not in ("min_mean_score", "min_area_um2", "thresholds_tuned_on")}
-    # Inference from the copy applies them: every detection's score is above the stored s1.
+    # Inference with the override file listed after inference.json applies them: every score is above s1.
     out = bundle_copy / "eval" / "infer"
-    result = run_bundle("run", "--config_file", str(configs / "inference.json"), "--data_source", data,
-                        "--output_dir", str(out), "--num_workers", "0")
+    result = run_bundle("run", "--config_file", f"['{configs / 'inference.json'}','{thresholds}']",
+                        "--data_source", data, "--output_dir", str(out), "--num_workers", "0")
     assert result.returncode == 0, result.stderr[-3000:]
     for csv_file in (out / "detections").glob("*.csv"):
         xy, scores = read_points_csv(csv_file, "xy")

@@ -171,6 +171,9 @@ def test_png_round_trip_and_user_masks(tmp_path: Path) -> None:
     with pytest.raises(InputError) as info:
         TissueMask.from_image(wrong, slide)
     assert str(info.value).startswith(str(wrong)) and "aspect ratio" in str(info.value)
+    assert str(info.value).endswith("a mask image must cover the whole slide at one scale (pad or crop it to the "
+                                    "slide's aspect ratio; the masks of pathbundles tissue record their own "
+                                    "geometry)")  # no Python argument a user cannot set
     assert TissueMask.from_image(wrong, slide, mpp=20.0).mpp == 20.0  # a padded mask with its mpp given
 
     colour = tmp_path / "colour.png"

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import ast
 import inspect
+import logging
 import os
 import shutil
 import sys
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 #: Demo datasets: (phantom kind, number of slides, seed) per split. Training and held-out data never share a seed.
 DEMO_DATASETS: dict[tuple[str, str], tuple[int, int]] = {
@@ -114,6 +117,8 @@ def demo_dataset(kind: str = "metastasis", split: str = "test") -> Path:
     n, seed = DEMO_DATASETS[(kind, split)]
     final = cache_dir() / f"phantom-{kind}-n{n}-seed{seed}"
     if not (final / "dataset.json").exists():
+        logger.info("generating the %s phantom demo data (%s split, %d images; once, a minute or two) into %s", kind,
+                    split, n, final)
         tmp = final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
         try:
             make_phantom(tmp, kind=kind, n=n, seed=seed)
@@ -276,8 +281,12 @@ def exit_on_bad_input() -> None:
     missing or truncated datalist or checkpoint, another bundle's weights or a setting out of range in one line.
     It installs a ``sys.excepthook`` that finds the :class:`~pathbundles.errors.PathBundlesError` behind MONAI's
     wrappers (``Failed to evaluate ConfigExpression``, raised ``from`` it); any other error keeps the previous hook
-    (Python's traceback). Raising ``SystemExit`` from the hook is what sets the status: Python exits with it.
+    (Python's traceback, status 1), and when MONAI's wrapper ends that traceback, 40 lines below the real error, a
+    last line names the real error. Raising ``SystemExit`` from the hook is what sets the status: Python exits
+    with it.
     """
+    from pathbundles.bundle_runner import config_error_cause
+
     previous = sys.excepthook
     if getattr(previous, "pathbundles_brief", False):
         return  # installed already (a second workflow in the same process)
@@ -286,6 +295,11 @@ def exit_on_bad_input() -> None:
         cause = pathbundles_error_behind(exc)
         if cause is None:
             previous(exc_type, exc, tb)
+            behind = config_error_cause(exc)
+            if behind is not exc:
+                message = " ".join(str(behind).split())
+                print(f"pathbundles: error: the run failed with {type(behind).__name__}: {message} (the traceback "
+                      "above shows where)", file=sys.stderr, flush=True)
             return
         message = " ".join(str(cause).split())  # one line, whatever the message holds
         print(f"pathbundles: error: {message}", file=sys.stderr, flush=True)

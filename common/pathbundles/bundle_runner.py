@@ -113,7 +113,7 @@ def held_datalist(key: str) -> list[dict]:
 
 def run_inference(bundle: str | os.PathLike, datalist: Sequence[dict], output_dir: str | os.PathLike,
                   config_files: Sequence[str] = ("inference.json",), overrides: Mapping[str, Any] | None = None,
-                  handlers: Sequence[Any] = ()) -> list[dict]:
+                  handlers: Sequence[Any] = (), failures: dict[str, str] | None = None) -> list[dict]:
     """Run the bundle's inference workflow on ``datalist``, writing into ``output_dir``.
 
     Args:
@@ -123,6 +123,9 @@ def run_inference(bundle: str | os.PathLike, datalist: Sequence[dict], output_di
         config_files: config names in ``configs/`` (or paths), merged in order.
         overrides: further config ids to set (``ckpt_path``, ``num_workers``, ...).
         handlers: extra ignite handlers (with ``attach(engine)``) attached to the bundle's ``evaluator``.
+        failures: where given, the slides that failed are put in it ({name: why}) and the records of the others
+            returned, instead of raising :class:`~pathbundles.errors.SlidesFailedError` (a caller that reports
+            every slide, failed or not: the deploy application's summary).
 
     When the datalist gives the evaluator no batch at all (a slide without tissue, or one that cannot be opened),
     MONAI's ``Workflow.run`` returns without firing any event; the writer is then completed here (its
@@ -146,21 +149,29 @@ def run_inference(bundle: str | os.PathLike, datalist: Sequence[dict], output_di
             **{"bundle_root": str(root), "output_dir": str(Path(output_dir).resolve()), **dict(overrides or {}),
                "datalist": f"$pathbundles.bundle_runner.held_datalist('{key}')"})
         workflow.initialize()
-        return _run(workflow, handlers)
+        return _run(workflow, handlers, failures)
     finally:
         del _HELD[key]
 
 
-def _run(workflow: Any, handlers: Sequence[Any]) -> list[dict]:
-    """Run an initialised inference workflow with ``handlers`` on its evaluator; the writer's records."""
+def _run(workflow: Any, handlers: Sequence[Any], failures: dict[str, str] | None = None) -> list[dict]:
+    """Run an initialised inference workflow with ``handlers`` on its evaluator; the writer's records (the failed
+    slides into ``failures`` where given, see :func:`run_inference`)."""
+    from pathbundles.errors import SlidesFailedError
+
     try:
         evaluator = workflow.parser.get_parsed_content("evaluator")
         for handler in handlers:
             handler.attach(evaluator)
-        with config_errors_unwrapped():
-            workflow.run()
         writer = workflow.parser.get_parsed_content("writer")
-        writer.ensure_completed()
+        try:
+            with config_errors_unwrapped():
+                workflow.run()
+            writer.ensure_completed()
+        except SlidesFailedError:
+            if failures is None:
+                raise
+            failures.update(writer.failed)
     finally:
         workflow.finalize()
     return [{**record, "outputs": {k: str(v) for k, v in record["outputs"].items()}} for record in writer.results()]

@@ -28,7 +28,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pathbundles.errors import InputError
+from pathbundles.checks import flag
+from pathbundles.errors import InputError, SettingError
 from pathbundles.weights import identify
 
 logger = logging.getLogger(__name__)
@@ -143,10 +144,14 @@ def check_training_settings(path: str | os.PathLike, trained: Mapping[str, Any] 
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Equal as JSON values, numbers within a relative 1e-6 (an mpp computed as 0.243 * 32 is the same mpp)."""
+    """Equal as JSON values, numbers within a relative 1e-6 (an mpp computed as 0.243 * 32 is the same mpp), a bool
+    and its command-line spelling (True and 'true') alike."""
     a, b = _plain(a), _plain(b)
     if isinstance(a, bool) or isinstance(b, bool):
-        return a is b
+        try:  # a switch set on the command line arrives as a string ('false')
+            return flag(a, "") is flag(b, "")
+        except SettingError:
+            return False
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return math.isclose(a, b, rel_tol=1e-6)
     if isinstance(a, list) and isinstance(b, list):

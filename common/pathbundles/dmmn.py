@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pathbundles.checks import flag
+
 #: U-Net widths of the paper (the original U-Net's halved), from the first encoder stage to the bottleneck.
 UNET_WIDTHS: tuple[int, ...] = (32, 64, 128, 256, 512)
 VARIANTS: tuple[str, ...] = ("S2", "MS", "M2S", "M3")
@@ -131,7 +133,7 @@ class DMMN(nn.Module):
         self.variant, self.in_channels = variant, int(in_channels)
         c = [max(1, round(w * width)) for w in UNET_WIDTHS]
         self.widths = tuple(c)
-        bn = bool(batch_norm)
+        bn = flag(batch_norm, "batch_norm")
         self.enc20 = _Encoder(in_channels, c, bn)
         # Parts a variant lacks are None, not missing: TorchScript compiles every branch of forward and drops only
         # those guarded by ``is None`` on a None attribute (a string comparison with the variant is not pruned).

@@ -53,6 +53,20 @@ class SlidesFailedError(PathBundlesError, RuntimeError):
     """Slides of a run failed, each named with its file and problem, while the others were written (the whole-slide
     writers' end of a run, :meth:`pathbundles.slide_inference.StreamedSlideWriter.ensure_completed`)."""
 
+    @classmethod
+    def listing(cls, failed: dict[str, str], written: int, unit: str = "slide") -> SlidesFailedError:
+        """The error naming every failure of ``failed`` ({name: why}), saying whether the others (``written`` of
+        them) were written or none was.
+
+        Args:
+            failed: {name: why} of the slides (HPFs) that failed.
+            written: how many of the run's slides were written.
+            unit: what failed ("slide", "HPF").
+        """
+        others = "the others were written" if written > 0 else f"no {unit} was written"
+        listing = "; ".join(f"{name}: {why}" for name, why in failed.items())
+        return cls(f"{len(failed)} {unit}(s) failed, {others}: {listing}")
+
 
 class SettingError(PathBundlesError, ValueError):
     """A setting (a bundle config key, a command-line option, an argument) has a value outside its range; the

@@ -29,7 +29,7 @@ from PIL import Image
 
 from pathbundles.annotations import read_points_csv, write_points_csv
 from pathbundles.atomic import atomic_path
-from pathbundles.checks import probability
+from pathbundles.checks import flag, probability
 from pathbundles.errors import InputError, PathBundlesError, SlidesFailedError
 from pathbundles.outputs import claim_folder, output_file, output_names
 from pathbundles.metrics.mitosis import check_matching, match_points, mitosis_f1
@@ -145,7 +145,7 @@ class HPFCropDataset(torch.utils.data.Dataset):
         if not 0.0 <= positive_fraction <= 1.0:
             raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
         self.crop_px, self.length, self.positive_fraction = int(crop_px), int(samples_per_epoch), positive_fraction
-        self.mpp, self.transform, self.fixed, self.seed = float(mpp), transform, fixed, seed
+        self.mpp, self.transform, self.fixed, self.seed = float(mpp), transform, flag(fixed, "fixed"), seed
         self.paths: list[str] = []
         self.sizes: list[tuple[int, int]] = []
         self.centroids: list[np.ndarray] = []
@@ -570,7 +570,8 @@ class HPFDetectionWriter(RecordsWeights):
         self.mpp, self.sigma_um, self.radius_px = mpp, sigma_um, radius_px
         # Checked here, not first at the end of the run: a score threshold above 1 keeps no blob at all.
         self.min_mean_score, self.min_area_um2 = probability(min_mean_score, "min_mean_score"), min_area_um2
-        self.write_images, self.prob_channel, self.pred_key = write_images, prob_channel, pred_key
+        self.write_images = flag(write_images, "write_images")
+        self.prob_channel, self.pred_key = prob_channel, pred_key
         self.model_label = str(model_label)
         self.blobs: dict[str, np.ndarray] = {}
         self.detections: dict[str, np.ndarray] = {}
@@ -681,8 +682,8 @@ class HPFDetectionWriter(RecordsWeights):
         if self.weights is not None:
             self.weights.log_warning("end")
         if self.failed:
-            listing = "; ".join(f"{name}: {why}" for name, why in self.failed.items())
-            raise SlidesFailedError(f"{len(self.failed)} HPF(s) failed, the others were written: {listing}")
+            raise SlidesFailedError.listing(self.failed, written=len(self.dataset.names) - len(self.failed),
+                                            unit="HPF")
 
     def annotated(self) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
         """(names, blobs, truths) of the processed HPFs that have ground truth, in datalist order."""
@@ -819,14 +820,17 @@ class ThresholdTuner:
     """Ignite handler for the bundle's tune step: choose (s1, a1) on the run's (validation) HPFs and store them.
 
     After the writer, grid-searches :func:`tune_blob_thresholds`, writes the grid to ``output_dir/tuning.json``,
-    and, when ``config_file`` is given, sets its ``min_mean_score`` and ``min_area_um2`` keys and records
-    ``thresholds_tuned_on`` (which HPFs, the F1 reached), rewriting the file atomically; not when validation HPFs
-    failed (the writer's ``ensure_completed`` then fails the run naming them).
+    and, when ``config_file`` is given, stores ``min_mean_score``, ``min_area_um2`` and ``thresholds_tuned_on``
+    (which HPFs, the F1 reached) in it (:func:`store_thresholds`: a new override file, or one holding both keys);
+    not when validation HPFs failed (the writer's ``ensure_completed`` then fails the run naming them). The file
+    is checked when the tuner is made (:func:`check_thresholds_target`), so a file it cannot write fails the run
+    before the tuning, not after.
 
     Args:
         writer: the run's :class:`HPFDetectionWriter` (its blobs; its own thresholds are ignored).
         output_dir: folder for ``tuning.json``.
-        config_file: the bundle config to store the thresholds in (``configs/inference.json``), or None.
+        config_file: the file to store the thresholds in (the bundle's tune.json: ``eval/tune/thresholds.json``, an
+            override config to list after ``inference.json``), or None.
         radius_px: matching radius, px.
         score_grid, area_grid_um2: candidate thresholds (defaults of :func:`tune_blob_thresholds`).
     """
@@ -837,6 +841,8 @@ class ThresholdTuner:
         self.writer, self.output_dir, self.config_file = writer, Path(output_dir), config_file
         self.radius_px, self.score_grid, self.area_grid_um2 = radius_px, score_grid, area_grid_um2
         self.result: dict | None = None
+        if config_file is not None:
+            check_thresholds_target(config_file)
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
@@ -859,29 +865,61 @@ class ThresholdTuner:
         elif self.config_file is not None:
             store_thresholds(self.config_file, best["min_mean_score"], best["min_area_um2"],
                              {"hpfs": len(names), "f1": best["f1"], "radius_px": self.radius_px})
+            self.result["stored_in"] = str(Path(self.config_file).resolve())
         if engine is not None:
             engine.state.metrics.update({"tuned_f1": math.nan if best["f1"] is None else best["f1"]})
         return best
 
 
-def store_thresholds(config_file: str | os.PathLike, min_mean_score: float, min_area_um2: float,
-                     provenance: dict | None = None) -> None:
-    """Set ``min_mean_score``, ``min_area_um2`` (and ``thresholds_tuned_on``) in a JSON bundle config, atomically.
-
-    The file is rewritten as ``json.dumps(indent=4)``, the format the bundle's configs are kept in, so only the
-    changed values differ.
-
-    Raises:
-        InputError: the file is not a JSON object holding both keys.
-    """
-    path = Path(config_file)
+def _thresholds_config(path: Path) -> dict:
+    """The JSON object of an existing file that holds ``min_mean_score`` and ``min_area_um2``."""
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise InputError(path, f"cannot read the bundle config ({err})") from None
     missing = [k for k in ("min_mean_score", "min_area_um2") if not isinstance(config, dict) or k not in config]
     if missing:
-        raise InputError(path, f"the config has no {', '.join(missing)} key: not the segmitos inference config?")
+        raise InputError(path, f"the config has no {', '.join(missing)} key: not the segmitos inference config "
+                               "nor a thresholds file a tune run wrote? (store_in a new file instead)")
+    return config
+
+
+def check_thresholds_target(config_file: str | os.PathLike) -> Path:
+    """Refuse a file :func:`store_thresholds` could not write, before a tuning run rather than after it: an
+    existing file must be a JSON object holding both keys; a new one needs a writable folder (created if missing).
+
+    Raises:
+        InputError: naming the file and why.
+    """
+    path = Path(config_file)
+    if path.exists():
+        _thresholds_config(path)
+        if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK):
+            raise InputError(path, "cannot store the tuned thresholds: the file or its folder is not writable")
+        return path
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(path, f"cannot store the tuned thresholds: {folder} is not a writable folder")
+    return path
+
+
+def store_thresholds(config_file: str | os.PathLike, min_mean_score: float, min_area_um2: float,
+                     provenance: dict | None = None) -> None:
+    """Set ``min_mean_score``, ``min_area_um2`` (and ``thresholds_tuned_on``) in a JSON bundle config, atomically;
+    a file that does not exist is created holding these keys alone (an override config: list it after
+    ``inference.json``).
+
+    The file is rewritten as ``json.dumps(indent=4)``, the format the bundle's configs are kept in, so only the
+    changed values differ.
+
+    Raises:
+        InputError: the file exists and is not a JSON object holding both keys.
+    """
+    path = Path(config_file)
+    config = _thresholds_config(path) if path.exists() else {}
+    path.parent.mkdir(parents=True, exist_ok=True)
     config["min_mean_score"], config["min_area_um2"] = float(min_mean_score), float(min_area_um2)
     if provenance is not None:
         config["thresholds_tuned_on"] = provenance

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from monai.inferers import SimpleInferer
 
+from pathbundles.checks import flag
+
 
 class AutocastInferer(SimpleInferer):
     """``network(inputs)`` under :func:`torch.autocast` on the inputs' device.
@@ -26,7 +28,7 @@ class AutocastInferer(SimpleInferer):
         self.dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
         if not isinstance(self.dtype, torch.dtype):
             raise ValueError(f"dtype {dtype!r}: expected a torch dtype or its name, e.g. 'bfloat16'")
-        self.enabled = bool(enabled)
+        self.enabled = flag(enabled, "autocast (AutocastInferer enabled)")
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> Any:
         with torch.autocast(inputs.device.type, dtype=self.dtype, enabled=self.enabled):

@@ -36,8 +36,10 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
+from pathbundles.checks import flag
 from pathbundles.errors import PathBundlesError
 from pathbundles.outputs import output_names, slide_name
+from pathbundles.progress import logged_steps
 from pathbundles.slide_inference import SlideHandles
 
 logger = logging.getLogger(__name__)
@@ -395,6 +397,7 @@ class MultiMagnificationDataset(torch.utils.data.Dataset):
         if any(r < 0 for r in self.rates.values()):
             raise ValueError(f"rates must be non-negative integers, got {self.rates}")
         self.pad_value, self.seed, self.transform = pad_value, seed, transform
+        use_tissue = flag(use_tissue, "use_tissue")
         self.handles = SlideHandles(backend)
         self.slides: list[_SlideEntry] = []
         tiles = []  # rows (slide index, level-0 origin x, origin y, class); origins exact, not rounded
@@ -434,7 +437,7 @@ class MultiMagnificationDataset(torch.utils.data.Dataset):
         # Names first: outputs that would leave the output folder or overwrite each other stop the run unread
         # (training writes no per-slide outputs, so a slide may be listed twice there).
         names = output_names(data) if mode == "infer" else [slide_name(item)[0] for item in data]
-        for index, (name, item) in enumerate(zip(names, data)):
+        for index, (name, item) in enumerate(logged_steps(list(zip(names, data)), f"{mode} tiles")):
             path = slide_name(item)[1]
             try:
                 entry, slide_tiles = plan(index, name, path, item)

@@ -40,7 +40,7 @@ from skimage.measure import points_in_poly
 
 from pathbundles.annotations import Annotation, rasterize, write_asap_xml, write_geojson, write_points_csv
 from pathbundles.atomic import atomic_path
-from pathbundles.progress import progress
+from pathbundles.progress import logged_steps, progress
 from pathbundles.writers import write_pyramid_tiff
 
 __all__ = ["make_phantom", "make_metastasis_dataset", "make_mitosis_dataset", "make_multiclass_dataset",
@@ -811,7 +811,7 @@ def make_metastasis_dataset(outdir: str | os.PathLike, n: int = 4, seed: int = 0
     mask_ds = 16
     mask_hw = (math.ceil(height / mask_ds), math.ceil(width / mask_ds))
     items = []
-    for i in range(n):
+    for i in logged_steps(range(n), "phantom metastasis slides"):
         tumour = i % 2 == 0
         name = f"phantom_{'tumor' if tumour else 'normal'}_{i:03d}"
         plan = _plan_metastasis_slide(_rng(seed, "metastasis", i), (width, height), mpp, tumour)
@@ -911,7 +911,7 @@ def make_mitosis_dataset(outdir: str | os.PathLike, n: int = 8, seed: int = 0, s
     if n and not (counts == 0).any():
         counts[-1] = 0
     items = []
-    for i in progress(range(n), total=n, desc="mitosis HPFs", unit="image"):
+    for i in logged_steps(range(n), "phantom mitosis HPFs", unit="image"):
         name = f"phantom_hpf_{i:03d}"
         scene, centroids = _mitosis_scene(_rng(seed, "mitosis", i), size_px, mpp, int(counts[i]))
         _write_png(out / "images" / f"{name}.png", scene.render(0, size_px))
@@ -1119,7 +1119,7 @@ def make_multiclass_dataset(outdir: str | os.PathLike, n: int = 4, seed: int = 0
     label_hw = (math.ceil(height / label_ds), math.ceil(width / label_ds))
     label_of = {**_MC}
     items = []
-    for i in range(n):
+    for i in logged_steps(range(n), "phantom multi-class slides"):
         name = f"phantom_mc_{i:03d}"
         rng = _rng(seed, "multiclass", i)
         scene, regions = _plan_multiclass_slide(rng, (width, height), mpp)

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from pathbundles.checks import probability
+from pathbundles.checks import flag, probability
 from pathbundles.outputs import slide_name
+from pathbundles.progress import logged_steps
 from pathbundles.slide_inference import SlideHandles
 from pathbundles.tissue import LevelMask
 
@@ -78,7 +79,7 @@ def locate(data: Sequence[dict], backend: str = "auto", tissue_mpp: float = 8.0,
     from pathbundles.wsi import item_mpp, open_slide
 
     out = []
-    for item in data:
+    for item in logged_steps(data, "training locations (a tissue mask per slide)"):
         name, path = slide_name(item)
         override = item_mpp(item, mpp_override)
         with open_slide(path, backend=backend, mpp=override) as slide:
@@ -128,7 +129,7 @@ class ClassBalancedPatchDataset(torch.utils.data.Dataset):
         self.read_px, self.mpp, self.length = int(read_px), float(mpp), int(samples_per_epoch)
         if hard_negative_fraction is not None:
             hard_negative_fraction = probability(hard_negative_fraction, "hard_negative_fraction")
-        self.hard_negative_fraction, self.fixed, self.seed = hard_negative_fraction, fixed, seed
+        self.hard_negative_fraction, self.fixed, self.seed = hard_negative_fraction, flag(fixed, "fixed"), seed
         self.transform = transform
         self.slides = locate(data, backend=backend, tissue_mpp=tissue_mpp, mpp_override=mpp_override)
         self.handles = SlideHandles(backend)

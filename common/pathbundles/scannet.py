@@ -21,7 +21,7 @@ import torch
 from monai.inferers import Inferer
 from torch import nn
 
-from pathbundles.checks import probability
+from pathbundles.checks import flag, probability
 from pathbundles.slide_inference import MapGrid
 
 #: VGG16 convolution widths; "M" is a 2x2 max-pool with stride 2.
@@ -49,6 +49,7 @@ class ScanNet(nn.Module):
     def __init__(self, num_classes: int = 2, width: float = 1.0, in_channels: int = 3, batch_norm: bool = False,
                  dropout: float = 0.5) -> None:
         super().__init__()
+        batch_norm = flag(batch_norm, "batch_norm")
         layers: list[nn.Module] = []
         channels = in_channels
         for item in VGG16_LAYOUT:

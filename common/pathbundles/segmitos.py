@@ -26,6 +26,7 @@ from monai.utils import convert_to_tensor
 from torch import nn
 
 from pathbundles.checkpoints import check_fit, read_weights
+from pathbundles.checks import flag
 from pathbundles.scannet import VGG16_LAYOUT
 
 #: variant -> (kernel, stride) of the final upsampling and the crop offset of its output (FCN's voc-fcn* nets).
@@ -96,6 +97,8 @@ class SegMitosFCN(nn.Module):
         super().__init__()
         if variant not in FINAL_UPSCORE:
             raise ValueError(f"variant must be one of {sorted(FINAL_UPSCORE)}, got {variant!r}")
+        batch_norm = flag(batch_norm, "batch_norm")
+        learnable_upsampling = flag(learnable_upsampling, "learnable_upsampling")
         self.variant, self.batch_norm = variant, batch_norm
         self.num_classes, self.width, self.in_channels = num_classes, width, in_channels
         # Three trunk stages ending at pool3, pool4 and pool5: the taps the skip variants score.
@@ -209,6 +212,8 @@ def chain_network(variant: str = "32s", width: float = 1.0, coarser_ckpt: str | 
         FileNotFoundError: ``coarser_ckpt`` does not exist (train the previous stage first).
         InputError: a checkpoint that cannot be read or does not fit the network, naming it.
     """
+    learnable_upsampling = flag(learnable_upsampling, "learnable_upsampling")
+    batch_norm = flag(batch_norm, "batch_norm")
     if init_ckpt is not None:
         net = SegMitosFCN(variant, num_classes=num_classes, width=width, dropout=dropout,
                           learnable_upsampling=learnable_upsampling, batch_norm=batch_norm)

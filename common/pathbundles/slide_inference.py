@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from pathbundles.atomic import atomic_path
+from pathbundles.checks import flag
 from pathbundles.errors import PathBundlesError, SlidesFailedError
 from pathbundles.outputs import claim_folder, output_file, output_names, slide_name, work_area
 from pathbundles.weights import RecordsWeights, WeightsIdentity, csv_header_and_row
@@ -226,6 +227,8 @@ class StreamedSlideWriter(RecordsWeights):
         self.progress_desc, self.progress_unit = progress_desc, progress_unit
         #: {slide name: why} of the slides that failed.
         self.failed: dict[str, str] = {}
+        #: names of the slides written.
+        self.written: list[str] = []
         self._bar: Any = None
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
@@ -270,6 +273,7 @@ class StreamedSlideWriter(RecordsWeights):
             if error is not None:
                 raise RuntimeError(error)
             write(canvas)
+            self.written.append(name)
         except Exception as err:  # noqa: BLE001 - one slide's failure must not stop the others
             self.failed[name] = str(err)
             for path in self.outputs(name).values():
@@ -310,8 +314,7 @@ class StreamedSlideWriter(RecordsWeights):
         if self.weights is not None:
             self.weights.log_warning("end")
         if self.failed:
-            listing = "; ".join(f"{name}: {why}" for name, why in self.failed.items())
-            raise SlidesFailedError(f"{len(self.failed)} slide(s) failed, the others were written: {listing}")
+            raise SlidesFailedError.listing(self.failed, written=len(self.written))
 
     def _finish_remaining(self) -> None:
         """Submit every slide whose items did not all come back (no tissue, say)."""
@@ -371,7 +374,7 @@ class SlideMapWriter(StreamedSlideWriter):
         self.prob_channel, self.pred_key = prob_channel, pred_key
         self.overlay_long_side_px, self.model_label = int(overlay_long_side_px), str(model_label)
         self.overlay_min_probability = probability(overlay_min_probability, "overlay_min_probability")
-        self.tissue_only = tissue_only
+        self.tissue_only = flag(tissue_only, "tissue_only")
         self._canvas: dict[int, Any] = {}
         self._done_rois: dict[int, int] = {}
         self.scores: dict[str, tuple[float, int]] = {}

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from pathbundles.atomic import atomic_path
+from pathbundles.checks import flag
 from pathbundles.errors import InputError
 from pathbundles.metrics.segmentation import SegmentationScores, confusion_matrix
 from pathbundles.outputs import output_file, work_area
@@ -249,7 +250,7 @@ class SlideLabelWriter(StreamedSlideWriter):
                  min_polygon_area_um2: float = 1000.0, alpha: float = 0.5, rgb_labels: bool = True,
                  weights: WeightsIdentity | None = None) -> None:
         super().__init__(dataset, output_dir, "DMMN tiles", "tile", weights)
-        self.rgb_labels = bool(rgb_labels)
+        self.rgb_labels = flag(rgb_labels, "rgb_labels")
         self.classes = _check_classes(classes)
         self.pred_key, self.alpha = pred_key, float(alpha)
         self.overlay_long_side_px, self.model_label = int(overlay_long_side_px), str(model_label)
@@ -729,7 +730,7 @@ class SegmentationMetricsReport:
                  truth_keys: Sequence[str] = ("labels", "partial_labels", "annotation"), truth_mpp: float = 2.0,
                  class_order: Sequence[str] | None = None, model_name: str = "DMMN-M3", plot: bool = True) -> None:
         self.writer, self.datalist, self.output_dir = writer, list(datalist), Path(output_dir)
-        self.truth_keys, self.truth_mpp, self.plot = tuple(truth_keys), float(truth_mpp), plot
+        self.truth_keys, self.truth_mpp, self.plot = tuple(truth_keys), float(truth_mpp), flag(plot, "plot")
         self.class_order, self.model_name = class_order, model_name
         self.scores: SegmentationScores | None = None
         self.slide_scores: dict[str, SegmentationScores] = {}

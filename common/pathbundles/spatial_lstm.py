@@ -45,6 +45,7 @@ from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import convert_to_tensor
 from torch import nn
 
+from pathbundles.checks import flag
 from pathbundles.sampling import ClassBalancedPatchDataset
 from pathbundles.slide_inference import MapGrid
 
@@ -93,6 +94,8 @@ class SpatialLSTMNet(nn.Module):
             raise ValueError(f"hidden_size must be >= 1, got {hidden_size}")
         if int(64 * widen_factor) < 1:
             raise ValueError(f"widen_factor must be >= 1/64 (at least one channel), got {widen_factor}")
+        use_lstm, bidirectional = flag(use_lstm, "use_lstm"), flag(bidirectional, "bidirectional")
+        feature_norm = flag(feature_norm, "feature_norm")
         self.grid_size, self.crop_px, self.in_channels = int(grid_size), int(crop_px), int(in_channels)
         self.cnn = resnet34(pretrained=False, spatial_dims=2, n_input_channels=in_channels, conv1_t_size=7,
                             conv1_t_stride=2, widen_factor=widen_factor, feed_forward=False)
@@ -243,7 +246,7 @@ class RandDihedrald(RandomizableTransform, MapTransform):
     """
 
     def __init__(self, keys: str | Sequence[str], prob: float = 1.0, allow_missing_keys: bool = False) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
+        MapTransform.__init__(self, keys, flag(allow_missing_keys, "allow_missing_keys"))
         RandomizableTransform.__init__(self, prob)
         self.k = 0
 
@@ -274,7 +277,7 @@ class GridToPatchesd(MapTransform):
 
     def __init__(self, keys: str | Sequence[str] = "image", grid_size: int = GRID_SIZE, crop_px: int = CROP_PX,
                  label_key: str | None = "label", allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
+        super().__init__(keys, flag(allow_missing_keys, "allow_missing_keys"))
         if grid_size < 1 or crop_px < 1:
             raise ValueError(f"grid_size and crop_px must be >= 1, got {grid_size} and {crop_px}")
         self.grid_size, self.crop_px, self.label_key = int(grid_size), int(crop_px), label_key
@@ -387,8 +390,8 @@ class SpatialGridDataset(ClassBalancedPatchDataset):
         if grid_size < 1 or patch_px < 1:
             raise ValueError(f"grid_size and patch_px must be >= 1, got {grid_size} and {patch_px}")
         super().__init__(data, read_px=grid_size * patch_px, mpp=mpp, samples_per_epoch=samples_per_epoch,
-                         hard_negative_fraction=hard_negative_fraction, fixed=fixed, seed=seed, backend=backend,
-                         tissue_mpp=tissue_mpp, transform=transform, mpp_override=mpp_override)
+                         hard_negative_fraction=hard_negative_fraction, fixed=flag(fixed, "fixed"), seed=seed,
+                         backend=backend, tissue_mpp=tissue_mpp, transform=transform, mpp_override=mpp_override)
         self.grid_size, self.patch_px = int(grid_size), int(patch_px)
         self.label_rule = check_label_rule(label_rule)
         self.tumour = {s.path: _TumourLookup(item, backend, s.mpp_override) for item, s in zip(data, self.slides)}
@@ -612,7 +615,7 @@ class SpatialLSTMInferer(Inferer):
             raise ValueError(f"patch_batch must be >= 1, got {patch_batch}")
         self.geometry = LatticeGeometry(tile_px=tile_px, grid_size=grid_size, patch_px=patch_px, crop_px=crop_px,
                                         stride_px=stride_px)
-        self.tta, self.patch_batch = bool(tta), int(patch_batch)
+        self.tta, self.patch_batch = flag(tta, "tta"), int(patch_batch)
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         region = convert_to_tensor(inputs, track_meta=False)

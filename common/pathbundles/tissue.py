@@ -126,7 +126,9 @@ class LevelMask:
                 if abs(slide_px / downsample - mask_px) > 1 + 0.01 * mask_px:
                     raise InputError(path, f"mask size {width} x {height} (w x h) does not fit the slide's level-0 "
                                            f"size {w0} x {h0}: aspect ratio {width / height:.4f} vs "
-                                           f"{w0 / h0:.4f} ({axis} off); pass mpp= for a padded or cropped mask")
+                                           f"{w0 / h0:.4f} ({axis} off); a mask image must cover the whole slide "
+                                           "at one scale (pad or crop it to the slide's aspect ratio; the masks "
+                                           "of pathbundles tissue record their own geometry)")
             mpp = downsample * level0_mpp
         return cls(array, mpp, level0_mpp, (w0, h0))
 

@@ -7,6 +7,8 @@ from collections.abc import Hashable, Mapping, Sequence
 import torch
 from monai.transforms import MapTransform, RandomizableTransform
 
+from pathbundles.checks import flag
+
 # RGB <-> YIQ: a hue shift is a rotation of the (I, Q) chroma plane, so the whole jitter stays linear per pixel.
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
@@ -27,7 +29,7 @@ class RandHEColorJitterd(RandomizableTransform, MapTransform):
     def __init__(self, keys: str | Sequence[str], brightness: float = 0.25, contrast: float = 0.75,
                  saturation: float = 0.25, hue: float = 0.04, prob: float = 1.0,
                  allow_missing_keys: bool = False) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
+        MapTransform.__init__(self, keys, flag(allow_missing_keys, "allow_missing_keys"))
         RandomizableTransform.__init__(self, prob)
         self.ranges = (brightness, contrast, saturation, hue)
         self.factors = (1.0, 1.0, 1.0, 0.0)

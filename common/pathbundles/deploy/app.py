@@ -10,6 +10,7 @@ A built application's ``app.py`` calls :func:`main` with its own folder::
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from monai.deploy.core import AppContext, Application
 
 from pathbundles.deploy.operators import BundleInferenceOperator, ResultWriterOperator, SlideListLoaderOperator
 from pathbundles.deploy.runtime import AppSettings, load_settings, split_override_args
-from pathbundles.errors import PathBundlesError
+from pathbundles.errors import PathBundlesError, SlidesFailedError
 
 USAGE = """pathbundles options (before or after the SDK's):
   --override KEY=VALUE  set a bundle config id for this run (repeatable; values as for python -m monai.bundle run,
@@ -43,6 +44,7 @@ class BundleApplication(Application):
 
     def __init__(self, settings: AppSettings, argv: Sequence[str] | None = None) -> None:
         self.settings = settings
+        self.result_writer: ResultWriterOperator | None = None  # made by compose()
         super().__init__(list(argv) if argv else None)
         self.name = f"pathbundles-{settings.bundle.name}"
 
@@ -50,13 +52,15 @@ class BundleApplication(Application):
         context: AppContext = Application.init_app_context(self.argv)
         loader = SlideListLoaderOperator(self, CountCondition(self, 1), input_path=context.input_path,
                                          kind=self.settings.kind, name="slide_list_loader")
-        inference = BundleInferenceOperator(self, bundle=self.settings.bundle, output_dir=context.output_path,
-                                            config_files=self.settings.config_files,
+        # Every operator runs once: one left waiting for input made the scheduler stop a good run with "Some
+        # entities are waiting for execution" (a deadlock message).
+        inference = BundleInferenceOperator(self, CountCondition(self, 1), bundle=self.settings.bundle,
+                                            output_dir=context.output_path, config_files=self.settings.config_files,
                                             overrides=self.settings.overrides, name="bundle_inference")
-        writer = ResultWriterOperator(self, output_dir=context.output_path, settings=self.settings,
-                                      name="result_writer")
+        self.result_writer = ResultWriterOperator(self, CountCondition(self, 1), output_dir=context.output_path,
+                                                  settings=self.settings, name="result_writer")
         self.add_flow(loader, inference, {("datalist", "datalist")})
-        self.add_flow(inference, writer, {("results", "results")})
+        self.add_flow(inference, self.result_writer, {("results", "results")})
 
 
 def main(app_dir: str | os.PathLike, argv: Sequence[str] | None = None) -> None:
@@ -70,4 +74,11 @@ def main(app_dir: str | os.PathLike, argv: Sequence[str] | None = None) -> None:
     except PathBundlesError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    BundleApplication(settings, [sys.executable, *rest]).run()
+    app = BundleApplication(settings, [sys.executable, *rest])
+    app.run()
+    writer = app.result_writer
+    del app  # Holoscan logs the end of its context when the application goes: before the last line, not after
+    gc.collect()
+    if writer is not None and writer.failed:  # summary.json lists them with the others; the run still fails
+        print(f"error: {SlidesFailedError.listing(writer.failed, written=writer.n_written)}", file=sys.stderr)
+        raise SystemExit(2)

@@ -44,8 +44,9 @@ class SlideListLoaderOperator(Operator):
 
 class BundleInferenceOperator(Operator):
     """Runs the bundle's inference workflow (MONAI ``ConfigWorkflow``, type "infer") on the datalist received on
-    port ``datalist``, writing the bundle's outputs into ``output_dir``; emits ``{"datalist", "records",
-    "bundle"}`` on port ``results`` (the writer's per-slide records and :func:`~pathbundles.bundle_runner.bundle_info`).
+    port ``datalist``, writing the bundle's outputs into ``output_dir``; emits ``{"datalist", "records", "failed",
+    "bundle"}`` on port ``results`` (the writer's per-slide records, {name: why} of the slides that failed, and
+    :func:`~pathbundles.bundle_runner.bundle_info`). A slide that fails does not stop the others.
 
     Args:
         fragment: the application.
@@ -72,16 +73,18 @@ class BundleInferenceOperator(Operator):
         from pathbundles.bundle_runner import bundle_info, run_inference
 
         items = op_input.receive("datalist")
+        failed: dict[str, str] = {}
         records = run_inference(self.bundle, items, self.output_dir, config_files=self.config_files,
-                                overrides=self.overrides)
+                                overrides=self.overrides, failures=failed)
         info = bundle_info(self.bundle, config_files=self.config_files, overrides=self.overrides)
-        op_output.emit({"datalist": items, "records": records, "bundle": info}, "results")
+        op_output.emit({"datalist": items, "records": records, "failed": failed, "bundle": info}, "results")
 
 
 class ResultWriterOperator(Operator):
     """Writes ``summary.json`` into ``output_dir`` from the results received on port ``results``: per slide its
-    score, detection count and output files (relative to ``output_dir``), with the bundle's name, version and
-    weights hash (:func:`pathbundles.deploy.runtime.summarize`).
+    score, detection count and output files (relative to ``output_dir``), or why it failed, with the bundle's name,
+    version and weights hash (:func:`pathbundles.deploy.runtime.summarize`). The slides that failed are kept in
+    :attr:`failed`, which the application's :func:`~pathbundles.deploy.app.main` reports at its end.
 
     Args:
         fragment: the application.
@@ -93,6 +96,10 @@ class ResultWriterOperator(Operator):
                  **kwargs: Any) -> None:
         self.output_dir = Path(output_dir)
         self.settings = settings
+        #: {slide name: why} of the slides that failed.
+        self.failed: dict[str, str] = {}
+        #: how many slides were written.
+        self.n_written = 0
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
@@ -100,9 +107,10 @@ class ResultWriterOperator(Operator):
 
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
         results = op_input.receive("results")
+        self.failed, self.n_written = dict(results["failed"]), len(results["records"])
         summary = summarize(results["records"], results["bundle"], self.output_dir, datalist=results["datalist"],
-                            settings=self.settings)
+                            settings=self.settings, failed=self.failed)
         path = write_summary(summary, self.output_dir)
-        logger.info("summary of %d slide(s): %s", summary["n_slides"], path)
+        logger.info("summary of %d slide(s), %d failed: %s", summary["n_slides"], len(self.failed), path)
         if summary["bundle"]["weights_warning"]:
             logger.warning("%s (%s)", summary["bundle"]["weights_warning"], path)

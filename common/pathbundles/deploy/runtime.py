@@ -129,7 +129,8 @@ def slide_list(source: str | os.PathLike, kind: str) -> list[dict]:
 
 
 def summarize(records: Sequence[dict], bundle: Mapping[str, Any], output_dir: str | os.PathLike,
-              datalist: Sequence[dict] = (), settings: AppSettings | None = None) -> dict:
+              datalist: Sequence[dict] = (), settings: AppSettings | None = None,
+              failed: Mapping[str, str] | None = None) -> dict:
     """The run's summary: the bundle (name, version, weights and config hashes, whether the weights are demo weights
     and their warning (``demo_weights``, ``weights_warning``), configs, overrides), the
     application's build record, the pathbundles code that ran, and per slide its name, input image, score,
@@ -141,6 +142,8 @@ def summarize(records: Sequence[dict], bundle: Mapping[str, Any], output_dir: st
         output_dir: the run's output folder.
         datalist: the items that were run (to name each slide's input image).
         settings: the application's settings (configs, overrides, build record).
+        failed: {slide name: why} of the slides that failed: listed with ``failed`` (why) and no outputs, after
+            the others; ``n_failed`` counts them.
     """
     from pathbundles.outputs import slide_name
 
@@ -155,6 +158,7 @@ def summarize(records: Sequence[dict], bundle: Mapping[str, Any], output_dir: st
                "n_detections": r["n_detections"],
                **{k: v for k, v in r.items() if k not in ("name", "score", "n_detections", "outputs")},
                "outputs": {kind: relative(p) for kind, p in r["outputs"].items()}} for r in records]
+    slides += [{"slide": name, "image": images.get(name), "failed": why} for name, why in (failed or {}).items()]
     return {"bundle": {"name": bundle.get("name"), "version": bundle.get("version"),
                        "weights_sha256": bundle.get("weights_sha256"),
                        "demo_weights": bundle.get("demo_weights"), "weights_warning": bundle.get("weights_warning"),
@@ -164,7 +168,7 @@ def summarize(records: Sequence[dict], bundle: Mapping[str, Any], output_dir: st
             "application": dict(settings.build) if settings else {},
             "pathbundles": {"version": pathbundles.__version__, "path": str(Path(pathbundles.__file__).parent)},
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "n_slides": len(slides), "slides": slides}
+            "n_slides": len(slides), "n_failed": len(failed or {}), "slides": slides}
 
 
 def write_summary(summary: Mapping[str, Any], output_dir: str | os.PathLike) -> Path:

@@ -30,6 +30,7 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 
 from pathbundles.atomic import atomic_path
+from pathbundles.checks import flag
 from pathbundles.metrics import plots
 from pathbundles.metrics.classification import SlideAUC, roc_curve, slide_auc
 from pathbundles.metrics.froc import FROCResult, LesionMask, evaluation_mask, froc, slide_hits
@@ -249,7 +250,7 @@ class MetricsReport:
 
     def __init__(self, output_dir: str | os.PathLike, plot: bool = True) -> None:
         self.output_dir = Path(output_dir)
-        self.plot = plot
+        self.plot = flag(plot, "plot")
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
