@@ -50,6 +50,8 @@ THUMBNAIL_PX = 320
 #: Images with a longer side are shrunk before embedding (markers are placed in fractions of the image, so they stay
 #: where they were).
 MAX_IMAGE_PX = 2048
+#: The same for a cohort's report, which holds every slide of the cohort in one file.
+COHORT_IMAGE_PX = 1024
 #: Detections listed per slide (the highest scoring); the count of all of them is shown.
 MAX_DETECTION_ROWS = 1000
 #: Keys of a run file (metrics.json, summary.json, a CSV column) that say the weights are the demo's.
