@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pathbundles.report import write_run_report
+from pathbundles.report import main, write_run_report
 from pathbundles.writers import (write_detections_csv, write_detections_geojson, write_overlay_png,
                                  write_pyramid_tiff)
 
@@ -179,6 +179,17 @@ def test_report_of_dmmn_areas_and_segmitos_hpf(tmp_path: Path) -> None:
     left, top = (float(v) for v in re.findall(r"[\d.]+(?=%)", page.find("a", id="m-0-2")[0]["style"]))
     assert (left, top) == pytest.approx((100 * 150.5 / 200, 100 * 60.5 / 100))
     assert write_run_report(hpf, enabled=False) is None
+
+
+def test_report_command_rewrites_a_folder_s_report(tiny_run: tuple[Path, list[dict]]) -> None:
+    out, datalist = tiny_run
+    slide = Path(datalist[0]["image"])
+    assert main([str(out), "--data_source", str(slide)]) == out / "report.html"
+    page = _Page((out / "report.html").read_text(encoding="utf-8"))
+    assert page.find("img", alt="thumbnail") and len(page.find("a", **{"class": "mk"})) == 3
+    assert main([str(out)]) == out / "report.html"  # no slides given: no thumbnail, the rest as before
+    page = _Page((out / "report.html").read_text(encoding="utf-8"))
+    assert not page.find("img", alt="thumbnail") and len(page.rows) == 3
 
 
 def _chromium() -> str:

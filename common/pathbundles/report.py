@@ -460,3 +460,31 @@ def write_run_report(output_dir: str | os.PathLike, datalist: Sequence[Mapping[s
         tmp.write_text(page, encoding="utf-8")
     logger.info("report: %s", path.resolve())
     return path
+
+
+def main(argv: Sequence[str] | None = None) -> Path | None:
+    """``python -m pathbundles.report OUTPUT_DIR``: (re)write the report of a run's output folder."""
+    import argparse
+
+    from pathbundles.bundle import datalist
+
+    parser = argparse.ArgumentParser(prog="python -m pathbundles.report",
+                                     description="Write OUTPUT_DIR/report.html from what a bundle run or a cohort "
+                                                 "wrote there.")
+    parser.add_argument("output_dir")
+    parser.add_argument("--data_source", help="the run's --data_source (a slide, folder, datalist or manifest): "
+                                              "with it the report shows thumbnails and marks detections")
+    parser.add_argument("--kind", default="metastasis", choices=("metastasis", "mitosis", "multiclass"),
+                        help="what --data_source holds (mitosis: HPF images)")
+    parser.add_argument("--split", default="test", help="the split of a datalist with split fields")
+    parser.add_argument("--bundle_root", help="the bundle folder, for its name and version")
+    parser.add_argument("--backend", default="auto")
+    args = parser.parse_args(argv)
+    items = datalist(args.data_source, kind=args.kind, split=args.split) if args.data_source else None
+    path = write_run_report(args.output_dir, items, args.bundle_root, backend=args.backend)
+    print(path)
+    return path
+
+
+if __name__ == "__main__":
+    main()
