@@ -3,8 +3,8 @@
 :func:`write_run_report` reads what a bundle run wrote in its output folder and writes ``report.html`` beside it:
 
 - a header: bundle name and version, date, number of slides, a banner when the run used demo weights;
-- the run's metrics (``metrics.json`` scalars) and curves (``froc.png``, ``roc.png``, ``pr.png``, ``confusion.png``)
-  when an evaluation wrote them;
+- the run's metrics (``metrics.json`` scalars) and curves (``froc.png``, ``roc.png``, ``pr.png``, ``confusion.png``,
+  then any other PNG in the folder) when an evaluation wrote them;
 - a table of slides (``slide_scores.csv`` of scannet and spatial_lstm, ``hpf_counts.csv`` of segmitos, ``areas.csv``
   of dmmn, ``scores.csv`` and ``slides.csv`` of a cohort), each name linking to the slide's section;
 - per slide: a thumbnail read through the slide layer (:func:`pathbundles.wsi.open_slide`) when the datalist is
@@ -43,7 +43,7 @@ from pathbundles.outputs import output_file, slide_name
 logger = logging.getLogger(__name__)
 
 REPORT_FILE = "report.html"
-#: Plots an evaluation writes into the output folder, in the order the report shows them.
+#: Plots an evaluation writes into the output folder, shown first in this order; other PNGs there follow.
 PLOT_FILES = ("froc.png", "roc.png", "pr.png", "confusion.png")
 #: Longest side of the thumbnail read from the slide, px.
 THUMBNAIL_PX = 320
@@ -72,6 +72,8 @@ class SlideSection:
     thumbnail_png: bytes | None = None
     #: (N, 3) score, x, y in level-0 px of the image a viewer opens, in the CSV's order.
     detections: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
+    #: whether x, y are level-0 px of a slide (else px of an HPF image file)
+    level0_xy: bool = True
     level0_mpp: float | None = None
     #: (x, y) of the overlay's pixel (0, 0) in level-0 px, and level-0 px per overlay px (x, y); None: no markers.
     overlay_origin_xy: tuple[float, float] = (0.0, 0.0)
@@ -225,6 +227,7 @@ def _fill_section(section: SlideSection, output_dir: Path, kind: str, item: Mapp
     level0 = True
     if detections_csv.is_file():
         section.detections, level0 = _detections(detections_csv, kind)
+        section.level0_xy = level0
     doc = _read_json(geojson)
     if isinstance(doc, Mapping):
         section.level0_mpp = _float((doc.get("properties") or {}).get("mpp"))
@@ -267,10 +270,10 @@ h1{font-size:1.5em;margin:.2em 0}h2{font-size:1.2em;border-bottom:1px solid #ccc
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}
 td:first-child,th:first-child{text-align:left}.banner{background:#fff3cd;border:2px solid #d39e00;padding:.6em 1em;
 font-weight:bold;margin:.8em 0}.failed{color:#b00}.meta{color:#555}.images{display:flex;gap:1em;align-items:flex-start;
-flex-wrap:wrap}.ov{position:relative;display:inline-block;width:640px;max-width:100%}.ov img{display:block;width:100%}
+flex-wrap:wrap}.ov{position:relative;display:inline-block;width:560px;max-width:100%}.ov img{display:block;width:100%}
 .mk{position:absolute;width:12px;height:12px;margin:-8px 0 0 -8px;border:2px solid #00e5ff;border-radius:50%;
 text-decoration:none}.mk:target,.mk.on{border-color:#ff00ff;width:20px;height:20px;margin:-12px 0 0 -12px}
-tr:target,tr.on{background:#fde2ff}.plots img{max-width:480px;margin-right:1em}.dets{max-height:360px;overflow:auto;
+tr:target,tr.on{background:#fde2ff}.plots img{max-width:480px;margin-right:1em}.dets{max-height:600px;overflow:auto;
 display:inline-block}figure{margin:0}figcaption{color:#555;font-size:.9em}
 """
 
@@ -333,8 +336,6 @@ def _section_html(k: int, s: SlideSection, kind: str, max_image_px: int) -> str:
                                f'style="left:{left:.3f}%;top:{top:.3f}%"></a>')
         images.append(f'<figure><div class="ov"><img alt="overlay" src="{uri}">{"".join(markers)}</div>'
                       f'<figcaption>overlay ({ow} x {oh} px)</figcaption></figure>')
-    if images:
-        parts.append(f'<div class="images">{"".join(images)}</div>')
     if len(s.detections):
         mpp = s.level0_mpp
         linked = s.overlay is not None and s.overlay_scale_xy is not None
@@ -348,12 +349,14 @@ def _section_html(k: int, s: SlideSection, kind: str, max_image_px: int) -> str:
                         f'<td>{y:.1f}</td><td>{um[0]}</td><td>{um[1]}</td></tr>')
         note = (f"<p class='meta'>the {len(shown)} highest scoring of {len(s.detections)} detections</p>"
                 if len(shown) < len(s.detections) else "")
-        where = "level-0" if kind != "hpf" or s.overlay_origin_xy != (0.0, 0.0) else "image"
-        parts.append(f'{note}<div class="dets"><table class="detections"><tr><th>rank</th><th>score</th>'
+        where = "level-0" if s.level0_xy else "image"
+        images.append(f'<div class="dets">{note}<table class="detections"><tr><th>rank</th><th>score</th>'
                      f'<th>x ({where} px)</th><th>y ({where} px)</th><th>x (um)</th><th>y (um)</th></tr>'
                      f'{"".join(rows)}</table></div>')
     elif s.status == "done" and kind != "segmentation":
-        parts.append('<p class="meta">no detections</p>')
+        images.append('<p class="meta">no detections</p>')
+    if images:
+        parts.append(f'<div class="images">{"".join(images)}</div>')
     if isinstance(s.areas, Mapping) and isinstance(s.areas.get("classes"), Mapping):
         rows = []
         for name, c in s.areas["classes"].items():
@@ -410,7 +413,9 @@ def render_report(output_dir: str | os.PathLike, datalist: Sequence[Mapping[str,
         facts = [(k, summary.get(k)) for k in ("run_id", "done", "skipped", "failed", "wall_s", "slides_per_hour",
                                                "slide_auc") if summary.get(k) is not None]
         body.append("<h2>Cohort</h2>" + _table(["", "value"], [[k, _fmt(v)] for k, v in facts]))
-    plots = [p for p in (out / name for name in PLOT_FILES) if p.is_file()]
+    known = [out / name for name in PLOT_FILES]
+    plots = [p for p in known if p.is_file()] + [p for p in sorted(out.glob("*.png"))
+                                                 if p not in known and not p.name.startswith(".")]
     if plots:
         body.append('<h2>Curves</h2><div class="plots">' + "".join(
             f'<img alt="{e(p.stem)}" src="{_embedded_image(p, max_image_px)[0]}">' for p in plots) + "</div>")
