@@ -134,6 +134,14 @@ def test_report_escapes_names_and_lists_every_detection(tiny_run: tuple[Path, li
     overlay = _data_image(page.find("img", alt="overlay")[0]["src"])
     assert overlay.shape[:2] == (48, 64)
 
+    # A large overlay is shrunk (JPEG); markers stay at the same share of its width and height.
+    small = _Page(write_run_report(out, datalist, max_image_px=32).read_text(encoding="utf-8"))
+    uri = small.find("img", alt="overlay")[0]["src"]
+    assert uri.startswith("data:image/jpeg;base64,")
+    assert Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).size == (32, 24)
+    markers = [a["style"] for a in page.find("a", **{"class": "mk"})]
+    assert len(markers) == 3 and [a["style"] for a in small.find("a", **{"class": "mk"})] == markers
+
 
 def test_report_shows_demo_banner_metrics_and_curves(tiny_run: tuple[Path, list[dict]], tmp_path: Path) -> None:
     out, _ = tiny_run
