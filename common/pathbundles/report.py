@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from pathbundles.atomic import atomic_path
-from pathbundles.errors import PathBundlesError
+from pathbundles.errors import PathBundlesError, SlidesFailedError
 from pathbundles.outputs import output_file, slide_name
 
 logger = logging.getLogger(__name__)
@@ -378,14 +378,18 @@ def _section_html(k: int, s: SlideSection, kind: str, max_image_px: int) -> str:
 
 def render_report(output_dir: str | os.PathLike, datalist: Sequence[Mapping[str, Any]] | None = None,
                   bundle_root: str | os.PathLike | None = None, backend: str = "auto",
-                  max_image_px: int = MAX_IMAGE_PX) -> str:
-    """The HTML of the report of the run in ``output_dir`` (see :func:`write_run_report`)."""
+                  max_image_px: int = MAX_IMAGE_PX, failed: Mapping[str, str] | None = None) -> str:
+    """The HTML of the report of the run in ``output_dir`` (see :func:`write_run_report`); ``failed``: {name: why}
+    of slides that failed in this run and so have no row in its table."""
     out = Path(output_dir)
     summary = _read_json(out / "summary.json")
     metrics = _read_json(out / "metrics.json")
     bundle = _bundle_of(out, bundle_root, summary)
     kind = _run_kind(out, str(bundle.get("name", "")))
     sections, rows = _sections(out)
+    listed = {s.name for s in sections}
+    sections += [SlideSection(name=str(name), status="failed", error=str(why))
+                 for name, why in (failed or {}).items() if name not in listed]
     items: dict[str, Mapping[str, Any]] = {}
     for item in datalist or []:
         try:
@@ -444,8 +448,11 @@ def render_report(output_dir: str | os.PathLike, datalist: Sequence[Mapping[str,
 
 def write_run_report(output_dir: str | os.PathLike, datalist: Sequence[Mapping[str, Any]] | None = None,
                      bundle_root: str | os.PathLike | None = None, enabled: bool = True, backend: str = "auto",
-                     max_image_px: int = MAX_IMAGE_PX) -> Path | None:
+                     max_image_px: int = MAX_IMAGE_PX, writer: Any = None) -> Path | None:
     """Write ``output_dir/report.html``, one self-contained page of the run (or cohort) in ``output_dir``.
+
+    The bundles' ``inference.json`` call it with their writer before ``writer.ensure_completed()``: a run where some
+    slides failed still gets its report, those slides listed with their errors, and then ends as before.
 
     Args:
         output_dir: the run's output folder, as the bundle's writer (and evaluation) or a cohort left it.
@@ -456,13 +463,23 @@ def write_run_report(output_dir: str | os.PathLike, datalist: Sequence[Mapping[s
         enabled: False writes nothing (the bundles' ``write_report`` key).
         backend: slide reader backend for the thumbnails.
         max_image_px: images with a longer side are shrunk to it before embedding.
+        writer: the run's writer (:class:`pathbundles.slide_inference.StreamedSlideWriter`,
+            :class:`pathbundles.hpf.HPFDetectionWriter`): completed first (``ensure_completed``, its
+            :class:`~pathbundles.errors.SlidesFailedError` kept for the caller's own call), its ``failed`` slides
+            shown.
 
     Returns:
         The report's path, or None when not ``enabled``.
     """
     if not enabled:
         return None
-    page = render_report(output_dir, datalist, bundle_root, backend, max_image_px)
+    if writer is not None:
+        try:
+            writer.ensure_completed()
+        except SlidesFailedError:
+            pass  # named in the report; the config's own ensure_completed() raises it after the report is written
+    failed = dict(getattr(writer, "failed", None) or {})
+    page = render_report(output_dir, datalist, bundle_root, backend, max_image_px, failed)
     path = Path(output_dir) / REPORT_FILE
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
