@@ -188,6 +188,18 @@ def test_report_of_dmmn_areas_and_segmitos_hpf(tmp_path: Path) -> None:
     assert (left, top) == pytest.approx((100 * 150.5 / 200, 100 * 60.5 / 100))
     assert write_run_report(hpf, enabled=False) is None
 
+    # A slide box (an HPF of a slide): level-0 CSV, an overlay of the box at the HPF resolution (here half the
+    # slide's), so a detection 100 px right of the box's left edge is a quarter of the way across its 400 px.
+    (hpf / "hpf_counts.csv").write_text("name,n_detections,max_score\nslide_x1000_y2000,1,0.7\n")
+    (hpf / "detections" / "slide_x1000_y2000.csv").write_text("x_level0_px,y_level0_px,score\n1100,2150,0.7\n")
+    write_overlay_png(hpf / "overlays" / "slide_x1000_y2000.png", np.zeros((100, 200, 3), np.uint8),
+                      np.zeros((100, 200)))
+    item = {"image": str(tmp_path / "slide.svs"), "box": [1000, 2000, 400, 200]}
+    page = _Page(write_run_report(hpf, [item]).read_text(encoding="utf-8"))
+    assert [float(v) for v in page.rows["d-0-1"][:4]] == pytest.approx([1, 0.7, 1100, 2150])
+    left, top = (float(v) for v in re.findall(r"[\d.]+(?=%)", page.find("a", id="m-0-1")[0]["style"]))
+    assert (left, top) == pytest.approx((25.0, 75.0))
+
 
 def test_report_command_rewrites_a_folder_s_report(tiny_run: tuple[Path, list[dict]]) -> None:
     out, datalist = tiny_run

@@ -169,7 +169,7 @@ def _demo_banner(output_dir: Path, docs: Sequence[Any], rows: Sequence[Mapping[s
     return list(dict.fromkeys(messages))
 
 
-def _bundle_of(output_dir: Path, bundle_root: str | os.PathLike | None, summary: Any) -> dict:
+def _bundle_of(bundle_root: str | os.PathLike | None, summary: Any) -> dict:
     if isinstance(summary, Mapping) and isinstance(summary.get("bundle"), Mapping):
         return dict(summary["bundle"])
     if bundle_root is not None:
@@ -212,7 +212,7 @@ def _sections(output_dir: Path) -> tuple[list[SlideSection], list[dict[str, str]
 
 
 def _fill_section(section: SlideSection, output_dir: Path, kind: str, item: Mapping[str, Any] | None,
-                  slide_metrics: Mapping[str, dict[str, str]], backend: str, max_image_px: int) -> None:
+                  slide_metrics: Mapping[str, dict[str, str]], backend: str) -> None:
     """Read one slide's files (and its thumbnail, when ``item`` gives the slide)."""
     name = section.name
     try:
@@ -239,13 +239,18 @@ def _fill_section(section: SlideSection, output_dir: Path, kind: str, item: Mapp
         if not level0:
             section.overlay_scale_xy = (1.0, 1.0)
         elif box is not None:
-            section.overlay_origin_xy, section.overlay_scale_xy = (float(box[0]), float(box[1])), (1.0, 1.0)
+            with Image.open(section.overlay) as image:
+                ow, oh = image.size
+            # The overlay is the box read at the HPF resolution: its pixels span the box evenly.
+            section.overlay_origin_xy = (float(box[0]), float(box[1]))
+            section.overlay_scale_xy = (float(box[2]) / ow, float(box[3]) / oh)
     if item is None or kind == "hpf":
         return
     from pathbundles.wsi import open_slide
 
     try:
-        with open_slide(item["image"], backend=backend, mpp=item.get("mpp")) as slide:
+        # The GeoJSON's mpp is the one the run used (a --slide_mpp for a file that states none).
+        with open_slide(item["image"], backend=backend, mpp=item.get("mpp") or section.level0_mpp) as slide:
             (w0, h0), mpp = slide.dimensions, slide.mpp[0]
             thumb, _ = slide.read_thumbnail(max(w0, h0) * mpp / THUMBNAIL_PX)
     except (PathBundlesError, OSError, ValueError) as err:
@@ -384,7 +389,7 @@ def render_report(output_dir: str | os.PathLike, datalist: Sequence[Mapping[str,
     out = Path(output_dir)
     summary = _read_json(out / "summary.json")
     metrics = _read_json(out / "metrics.json")
-    bundle = _bundle_of(out, bundle_root, summary)
+    bundle = _bundle_of(bundle_root, summary)
     kind = _run_kind(out, str(bundle.get("name", "")))
     sections, rows = _sections(out)
     listed = {s.name for s in sections}
@@ -399,7 +404,7 @@ def render_report(output_dir: str | os.PathLike, datalist: Sequence[Mapping[str,
     slide_metrics = ({r.get("name", ""): r for r in _read_csv(out / "slide_metrics.csv")}
                      if (out / "slide_metrics.csv").is_file() else {})
     for s in sections:
-        _fill_section(s, out, kind, items.get(s.name), slide_metrics, backend, max_image_px)
+        _fill_section(s, out, kind, items.get(s.name), slide_metrics, backend)
     e = html.escape
     title = " ".join(str(v) for v in (bundle.get("name"), bundle.get("version")) if v) or out.name
     cohort = isinstance(summary, Mapping)
