@@ -266,10 +266,15 @@ def _fill_section(section: SlideSection, output_dir: Path, kind: str, item: Mapp
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
+    """A number as a count (an int, or text without a point) or with ``digits`` significant digits (1.0 stays
+    1.0); anything else as text."""
     v = _float(value)
     if v is None:
         return "" if value is None else str(value)
-    return f"{v:.{digits}g}" if not float(v).is_integer() else str(int(v))
+    if isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit()):
+        return str(int(v))
+    text = f"{v:.{digits}g}"
+    return text if any(c in text for c in ".en") else text + ".0"
 
 
 _STYLE = """
@@ -281,7 +286,8 @@ font-weight:bold;margin:.8em 0}.failed{color:#b00}.meta{color:#555}.images{displ
 flex-wrap:wrap}.ov{position:relative;display:inline-block;width:560px;max-width:100%}.ov img{display:block;width:100%}
 .mk{position:absolute;width:12px;height:12px;margin:-8px 0 0 -8px;border:2px solid #00e5ff;border-radius:50%;
 text-decoration:none}.mk:target,.mk.on{border-color:#ff00ff;width:20px;height:20px;margin:-12px 0 0 -12px}
-tr:target,tr.on{background:#fde2ff}.plots img{max-width:480px;margin-right:1em}.dets{max-height:600px;overflow:auto;
+tr:target,tr.on{background:#fde2ff}.plots{display:flex;gap:1em;align-items:flex-start}.plots img{max-width:400px}
+.thumb{width:240px}.dets{max-height:600px;overflow:auto;
 display:inline-block}figure{margin:0}figcaption{color:#555;font-size:.9em}
 """
 
@@ -330,7 +336,7 @@ def _section_html(k: int, s: SlideSection, kind: str, max_image_px: int) -> str:
     shown = order[:MAX_DETECTION_ROWS]
     images = []
     if s.thumbnail_png is not None:
-        images.append(f'<figure><img alt="thumbnail" src="{_png_uri(s.thumbnail_png)}">'
+        images.append(f'<figure><img class="thumb" alt="thumbnail" src="{_png_uri(s.thumbnail_png)}">'
                       f'<figcaption>thumbnail</figcaption></figure>')
     if s.overlay is not None:
         uri, (ow, oh) = _embedded_image(s.overlay, max_image_px)
