@@ -286,13 +286,14 @@ font-weight:bold;margin:.8em 0}.failed{color:#b00}.meta{color:#555}.images{displ
 flex-wrap:wrap}.ov{position:relative;display:inline-block;width:560px;max-width:100%}.ov img{display:block;width:100%}
 .mk{position:absolute;width:12px;height:12px;margin:-8px 0 0 -8px;border:2px solid #00e5ff;border-radius:50%;
 text-decoration:none}.mk:target,.mk.on{border-color:#ff00ff;width:20px;height:20px;margin:-12px 0 0 -12px}
-tr:target,tr.on{background:#fde2ff}.plots{display:flex;gap:1em;align-items:flex-start}.plots img{max-width:400px}
-.thumb{width:240px}.dets{max-height:600px;overflow:auto;
-display:inline-block}figure{margin:0}figcaption{color:#555;font-size:.9em}
+tr:target,tr.on{background:#fde2ff}.ovbox{max-width:100%;min-width:0;overflow:auto}.ov img{cursor:zoom-in}
+.ov.big{width:auto;max-width:none}.ov.big img{width:auto;cursor:zoom-out}
+.plots{display:flex;gap:1em;align-items:flex-start}.plots img{max-width:400px}.thumb{width:240px}
+.dets{max-height:600px;overflow:auto;display:inline-block}figure{margin:0}figcaption{color:#555;font-size:.9em}
 """
 
 # On load: how many images decoded (naturalWidth > 0) of how many, written into the page for a headless check;
-# clicking a row or a marker highlights the pair.
+# clicking a row or a marker highlights the pair; clicking the overlay shows it at its full size (scrollable).
 _SCRIPT = """
 window.addEventListener('load', function () {
   var imgs = Array.prototype.slice.call(document.images);
@@ -302,6 +303,7 @@ window.addEventListener('load', function () {
   out.textContent = ok + ' of ' + imgs.length + ' images loaded';
 });
 document.addEventListener('click', function (e) {
+  if (e.target.matches('.ov img')) { e.target.parentNode.classList.toggle('big'); return; }
   var a = e.target.closest('a[data-pair]'); if (!a) return;
   document.querySelectorAll('.on').forEach(function (el) { el.classList.remove('on'); });
   a.dataset.pair.split(' ').forEach(function (id) {
@@ -348,8 +350,9 @@ def _section_html(k: int, s: SlideSection, kind: str, max_image_px: int) -> str:
                 markers.append(f'<a class="mk" id="m-{k}-{rank}" href="#d-{k}-{rank}" data-pair="d-{k}-{rank} '
                                f'm-{k}-{rank}" title="{rank}: {_fmt(s.detections[i, 0])}" '
                                f'style="left:{left:.3f}%;top:{top:.3f}%"></a>')
-        images.append(f'<figure><div class="ov"><img alt="overlay" src="{uri}">{"".join(markers)}</div>'
-                      f'<figcaption>overlay ({ow} x {oh} px)</figcaption></figure>')
+        images.append(f'<figure class="ovbox"><div class="ov"><img alt="overlay" title="click: full size" '
+                      f'src="{uri}">{"".join(markers)}</div><figcaption>overlay ({ow} x {oh} px; click for full '
+                      f'size)</figcaption></figure>')
     if len(s.detections):
         mpp = s.level0_mpp
         linked = s.overlay is not None and s.overlay_scale_xy is not None
