@@ -142,8 +142,9 @@ def test_cohort_records_failures_summarises_and_resumes(tmp_path: Path) -> None:
     # The cohort's report: the bundle, every slide of the list with its status and score, the failure's reason.
     report = (out / "report.html").read_text(encoding="utf-8")
     assert "b 1: cohort report" in report and "4 slides (3 done, 1 failed)" in report
-    assert re.search(r'<a href="#slide-1">n22</a></td><td>done</td><td>0.3</td><td>2</td>', report)
-    assert re.search(r'<a href="#slide-2">bad</a></td><td>failed</td>', report) and "cannot read tile 3" in report
+    assert re.search(r'<a href="#slide-1">n22</a></td><td>0</td><td>done</td><td>0.3</td><td>2</td>', report)
+    assert re.search(r'<a href="#slide-2">bad</a></td><td>0</td><td>failed</td>', report)
+    assert "cannot read tile 3" in report
 
     # The same command again: done slides are skipped, the failed one is retried (and now succeeds).
     before = {p.name: p.stat().st_mtime_ns for p in (out / "maps").iterdir()}

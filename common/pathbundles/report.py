@@ -67,6 +67,8 @@ class SlideSection:
     score: float | None = None
     n_detections: int | None = None
     status: str = "done"
+    #: the datalist item's label (a cohort's slides.csv), "" when none
+    label: str = ""
     error: str = ""
     overlay: Path | None = None
     thumbnail_png: bytes | None = None
@@ -207,7 +209,8 @@ def _sections(output_dir: Path) -> tuple[list[SlideSection], list[dict[str, str]
         score = _float(scored.get("score", scored.get("max_score")))
         n = _float(scored.get("n_detections"))
         sections.append(SlideSection(name=name, score=score, n_detections=None if n is None else int(n),
-                                     status=r.get("status", "done") or "done", error=r.get("error", "") or ""))
+                                     status=r.get("status", "done") or "done", error=r.get("error", "") or "",
+                                     label=r.get("label", "") or scored.get("label", "") or ""))
     return sections, cohort_rows if cohort_rows is not None else rows
 
 
@@ -450,6 +453,10 @@ def render_report(output_dir: str | os.PathLike, datalist: Sequence[Mapping[str,
     header = ["name", "status", "score", "detections" if kind != "segmentation" else "regions"]
     if kind == "segmentation":
         header.append("predicted area (mm²)")
+    if any(s.label for s in sections):
+        header.insert(1, "label")
+        for cells, s in zip(listing, sections):
+            cells.insert(1, e(s.label))
     body.append(f"<h2>{what.capitalize()}</h2>" + _table(header, listing, escaped=True))
     body.extend(_section_html(k, s, kind, max_image_px) for k, s in enumerate(sections))
     body.append('<p id="image-check" class="meta" data-loaded="" data-total=""></p>')
