@@ -247,8 +247,8 @@ def _fill_section(section: SlideSection, output_dir: Path, kind: str, item: Mapp
             # The overlay is the box read at the HPF resolution: its pixels span the box evenly.
             section.overlay_origin_xy = (float(box[0]), float(box[1]))
             section.overlay_scale_xy = (float(box[2]) / ow, float(box[3]) / oh)
-    if item is None or kind == "hpf":
-        return
+    if item is None or kind == "hpf" or section.status not in ("done", "skipped"):
+        return  # a failed slide's file is not opened again: its error is the one the run reported
     from pathbundles.wsi import open_slide
 
     try:
