@@ -249,11 +249,11 @@ def _fill_section(section: SlideSection, output_dir: Path, kind: str, item: Mapp
             section.overlay_scale_xy = (float(box[2]) / ow, float(box[3]) / oh)
     if item is None or kind == "hpf" or section.status not in ("done", "skipped"):
         return  # a failed slide's file is not opened again: its error is the one the run reported
-    from pathbundles.wsi import open_slide
+    from pathbundles.wsi import item_mpp, open_slide
 
     try:
         # The GeoJSON's mpp is the one the run used (a --slide_mpp for a file that states none).
-        with open_slide(item["image"], backend=backend, mpp=item.get("mpp") or section.level0_mpp) as slide:
+        with open_slide(item["image"], backend=backend, mpp=item_mpp(dict(item), section.level0_mpp)) as slide:
             (w0, h0), mpp = slide.dimensions, slide.mpp[0]
             thumb, _ = slide.read_thumbnail(max(w0, h0) * mpp / THUMBNAIL_PX)
     except (PathBundlesError, OSError, ValueError) as err:
