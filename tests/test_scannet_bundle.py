@@ -91,6 +91,9 @@ def test_inference_on_a_lone_slide_that_gives_no_roi(small_dataset: Path, tmp_pa
         rows = list(csv.DictReader(open(out / "slide_scores.csv")))
         assert rows == [{"name": "empty", "score": "0.000000", "n_detections": "0"}]
         assert (out / "maps" / "empty.tif").exists() and (out / "overlays" / "empty.png").exists()
+    # Either way the report is written: the engine never started, and write_run_report completed the writer.
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert ("<td>failed</td>" in page) == (slide == "truncated") and ("<td>done</td>" in page) == (slide == "empty")
 
 
 @pytest.mark.parametrize("case", ["scan_mpp", "foreign_weights", "truncated_weights", "missing_datalist",
@@ -133,6 +136,10 @@ def test_evaluate_writes_froc_and_auc(small_dataset: Path, tmp_path: Path) -> No
     assert report["details"]["froc"]["n_slides"] == 2
     assert report["details"]["slide_auc"]["n_tumour"] == 1 and report["details"]["slide_auc"]["n_normal"] == 1
     assert (out / "froc.png").stat().st_size > 1000 and (out / "roc.png").stat().st_size > 1000
+    # The evaluation's report: the metrics as metrics.json has them, both curves, both slides with their overlays.
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert f"<td>froc</td><td>{report['metrics']['froc']:.4g}" in page
+    assert 'alt="froc"' in page and 'alt="roc"' in page and page.count('alt="overlay"') == 2
 
 
 TINY_TRAIN = ["--epochs", "1", "--samples_per_epoch", "8", "--val_samples", "8", "--batch_size", "4",
