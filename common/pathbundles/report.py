@@ -146,7 +146,7 @@ def _detections(path: Path, kind: str) -> tuple[np.ndarray, bool]:
     return rows, level0
 
 
-def _demo_banner(output_dir: Path, docs: Sequence[Any], rows: Sequence[Mapping[str, str]]) -> list[str]:
+def _demo_banner(docs: Sequence[Any], rows: Sequence[Mapping[str, str]]) -> list[str]:
     """Warnings the run's files carry: demo weights (:data:`DEMO_KEYS`) and any ``warning(s)`` field."""
     messages: list[str] = []
     for doc in docs:
@@ -422,12 +422,14 @@ def render_report(output_dir: str | os.PathLike, datalist: Sequence[Mapping[str,
     cohort = isinstance(summary, Mapping)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     done = sum(s.status == "done" for s in sections)
-    failed = [s for s in sections if s.status not in ("done", "skipped")]
+    skipped = sum(s.status == "skipped" for s in sections)
+    n_failed = len(sections) - done - skipped
     what = "HPFs" if kind == "hpf" else "slides"
+    counts = f"{done} done" + (f", {skipped} skipped" if skipped else "") + (f", {n_failed} failed" if n_failed else "")
     head = [f"<h1>{e(title)}: {'cohort' if cohort else 'run'} report</h1>",
-            f'<p class="meta">{e(date)} &middot; {len(sections)} {what} ({done} done'
-            f'{f", {len(failed)} failed" if failed else ""}) &middot; output folder {e(str(out.resolve()))}</p>']
-    for message in _demo_banner(out, [summary, metrics], rows):
+            f'<p class="meta">{e(date)} &middot; {len(sections)} {what} ({counts}) &middot; output folder '
+            f'{e(str(out.resolve()))}</p>']
+    for message in _demo_banner([summary, metrics], rows):
         head.append(f'<div class="banner">{e(message)}</div>')
     body = ["".join(head)]
     if isinstance(metrics, Mapping) and isinstance(metrics.get("metrics"), Mapping):
