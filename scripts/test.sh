@@ -7,6 +7,8 @@ cd "$repo"
 # Holoscan (the [deploy] extra, imported with monai) asks for a 32 MB stack; raise it where the shell may.
 ulimit -s 32768 2>/dev/null || true
 export MPLBACKEND=Agg
+# Files tests keep for people to look at (the report's screenshot from tests/test_report.py).
+export PATHBUNDLES_TEST_ARTIFACTS="${PATHBUNDLES_TEST_ARTIFACTS:-$repo/test-artifacts}"
 set +e
 "${PATHBUNDLES_VENV:-$repo/.venv}/bin/python" -m pytest -n "${PYTEST_WORKERS:-2}" --durations=15 "$@"
 rc=$?

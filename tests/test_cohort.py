@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,7 +28,7 @@ from pathbundles.outputs import slide_name
 SCANNET = REPO / "bundles" / "scannet"
 BUNDLE = {"name": "b", "version": "1", "weights_sha256": "w", "config_sha256": "c"}
 #: bundle outputs, as opposed to the cohort's own files
-COHORT_FILES = {"manifest.json", "summary.json", "slides.csv", "scores.csv"}
+COHORT_FILES = {"manifest.json", "summary.json", "slides.csv", "scores.csv", "report.html"}
 
 
 # ---- sharding ----------------------------------------------------------------------------------------------------
@@ -139,6 +140,12 @@ def test_cohort_records_failures_summarises_and_resumes(tmp_path: Path) -> None:
     rows = {r["name"]: r for r in csv.DictReader(open(out / "slides.csv"))}
     assert rows["bad"]["status"] == "failed" and rows["t1"]["status"] == "done"
     assert float(rows["t1"]["setup_s"]) == pytest.approx(float(rows["t1"]["seconds"]) - 1.6)
+    # The cohort's report: the bundle, every slide of the list with its status and score, the failure's reason.
+    report = (out / "report.html").read_text(encoding="utf-8")
+    assert "b 1: cohort report" in report and "4 slides (3 done, 1 failed)" in report
+    assert re.search(r'<a href="#slide-1">n22</a></td><td>0</td><td>done</td><td>0.3</td><td>2</td>', report)
+    assert re.search(r'<a href="#slide-2">bad</a></td><td>0</td><td>failed</td>', report)
+    assert "cannot read tile 3" in report
 
     # The same command again: done slides are skipped, the failed one is retried (and now succeeds).
     before = {p.name: p.stat().st_mtime_ns for p in (out / "maps").iterdir()}

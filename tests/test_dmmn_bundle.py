@@ -113,6 +113,11 @@ def test_inference_writes_label_map_overlay_areas_and_regions(small_dataset: Pat
         regions = json.loads((out / "regions" / f"{name}.geojson").read_text())
         assert regions["type"] == "FeatureCollection"
         assert all(f["properties"]["classification"]["name"].lower() == "carcinoma" for f in regions["features"])
+    # The report: per slide its thumbnail, overlay and the area of every class as areas/<name>.json has it.
+    report = (out / "report.html").read_text(encoding="utf-8")
+    assert report.count('alt="thumbnail"') == 2 and report.count('alt="overlay"') == 2
+    for class_name, entry in areas["classes"].items():
+        assert f"<td>{class_name}</td><td>{entry['area_mm2']:.4f}</td>" in report
 
 
 @pytest.mark.parametrize("with_good_slide", [False, True])

@@ -11,6 +11,7 @@ partial atomic writes, pyramid level folders, canvases, the lock, the cohort's w
 from __future__ import annotations
 
 import csv
+import html
 import json
 import os
 import stat
@@ -269,6 +270,11 @@ def test_a_bundle_run_writes_the_good_slides_and_names_each_bad_one(fuzz: Fuzz) 
         assert {p.name for p in out.rglob(f"{name}.*")} == {f"{name}.tif", f"{name}.png", f"{name}.csv",
                                                             f"{name}.geojson", f"{name}.xml"}
     assert not any(list(out.rglob(f"{name}.*")) for name in failed)
+    # The report, written before the run failed, names every slide as text (the names are config expressions):
+    # its own script is the page's only one.
+    report = (out / "report.html").read_text(encoding="utf-8")
+    assert report.count("<script") == 1 and report.count('alt="overlay"') == len(written)
+    assert all(html.escape(name) in report for name in written | failed)
 
 
 @pytest.mark.slow

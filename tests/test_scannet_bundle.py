@@ -108,6 +108,9 @@ def test_inference_on_a_lone_slide_that_gives_no_roi(small_dataset: Path, tmp_pa
         warnings = [line for line in log.splitlines() if DEMO_WARNING in line and "WARNING" in line]
         assert [w.split(DEMO_WARNING)[1].split(";")[0] for w in warnings] == [" (start of the run", " (end of the run"]
         assert all(f"sha256 {DEMO_SHA256[:12]})" in w for w in warnings)
+    # Either way the report is written: the engine never started, and write_run_report completed the writer.
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert ("<td>failed</td>" in page) == (slide == "truncated") and ("<td>done</td>" in page) == (slide == "empty")
 
 
 @pytest.mark.parametrize("case", ["scan_mpp", "foreign_weights", "truncated_weights", "missing_datalist",
@@ -152,6 +155,10 @@ def test_evaluate_writes_froc_and_auc(small_dataset: Path, tmp_path: Path) -> No
     assert (out / "froc.png").stat().st_size > 1000 and (out / "roc.png").stat().st_size > 1000
     # The numbers are those of the demo weights, and the report says so.
     assert report["weights"] == {"weights_sha256": DEMO_SHA256, "demo_weights": True, "weights_warning": DEMO_WARNING}
+    # The evaluation's report: the metrics as metrics.json has them, both curves, both slides with their overlays.
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert f"<td>froc</td><td>{report['metrics']['froc']:.4g}" in page
+    assert 'alt="froc"' in page and 'alt="roc"' in page and page.count('alt="overlay"') == 2
 
 
 TINY_TRAIN = ["--epochs", "1", "--samples_per_epoch", "8", "--val_samples", "8", "--batch_size", "4",

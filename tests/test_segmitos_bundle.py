@@ -140,6 +140,10 @@ def test_inference_fails_unreadable_hpfs_by_name_and_writes_the_others(small_hpf
     version = json.loads((CONFIGS / "metadata.json").read_text())["version"]
     layout = read_overlay_layout(out / "overlays" / "phantom_hpf_000.png")
     assert layout["fields"] == {"hpf": "phantom_hpf_000", "model": f"SegMitos mitosis detection {version} (segmitos)"}
+    # The report is written before the run ends: the four HPFs with their overlays, the two failed ones by name.
+    report = (out / "report.html").read_text(encoding="utf-8")
+    assert "6 HPFs (4 done, 2 failed)" in report and report.count('alt="overlay"') == 4
+    assert report.count("<td>failed</td>") == 2 and "truncated.png" in report
 
 
 def test_evaluate_demo_weights_on_held_out_phantom_hpfs(tmp_path: Path) -> None:

@@ -19,7 +19,9 @@ Output folder ``out``:
   of a run, or at the start of the next one when the run was killed;
 - ``summary.json`` (counts, slides per hour, data-wait fraction, AUC when the slides have labels), ``slides.csv``
   (one row per slide of the list: status, error, timings) and ``scores.csv`` (``name,label,score,n_detections`` of
-  every slide with a result, the input of a slide-level AUC).
+  every slide with a result, the input of a slide-level AUC);
+- ``report.html``: the cohort's report (:mod:`pathbundles.report`: per slide its thumbnail, overlay, score and
+  detections), unless ``write_report`` is false.
 
 One job per output folder at a time: rank 0 locks the folder for the run (:class:`pathbundles.outputs.FolderLock`;
 a second job fails at its start naming the holder's PID and host), then removes the work folder ``.cohort-work``
@@ -465,7 +467,7 @@ def plan_cohort(items: Sequence[Mapping[str, Any]], out: Path, bundle: Mapping[s
 def run_cohort(items: Sequence[Mapping[str, Any]] | Callable[[], Sequence[Mapping[str, Any]]],
                out: str | os.PathLike, bundle: Mapping[str, Any],
                run_slide: SlideRunner, group: ProcessGroup | None = None,
-               slide_timeout_s: float | None = None) -> dict:
+               slide_timeout_s: float | None = None, write_report: bool = True) -> dict:
     """Run ``run_slide`` over this rank's share of ``items``, then (rank 0) merge the manifest and summarise.
 
     Rank 0 holds the output folder's lock (:class:`pathbundles.outputs.FolderLock`) for the whole run, so a second
@@ -480,6 +482,8 @@ def run_cohort(items: Sequence[Mapping[str, Any]] | Callable[[], Sequence[Mappin
         run_slide: ``f(item, work_dir) -> (writer record, timing or None)``, writing into ``work_dir``.
         group: the job's processes (default: this process alone).
         slide_timeout_s: time budget of each slide in seconds (None or 0: none); see :func:`time_budget`.
+        write_report: rank 0 writes ``report.html`` of the cohort after the summary
+            (:func:`pathbundles.report.write_run_report`).
 
     Returns:
         The run's summary (the same on every rank); see :func:`summarise`.
@@ -524,6 +528,10 @@ def run_cohort(items: Sequence[Mapping[str, Any]] | Callable[[], Sequence[Mappin
             records = merge_manifest(out, {names[i]: run_id for i in plan["skipped"]})
             shutil.rmtree(out / WORK_DIR, ignore_errors=True)
             summary = summarise(out, names, records, run_id, bundle, group.world_size, time.perf_counter() - start)
+            if write_report:
+                from pathbundles.report import COHORT_IMAGE_PX, write_run_report
+
+                write_run_report(out, items, max_image_px=COHORT_IMAGE_PX)
         return group.broadcast(summary)
 
 
@@ -645,6 +653,10 @@ def cohort_command(bundle: str | os.PathLike, slides: str | os.PathLike | Sequen
 
     config_files = [config_files] if isinstance(config_files, str) else list(config_files)
     overrides = dict(overrides or {})
+    # The bundles' write_report key is the cohort's: one report of the cohort, none per slide; not in the hash.
+    write_report = overrides.pop("write_report", True)
+    if isinstance(write_report, str):  # --write_report false on the command line
+        write_report = write_report.strip().lower() not in ("false", "0", "no", "off")
     info = bundle_info(bundle, config_files, overrides)
     weights = weights_identity(info)
     if weights is not None and int(os.environ.get("RANK", "0")) == 0:
@@ -658,12 +670,12 @@ def cohort_command(bundle: str | os.PathLike, slides: str | os.PathLike | Sequen
         else:
             items = [dict(item) for item in slides]
         runner = functools.partial(_run_slide, bundle=bundle, config_files=config_files, overrides=overrides)
-        return run_cohort(items, out, info, runner, group, slide_timeout_s)
+        return run_cohort(items, out, info, runner, group, slide_timeout_s, bool(write_report))
 
 
 def _run_slide(item: Mapping[str, Any], work_dir: Path, *, bundle: str | os.PathLike, config_files: Sequence[str],
                overrides: Mapping[str, Any]) -> tuple[dict, dict | None]:
-    return run_bundle_slide(bundle, item, work_dir, config_files, overrides)
+    return run_bundle_slide(bundle, item, work_dir, config_files, {**overrides, "write_report": False})
 
 
 def cohort_cli(bundle: str, slides: str, out: str, config: str | Sequence[str] = "inference.json",
