@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from pathbundles.report import main, write_run_report
+from pathbundles.weights import DEMO_WARNING
 from pathbundles.writers import (write_detections_csv, write_detections_geojson, write_overlay_png,
                                  write_pyramid_tiff)
 
@@ -145,8 +146,10 @@ def test_report_escapes_names_and_lists_every_detection(tiny_run: tuple[Path, li
 
 def test_report_shows_demo_banner_metrics_and_curves(tiny_run: tuple[Path, list[dict]], tmp_path: Path) -> None:
     out, _ = tiny_run
+    # metrics.json as an evaluation with the demo weights writes it (pathbundles.weights' record).
     (out / "metrics.json").write_text(json.dumps({"metrics": {"froc<b>": 0.625, "slide_auc": 0.5},
-                                                  "weights_demo": True}))
+                                                  "weights": {"weights_sha256": "ab", "demo_weights": True,
+                                                              "weights_warning": DEMO_WARNING}}))
     Image.fromarray(np.full((30, 40, 3), 90, np.uint8)).save(out / "froc.png")
     bundle = tmp_path / "bundle"
     (bundle / "configs").mkdir(parents=True)
@@ -154,7 +157,7 @@ def test_report_shows_demo_banner_metrics_and_curves(tiny_run: tuple[Path, list[
     page = _Page(write_run_report(out, bundle_root=bundle).read_text(encoding="utf-8"))
     text = "".join(page.text)
     assert "scannet 9.8.7: run report" in text
-    assert len(page.find("div", **{"class": "banner"})) == 1 and "demo weights" in text
+    assert len(page.find("div", **{"class": "banner"})) == 1 and DEMO_WARNING in text
     assert "froc<b>" in text and "0.625" in text
     assert _data_image(page.find("img", alt="froc")[0]["src"]).shape == (30, 40, 3)
     # Without the datalist: no thumbnail and no markers, the table still lists every detection.

@@ -111,6 +111,8 @@ def test_inference_on_a_lone_slide_that_gives_no_roi(small_dataset: Path, tmp_pa
     # Either way the report is written: the engine never started, and write_run_report completed the writer.
     page = (out / "report.html").read_text(encoding="utf-8")
     assert ("<td>failed</td>" in page) == (slide == "truncated") and ("<td>done</td>" in page) == (slide == "empty")
+    if slide == "empty":  # and it says the demo weights made it (from the table's weights columns)
+        assert '<div class="banner">' in page and DEMO_WARNING in page
 
 
 @pytest.mark.parametrize("case", ["scan_mpp", "foreign_weights", "truncated_weights", "missing_datalist",

@@ -679,8 +679,7 @@ class HPFDetectionWriter(RecordsWeights):
         :class:`~pathbundles.errors.SlidesFailedError` naming every HPF that failed."""
         if not self._completed:
             self.completed(engine)
-        if self.weights is not None:
-            self.weights.log_warning("end")
+        self.warn_at_end()
         if self.failed:
             raise SlidesFailedError.listing(self.failed, written=len(self.dataset.names) - len(self.failed),
                                             unit="HPF")

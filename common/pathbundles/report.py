@@ -54,8 +54,6 @@ MAX_IMAGE_PX = 2048
 COHORT_IMAGE_PX = 1024
 #: Detections listed per slide (the highest scoring); the count of all of them is shown.
 MAX_DETECTION_ROWS = 1000
-#: Keys of a run file (metrics.json, summary.json, a CSV column) that say the weights are the demo's.
-DEMO_KEYS = ("weights_demo", "demo_weights")
 WARNING_KEYS = ("warning", "warnings")
 
 
@@ -147,27 +145,31 @@ def _detections(path: Path, kind: str) -> tuple[np.ndarray, bool]:
 
 
 def _demo_banner(docs: Sequence[Any], rows: Sequence[Mapping[str, str]]) -> list[str]:
-    """Warnings the run's files carry: demo weights (:data:`DEMO_KEYS`) and any ``warning(s)`` field."""
+    """Warnings the run's files carry: the weights record (:data:`pathbundles.weights.RECORD_FIELDS`) of
+    ``metrics.json`` (``weights``), a cohort's or deploy ``summary.json`` (``bundle``) and the score tables' columns,
+    when it says demo weights, and any ``warning(s)`` field."""
+    from pathbundles.weights import DEMO_WARNING
+
+    def demo_message(record: Mapping[str, Any]) -> str | None:
+        demo = record.get("demo_weights")
+        if demo is True or str(demo).strip().lower() in ("true", "1", "yes"):
+            return str(record.get("weights_warning") or DEMO_WARNING)
+        return None
+
     messages: list[str] = []
     for doc in docs:
         if not isinstance(doc, Mapping):
             continue
-        for key in DEMO_KEYS:
-            if doc.get(key):
-                value = doc[key]
-                messages.append(value if isinstance(value, str) else
-                                "These results come from the demo weights (trained on synthetic phantom slides): "
-                                "they are not a diagnosis and say nothing about real tissue.")
+        for record in (doc, doc.get("weights"), doc.get("bundle")):
+            if isinstance(record, Mapping) and (message := demo_message(record)):
+                messages.append(message)
         for key in WARNING_KEYS:
             value = doc.get(key)
             if isinstance(value, str) and value:
                 messages.append(value)
             elif isinstance(value, (list, tuple)):
                 messages.extend(str(v) for v in value if v)
-    for key in DEMO_KEYS:
-        if any(str(r.get(key, "")).strip().lower() in ("1", "true", "yes") for r in rows):
-            messages.append("Some slides were scored with the demo weights (synthetic phantom training): not a "
-                            "diagnosis.")
+    messages.extend(message for row in rows if (message := demo_message(row)))
     return list(dict.fromkeys(messages))
 
 

@@ -311,8 +311,7 @@ class StreamedSlideWriter(RecordsWeights):
         completed once: its dataset is fixed, so its runs are all empty or none is."""
         if not self._completed:
             self.completed(engine)
-        if self.weights is not None:
-            self.weights.log_warning("end")
+        self.warn_at_end()
         if self.failed:
             raise SlidesFailedError.listing(self.failed, written=len(self.written))
 

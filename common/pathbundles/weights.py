@@ -179,6 +179,13 @@ class RecordsWeights:
         """:meth:`WeightsIdentity.record` of the run's weights, ``{}`` when the writer was not told them."""
         return {} if self.weights is None else self.weights.record()
 
+    def warn_at_end(self) -> None:
+        """Log the demo warning of the run's end, once per writer (the report and the config's run list both end
+        the run)."""
+        if self.weights is not None and not getattr(self, "_warned_at_end", False):
+            self.weights.log_warning("end")
+            self._warned_at_end = True
+
 
 def csv_header_and_row(identity: WeightsIdentity | None) -> tuple[list[str], list[str]]:
     """The columns a run's CSV tables append after their own (none when the run's weights are unknown)."""
