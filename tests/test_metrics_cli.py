@@ -252,6 +252,12 @@ def test_command_line(froc_dirs: tuple[Path, Path], tmp_path: Path) -> None:
                          capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr
     assert json.loads(out.read_text()) == _expected_froc()
+    # The exclusion list from the command line: comma-separated names.
+    run = subprocess.run([sys.executable, "-m", "pathbundles", "froc", "--masks", str(masks), "--detections",
+                          str(detections), "--exclude_slides", "normal_c,Test_049", "--out", str(out)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(out.read_text())["excluded_slides"] == ["normal_c"]
     seg = tmp_path / "seg"
     seg.mkdir()
     truth, pred = _iou_dirs(seg)
@@ -276,6 +282,10 @@ def test_command_line(froc_dirs: tuple[Path, Path], tmp_path: Path) -> None:
     assert json.loads((tmp_path / "f1.json").read_text()) == {"precision": 0.5, "recall": 1.0,
                                                               "f1": pytest.approx(2 / 3), "tp": 1, "fp": 1, "fn": 0,
                                                               "matching": "optimal"}
+    run = subprocess.run(command[:-2] + ["--matching", "greedy", *command[-2:]], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "f1.json").read_text())["matching"] == "greedy"
     # An undefined F1 is said in the JSON and warned about by name; a threshold off [0, 1] is one line, exit 2.
     (mitosis_truth / "hpf.csv").write_text("")
     (mitosis_det / "hpf.csv").write_text("")

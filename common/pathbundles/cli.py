@@ -49,18 +49,24 @@ def phantom(outdir: str, kind: str = "metastasis", n: int = 4, seed: int = 0, mp
     _print_json({"dataset": str(make_phantom(outdir, kind=kind, n=n, seed=seed, **options))})
 
 
-def froc(masks: str, detections: str, out: str, level0_mpp: float = 0.243, mask_downsample: float = 32) -> None:
-    """Camelyon16 FROC from tumour masks (DIR/<slide>.png|.tif) and detection CSVs (DIR/<slide>.csv)."""
+def froc(masks: str, detections: str, out: str, level0_mpp: float = 0.243, mask_downsample: float = 32,
+         exclude_slides: str = "Test_049,Test_114") -> None:
+    """Camelyon16 FROC from tumour masks (DIR/<slide>.png|.tif) and detection CSVs (DIR/<slide>.csv); slides named in
+    --exclude_slides (comma-separated, without case; the organisers' two by default, "" for none) are left out."""
     from pathbundles.metrics.commands import froc_command
 
-    _print_json(froc_command(masks, detections, out, level0_mpp=level0_mpp, mask_downsample=mask_downsample))
+    _print_json(froc_command(masks, detections, out, level0_mpp=level0_mpp, mask_downsample=mask_downsample,
+                             exclude_slides=exclude_slides))
 
 
-def mitosis_f1(truth: str, detections: str, out: str, radius_px: float = 30.0, score_threshold: float = 0.0) -> None:
-    """Mitosis precision/recall/F1 from centroid CSVs (truth x,y; detections x,y,score), one file per image."""
+def mitosis_f1(truth: str, detections: str, out: str, radius_px: float = 30.0, score_threshold: float = 0.0,
+               matching: str = "optimal") -> None:
+    """Mitosis precision/recall/F1 from centroid CSVs (truth x,y; detections x,y,score), one file per image;
+    --matching optimal (most pairs within the radius) or greedy (the challenge scorers': rows in file order)."""
     from pathbundles.metrics.commands import mitosis_f1_command
 
-    _print_json(mitosis_f1_command(truth, detections, out, radius_px=radius_px, score_threshold=score_threshold))
+    _print_json(mitosis_f1_command(truth, detections, out, radius_px=radius_px, score_threshold=score_threshold,
+                                   matching=matching))
 
 
 def iou(truth: str, pred: str, out: str, num_classes: int) -> None:
