@@ -351,6 +351,7 @@ def test_writer_metrics_report_and_tuner_store(tmp_path: Path) -> None:
     stored = json.loads(config.read_text())
     assert (stored["min_mean_score"], stored["min_area_um2"], stored["other"]) == (0.2, 0.0, [1, 2])
     assert stored["thresholds_tuned_on"]["f1"] == pytest.approx(0.8)  # TP 2, FP 0, FN 1
+    assert stored["thresholds_tuned_on"]["sigma_um"] == writer.sigma_um == 1.0  # the smoothing they assume
     assert json.loads((tmp_path / "out" / "tuning.json").read_text())["best"]["min_mean_score"] == 0.2
     assert not list((tmp_path / "out").rglob("*.partial*")) and not list(tmp_path.glob(".*"))
 

@@ -108,7 +108,7 @@ def test_tune_stores_thresholds_that_inference_then_uses(small_hpfs: Path, bundl
     assert (configs / "inference.json").read_bytes() == (CONFIGS / "inference.json").read_bytes()
     best = tuning["best"]
     assert stored == {"min_mean_score": best["min_mean_score"], "min_area_um2": best["min_area_um2"],
-                      "thresholds_tuned_on": {"hpfs": 4, "f1": best["f1"], "radius_px": 30.0}}
+                      "thresholds_tuned_on": {"hpfs": 4, "f1": best["f1"], "radius_px": 30.0, "sigma_um": 1.0}}
     assert f'"stored_in": "{thresholds}"' in tune.stdout
     assert len(tuning["grid"]) == 20 * 41 and best["f1"] == max(g["f1"] for g in tuning["grid"])
     # Inference with the override file listed after inference.json applies them: every score is above s1.

@@ -863,7 +863,8 @@ class ThresholdTuner:
             logger.error("thresholds not stored in %s: %d validation HPF(s) failed", self.config_file, len(failed))
         elif self.config_file is not None:
             store_thresholds(self.config_file, best["min_mean_score"], best["min_area_um2"],
-                             {"hpfs": len(names), "f1": best["f1"], "radius_px": self.radius_px})
+                             {"hpfs": len(names), "f1": best["f1"], "radius_px": self.radius_px,
+                              "sigma_um": self.writer.sigma_um})
             self.result["stored_in"] = str(Path(self.config_file).resolve())
         if engine is not None:
             engine.state.metrics.update({"tuned_f1": math.nan if best["f1"] is None else best["f1"]})
