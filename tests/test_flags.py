@@ -5,7 +5,6 @@ config parser keeps it), which ``bool()`` takes for True. Every bool a bundle co
 from __future__ import annotations
 
 import ast
-import json
 import re
 from pathlib import Path
 

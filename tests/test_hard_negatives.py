@@ -4,7 +4,6 @@ drawn in proportion to their number."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -306,18 +306,13 @@ def test_scannet_cycle_on_sqlite(trained_scannet: dict, sqlite_tracking_uri: str
 def test_registered_versions_name_their_weights_and_say_whether_they_are_demo(tmp_path: Path) -> None:
     """The shipped weights register as demo weights whose metadata.json metrics were measured on them; weights
     retrained into the same bundle version register as not demo and not measured, with their own hash."""
-    import shutil
-
     import mlflow
     import torch
 
-    from mlflow_fixtures import BUNDLE_CONTENT, SCANNET
+    from mlflow_fixtures import SCANNET, copy_bundle
     from pathbundles.scannet import ScanNet
 
-    bundle = tmp_path / "scannet"
-    bundle.mkdir()
-    for part in BUNDLE_CONTENT:
-        (shutil.copytree if (SCANNET / part).is_dir() else shutil.copy)(SCANNET / part, bundle / part)
+    bundle = copy_bundle(SCANNET, tmp_path / "scannet")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri, registry_uri=uri)
     demo_sha = json.loads((SCANNET / "configs" / "metadata.json").read_text())["trained_with"]["models/model.pt"][
@@ -339,16 +334,11 @@ def test_registered_versions_name_their_weights_and_say_whether_they_are_demo(tm
 def test_promotion_needs_an_evaluation_and_an_absolute_gate(tmp_path: Path) -> None:
     """A version without an evaluation cannot be reviewed or promoted; relative gates alone promote nothing; without
     --gate the bundle's metadata.json gates (the paper's metric) apply, or a policy file's."""
-    import shutil
-
     import mlflow
 
-    from mlflow_fixtures import BUNDLE_CONTENT, SCANNET
+    from mlflow_fixtures import SCANNET, copy_bundle
 
-    bundle = tmp_path / "scannet"
-    bundle.mkdir()
-    for part in BUNDLE_CONTENT:
-        (shutil.copytree if (SCANNET / part).is_dir() else shutil.copy)(SCANNET / part, bundle / part)
+    bundle = copy_bundle(SCANNET, tmp_path / "scannet")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     first = registry.register(bundle, tracking_uri=uri)
     assert first["eval_run_id"] is None

@@ -83,7 +83,6 @@ def test_ablation_overlays_change_network_loss_and_checkpoint_name() -> None:
 
 def test_inference_writes_maps_detections_and_scores(small_dataset: Path, tmp_path: Path) -> None:
     from openslide import OpenSlide
-    from PIL import Image
 
     from pathbundles.writers import read_detections_csv, read_overlay_layout
 
