@@ -109,7 +109,7 @@ def test_inference_writes_label_map_overlay_areas_and_regions(small_dataset: Pat
         x0, y0, w, h = layout["slide_box_px"]
         assert (w, h) == (1024, 1024) and layout["panel_box_px"][0] >= x0 + w and y0 > 0
         version = json.loads((CONFIGS / "metadata.json").read_text())["version"]
-        assert layout["fields"]["model"] == f"DMMN multi-class breast tissue segmentation {version} (dmmn)"
+        assert layout["fields"]["model"] == f"DMMN multi-class breast tissue segmentation {version}"
         regions = json.loads((out / "regions" / f"{name}.geojson").read_text())
         assert regions["type"] == "FeatureCollection"
         assert all(f["properties"]["classification"]["name"].lower() == "carcinoma" for f in regions["features"])

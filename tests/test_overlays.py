@@ -156,7 +156,7 @@ def test_hpf_overlay_numbers_detections_and_has_a_title_and_legend(tmp_path: Pat
     image = np.full((300, 300, 3), 128, np.uint8)
     detections = np.array([[55.0, 52.0, 0.9], [200.0, 60.0, 0.8]])  # a hit and a false alarm
     write_circle_overlay_png(tmp_path / "o.png", image, detections, truth=np.array([[50.0, 50.0]]), radius_px=20,
-                             title=["hpf_07", "SegMitos 0.3.0 (segmitos)"])
+                             title=["hpf_07", "SegMitos 0.3.0"])
     drawn, layout = np.asarray(Image.open(tmp_path / "o.png")), read_overlay_layout(tmp_path / "o.png")
     x0, y0, w, h = layout["slide_box_px"]
     assert (w, h) == (300, 300) and y0 > 0

@@ -139,7 +139,7 @@ def test_inference_fails_unreadable_hpfs_by_name_and_writes_the_others(small_hpf
     # The overlays name the model and version (metadata.json) they were made with.
     version = json.loads((CONFIGS / "metadata.json").read_text())["version"]
     layout = read_overlay_layout(out / "overlays" / "phantom_hpf_000.png")
-    assert layout["fields"] == {"hpf": "phantom_hpf_000", "model": f"SegMitos mitosis detection {version} (segmitos)"}
+    assert layout["fields"] == {"hpf": "phantom_hpf_000", "model": f"SegMitos mitosis detection {version}"}
     # The report is written before the run ends: the four HPFs with their overlays, the two failed ones by name.
     report = (out / "report.html").read_text(encoding="utf-8")
     assert "6 HPFs (4 done, 2 failed)" in report and report.count('alt="overlay"') == 4

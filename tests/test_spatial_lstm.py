@@ -340,14 +340,21 @@ def test_dataset_labels_from_a_mask_image(phantom: list[dict], tmp_path) -> None
     mask[:, :64] = 255
     Image.fromarray(mask).save(tmp_path / "half.png")
     item = {"image": phantom[0]["image"], "mask": str(tmp_path / "half.png")}
-    ds = SpatialGridDataset([item], mpp=1.0, grid_size=3, patch_px=64, samples_per_epoch=8, fixed=True,
-                            backend="tifffile")
-    for i in range(len(ds)):
-        slide, x, y, _ = ds.draw_item(i)
-        x0, y0 = ds.region_origin(slide, x, y)
-        cx, cy = x0 + (np.arange(3) + 0.5) * 128, y0 + (np.arange(3) + 0.5) * 128
-        expected = [[float(0 <= u < 1024 and 0 <= v < 2048) for u in cx] for v in cy]  # off the slide: not tumour
-        assert ds[i]["label"].tolist() == expected
+    def tumour(u: np.ndarray, v: np.ndarray) -> bool:  # any of the points; off the slide is not tumour
+        return bool(((0 <= u[None, :]) & (u[None, :] < 1024) & (0 <= v[:, None]) & (v[:, None] < 2048)).any())
+
+    for rule, points in (("centre", np.array([0.5])), ("any", (np.arange(16) + 0.5) / 16)):
+        ds = SpatialGridDataset([item], mpp=1.0, grid_size=3, patch_px=64, samples_per_epoch=8, fixed=True,
+                                backend="tifffile", label_rule=rule)
+        cells_at_border = 0
+        for i in range(len(ds)):
+            slide, x, y, _ = ds.draw_item(i)
+            x0, y0 = ds.region_origin(slide, x, y)
+            expected = [[float(tumour(x0 + (c + points) * 128, y0 + (r + points) * 128)) for c in range(3)]
+                        for r in range(3)]
+            assert ds[i]["label"].tolist() == expected, rule
+            cells_at_border += sum(x0 + c * 128 < 1024 < x0 + (c + 1) * 128 for c in range(3))
+        assert cells_at_border  # some cells straddle the mask's edge, where the two rules differ
 
 
 # ---------------------------------------------------------------------------------------------------------- inference

@@ -118,7 +118,7 @@ def test_inference_writes_maps_detections_and_scores(small_dataset: Path, tmp_pa
         assert (w, h) == (2000, 2000)
         np.testing.assert_allclose(np.asarray(layout["markers"]) - (x0, y0), det[:, 1:] * 2000 / 3072, atol=1)
         version = json.loads((BUNDLE / "configs" / "metadata.json").read_text())["version"]
-        assert layout["fields"]["model"] == f"Spatial LSTM metastasis detection {version} (spatial_lstm)"
+        assert layout["fields"]["model"] == f"Spatial LSTM metastasis detection {version}"
 
 
 def test_evaluate_writes_froc_and_auc(small_dataset: Path, tmp_path: Path) -> None:

@@ -253,8 +253,9 @@ def report_outputs(writer: object) -> dict:
 
 
 def model_label(metadata_file: str | os.PathLike) -> str:
-    """``"<name> <version> (<bundle folder>)"`` of a bundle's ``configs/metadata.json``: the model an output was
-    made with, as overlays print it.
+    """``"<name> <version>"`` of a bundle's ``configs/metadata.json``: the model an output was made with, as
+    overlays print it (not the bundle's folder name: a MONAI Deploy application's copy of the bundle lies in a
+    folder of another name and must print the same).
 
     Raises:
         InputError: the file cannot be read as JSON or lacks a string ``name`` or ``version``.
@@ -270,7 +271,7 @@ def model_label(metadata_file: str | os.PathLike) -> str:
         raise InputError(path, f"cannot read the bundle metadata: {err}") from err
     if not isinstance(meta, dict) or not all(isinstance(meta.get(k), str) for k in ("name", "version")):
         raise InputError(path, "expected a JSON object with string 'name' and 'version'")
-    return f"{meta['name']} {meta['version']} ({path.resolve().parent.parent.name})"
+    return f"{meta['name']} {meta['version']}"
 
 
 def exit_on_bad_input() -> None:
