@@ -246,3 +246,28 @@ def test_report_renders_in_headless_chromium(tiny_run: tuple[Path, list[dict]], 
     image = np.asarray(Image.open(shot).convert("RGB"))
     assert image.shape == (1000, 1400, 3)
     assert image.std() > 5, "the screenshot is blank"
+
+
+def test_report_markers_sit_on_the_overlays_own_rings(tiny_run: tuple[Path, list[dict]]) -> None:
+    """A review overlay (title strip above the slide, colour bar beside it) rings and numbers the detections itself;
+    the report's markers follow its layout record, not the slide's share of the whole PNG."""
+    from pathbundles.writers import read_overlay_layout
+
+    out, datalist = tiny_run
+    thumb = np.full((48, 64, 3), 200, np.uint8)
+    overlay = out / "overlays" / f"{HOSTILE}.png"
+    write_overlay_png(overlay, thumb, np.zeros((48, 64), np.float32), detections_px=DETECTIONS[:, 1:] / 16,
+                      title=["a slide", "a model 1.0"], colour_bar="tumour probability")
+    layout = read_overlay_layout(overlay)
+    with Image.open(overlay) as image:
+        width, height = image.size
+    assert layout["slide_box_px"][1] > 0 and width > 64  # the slide is not the whole PNG
+    page = _Page(write_run_report(out, datalist).read_text(encoding="utf-8"))
+    order = np.argsort(-DETECTIONS[:, 0])
+    for rank, i in enumerate(order, start=1):
+        marker, = page.find("a", id=f"m-0-{rank}")
+        left, top = (float(v) for v in re.findall(r"[\d.]+(?=%)", marker["style"]))
+        mx, my = layout["markers"][i]
+        assert (left, top) == pytest.approx((100 * mx / width, 100 * my / height), abs=1e-3)
+        # where the slide's share of the whole PNG would have put it: off the ring by the title strip's height
+        assert abs(top - 100 * DETECTIONS[i, 2] / SLIDE_WH[1]) > 1.0

@@ -78,9 +78,32 @@ class SlideSection:
     #: (x, y) of the overlay's pixel (0, 0) in level-0 px, and level-0 px per overlay px (x, y); None: no markers.
     overlay_origin_xy: tuple[float, float] = (0.0, 0.0)
     overlay_scale_xy: tuple[float, float] | None = None
+    #: (N, 2) where the overlay itself rings each detection (CSV order), as fractions of its width and height, from
+    #: its layout record (:func:`pathbundles.writers.read_overlay_layout`); None: placed by the slide geometry.
+    overlay_markers_frac: np.ndarray | None = None
     areas: dict | None = None
     slide_metrics: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+
+
+def _overlay_markers(overlay: Path | None, n_detections: int) -> np.ndarray | None:
+    """Where an overlay rings its detections (numbered as the CSV rows), as fractions of its width and height: the
+    overlay's own layout record, so the report's markers sit on its rings whatever its title strip and colour bar
+    take; None without a record or when it rings another number of detections."""
+    from pathbundles.writers import read_overlay_layout
+
+    if overlay is None or n_detections == 0:
+        return None
+    try:
+        layout = read_overlay_layout(overlay)
+        with Image.open(overlay) as image:
+            width, height = image.size
+        markers = np.asarray(layout.get("markers") or [], np.float64).reshape(-1, 2)
+    except (PathBundlesError, OSError, ValueError):
+        return None
+    if len(markers) != n_detections:
+        return None
+    return markers / np.array([width, height], np.float64)
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -236,6 +259,7 @@ def _fill_section(section: SlideSection, output_dir: Path, kind: str, item: Mapp
     if detections_csv.is_file():
         section.detections, level0 = _detections(detections_csv, kind)
         section.level0_xy = level0
+    section.overlay_markers_frac = _overlay_markers(section.overlay, len(section.detections))
     doc = _read_json(geojson)
     if isinstance(doc, Mapping):
         section.level0_mpp = _float((doc.get("properties") or {}).get("mpp"))
@@ -348,10 +372,13 @@ def _section_html(k: int, s: SlideSection, kind: str, max_image_px: int) -> str:
     if s.overlay is not None:
         uri, (ow, oh) = _embedded_image(s.overlay, max_image_px)
         markers = []
-        if s.overlay_scale_xy is not None:
-            (x0, y0), (sx, sy) = s.overlay_origin_xy, s.overlay_scale_xy
+        if s.overlay_markers_frac is not None or s.overlay_scale_xy is not None:
+            (x0, y0), (sx, sy) = s.overlay_origin_xy, s.overlay_scale_xy or (1.0, 1.0)
             for rank, i in enumerate(shown, start=1):
-                left, top = 100 * (s.detections[i, 1] - x0) / sx / ow, 100 * (s.detections[i, 2] - y0) / sy / oh
+                if s.overlay_markers_frac is not None:  # on the overlay's own ring
+                    left, top = 100 * s.overlay_markers_frac[i]
+                else:
+                    left, top = 100 * (s.detections[i, 1] - x0) / sx / ow, 100 * (s.detections[i, 2] - y0) / sy / oh
                 markers.append(f'<a class="mk" id="m-{k}-{rank}" href="#d-{k}-{rank}" data-pair="d-{k}-{rank} '
                                f'm-{k}-{rank}" title="{rank}: {_fmt(s.detections[i, 0])}" '
                                f'style="left:{left:.3f}%;top:{top:.3f}%"></a>')
@@ -360,7 +387,7 @@ def _section_html(k: int, s: SlideSection, kind: str, max_image_px: int) -> str:
                       f'size)</figcaption></figure>')
     if len(s.detections):
         mpp = s.level0_mpp
-        linked = s.overlay is not None and s.overlay_scale_xy is not None
+        linked = s.overlay is not None and (s.overlay_scale_xy is not None or s.overlay_markers_frac is not None)
         rows = []
         for rank, i in enumerate(shown, start=1):
             score, x, y = s.detections[i]
