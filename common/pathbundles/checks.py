@@ -50,6 +50,14 @@ def flag(value: object, name: str) -> bool:
     raise SettingError(f"{name} must be true or false (also yes/no, 1/0), got {value!r}")
 
 
+def choice(value: object, choices: tuple[str, ...], name: str) -> str:
+    """``value`` when it is one of ``choices`` (a setting with named options); :class:`SettingError` naming ``name``
+    and the options otherwise."""
+    if value not in choices:
+        raise SettingError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return str(value)
+
+
 def out_of_unit_range(values: np.ndarray) -> np.ndarray:
     """Indices of the entries of ``values`` that are not probabilities (outside [0, 1], or NaN)."""
     values = np.asarray(values, dtype=np.float64).reshape(-1)

@@ -313,11 +313,9 @@ ANY_RULE_SAMPLES = 16
 
 def check_label_rule(rule: str) -> str:
     """``rule`` when it is one of :data:`LABEL_RULES`; :class:`SettingError` otherwise."""
-    from pathbundles.errors import SettingError
+    from pathbundles.checks import choice
 
-    if rule not in LABEL_RULES:
-        raise SettingError(f"patch_label_rule must be one of {', '.join(LABEL_RULES)}, got {rule!r}")
-    return rule
+    return choice(rule, LABEL_RULES, "patch_label_rule")
 
 
 class _TumourLookup:

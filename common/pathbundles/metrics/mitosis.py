@@ -38,8 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pathbundles.checks import out_of_unit_range, probability
-from pathbundles.errors import SettingError
+from pathbundles.checks import choice, out_of_unit_range, probability
 
 #: What ``as_dict`` says in place of an undefined F1.
 UNDEFINED_F1 = "undefined: no ground-truth mitosis and no detection (F1 = 0 / 0)"
@@ -75,9 +74,7 @@ MATCHINGS = ("optimal", "greedy")
 
 def check_matching(matching: str) -> str:
     """``matching`` when it is one of :data:`MATCHINGS`; :class:`SettingError` (a ValueError) otherwise."""
-    if matching not in MATCHINGS:
-        raise SettingError(f"matching must be one of {', '.join(MATCHINGS)}, got {matching!r}")
-    return matching
+    return choice(matching, MATCHINGS, "matching")
 
 
 def match_points(truth_xy: np.ndarray, detection_xy: np.ndarray, radius_px: float,
