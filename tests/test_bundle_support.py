@@ -66,6 +66,7 @@ def test_root_of_running_bundle_names_the_files_when_none_is_in_a_bundle(monkeyp
 @pytest.mark.parametrize("value, files", [
     ("a/inference.json", ["a/inference.json"]),
     ("a/site.json,a/inference.json", ["a/site.json", "a/inference.json"]),
+    ("a/site.json, a/inference.json,", ["a/site.json", "a/inference.json"]),  # spaces and a trailing comma
     ("['a/site.json', 'a/inference.json']", ["a/site.json", "a/inference.json"]),
     ("'a/inference.json'", ["a/inference.json"]),
 ])

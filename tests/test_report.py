@@ -190,6 +190,7 @@ def test_report_of_dmmn_areas_and_segmitos_hpf(tmp_path: Path) -> None:
     left, top = (float(v) for v in re.findall(r"[\d.]+(?=%)", page.find("a", id="m-0-2")[0]["style"]))
     assert (left, top) == pytest.approx((100 * 150.5 / 200, 100 * 60.5 / 100))
     assert write_run_report(hpf, enabled=False) is None
+    assert write_run_report(hpf, enabled="false") is None  # '--write_report false' from the command line
 
     # A slide box (an HPF of a slide): level-0 CSV, an overlay of the box at the HPF resolution (here half the
     # slide's), so a detection 100 px right of the box's left edge is a quarter of the way across its 400 px.

@@ -51,7 +51,7 @@ def bundle_of_config_files(files: Sequence[str | os.PathLike]) -> str:
     """
     from pathbundles.errors import SettingError
 
-    paths = [Path(str(f).strip()).resolve() for f in files if str(f).strip()]
+    paths = [Path(str(f)).resolve() for f in files]
     in_configs = [p for p in paths if p.parent.name == "configs"]
     in_bundle = [p for p in in_configs if (p.parent / "metadata.json").is_file()]
     if not in_configs:
@@ -68,7 +68,8 @@ def config_file_list(value: str) -> list[str]:
         files = ast.literal_eval(value)
     except (ValueError, SyntaxError):
         files = value
-    return [str(f) for f in files] if isinstance(files, (list, tuple)) else str(files).split(",")
+    files = [str(f) for f in files] if isinstance(files, (list, tuple)) else str(files).split(",")
+    return [f.strip() for f in files if f.strip()]
 
 
 def root_of_running_bundle(default: str | os.PathLike = ".") -> str:

@@ -36,8 +36,6 @@ logger = logging.getLogger(__name__)
 
 #: Keys of a checkpoint saved by the bundles' train.json.
 MODEL_KEY, TRAINING_KEY = "model", "training"
-#: The metadata.json field describing weights saved without their settings.
-METADATA_FIELD = "trained_with"
 
 
 class TrainingSettings:

@@ -650,13 +650,12 @@ def cohort_command(bundle: str | os.PathLike, slides: str | os.PathLike | Sequen
     import functools
 
     from pathbundles.bundle_runner import bundle_info
+    from pathbundles.checks import flag
 
     config_files = [config_files] if isinstance(config_files, str) else list(config_files)
     overrides = dict(overrides or {})
     # The bundles' write_report key is the cohort's: one report of the cohort, none per slide; not in the hash.
-    write_report = overrides.pop("write_report", True)
-    if isinstance(write_report, str):  # --write_report false on the command line
-        write_report = write_report.strip().lower() not in ("false", "0", "no", "off")
+    write_report = flag(overrides.pop("write_report", True), "write_report")
     info = bundle_info(bundle, config_files, overrides)
     weights = weights_identity(info)
     if weights is not None and int(os.environ.get("RANK", "0")) == 0:

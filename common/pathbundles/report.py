@@ -281,7 +281,7 @@ def _fill_section(section: SlideSection, output_dir: Path, kind: str, item: Mapp
         # The GeoJSON's mpp is the one the run used (a --slide_mpp for a file that states none).
         with open_slide(item["image"], backend=backend, mpp=item_mpp(dict(item), section.level0_mpp)) as slide:
             (w0, h0), mpp = slide.dimensions, slide.mpp[0]
-            thumb, _ = slide.read_thumbnail(max(w0, h0) * mpp / THUMBNAIL_PX)
+            thumb, _ = slide.read_overview(THUMBNAIL_PX)
     except (PathBundlesError, OSError, ValueError) as err:
         section.problems.append(f"thumbnail: {err}")
         return
@@ -523,7 +523,9 @@ def write_run_report(output_dir: str | os.PathLike, datalist: Sequence[Mapping[s
     Returns:
         The report's path, or None when not ``enabled``.
     """
-    if not enabled:
+    from pathbundles.checks import flag
+
+    if not flag(enabled, "write_report"):  # '--write_report false' arrives as a string
         return None
     if writer is not None:
         try:
