@@ -288,12 +288,13 @@ def read_pyramid_mpp(path: str | os.PathLike) -> float:
     """
     with contextlib.suppress(InputError):
         return float(read_pyramid_fields(path)["mpp"])
+    from pathbundles.wsi import ome_mpp
+
     with tifffile.TiffFile(path) as tif:
         page = tif.pages.first
-        with contextlib.suppress(ElementTree.ParseError, TypeError, ValueError, KeyError):
-            pixels = ElementTree.fromstring(page.description).find(f"{{{_OME_NS}}}Image/{{{_OME_NS}}}Pixels")
-            unit_um = _OME_UNITS_UM[pixels.get("PhysicalSizeXUnit", "\u00b5m")]
-            return float(pixels.get("PhysicalSizeX")) * unit_um
+        ome = ome_mpp(page.description or "")
+        if ome is not None:
+            return ome[0]
         tags = page.tags
         unit_um = {2: 25_400.0, 3: 10_000.0}.get(int(tags.valueof("ResolutionUnit", 2)))
         xres = tags.valueof("XResolution")
@@ -304,7 +305,6 @@ def read_pyramid_mpp(path: str | os.PathLike) -> float:
 
 
 _OME_NS = "http://www.openmicroscopy.org/Schemas/OME/2016-06"
-_OME_UNITS_UM = {"\u00b5m": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
 _OME_TYPES = {"u1": "uint8", "u2": "uint16", "u4": "uint32", "i1": "int8", "i2": "int16", "i4": "int32",
               "f4": "float", "f8": "double"}
 
