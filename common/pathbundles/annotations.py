@@ -21,6 +21,7 @@ from xml.parsers import expat
 import numpy as np
 
 from pathbundles.atomic import atomic_path
+from pathbundles.checks import choice
 from pathbundles.errors import AnnotationError
 
 #: ASAP/Camelyon16 group holding exclusion regions: non-tumour areas drawn inside a tumour polygon.
@@ -620,10 +621,9 @@ def read_points_csv(path: str | os.PathLike, order: PointOrder) -> tuple[np.ndar
 
     Raises:
         AnnotationError: a non-numeric value, or a row with a different number of columns, naming file and line.
-        ValueError: ``order`` is not "xy" or "rc".
+        SettingError: ``order`` is not "xy" or "rc" (a ValueError).
     """
-    if order not in ("xy", "rc"):
-        raise ValueError(f"order must be 'xy' or 'rc', not {order!r}")
+    choice(order, ("xy", "rc"), "order")
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
@@ -670,8 +670,7 @@ def write_points_csv(path: str | os.PathLike, xy: np.ndarray, order: PointOrder,
         header: column names for a first line (none by default, as the challenges' CSVs); names must not be
             numbers, so that :func:`read_points_csv` takes the line as a header.
     """
-    if order not in ("xy", "rc"):
-        raise ValueError(f"order must be 'xy' or 'rc', not {order!r}")
+    choice(order, ("xy", "rc"), "order")
     xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
     columns = [xy if order == "xy" else xy[:, ::-1]]
     if scores is not None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from pathbundles.metrics.froc import CAMELYON16_EXCLUDED_SLIDES
+from pathbundles.metrics.froc import CAMELYON16_EXCLUDED_SLIDES, exclusion_set
 from pathbundles.outputs import slide_name
 from pathbundles.slide_inference import SlideMapWriter
 
@@ -64,8 +64,6 @@ class DetectionMetricsReport:
     def __init__(self, writer: SlideMapWriter, datalist: Sequence[dict], output_dir: str | os.PathLike,
                  mask_mpp: float = 8.0, n_bootstrap: int = 1000,
                  exclude_slides: str | Sequence[str] | None = CAMELYON16_EXCLUDED_SLIDES) -> None:
-        from pathbundles.metrics.froc import exclusion_set
-
         self.writer, self.datalist, self.output_dir = writer, list(datalist), Path(output_dir)
         self.mask_mpp, self.n_bootstrap = mask_mpp, n_bootstrap
         self.excluded = exclusion_set(exclude_slides)

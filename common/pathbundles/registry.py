@@ -373,7 +373,7 @@ def sha256_file_text(text: str) -> str:
 def version_metrics(client: Any, version: Any) -> dict[str, float]:
     """Metrics of a model version: its training run's, overridden by its evaluation run's."""
     metrics: dict[str, float] = {}
-    for run_id in (version.run_id, (version.tags or {}).get("pathbundles.eval_run_id")):
+    for run_id in (version.run_id, _eval_run_id(version)):
         if run_id:
             metrics.update(client.get_run(run_id).data.metrics)
     return metrics
@@ -382,7 +382,7 @@ def version_metrics(client: Any, version: Any) -> dict[str, float]:
 def evaluated_metrics(client: Any, name: str, version: Any) -> dict[str, float]:
     """:func:`version_metrics` of a version that has an evaluation run with metrics; RegistryError otherwise (a
     review or promotion on training metrics alone, or on none, would compare nothing)."""
-    eval_run_id = (version.tags or {}).get("pathbundles.eval_run_id")
+    eval_run_id = _eval_run_id(version)
     if not eval_run_id:
         raise RegistryError(f"model '{name}' v{version.version} has no evaluation run: run the bundle's evaluate.json "
                             "with --tracking mlflow/tracking.json on these weights, then register again (or pass "
@@ -486,7 +486,7 @@ def _training_curves(client: Any, version: Any) -> list[dict]:
 def _curves(client: Any, version: Any) -> dict:
     import mlflow
 
-    run_id = (version.tags or {}).get("pathbundles.eval_run_id") or version.run_id
+    run_id = _eval_run_id(version) or version.run_id
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{EVALUATION_DIR}/{CURVES_FILE}",

@@ -381,7 +381,7 @@ class SpatialGridDataset(ClassBalancedPatchDataset):
     """
 
     def __init__(self, data: Sequence[dict], mpp: float, grid_size: int = GRID_SIZE, patch_px: int = PATCH_PX,
-                 samples_per_epoch: int = 1024, hard_negative_fraction: float = 0.5, fixed: bool = False,
+                 samples_per_epoch: int = 1024, hard_negative_fraction: float | None = None, fixed: bool = False,
                  seed: int = 0, backend: str = "auto", tissue_mpp: float = 8.0,
                  transform: Callable[[dict], dict] | None = None,
                  mpp_override: float | tuple[float, float] | None = None, label_rule: str = "any") -> None:

@@ -15,7 +15,8 @@ import numpy as np
 
 from pathbundles.atomic import atomic_path
 from pathbundles.errors import InputError
-from pathbundles.metrics.froc import CAMELYON16_EXCLUDED_SLIDES
+from pathbundles.metrics.froc import (CAMELYON16_EXCLUDED_SLIDES, evaluation_mask, exclusion_set, froc,
+                                      slide_hits)
 from pathbundles.tissue import read_mask_image
 
 _MASK_SUFFIXES = (".png", ".tif", ".tiff")
@@ -97,7 +98,6 @@ def froc_command(masks: str | os.PathLike, detections: str | os.PathLike, out: s
         ``{"froc", "sensitivity": {"0.25", "0.5", "1", "2", "4", "8"}, "n_slides", "n_lesions", "n_itc",
         "excluded_slides"}`` (the names found here and left out).
     """
-    from pathbundles.metrics.froc import evaluation_mask, exclusion_set, froc, slide_hits
     from pathbundles.writers import read_detections_csv
 
     mask_dir, detection_dir = _folder(masks, "masks"), _folder(detections, "detections")
