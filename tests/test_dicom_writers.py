@@ -239,6 +239,17 @@ def test_label_map_as_binary_segmentation_pyramid_one_segment_per_class(source, 
         assert_valid(path)
 
 
+def test_label_values_that_are_not_1_to_c_become_segments_1_to_c(source, tmp_path):
+    labels = np.zeros((759, 1264), np.uint8)  # 1 um/px
+    labels[10:20, 30:40], labels[700:750, 1000:1200] = 5, 2
+    (seg,) = dw.segmentation_from_label_map([source], [(labels, (1.0, 1.0))], {2: "carcinoma", 5: "necrosis"}, INFO)
+    seg = hd.seg.segread(saved(seg, tmp_path / "labels.dcm"))
+    assert [d.SegmentLabel for d in seg.SegmentSequence] == ["carcinoma", "necrosis"]
+    combined = seg.get_total_pixel_matrix(combine_segments=True)  # segment numbers
+    assert combined[15, 35] == 2 and combined[725, 1100] == 1 and combined[400, 400] == 0
+    np.testing.assert_array_equal(combined, np.select([labels == 2, labels == 5], [1, 2], 0))
+
+
 def test_map_of_another_resolution_is_refused(source):
     with pytest.raises(InputError, match=r"covers 1600 x 800 um, the slide 1263.5 x 758.1 um"):
         dw.segmentation_from_probability_map([source], [(np.zeros((50, 100), np.uint8), (16.0, 16.0))], INFO)
@@ -258,7 +269,7 @@ def test_score_report_round_trip(source, tmp_path):
                          areas_mm2={"carcinoma": 0.17284}, run_metrics={"froc": 0.5, "auc": 0.875})
     path = saved(sr, tmp_path / "report.dcm")
     sr = hd.sr.srread(path)
-    assert sr.StudyInstanceUID == source.StudyInstanceUID and sr.Manufacturer == "pathbundles"
+    assert_shares_source(sr, source)
     assert sr.SeriesDescription == "scannet 0.4.0 slide report DEMO WEIGHTS"
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
     assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
@@ -379,6 +390,43 @@ def test_export_dmmn_run(source, tmp_path):
                                                      "slide_b stroma area": [("Area", 0.9, "mm2")]}
     for path in paths:
         assert_valid(path)
+
+
+def test_export_segmitos_box_and_a_concatenation_source(tmp_path):
+    """SegMitos' detections of a slide box (GeoJSON in level-0 px of the slide, counts in hpf_counts.csv); the
+    source is one instance of a Concatenation, so the annotations reference the Concatenation Source."""
+    source = synthetic_source()
+    source.ConcatenationUID, source.SOPInstanceUIDOfConcatenationSource = generate_uid(), generate_uid()
+    source.InConcatenationNumber, source.ConcatenationFrameOffsetNumber = 1, 0
+    name = "slide_d_x1024_y512"
+    detections = np.array([[0.8125, 1100.5, 600.5], [0.625, 1300.0, 700.0]])
+    write_detections_geojson(tmp_path / "detections" / f"{name}.geojson", detections, mpp=MPP, class_name="Mitosis")
+    (tmp_path / "hpf_counts.csv").write_text(f"name,n_detections,max_score\n{name},2,0.8125\n")
+    info = {"bundle": "segmitos", "name": "SegMitos mitosis detection", "version": "0.4.0"}
+    annotations, report = dw.export_slide_results(tmp_path, name, [source], info)
+    ann = hd.ann.annread(annotations)
+    assert ann.ReferencedImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUIDOfConcatenationSource
+    (group,) = ann.get_annotation_groups()
+    assert group.label == "mitotic figure" and group.annotated_property_type.value == "4421005"  # SCT Cell
+    np.testing.assert_array_equal(np.vstack(group.get_graphic_data("2D")), detections[:, 1:])
+    assert ann.DeviceSerialNumber == "weights-unknown" and ann.SeriesNumber == 9031
+    assert measurements(hd.sr.srread(report)) == {
+        f"{name} slide result": [("Probability", 0.8125, "1"), ("Number of mitotic figure detections", 2.0, "1")]}
+    for path in (annotations, report):
+        assert_valid(path)
+
+
+def test_export_leaves_out_map_levels_over_the_pixel_budget(source, tmp_path, caplog):
+    labels = np.zeros((1517, 2527), np.uint8)
+    labels[:8, :8] = 1
+    write_pyramid_tiff(tmp_path / "labels" / "e.tif", labels, mpp=0.5, resample="nearest",
+                       description={"classes": {"1": "carcinoma"}})
+    paths = dw.export_slide_results(tmp_path, "e", [source], DMMN_INFO, max_map_pixels=1000 * 1000)
+    assert [p.name for p in paths] == ["labels_0.dcm", "labels_1.dcm", "labels_2.dcm"]
+    assert "level 0 (2527 x 1517 px) is over 1000000 pixels" in caplog.text
+    seg = hd.seg.segread(paths[0])
+    assert (seg.TotalPixelMatrixColumns, seg.TotalPixelMatrixRows) == (1264, 759)
+    assert seg.get_total_pixel_matrix(combine_segments=True)[3, 3] == 1
 
 
 def test_export_errors_name_the_slide_and_file(source, tmp_path):

@@ -70,6 +70,9 @@ DICOM_SUBFOLDER = "dicom"
 MANUFACTURER = "pathbundles"
 VL_WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 SEGMENTATION_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+#: Largest map level (pixels) put into a segmentation by :func:`export_slide_results`: 16384 x 16384, e.g. a
+#: Camelyon16 slide's label map at 2 um/px; finer levels are left out (DMMN writes 0.5 um/px maps).
+MAX_MAP_PIXELS = 1 << 28
 #: Private coding scheme of concepts that neither SNOMED CT nor DICOM (in pydicom 3.0's dictionary) has.
 LOCAL_SCHEME = "99PATHBUNDLES"
 # Series numbers: 9000 + 10 * bundle + object kind, so the series of different bundles on one study do not collide.
@@ -462,12 +465,17 @@ def segmentation_from_label_map(source_images: Sequence[Any], levels: Sequence[t
             segmented_property_type=prop_type, algorithm_type="AUTOMATIC",
             algorithm_identification=_algorithm(bundle_info), tracking_uid=hd.UID(),
             tracking_id=_text(f"{classes[value]} (label {value})", 64)))
+    # Segment numbers 1.. in the order of the class values, as one integer array (highdicom splits it into the
+    # segments tile by tile): a per-class stack of booleans would take as many bytes per class.
+    to_segment = np.zeros(256, np.uint8)
+    to_segment[values] = np.arange(1, len(values) + 1)
     arrays = []
     for labels, mpp_xy in levels:
         labels = np.asarray(labels)
-        # Segments numbered 1.. in the order of the class values: the label values themselves when they are 1..C.
-        stack = np.stack([labels == v for v in values], axis=-1)[np.newaxis]
-        arrays.append((stack, mpp_xy))
+        if labels.dtype != np.uint8:
+            raise InputError("label map", f"dtype {labels.dtype}: expected uint8 labels")
+        identity = values == list(range(1, len(values) + 1)) and int(labels.max(initial=0)) <= len(values)
+        arrays.append(((labels if identity else to_segment[labels])[np.newaxis], mpp_xy))
     return _segmentation_levels(source_images, arrays, bundle_info, "labels", "tissue classes", "BINARY",
                                 descriptions)
 
@@ -580,6 +588,9 @@ def score_report(source_images: Sequence[Any], bundle_info: Mapping[str, Any], *
     sr.ManufacturerModelName = equipment["manufacturer_model_name"]
     sr.SoftwareVersions = equipment["software_versions"]
     sr.DeviceSerialNumber = equipment["device_serial_number"]
+    # Only required with 3D coordinates; recorded so that every result of a slide names its frame of reference.
+    sr.FrameOfReferenceUID = source.FrameOfReferenceUID
+    sr.PositionReferenceIndicator = source.get("PositionReferenceIndicator", "") or "SLIDE_CORNER"
     return _complete(sr)
 
 
@@ -593,9 +604,10 @@ def _finite(value: Any, what: str) -> float:
 # ---- export of a run's files ---------------------------------------------------------------------------------------
 
 
-def _read_levels(path: Path, name: str) -> list[tuple[np.ndarray, tuple[float, float]]]:
+def _read_levels(path: Path, name: str, max_pixels: int) -> list[tuple[np.ndarray, tuple[float, float]]]:
     """[(level array, (x, y) um/px), ...] of a map TIFF written by :func:`pathbundles.writers.write_pyramid_tiff`
-    (top-level pages; the first sample of R = G = B pages)."""
+    (top-level pages; the first sample of R = G = B pages), leaving out, with a warning, the finer levels of more
+    than ``max_pixels`` pixels: highdicom builds a segmentation from the whole array in memory."""
     import tifffile
 
     from pathbundles.writers import read_pyramid_fields
@@ -603,15 +615,21 @@ def _read_levels(path: Path, name: str) -> list[tuple[np.ndarray, tuple[float, f
     levels = []
     try:
         with tifffile.TiffFile(path) as tif:
-            n_pages = len(tif.pages)
-            for k in range(n_pages):
+            for k, page in enumerate(tif.pages):
+                height, width = page.shape[:2]
+                if height * width > max_pixels:
+                    logger.warning("%s: slide %s: level %d (%d x %d px) is over %d pixels and left out of the DICOM "
+                                   "segmentation", path, name, k, width, height, max_pixels)
+                    continue
                 fields = read_pyramid_fields(path, k)
-                array = tif.pages[k].asarray()
+                array = page.asarray()
                 array = array[..., 0] if array.ndim == 3 else array
                 mpp_xy = tuple(float(v) for v in fields.get("level_mpp") or [fields["mpp"]] * 2)
                 levels.append((array, mpp_xy))
     except (OSError, ValueError, KeyError, TypeError, tifffile.TiffFileError) as err:
         raise InputError(path, f"slide {name}: cannot read the map: {err}") from err
+    if not levels:
+        raise InputError(path, f"slide {name}: every level of the map is over {max_pixels} pixels")
     return levels
 
 
@@ -716,7 +734,7 @@ def _write(dataset: Any, path: Path) -> Path:
 
 
 def export_slide_results(output_dir: str | os.PathLike, name: str, source_images: Sequence[Any],
-                         bundle_info: Mapping[str, Any]) -> list[Path]:
+                         bundle_info: Mapping[str, Any], max_map_pixels: int = MAX_MAP_PIXELS) -> list[Path]:
     """Write the DICOM objects of slide ``name``'s results in a finished run's ``output_dir`` into
     ``output_dir/dicom/<name>/`` (see the module's docstring for which file becomes which object).
 
@@ -726,6 +744,8 @@ def export_slide_results(output_dir: str | os.PathLike, name: str, source_images
         source_images: the slide's level-0 VL WSI instance(s) (pydicom Datasets, metadata only), e.g. a DICOM
             slide's ``source_datasets()``.
         bundle_info: :func:`pathbundles.bundle_runner.bundle_info` of the bundle that made the run.
+        max_map_pixels: map levels with more pixels are left out of the segmentation pyramids (with a warning):
+            highdicom holds a level in memory, several times over while it encodes.
 
     Returns:
         The paths written, annotations, segmentations, report in that order.
@@ -759,7 +779,7 @@ def export_slide_results(output_dir: str | os.PathLike, name: str, source_images
         objects.append((annotations_from_detections(images, detections, bundle_info, regions=regions,
                                                     region_holes=holes), "annotations.dcm"))
     if files["labels"].is_file():
-        levels = _read_levels(files["labels"], name)
+        levels = _read_levels(files["labels"], name, max_map_pixels)
         from pathbundles.writers import read_pyramid_fields
 
         classes = {int(k): str(v) for k, v in (read_pyramid_fields(files["labels"]).get("classes") or {}).items()}
@@ -768,7 +788,7 @@ def export_slide_results(output_dir: str | os.PathLike, name: str, source_images
         segs = segmentation_from_label_map(images, levels, classes, bundle_info)
         objects += [(seg, f"labels_{k}.dcm") for k, seg in enumerate(segs)]
     if files["map"].is_file():
-        segs = segmentation_from_probability_map(images, _read_levels(files["map"], name), bundle_info)
+        segs = segmentation_from_probability_map(images, _read_levels(files["map"], name, max_map_pixels), bundle_info)
         objects += [(seg, f"probability_{k}.dcm") for k, seg in enumerate(segs)]
     scores = folder / "slide_scores.csv"
     row = _table_row(scores, name)
