@@ -166,6 +166,8 @@ def test_region_outlines_as_polygons_with_holes_in_their_own_group(source, tmp_p
 
 
 def test_detections_outside_the_slide_or_bad_sources_are_refused(source):
+    with pytest.raises(InputError, match="no detections and no regions to annotate"):
+        dw.annotations_from_detections([source], np.zeros((0, 3)), INFO)
     with pytest.raises(InputError, match=r"detection 1 at level-0 \(5000.5, 3\) px lies outside .* 5000 x 3000"):
         dw.annotations_from_detections([source], [[0.5, 1, 1], [0.5, 5000.5, 3]], INFO)
     no_spacing = synthetic_source()
@@ -421,8 +423,10 @@ def test_export_leaves_out_map_levels_over_the_pixel_budget(source, tmp_path, ca
     labels[:8, :8] = 1
     write_pyramid_tiff(tmp_path / "labels" / "e.tif", labels, mpp=0.5, resample="nearest",
                        description={"classes": {"1": "carcinoma"}})
+    assert len(dw.export_slide_results(tmp_path, "e", [source], DMMN_INFO)) == 4
     paths = dw.export_slide_results(tmp_path, "e", [source], DMMN_INFO, max_map_pixels=1000 * 1000)
     assert [p.name for p in paths] == ["labels_0.dcm", "labels_1.dcm", "labels_2.dcm"]
+    assert sorted(p.name for p in paths[0].parent.iterdir()) == [p.name for p in paths]  # the earlier 4th: gone
     assert "level 0 (2527 x 1517 px) is over 1000000 pixels" in caplog.text
     seg = hd.seg.segread(paths[0])
     assert (seg.TotalPixelMatrixColumns, seg.TotalPixelMatrixRows) == (1264, 759)
@@ -443,6 +447,12 @@ def test_export_errors_name_the_slide_and_file(source, tmp_path):
     geojson.write_text("{not json")
     with pytest.raises(InputError, match="slide_c.geojson, line 1: slide slide_c: invalid JSON"):
         dw.export_slide_results(tmp_path, "slide_c", [source], INFO)
+    # A slide without detections (no tissue) and score 0: the report only.
+    write_detections_geojson(tmp_path / "detections" / "empty.geojson", np.zeros((0, 3)), mpp=MPP)
+    (tmp_path / "slide_scores.csv").write_text("name,score,n_detections\nempty,0.000000,0\n")
+    (report,) = dw.export_slide_results(tmp_path, "empty", [source], INFO)
+    assert report.name == "report.dcm"
+    shutil.rmtree(tmp_path / "dicom")
     with pytest.raises(InputError, match="outputs are named by one plain file name"):
         dw.export_slide_results(tmp_path, "../escape", [source], INFO)
     assert not (tmp_path / "dicom").exists()  # nothing half-written

@@ -289,8 +289,7 @@ def annotations_from_detections(source_images: Sequence[Any], detections: Any, b
             referenced.
         detections: (N, 3) [probability, x, y], x and y in level-0 px with pixel ``i`` spanning ``[i, i + 1)``
             (the run's GeoJSON): group 1, POINTs at (x, y) in the Total Pixel Matrix (2D, VOLUME), the probability
-            as the measurement DCM 122157 "Probability" (UCUM "1"). N = 0 gives an empty group only when there are
-            no regions either.
+            as the measurement DCM 122157 "Probability" (UCUM "1"); N = 0: no such group.
         bundle_info: :func:`pathbundles.bundle_runner.bundle_info` of the run (``bundle``, ``name``, ``version``,
             ``weights_sha256``, ``demo_weights``).
         regions: {class name: [(M, 2) level-0 px outline, ...]}: one POLYGON group per class
@@ -300,6 +299,10 @@ def annotations_from_detections(source_images: Sequence[Any], detections: Any, b
 
     Returns:
         a :class:`highdicom.ann.MicroscopyBulkSimpleAnnotations`.
+
+    Raises:
+        InputError: nothing to annotate (no detections, no regions: the IOD has no empty annotation group), or a
+            position outside the source's total pixel matrix.
     """
     import highdicom as hd
 
@@ -312,7 +315,7 @@ def annotations_from_detections(source_images: Sequence[Any], detections: Any, b
     algorithm = _algorithm(bundle_info)
     category, prop_type, label = detection_concepts(_bundle_key(bundle_info))
     groups = []
-    if len(rows) or not regions:
+    if len(rows):
         measurements = hd.ann.Measurements(name=_codes().DCM.Probability, values=rows[:, 0].copy(),
                                            unit=_codes().UCUM.NoUnits)
         groups.append(hd.ann.AnnotationGroup(
@@ -334,11 +337,14 @@ def annotations_from_detections(source_images: Sequence[Any], detections: Any, b
                 graphic_data=polygons, algorithm_type="AUTOMATIC", algorithm_identification=algorithm,
                 description=_text(f"{name}: {len(polygons)} outlines" + (" (areas excluded from the regions)"
                                                                            if holes else ""), 64)))
-    series = _series(bundle_info, "annotations", "detections" if len(rows) else "regions")
+    if not groups:
+        raise InputError(_source_label(source), "no detections and no regions to annotate")
+    what = "detections" if len(rows) else "regions"
+    series = _series(bundle_info, "annotations", what)
     ann = hd.ann.MicroscopyBulkSimpleAnnotations(
         source_images=[source], annotation_coordinate_type="2D", annotation_groups=groups,
         series_instance_uid=series["series_instance_uid"], series_number=series["series_number"],
-        sop_instance_uid=hd.UID(), instance_number=1, content_label="DETECTIONS",
+        sop_instance_uid=hd.UID(), instance_number=1, content_label=what.upper(),
         content_description=series["series_description"], **_equipment(bundle_info))
     ann.SeriesDescription = series["series_description"]
     # The 2D annotation IOD does not require the Frame of Reference module; it is added so that every result of a
@@ -372,12 +378,12 @@ def _open_ring(xy: Any, source: Any) -> np.ndarray:
 # ---- segmentations -------------------------------------------------------------------------------------------------
 
 
-def _plane_geometry(source: Any, level_mpp_xy: Sequence[float]) -> tuple[Any, Any]:
+def _plane_geometry(placed: Any, level_mpp_xy: Sequence[float]) -> tuple[Any, Any]:
     """(pixel measures, plane position) of a map level whose pixel (r, c) covers level-0 ``[c * s, (c + 1) * s)``
-    x ``[r * s, (r + 1) * s)`` from the source's origin (see the module's docstring)."""
+    x ``[r * s, (r + 1) * s)`` from the origin of the source ``placed`` (:func:`_placed_source`; see the module's
+    docstring)."""
     import highdicom as hd
 
-    placed = _placed_source(source)
     mpp_x, mpp_y = level0_mpp(placed)
     step_x, step_y = float(level_mpp_xy[0]) / mpp_x, float(level_mpp_xy[1]) / mpp_y
     to_slide = hd.spatial.ImageToReferenceTransformer.for_image(placed, for_total_pixel_matrix=True)
@@ -420,14 +426,15 @@ def _segmentation_levels(source_images: Sequence[Any], levels: Sequence[tuple[np
 
     images = _check_sources(source_images)
     source = _reference_image(images[0])
+    placed = _placed_source(source)
     series = _series(bundle_info, kind, what)
     pyramid_uid = hd.UID() if len(levels) > 1 else None
     segs = []
     for k, (array, level_mpp_xy) in enumerate(levels):
         _check_map_extent(array.shape[1:3], level_mpp_xy, source, f"{what} level {k}")
-        measures, position = _plane_geometry(source, level_mpp_xy)
+        measures, position = _plane_geometry(placed, level_mpp_xy)
         seg = hd.seg.Segmentation(
-            source_images=[_placed_source(source)], pixel_array=array, segmentation_type=segmentation_type,
+            source_images=[placed], pixel_array=array, segmentation_type=segmentation_type,
             segment_descriptions=segment_descriptions, series_instance_uid=series["series_instance_uid"],
             series_number=series["series_number"], sop_instance_uid=hd.UID(), instance_number=k + 1,
             max_fractional_value=255, content_label=kind.upper(), content_description=series["series_description"],
@@ -727,6 +734,20 @@ def _complete(dataset: Any) -> Any:
     return dataset
 
 
+_OBJECT_FILE = re.compile(r"^(annotations|report|(labels|probability)_[0-9]+)\.dcm$")
+
+
+def _remove_stale(folder: Path, written: Sequence[Path]) -> None:
+    """Remove the objects an earlier export of the slide wrote into ``folder`` that this one did not (a pyramid
+    with more levels, a map the run no longer has): a folder sent to a PACS holds one export. Only this module's
+    file names are touched."""
+    keep = {p.name for p in written}
+    for path in folder.iterdir():
+        if _OBJECT_FILE.match(path.name) and path.name not in keep and path.is_file() and not path.is_symlink():
+            path.unlink()
+            logger.info("%s: removed, left by an earlier export", path)
+
+
 def _write(dataset: Any, path: Path) -> Path:
     with atomic_path(path) as tmp:
         dataset.save_as(tmp, enforce_file_format=True)
@@ -775,7 +796,7 @@ def export_slide_results(output_dir: str | os.PathLike, name: str, source_images
     if files["regions"].is_file():
         regions, holes = _regions(files["regions"], name)
     objects: list[tuple[Any, str]] = []
-    if files["detections"].is_file() or regions:
+    if len(detections) or regions:  # a slide without detections (no tissue) has no annotations to show
         objects.append((annotations_from_detections(images, detections, bundle_info, regions=regions,
                                                     region_holes=holes), "annotations.dcm"))
     if files["labels"].is_file():
@@ -817,5 +838,6 @@ def export_slide_results(output_dir: str | os.PathLike, name: str, source_images
                                  f"hpf_counts.csv row, areas/{name}.json)")
     for dataset, file_name in objects:
         written.append(_write(dataset, inside(target, file_name)))
+    _remove_stale(target, written)
     logger.info("slide %s: wrote %d DICOM object(s) into %s", name, len(written), target)
     return written
