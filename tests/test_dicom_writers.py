@@ -347,6 +347,8 @@ def test_export_scannet_run(source, tmp_path):
     group = hd.ann.annread(paths[0]).get_annotation_groups()[0]
     np.testing.assert_array_equal(np.vstack(group.get_graphic_data("2D")), detections[:, 1:])
     np.testing.assert_array_equal(group.get_measurements()[1][:, 0], detections[:, 0].astype(np.float32))
+    # The GeoJSON's classification colour (200, 0, 0) as the group's recommended display colour.
+    assert list(group.RecommendedDisplayCIELabValue) == list(hd.color.CIELabColor.from_rgb(200, 0, 0).value)
     np.testing.assert_array_equal(hd.seg.segread(paths[1]).get_total_pixel_matrix(rescale_fractional=False)[..., 0],
                                   prob)
     assert measurements(hd.sr.srread(paths[2])) == {
@@ -366,7 +368,8 @@ def test_export_dmmn_run(source, tmp_path):
     labels[0:50, 0:50] = 6
     classes = {1: "carcinoma", 2: "benign epithelium", 3: "stroma", 4: "necrosis", 5: "adipose", 6: "background"}
     write_pyramid_tiff(tmp_path / "labels" / f"{name}.tif", labels, mpp=0.5, compression="deflate", resample="nearest",
-                       description={"classes": {str(k): v for k, v in classes.items()}})
+                       description={"classes": {str(k): v for k, v in classes.items()},
+                                    "colours": {"1": [255, 0, 0], "3": [0, 255, 0]}})
     exterior = np.array([[800.0, 200.0], [1400.0, 200.0], [1400.0, 600.0], [800.0, 600.0]])
     hole = np.array([[1000.0, 300.0], [1100.0, 300.0], [1100.0, 400.0]])
     _write_regions_geojson(tmp_path / "regions" / f"{name}.geojson", {"carcinoma": [(exterior, [hole], 60000)]},
@@ -384,6 +387,11 @@ def test_export_dmmn_run(source, tmp_path):
     np.testing.assert_array_equal(holes.get_graphic_data("2D")[0], hole)
     segs = [hd.seg.segread(p) for p in paths[1:-1]]
     assert len(segs[0].SegmentSequence) == 6 and len({s.PyramidUID for s in segs}) == 1
+    carcinoma, stroma = segs[0].SegmentSequence[0], segs[0].SegmentSequence[2]
+    assert list(carcinoma.RecommendedDisplayCIELabValue) == list(hd.color.CIELabColor.from_rgb(255, 0, 0).value)
+    assert list(stroma.RecommendedDisplayCIELabValue) == list(hd.color.CIELabColor.from_rgb(0, 255, 0).value)
+    assert "RecommendedDisplayCIELabValue" not in segs[0].SegmentSequence[1]
+    assert list(regions.RecommendedDisplayCIELabValue) == list(hd.color.CIELabColor.from_rgb(255, 0, 0).value)
     np.testing.assert_array_equal(segs[0].get_total_pixel_matrix(combine_segments=True), labels)
     assert segs[3].get_total_pixel_matrix(combine_segments=True)[100 // 8 + 1, 500 // 8] == 1
     assert [float(v) for v in segs[3].SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing] == \

@@ -281,7 +281,8 @@ def _algorithm(bundle_info: Mapping[str, Any]) -> Any:
 
 def annotations_from_detections(source_images: Sequence[Any], detections: Any, bundle_info: Mapping[str, Any], *,
                                 regions: Mapping[str, Sequence[Any]] | None = None,
-                                region_holes: Mapping[str, Sequence[Any]] | None = None) -> Any:
+                                region_holes: Mapping[str, Sequence[Any]] | None = None,
+                                colours: Mapping[str, Sequence[int]] | None = None) -> Any:
     """Microscopy Bulk Simple Annotations of a slide's detections and region outlines.
 
     Args:
@@ -296,6 +297,8 @@ def annotations_from_detections(source_images: Sequence[Any], detections: Any, b
             (:func:`class_concepts`), outlines open (first point not repeated).
         region_holes: {class name: [(M, 2) ...]}: the holes of those regions, one further POLYGON group per class
             ("<class> holes"; the annotation IOD has no polygons with holes).
+        colours: {"detections" or class name: (r, g, b) 0..255}: the groups' recommended display colours (the
+            run's GeoJSON classification colours).
 
     Returns:
         a :class:`highdicom.ann.MicroscopyBulkSimpleAnnotations`.
@@ -323,6 +326,7 @@ def annotations_from_detections(source_images: Sequence[Any], detections: Any, b
             annotated_property_type=prop_type, graphic_type=hd.ann.GraphicTypeValues.POINT,
             graphic_data=[xy.reshape(1, 2) for xy in rows[:, 1:]], algorithm_type="AUTOMATIC",
             algorithm_identification=algorithm, measurements=[measurements],
+            display_color=_display_colour((colours or {}).get("detections")),
             description=_text(f"{label}: {len(rows)} detections, measurement = probability", 64)))
     for holes, source_map in ((False, regions or {}), (True, region_holes or {})):
         for class_name, outlines in source_map.items():
@@ -335,6 +339,7 @@ def annotations_from_detections(source_images: Sequence[Any], detections: Any, b
                 number=len(groups) + 1, uid=hd.UID(), label=_text(name, 64), annotated_property_category=category,
                 annotated_property_type=prop_type, graphic_type=hd.ann.GraphicTypeValues.POLYGON,
                 graphic_data=polygons, algorithm_type="AUTOMATIC", algorithm_identification=algorithm,
+                display_color=_display_colour((colours or {}).get(class_name)),
                 description=_text(f"{name}: {len(polygons)} outlines" + (" (areas excluded from the regions)"
                                                                            if holes else ""), 64)))
     if not groups:
@@ -352,6 +357,18 @@ def annotations_from_detections(source_images: Sequence[Any], detections: Any, b
     ann.FrameOfReferenceUID = source.FrameOfReferenceUID
     ann.PositionReferenceIndicator = source.get("PositionReferenceIndicator", "") or "SLIDE_CORNER"
     return _complete(ann)
+
+
+def _display_colour(rgb: Sequence[int] | None) -> Any:
+    """A recommended display colour (CIELab) of an (r, g, b) 0..255 colour; None for None."""
+    if rgb is None:
+        return None
+    import highdicom as hd
+
+    values = [int(v) for v in rgb]
+    if len(values) != 3 or not all(0 <= v <= 255 for v in values):
+        raise InputError("display colour", f"{list(rgb)!r}: expected (r, g, b) in 0..255")
+    return hd.color.CIELabColor.from_rgb(*values)
 
 
 def _check_inside(xy: np.ndarray, source: Any, what: str) -> None:
@@ -446,7 +463,8 @@ def _segmentation_levels(source_images: Sequence[Any], levels: Sequence[tuple[np
 
 
 def segmentation_from_label_map(source_images: Sequence[Any], levels: Sequence[tuple[np.ndarray, Sequence[float]]],
-                                classes: Mapping[int, str], bundle_info: Mapping[str, Any]) -> list[Any]:
+                                classes: Mapping[int, str], bundle_info: Mapping[str, Any],
+                                colours: Mapping[int, Sequence[int]] | None = None) -> list[Any]:
     """A label map (0 = not predicted, k = ``classes[k]``) as BINARY Segmentations, one segment per class.
 
     Args:
@@ -455,6 +473,7 @@ def segmentation_from_label_map(source_images: Sequence[Any], levels: Sequence[t
             nearest-neighbour copies, :func:`pathbundles.writers.write_pyramid_tiff`); one instance each.
         classes: {label value: class name}; segment k is label ``k`` (coded by :func:`class_concepts`).
         bundle_info: as for :func:`annotations_from_detections`.
+        colours: {label value: (r, g, b) 0..255}: the segments' recommended display colours (the TIFF's palette).
 
     BINARY rather than LABELMAP: the Label Map Segmentation SOP class (2024) is not yet read by most viewers or
     by Debian's dciodvfy; empty frames are left out, so a class costs only the tiles where it occurs.
@@ -471,7 +490,8 @@ def segmentation_from_label_map(source_images: Sequence[Any], levels: Sequence[t
             segment_number=number, segment_label=_text(classes[value], 64), segmented_property_category=category,
             segmented_property_type=prop_type, algorithm_type="AUTOMATIC",
             algorithm_identification=_algorithm(bundle_info), tracking_uid=hd.UID(),
-            tracking_id=_text(f"{classes[value]} (label {value})", 64)))
+            tracking_id=_text(f"{classes[value]} (label {value})", 64),
+            display_color=_display_colour((colours or {}).get(value))))
     # Segment numbers 1.. in the order of the class values, as one integer array (highdicom splits it into the
     # segments tile by tile): a per-class stack of booleans would take as many bytes per class.
     to_segment = np.zeros(256, np.uint8)
@@ -682,6 +702,32 @@ def _table_row(path: Path, name: str) -> dict[str, str] | None:
     return None
 
 
+def _slide_score(folder: Path, name: str) -> tuple[float | None, int | None]:
+    """(score, number of detections) of slide ``name`` in the run's table: ``slide_scores.csv`` (scannet,
+    spatial_lstm: ``score``, ``n_detections``) or ``hpf_counts.csv`` (segmitos: ``max_score``, ``n_detections``);
+    (None, None) when neither has the slide."""
+    for table, score_key in (("slide_scores.csv", "score"), ("hpf_counts.csv", "max_score")):
+        row = _table_row(folder / table, name)
+        if row is not None:
+            n = _number(row, "n_detections", folder / table, name)
+            return _number(row, score_key, folder / table, name), None if n is None else int(n)
+    return None, None
+
+
+def _classification_colours(doc: Mapping[str, Any], path: Path, name: str, key: str | None = None) -> dict:
+    """{class name (or ``key``): (r, g, b)} of a GeoJSON's features' QuPath classifications."""
+    colours = {}
+    for feature in doc.get("features", []):
+        classification = (feature.get("properties") or {}).get("classification") or {}
+        if "color" in classification:
+            colour = classification["color"]
+            if not (isinstance(colour, list) and len(colour) == 3 and all(isinstance(c, int) and 0 <= c <= 255
+                                                                            for c in colour)):
+                raise InputError(path, f"slide {name}: classification colour {colour!r}: expected [r, g, b] 0..255")
+            colours.setdefault(key or str(classification.get("name")), colour)
+    return colours
+
+
 def _number(row: Mapping[str, str], key: str, path: Path, name: str) -> float | None:
     if row.get(key) in (None, ""):
         return None
@@ -784,43 +830,39 @@ def export_slide_results(output_dir: str | os.PathLike, name: str, source_images
              "map": output_file(folder, "maps", name, ".tif"),
              "areas": output_file(folder, "areas", name, ".json")}
     target = inside(folder, DICOM_SUBFOLDER, name)
-    written: list[Path] = []
-    detections = np.zeros((0, 3))
-    regions: dict[str, list] = {}
-    holes: dict[str, list] = {}
+    objects: list[tuple[Any, str]] = []
+    detections, regions, holes, colours = np.zeros((0, 3)), {}, {}, {}
     if files["detections"].is_file():
         from pathbundles.writers import read_detections_geojson
 
-        _check_mpp(_geojson(files["detections"], name), images[0], files["detections"], name)
+        doc = _geojson(files["detections"], name)
+        _check_mpp(doc, images[0], files["detections"], name)
         detections = read_detections_geojson(files["detections"])
+        colours.update(_classification_colours(doc, files["detections"], name, key="detections"))
     if files["regions"].is_file():
         regions, holes = _regions(files["regions"], name)
-    objects: list[tuple[Any, str]] = []
+        colours.update(_classification_colours(_geojson(files["regions"], name), files["regions"], name))
     if len(detections) or regions:  # a slide without detections (no tissue) has no annotations to show
         objects.append((annotations_from_detections(images, detections, bundle_info, regions=regions,
-                                                    region_holes=holes), "annotations.dcm"))
+                                                    region_holes=holes, colours=colours), "annotations.dcm"))
     if files["labels"].is_file():
-        levels = _read_levels(files["labels"], name, max_map_pixels)
         from pathbundles.writers import read_pyramid_fields
 
-        classes = {int(k): str(v) for k, v in (read_pyramid_fields(files["labels"]).get("classes") or {}).items()}
+        fields = read_pyramid_fields(files["labels"])
+        try:
+            classes = {int(k): str(v) for k, v in (fields.get("classes") or {}).items()}
+            class_colours = {int(k): [int(c) for c in v] for k, v in (fields.get("colours") or {}).items()}
+        except (AttributeError, TypeError, ValueError) as err:
+            raise InputError(files["labels"], f"slide {name}: malformed classes or colours ({err})") from err
         if not classes:
             raise InputError(files["labels"], f"slide {name}: the label map names no classes")
-        segs = segmentation_from_label_map(images, levels, classes, bundle_info)
+        segs = segmentation_from_label_map(images, _read_levels(files["labels"], name, max_map_pixels), classes,
+                                           bundle_info, colours=class_colours)
         objects += [(seg, f"labels_{k}.dcm") for k, seg in enumerate(segs)]
     if files["map"].is_file():
         segs = segmentation_from_probability_map(images, _read_levels(files["map"], name, max_map_pixels), bundle_info)
         objects += [(seg, f"probability_{k}.dcm") for k, seg in enumerate(segs)]
-    scores = folder / "slide_scores.csv"
-    row = _table_row(scores, name)
-    score = n_detections = None
-    if row is not None:
-        score, n = _number(row, "score", scores, name), _number(row, "n_detections", scores, name)
-        n_detections = None if n is None else int(n)
-    elif (row := _table_row(folder / "hpf_counts.csv", name)) is not None:
-        score = _number(row, "max_score", folder / "hpf_counts.csv", name)
-        n = _number(row, "n_detections", folder / "hpf_counts.csv", name)
-        n_detections = None if n is None else int(n)
+    score, n_detections = _slide_score(folder, name)
     areas = None
     if files["areas"].is_file():
         doc = _read_json(files["areas"], name)
@@ -836,8 +878,7 @@ def export_slide_results(output_dir: str | os.PathLike, name: str, source_images
         raise InputError(folder, f"slide {name}: no results to export (none of detections/{name}.geojson, "
                                  f"regions/{name}.geojson, labels/{name}.tif, maps/{name}.tif, a slide_scores.csv or "
                                  f"hpf_counts.csv row, areas/{name}.json)")
-    for dataset, file_name in objects:
-        written.append(_write(dataset, inside(target, file_name)))
+    written = [_write(dataset, inside(target, file_name)) for dataset, file_name in objects]
     _remove_stale(target, written)
     logger.info("slide %s: wrote %d DICOM object(s) into %s", name, len(written), target)
     return written
