@@ -19,6 +19,9 @@ image(s), and, except the 2D annotations whose IOD leaves it out, the source's F
 generated (:func:`highdicom.UID`). Manufacturer ``pathbundles``, Manufacturer's Model Name the bundle's name,
 Software Versions the bundle's name and version and pathbundles' version, Device Serial Number the start of the
 weights' SHA-256; series descriptions name the bundle, its version and say when the run used demo weights.
+Groups and segments carry the run's own colours (GeoJSON classifications, the label TIFF's palette) as recommended
+display colours. A re-export replaces the slide's objects and removes those an earlier export wrote that this one
+did not (a pyramid with more levels).
 
 Coordinates. The run's files give positions in level-0 pixels of the slide with pixel ``i`` spanning
 ``[i, i + 1)`` (the GeoJSON positions; the Camelyon16 CSV holds ``floor`` of them). DICOM's 2D image coordinates
@@ -57,9 +60,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "annotations_from_detections",
+    "class_concepts",
+    "detection_concepts",
     "DICOM_SUBFOLDER",
     "export_slide_results",
     "level0_mpp",
+    "MAX_MAP_PIXELS",
     "score_report",
     "segmentation_from_label_map",
     "segmentation_from_probability_map",
