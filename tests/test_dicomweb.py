@@ -272,3 +272,33 @@ def test_a_server_s_instance_of_another_series_is_refused(hostile_server: tuple[
     instances[:] = [_instance("1.2.10")]
     assert fetch_series(url, "1.2.3", "1.2.4", tmp_path) == [tmp_path / "1.2.10.dcm"]
     assert pydicom.dcmread(tmp_path / "1.2.10.dcm").SOPInstanceUID == "1.2.10"
+
+
+def test_dicomized_phantom_goes_through_orthanc(orthanc_url: str, tmp_path: Path) -> None:  # noqa: F811
+    """tests/orthanc_fixtures.dicomize: Orthanc's dicomizer on a phantom TIFF gives one tiled instance per level at
+    the phantom's pixel spacing, named by its container identifier, without ImageType; stored and fetched, its
+    frames are the TIFF's tiles."""
+    import numpy as np
+    import tifffile
+
+    from orthanc_fixtures import dicomize
+    from pathbundles.phantom import make_phantom
+
+    make_phantom(tmp_path / "ph", kind="metastasis", n=1, seed=7, size_px=(1024, 1024), mpp=0.5)
+    tiff = tmp_path / "ph" / "phantom_tumor_000.tif"
+    files = dicomize(tiff, tmp_path / "dicom")
+    assert [f.name for f in files] == ["level-000000.dcm", "level-000001.dcm"]  # the TIFF's two levels
+    level0 = pydicom.dcmread(files[0])
+    assert "ImageType" not in level0 and level0.ContainerIdentifier == "phantom_tumor_000"
+    spacing_mm = level0.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+    assert [float(v) * 1000 for v in spacing_mm] == pytest.approx([0.5, 0.5], rel=1e-6)
+    assert (level0.TotalPixelMatrixColumns, level0.Columns, level0.NumberOfFrames) == (1024, 256, 16)
+
+    stored = store_instances(orthanc_url, [tmp_path / "dicom"])
+    assert stored["n_stored"] == 2 and len({s["series_instance_uid"] for s in stored["stored"]}) == 1
+    fetched = fetch_series(orthanc_url, stored["stored"][0]["study_instance_uid"],
+                           stored["stored"][0]["series_instance_uid"], tmp_path / "fetched")
+    frames = next(pydicom.dcmread(f) for f in fetched if pydicom.dcmread(f).TotalPixelMatrixColumns == 1024)
+    tile = tifffile.imread(tiff, level=0)[256:512, 256:512]  # frame 5: row 1, column 1 of the 4 x 4 tiles
+    # The same JPEG tile (copied, not re-encoded); pydicom's and tifffile's JPEG decoders round a few values apart.
+    np.testing.assert_allclose(frames.pixel_array[5], tile, atol=1, rtol=0)
