@@ -553,10 +553,26 @@ def test_dicom_results_are_stored_and_failures_reported(orthanc_url: str, tmp_pa
     assert failed["s1"]["files"] == exported["s1"]["files"]
 
 
+def _missing_modules(*names: str) -> str | None:
+    import importlib.util
+
+    missing = [n for n in names if importlib.util.find_spec(n) is None]
+    return f"{', '.join(missing)} not on this branch" if missing else None
+
+
+#: The DICOM slide reader and result writers (pathbundles.dicom_wsi, pathbundles.dicom_writers) the DICOM path of
+#: the applications uses; marked before any fixture is made.
+needs_dicom_reader = pytest.mark.skipif(_missing_modules("pathbundles.dicom_wsi") is not None,
+                                        reason=str(_missing_modules("pathbundles.dicom_wsi")))
+needs_dicom_io = pytest.mark.skipif(
+    _missing_modules("pathbundles.dicom_wsi", "pathbundles.dicom_writers") is not None,
+    reason=str(_missing_modules("pathbundles.dicom_wsi", "pathbundles.dicom_writers")))
+
+
+@needs_dicom_reader
 def test_slide_list_hands_dicomweb_urls_to_the_datalist(orthanc_url: str, tmp_path: Path,  # noqa: F811
                                                         shared_data: Path) -> None:
     """A series URL and a text file of them list the series (pathbundles.dicom_wsi reads them)."""
-    pytest.importorskip("pathbundles.dicom_wsi", reason="pathbundles.dicom_wsi (DICOM slide reader) not on this branch")
     from pathbundles.dicomweb import store_instances
 
     instance = shared_data / "dicom_camelyon_thumbnails" / "multi_frame_jpeg2000_camelyon_challenge_image.dcm"
@@ -567,3 +583,50 @@ def test_slide_list_hands_dicomweb_urls_to_the_datalist(orthanc_url: str, tmp_pa
     manifest = tmp_path / "series.txt"
     manifest.write_text(f"# one series\n{url}\n")
     assert slide_list(manifest, "metastasis") == [item]
+
+
+@pytest.mark.slow
+@needs_sdk
+@needs_dicom_io
+def test_dicom_in_dicom_out_through_orthanc(orthanc_url: str, tiny_inputs: dict,  # noqa: F811
+                                            tmp_path: Path) -> None:
+    """A dicomized phantom stored in Orthanc goes through the scannet application by its DICOMweb series URL; its
+    DICOM results come back into Orthanc in the slide's study (found by QIDO-RS, retrieved by WADO-RS), and the
+    slide's score and detections are those of the same application on the TIFF. A server that is down fails the run
+    and is named in summary.json, the results staying in the output folder."""
+    from orthanc_fixtures import dicomize
+    from pathbundles.dicomweb import fetch_series, find_series, series_url, store_instances
+
+    tumour = tiny_inputs["metastasis"] / "phantom_tumor_000.tif"
+    (first, *_) = store_instances(orthanc_url, dicomize(tumour, tmp_path / "dicomized"))["stored"]
+    study = first["study_instance_uid"]
+    url = series_url(orthanc_url, study, first["series_instance_uid"])
+    app = tmp_path / "app"
+    build(app, bundle=existing_bundle("scannet"))
+    overrides = ["--override=lp=8", "--override=num_workers=0"]
+    out, tiff_out = tmp_path / "out", tmp_path / "tiff-out"
+    _run([sys.executable, str(app), "-i", url, "-o", str(out), "--stow_url", orthanc_url, *overrides], cwd=tmp_path)
+    _run([sys.executable, str(app), "-i", str(tumour), "-o", str(tiff_out), *overrides], cwd=tmp_path)
+
+    (slide,) = json.loads((out / "summary.json").read_text())["slides"]
+    (tiff_slide,) = json.loads((tiff_out / "summary.json").read_text())["slides"]
+    assert slide["slide"] == "phantom_tumor_000" and slide["image"] == url  # named by its container identifier
+    assert slide["score"] == pytest.approx(tiff_slide["score"], abs=0.01)
+    assert slide["n_detections"] == tiff_slide["n_detections"]
+    files = [out / f for f in slide["dicom"]["files"]]
+    assert files and all(f.is_file() and f.parent.parent == out / "dicom" for f in files)
+    assert slide["dicom"]["stow_url"] == orthanc_url and len(slide["dicom"]["stored"]) == len(files)
+    results = [s for s in find_series(orthanc_url, study=study) if s["Modality"] != "SM"]
+    fetched = [f.name for s in results
+               for f in fetch_series(orthanc_url, study, s["SeriesInstanceUID"], tmp_path / "back")]
+    assert sorted(fetched) == sorted(f"{uid}.dcm" for uid in slide["dicom"]["stored"])
+
+    down = tmp_path / "down"
+    done = subprocess.run([sys.executable, str(app), "-i", url, "-o", str(down), "--stow_url",
+                           f"http://127.0.0.1:{free_port()}/dicom-web", *overrides], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=_raise_stack_limit)
+    assert done.returncode == 2
+    assert "error: the DICOM results of 1 slide(s) failed: phantom_tumor_000: STOW-RS: " in done.stderr
+    (failed,) = json.loads((down / "summary.json").read_text())["slides"]
+    assert "cannot connect" in failed["dicom"]["failed"] and all((down / f).is_file() for f in failed["dicom"]["files"])
