@@ -485,6 +485,8 @@ def test_app_yaml_dicom_section_and_stow_url_option(tmp_path: Path, monkeypatch:
     assert split_dicom_args(["app", "--stow_url="]) == ("", None, ["app"])
     with pytest.raises(DicomWebError, match="credentials"):
         split_dicom_args(["app", "-i", "https://u:p@h/dicom-web/studies/1/series/2"])
+    with pytest.raises(DicomWebError, match="credentials"):  # as HOLOSCAN_INPUT_PATH, past split_dicom_args
+        slide_list("https://u:p@h/dicom-web/studies/1/series/2", "metastasis")
 
 
 def test_dicom_inputs_are_told_apart_and_unreadable_ones_fail_alone(tmp_path: Path) -> None:

@@ -174,9 +174,10 @@ def slide_list(source: str | os.PathLike, kind: str) -> list[dict]:
         Items with an absolute ``image`` path or a URL (and a ``name``, or from a datalist its other keys).
     """
     from pathbundles.bundle import datalist
-    from pathbundles.dicomweb import is_dicomweb_url
+    from pathbundles.dicomweb import is_dicomweb_url, validate_url
 
-    return datalist(source if is_dicomweb_url(source) else Path(source), kind=kind, existing=True)
+    # checked here too: HOLOSCAN_INPUT_PATH reaches the application without split_dicom_args
+    return datalist(validate_url(source) if is_dicomweb_url(source) else Path(source), kind=kind, existing=True)
 
 
 def is_dicom_input(image: str | os.PathLike) -> bool:
