@@ -40,3 +40,12 @@ fi
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
+# tests/test_dicomweb.py and the DICOM deploy tests run a real PACS (Orthanc with its DICOMweb plugin), dicomize
+# phantoms (orthanc-wsi's OrthancWSIDicomizer) and validate DICOM results (dicom3tools' dciodvfy); libturbojpeg0 is
+# the JPEG codec of wsidicom's DICOM reader. As root (CI) install Debian's; elsewhere those tests skip (CI fails them).
+if { [ ! -x /usr/sbin/Orthanc ] || [ ! -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] \
+        || ! command -v OrthancWSIDicomizer >/dev/null 2>&1 || ! command -v dciodvfy >/dev/null 2>&1; } \
+        && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb orthanc-wsi \
+        dicom3tools libturbojpeg0 >/dev/null
+fi

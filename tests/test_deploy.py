@@ -19,10 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from orthanc_fixtures import orthanc_url  # noqa: F401 - the fixture
 
+from mlflow_fixtures import free_port
 from pathbundles.deploy.build import BUNDLE_EXCLUDED, build, input_kind, parse_model_uri, resources
 from pathbundles.deploy.runtime import (DeployError, load_settings, parse_value, slide_list, split_override_args,
                                         summarize)
+from pathbundles.dicomweb import DicomWebError
 from pathbundles.errors import InputError
 from pathbundles.weights import DEMO_WARNING
 
@@ -442,3 +445,190 @@ def test_application_built_from_the_registry_runs_in_map_mode(tiny_inputs: dict,
     assert summary["application"]["source"]["registered_version"] == "1"
     assert summary["slides"][0]["score"] > 0.5 and summary["slides"][0]["n_detections"] >= 1  # the demo weights
     assert (out / summary["slides"][0]["outputs"]["map"]).is_file()
+
+
+# ------------------------------------------------------------------------------------- DICOM in, DICOM out
+
+def test_app_yaml_dicom_section_and_stow_url_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    from pathbundles.deploy.runtime import split_dicom_args
+
+    out = tmp_path / "app"
+    build(out, bundle=BUNDLES / "scannet")
+    text = (out / "app.yaml").read_text()
+    assert yaml.safe_load(text)["dicom"] == {"stow_url": ""}
+    assert "# DICOM results of the slides read from DICOM" in text and "--stow_url URL" in text
+    assert "DICOM in, DICOM out" in (out / "README.md").read_text()
+    monkeypatch.delenv("HOLOSCAN_CONFIG_PATH", raising=False)
+    assert load_settings(out).stow_url is None  # empty: results stay in the output folder
+
+    config = tmp_path / "site.yaml"
+    monkeypatch.setenv("HOLOSCAN_CONFIG_PATH", str(config))
+    config.write_text(text.replace("stow_url: ''", "stow_url: http://pacs.example.org:8042/dicom-web/"))
+    assert load_settings(out).stow_url == "http://pacs.example.org:8042/dicom-web"
+    assert load_settings(out, stow_url="http://127.0.0.1:9/dicom-web").stow_url == "http://127.0.0.1:9/dicom-web"
+    assert load_settings(out, stow_url="").stow_url is None  # --stow_url "" turns it off for the run
+    config.write_text(text.replace("stow_url: ''", "stow_url: https://bob:pw@pacs/dicom-web"))
+    with pytest.raises(DeployError, match=r"site.yaml: dicom.stow_url: https://\*\*\*@pacs/dicom-web: credentials"):
+        load_settings(out)
+    config.write_text(text.replace("stow_url: ''", "stow_url: ''\n  stow_ur: x"))
+    with pytest.raises(DeployError, match="'dicom' must be a mapping with at most 'stow_url'"):
+        load_settings(out)
+
+    series = "http://127.0.0.1:8042/dicom-web/studies/1.2.3/series/1.2.4"
+    assert split_dicom_args(["app", "-i", series, "--stow_url", "http://127.0.0.1:8042/dicom-web/", "-o", "out",
+                             "-l", "DEBUG"]) == ("http://127.0.0.1:8042/dicom-web", series,
+                                                 ["app", "-o", "out", "-l", "DEBUG"])
+    # A path input is the SDK's, as before; no --stow_url leaves app.yaml's.
+    assert split_dicom_args(["app", "-i", "in", "-o", "out"]) == (None, None, ["app", "--input", "in", "-o", "out"])
+    assert split_dicom_args(["app", "--stow_url="]) == ("", None, ["app"])
+    with pytest.raises(DicomWebError, match="credentials"):
+        split_dicom_args(["app", "-i", "https://u:p@h/dicom-web/studies/1/series/2"])
+    with pytest.raises(DicomWebError, match="credentials"):  # as HOLOSCAN_INPUT_PATH, past split_dicom_args
+        slide_list("https://u:p@h/dicom-web/studies/1/series/2", "metastasis")
+
+
+def test_dicom_inputs_are_told_apart_and_unreadable_ones_fail_alone(tmp_path: Path) -> None:
+    from pathbundles.deploy.runtime import export_dicom_results, is_dicom_input
+
+    (tmp_path / "series").mkdir()
+    assert is_dicom_input("https://h/dicom-web/studies/1.2/series/1.3") and is_dicom_input(tmp_path / "series")
+    assert is_dicom_input(tmp_path / "x.DCM") and not is_dicom_input(tmp_path / "x.svs")
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(b"not a DICOM file")
+    records = [{"name": "plain", "score": 0.1, "n_detections": 0, "outputs": {}},
+               {"name": "broken", "score": 0.2, "n_detections": 0, "outputs": {}}]
+    results = export_dicom_results(records, [{"image": str(tmp_path / "plain.tif")}, {"image": str(broken)}],
+                                   tmp_path / "out", {"name": "B"})
+    assert list(results) == ["broken"]  # a TIFF slide gets no DICOM results; the broken one fails by itself
+    assert results["broken"]["failed"].startswith("DICOM export: ")
+
+
+def _result_instance(path: Path, study_uid: str) -> str:
+    """A small DICOM file in ``study_uid`` (a stand-in for a result object of the slide); returns its SOP UID."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality, ds.PatientID = study_uid, generate_uid(), "OT", "P1"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return ds.SOPInstanceUID
+
+
+def test_dicom_results_are_stored_and_failures_reported(orthanc_url: str, tmp_path: Path) -> None:  # noqa: F811
+    from pydicom.uid import generate_uid
+
+    from pathbundles.deploy.runtime import AppSettings, store_dicom_results
+    from pathbundles.dicomweb import find_series
+
+    out = tmp_path / "out"
+    study = generate_uid()
+    files = [out / "dicom" / "s1" / "ann.dcm", out / "dicom" / "s1" / "sr.dcm"]
+    uids = [_result_instance(f, study) for f in files]
+    exported = {"s1": {"files": [str(f) for f in files]}, "s2": {"failed": "DICOM export: SlideError: x"}}
+    stored = store_dicom_results(exported, orthanc_url)
+    assert stored["s1"]["stored"] == uids and stored["s2"] == exported["s2"]
+    assert len(find_series(orthanc_url, study=study, modality="OT")) == 2
+
+    settings = AppSettings(bundle=tmp_path, kind="metastasis", config_files=["inference.json"], stow_url=orthanc_url)
+    records = [{"name": n, "score": 0.5, "n_detections": 1, "outputs": {}} for n in ("s1", "s2", "s3")]
+    summary = summarize(records, {"name": "B"}, out, settings=settings, dicom=stored)
+    by_name = {s["slide"]: s for s in summary["slides"]}
+    assert by_name["s1"]["dicom"] == {"files": ["dicom/s1/ann.dcm", "dicom/s1/sr.dcm"], "stored": uids,
+                                      "stow_url": orthanc_url}
+    assert by_name["s2"]["dicom"] == {"files": [], "failed": "DICOM export: SlideError: x"}
+    assert "dicom" not in by_name["s3"] and summary["n_dicom_failed"] == 1
+
+    # A server that is down: the failure names the URL, per slide, never dropped.
+    down = f"http://127.0.0.1:{free_port()}/dicom-web"
+    failed = store_dicom_results({"s1": exported["s1"]}, down)
+    assert failed["s1"]["failed"].startswith(f"STOW-RS: {down}: STOW-RS (store instances) failed: cannot connect")
+    assert failed["s1"]["files"] == exported["s1"]["files"]
+
+
+def _missing_modules(*names: str) -> str | None:
+    import importlib.util
+
+    missing = [n for n in names if importlib.util.find_spec(n) is None]
+    return f"{', '.join(missing)} not on this branch" if missing else None
+
+
+#: The DICOM slide reader and result writers (pathbundles.dicom_wsi, pathbundles.dicom_writers) the DICOM path of
+#: the applications uses; marked before any fixture is made.
+needs_dicom_reader = pytest.mark.skipif(_missing_modules("pathbundles.dicom_wsi") is not None,
+                                        reason=str(_missing_modules("pathbundles.dicom_wsi")))
+needs_dicom_io = pytest.mark.skipif(
+    _missing_modules("pathbundles.dicom_wsi", "pathbundles.dicom_writers") is not None,
+    reason=str(_missing_modules("pathbundles.dicom_wsi", "pathbundles.dicom_writers")))
+
+
+@needs_dicom_reader
+def test_slide_list_hands_dicomweb_urls_to_the_datalist(orthanc_url: str, tmp_path: Path,  # noqa: F811
+                                                        shared_data: Path) -> None:
+    """A series URL and a text file of them list the series (pathbundles.dicom_wsi reads them)."""
+    from pathbundles.dicomweb import store_instances
+
+    instance = shared_data / "dicom_camelyon_thumbnails" / "multi_frame_jpeg2000_camelyon_challenge_image.dcm"
+    (stored,) = store_instances(orthanc_url, [instance])["stored"]
+    url = f"{orthanc_url}/studies/{stored['study_instance_uid']}/series/{stored['series_instance_uid']}"
+    (item,) = slide_list(url, "metastasis")
+    assert item["image"] == url and item["name"]
+    manifest = tmp_path / "series.txt"
+    manifest.write_text(f"# one series\n{url}\n")
+    assert slide_list(manifest, "metastasis") == [item]
+
+
+@pytest.mark.slow
+@needs_sdk
+@needs_dicom_io
+def test_dicom_in_dicom_out_through_orthanc(orthanc_url: str, tiny_inputs: dict,  # noqa: F811
+                                            tmp_path: Path) -> None:
+    """A dicomized phantom stored in Orthanc goes through the scannet application by its DICOMweb series URL; its
+    DICOM results come back into Orthanc in the slide's study (found by QIDO-RS, retrieved by WADO-RS), and the
+    slide's score and detections are those of the same application on the TIFF. A server that is down fails the run
+    and is named in summary.json, the results staying in the output folder."""
+    from orthanc_fixtures import dicomize
+    from pathbundles.dicomweb import fetch_series, find_series, series_url, store_instances
+
+    tumour = tiny_inputs["metastasis"] / "phantom_tumor_000.tif"
+    (first, *_) = store_instances(orthanc_url, dicomize(tumour, tmp_path / "dicomized"))["stored"]
+    study = first["study_instance_uid"]
+    url = series_url(orthanc_url, study, first["series_instance_uid"])
+    app = tmp_path / "app"
+    build(app, bundle=existing_bundle("scannet"))
+    overrides = ["--override=lp=8", "--override=num_workers=0"]
+    out, tiff_out = tmp_path / "out", tmp_path / "tiff-out"
+    _run([sys.executable, str(app), "-i", url, "-o", str(out), "--stow_url", orthanc_url, *overrides], cwd=tmp_path)
+    _run([sys.executable, str(app), "-i", str(tumour), "-o", str(tiff_out), *overrides], cwd=tmp_path)
+
+    (slide,) = json.loads((out / "summary.json").read_text())["slides"]
+    (tiff_slide,) = json.loads((tiff_out / "summary.json").read_text())["slides"]
+    assert slide["slide"] == "phantom_tumor_000" and slide["image"] == url  # named by its container identifier
+    assert slide["score"] == pytest.approx(tiff_slide["score"], abs=0.01)
+    assert slide["n_detections"] == tiff_slide["n_detections"]
+    files = [out / f for f in slide["dicom"]["files"]]
+    assert files and all(f.is_file() and f.parent.parent == out / "dicom" for f in files)
+    assert slide["dicom"]["stow_url"] == orthanc_url and len(slide["dicom"]["stored"]) == len(files)
+    results = [s for s in find_series(orthanc_url, study=study) if s["Modality"] != "SM"]
+    fetched = [f.name for s in results
+               for f in fetch_series(orthanc_url, study, s["SeriesInstanceUID"], tmp_path / "back")]
+    assert sorted(fetched) == sorted(f"{uid}.dcm" for uid in slide["dicom"]["stored"])
+
+    down = tmp_path / "down"
+    done = subprocess.run([sys.executable, str(app), "-i", url, "-o", str(down), "--stow_url",
+                           f"http://127.0.0.1:{free_port()}/dicom-web", *overrides], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=_raise_stack_limit)
+    assert done.returncode == 2
+    assert "error: the DICOM results of 1 slide(s) failed: phantom_tumor_000: STOW-RS: " in done.stderr
+    (failed,) = json.loads((down / "summary.json").read_text())["slides"]
+    assert "cannot connect" in failed["dicom"]["failed"] and all((down / f).is_file() for f in failed["dicom"]["files"])

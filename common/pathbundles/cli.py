@@ -91,6 +91,14 @@ def deploy() -> object:
     return Deploy()
 
 
+def dicom() -> object:
+    """DICOMweb (PACS): ``dicom send URL FILES_OR_FOLDERS...``, ``dicom find URL [--study UID] [--modality SM]``,
+    ``dicom fetch URL STUDY SERIES DEST``; URL is the server's DICOMweb base (see docs/DEPLOY.md)."""
+    from pathbundles.dicomweb import Dicom
+
+    return Dicom()
+
+
 def cohort(bundle: str, slides: str, out: str, config: str | list[str] = "inference.json",
            timeout_hours: float = 72.0, slide_timeout_s: float | None = None, **overrides: Any) -> None:
     """Run BUNDLE over SLIDES (a folder, one slide, a text manifest or a datalist) into OUT, resumable; under
@@ -112,12 +120,14 @@ COMMANDS = {
     "registry": registry,
     "deploy": deploy,
     "cohort": cohort,
+    "dicom": dicom,
 }
 
 
 #: Commands whose verbs are the methods of a class (python-fire groups): command -> (module file, class). Their
 #: modules import MLflow or MONAI (20-70 s), so help reads the verbs from the source.
-GROUPS = {"registry": ("registry.py", "Registry"), "deploy": ("deploy/build.py", "Deploy")}
+GROUPS = {"registry": ("registry.py", "Registry"), "deploy": ("deploy/build.py", "Deploy"),
+          "dicom": ("dicomweb.py", "Dicom")}
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 HELP_FLAGS = ("--help", "-h")
@@ -180,6 +190,9 @@ def _parameters(function: ast.FunctionDef, constants: dict[str, Any]) -> tuple[l
         if default is None:
             words.append(arg.arg.upper())
             rows.append(row(arg.arg.upper(), arg.annotation, None))
+    if function.args.vararg is not None:  # ``*paths``: one or more values
+        words.append(f"{function.args.vararg.arg.upper()}...")
+        rows.append(row(f"{function.args.vararg.arg.upper()}...", function.args.vararg.annotation, None))
     for arg, default in named:
         flag = f"--{arg.arg} {arg.arg.upper()}"
         words.append(flag if default is None else f"[{flag}]")  # a keyword-only argument without default

@@ -32,7 +32,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pathbundles.deploy.runtime import APP_CONFIG, BUILD_RECORD, SECTION, SUMMARY, DeployError
+from pathbundles.deploy.runtime import (APP_CONFIG, BUILD_RECORD, DICOM_DIR, DICOM_SECTION, SECTION, SUMMARY,
+                                        DeployError)
 
 #: Bundle content that is not copied: outputs, tracking stores, caches, hidden files (as for a registered model,
 #: ``pathbundles.registry``).
@@ -235,7 +236,7 @@ def build(out: str | os.PathLike, bundle: str | os.PathLike | None = None, model
                   "application\n# (overrides = bundle config ids set for every run; --override KEY=VALUE adds "
                   "to them).\n")
         files = {
-            APP_CONFIG: _yaml_text(app_yaml, header),
+            APP_CONFIG: _yaml_text(app_yaml, header) + _DICOM_YAML,
             BUILD_RECORD: json.dumps(record, indent=2) + "\n",
             "requirements.txt": _requirements_text(requirements, record),
             "app.py": _APP_PY.format(bundle_id=bundle_id, name=info["name"], version=info["version"]),
@@ -284,6 +285,16 @@ if __name__ == "__main__":
     main()
 '''
 
+#: The ``dicom`` section of a built ``app.yaml``, with its defaults and what they mean (yaml.safe_dump writes no
+#: comments).
+_DICOM_YAML = f"""# DICOM results of the slides read from DICOM (a folder of instances, a .dcm file, a DICOMweb series URL as -i):
+# always written under OUTPUT/{DICOM_DIR}/<slide>/ and listed in {SUMMARY}. stow_url: a DICOMweb base URL (e.g.
+# http://pacs.example.org:8042/dicom-web) to store them to over STOW-RS; empty: not stored. A failure to store is
+# listed in {SUMMARY} and fails the run. --stow_url URL sets it for one run ("" turns it off).
+{DICOM_SECTION}:
+  stow_url: ''
+"""
+
 _MAIN_PY = '''from app import main
 
 main()
@@ -331,6 +342,12 @@ slide paths (one a line, relative to the file). Instead of `-i`/`-o`, `HOLOSCAN_
 work too. `OUTPUT` receives the bundle's outputs and `{SUMMARY}` (per slide: score, number of detections, output
 files relative to `OUTPUT`; the bundle's name, version, weights hash and whether they are demo weights
 (`demo_weights`, `weights_warning`); this build's record).
+
+DICOM in, DICOM out: `INPUT` may also be a folder of DICOM whole-slide instances (one or more series), one `.dcm`
+file, a DICOMweb series URL (`-i http://HOST:8042/dicom-web/studies/<StudyUID>/series/<SeriesUID>`) or a text file
+of such URLs. The results of those slides are also written as DICOM objects under `OUTPUT/{DICOM_DIR}/<slide>/`
+(listed per slide in `{SUMMARY}`); with `{DICOM_SECTION}.stow_url` in `app.yaml` (or `--stow_url URL`) they are
+stored to that DICOMweb server, and a failure to store fails the run.
 
 Bundle config ids can be set for a run with `--override KEY=VALUE` (repeatable, e.g. `--override num_workers=0
 --override ckpt_path=/path/model.pt`; values are read as `python -m monai.bundle run --KEY VALUE` reads them), or for

@@ -12,7 +12,9 @@ from typing import Any
 
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
-from pathbundles.deploy.runtime import AppSettings, slide_list, summarize, write_summary
+from pathbundles.dicomweb import is_dicomweb_url
+from pathbundles.deploy.runtime import (AppSettings, export_dicom_results, slide_list, store_dicom_results, summarize,
+                                        write_summary)
 
 logger = logging.getLogger(__name__)
 
@@ -22,14 +24,16 @@ class SlideListLoaderOperator(Operator):
 
     Args:
         fragment: the application.
-        input_path: a folder of slides (HPF images for ``kind="mitosis"``), a datalist ``.json``, one slide, or a
-            text manifest of slide paths (see :func:`pathbundles.deploy.runtime.slide_list`).
+        input_path: a folder of slides (HPF images for ``kind="mitosis"``) or of DICOM instances, a datalist
+            ``.json``, one slide, a DICOMweb series URL, or a text manifest of slide paths or series URLs (see
+            :func:`pathbundles.deploy.runtime.slide_list`).
         kind: the bundle's input kind: "metastasis", "mitosis" or "multiclass".
     """
 
     def __init__(self, fragment: Fragment, *args: Any, input_path: str | os.PathLike, kind: str,
                  **kwargs: Any) -> None:
-        self.input_path = Path(input_path)
+        # A URL stays a string (a Path folds its "//"); HOLOSCAN_INPUT_PATH may hold one too.
+        self.input_path = input_path if is_dicomweb_url(input_path) else Path(input_path)
         self.kind = kind
         super().__init__(fragment, *args, **kwargs)
 
@@ -81,10 +85,14 @@ class BundleInferenceOperator(Operator):
 
 
 class ResultWriterOperator(Operator):
-    """Writes ``summary.json`` into ``output_dir`` from the results received on port ``results``: per slide its
-    score, detection count and output files (relative to ``output_dir``), or why it failed, with the bundle's name,
-    version and weights hash (:func:`pathbundles.deploy.runtime.summarize`). The slides that failed are kept in
-    :attr:`failed`, which the application's :func:`~pathbundles.deploy.app.main` reports at its end.
+    """Writes the DICOM results of the slides from DICOM into ``output_dir/dicom/`` and stores them to the settings'
+    STOW-RS URL when there is one (:func:`pathbundles.deploy.runtime.export_dicom_results`,
+    :func:`~pathbundles.deploy.runtime.store_dicom_results`), then ``summary.json`` from the results received on port
+    ``results``: per slide its score, detection count and output files (relative to ``output_dir``), its DICOM
+    results, or why it failed, with the bundle's name, version and weights hash
+    (:func:`pathbundles.deploy.runtime.summarize`). The slides that failed are kept in :attr:`failed`, those whose
+    DICOM results were not written or stored in :attr:`dicom_failed`; the application's
+    :func:`~pathbundles.deploy.app.main` reports both at its end.
 
     Args:
         fragment: the application.
@@ -100,6 +108,8 @@ class ResultWriterOperator(Operator):
         self.failed: dict[str, str] = {}
         #: how many slides were written.
         self.n_written = 0
+        #: {slide name: why} of the slides whose DICOM results were not written or not stored.
+        self.dicom_failed: dict[str, str] = {}
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
@@ -108,9 +118,17 @@ class ResultWriterOperator(Operator):
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
         results = op_input.receive("results")
         self.failed, self.n_written = dict(results["failed"]), len(results["records"])
+        dicom = export_dicom_results(results["records"], results["datalist"], self.output_dir, results["bundle"])
+        if self.settings.stow_url and dicom:
+            dicom = store_dicom_results(dicom, self.settings.stow_url)
+        self.dicom_failed = {name: d["failed"] for name, d in dicom.items() if "failed" in d}
         summary = summarize(results["records"], results["bundle"], self.output_dir, datalist=results["datalist"],
-                            settings=self.settings, failed=self.failed)
+                            settings=self.settings, failed=self.failed, dicom=dicom)
         path = write_summary(summary, self.output_dir)
         logger.info("summary of %d slide(s), %d failed: %s", summary["n_slides"], len(self.failed), path)
+        if dicom:
+            logger.info("DICOM results of %d slide(s) in %s%s, %d failed", len(dicom), self.output_dir / "dicom",
+                        f", stored to {self.settings.stow_url}" if self.settings.stow_url else "",
+                        len(self.dicom_failed))
         if summary["bundle"]["weights_warning"]:
             logger.warning("%s (%s)", summary["bundle"]["weights_warning"], path)
