@@ -161,7 +161,7 @@ def test_help_of_unknown_commands_and_verbs() -> None:
     run = pathbundles("nope", "--help")
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.strip() == ("pathbundles: error: no command 'nope'; the commands are info, tissue, phantom, "
-                                  "froc, mitosis_f1, iou, registry, deploy, cohort")
+                                  "froc, mitosis_f1, iou, registry, deploy, cohort, dicom")
     run = pathbundles("registry", "--tracking_uri", "x", "nope", "--help")
     assert run.returncode == 2
     assert run.stderr.strip() == ("pathbundles: error: no verb 'nope' of registry; the verbs are register, review, "
