@@ -140,7 +140,7 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
         return False
 
 
-def _dicom_files(folder: Path) -> list[Path]:
+def dicom_files(folder: Path) -> list[Path]:
     """The DICOM files directly in ``folder`` (``.dcm`` or no suffix, not hidden), sorted by name."""
     try:
         entries = sorted(folder.iterdir())
@@ -160,8 +160,9 @@ def is_dicom_source(image: Any) -> bool:
     path = Path(image)
     if path.is_dir():
         try:
-            return any(_dicom_files(path))
-        except InputError:
+            return any(not p.name.startswith(".") and p.suffix.lower() in (".dcm", "") and is_dicom_file(p)
+                       for p in path.iterdir())
+        except OSError:
             return False
     return path.suffix.lower() == ".dcm" or (not path.suffix and is_dicom_file(path))
 
@@ -243,7 +244,7 @@ def _series_files(path: Path) -> list[Path]:
     """The files of the one series ``path`` names: a folder's (it must hold exactly one VL WSI series), or a file's
     series in its folder. InputError naming ``path`` otherwise."""
     if path.is_dir():
-        series = dicom_series(_dicom_files(path))
+        series = dicom_series(dicom_files(path))
         if not series:
             raise InputError(path, "holds no DICOM VL Whole Slide Microscopy instances (.dcm files)")
         if len(series) > 1:
@@ -255,7 +256,7 @@ def _series_files(path: Path) -> list[Path]:
         raise InputError(path, "not a DICOM file")
     if str(header.get("SOPClassUID", "")) != VL_WSI_SOP_CLASS:
         raise InputError(path, f"not a VL Whole Slide Microscopy image (SOP Class {header.get('SOPClassUID')})")
-    siblings = [p for p in _dicom_files(path.parent) if p != path]
+    siblings = [p for p in dicom_files(path.parent) if p != path]
     return dicom_series([path, *siblings])[str(header.get("SeriesInstanceUID", ""))]
 
 
