@@ -582,8 +582,9 @@ class Slide(abc.ABC):
         best = min(errors, key=lambda shift: errors[shift][0])
         unshifted, shifted = errors[(0, 0)][0], errors[best][0]
         if best != (0, 0) and unshifted - shifted > LEVEL_CHECK_SHIFT_GAIN * max(shifted, 1.0):
-            return (f"it is shifted by about ({best[0]}, {best[1]}) level px against level {reference} (mean absolute "
-                    f"difference {shifted:.1f} grey levels so shifted, {unshifted:.1f} in place)")
+            # Best when the reference is read ``best`` px off: the level's image lies -best px (x right, y down) off.
+            return (f"it is shifted by about ({-best[0]}, {-best[1]}) level px (x, y) against level {reference} (mean "
+                    f"absolute difference {shifted:.1f} grey levels so shifted, {unshifted:.1f} in place)")
         colour = pixels.reshape(-1, 3).mean(axis=0) - errors[(0, 0)][1].reshape(-1, 3).mean(axis=0)
         if np.abs(colour).max() > LEVEL_CHECK_COLOUR_TOLERANCE:
             return (f"its colour differs from level {reference} downsampled by (R, G, B) = "
