@@ -205,8 +205,12 @@ def sanitise_name(text: str) -> str:
 
 def _series_name_of(dataset: Any) -> str:
     """A series' output name: its ContainerIdentifier, else SeriesDescription, else SeriesInstanceUID, sanitised."""
+    from pydicom.multival import MultiValue
+
     for keyword in ("ContainerIdentifier", "SeriesDescription", "SeriesInstanceUID"):
-        name = sanitise_name(str(dataset.get(keyword) or ""))
+        value = dataset.get(keyword) or ""
+        # A backslash in a text value splits it into several values: join them back.
+        name = sanitise_name("_".join(map(str, value)) if isinstance(value, (list, MultiValue)) else str(value))
         if name.strip("_-"):
             return name
     return "dicom_series"
