@@ -271,7 +271,7 @@ def test_datalists_of_dicom(dicomized: Path, tmp_path: Path) -> None:
     assert datalist(bare) == [{"image": str(bare), "name": CONTAINER}]
     # A manifest of series folders, checked to exist; a URL line stays a URL.
     manifest = tmp_path / "slides.txt"
-    manifest.write_text(f"cohort/first\ncohort/second\n")
+    manifest.write_text("cohort/first\ncohort/second\n")
     assert [i["name"] for i in datalist(manifest, existing=True)] == [CONTAINER, "SECOND"]
     url = f"http://127.0.0.1:9/dicom-web/studies/{STUDY}/series/{SERIES}"
     manifest.write_text(f"cohort/first\n{url}\n")
