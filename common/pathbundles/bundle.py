@@ -228,8 +228,7 @@ def datalist(source: str | os.PathLike | None = None, kind: str = "metastasis", 
                     raise InputError(path, f"{image}: {err.problem}", line=line) from None
             elif not (Path(image).is_file() or (slides_kind and Path(image).is_dir()
                                                 and dicom_wsi.is_dicom_source(image))):
-                raise InputError(path, f"{image}: no such file" + (" or DICOM series folder" if slides_kind else ""),
-                                 line=line)
+                raise InputError(path, f"{image}: no such file", line=line)
     if slides_kind:
         items = [_dicom_item(item["image"], item) if "name" not in item and _is_dicom_image(item["image"]) else item
                  for item in items]
