@@ -27,6 +27,7 @@ from pathbundles.bundle import _read_manifest, datalist
 from pathbundles.dicom_wsi import DicomSlide, DicomWebSeries, is_dicom_source, parse_dicomweb_url
 from pathbundles.errors import InputError, SlideError
 from pathbundles.outputs import check_name, output_file, output_names, slide_name
+from pathbundles.resample import resample_area
 from pathbundles.wsi import open_slide
 
 DICOMIZER = shutil.which("OrthancWSIDicomizer")
@@ -183,6 +184,38 @@ def test_dicomized_phantom(dicomized: Path, phantom_tiff: Path, pick: str, caplo
     patched = [r.getMessage() for r in caplog.records if "no usable ImageType" in r.getMessage()]
     assert patched == [f"{source}: 3 DICOM instance(s) state no usable ImageType (as OrthancWSIDicomizer writes): "
                        "read as VOLUME (pyramid level) instances"]
+
+
+def test_mislabelled_level_is_skipped(dicomized: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The issue's converter fault: a generated level's YCbCr JPEG frames tagged RGB decode pink. The level check
+    skips that level with a warning, and a read at its resolution comes from level 0 instead."""
+    def mislabel_level1(dataset: pydicom.Dataset) -> None:
+        if dataset.TotalPixelMatrixColumns == LEVEL_SIZES[1][0]:
+            dataset.PhotometricInterpretation = "RGB"
+
+    folder = rewrite(dicomized, tmp_path / "pink", mislabel_level1)
+    with caplog.at_level(logging.WARNING), open_slide(folder) as slide, open_slide(dicomized) as sound:
+        stored = slide.read_level_region(1, (0, 0), LEVEL_SIZES[1]).astype(int)
+        assert np.abs(stored - sound.read_level_region(1, (0, 0), LEVEL_SIZES[1])).mean() > 20  # decoded pink
+        (mpp_x, mpp_y), wanted = slide.mpp, 1.2 * max(slide.level_mpp(1))  # level 1 would be read for it
+        assert sound._level_for(wanted) == 1 and slide._level_for(wanted) == 0
+        level0 = sound.read_level_region(0, (0, 0), LEVEL_SIZES[0])
+        box = (800, 600, 800 + 50 * wanted / mpp_x, 600 + 40 * wanted / mpp_y)
+        np.testing.assert_array_equal(slide.read_region((800, 600), (50, 40), wanted),
+                                      resample_area(level0, box, (50, 40)))  # level 0, area-averaged
+    (warning,) = [r.getMessage() for r in caplog.records if "is not used" in r.getMessage()]
+    assert warning.startswith(f"{folder}: pyramid level 1 (554 x 415 px) is not used: its colour differs")
+
+
+def test_single_file_falls_back_to_openslide(shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A .dcm that wsidicom refuses goes on to OpenSlide 4, which reads single DICOM files."""
+    def refuse(self: DicomSlide) -> None:
+        raise RuntimeError("refused for the test")
+
+    monkeypatch.setattr(DicomSlide, "_open", refuse)
+    path = shared_data / "dicom_camelyon_thumbnails" / REAL[0][0]
+    with open_slide(path) as slide:
+        assert slide.backend == "openslide" and slide.dimensions == REAL[0][1]
 
 
 def test_pickle_reopens_the_series(dicomized: Path) -> None:

@@ -71,7 +71,7 @@ def test_sound_uneven_pyramid_is_used(tissue: np.ndarray, tmp_path: Path, caplog
         assert slide.level_dimensions == LEVEL_SIZES
         assert slide.level_downsamples[1] == pytest.approx((2048 / 554 + 1536 / 415) / 2)
         mpp1 = slide.level_mpp(1)
-        assert slide._level_for(mpp1[0] * 1.5) == 1 and slide._level_within(mpp1[0], 0.01) == 1
+        assert slide._level_for(max(mpp1) * 1.2) == 1 and slide._level_within(mpp1[0], 0.01) == 1
         assert all(slide._level_agrees(level) for level in range(slide.level_count))
         assert wsi._LEVEL_CHECKS[(str(path), backend, 1)] == ""
     assert level_warnings(caplog) == []
@@ -88,24 +88,25 @@ def test_faulty_level_is_skipped(tissue: np.ndarray, tmp_path: Path, caplog: pyt
     path = write_pyramid(tmp_path / f"{fault}.tif", levels)
     with caplog.at_level(logging.WARNING), open_slide(path, backend="tifffile") as slide:
         mpp1 = slide.level_mpp(1)[0]
+        wanted = 1.2 * max(slide.level_mpp(1))  # a sound level 1 would be read (and resampled) for it
         origin, size = (512, 384), (64, 48)
-        region = slide.read_region(origin, size, mpp1)
+        region = slide.read_region(origin, size, wanted)
         # Level 1 is skipped: the read is level 0 area-averaged, exactly.
-        span = (size[0] * mpp1 / MPP, size[1] * mpp1 / MPP)
+        span = (size[0] * wanted / MPP, size[1] * wanted / MPP)
         expected = resample_area(tissue, (origin[0], origin[1], origin[0] + span[0], origin[1] + span[1]), size)
         np.testing.assert_array_equal(region, expected)
+        assert slide._level_for(wanted) == 0
         assert slide._level_within(mpp1, 0.1) is None  # thumbnails and snapped reads do not take it either
         thumb, actual_mpp = slide.read_thumbnail(mpp1, tolerance=0.1)
         assert actual_mpp == pytest.approx(mpp1, rel=0.01)
         # Level 2 is checked against level 0 (the finer level that passed) and used.
-        assert slide._level_agrees(2)
-        slide.read_region((0, 0), (16, 16), mpp1 * 2)
+        assert slide._level_agrees(2) and slide._level_for(1.2 * max(slide.level_mpp(2))) == 2
     warnings = level_warnings(caplog)
     assert len(warnings) == 1, warnings  # one warning, however many reads
     assert str(path) in warnings[0] and "level 1 (554 x 415 px)" in warnings[0]
     assert ("shifted by about (2, 2)" if fault == "shift" else "colour differs") in warnings[0]
     with open_slide(path, backend="tifffile") as again:  # checked once per process: no second warning
-        again.read_region(origin, size, mpp1)
+        again.read_region(origin, size, wanted)
     assert len(level_warnings(caplog)) == 1
 
 

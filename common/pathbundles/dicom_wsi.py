@@ -225,14 +225,20 @@ def series_name(source: str) -> str:
         InputError: naming ``source`` when it holds no VL WSI instance or the server cannot be asked.
     """
     if is_dicomweb_url(source):
+        import pydicom
+        from dicomweb_client import DICOMwebClient
+
         ref = parse_dicomweb_url(source)
-        client = _web_client(ref)
+        client = DICOMwebClient(ref.base_url)
         try:
-            found = client._client.search_for_instances(ref.study_uid, ref.series_uid, limit=1)
+            found = client.search_for_instances(ref.study_uid, ref.series_uid,
+                                                search_filters={"SOPClassUID": VL_WSI_SOP_CLASS}, limit=1)
             if not found:
-                raise InputError(source, "the DICOMweb server lists no instance in this series")
-            instance_uid = found[0]["00080018"]["Value"][0]
-            metadata = client.get_instance(ref.study_uid, ref.series_uid, instance_uid)
+                raise InputError(source, "the DICOMweb server lists no VL Whole Slide Microscopy instance in this "
+                                         "series")
+            instance_uid = pydicom.Dataset.from_json(found[0]).SOPInstanceUID
+            metadata = pydicom.Dataset.from_json(client.retrieve_instance_metadata(ref.study_uid, ref.series_uid,
+                                                                                   instance_uid))
         except InputError:
             raise
         except Exception as err:  # requests' and dicomweb-client's errors
@@ -279,15 +285,14 @@ def _patch_image_type(dataset: Any, patched: list[str]) -> Any:
     return dataset
 
 
-def _web_client(ref: DicomWebSeries, patched: list[str] | None = None) -> Any:
+def _web_client(ref: DicomWebSeries, patched: list[str]) -> Any:
     """A wsidicom DICOMweb client (dicomweb-client underneath) for ``ref``'s server whose instance metadata is
     patched by `_patch_image_type`."""
     from wsidicom import WsiDicomWebClient
 
     class PatchingClient(WsiDicomWebClient):
         def get_instance(self, study_uid: Any, series_uid: Any, instance_uid: Any) -> Any:
-            dataset = super().get_instance(study_uid, series_uid, instance_uid)
-            return _patch_image_type(dataset, patched if patched is not None else [])
+            return _patch_image_type(super().get_instance(study_uid, series_uid, instance_uid), patched)
 
     return PatchingClient.create_client(ref.base_url)
 
