@@ -5,7 +5,7 @@ returned arrays are uint8 (H, W, 3) RGB; resolution is micrometres per pixel (mp
 outside the slide read as white (255) and RGBA is composited on white.
 
 `Slide` holds all logic (level choice, reads at any mpp with anti-aliased resampling, bounds and padding,
-validation, info); each backend subclass implements five small methods (`_open`, `_geometry`, `_read_level`,
+validation, info, the level check); each backend subclass implements five small methods (`_open`, `_geometry`, `_read_level`,
 `_file_mpp`, `_close`) and may override `_objective_power`, `_stored_bytes` and `_tile_sizes`. MONAI is imported
 only when `TiledTiffWSIReader` is first used.
 
@@ -16,6 +16,12 @@ most `MAX_TILE_PX` where the backend reports them, and at its mpp no side longer
 (`MAX_SCAN_UM`). The tifffile backend also checks each level's tile table (count, byte ranges, a least size per
 compressed tile). A stated mpp that is implausible (outside 0.1-20 um/px, or far from 10 / objective power) is
 logged as a warning naming the file; one that is no positive finite number states none.
+
+Level check (every backend): a pyramid level other than 0 is used by level choice (reads at an mpp, thumbnails)
+only after it agreed, once per process, with the next finer level that agreed, downsampled, on a small window
+holding content (`Slide._check_level_agreement`, thresholds `LEVEL_CHECK_*`); a level that does not (a colour space
+mislabelled by a converter, a shifted level) is skipped with one warning naming the slide, the level and the
+difference. `Slide.read_level_region` reads the level it is given.
 """
 
 from __future__ import annotations
@@ -113,15 +119,16 @@ class Slide(abc.ABC):
     """A whole-slide image opened by one backend; use `open_slide` to make one.
 
     Args:
-        path: the slide file.
+        path: the slide file (for the DICOM backend also a series folder or a DICOMweb series URL).
         mpp: level-0 resolution in um/px, a number or (mpp_x, mpp_y); overrides the file's value (for files that
             store none, such as a single Camelyon16 level saved as TIFF).
         max_level0_px: most level-0 pixels (width x height) the file may claim; None = `$PATHBUNDLES_MAX_LEVEL0_PX`,
             else `MAX_LEVEL0_PX`.
 
     Attributes:
-        path: the slide file.
-        backend: "cucim", "openslide" or "tifffile".
+        source: the slide as given, as text (what messages name and pickling reopens).
+        path: the slide file or folder as a Path; a DICOMweb URL stays text (`Path` would merge its '//').
+        backend: "cucim", "openslide", "tifffile" or "dicom".
         vendor: the format as the backend names it ("aperio", "generic-tiff", ...).
         level_dimensions: [(width, height), ...] per level, in that level's pixels.
         level_downsamples: level-0 pixels per level pixel (never assumed 2**level): a whole k where the level's
