@@ -55,6 +55,7 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _MAX_UID_CHARS = 64
 _URL_PATH = re.compile(r"^(?P<root>(?:/[^/]+)*?)/studies/(?P<study>[^/]+)/series/(?P<series>[^/]+)/?$")
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_warned_patched: set[str] = set()
 #: Tags read from each file's header to list a folder's series (no pixel data is read).
 _HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "ContainerIdentifier", "SeriesDescription"]
 
@@ -367,7 +368,8 @@ class DicomSlide(Slide):
                 raise SlideError(self.path, err.problem) from None
             self._source = _file_source(self._files, self._patched)
         self._source.resize_cache(FRAME_CACHE_BYTES)
-        if self._patched:
+        if self._patched and self.source not in _warned_patched:  # once per process: workers reopen slides
+            _warned_patched.add(self.source)
             logger.warning("%s: %d DICOM instance(s) state no usable ImageType (as OrthancWSIDicomizer writes): read "
                            "as VOLUME (pyramid level) instances", self.source, len(self._patched))
         by_size: dict[tuple[int, int], Any] = {}
