@@ -390,6 +390,16 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         log.close()
 
 
+def test_unreachable_dicomweb_server() -> None:
+    url = f"http://127.0.0.1:{_free_port()}/dicom-web/studies/{STUDY}/series/{SERIES}"  # nothing listens there
+    with pytest.raises(SlideError, match="cannot open the series on the DICOMweb server: ConnectionError") as err:
+        open_slide(url)
+    assert err.value.path == url
+    with pytest.raises(InputError, match="cannot read the series from the DICOMweb server") as err:
+        datalist(url)
+    assert err.value.path == url
+
+
 def test_dicomweb_reads_lazily(orthanc: str, dicomized: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import requests
     from dicomweb_client import DICOMwebClient

@@ -47,6 +47,12 @@ VL_WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 #: Bytes of decoded (and, separately, of encoded) frames wsidicom keeps per slide: 64 MiB holds ~340 decoded 256 px
 #: RGB frames, more than a 2048 px read touches, so neighbouring reads over DICOMweb fetch each frame once.
 FRAME_CACHE_BYTES = 64 << 20
+#: Seconds a DICOMweb request may wait to connect and between bytes of the answer before the read fails: a server
+#: that stops answering ends the slide with an error naming it instead of hanging the run.
+DICOMWEB_TIMEOUT_S = 60.0
+#: Tries of a DICOMweb request that fails to connect or gets a retriable status (429, 503, 504), with waits of 0.5
+#: and 1 s between them: enough for a server's brief hiccup; dicomweb-client's own 5 tries took 30 s per request.
+DICOMWEB_ATTEMPTS = 3
 #: Image flavours (ImageType value 3) of VL WSI instances; others are patched to VOLUME (see the module text).
 _FLAVOURS = ("VOLUME", "LABEL", "OVERVIEW", "THUMBNAIL")
 #: What an inferred ImageType becomes.
@@ -227,10 +233,9 @@ def series_name(source: str) -> str:
     """
     if is_dicomweb_url(source):
         import pydicom
-        from dicomweb_client import DICOMwebClient
 
         ref = parse_dicomweb_url(source)
-        client = DICOMwebClient(ref.base_url)
+        client = _dicomweb_client(ref)
         try:
             found = client.search_for_instances(ref.study_uid, ref.series_uid,
                                                 search_filters={"SOPClassUID": VL_WSI_SOP_CLASS}, limit=1)
@@ -286,6 +291,25 @@ def _patch_image_type(dataset: Any, patched: list[str]) -> Any:
     return dataset
 
 
+def _dicomweb_client(ref: DicomWebSeries) -> Any:
+    """A dicomweb-client client of ``ref``'s server whose requests time out after `DICOMWEB_TIMEOUT_S` (requests
+    waits forever by default) and are tried `DICOMWEB_ATTEMPTS` times."""
+    import requests
+    from dicomweb_client import DICOMwebClient
+    from requests.adapters import HTTPAdapter
+
+    class TimeoutAdapter(HTTPAdapter):
+        def send(self, request: Any, timeout: Any = None, **kwargs: Any) -> Any:
+            return super().send(request, timeout=DICOMWEB_TIMEOUT_S if timeout is None else timeout, **kwargs)
+
+    session = requests.Session()
+    for prefix in ("http://", "https://"):
+        session.mount(prefix, TimeoutAdapter())
+    client = DICOMwebClient(ref.base_url, session=session)
+    client.set_http_retry_params(max_attempts=DICOMWEB_ATTEMPTS, wait_exponential_multiplier=250)
+    return client
+
+
 def _web_client(ref: DicomWebSeries, patched: list[str]) -> Any:
     """A wsidicom DICOMweb client (dicomweb-client underneath) for ``ref``'s server whose instance metadata is
     patched by `_patch_image_type`."""
@@ -295,7 +319,7 @@ def _web_client(ref: DicomWebSeries, patched: list[str]) -> Any:
         def get_instance(self, study_uid: Any, series_uid: Any, instance_uid: Any) -> Any:
             return _patch_image_type(super().get_instance(study_uid, series_uid, instance_uid), patched)
 
-    return PatchingClient.create_client(ref.base_url)
+    return PatchingClient(_dicomweb_client(ref))
 
 
 def _file_source(files: list[Path], patched: list[str]) -> Any:
