@@ -158,7 +158,13 @@ def datalist(source: str | os.PathLike | None = None, kind: str = "metastasis", 
             - one slide (one HPF image for ``kind="mitosis"``), by the same suffixes;
             - a ``.json`` datalist (checked by :func:`pathbundles.sampling.read_datalist`);
             - a text manifest (:data:`MANIFEST_SUFFIXES` or no suffix, UTF-8): one path a line, relative to the
-              manifest's folder; blank lines and lines starting with ``#`` are skipped.
+              manifest's folder (a line starting with ``http://`` or ``https://`` is a URL); blank lines and lines
+              starting with ``#`` are skipped;
+            - DICOM (slides only, :mod:`pathbundles.dicom_wsi`): a folder of one series' instances (``.dcm``, or
+              DICOM files without a suffix) is one slide; a folder's several series, and subfolders holding a
+              series each, are one slide each (beside the folder's slide files); one instance file is its
+              series; a DICOMweb series URL is one slide. DICOM items are named by their series
+              (:func:`pathbundles.dicom_wsi.series_name`), here and in lists that give no ``name``.
             Entries are listed as they are: one that cannot be read (a broken link, a symlink loop) fails by name
             when the run reaches it, and the others run.
         kind: which demo data when ``source`` is ``None``, and which files a folder or single file holds:
@@ -167,17 +173,17 @@ def datalist(source: str | os.PathLike | None = None, kind: str = "metastasis", 
             without them, a folder, a slide and a manifest are used whole; see
             :func:`pathbundles.sampling.read_datalist`).
         first: how many demo items, when ``source`` is ``None``.
-        existing: refuse a list (datalist or manifest) naming an image that is not a file, naming the list and the
-            entry, before anything runs (the deploy applications); by default such an entry fails alone in the run.
+        existing: refuse a list (datalist or manifest) naming an image that is not a file (nor a DICOM series
+            folder or a well-formed DICOMweb URL), naming the list and the entry, before anything runs (the deploy
+            applications); by default such an entry fails alone in the run.
 
     Raises:
         InputError: naming ``source`` when it does not exist, is a folder without slides, a file of another
             extension, a manifest that is not text or lists nothing, or a malformed datalist.
     """
+    from pathbundles import dicom_wsi
     from pathbundles.errors import InputError
     from pathbundles.sampling import read_datalist
-
-    from pathbundles import dicom_wsi
 
     if source is None:
         return demo_datalist(kind, split, first)
@@ -200,7 +206,8 @@ def datalist(source: str | os.PathLike | None = None, kind: str = "metastasis", 
         if slides_kind:
             items += _dicom_folder_items(path)
         if not items:
-            raise InputError(path, f"no {what} files ({', '.join(suffixes)}) in this folder")
+            raise InputError(path, f"no {what} files ({', '.join(suffixes)}){' or DICOM series' * slides_kind} in "
+                                   "this folder")
         return items
     suffix = path.suffix.lower()
     if suffix == ".json":
