@@ -118,3 +118,20 @@ def test_small_shift_from_size_rounding_passes(tissue: np.ndarray, tmp_path: Pat
     path = write_pyramid(tmp_path / "rounded.tif", levels)
     with open_slide(path, backend="tifffile") as slide:
         assert slide._check_level_agreement(1, 0) == ""
+
+
+def test_content_found_without_a_small_coarsest_level(tissue: np.ndarray, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the coarsest level is too large to read whole, the window is the most tissue-like of 9 on the level:
+    a shifted level is still found, a sound one still passes."""
+    monkeypatch.setattr(wsi, "LEVEL_CHECK_MAP_PX", 0)
+    levels = pyramid_levels(tissue)
+    sound = write_pyramid(tmp_path / "sound.tif", levels)
+    levels[1] = np.ascontiguousarray(np.roll(levels[1], (0, -1), axis=(0, 1)))  # 1 level px to the left
+    shifted = write_pyramid(tmp_path / "shifted.tif", levels)
+    with open_slide(sound, backend="tifffile") as slide:
+        assert slide._check_level_agreement(1, 0) == ""
+        x, y = slide._content_window(1, (256, 256))
+        assert slide.read_level_region(1, (x * 3.7, y * 3.7), (256, 256)).mean() < 235  # tissue, not glass
+    with open_slide(shifted, backend="tifffile") as slide:
+        assert slide._check_level_agreement(1, 0).startswith("it is shifted by about (-1, 0) level px")

@@ -1,13 +1,14 @@
-"""Whole-slide images: one `Slide` interface over cuCIM, OpenSlide and a tile-aware tifffile reader.
+"""Whole-slide images: one `Slide` interface over cuCIM, OpenSlide, a tile-aware tifffile reader and (in
+`pathbundles.dicom_wsi`) wsidicom for DICOM series, local or over DICOMweb.
 
 Conventions (see docs/ARCHITECTURE.md): positions are level-0 pixels as (x, y); region sizes are (width, height);
 returned arrays are uint8 (H, W, 3) RGB; resolution is micrometres per pixel (mpp), never a level number. Pixels
 outside the slide read as white (255) and RGBA is composited on white.
 
 `Slide` holds all logic (level choice, reads at any mpp with anti-aliased resampling, bounds and padding,
-validation, info, the level check); each backend subclass implements five small methods (`_open`, `_geometry`, `_read_level`,
-`_file_mpp`, `_close`) and may override `_objective_power`, `_stored_bytes` and `_tile_sizes`. MONAI is imported
-only when `TiledTiffWSIReader` is first used.
+validation, info, the level check); each backend subclass implements five small methods (`_open`, `_geometry`,
+`_read_level`, `_file_mpp`, `_close`) and may override `_checked_path`, `_objective_power`, `_stored_bytes` and
+`_tile_sizes`. MONAI is imported only when `TiledTiffWSIReader` is first used.
 
 What a file claims is bounded before anything is read (`Slide._check_claims`, every backend): at most
 `max_level0_px` level-0 pixels (default `MAX_LEVEL0_PX`, or `$PATHBUNDLES_MAX_LEVEL0_PX`), at most
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import abc
 import collections
+import contextlib
 import importlib
 import logging
 import math
@@ -544,7 +546,10 @@ class Slide(abc.ABC):
             verdict = _LEVEL_CHECKS.get(key)
         if verdict is None:
             reference = max(i for i in range(level) if self._level_agrees(i))
-            problem = self._check_level_agreement(level, reference)
+            try:
+                problem = self._check_level_agreement(level, reference)
+            except SlideError as err:  # a level that cannot be read is not used either
+                problem = f"reading it for the check failed ({err.problem})"
             with _LEVEL_CHECK_LOCK:
                 if key not in _LEVEL_CHECKS:
                     _LEVEL_CHECKS[key] = problem
@@ -609,8 +614,11 @@ class Slide(abc.ABC):
         (lw, lh), (w, h) = self.level_dimensions[level], size_px
         coarsest = self.level_count - 1
         cw, ch = self.level_dimensions[coarsest]
+        content = None
         if cw * ch <= LEVEL_CHECK_MAP_PX:
-            content = _content_score(self._read_level_px(coarsest, (0, 0), (cw, ch)))
+            with contextlib.suppress(SlideError):  # an unreadable coarsest level: try the windows instead
+                content = _content_score(self._read_level_px(coarsest, (0, 0), (cw, ch)))
+        if content is not None:
             # The window's size in coarsest-level pixels, and the content summed over every such window.
             kx = max(1, round(w * self._level_scales[level][0] / self._level_scales[coarsest][0]))
             ky = max(1, round(h * self._level_scales[level][1] / self._level_scales[coarsest][1]))
@@ -621,7 +629,8 @@ class Slide(abc.ABC):
             x = round(cx * self._level_scales[coarsest][0] / self._level_scales[level][0])
             y = round(cy * self._level_scales[coarsest][1] / self._level_scales[level][1])
         else:
-            grid = [(round(fx * (lw - w)), round(fy * (lh - h))) for fy in (0.25, 0.5, 0.75) for fx in (0.25, 0.5, 0.75)]
+            steps = (0.25, 0.5, 0.75)
+            grid = [(round(fx * (lw - w)), round(fy * (lh - h))) for fy in steps for fx in steps]
             x, y = max(grid, key=lambda xy: float(_content_score(self._read_level_px(level, xy, (w, h))).sum()))
         return min(max(x, 0), lw - w), min(max(y, 0), lh - h)
 
