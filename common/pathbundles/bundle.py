@@ -158,7 +158,13 @@ def datalist(source: str | os.PathLike | None = None, kind: str = "metastasis", 
             - one slide (one HPF image for ``kind="mitosis"``), by the same suffixes;
             - a ``.json`` datalist (checked by :func:`pathbundles.sampling.read_datalist`);
             - a text manifest (:data:`MANIFEST_SUFFIXES` or no suffix, UTF-8): one path a line, relative to the
-              manifest's folder; blank lines and lines starting with ``#`` are skipped.
+              manifest's folder (a line starting with ``http://`` or ``https://`` is a URL); blank lines and lines
+              starting with ``#`` are skipped;
+            - DICOM (slides only, :mod:`pathbundles.dicom_wsi`): a folder of one series' instances (``.dcm``, or
+              DICOM files without a suffix) is one slide; a folder's several series, and subfolders holding a
+              series each, are one slide each (beside the folder's slide files); one instance file is its
+              series; a DICOMweb series URL is one slide. DICOM items are named by their series
+              (:func:`pathbundles.dicom_wsi.series_name`), here and in lists that give no ``name``.
             Entries are listed as they are: one that cannot be read (a broken link, a symlink loop) fails by name
             when the run reaches it, and the others run.
         kind: which demo data when ``source`` is ``None``, and which files a folder or single file holds:
@@ -167,31 +173,42 @@ def datalist(source: str | os.PathLike | None = None, kind: str = "metastasis", 
             without them, a folder, a slide and a manifest are used whole; see
             :func:`pathbundles.sampling.read_datalist`).
         first: how many demo items, when ``source`` is ``None``.
-        existing: refuse a list (datalist or manifest) naming an image that is not a file, naming the list and the
-            entry, before anything runs (the deploy applications); by default such an entry fails alone in the run.
+        existing: refuse a list (datalist or manifest) naming an image that is not a file (nor a DICOM series
+            folder or a well-formed DICOMweb URL), naming the list and the entry, before anything runs (the deploy
+            applications); by default such an entry fails alone in the run.
 
     Raises:
         InputError: naming ``source`` when it does not exist, is a folder without slides, a file of another
             extension, a manifest that is not text or lists nothing, or a malformed datalist.
     """
+    from pathbundles import dicom_wsi
     from pathbundles.errors import InputError
     from pathbundles.sampling import read_datalist
 
     if source is None:
         return demo_datalist(kind, split, first)
+    slides_kind = kind != "mitosis"
+    if slides_kind and dicom_wsi.is_dicomweb_url(str(source)):
+        return [_dicom_item(str(source))]
     path = Path(source)
     suffixes, what = (HPF_SUFFIXES, "HPF image") if kind == "mitosis" else (SLIDE_SUFFIXES, "slide")
     expected = (f"expected a folder of {what}s, one {what} ({', '.join(suffixes)}), a datalist .json or a text "
-                f"manifest of {what} paths ({', '.join(MANIFEST_SUFFIXES)} or no suffix, one path a line)")
+                f"manifest of {what} paths ({', '.join(MANIFEST_SUFFIXES)} or no suffix, one path a line)"
+                + ("; for DICOM: a folder of a series' .dcm files, one .dcm, a folder of series folders or a "
+                   "DICOMweb series URL" if slides_kind else ""))
     if path.is_dir():
         try:
             slides = sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes and not p.name.startswith("."))
         except OSError as err:
             raise InputError(path, f"cannot list the folder: {err}") from err
-        if not slides:
-            raise InputError(path, f"no {what} files ({', '.join(suffixes)}) in this folder")
         # Not resolve(): it raises on a symlink loop, and a linked slide keeps the name it has in this folder.
-        return [{"image": os.path.abspath(p)} for p in slides]
+        items = [{"image": os.path.abspath(p)} for p in slides]
+        if slides_kind:
+            items += _dicom_folder_items(path)
+        if not items:
+            raise InputError(path, f"no {what} files ({', '.join(suffixes)}){' or DICOM series' * slides_kind} in "
+                                   "this folder")
+        return items
     suffix = path.suffix.lower()
     if suffix == ".json":
         items = read_datalist(path, split=split)
@@ -200,6 +217,8 @@ def datalist(source: str | os.PathLike | None = None, kind: str = "metastasis", 
         raise InputError(path, f"no such file or folder: {expected}")
     elif suffix in suffixes:
         return [{"image": os.path.abspath(path)}]
+    elif slides_kind and (suffix == ".dcm" or (not suffix and dicom_wsi.is_dicom_file(path))):
+        return [_dicom_item(os.path.abspath(path))]  # never read as a manifest: its bytes are no text
     elif suffix in MANIFEST_SUFFIXES or not suffix:
         lines, items = _read_manifest(path, what, expected)
     else:
@@ -208,14 +227,58 @@ def datalist(source: str | os.PathLike | None = None, kind: str = "metastasis", 
         raise InputError(path, f"unknown extension {suffix!r}{other}: {expected}")
     if existing:
         for line, item in zip(lines, items):
-            if not Path(item["image"]).is_file():
-                raise InputError(path, f"{item['image']}: no such file", line=line)
+            image = item["image"]
+            if slides_kind and dicom_wsi.is_dicomweb_url(image):
+                try:
+                    dicom_wsi.parse_dicomweb_url(image)
+                except InputError as err:
+                    raise InputError(path, f"{image}: {err.problem}", line=line) from None
+            elif not (Path(image).is_file() or (slides_kind and Path(image).is_dir()
+                                                and dicom_wsi.is_dicom_source(image))):
+                raise InputError(path, f"{image}: no such file", line=line)
+    if slides_kind:
+        items = [_dicom_item(item["image"], item) if "name" not in item and _is_dicom_image(item["image"]) else item
+                 for item in items]
     return items
+
+
+def _is_dicom_image(image: object) -> bool:
+    """Whether a listed image is a DICOM slide that can be named now: a DICOMweb URL, or a DICOM file or folder
+    that exists (one that does not fails by name when the run reaches it)."""
+    from pathbundles import dicom_wsi
+
+    return dicom_wsi.is_dicomweb_url(image) or (dicom_wsi.is_dicom_source(image) and Path(str(image)).exists())
+
+
+def _dicom_item(image: str, item: dict | None = None) -> dict:
+    """A datalist item for the DICOM slide ``image`` (a series' folder or file, or a DICOMweb URL), named by its
+    series (:func:`pathbundles.dicom_wsi.series_name`: its container identifier, never an instance UID)."""
+    from pathbundles.dicom_wsi import series_name
+
+    return {**(item or {}), "image": image, "name": series_name(image)}
+
+
+def _dicom_folder_items(folder: Path) -> list[dict]:
+    """Items of the DICOM slides in ``folder``: the folder itself when its DICOM files are one series, one item per
+    series (its first file) when they are several, and the same for each subfolder (not hidden) holding DICOM
+    files; sorted by name."""
+    from pathbundles import dicom_wsi
+
+    items = []
+    folders = [folder] + sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for sub in folders:
+        series = dicom_wsi.dicom_series(dicom_wsi.dicom_files(sub))
+        if len(series) == 1:
+            items.append(_dicom_item(os.path.abspath(sub)))
+        else:
+            items += [_dicom_item(os.path.abspath(files[0])) for files in series.values()]
+    return sorted(items, key=lambda item: item["name"])
 
 
 def _read_manifest(path: Path, what: str, expected: str) -> tuple[list[int], list[dict]]:
     """(line numbers, items) of a text manifest: one path a line, relative to its folder; InputError naming it when
     it is not UTF-8 text (a slide or other binary file under a manifest's name) or lists nothing."""
+    from pathbundles.dicom_wsi import is_dicomweb_url
     from pathbundles.errors import InputError
 
     try:
@@ -232,7 +295,8 @@ def _read_manifest(path: Path, what: str, expected: str) -> tuple[list[int], lis
         entry = line.strip()
         if entry and not entry.startswith("#"):
             lines.append(number)
-            items.append({"image": os.path.abspath(path.parent / entry)})  # resolve() raises on a symlink loop
+            # resolve() raises on a symlink loop; a URL (a DICOMweb series) stays as it is
+            items.append({"image": entry if is_dicomweb_url(entry) else os.path.abspath(path.parent / entry)})
     if not items:
         raise InputError(path, f"the manifest lists no {what}s (one path a line; '#' starts a comment)")
     return lines, items

@@ -84,11 +84,19 @@ def check_name(name: str, source: str | os.PathLike) -> str:
 def slide_name(item: Mapping[str, Any] | str) -> tuple[str, str]:
     """(name, image path) of a datalist item: a path, or a dict with ``image`` and optionally ``name`` and ``box``.
 
-    The name is what the item's outputs and records are called: its ``name``, else its image's file stem, plus
-    ``_x<x>_y<y>`` (level-0 px) when it is a ``box`` of a slide (an HPF). Checked by :func:`check_name`.
+    The name is what the item's outputs and records are called: its ``name``, else, for a DICOM slide (a series'
+    folder or file, a DICOMweb URL), its series' name (:func:`pathbundles.dicom_wsi.series_name`: the container
+    identifier, never an instance UID), else its image's file stem; plus ``_x<x>_y<y>`` (level-0 px) when it is a
+    ``box`` of a slide (an HPF). Checked by :func:`check_name`.
     """
     path = item if isinstance(item, str) else str(item["image"])
-    base = Path(path).stem if isinstance(item, str) else str(item.get("name") or Path(path).stem)
+    base = None if isinstance(item, str) else item.get("name")
+    if not base:
+        from pathbundles.dicom_wsi import is_dicom_source, is_dicomweb_url, series_name
+
+        dicom = is_dicom_source(path) and (is_dicomweb_url(path) or Path(path).exists())
+        base = series_name(path) if dicom else Path(path).stem
+    base = str(base)
     box = None if isinstance(item, str) else item.get("box")
     if box is not None:
         x, y = _box_origin(box, path)

@@ -232,6 +232,7 @@ def read_datalist(path: str | Path, split: str | None = None) -> list[dict]:
     """
     import json
 
+    from pathbundles.dicom_wsi import is_dicomweb_url
     from pathbundles.errors import InputError
 
     path = Path(path)
@@ -254,7 +255,7 @@ def read_datalist(path: str | Path, split: str | None = None) -> list[dict]:
                 raise InputError(path, f"no item of split {split!r}; the file has splits {splits}")
     for item in items:
         for key in PATH_KEYS:
-            if item.get(key):
+            if item.get(key) and not is_dicomweb_url(item[key]):  # a DICOMweb series URL is no path
                 item[key] = os.path.abspath(path.parent / item[key])
     return items
 

@@ -1,13 +1,14 @@
-"""Whole-slide images: one `Slide` interface over cuCIM, OpenSlide and a tile-aware tifffile reader.
+"""Whole-slide images: one `Slide` interface over cuCIM, OpenSlide, a tile-aware tifffile reader and (in
+`pathbundles.dicom_wsi`) wsidicom for DICOM series, local or over DICOMweb.
 
 Conventions (see docs/ARCHITECTURE.md): positions are level-0 pixels as (x, y); region sizes are (width, height);
 returned arrays are uint8 (H, W, 3) RGB; resolution is micrometres per pixel (mpp), never a level number. Pixels
 outside the slide read as white (255) and RGBA is composited on white.
 
 `Slide` holds all logic (level choice, reads at any mpp with anti-aliased resampling, bounds and padding,
-validation, info); each backend subclass implements five small methods (`_open`, `_geometry`, `_read_level`,
-`_file_mpp`, `_close`) and may override `_objective_power`, `_stored_bytes` and `_tile_sizes`. MONAI is imported
-only when `TiledTiffWSIReader` is first used.
+validation, info, the level check); each backend subclass implements five small methods (`_open`, `_geometry`,
+`_read_level`, `_file_mpp`, `_close`) and may override `_checked_path`, `_objective_power`, `_stored_bytes` and
+`_tile_sizes`. MONAI is imported only when `TiledTiffWSIReader` is first used.
 
 What a file claims is bounded before anything is read (`Slide._check_claims`, every backend): at most
 `max_level0_px` level-0 pixels (default `MAX_LEVEL0_PX`, or `$PATHBUNDLES_MAX_LEVEL0_PX`), at most
@@ -16,12 +17,19 @@ most `MAX_TILE_PX` where the backend reports them, and at its mpp no side longer
 (`MAX_SCAN_UM`). The tifffile backend also checks each level's tile table (count, byte ranges, a least size per
 compressed tile). A stated mpp that is implausible (outside 0.1-20 um/px, or far from 10 / objective power) is
 logged as a warning naming the file; one that is no positive finite number states none.
+
+Level check (every backend): a pyramid level other than 0 is used by level choice (reads at an mpp, thumbnails)
+only after it agreed, once per process, with the next finer level that agreed, downsampled, on a small window
+holding content (`Slide._check_level_agreement`, thresholds `LEVEL_CHECK_*`); a level that does not (a colour space
+mislabelled by a converter, a shifted level) is skipped with one warning naming the slide, the level and the
+difference. `Slide.read_level_region` reads the level it is given.
 """
 
 from __future__ import annotations
 
 import abc
 import collections
+import contextlib
 import importlib
 import logging
 import math
@@ -37,7 +45,7 @@ import numpy as np
 from pathbundles.errors import BackendRefusedError, SlideError
 from pathbundles.resample import resample_area
 
-BACKENDS = ("cucim", "openslide", "tifffile")
+BACKENDS = ("cucim", "openslide", "tifffile", "dicom")
 
 #: Default limit on level-0 pixels (width x height); `$PATHBUNDLES_MAX_LEVEL0_PX` or ``max_level0_px=`` change it.
 #: A Camelyon16 slide is 97792 x 221184 = 2.2e10 px; 1e11 leaves room for the largest 40x scans, while a header
@@ -77,6 +85,33 @@ _warned_mpp: set[tuple[str, tuple[float, float]]] = set()
 _THUMBNAIL_BAND_SOURCE_PX = 1 << 24
 # OpenSlide's default tile cache is 32 MiB; the tifffile backend keeps the same budget so benchmarks compare alike.
 _TILE_CACHE_BYTES = 32 << 20
+#: Level check (`Slide._level_agrees`): a pyramid level other than 0 is read only after it was compared, once per
+#: process, slide and level, with the next finer level that passed, on a window of at most LEVEL_CHECK_PX px a side
+#: at the checked level (a few tiles: cheap even over DICOMweb), with the finer level's area at most
+#: LEVEL_CHECK_REFERENCE_PX px a side (the window shrinks for a level far coarser than its reference).
+LEVEL_CHECK_PX = 256
+LEVEL_CHECK_REFERENCE_PX = 2048
+#: Smallest window (px a side) worth comparing; a level smaller than this is used unchecked.
+LEVEL_CHECK_MIN_PX = 16
+#: Coarsest level that is read whole (pixels) to find where the content is; above it 9 windows are tried.
+LEVEL_CHECK_MAP_PX = 4 << 20
+#: Shifts tried each way, in level px. Converters that round level sizes place a level's pixels up to
+#: (k - 1) / k of a level px off (the reference's area average then still agrees within JPEG noise); a level
+#: shifted by a whole px or more (a mis-set origin, a crop) is refused.
+LEVEL_CHECK_MAX_SHIFT_PX = 2
+#: How much lower (relative) the mean absolute difference at the best shift must be than in place for the level
+#: to count as shifted: 25 % keeps flat content (glass, where every shift fits alike) and JPEG noise from looking
+#: shifted, while a real 1 px shift of tissue roughly halves the difference.
+LEVEL_CHECK_SHIFT_GAIN = 0.25
+#: Largest difference (grey levels, 0-255) of a channel's mean over the window. JPEG at quality 80-95 and the
+#: difference between a converter's filter and an area average move a channel's mean by under 2; YCbCr decoded as
+#: RGB (the pink levels of a mislabelled pyramid) moves it by tens.
+LEVEL_CHECK_COLOUR_TOLERANCE = 8.0
+#: Largest mean absolute difference per pixel and channel (grey levels) at the best alignment. JPEG noise and
+#: filter differences (Lanczos, bilinear, area) on tissue give 2-10; another image or scrambled tiles give 30+.
+LEVEL_CHECK_PIXEL_TOLERANCE = 20.0
+_LEVEL_CHECKS: dict[tuple[str, str, int], str] = {}  # (source, backend, level) -> problem, '' when it agrees
+_LEVEL_CHECK_LOCK = threading.RLock()
 # Relative mpp difference under which a level counts as the requested resolution in an exact read: float rounding
 # only (mpp from rational TIFF tags, products of downsamples). Any real difference, even 0.01 %, is resampled.
 _SAME_MPP_RTOL = 1e-6
@@ -86,15 +121,16 @@ class Slide(abc.ABC):
     """A whole-slide image opened by one backend; use `open_slide` to make one.
 
     Args:
-        path: the slide file.
+        path: the slide file (for the DICOM backend also a series folder or a DICOMweb series URL).
         mpp: level-0 resolution in um/px, a number or (mpp_x, mpp_y); overrides the file's value (for files that
             store none, such as a single Camelyon16 level saved as TIFF).
         max_level0_px: most level-0 pixels (width x height) the file may claim; None = `$PATHBUNDLES_MAX_LEVEL0_PX`,
             else `MAX_LEVEL0_PX`.
 
     Attributes:
-        path: the slide file.
-        backend: "cucim", "openslide" or "tifffile".
+        source: the slide as given, as text (what messages name and pickling reopens).
+        path: the slide file or folder as a Path; a DICOMweb URL stays text (`Path` would merge its '//').
+        backend: "cucim", "openslide", "tifffile" or "dicom".
         vendor: the format as the backend names it ("aperio", "generic-tiff", ...).
         level_dimensions: [(width, height), ...] per level, in that level's pixels.
         level_downsamples: level-0 pixels per level pixel (never assumed 2**level): a whole k where the level's
@@ -110,9 +146,9 @@ class Slide(abc.ABC):
 
     def __init__(self, path: str | os.PathLike, mpp: float | tuple[float, float] | None = None,
                  max_level0_px: int | None = None) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise SlideError(self.path, "file does not exist" if not self.path.exists() else "not a regular file")
+        #: the slide as given (a path, or a DICOMweb URL that `Path` would mangle): messages and pickling use it
+        self.source = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+        self.path = self._checked_path(self.source)
         if mpp is not None:
             try:
                 mpp_xy = (float(mpp), float(mpp)) if np.isscalar(mpp) else tuple(float(v) for v in mpp)
@@ -151,6 +187,15 @@ class Slide(abc.ABC):
             self._warn_if_implausible_mpp()
 
     # ---- backend interface -------------------------------------------------------------------------------------
+
+    @classmethod
+    def _checked_path(cls, source: str) -> Path | str:
+        """``source`` as the backend opens it, or SlideError naming it: one regular file for the file backends
+        (`pathbundles.dicom_wsi.DicomSlide` also takes a folder or a DICOMweb URL)."""
+        path = Path(source)
+        if not path.is_file():
+            raise SlideError(path, "file does not exist" if not path.exists() else "not a regular file")
+        return path
 
     @abc.abstractmethod
     def _open(self) -> None:
@@ -440,7 +485,7 @@ class Slide(abc.ABC):
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Re-open by path in the receiving process: backend handles cannot be pickled (DataLoader workers).
-        return type(self), (self.path, self._mpp_override, self._max_level0_px)
+        return type(self), (self.source, self._mpp_override, self._max_level0_px)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({str(self.path)!r}, vendor={self.vendor!r}, "
@@ -470,22 +515,124 @@ class Slide(abc.ABC):
         return float(mpp)
 
     def _level_within(self, mpp: float, tolerance: float) -> int | None:
-        """The level whose mpp is nearest to ``mpp`` when both its axes are within ``tolerance`` (relative), else
-        None."""
+        """The usable level (`_level_agrees`) whose mpp is nearest to ``mpp`` when both its axes are within
+        ``tolerance`` (relative), else None."""
         def worst(level: int) -> float:
             return max(abs(m - mpp) for m in self.level_mpp(level)) / mpp
 
-        nearest = min(range(self.level_count), key=worst)
-        return nearest if worst(nearest) <= tolerance else None
+        near = sorted((level for level in range(self.level_count) if worst(level) <= tolerance), key=worst)
+        return next((level for level in near if self._level_agrees(level)), None)
 
     def _level_for(self, mpp: float) -> int:
-        """The level an exact read at ``mpp`` reads from: the level at ``mpp`` itself, else the coarsest finer one
-        (level 0 when ``mpp`` is finer than level 0)."""
+        """The level an exact read at ``mpp`` reads from: the usable level at ``mpp`` itself, else the coarsest
+        usable finer one (level 0 when ``mpp`` is finer than level 0)."""
         same = self._level_within(mpp, _SAME_MPP_RTOL)
         if same is not None:
             return same
-        finer = [i for i in range(self.level_count) if max(self.level_mpp(i)) < mpp]
-        return max(finer, key=lambda i: sum(self.level_mpp(i))) if finer else 0
+        finer = sorted((i for i in range(self.level_count) if max(self.level_mpp(i)) < mpp),
+                       key=lambda i: sum(self.level_mpp(i)), reverse=True)
+        return next((level for level in finer if self._level_agrees(level)), 0)
+
+    # ---- level check -------------------------------------------------------------------------------------------
+
+    def _level_agrees(self, level: int) -> bool:
+        """Whether pyramid level ``level`` may be read for level choice: level 0 always; another level once
+        `_check_level_agreement` found it to agree with the next finer level that agrees (checked once per process,
+        slide and level; a disagreeing level gets one warning naming the slide, the level and the difference)."""
+        if level == 0:
+            return True
+        key = (self.source, self.backend, level)
+        with _LEVEL_CHECK_LOCK:
+            verdict = _LEVEL_CHECKS.get(key)
+        if verdict is None:
+            reference = max(i for i in range(level) if self._level_agrees(i))
+            try:
+                problem = self._check_level_agreement(level, reference)
+            except SlideError as err:  # a level that cannot be read is not used either
+                problem = f"reading it for the check failed ({err.problem})"
+            with _LEVEL_CHECK_LOCK:
+                if key not in _LEVEL_CHECKS:
+                    _LEVEL_CHECKS[key] = problem
+                    if problem:
+                        logger.warning("%s: pyramid level %d (%d x %d px) is not used: %s; reads use finer levels",
+                                       self.source, level, *self.level_dimensions[level], problem)
+                verdict = _LEVEL_CHECKS[key]
+        return not verdict
+
+    def _check_level_agreement(self, level: int, reference: int) -> str:
+        """Compare ``level`` with the finer level ``reference`` on a window of at most `LEVEL_CHECK_PX` px a side at
+        ``level``, placed on the most content (`_content_window`): the reference's pixels covering the same
+        level-0 area are area-averaged to the level's pixel grid (`pathbundles.resample`), also shifted by up to
+        `LEVEL_CHECK_MAX_SHIFT_PX` level px each way. Returns what disagrees ('' when the level agrees): a best
+        shift of a whole level px or more that beats no shift by `LEVEL_CHECK_SHIFT_GAIN`, a channel mean beyond
+        `LEVEL_CHECK_COLOUR_TOLERANCE`, or a mean absolute difference beyond `LEVEL_CHECK_PIXEL_TOLERANCE`."""
+        (sx, sy), (rsx, rsy) = self._level_scales[level], self._level_scales[reference]
+        ratio_x, ratio_y = sx / rsx, sy / rsy
+        lw, lh = self.level_dimensions[level]
+        side = max(LEVEL_CHECK_MIN_PX, min(LEVEL_CHECK_PX, int(LEVEL_CHECK_REFERENCE_PX / max(ratio_x, ratio_y))))
+        w, h = min(side, lw), min(side, lh)
+        if min(w, h) < LEVEL_CHECK_MIN_PX:
+            return ""  # a level this small is too small to compare; it costs nothing to use
+        x, y = self._content_window(level, (w, h))
+        pixels = self._read_level_px(level, (x, y), (w, h)).astype(np.float32)
+        off_x, off_y = self._level_offset(level, (x, y))
+        # The reference area the window covers, with the shift search's margin, in reference pixels.
+        margin = LEVEL_CHECK_MAX_SHIFT_PX + 1
+        rx0 = math.floor((x - margin) * ratio_x)
+        ry0 = math.floor((y - margin) * ratio_y)
+        rx1, ry1 = math.ceil((x + w + margin) * ratio_x), math.ceil((y + h + margin) * ratio_y)
+        reference_px = self._read_level_px(reference, (rx0, ry0), (rx1 - rx0, ry1 - ry0))
+        reference_px = reference_px.astype(np.float32)
+        roff_x, roff_y = self._level_offset(reference, (max(rx0, 0), max(ry0, 0)))
+        errors = {}
+        for dy in range(-LEVEL_CHECK_MAX_SHIFT_PX, LEVEL_CHECK_MAX_SHIFT_PX + 1):
+            for dx in range(-LEVEL_CHECK_MAX_SHIFT_PX, LEVEL_CHECK_MAX_SHIFT_PX + 1):
+                left = (x + off_x + dx) * ratio_x - rx0 - roff_x
+                top = (y + off_y + dy) * ratio_y - ry0 - roff_y
+                expected = resample_area(reference_px, (left, top, left + w * ratio_x, top + h * ratio_y), (w, h))
+                errors[(dx, dy)] = (float(np.abs(pixels - expected).mean()), expected)
+        best = min(errors, key=lambda shift: errors[shift][0])
+        unshifted, shifted = errors[(0, 0)][0], errors[best][0]
+        if best != (0, 0) and unshifted - shifted > LEVEL_CHECK_SHIFT_GAIN * max(shifted, 1.0):
+            # Best when the reference is read ``best`` px off: the level's image lies -best px (x right, y down) off.
+            return (f"it is shifted by about ({-best[0]}, {-best[1]}) level px (x, y) against level {reference} (mean "
+                    f"absolute difference {shifted:.1f} grey levels so shifted, {unshifted:.1f} in place)")
+        colour = pixels.reshape(-1, 3).mean(axis=0) - errors[(0, 0)][1].reshape(-1, 3).mean(axis=0)
+        if np.abs(colour).max() > LEVEL_CHECK_COLOUR_TOLERANCE:
+            return (f"its colour differs from level {reference} downsampled by (R, G, B) = "
+                    f"({colour[0]:+.1f}, {colour[1]:+.1f}, {colour[2]:+.1f}) grey levels on average (tolerance "
+                    f"{LEVEL_CHECK_COLOUR_TOLERANCE:g}): a colour space mislabelled, e.g. YCbCr stored as RGB")
+        if unshifted > LEVEL_CHECK_PIXEL_TOLERANCE:
+            return (f"its pixels differ from level {reference} downsampled by {unshifted:.1f} grey levels on average "
+                    f"(tolerance {LEVEL_CHECK_PIXEL_TOLERANCE:g}): it does not show the same image")
+        return ""
+
+    def _content_window(self, level: int, size_px: tuple[int, int]) -> tuple[int, int]:
+        """Top-left (x, y) in ``level`` pixels of the ``size_px`` window with the most content (least like glass:
+        dark or coloured), found on the coarsest level when it has at most `LEVEL_CHECK_MAP_PX` pixels, else among
+        a 3 x 3 grid of windows of ``level`` itself."""
+        (lw, lh), (w, h) = self.level_dimensions[level], size_px
+        coarsest = self.level_count - 1
+        cw, ch = self.level_dimensions[coarsest]
+        content = None
+        if cw * ch <= LEVEL_CHECK_MAP_PX:
+            with contextlib.suppress(SlideError):  # an unreadable coarsest level: try the windows instead
+                content = _content_score(self._read_level_px(coarsest, (0, 0), (cw, ch)))
+        if content is not None:
+            # The window's size in coarsest-level pixels, and the content summed over every such window.
+            kx = max(1, round(w * self._level_scales[level][0] / self._level_scales[coarsest][0]))
+            ky = max(1, round(h * self._level_scales[level][1] / self._level_scales[coarsest][1]))
+            kx, ky = min(kx, cw), min(ky, ch)
+            sums = np.pad(content, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+            windows = sums[ky:, kx:] - sums[:-ky, kx:] - sums[ky:, :-kx] + sums[:-ky, :-kx]
+            cy, cx = np.unravel_index(int(np.argmax(windows)), windows.shape)
+            x = round(cx * self._level_scales[coarsest][0] / self._level_scales[level][0])
+            y = round(cy * self._level_scales[coarsest][1] / self._level_scales[level][1])
+        else:
+            steps = (0.25, 0.5, 0.75)
+            grid = [(round(fx * (lw - w)), round(fy * (lh - h))) for fy in steps for fx in steps]
+            x, y = max(grid, key=lambda xy: float(_content_score(self._read_level_px(level, xy, (w, h))).sum()))
+        return min(max(x, 0), lw - w), min(max(y, 0), lh - h)
 
     def _read_stored(self, level: int, level0_xy: tuple[float, float], size_px: tuple[int, int]) -> np.ndarray:
         """(w, h) pixels of ``level`` as stored, from the level pixel nearest to ``level0_xy``."""
@@ -538,6 +685,12 @@ class Slide(abc.ABC):
         out = np.full((h, w, 3), 255, np.uint8)
         out[cy0 - y:cy1 - y, cx0 - x:cx1 - x] = _as_rgb(pixels)
         return out
+
+
+def _content_score(rgb: np.ndarray) -> np.ndarray:
+    """Per pixel, how unlike glass (bright and grey) it is: darkness plus saturation, in grey levels."""
+    rgb = rgb.astype(np.float32)
+    return (255.0 - rgb.min(axis=-1)) + (rgb.max(axis=-1) - rgb.min(axis=-1))
 
 
 def _max_level0_px(path: Path, given: int | None) -> int:
@@ -967,11 +1120,22 @@ class CuCIMSlide(Slide):
 # ---- entry points -----------------------------------------------------------------------------------------------
 
 _BACKEND_CLASSES: dict[str, type[Slide]] = {"cucim": CuCIMSlide, "openslide": OpenSlideSlide, "tifffile": TiffSlide}
-_BACKEND_MODULES = {"cucim": "cucim", "openslide": "openslide", "tifffile": "tifffile"}
+_BACKEND_MODULES = {"cucim": "cucim", "openslide": "openslide", "tifffile": "tifffile", "dicom": "wsidicom"}
+
+
+def _backend_class(name: str) -> type[Slide]:
+    """The `Slide` class of backend ``name``; the DICOM backend's module is imported on first use (it imports this
+    one)."""
+    if name == "dicom":
+        from pathbundles.dicom_wsi import DicomSlide
+
+        return DicomSlide
+    return _BACKEND_CLASSES[name]
 
 
 def available_backends() -> list[str]:
-    """Backends whose library imports here, in `auto` preference order (cuCIM, OpenSlide, tifffile)."""
+    """Backends whose library imports here, in `auto` preference order (cuCIM, OpenSlide, tifffile; the DICOM
+    backend, wsidicom, is tried first and only for DICOM sources)."""
     found = []
     for name in BACKENDS:
         try:
@@ -987,12 +1151,15 @@ def open_slide(path: str | os.PathLike, backend: str = "auto",
     """Open a whole-slide image.
 
     Args:
-        path: slide file (SVS, tiled/pyramidal TIFF, OME-TIFF, or any format the chosen backend reads).
-        backend: "auto", "cucim", "openslide" or "tifffile". "auto" tries the installed backends in the order
-            cuCIM, OpenSlide, tifffile (tifffile first for an OME-TIFF, whose SubIFD levels and OME-XML pixel sizes
-            the others do not read) and takes the first that reads the file; a backend that refuses it (a format or
-            sample layout it does not read) passes it on to the next. A file that a backend reads but finds unsound
-            (a header claiming more than the file holds, a truncated tile table) is refused at once.
+        path: slide file (SVS, tiled/pyramidal TIFF, OME-TIFF, or any format the chosen backend reads); for DICOM
+            also a folder of one series' instances or a DICOMweb series URL (`pathbundles.dicom_wsi`).
+        backend: "auto", "cucim", "openslide", "tifffile" or "dicom". "auto" tries the installed backends in the
+            order cuCIM, OpenSlide, tifffile (tifffile first for an OME-TIFF, whose SubIFD levels and OME-XML pixel
+            sizes the others do not read) and takes the first that reads the file; a backend that refuses it (a
+            format or sample layout it does not read) passes it on to the next. A file that a backend reads but
+            finds unsound (a header claiming more than the file holds, a truncated tile table) is refused at once.
+            A DICOM source (`pathbundles.dicom_wsi.is_dicom_source`) goes to the DICOM backend, and a single DICOM
+            file it refuses to OpenSlide.
         mpp: level-0 resolution in um/px (number or (mpp_x, mpp_y)) overriding the file's value.
         max_level0_px: most level-0 pixels the file may claim (default `$PATHBUNDLES_MAX_LEVEL0_PX`, else
             `MAX_LEVEL0_PX`); a file claiming more raises SlideError before anything is read.
@@ -1005,19 +1172,27 @@ def open_slide(path: str | os.PathLike, backend: str = "auto",
     """
     name = backend.lower()
     if name != "auto":
-        if name not in _BACKEND_CLASSES:
+        if name not in BACKENDS:
             raise SlideError(path, f"unknown backend {backend!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
-        return _BACKEND_CLASSES[name](path, mpp=mpp, max_level0_px=max_level0_px)
+        return _backend_class(name)(path, mpp=mpp, max_level0_px=max_level0_px)
+    from pathbundles.dicom_wsi import is_dicom_source, is_dicomweb_url
+
     found = available_backends()
+    if is_dicom_source(path):
+        single_file = not is_dicomweb_url(path) and Path(path).is_file()
+        found = [b for b in ("dicom", "openslide") if b in found and (b == "dicom" or single_file)]
+    elif "dicom" in found:
+        found.remove("dicom")
     if not found:
-        raise SlideError(path, "no slide backend is installed (need cucim, openslide-python or tifffile)")
+        raise SlideError(path, "no slide backend is installed that reads it (need cucim, openslide-python or "
+                               "tifffile; wsidicom for DICOM)")
     if "tifffile" in found and is_ome_tiff(path):
         found.remove("tifffile")
         found.insert(0, "tifffile")
     refusals: dict[str, list[str]] = {}  # problem -> the backends that gave it
     for name in found:
         try:
-            return _BACKEND_CLASSES[name](path, mpp=mpp, max_level0_px=max_level0_px)
+            return _backend_class(name)(path, mpp=mpp, max_level0_px=max_level0_px)
         except SlideError as err:
             if not refusals and not isinstance(err, BackendRefusedError):
                 raise  # the file itself is unusable (missing, unsound, a bad mpp): every backend would say so

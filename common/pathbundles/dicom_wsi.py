@@ -1,0 +1,478 @@
+"""DICOM whole-slide images (VL Whole Slide Microscopy): a `Slide` backend over wsidicom, local or over DICOMweb.
+
+A DICOM slide is one series of instances (one or more per pyramid level; associated label, overview and thumbnail
+images beside them). `DicomSlide` opens
+
+- a folder holding one series' instances (``.dcm`` files, or files without a suffix that are DICOM);
+- one instance file: its series is the instances in the same folder that share its SeriesInstanceUID (as OpenSlide
+  4 does);
+- a DICOMweb series, ``http(s)://HOST[:PORT]/PATH/studies/<StudyInstanceUID>/series/<SeriesInstanceUID>``
+  (`parse_dicomweb_url`), read lazily frame by frame over WADO-RS: only instance metadata is fetched on opening and
+  each read fetches the frames it touches, through wsidicom's in-memory LRU frame caches of `FRAME_CACHE_BYTES`.
+
+Why wsidicom (Apache-2.0, pinned < 0.34 with TIAToolbox): it reads folders, concatenations, TILED_SPARSE tiling,
+JPEG / JPEG 2000 / JPEG-LS frames and has a DICOMweb source over dicomweb-client, the standard DICOMweb client;
+OpenSlide 4 opens only a file of a series and nothing over the network. wsidicom's `WsiDicom` pyramid assumes
+power-of-2 levels and refuses others, so the levels here are the series' VOLUME instances grouped by size and read
+one by one (`wsidicom.instance.WsiInstance`): the geometry is what the instances state, any downsample works.
+
+Series written without ImageType (OrthancWSIDicomizer) are patched on read: a VL WSI instance whose ImageType is
+missing or names no known flavour is taken as a VOLUME (pyramid) instance, and a warning says so; a "level" whose
+aspect ratio is not level 0's is then left out. Instances without pixel spacing are refused (SlideError) unless a
+level-0 mpp is given.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import logging
+import os
+import re
+import urllib.parse
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pathbundles.errors import InputError, SlideError
+from pathbundles.wsi import MPP_HINT, Slide, _similar_ratio
+
+logger = logging.getLogger(__name__)
+
+#: SOP Class UID of VL Whole Slide Microscopy Image Storage.
+VL_WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
+#: Bytes of decoded (and, separately, of encoded) frames wsidicom keeps per slide: 64 MiB holds ~340 decoded 256 px
+#: RGB frames, more than a 2048 px read touches, so neighbouring reads over DICOMweb fetch each frame once.
+FRAME_CACHE_BYTES = 64 << 20
+#: Seconds a DICOMweb request may wait to connect and between bytes of the answer before the read fails: a server
+#: that stops answering ends the slide with an error naming it instead of hanging the run.
+DICOMWEB_TIMEOUT_S = 60.0
+#: Tries of a DICOMweb request that fails to connect or gets a retriable status (429, 503, 504), with waits of 0.5
+#: and 1 s between them: enough for a server's brief hiccup; dicomweb-client's own 5 tries took 30 s per request.
+DICOMWEB_ATTEMPTS = 3
+#: Image flavours (ImageType value 3) of VL WSI instances; others are patched to VOLUME (see the module text).
+_FLAVOURS = ("VOLUME", "LABEL", "OVERVIEW", "THUMBNAIL")
+#: What an inferred ImageType becomes.
+_PATCHED_IMAGE_TYPE = ["DERIVED", "PRIMARY", "VOLUME", "NONE"]
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_MAX_UID_CHARS = 64
+_URL_PATH = re.compile(r"^(?P<root>(?:/[^/]+)*?)/studies/(?P<study>[^/]+)/series/(?P<series>[^/]+)/?$")
+_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_warned_patched: set[str] = set()
+#: Tags read from each file's header to list a folder's series (no pixel data is read).
+_HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "ContainerIdentifier", "SeriesDescription"]
+
+
+# ---- sources -----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DicomWebSeries:
+    """A DICOMweb series reference.
+
+    Attributes:
+        base_url: the DICOMweb service root (``http://host:8042/dicom-web``), without a trailing slash.
+        study_uid: StudyInstanceUID.
+        series_uid: SeriesInstanceUID.
+    """
+
+    base_url: str
+    study_uid: str
+    series_uid: str
+
+    @property
+    def url(self) -> str:
+        """The reference as a URL (what `parse_dicomweb_url` reads)."""
+        return f"{self.base_url}/studies/{self.study_uid}/series/{self.series_uid}"
+
+
+def is_dicomweb_url(text: Any) -> bool:
+    """Whether ``text`` is meant as a URL (starts with ``http://`` or ``https://``): such an image is never a path."""
+    return isinstance(text, str) and text[:8].lower().startswith(("http://", "https://"))
+
+
+def parse_dicomweb_url(text: str) -> DicomWebSeries:
+    """Read a DICOMweb series reference ``http(s)://HOST[:PORT]/PATH/studies/<StudyUID>/series/<SeriesUID>``.
+
+    Strict, since it comes from datalists: scheme http or https, a host, a valid port, no credentials, query or
+    fragment, no spaces or control characters, UIDs of digits and dots of at most 64 characters.
+
+    Raises:
+        InputError: naming ``text`` and what is wrong.
+    """
+    def refuse(problem: str) -> InputError:
+        return InputError(text, f"not a DICOMweb series URL: {problem} (expected http(s)://HOST[:PORT]/PATH/studies/"
+                                "<StudyInstanceUID>/series/<SeriesInstanceUID>)")
+
+    if not isinstance(text, str) or not is_dicomweb_url(text):
+        raise refuse("the scheme must be http or https")
+    if re.search(r"[\s\x00-\x1f\x7f]", text):
+        raise refuse("it contains a space or control character")
+    parts = urllib.parse.urlsplit(text)
+    if parts.query or parts.fragment or "?" in text or "#" in text:
+        raise refuse("a query or fragment is not part of a series reference")
+    if parts.username is not None or parts.password is not None:
+        raise refuse("credentials in the URL are refused (they would end up in logs and records)")
+    try:
+        port = parts.port
+    except ValueError:
+        raise refuse("the port is not a number from 0 to 65535") from None
+    if not parts.hostname:
+        raise refuse("it names no host")
+    match = _URL_PATH.match(parts.path)
+    if match is None:
+        raise refuse("its path does not end in /studies/<uid>/series/<uid>")
+    for what in ("study", "series"):
+        uid = match.group(what)
+        if len(uid) > _MAX_UID_CHARS or not _UID.match(uid):
+            raise refuse(f"the {what} UID {uid[:80]!r} is not a DICOM UID (digits and dots, at most 64 characters)")
+    netloc = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    netloc += f":{port}" if port is not None else ""
+    base = f"{parts.scheme.lower()}://{netloc}{match.group('root')}"
+    return DicomWebSeries(base, match.group("study"), match.group("series"))
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a regular file holding DICOM (the ``DICM`` prefix at byte 128); False when unreadable."""
+    try:
+        path = Path(path)
+        if not path.is_file():
+            return False
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def dicom_files(folder: Path) -> list[Path]:
+    """The DICOM files directly in ``folder`` (``.dcm`` or no suffix, not hidden), sorted by name."""
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as err:
+        raise InputError(folder, f"cannot list the folder: {err}") from err
+    return [p for p in entries if not p.name.startswith(".") and p.suffix.lower() in (".dcm", "")
+            and is_dicom_file(p)]
+
+
+def is_dicom_source(image: Any) -> bool:
+    """Whether a datalist ``image`` is a DICOM slide: a DICOMweb URL (``http(s)://``, checked when opened), a DICOM
+    file (``.dcm`` or the DICOM prefix), or a folder holding DICOM files."""
+    if not isinstance(image, (str, os.PathLike)):
+        return False
+    if is_dicomweb_url(image):
+        return True
+    path = Path(image)
+    if path.is_dir():
+        try:
+            return any(not p.name.startswith(".") and p.suffix.lower() in (".dcm", "") and is_dicom_file(p)
+                       for p in path.iterdir())
+        except OSError:
+            return False
+    return path.suffix.lower() == ".dcm" or (not path.suffix and is_dicom_file(path))
+
+
+def _headers(path: Path) -> Any:
+    """The header tags `_HEADER_TAGS` of a DICOM file (pydicom, no pixel data), or None when it is no DICOM."""
+    import pydicom
+
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+    except Exception:  # not DICOM, truncated, unreadable: not part of a series here
+        return None
+
+
+def dicom_series(files: Iterable[str | os.PathLike]) -> dict[str, list[Path]]:
+    """{SeriesInstanceUID: its files} of the VL Whole Slide Microscopy instances among ``files`` (other DICOM
+    objects, such as annotations or segmentations beside a slide, and non-DICOM files are left out), in the order
+    of first appearance. A file holding an instance listed already (the same SOPInstanceUID: another encoding of
+    it) is left out too."""
+    series: dict[str, list[Path]] = {}
+    seen: set[str] = set()
+    for path in map(Path, files):
+        header = _headers(path)
+        if header is None or str(header.get("SOPClassUID", "")) != VL_WSI_SOP_CLASS:
+            continue
+        instance = str(header.get("SOPInstanceUID", ""))
+        if instance in seen:
+            logger.info("%s: left out, its instance %s is in another file of the folder", path, instance)
+            continue
+        seen.add(instance)
+        series.setdefault(str(header.get("SeriesInstanceUID", "")), []).append(path)
+    return series
+
+
+def sanitise_name(text: str) -> str:
+    """A name from DICOM data as one plain file name (`pathbundles.outputs.check_name`): characters other than
+    ``A-Za-z0-9._-`` become ``_``, leading dots go, at most 200 characters; '' when nothing is left."""
+    return _NAME_UNSAFE.sub("_", str(text)).lstrip(".")[:200]
+
+
+def _series_name_of(dataset: Any) -> str:
+    """A series' output name: its ContainerIdentifier, else SeriesDescription, else SeriesInstanceUID, sanitised."""
+    from pydicom.multival import MultiValue
+
+    for keyword in ("ContainerIdentifier", "SeriesDescription", "SeriesInstanceUID"):
+        value = dataset.get(keyword) or ""
+        # A backslash in a text value splits it into several values: join them back.
+        name = sanitise_name("_".join(map(str, value)) if isinstance(value, (list, MultiValue)) else str(value))
+        if name.strip("_-"):
+            return name
+    return "dicom_series"
+
+
+@functools.lru_cache(maxsize=1024)
+def series_name(source: str) -> str:
+    """The output name of the DICOM slide ``source`` (folder, file or DICOMweb URL) without opening its pixels:
+    `_series_name_of` its first VL WSI instance's header (over DICOMweb: one instance's metadata).
+
+    Raises:
+        InputError: naming ``source`` when it holds no VL WSI instance or the server cannot be asked.
+    """
+    if is_dicomweb_url(source):
+        import pydicom
+
+        ref = parse_dicomweb_url(source)
+        client = _dicomweb_client(ref)
+        try:
+            found = client.search_for_instances(ref.study_uid, ref.series_uid,
+                                                search_filters={"SOPClassUID": VL_WSI_SOP_CLASS}, limit=1)
+            if not found:
+                raise InputError(source, "the DICOMweb server lists no VL Whole Slide Microscopy instance in this "
+                                         "series")
+            instance_uid = pydicom.Dataset.from_json(found[0]).SOPInstanceUID
+            metadata = pydicom.Dataset.from_json(client.retrieve_instance_metadata(ref.study_uid, ref.series_uid,
+                                                                                   instance_uid))
+        except InputError:
+            raise
+        except Exception as err:  # requests' and dicomweb-client's errors
+            raise InputError(source, f"cannot read the series from the DICOMweb server: {type(err).__name__}: "
+                                     f"{err}") from err
+        return _series_name_of(metadata)
+    files = _series_files(Path(source))
+    header = _headers(files[0])
+    return _series_name_of(header)
+
+
+def _series_files(path: Path) -> list[Path]:
+    """The files of the one series ``path`` names: a folder's (it must hold exactly one VL WSI series), or a file's
+    series in its folder. InputError naming ``path`` otherwise."""
+    if path.is_dir():
+        series = dicom_series(dicom_files(path))
+        if not series:
+            raise InputError(path, "holds no DICOM VL Whole Slide Microscopy instances (.dcm files)")
+        if len(series) > 1:
+            raise InputError(path, f"holds {len(series)} DICOM series ({', '.join(list(series)[:4])}): give one of a "
+                                   "series' .dcm files, or a folder per series")
+        return next(iter(series.values()))
+    header = _headers(path)
+    if header is None:
+        raise InputError(path, "not a DICOM file")
+    if str(header.get("SOPClassUID", "")) != VL_WSI_SOP_CLASS:
+        raise InputError(path, f"not a VL Whole Slide Microscopy image (SOP Class {header.get('SOPClassUID')})")
+    siblings = [p for p in dicom_files(path.parent) if p != path]
+    return dicom_series([path, *siblings])[str(header.get("SeriesInstanceUID", ""))]
+
+
+# ---- reading -------------------------------------------------------------------------------------------------------
+
+
+def _patch_image_type(dataset: Any, patched: list[str]) -> Any:
+    """Give a VL WSI instance without a usable ImageType (OrthancWSIDicomizer writes none) the VOLUME flavour,
+    noting its SOPInstanceUID in ``patched``."""
+    if str(getattr(dataset, "SOPClassUID", "")) != VL_WSI_SOP_CLASS:
+        return dataset
+    image_type = list(dataset.get("ImageType") or [])
+    if len(image_type) < 3 or str(image_type[2]).upper() not in _FLAVOURS:
+        dataset.ImageType = _PATCHED_IMAGE_TYPE
+        patched.append(str(getattr(dataset, "SOPInstanceUID", "?")))
+    return dataset
+
+
+def _dicomweb_client(ref: DicomWebSeries) -> Any:
+    """A dicomweb-client client of ``ref``'s server whose requests time out after `DICOMWEB_TIMEOUT_S` (requests
+    waits forever by default) and are tried `DICOMWEB_ATTEMPTS` times."""
+    import requests
+    from dicomweb_client import DICOMwebClient
+    from requests.adapters import HTTPAdapter
+
+    class TimeoutAdapter(HTTPAdapter):
+        def send(self, request: Any, timeout: Any = None, **kwargs: Any) -> Any:
+            return super().send(request, timeout=DICOMWEB_TIMEOUT_S if timeout is None else timeout, **kwargs)
+
+    session = requests.Session()
+    for prefix in ("http://", "https://"):
+        session.mount(prefix, TimeoutAdapter())
+    client = DICOMwebClient(ref.base_url, session=session)
+    client.set_http_retry_params(max_attempts=DICOMWEB_ATTEMPTS, wait_exponential_multiplier=250)
+    return client
+
+
+def _web_client(ref: DicomWebSeries, patched: list[str]) -> Any:
+    """A wsidicom DICOMweb client (dicomweb-client underneath) for ``ref``'s server whose instance metadata is
+    patched by `_patch_image_type`."""
+    from wsidicom import WsiDicomWebClient
+
+    class PatchingClient(WsiDicomWebClient):
+        def get_instance(self, study_uid: Any, series_uid: Any, instance_uid: Any) -> Any:
+            return _patch_image_type(super().get_instance(study_uid, series_uid, instance_uid), patched)
+
+    return PatchingClient(_dicomweb_client(ref))
+
+
+def _file_source(files: list[Path], patched: list[str]) -> Any:
+    """A wsidicom file source over ``files`` whose datasets are patched by `_patch_image_type` as they are read."""
+    from wsidicom.file import WsiDicomFileSource
+    from wsidicom.file.io import WsiDicomIO
+
+    class PatchingIO(WsiDicomIO):
+        def read_dataset(self, force: bool = False) -> Any:
+            return _patch_image_type(super().read_dataset(force), patched)
+
+    streams = []
+    try:
+        for path in files:
+            streams.append(PatchingIO(open(path, "rb"), filepath=path, owned=True))
+        return WsiDicomFileSource(streams)
+    except Exception:
+        for stream in streams:
+            stream.close()
+        raise
+
+
+class DicomSlide(Slide):
+    """DICOM VL Whole Slide Microscopy series, local or over DICOMweb (see the module text).
+
+    Args:
+        path: a folder of one series' instances, one instance file (its series is the instances in its folder
+            sharing its SeriesInstanceUID), or a DICOMweb series URL (`parse_dicomweb_url`).
+        mpp: level-0 um/px overriding the instances' pixel spacing.
+        max_level0_px: as for `Slide`.
+
+    Attributes:
+        series_name: the series' output name (ContainerIdentifier, else SeriesDescription, else SeriesInstanceUID,
+            sanitised to one plain file name).
+    """
+
+    backend = "dicom"
+
+    @classmethod
+    def _checked_path(cls, source: str) -> Path | str:
+        if is_dicomweb_url(source):
+            try:
+                parse_dicomweb_url(source)
+            except InputError as err:
+                raise SlideError(source, err.problem) from None
+            return source
+        path = Path(source)
+        if not path.exists():
+            raise SlideError(path, "file or folder does not exist")
+        if not (path.is_dir() or path.is_file()):
+            raise SlideError(path, "not a regular file or folder")
+        return path
+
+    def _open(self) -> None:
+        self._patched: list[str] = []
+        self._files: list[Path] = []
+        if isinstance(self.path, str):
+            from wsidicom.web import WsiDicomWebSource
+
+            ref = parse_dicomweb_url(self.path)
+            try:
+                self._source = WsiDicomWebSource(_web_client(ref, self._patched), ref.study_uid, [ref.series_uid])
+            except Exception as err:
+                raise SlideError(self.source, f"cannot open the series on the DICOMweb server: "
+                                              f"{type(err).__name__}: {err}") from err
+        else:
+            try:
+                self._files = _series_files(self.path)
+            except InputError as err:
+                raise SlideError(self.path, err.problem) from None
+            self._source = _file_source(self._files, self._patched)
+        self._source.resize_cache(FRAME_CACHE_BYTES)
+        if self._patched and self.source not in _warned_patched:  # once per process: workers reopen slides
+            _warned_patched.add(self.source)
+            logger.warning("%s: %d DICOM instance(s) state no usable ImageType (as OrthancWSIDicomizer writes): read "
+                           "as VOLUME (pyramid level) instances", self.source, len(self._patched))
+        by_size: dict[tuple[int, int], Any] = {}
+        for instance in self._source.level_instances:
+            by_size.setdefault((instance.size.width, instance.size.height), instance)
+        if not by_size:
+            raise SlideError(self.source, "the series holds no VOLUME (pyramid) instances")
+        sizes = sorted(by_size, key=lambda wh: wh[0] * wh[1], reverse=True)
+        (w0, h0), kept = sizes[0], [sizes[0]]
+        for w, h in sizes[1:]:
+            if _similar_ratio(w0 / w, h0 / h):
+                kept.append((w, h))
+            else:
+                logger.warning("%s: VOLUME instance of %d x %d px left out: its aspect ratio is not level 0's "
+                               "(%d x %d px)", self.source, w, h, w0, h0)
+        self._levels = [by_size[wh] for wh in kept]
+        if self._mpp_override is None and any(level.pixel_spacing is None for level in self._levels):
+            raise SlideError(self.source, "the DICOM instances state no pixel spacing (PixelSpacing in the Pixel "
+                                          f"Measures functional group), so the slide's resolution is unknown; "
+                                          f"{MPP_HINT}")
+
+    def _geometry(self) -> tuple[list[tuple[int, int]], str, list[str]]:
+        associated = [name for name, instances in (("label", self._source.label_instances),
+                                                   ("overview", self._source.overview_instances),
+                                                   ("thumbnail", self._source.thumbnail_instances)) if list(instances)]
+        dims = [(level.size.width, level.size.height) for level in self._levels]
+        return dims, "dicom", associated
+
+    def _read_level(self, level: int, level_xy: tuple[int, int], size_px: tuple[int, int]) -> np.ndarray:
+        from wsidicom.geometry import Point, Region, Size
+
+        instance = self._levels[level]
+        region = Region(Point(*level_xy), Size(*size_px))
+        image = instance.get_region(region, instance.default_z, instance.default_path)
+        if image.mode not in ("L", "RGB", "RGBA"):
+            image = image.convert("RGB")
+        return np.asarray(image)
+
+    def _file_mpp(self) -> tuple[float, float] | None:
+        spacing = self._levels[0].pixel_spacing  # mm per px, (column spacing, row spacing)
+        return None if spacing is None else (spacing.width * 1000.0, spacing.height * 1000.0)
+
+    def _objective_power(self) -> float | None:
+        for path in self._levels[0].dataset.get("OpticalPathSequence") or []:
+            try:
+                power = float(path.get("ObjectiveLensPower") or 0)
+            except (TypeError, ValueError):
+                continue
+            if power > 0:
+                return power
+        return None
+
+    def _tile_sizes(self) -> dict[int, tuple[int, int]]:
+        return {i: (level.tile_size.width, level.tile_size.height) for i, level in enumerate(self._levels)}
+
+    def _stored_bytes(self) -> int | None:
+        """The series' files' bytes together; None over DICOMweb."""
+        return sum(p.stat().st_size for p in self._files) if self._files else None
+
+    def _close(self) -> None:
+        if hasattr(self, "_source"):
+            self._source.close()
+
+    @property
+    def series_name(self) -> str:
+        return _series_name_of(self._levels[0].dataset)
+
+    def source_datasets(self) -> list[Any]:
+        """Metadata (pydicom Datasets, no pixel data) of the level-0 VOLUME instance(s), every concatenation part,
+        optical path and focal plane: what highdicom takes as ``source_images``. Copies: changing them changes
+        nothing here."""
+        import pydicom
+
+        w0, h0 = self.level_dimensions[0]
+        datasets = []
+        for instance in self._source.level_instances:
+            if (instance.size.width, instance.size.height) == (w0, h0):
+                for dataset in instance.datasets:
+                    plain = pydicom.Dataset(copy.deepcopy(dataset))
+                    plain.file_meta = copy.deepcopy(getattr(dataset, "file_meta", pydicom.dataset.FileMetaDataset()))
+                    datasets.append(plain)
+        return datasets
