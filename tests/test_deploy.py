@@ -499,7 +499,8 @@ def test_dicom_inputs_are_told_apart_and_unreadable_ones_fail_alone(tmp_path: Pa
     broken.write_bytes(b"not a DICOM file")
     records = [{"name": "plain", "score": 0.1, "n_detections": 0, "outputs": {}},
                {"name": "broken", "score": 0.2, "n_detections": 0, "outputs": {}}]
-    results = export_dicom_results(records, [{"image": str(tmp_path / "plain.tif")}, {"image": str(broken)}],
+    results = export_dicom_results(records, [{"image": str(tmp_path / "plain.tif")},
+                                              {"image": str(broken), "name": "broken"}],
                                    tmp_path / "out", {"name": "B"})
     assert list(results) == ["broken"]  # a TIFF slide gets no DICOM results; the broken one fails by itself
     assert results["broken"]["failed"].startswith("DICOM export: ")

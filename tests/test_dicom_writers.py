@@ -16,6 +16,7 @@ import pytest
 hd = pytest.importorskip("highdicom")
 pydicom = pytest.importorskip("pydicom")
 
+from pydicom import dcmread  # noqa: E402
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
@@ -464,3 +465,19 @@ def test_export_errors_name_the_slide_and_file(source, tmp_path):
     with pytest.raises(InputError, match="outputs are named by one plain file name"):
         dw.export_slide_results(tmp_path, "../escape", [source], INFO)
     assert not (tmp_path / "dicom").exists()  # nothing half-written
+
+
+def test_source_without_frame_of_reference_gets_one_derived_from_its_series(source, tmp_path, caplog):
+    """OrthancWSIDicomizer writes no Frame of Reference UID: every result of the series gets the same one, derived
+    from the SeriesInstanceUID, with a warning naming the instance; the source itself is left as it was."""
+    del source.FrameOfReferenceUID
+    write_scannet_outputs(tmp_path, "slide_a")
+    with caplog.at_level("WARNING", logger="pathbundles.dicom_writers"):
+        paths = dw.export_slide_results(tmp_path, "slide_a", [source], INFO)
+    assert "FrameOfReferenceUID" not in source
+    assert f"DICOM source image {source.SOPInstanceUID} states no Frame of Reference UID" in caplog.text
+    uids = {str(dcmread(p, stop_before_pixels=True).FrameOfReferenceUID) for p in paths}
+    again = dw._with_frame_of_reference(source).FrameOfReferenceUID
+    assert uids == {again} and again.startswith("1.2.826.0.1.3680043.8.498.")  # pydicom's root, deterministic
+    for path in paths:
+        assert_valid(path)

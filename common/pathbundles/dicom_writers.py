@@ -167,6 +167,7 @@ def _check_sources(source_images: Sequence[Any]) -> list[Any]:
     images = list(source_images)
     if not images:
         raise SlideError("DICOM source images", "none given: the results reference their source image")
+    images = [_with_frame_of_reference(ds) for ds in images]
     for ds in images:
         where = _source_label(ds)
         if str(ds.get("SOPClassUID", "")) != VL_WSI_SOP_CLASS:
@@ -182,6 +183,24 @@ def _check_sources(source_images: Sequence[Any]) -> list[Any]:
             raise SlideError(_source_label(images[0]), f"the source images differ in {keyword}: give the level-0 "
                                                        "instances of one series")
     return sorted(images, key=lambda ds: -int(ds.TotalPixelMatrixColumns) * int(ds.TotalPixelMatrixRows))
+
+
+def _with_frame_of_reference(ds: Any) -> Any:
+    """``ds``, or a copy with a Frame of Reference UID when it has none (OrthancWSIDicomizer writes none, though the
+    VL WSI IOD requires one): derived from its SeriesInstanceUID, so every result of the series, in every run, names
+    the same one. Logged as a warning naming the instance."""
+    import copy
+
+    from pydicom.uid import generate_uid
+
+    if str(ds.get("FrameOfReferenceUID", "") or ""):
+        return ds
+    series = _check_uid(ds, "SeriesInstanceUID", _source_label(ds))
+    patched = copy.deepcopy(ds)  # a shallow copy of a pydicom Dataset shares its elements
+    patched.FrameOfReferenceUID = generate_uid(entropy_srcs=["pathbundles frame of reference", series])
+    logger.warning("%s states no Frame of Reference UID (the VL WSI IOD requires one): the results use %s, derived "
+                   "from its series", _source_label(ds), patched.FrameOfReferenceUID)
+    return patched
 
 
 def level0_mpp(source: Any) -> tuple[float, float]:
