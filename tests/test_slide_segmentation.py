@@ -269,6 +269,11 @@ def test_trace_regions_keeps_holes_and_orders_by_size():
     np.testing.assert_allclose(holes[0].min(0), [10, 10], atol=1)
     np.testing.assert_allclose(small.max(0), [34, 34], atol=1)
     assert len(trace_regions(mask, 2.0, min_pixels=10)) == 1
+    # A 30 px slide mapped by 16 px mask pixels: the 2 x 2 mask's last pixels cover 30..32 px, past the slide.
+    edge = np.ones((2, 2), bool)
+    assert trace_regions(edge, 16.0)[0][0].max(0).tolist() == [32.0, 32.0]
+    (clipped, _, _), = trace_regions(edge, 16.0, extent_px=(30.0, 31.0))
+    assert clipped.min(0).tolist() == [0.0, 0.0] and clipped.max(0).tolist() == [30.0, 31.0]
 
 
 def test_a_failed_slide_leaves_no_files_and_the_others_are_written(tmp_path):

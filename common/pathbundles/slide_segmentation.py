@@ -112,7 +112,8 @@ class _NearestCopy:
             self.array[lo:hi] = band[self.rows[lo:hi] - y0][:, self.cols]
 
 
-def trace_regions(mask: np.ndarray, level0_px: float, min_pixels: float = 1) -> list[tuple[np.ndarray, list, int]]:
+def trace_regions(mask: np.ndarray, level0_px: float, min_pixels: float = 1,
+                  extent_px: tuple[float, float] | None = None) -> list[tuple[np.ndarray, list, int]]:
     """Outlines of the 4-connected foreground components of a mask, in level-0 pixels.
 
     Outlines follow pixel edges (marching squares at level 0.5), simplified by Douglas-Peucker to within half a
@@ -124,6 +125,9 @@ def trace_regions(mask: np.ndarray, level0_px: float, min_pixels: float = 1) -> 
         mask: (H, W) bool; pixel (r, c) covers level-0 ``[c * level0_px, (c + 1) * level0_px)`` horizontally.
         level0_px: level-0 pixels per mask pixel.
         min_pixels: components (and holes) of fewer pixels are dropped (holes are filled).
+        extent_px: the slide's level-0 (width, height): vertices beyond it are moved onto its edge (a mask's last
+            pixel covers up to one mask pixel past the slide, where there is no glass; DICOM annotations refuse
+            points outside the slide).
 
     Returns:
         One ``(exterior, holes, n_pixels)`` per component, largest first: (N, 2) float64 level-0 (x, y) rings, not
@@ -148,6 +152,8 @@ def trace_regions(mask: np.ndarray, level0_px: float, min_pixels: float = 1) -> 
             area = 0.5 * abs(np.dot(c, np.roll(r, -1)) - np.dot(r, np.roll(c, -1)))
             # Crop index -> mask index (the 1-pixel pad) -> level-0, pixel i spanning [i, i + 1) * level0_px.
             xy = np.stack([c - 1 + cols.start + 0.5, r - 1 + rows.start + 0.5], axis=1) * level0_px
+            if extent_px is not None:
+                xy = np.clip(xy, 0.0, np.asarray(extent_px, np.float64))
             rings.append((area, xy))
         rings.sort(key=lambda item: -item[0])
         exterior = rings[0][1]
@@ -432,7 +438,7 @@ class SlideLabelWriter(StreamedSlideWriter):
         if self.polygon_ids:
             step0 = self.polygon_mpp / entry.level0_mpp
             min_pixels = self.min_polygon_area_um2 / self.polygon_mpp ** 2
-            regions = {self.classes[k]: trace_regions(polygon_map.array == k, step0, min_pixels)
+            regions = {self.classes[k]: trace_regions(polygon_map.array == k, step0, min_pixels, extent_px=(w0, h0))
                        for k in self.polygon_ids}
             n_regions = sum(len(v) for v in regions.values())
             colours = {self.classes[k]: self.colours[k] for k in self.polygon_ids}
