@@ -24,7 +24,8 @@ from test_level_check import LEVEL_SIZES, MPP, pyramid_levels, write_pyramid
 
 from pathbundles import dicom_wsi
 from pathbundles.bundle import _read_manifest, datalist
-from pathbundles.dicom_wsi import DicomSlide, DicomWebSeries, is_dicom_source, parse_dicomweb_url
+from pathbundles.dicom_wsi import DicomSlide, dicomweb_series, is_dicom_source
+from pathbundles.dicomweb import DicomWebSeries, redact
 from pathbundles.errors import InputError, SlideError
 from pathbundles.outputs import check_name, output_file, output_names, slide_name
 from pathbundles.resample import resample_area
@@ -45,11 +46,11 @@ REAL = [("multi_frame_jpeg2000_camelyon_challenge_image.dcm", (1696, 812), "GO-1
 # ---- DICOMweb references -------------------------------------------------------------------------------------------
 
 
-def test_parse_dicomweb_url() -> None:
-    ref = parse_dicomweb_url(f"HTTPS://pacs.example.org:8443/dicom-web/studies/{STUDY}/series/{SERIES}/")
+def test_dicomweb_series() -> None:
+    ref = dicomweb_series(f"HTTPS://PACS.example.org:8443/dicom-web/studies/{STUDY}/series/{SERIES}/")
     assert ref == DicomWebSeries("https://pacs.example.org:8443/dicom-web", STUDY, SERIES)
-    assert parse_dicomweb_url(ref.url) == ref
-    assert parse_dicomweb_url(f"http://127.0.0.1/studies/{STUDY}/series/{SERIES}").base_url == "http://127.0.0.1"
+    assert dicomweb_series(ref.url) == ref
+    assert dicomweb_series(f"http://127.0.0.1/studies/{STUDY}/series/{SERIES}").base_url == "http://127.0.0.1"
 
 
 @pytest.mark.parametrize("url, problem", [
@@ -62,15 +63,16 @@ def test_parse_dicomweb_url() -> None:
     (f"http://host/studies/{STUDY}", "does not end"),
     (f"http://host/studies/{STUDY}/series/{SERIES}/instances/1.2", "does not end"),
     (f"http://host/studies/../../etc/series/{SERIES}", "does not end"),
-    (f"http://host/studies/1..2/series/{SERIES}", "study UID"),
-    (f"http://host/studies/{STUDY}/series/1.2.3a", "series UID"),
-    (f"http://host/studies/{STUDY}/series/1." + "2" * 64, "series UID"),
+    (f"http://host/studies/1..2/series/{SERIES}", "StudyInstanceUID"),
+    (f"http://host/studies/1.02/series/{SERIES}", "StudyInstanceUID"),
+    (f"http://host/studies/{STUDY}/series/1.2.3a", "SeriesInstanceUID"),
+    (f"http://host/studies/{STUDY}/series/1." + "2" * 64, "SeriesInstanceUID"),
     (f"http://host/studies/{STUDY} /series/{SERIES}", "space"),
 ])
-def test_parse_dicomweb_url_refuses(url: str, problem: str) -> None:
+def test_dicomweb_series_refuses(url: str, problem: str) -> None:
     with pytest.raises(InputError, match=problem) as err:
-        parse_dicomweb_url(url)
-    assert err.value.path == url
+        dicomweb_series(url)
+    assert err.value.path == redact(url) and "secret" not in str(err.value)  # credentials never shown
 
 
 def test_dicomweb_url_is_kept_as_given_by_the_slide() -> None:

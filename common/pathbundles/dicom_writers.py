@@ -53,6 +53,8 @@ from typing import Any
 import numpy as np
 
 from pathbundles.atomic import atomic_path
+from pathbundles.dicom_wsi import VL_WSI_SOP_CLASS
+from pathbundles.dicomweb import is_uid
 from pathbundles.errors import InputError, SlideError
 from pathbundles.outputs import inside, output_file
 
@@ -74,7 +76,6 @@ __all__ = [
 #: Subfolder of an output folder that holds the DICOM objects, one folder per slide.
 DICOM_SUBFOLDER = "dicom"
 MANUFACTURER = "pathbundles"
-VL_WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 SEGMENTATION_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 #: Largest map level (pixels) put into a segmentation by :func:`export_slide_results`: 16384 x 16384, e.g. a
 #: Camelyon16 slide's label map at 2 um/px; finer levels are left out (DMMN writes 0.5 um/px maps).
@@ -87,7 +88,6 @@ _KIND_SERIES = {"annotations": 1, "labels": 2, "probability": 3, "report": 4}
 # Patient and study attributes (Type 2) that highdicom copies from the source without checking they are there.
 _TYPE2_COPIED = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
                  "StudyDate", "StudyTime", "ReferringPhysicianName")
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _PRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
@@ -151,7 +151,7 @@ def _text(value: Any, limit: int) -> str:
 
 def _check_uid(ds: Any, keyword: str, where: str) -> str:
     uid = str(ds.get(keyword, "") or "")
-    if not _UID.match(uid) or len(uid) > 64:
+    if not is_uid(uid):
         raise SlideError(where, f"{keyword} {uid[:80]!r} is not a valid DICOM UID")
     return uid
 

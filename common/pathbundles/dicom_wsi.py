@@ -7,7 +7,7 @@ images beside them). `DicomSlide` opens
 - one instance file: its series is the instances in the same folder that share its SeriesInstanceUID (as OpenSlide
   4 does);
 - a DICOMweb series, ``http(s)://HOST[:PORT]/PATH/studies/<StudyInstanceUID>/series/<SeriesInstanceUID>``
-  (`parse_dicomweb_url`), read lazily frame by frame over WADO-RS: only instance metadata is fetched on opening and
+  (`pathbundles.dicomweb.parse_series_url`), read lazily frame by frame over WADO-RS: only instance metadata is fetched on opening and
   each read fetches the frames it touches, through wsidicom's in-memory LRU frame caches of `FRAME_CACHE_BYTES`.
 
 Why wsidicom (Apache-2.0, pinned < 0.34 with TIAToolbox): it reads folders, concatenations, TILED_SPARSE tiling,
@@ -25,18 +25,17 @@ level-0 mpp is given.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import logging
 import os
 import re
-import urllib.parse
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pathbundles.dicomweb import DicomWebError, DicomWebSeries, client, is_dicomweb_url, parse_series_url, redact
 from pathbundles.errors import InputError, SlideError
 from pathbundles.wsi import MPP_HINT, Slide, _similar_ratio
 
@@ -47,19 +46,10 @@ VL_WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 #: Bytes of decoded (and, separately, of encoded) frames wsidicom keeps per slide: 64 MiB holds ~340 decoded 256 px
 #: RGB frames, more than a 2048 px read touches, so neighbouring reads over DICOMweb fetch each frame once.
 FRAME_CACHE_BYTES = 64 << 20
-#: Seconds a DICOMweb request may wait to connect and between bytes of the answer before the read fails: a server
-#: that stops answering ends the slide with an error naming it instead of hanging the run.
-DICOMWEB_TIMEOUT_S = 60.0
-#: Tries of a DICOMweb request that fails to connect or gets a retriable status (429, 503, 504), with waits of 0.5
-#: and 1 s between them: enough for a server's brief hiccup; dicomweb-client's own 5 tries took 30 s per request.
-DICOMWEB_ATTEMPTS = 3
 #: Image flavours (ImageType value 3) of VL WSI instances; others are patched to VOLUME (see the module text).
 _FLAVOURS = ("VOLUME", "LABEL", "OVERVIEW", "THUMBNAIL")
 #: What an inferred ImageType becomes.
 _PATCHED_IMAGE_TYPE = ["DERIVED", "PRIMARY", "VOLUME", "NONE"]
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_MAX_UID_CHARS = 64
-_URL_PATH = re.compile(r"^(?P<root>(?:/[^/]+)*?)/studies/(?P<study>[^/]+)/series/(?P<series>[^/]+)/?$")
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _warned_patched: set[str] = set()
 #: Tags read from each file's header to list a folder's series (no pixel data is read).
@@ -69,70 +59,13 @@ _HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Container
 # ---- sources -----------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class DicomWebSeries:
-    """A DICOMweb series reference.
-
-    Attributes:
-        base_url: the DICOMweb service root (``http://host:8042/dicom-web``), without a trailing slash.
-        study_uid: StudyInstanceUID.
-        series_uid: SeriesInstanceUID.
-    """
-
-    base_url: str
-    study_uid: str
-    series_uid: str
-
-    @property
-    def url(self) -> str:
-        """The reference as a URL (what `parse_dicomweb_url` reads)."""
-        return f"{self.base_url}/studies/{self.study_uid}/series/{self.series_uid}"
-
-
-def is_dicomweb_url(text: Any) -> bool:
-    """Whether ``text`` is meant as a URL (starts with ``http://`` or ``https://``): such an image is never a path."""
-    return isinstance(text, str) and text[:8].lower().startswith(("http://", "https://"))
-
-
-def parse_dicomweb_url(text: str) -> DicomWebSeries:
-    """Read a DICOMweb series reference ``http(s)://HOST[:PORT]/PATH/studies/<StudyUID>/series/<SeriesUID>``.
-
-    Strict, since it comes from datalists: scheme http or https, a host, a valid port, no credentials, query or
-    fragment, no spaces or control characters, UIDs of digits and dots of at most 64 characters.
-
-    Raises:
-        InputError: naming ``text`` and what is wrong.
-    """
-    def refuse(problem: str) -> InputError:
-        return InputError(text, f"not a DICOMweb series URL: {problem} (expected http(s)://HOST[:PORT]/PATH/studies/"
-                                "<StudyInstanceUID>/series/<SeriesInstanceUID>)")
-
-    if not isinstance(text, str) or not is_dicomweb_url(text):
-        raise refuse("the scheme must be http or https")
-    if re.search(r"[\s\x00-\x1f\x7f]", text):
-        raise refuse("it contains a space or control character")
-    parts = urllib.parse.urlsplit(text)
-    if parts.query or parts.fragment or "?" in text or "#" in text:
-        raise refuse("a query or fragment is not part of a series reference")
-    if parts.username is not None or parts.password is not None:
-        raise refuse("credentials in the URL are refused (they would end up in logs and records)")
+def dicomweb_series(url: str, error: type[InputError] = InputError) -> DicomWebSeries:
+    """`pathbundles.dicomweb.parse_series_url` of a datalist image or slide source, its refusal raised as ``error``
+    (InputError; SlideError for a slide) naming ``url`` (credentials left out)."""
     try:
-        port = parts.port
-    except ValueError:
-        raise refuse("the port is not a number from 0 to 65535") from None
-    if not parts.hostname:
-        raise refuse("it names no host")
-    match = _URL_PATH.match(parts.path)
-    if match is None:
-        raise refuse("its path does not end in /studies/<uid>/series/<uid>")
-    for what in ("study", "series"):
-        uid = match.group(what)
-        if len(uid) > _MAX_UID_CHARS or not _UID.match(uid):
-            raise refuse(f"the {what} UID {uid[:80]!r} is not a DICOM UID (digits and dots, at most 64 characters)")
-    netloc = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
-    netloc += f":{port}" if port is not None else ""
-    base = f"{parts.scheme.lower()}://{netloc}{match.group('root')}"
-    return DicomWebSeries(base, match.group("study"), match.group("series"))
+        return parse_series_url(url)
+    except DicomWebError as err:
+        raise error(redact(str(url)), err.problem) from None
 
 
 def is_dicom_file(path: str | os.PathLike) -> bool:
@@ -234,17 +167,17 @@ def series_name(source: str) -> str:
     if is_dicomweb_url(source):
         import pydicom
 
-        ref = parse_dicomweb_url(source)
-        client = _dicomweb_client(ref)
+        ref = dicomweb_series(source)
+        web = client(ref.base_url)
         try:
-            found = client.search_for_instances(ref.study_uid, ref.series_uid,
+            found = web.search_for_instances(ref.study_uid, ref.series_uid,
                                                 search_filters={"SOPClassUID": VL_WSI_SOP_CLASS}, limit=1)
             if not found:
                 raise InputError(source, "the DICOMweb server lists no VL Whole Slide Microscopy instance in this "
                                          "series")
             instance_uid = pydicom.Dataset.from_json(found[0]).SOPInstanceUID
-            metadata = pydicom.Dataset.from_json(client.retrieve_instance_metadata(ref.study_uid, ref.series_uid,
-                                                                                   instance_uid))
+            metadata = pydicom.Dataset.from_json(web.retrieve_instance_metadata(ref.study_uid, ref.series_uid,
+                                                                                instance_uid))
         except InputError:
             raise
         except Exception as err:  # requests' and dicomweb-client's errors
@@ -291,25 +224,6 @@ def _patch_image_type(dataset: Any, patched: list[str]) -> Any:
     return dataset
 
 
-def _dicomweb_client(ref: DicomWebSeries) -> Any:
-    """A dicomweb-client client of ``ref``'s server whose requests time out after `DICOMWEB_TIMEOUT_S` (requests
-    waits forever by default) and are tried `DICOMWEB_ATTEMPTS` times."""
-    import requests
-    from dicomweb_client import DICOMwebClient
-    from requests.adapters import HTTPAdapter
-
-    class TimeoutAdapter(HTTPAdapter):
-        def send(self, request: Any, timeout: Any = None, **kwargs: Any) -> Any:
-            return super().send(request, timeout=DICOMWEB_TIMEOUT_S if timeout is None else timeout, **kwargs)
-
-    session = requests.Session()
-    for prefix in ("http://", "https://"):
-        session.mount(prefix, TimeoutAdapter())
-    client = DICOMwebClient(ref.base_url, session=session)
-    client.set_http_retry_params(max_attempts=DICOMWEB_ATTEMPTS, wait_exponential_multiplier=250)
-    return client
-
-
 def _web_client(ref: DicomWebSeries, patched: list[str]) -> Any:
     """A wsidicom DICOMweb client (dicomweb-client underneath) for ``ref``'s server whose instance metadata is
     patched by `_patch_image_type`."""
@@ -319,7 +233,7 @@ def _web_client(ref: DicomWebSeries, patched: list[str]) -> Any:
         def get_instance(self, study_uid: Any, series_uid: Any, instance_uid: Any) -> Any:
             return _patch_image_type(super().get_instance(study_uid, series_uid, instance_uid), patched)
 
-    return PatchingClient(_dicomweb_client(ref))
+    return PatchingClient(client(ref.base_url))
 
 
 def _file_source(files: list[Path], patched: list[str]) -> Any:
@@ -347,7 +261,7 @@ class DicomSlide(Slide):
 
     Args:
         path: a folder of one series' instances, one instance file (its series is the instances in its folder
-            sharing its SeriesInstanceUID), or a DICOMweb series URL (`parse_dicomweb_url`).
+            sharing its SeriesInstanceUID), or a DICOMweb series URL (`pathbundles.dicomweb.parse_series_url`).
         mpp: level-0 um/px overriding the instances' pixel spacing.
         max_level0_px: as for `Slide`.
 
@@ -361,10 +275,7 @@ class DicomSlide(Slide):
     @classmethod
     def _checked_path(cls, source: str) -> Path | str:
         if is_dicomweb_url(source):
-            try:
-                parse_dicomweb_url(source)
-            except InputError as err:
-                raise SlideError(source, err.problem) from None
+            dicomweb_series(source, SlideError)
             return source
         path = Path(source)
         if not path.exists():
@@ -379,7 +290,7 @@ class DicomSlide(Slide):
         if isinstance(self.path, str):
             from wsidicom.web import WsiDicomWebSource
 
-            ref = parse_dicomweb_url(self.path)
+            ref = dicomweb_series(self.path, SlideError)
             try:
                 self._source = WsiDicomWebSource(_web_client(ref, self._patched), ref.study_uid, [ref.series_uid])
             except Exception as err:

@@ -20,16 +20,16 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 from pathbundles.errors import InputError, PathBundlesError
 
 logger = logging.getLogger(__name__)
 
-#: A DICOM UID (PS3.5 9.1): digit groups separated by dots, at most 64 characters. Leading zeros are not checked:
-#: the pattern is what makes a UID safe as a file name, not a full validator.
-UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+#: A DICOM UID (PS3.5 9.1): groups of digits without leading zeros, separated by dots, at most 64 characters. The
+#: one UID check of the package (:func:`is_uid`): what makes a UID safe in a file name or URL.
+UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 UID_MAX_CHARS = 64
 #: Seconds to connect and seconds between bytes of a response, for every request.
 TIMEOUT_S = (10.0, 120.0)
@@ -45,16 +45,47 @@ SERIES_FIELDS = ("StudyInstanceUID", "SeriesInstanceUID", "Modality", "SeriesNum
                  "NumberOfSeriesRelatedInstances", "PatientID", "StudyID", "StudyDate", "AccessionNumber")
 #: The tail of a DICOMweb series URL: ``.../studies/<StudyInstanceUID>/series/<SeriesInstanceUID>``.
 _SERIES_TAIL = re.compile(r"/studies/(?P<study>[^/]+)/series/(?P<series>[^/]+)/?$")
+_SERIES_URL_FORM = "http(s)://HOST[:PORT]/PATH/studies/<StudyInstanceUID>/series/<SeriesInstanceUID>"
 
 
 class DicomWebError(PathBundlesError):
     """A DICOMweb request failed, or a server answered something unusable; the message names the URL (without
-    credentials) and the HTTP status when there was one."""
+    credentials) and the HTTP status when there was one.
+
+    Attributes:
+        url: the URL (or other source) the error is about, credentials left out; "" when not known.
+        problem: what is wrong with it (the message without the URL).
+    """
+
+    def __init__(self, message: str, url: str = "", problem: str = "") -> None:
+        super().__init__(message)
+        self.url, self.problem = url, problem or message
+
+    @classmethod
+    def about(cls, url: str, problem: str) -> DicomWebError:
+        """The error ``<url>: <problem>``, ``url`` without credentials."""
+        shown = redact(url) if url else ""
+        return cls(f"{shown + ': ' if shown else ''}{problem}", url=shown, problem=problem)
+
+
+class DicomWebSeries(NamedTuple):
+    """A DICOMweb series: its server's base URL (``http://host:8042/dicom-web``, no trailing slash), its
+    StudyInstanceUID and SeriesInstanceUID (checked UIDs); what :func:`parse_series_url` returns."""
+
+    base_url: str
+    study_uid: str
+    series_uid: str
+
+    @property
+    def url(self) -> str:
+        """The series' URL, ``<base_url>/studies/<study_uid>/series/<series_uid>``."""
+        return f"{self.base_url}/studies/{self.study_uid}/series/{self.series_uid}"
 
 
 def validate_url(url: str) -> str:
-    """A DICOMweb base URL checked for use: ``http`` or ``https``, a host, no user name or password, no query or
-    fragment; returned without a trailing slash (``http://127.0.0.1:8042/dicom-web``).
+    """A DICOMweb base URL checked for use: ``http`` or ``https``, a host, a port from 0 to 65535 if any, no user name
+    or password, no query or fragment, no space or control character (around it, spaces are stripped); returned
+    with the scheme and host in lower case and without a trailing slash (``http://127.0.0.1:8042/dicom-web``).
 
     Raises:
         DicomWebError: naming the URL (its credentials left out) and what is wrong.
@@ -62,20 +93,28 @@ def validate_url(url: str) -> str:
     text = str(url).strip()
     try:
         parts = urlsplit(text)
-        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
     except ValueError as err:
-        raise DicomWebError(f"{redact(text)}: not a URL ({err})") from None
+        raise DicomWebError.about(text, f"not a URL ({err})") from None
     if parts.scheme not in ("http", "https"):
-        raise DicomWebError(f"{redact(text)}: a DICOMweb URL must start with http:// or https://, not "
-                            f"{parts.scheme + '://' if parts.scheme else 'a path'}")
-    if not parts.hostname:
-        raise DicomWebError(f"{redact(text)}: no host in the DICOMweb URL")
+        raise DicomWebError.about(text, "a DICOMweb URL must start with http:// or https://, not "
+                                        f"{parts.scheme + '://' if parts.scheme else 'a path'} (the scheme must be "
+                                        "http or https)")
+    if re.search(r"[\s\x00-\x1f\x7f]", text):
+        raise DicomWebError.about(text, "it contains a space or control character")
     if parts.username is not None or parts.password is not None:
-        raise DicomWebError(f"{redact(text)}: credentials in a URL end up in logs and error messages; give the "
-                            "server's URL without user name and password")
-    if parts.query or parts.fragment:
-        raise DicomWebError(f"{redact(text)}: a DICOMweb base URL has no query (?...) or fragment (#...)")
-    return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+        raise DicomWebError.about(text, "credentials in a URL end up in logs and error messages; give the server's "
+                                        "URL without user name and password")
+    if parts.query or parts.fragment or "?" in text or "#" in text:
+        raise DicomWebError.about(text, "a DICOMweb URL has no query (?...) or fragment (#...)")
+    try:
+        port = parts.port
+    except ValueError as err:
+        raise DicomWebError.about(text, f"not a URL: the port is not a number from 0 to 65535 ({err})") from None
+    if not parts.hostname:
+        raise DicomWebError.about(text, "no host in the DICOMweb URL")
+    netloc = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    netloc += f":{port}" if port is not None else ""
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
 
 
 def redact(url: str) -> str:
@@ -90,45 +129,52 @@ def redact(url: str) -> str:
                        parts.fragment))
 
 
-def is_dicomweb_url(text: str | os.PathLike) -> bool:
-    """Whether ``text`` is meant as a URL (``http://`` or ``https://``), not a path; whether it is a valid one is
-    :func:`validate_url`'s to say."""
+def is_dicomweb_url(text: Any) -> bool:
+    """Whether ``text`` is meant as a URL (a string starting with ``http://`` or ``https://``), never a path;
+    whether it is a valid one is :func:`validate_url`'s / :func:`parse_series_url`'s to say."""
     return isinstance(text, str) and text.strip().lower().startswith(("http://", "https://"))
 
 
+def is_uid(value: Any) -> bool:
+    """Whether ``value`` (a string, or a pydicom UID) is a DICOM UID: :data:`UID_PATTERN`, at most
+    :data:`UID_MAX_CHARS` characters."""
+    text = str(value) if value is not None else ""
+    return len(text) <= UID_MAX_CHARS and UID_PATTERN.match(text) is not None
+
+
 def check_uid(uid: Any, what: str = "UID", source: str = "") -> str:
-    """``uid`` as a string when it is a DICOM UID (:data:`UID_PATTERN`, at most 64 characters), else an error naming
-    ``what`` and ``source``: the only check a value from a server or file passes before it is used in a path or
-    URL."""
+    """``uid`` as a string when it is a DICOM UID (:func:`is_uid`), else an error naming ``what`` and ``source``:
+    the check a value from a server, a file or a URL passes before it is used in a path or URL."""
     text = str(uid) if uid is not None else ""
-    if len(text) > UID_MAX_CHARS or not UID_PATTERN.match(text):
+    if not is_uid(text):
         shown = text if len(text) <= 80 else text[:77] + "..."
-        raise DicomWebError(f"{source + ': ' if source else ''}{what} {shown!r} is not a DICOM UID (digits and "
-                            f"dots, at most {UID_MAX_CHARS} characters)")
+        raise DicomWebError.about(source, f"{what} {shown!r} is not a DICOM UID (digits and dots, no leading zeros, "
+                                          f"at most {UID_MAX_CHARS} characters)")
     return text
 
 
 def series_url(url: str, study_uid: str, series_uid: str) -> str:
-    """The DICOMweb URL of a series, ``<url>/studies/<study_uid>/series/<series_uid>`` (UIDs checked)."""
+    """The DICOMweb URL of a series, ``<url>/studies/<study_uid>/series/<series_uid>`` (URL and UIDs checked)."""
     base = validate_url(url)
-    return (f"{base}/studies/{check_uid(study_uid, 'StudyInstanceUID', base)}"
-            f"/series/{check_uid(series_uid, 'SeriesInstanceUID', base)}")
+    return DicomWebSeries(base, check_uid(study_uid, "StudyInstanceUID", base),
+                          check_uid(series_uid, "SeriesInstanceUID", base)).url
 
 
-def parse_series_url(url: str) -> tuple[str, str, str]:
-    """A DICOMweb series URL (:func:`series_url`) split into (base URL, StudyInstanceUID, SeriesInstanceUID).
+def parse_series_url(url: str) -> DicomWebSeries:
+    """Read a DICOMweb series URL, ``http(s)://HOST[:PORT]/PATH/studies/<StudyUID>/series/<SeriesUID>``: the one
+    parser of series URLs (datalists, slides, deploy inputs). Strict, since it comes from data: everything
+    :func:`validate_url` checks, a path ending in ``/studies/<uid>/series/<uid>``, and UIDs (:func:`check_uid`).
 
     Raises:
-        DicomWebError: naming the URL when it is not one, or its UIDs are not UIDs.
+        DicomWebError: naming the URL (credentials left out) and what is wrong (``.problem``).
     """
     base = validate_url(url)
     match = _SERIES_TAIL.search(base)
     if match is None:
-        raise DicomWebError(f"{base}: not a DICOMweb series URL (expected <server>/studies/<StudyInstanceUID>/"
-                            "series/<SeriesInstanceUID>)")
-    root = base[:match.start()]
-    return root, check_uid(match["study"], "StudyInstanceUID", base), check_uid(match["series"], "SeriesInstanceUID",
-                                                                               base)
+        raise DicomWebError.about(str(url).strip(), "not a DICOMweb series URL: its path does not end in "
+                                                    f"/studies/<uid>/series/<uid> (expected {_SERIES_URL_FORM})")
+    return DicomWebSeries(base[:match.start()], check_uid(match["study"], "StudyInstanceUID", base),
+                          check_uid(match["series"], "SeriesInstanceUID", base))
 
 
 def _session(timeout_s: float | tuple[float, float]) -> Any:

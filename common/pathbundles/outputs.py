@@ -92,7 +92,8 @@ def slide_name(item: Mapping[str, Any] | str) -> tuple[str, str]:
     path = item if isinstance(item, str) else str(item["image"])
     base = None if isinstance(item, str) else item.get("name")
     if not base:
-        from pathbundles.dicom_wsi import is_dicom_source, is_dicomweb_url, series_name
+        from pathbundles.dicom_wsi import is_dicom_source, series_name
+        from pathbundles.dicomweb import is_dicomweb_url
 
         dicom = is_dicom_source(path) and (is_dicomweb_url(path) or Path(path).exists())
         base = series_name(path) if dicom else Path(path).stem
