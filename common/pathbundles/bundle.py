@@ -269,7 +269,7 @@ def _dicom_folder_items(folder: Path) -> list[dict]:
     items = []
     folders = [folder] + sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     for sub in folders:
-        series = dicom_wsi.dicom_series(dicom_wsi.dicom_files(sub))
+        series = dicom_wsi.dicom_series(dicom_wsi.dicom_files_in(sub))
         if len(series) == 1:
             items.append(_dicom_item(os.path.abspath(sub)))
         else:

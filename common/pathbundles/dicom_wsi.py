@@ -80,14 +80,34 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
         return False
 
 
-def dicom_files(folder: Path) -> list[Path]:
-    """The DICOM files directly in ``folder`` (``.dcm`` or no suffix, not hidden), sorted by name."""
+def _is_instance_file(path: Path) -> bool:
+    """Whether a folder entry is taken as a series' instance: not hidden, ``.dcm`` or no suffix, DICOM."""
+    return not path.name.startswith(".") and path.suffix.lower() in (".dcm", "") and is_dicom_file(path)
+
+
+def dicom_files_in(folder: Path) -> list[Path]:
+    """The DICOM files directly in ``folder`` (``.dcm`` or no suffix, not hidden), sorted by name: the instances a
+    series folder is read from. (Files to send to a server: `pathbundles.dicomweb.dicom_files_under`.)"""
     try:
         entries = sorted(folder.iterdir())
     except OSError as err:
         raise InputError(folder, f"cannot list the folder: {err}") from err
-    return [p for p in entries if not p.name.startswith(".") and p.suffix.lower() in (".dcm", "")
-            and is_dicom_file(p)]
+    return [p for p in entries if _is_instance_file(p)]
+
+
+def read_dicom(path: str | os.PathLike, header_only: bool = False, tags: list[str] | None = None) -> Any:
+    """The pydicom Dataset of the DICOM file ``path``: without pixel data when ``header_only``, only ``tags``
+    (keywords) when given.
+
+    Raises:
+        InputError: naming ``path`` when it is not a readable DICOM file.
+    """
+    import pydicom
+
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=header_only, specific_tags=tags)
+    except Exception as err:  # noqa: BLE001 - pydicom raises many kinds on a damaged file
+        raise InputError(path, f"cannot read the DICOM file: {err}") from err
 
 
 def is_dicom_source(image: Any) -> bool:
@@ -100,8 +120,7 @@ def is_dicom_source(image: Any) -> bool:
     path = Path(image)
     if path.is_dir():
         try:
-            return any(not p.name.startswith(".") and p.suffix.lower() in (".dcm", "") and is_dicom_file(p)
-                       for p in path.iterdir())
+            return any(map(_is_instance_file, path.iterdir()))
         except OSError:
             return False
     return path.suffix.lower() == ".dcm" or (not path.suffix and is_dicom_file(path))
@@ -109,11 +128,9 @@ def is_dicom_source(image: Any) -> bool:
 
 def _headers(path: Path) -> Any:
     """The header tags `_HEADER_TAGS` of a DICOM file (pydicom, no pixel data), or None when it is no DICOM."""
-    import pydicom
-
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-    except Exception:  # not DICOM, truncated, unreadable: not part of a series here
+        return read_dicom(path, header_only=True, tags=_HEADER_TAGS)
+    except InputError:  # not DICOM, truncated, unreadable: not part of a series here
         return None
 
 
@@ -193,7 +210,7 @@ def _series_files(path: Path) -> list[Path]:
     """The files of the one series ``path`` names: a folder's (it must hold exactly one VL WSI series), or a file's
     series in its folder. InputError naming ``path`` otherwise."""
     if path.is_dir():
-        series = dicom_series(dicom_files(path))
+        series = dicom_series(dicom_files_in(path))
         if not series:
             raise InputError(path, "holds no DICOM VL Whole Slide Microscopy instances (.dcm files)")
         if len(series) > 1:
@@ -205,7 +222,7 @@ def _series_files(path: Path) -> list[Path]:
         raise InputError(path, "not a DICOM file")
     if str(header.get("SOPClassUID", "")) != VL_WSI_SOP_CLASS:
         raise InputError(path, f"not a VL Whole Slide Microscopy image (SOP Class {header.get('SOPClassUID')})")
-    siblings = [p for p in dicom_files(path.parent) if p != path]
+    siblings = [p for p in dicom_files_in(path.parent) if p != path]
     return dicom_series([path, *siblings])[str(header.get("SeriesInstanceUID", ""))]
 
 

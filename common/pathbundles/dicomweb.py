@@ -235,9 +235,10 @@ def _calling(url: str, action: str, call: Any, *args: Any, **kwargs: Any) -> Any
 
 # ---------------------------------------------------------------------------------------------------- STOW-RS
 
-def dicom_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """The DICOM files of ``paths``: a file is taken as given (and must be a DICOM Part 10 file), a folder gives its
-    ``*.dcm`` files, recursively, sorted by path.
+def dicom_files_under(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """The DICOM files of ``paths`` to send: a file is taken as given (and must be a DICOM Part 10 file), a folder
+    gives its ``*.dcm`` files, recursively, sorted by path. (A series folder's own instances, for reading:
+    `pathbundles.dicom_wsi.dicom_files_in`.)
 
     Raises:
         InputError: naming a path that does not exist, a folder without ``.dcm`` files, or a file that is not DICOM.
@@ -254,21 +255,12 @@ def dicom_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
             files.append(path)
         else:
             raise InputError(path, "no such file or folder")
+    from pathbundles.dicom_wsi import is_dicom_file
+
     for path in files:
-        with open(path, "rb") as handle:
-            handle.seek(128)
-            if handle.read(4) != b"DICM":
-                raise InputError(path, "not a DICOM file (no 'DICM' marker at byte 128 of a DICOM Part 10 file)")
+        if not is_dicom_file(path):
+            raise InputError(path, "not a DICOM file (no 'DICM' marker at byte 128 of a DICOM Part 10 file)")
     return files
-
-
-def _read(path: Path, header_only: bool = False) -> Any:
-    import pydicom
-
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=header_only)
-    except Exception as err:  # noqa: BLE001 - pydicom raises many kinds on a damaged file
-        raise InputError(path, f"cannot read the DICOM file: {err}") from err
 
 
 def _batches(files: Sequence[Path]) -> Iterator[list[Path]]:
@@ -290,7 +282,7 @@ def store_instances(url: str, files: Iterable[str | os.PathLike],
 
     Args:
         url: the DICOMweb base URL (``http://host:8042/dicom-web``).
-        files: DICOM files, or folders of ``*.dcm`` files (:func:`dicom_files`).
+        files: DICOM files, or folders of ``*.dcm`` files (:func:`dicom_files_under`).
         timeout_s: seconds per request (one value, or (connect, read)).
 
     Returns:
@@ -302,12 +294,14 @@ def store_instances(url: str, files: Iterable[str | os.PathLike],
         DicomWebError: the request failed (URL, HTTP status), or the server refused or left out an instance (its
             file, UID and the server's failure reason); instances of earlier requests stay stored.
     """
+    from pathbundles.dicom_wsi import read_dicom
+
     base = validate_url(url)
-    paths = dicom_files(files)
+    paths = dicom_files_under(files)
     # Every file is read and checked before anything is sent: one bad file stores nothing.
     first_file: dict[str, Path] = {}
     for path in paths:
-        uid = check_uid(_read(path, header_only=True).get("SOPInstanceUID"), "SOPInstanceUID", str(path))
+        uid = check_uid(read_dicom(path, header_only=True).get("SOPInstanceUID"), "SOPInstanceUID", str(path))
         if uid in first_file:
             raise InputError(path, f"SOPInstanceUID {uid} is also that of {first_file[uid]}: a server keeps one "
                              "of them; send one")
@@ -317,7 +311,7 @@ def store_instances(url: str, files: Iterable[str | os.PathLike],
     for batch in _batches(paths):
         by_uid = {}
         for path in batch:
-            ds = _read(path)
+            ds = read_dicom(path)
             by_uid[str(ds.SOPInstanceUID)] = (path, ds)
         datasets = [ds for _, ds in by_uid.values()]
         logger.info("STOW-RS %d instance(s) to %s", len(batch), base)
