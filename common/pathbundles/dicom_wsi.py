@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from pathbundles.dicomweb import DicomWebError, DicomWebSeries, client, is_dicomweb_url, parse_series_url, redact
+from pathbundles.dicomweb import (DicomWebError, DicomWebSeries, client, instance_metadata, is_dicomweb_url,
+                                  parse_series_url, redact)
 from pathbundles.errors import InputError, SlideError
 from pathbundles.wsi import MPP_HINT, Slide, _similar_ratio
 
@@ -182,25 +183,12 @@ def series_name(source: str) -> str:
         InputError: naming ``source`` when it holds no VL WSI instance or the server cannot be asked.
     """
     if is_dicomweb_url(source):
-        import pydicom
-
         ref = dicomweb_series(source)
-        web = client(ref.base_url)
         try:
-            found = web.search_for_instances(ref.study_uid, ref.series_uid,
-                                                search_filters={"SOPClassUID": VL_WSI_SOP_CLASS}, limit=1)
-            if not found:
-                raise InputError(source, "the DICOMweb server lists no VL Whole Slide Microscopy instance in this "
-                                         "series")
-            instance_uid = pydicom.Dataset.from_json(found[0]).SOPInstanceUID
-            metadata = pydicom.Dataset.from_json(web.retrieve_instance_metadata(ref.study_uid, ref.series_uid,
-                                                                                instance_uid))
-        except InputError:
-            raise
-        except Exception as err:  # requests' and dicomweb-client's errors
-            raise InputError(source, f"cannot read the series from the DICOMweb server: {type(err).__name__}: "
-                                     f"{err}") from err
-        return _series_name_of(metadata)
+            return _series_name_of(instance_metadata(*ref, sop_class_uid=VL_WSI_SOP_CLASS))
+        except DicomWebError as err:
+            raise InputError(redact(source), "cannot read the series from the DICOMweb server (VL Whole Slide "
+                                             f"Microscopy instances): {err.problem}") from None
     files = _series_files(Path(source))
     header = _headers(files[0])
     return _series_name_of(header)

@@ -207,14 +207,14 @@ def _request_error(url: str, action: str, err: Exception) -> DicomWebError:
     response = getattr(err, "response", None)
     if response is not None and getattr(response, "status_code", None) is not None:
         detail = response.text.strip().replace("\n", " ")[:300] if response.text else ""
-        return DicomWebError(f"{redact(url)}: {action} failed with HTTP {response.status_code} {response.reason}"
-                             f"{': ' + detail if detail else ''}")
+        return DicomWebError.about(url, f"{action} failed with HTTP {response.status_code} {response.reason}"
+                                        f"{': ' + detail if detail else ''}")
     if isinstance(err, requests.Timeout):
-        return DicomWebError(f"{redact(url)}: {action} timed out ({err.__class__.__name__})")
+        return DicomWebError.about(url, f"{action} timed out ({err.__class__.__name__})")
     if isinstance(err, requests.ConnectionError):
-        return DicomWebError(f"{redact(url)}: {action} failed: cannot connect to the server (is it running, and is "
-                             "the URL right?)")
-    return DicomWebError(f"{redact(url)}: {action} failed: {err}")
+        return DicomWebError.about(url, f"{action} failed: cannot connect to the server (is it running, and is the "
+                                        "URL right?)")
+    return DicomWebError.about(url, f"{action} failed: {err}")
 
 
 def _calling(url: str, action: str, call: Any, *args: Any, **kwargs: Any) -> Any:
@@ -229,8 +229,35 @@ def _calling(url: str, action: str, call: Any, *args: Any, **kwargs: Any) -> Any
     except requests.RequestException as err:
         raise _request_error(url, action, err) from None
     except (ValueError, KeyError, InvalidDicomError) as err:
-        raise DicomWebError(f"{redact(url)}: {action}: the server's answer is not valid DICOMweb: "
-                            f"{str(err)[:300]}") from None
+        raise DicomWebError.about(url, f"{action}: the server's answer is not valid DICOMweb: {str(err)[:300]}") \
+            from None
+
+
+def instance_metadata(url: str, study_uid: str, series_uid: str, sop_class_uid: str | None = None,
+                      timeout_s: float | tuple[float, float] = TIMEOUT_S) -> Any:
+    """The metadata (a pydicom Dataset without bulk data) of one instance of a series, of SOP Class
+    ``sop_class_uid`` when given: QIDO-RS for the instance, then WADO-RS for its metadata.
+
+    Raises:
+        DicomWebError: naming the series' URL: a request failed, the answer is not DICOMweb, or the series holds no
+            such instance.
+    """
+    import pydicom
+
+    base = validate_url(url)
+    source = series_url(base, study_uid, series_uid)
+    web = client(base, timeout_s)
+    filters = {"SOPClassUID": check_uid(sop_class_uid, "SOPClassUID")} if sop_class_uid is not None else {}
+    found = _calling(source, "QIDO-RS (search for instances)", lambda: [
+        pydicom.Dataset.from_json(answer) for answer in web.search_for_instances(
+            study_uid, series_uid, search_filters=filters, limit=1)])
+    if not found:
+        raise DicomWebError.about(source, "the server lists no instance "
+                                          f"{'of SOP Class ' + sop_class_uid + ' ' if sop_class_uid else ''}in this "
+                                          "series")
+    instance_uid = check_uid(found[0].get("SOPInstanceUID"), "SOPInstanceUID", source)
+    return _calling(source, "WADO-RS (retrieve instance metadata)", lambda: pydicom.Dataset.from_json(
+        web.retrieve_instance_metadata(study_uid, series_uid, instance_uid)))
 
 
 # ---------------------------------------------------------------------------------------------------- STOW-RS
