@@ -7,8 +7,14 @@ there go through one HTTP client. This module adds what a deployment needs aroun
 https, a host, no user name or password in the URL, which would end up in logs and error messages), a timeout on
 every request, errors naming the URL and the HTTP status, and file names built only from validated UIDs.
 
-Everything a server sends is data: a UID is used in a file name only when it matches :data:`UID_PATTERN` (digits and
-dots, at most 64 characters), and instances are written atomically, never over a different file.
+Everything a server sends is data: a UID is used in a file name only when it passes :func:`is_uid` (digit groups
+without leading zeros and dots, at most 64 characters), and instances are written atomically, never over a different
+file.
+
+This module is the package's one place for DICOMweb URLs (:func:`is_dicomweb_url`, :func:`validate_url`, the strict
+series URL parser :func:`parse_series_url` -> :class:`DicomWebSeries`), DICOM UIDs (:func:`is_uid`,
+:func:`check_uid`) and the HTTP client (:func:`client`: :data:`TIMEOUT_S`, :data:`RETRY_ATTEMPTS`), which
+:mod:`pathbundles.dicom_wsi` reads slides through too.
 """
 
 from __future__ import annotations
