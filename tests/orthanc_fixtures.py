@@ -110,7 +110,9 @@ def dicomize(tiff_path: str | os.PathLike, dest_dir: str | os.PathLike, mpp: flo
 
     The dicomizer writes no ImageType unless the dataset gives one (OpenSlide and wsidicom then refuse the series;
     :mod:`pathbundles.dicom_wsi` reads it), and states its pixel spacing as the imaged volume's size over the pixel
-    matrix's: ``mpp`` sets that size.
+    matrix's: ``mpp`` sets that size. (OrthancWSIDicomizer 1.1 divides ``--imaged-width`` by the rows and
+    ``--imaged-height`` by the columns, PixelSpacing being (row, column) spacing: they are given crosswise, so that
+    the pixels of a slide that is not square come out square.)
 
     Args:
         tiff_path: a pyramidal TIFF (each level a tiled page; tiles are copied, not re-encoded, where they fit).
@@ -141,7 +143,7 @@ def dicomize(tiff_path: str | os.PathLike, dest_dir: str | os.PathLike, mpp: flo
         subprocess.run([str(DICOMIZER), "--dataset", str(dataset_file), "--folder", str(dest),
                         "--folder-pattern", "level-%06d.dcm", "--tile-width", str(tile_px), "--tile-height",
                         str(tile_px), "--compression", compression, "--max-size", "0",
-                        "--imaged-width", repr(width_px * mpp / 1000), "--imaged-height", repr(height_px * mpp / 1000),
+                        "--imaged-width", repr(height_px * mpp / 1000), "--imaged-height", repr(width_px * mpp / 1000),
                         str(tiff)], check=True, capture_output=True, timeout=300)
     finally:
         dataset_file.unlink(missing_ok=True)

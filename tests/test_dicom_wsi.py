@@ -5,34 +5,31 @@ DICOMweb."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import pickle
 import shutil
-import socket
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from mlflow_fixtures import free_port
+from orthanc_fixtures import dicomize, orthanc_url  # noqa: F401 - the fixture
 from test_level_check import LEVEL_SIZES, MPP, pyramid_levels, write_pyramid
 
 from pathbundles import dicom_wsi
 from pathbundles.bundle import _read_manifest, datalist
-from pathbundles.dicom_wsi import DicomSlide, DicomWebSeries, is_dicom_source, parse_dicomweb_url
+from pathbundles.dicom_wsi import DicomSlide, dicomweb_series, is_dicom_source
+from pathbundles.dicomweb import DicomWebSeries, redact, series_url, store_instances
 from pathbundles.errors import InputError, SlideError
 from pathbundles.outputs import check_name, output_file, output_names, slide_name
 from pathbundles.resample import resample_area
 from pathbundles.wsi import open_slide
 
-DICOMIZER = shutil.which("OrthancWSIDicomizer")
-ORTHANC = "/usr/sbin/Orthanc"
-DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 CONTAINER = "PHANTOM-7"
 STUDY, SERIES = "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2"
 
@@ -45,11 +42,11 @@ REAL = [("multi_frame_jpeg2000_camelyon_challenge_image.dcm", (1696, 812), "GO-1
 # ---- DICOMweb references -------------------------------------------------------------------------------------------
 
 
-def test_parse_dicomweb_url() -> None:
-    ref = parse_dicomweb_url(f"HTTPS://pacs.example.org:8443/dicom-web/studies/{STUDY}/series/{SERIES}/")
+def test_dicomweb_series() -> None:
+    ref = dicomweb_series(f"HTTPS://PACS.example.org:8443/dicom-web/studies/{STUDY}/series/{SERIES}/")
     assert ref == DicomWebSeries("https://pacs.example.org:8443/dicom-web", STUDY, SERIES)
-    assert parse_dicomweb_url(ref.url) == ref
-    assert parse_dicomweb_url(f"http://127.0.0.1/studies/{STUDY}/series/{SERIES}").base_url == "http://127.0.0.1"
+    assert dicomweb_series(ref.url) == ref
+    assert dicomweb_series(f"http://127.0.0.1/studies/{STUDY}/series/{SERIES}").base_url == "http://127.0.0.1"
 
 
 @pytest.mark.parametrize("url, problem", [
@@ -62,15 +59,16 @@ def test_parse_dicomweb_url() -> None:
     (f"http://host/studies/{STUDY}", "does not end"),
     (f"http://host/studies/{STUDY}/series/{SERIES}/instances/1.2", "does not end"),
     (f"http://host/studies/../../etc/series/{SERIES}", "does not end"),
-    (f"http://host/studies/1..2/series/{SERIES}", "study UID"),
-    (f"http://host/studies/{STUDY}/series/1.2.3a", "series UID"),
-    (f"http://host/studies/{STUDY}/series/1." + "2" * 64, "series UID"),
+    (f"http://host/studies/1..2/series/{SERIES}", "StudyInstanceUID"),
+    (f"http://host/studies/1.02/series/{SERIES}", "StudyInstanceUID"),
+    (f"http://host/studies/{STUDY}/series/1.2.3a", "SeriesInstanceUID"),
+    (f"http://host/studies/{STUDY}/series/1." + "2" * 64, "SeriesInstanceUID"),
     (f"http://host/studies/{STUDY} /series/{SERIES}", "space"),
 ])
-def test_parse_dicomweb_url_refuses(url: str, problem: str) -> None:
+def test_dicomweb_series_refuses(url: str, problem: str) -> None:
     with pytest.raises(InputError, match=problem) as err:
-        parse_dicomweb_url(url)
-    assert err.value.path == url
+        dicomweb_series(url)
+    assert err.value.path == redact(url) and "secret" not in str(err.value)  # credentials never shown
 
 
 def test_dicomweb_url_is_kept_as_given_by_the_slide() -> None:
@@ -125,18 +123,11 @@ def phantom_tiff(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def dicomized(phantom_tiff: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``phantom_tiff`` converted by OrthancWSIDicomizer (tiles copied, no ImageType), container PHANTOM-7."""
-    if DICOMIZER is None:
-        pytest.skip("OrthancWSIDicomizer is not installed (Debian package orthanc-wsi)")
+    """``phantom_tiff`` converted by OrthancWSIDicomizer (tiles copied, no ImageType, no SeriesDescription),
+    container PHANTOM-7."""
     out = tmp_path_factory.mktemp("dicomized")
-    dataset = out.parent / "dataset.json"
-    dataset.write_text(json.dumps({"ContainerIdentifier": CONTAINER}))
-    (w, h) = LEVEL_SIZES[0]
-    # OrthancWSIDicomizer 1.1 divides --imaged-width by the rows and --imaged-height by the columns (PixelSpacing
-    # is (row, column) spacing): given crosswise, the pixels come out square at MPP.
-    subprocess.run([DICOMIZER, "--folder", str(out), "--dataset", str(dataset), "--imaged-width", repr(h * MPP / 1e3),
-                    "--imaged-height", repr(w * MPP / 1e3), str(phantom_tiff)], check=True, capture_output=True)
-    assert len(list(out.glob("*.dcm"))) == len(LEVEL_SIZES)
+    files = dicomize(phantom_tiff, out, mpp=MPP, dataset={"ContainerIdentifier": CONTAINER, "SeriesDescription": ""})
+    assert len(files) == len(LEVEL_SIZES)
     return out
 
 
@@ -161,7 +152,7 @@ def new_series(dataset: pydicom.Dataset, container: str | None, series_uid: str)
 
 @pytest.mark.parametrize("pick", ["folder", "file"])
 def test_dicomized_phantom(dicomized: Path, phantom_tiff: Path, pick: str, caplog: pytest.LogCaptureFixture) -> None:
-    source = dicomized if pick == "folder" else dicomized / "wsi-000001.dcm"  # any instance names the series
+    source = dicomized if pick == "folder" else dicomized / "level-000001.dcm"  # any instance names the series
     dicom_wsi._warned_patched.discard(str(source))
     with caplog.at_level(logging.WARNING), open_slide(source) as slide, \
             open_slide(phantom_tiff, backend="tifffile") as tiff:
@@ -180,7 +171,7 @@ def test_dicomized_phantom(dicomized: Path, phantom_tiff: Path, pick: str, caplo
         assert slide.series_name == CONTAINER and slide_name(str(source))[0] == CONTAINER
         (level0,) = slide.source_datasets()
         assert "PixelData" not in level0 and level0.TotalPixelMatrixColumns == LEVEL_SIZES[0][0]
-        assert level0.SOPInstanceUID == pydicom.dcmread(dicomized / "wsi-000000.dcm").SOPInstanceUID
+        assert level0.SOPInstanceUID == pydicom.dcmread(dicomized / "level-000000.dcm").SOPInstanceUID
         assert slide.info()["path"] == str(source)
     with open_slide(source):  # said once per process: DataLoader workers reopen slides
         pass
@@ -257,12 +248,12 @@ def test_concatenation(dicomized: Path, tmp_path: Path) -> None:
     from pydicom.encaps import encapsulate, generate_frames
 
     folder = shutil.copytree(dicomized, tmp_path / "concatenated")
-    whole = pydicom.dcmread(folder / "wsi-000000.dcm")
+    whole = pydicom.dcmread(folder / "level-000000.dcm")
     frames = list(generate_frames(whole.PixelData, number_of_frames=int(whole.NumberOfFrames)))
     source_uid = whole.SOPInstanceUID
-    (folder / "wsi-000000.dcm").unlink()
+    (folder / "level-000000.dcm").unlink()
     for number, (first, last) in enumerate([(0, 20), (20, len(frames))], start=1):
-        part = pydicom.dcmread(dicomized / "wsi-000000.dcm")
+        part = pydicom.dcmread(dicomized / "level-000000.dcm")
         part.SOPInstanceUID = part.file_meta.MediaStorageSOPInstanceUID = f"{source_uid}.{number}"
         part.ConcatenationUID = f"{source_uid}.9"
         part.SOPInstanceUIDOfConcatenationSource = source_uid
@@ -298,12 +289,12 @@ def test_datalists_of_dicom(dicomized: Path, tmp_path: Path) -> None:
         for path in (root / series).glob("*.dcm"):
             shutil.copy(path, loose / f"{series}-{path.name}")
     assert [(Path(i["image"]).name, i["name"]) for i in datalist(loose)] == [
-        ("first-wsi-000000.dcm", CONTAINER), ("second-wsi-000000.dcm", "SECOND")]
+        ("first-level-000000.dcm", CONTAINER), ("second-level-000000.dcm", "SECOND")]
     # One instance, also without a suffix (PACS exports): its series, never read as a text manifest.
-    single = datalist(root / "second" / "wsi-000002.dcm", existing=True)
-    assert single == [{"image": str(root / "second" / "wsi-000002.dcm"), "name": "SECOND"}]
+    single = datalist(root / "second" / "level-000002.dcm", existing=True)
+    assert single == [{"image": str(root / "second" / "level-000002.dcm"), "name": "SECOND"}]
     bare = tmp_path / "IM0001"
-    shutil.copy(root / "first" / "wsi-000000.dcm", bare)
+    shutil.copy(root / "first" / "level-000000.dcm", bare)
     assert datalist(bare) == [{"image": str(bare), "name": CONTAINER}]
     # A manifest of series folders, checked to exist; a URL line stays a URL.
     manifest = tmp_path / "slides.txt"
@@ -326,13 +317,13 @@ def test_datalists_of_dicom(dicomized: Path, tmp_path: Path) -> None:
 def test_deploy_input_of_one_dcm(dicomized: Path) -> None:
     from pathbundles.deploy.runtime import slide_list
 
-    assert slide_list(dicomized / "wsi-000000.dcm", kind="metastasis") == [
-        {"image": str(dicomized / "wsi-000000.dcm"), "name": CONTAINER}]
+    assert slide_list(dicomized / "level-000000.dcm", kind="metastasis") == [
+        {"image": str(dicomized / "level-000000.dcm"), "name": CONTAINER}]
     assert slide_list(dicomized, kind="metastasis") == [{"image": str(dicomized), "name": CONTAINER}]
 
 
 def test_is_dicom_source(dicomized: Path, phantom_tiff: Path, tmp_path: Path) -> None:
-    assert is_dicom_source(str(dicomized)) and is_dicom_source(dicomized / "wsi-000000.dcm")
+    assert is_dicom_source(str(dicomized)) and is_dicom_source(dicomized / "level-000000.dcm")
     assert is_dicom_source(f"https://host/studies/{STUDY}/series/{SERIES}")
     assert not is_dicom_source(phantom_tiff) and not is_dicom_source(tmp_path) and not is_dicom_source(None)
 
@@ -349,49 +340,8 @@ def test_cli_info_on_a_series_folder(dicomized: Path) -> None:
 # ---- DICOMweb against a live Orthanc -------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """An Orthanc with DICOMweb on 127.0.0.1 (free port, temporary storage), stopped by its PID; its DICOMweb root."""
-    if not (os.access(ORTHANC, os.X_OK) and Path(DICOMWEB_PLUGIN).is_file()):
-        pytest.skip(f"Orthanc with its DICOMweb plugin is not installed ({ORTHANC}, {DICOMWEB_PLUGIN})")
-    folder = tmp_path_factory.mktemp("orthanc")
-    port = _free_port()
-    config = {"Name": "pathbundles-test", "HttpPort": port, "DicomPort": _free_port(), "RemoteAccessAllowed": False,
-              "AuthenticationEnabled": False, "StorageDirectory": str(folder / "storage"),
-              "IndexDirectory": str(folder / "storage"), "Plugins": [DICOMWEB_PLUGIN],
-              "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
-    (folder / "orthanc.json").write_text(json.dumps(config))
-    log = open(folder / "orthanc.log", "wb")
-    process = subprocess.Popen([ORTHANC, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        root = f"http://127.0.0.1:{port}/dicom-web"
-        import requests
-
-        for _ in range(100):
-            with contextlib.suppress(requests.ConnectionError):
-                if requests.get(f"{root}/studies", timeout=2).status_code == 200:
-                    break
-            if process.poll() is not None:
-                pytest.fail(f"Orthanc exited: {(folder / 'orthanc.log').read_text()[-2000:]}")
-            time.sleep(0.1)
-        yield root
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
-
-
 def test_unreachable_dicomweb_server() -> None:
-    url = f"http://127.0.0.1:{_free_port()}/dicom-web/studies/{STUDY}/series/{SERIES}"  # nothing listens there
+    url = f"http://127.0.0.1:{free_port()}/dicom-web/studies/{STUDY}/series/{SERIES}"  # nothing listens there
     with pytest.raises(SlideError, match="cannot open the series on the DICOMweb server: ConnectionError") as err:
         open_slide(url)
     assert err.value.path == url
@@ -400,13 +350,12 @@ def test_unreachable_dicomweb_server() -> None:
     assert err.value.path == url
 
 
-def test_dicomweb_reads_lazily(orthanc: str, dicomized: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dicomweb_reads_lazily(orthanc_url: str, dicomized: Path,  # noqa: F811 - the fixture
+                               monkeypatch: pytest.MonkeyPatch) -> None:
     import requests
-    from dicomweb_client import DICOMwebClient
 
-    datasets = [pydicom.dcmread(p) for p in sorted(dicomized.glob("*.dcm"))]
-    DICOMwebClient(orthanc).store_instances(datasets)
-    url = f"{orthanc}/studies/{datasets[0].StudyInstanceUID}/series/{datasets[0].SeriesInstanceUID}"
+    (first, *_) = store_instances(orthanc_url, [dicomized])["stored"]
+    url = series_url(orthanc_url, first["study_instance_uid"], first["series_instance_uid"])
     frame_requests: list[str] = []
     send = requests.Session.send
 
@@ -420,7 +369,7 @@ def test_dicomweb_reads_lazily(orthanc: str, dicomized: Path, monkeypatch: pytes
         assert remote.backend == "dicom" and remote.path == url and remote.level_dimensions == LEVEL_SIZES
         assert remote.mpp == pytest.approx(local.mpp) and remote.series_name == CONTAINER
         # Opening fetched metadata and, where the server lists no transfer syntaxes, wsidicom's probe of the first
-        # frame of each instance (of the 48 + 4 + 1 frames).
+        # frame of each instance (of the 48 + 6 + 1 frames).
         probes = len(frame_requests)
         assert probes <= len(LEVEL_SIZES) and all(u.endswith("/frames/1") for u in frame_requests), frame_requests
         region = remote.read_level_region(0, (300, 260), (200, 200))  # tiles (1..2, 1..2): 4 frames of 48

@@ -171,9 +171,11 @@ def _leave_work_files(out: Path) -> tuple[list[Path], list[Path]]:
     """The work files a run killed while writing leaves in ``out``, and user files that look a little like them."""
     ours = [out / "maps" / ".s.partial-0123abcd.tif", out / ".summary.partial-89abcdef.json",
             out / "maps" / ".s-levels-a1b2_c3d" / "level1.raw",
-            out / WORK_AREA / ".pathbundles-canvas-k2j3h4.raw"]
+            out / WORK_AREA / ".pathbundles-canvas-k2j3h4.raw",
+            out / "dicom" / "s" / ".labels_0.partial-4567cdef.dcm"]  # a killed DICOM export (dicom/<slide>/)
     theirs = [out / "maps" / "s.partial-0123abcd.tif", out / "maps" / ".s.partial-notours.tif", out / ".hidden",
-              out / "notes" / ".x-levels-a1b2c3d4e5", out / "a" / "b" / ".s.partial-0123abcd.tif"]
+              out / "notes" / ".x-levels-a1b2c3d4e5", out / "a" / "b" / ".s.partial-0123abcd.tif",
+              out / "dicom" / "s" / "labels_0.dcm", out / "dicom" / "s" / "x" / ".s.partial-0123abcd.dcm"]
     for path in ours + theirs:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x")
@@ -183,7 +185,7 @@ def _leave_work_files(out: Path) -> tuple[list[Path], list[Path]]:
 def test_only_this_project_s_work_files_are_removed(tmp_path: Path) -> None:
     ours, theirs = _leave_work_files(tmp_path)
     removed = remove_stale_work_files(tmp_path)
-    assert sorted(removed) == sorted([*ours[:2], ours[2].parent, ours[3]])
+    assert sorted(removed) == sorted([*ours[:2], ours[2].parent, *ours[3:]])
     assert not any(p.exists() for p in ours) and all(p.exists() for p in theirs)
 
 

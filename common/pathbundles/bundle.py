@@ -182,13 +182,14 @@ def datalist(source: str | os.PathLike | None = None, kind: str = "metastasis", 
             extension, a manifest that is not text or lists nothing, or a malformed datalist.
     """
     from pathbundles import dicom_wsi
+    from pathbundles.dicomweb import DicomWebError, is_dicomweb_url, parse_series_url, redact
     from pathbundles.errors import InputError
     from pathbundles.sampling import read_datalist
 
     if source is None:
         return demo_datalist(kind, split, first)
     slides_kind = kind != "mitosis"
-    if slides_kind and dicom_wsi.is_dicomweb_url(str(source)):
+    if slides_kind and is_dicomweb_url(str(source)):
         return [_dicom_item(str(source))]
     path = Path(source)
     suffixes, what = (HPF_SUFFIXES, "HPF image") if kind == "mitosis" else (SLIDE_SUFFIXES, "slide")
@@ -228,11 +229,11 @@ def datalist(source: str | os.PathLike | None = None, kind: str = "metastasis", 
     if existing:
         for line, item in zip(lines, items):
             image = item["image"]
-            if slides_kind and dicom_wsi.is_dicomweb_url(image):
+            if slides_kind and is_dicomweb_url(image):
                 try:
-                    dicom_wsi.parse_dicomweb_url(image)
-                except InputError as err:
-                    raise InputError(path, f"{image}: {err.problem}", line=line) from None
+                    parse_series_url(image)
+                except DicomWebError as err:
+                    raise InputError(path, f"{redact(image)}: {err.problem}", line=line) from None
             elif not (Path(image).is_file() or (slides_kind and Path(image).is_dir()
                                                 and dicom_wsi.is_dicom_source(image))):
                 raise InputError(path, f"{image}: no such file", line=line)
@@ -245,9 +246,10 @@ def datalist(source: str | os.PathLike | None = None, kind: str = "metastasis", 
 def _is_dicom_image(image: object) -> bool:
     """Whether a listed image is a DICOM slide that can be named now: a DICOMweb URL, or a DICOM file or folder
     that exists (one that does not fails by name when the run reaches it)."""
-    from pathbundles import dicom_wsi
+    from pathbundles.dicom_wsi import is_dicom_source
+    from pathbundles.dicomweb import is_dicomweb_url
 
-    return dicom_wsi.is_dicomweb_url(image) or (dicom_wsi.is_dicom_source(image) and Path(str(image)).exists())
+    return is_dicomweb_url(image) or (is_dicom_source(image) and Path(str(image)).exists())
 
 
 def _dicom_item(image: str, item: dict | None = None) -> dict:
@@ -267,7 +269,7 @@ def _dicom_folder_items(folder: Path) -> list[dict]:
     items = []
     folders = [folder] + sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     for sub in folders:
-        series = dicom_wsi.dicom_series(dicom_wsi.dicom_files(sub))
+        series = dicom_wsi.dicom_series(dicom_wsi.dicom_files_in(sub))
         if len(series) == 1:
             items.append(_dicom_item(os.path.abspath(sub)))
         else:
@@ -278,7 +280,7 @@ def _dicom_folder_items(folder: Path) -> list[dict]:
 def _read_manifest(path: Path, what: str, expected: str) -> tuple[list[int], list[dict]]:
     """(line numbers, items) of a text manifest: one path a line, relative to its folder; InputError naming it when
     it is not UTF-8 text (a slide or other binary file under a manifest's name) or lists nothing."""
-    from pathbundles.dicom_wsi import is_dicomweb_url
+    from pathbundles.dicomweb import is_dicomweb_url
     from pathbundles.errors import InputError
 
     try:

@@ -53,8 +53,10 @@ from typing import Any
 import numpy as np
 
 from pathbundles.atomic import atomic_path
+from pathbundles.dicom_wsi import VL_WSI_SOP_CLASS
+from pathbundles.dicomweb import is_uid
 from pathbundles.errors import InputError, SlideError
-from pathbundles.outputs import inside, output_file
+from pathbundles.outputs import DICOM_SUBFOLDER, inside, output_file
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +73,7 @@ __all__ = [
     "segmentation_from_probability_map",
 ]
 
-#: Subfolder of an output folder that holds the DICOM objects, one folder per slide.
-DICOM_SUBFOLDER = "dicom"
 MANUFACTURER = "pathbundles"
-VL_WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 SEGMENTATION_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 #: Largest map level (pixels) put into a segmentation by :func:`export_slide_results`: 16384 x 16384, e.g. a
 #: Camelyon16 slide's label map at 2 um/px; finer levels are left out (DMMN writes 0.5 um/px maps).
@@ -87,7 +86,6 @@ _KIND_SERIES = {"annotations": 1, "labels": 2, "probability": 3, "report": 4}
 # Patient and study attributes (Type 2) that highdicom copies from the source without checking they are there.
 _TYPE2_COPIED = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
                  "StudyDate", "StudyTime", "ReferringPhysicianName")
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _PRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
@@ -151,7 +149,7 @@ def _text(value: Any, limit: int) -> str:
 
 def _check_uid(ds: Any, keyword: str, where: str) -> str:
     uid = str(ds.get(keyword, "") or "")
-    if not _UID.match(uid) or len(uid) > 64:
+    if not is_uid(uid):
         raise SlideError(where, f"{keyword} {uid[:80]!r} is not a valid DICOM UID")
     return uid
 
@@ -377,11 +375,16 @@ def annotations_from_detections(source_images: Sequence[Any], detections: Any, b
         sop_instance_uid=hd.UID(), instance_number=1, content_label=what.upper(),
         content_description=series["series_description"], **_equipment(bundle_info))
     ann.SeriesDescription = series["series_description"]
-    # The 2D annotation IOD does not require the Frame of Reference module; it is added so that every result of a
-    # slide names the slide's frame of reference.
-    ann.FrameOfReferenceUID = source.FrameOfReferenceUID
-    ann.PositionReferenceIndicator = source.get("PositionReferenceIndicator", "") or "SLIDE_CORNER"
-    return _complete(ann)
+    # The 2D annotation IOD does not require the Frame of Reference module.
+    return _complete(_with_frame_of_reference(ann, source))
+
+
+def _with_frame_of_reference(dataset: Any, source: Any) -> Any:
+    """``dataset`` with the source's Frame of Reference (UID, position reference indicator): added to the objects
+    whose IOD leaves it optional, so that every result of a slide names the slide's frame of reference."""
+    dataset.FrameOfReferenceUID = source.FrameOfReferenceUID
+    dataset.PositionReferenceIndicator = source.get("PositionReferenceIndicator", "") or "SLIDE_CORNER"
+    return dataset
 
 
 def _display_colour(rgb: Sequence[int] | None) -> Any:
@@ -640,10 +643,8 @@ def score_report(source_images: Sequence[Any], bundle_info: Mapping[str, Any], *
     sr.ManufacturerModelName = equipment["manufacturer_model_name"]
     sr.SoftwareVersions = equipment["software_versions"]
     sr.DeviceSerialNumber = equipment["device_serial_number"]
-    # Only required with 3D coordinates; recorded so that every result of a slide names its frame of reference.
-    sr.FrameOfReferenceUID = source.FrameOfReferenceUID
-    sr.PositionReferenceIndicator = source.get("PositionReferenceIndicator", "") or "SLIDE_CORNER"
-    return _complete(sr)
+    # Only required with 3D coordinates.
+    return _complete(_with_frame_of_reference(sr, source))
 
 
 def _finite(value: Any, what: str) -> float:

@@ -7,7 +7,7 @@ images beside them). `DicomSlide` opens
 - one instance file: its series is the instances in the same folder that share its SeriesInstanceUID (as OpenSlide
   4 does);
 - a DICOMweb series, ``http(s)://HOST[:PORT]/PATH/studies/<StudyInstanceUID>/series/<SeriesInstanceUID>``
-  (`parse_dicomweb_url`), read lazily frame by frame over WADO-RS: only instance metadata is fetched on opening and
+  (`pathbundles.dicomweb.parse_series_url`), read lazily frame by frame over WADO-RS: only instance metadata is fetched on opening and
   each read fetches the frames it touches, through wsidicom's in-memory LRU frame caches of `FRAME_CACHE_BYTES`.
 
 Why wsidicom (Apache-2.0, pinned < 0.34 with TIAToolbox): it reads folders, concatenations, TILED_SPARSE tiling,
@@ -25,18 +25,18 @@ level-0 mpp is given.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import logging
 import os
 import re
-import urllib.parse
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pathbundles.dicomweb import (DicomWebError, DicomWebSeries, client, instance_metadata, is_dicomweb_url,
+                                  parse_series_url, redact)
 from pathbundles.errors import InputError, SlideError
 from pathbundles.wsi import MPP_HINT, Slide, _similar_ratio
 
@@ -47,19 +47,10 @@ VL_WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 #: Bytes of decoded (and, separately, of encoded) frames wsidicom keeps per slide: 64 MiB holds ~340 decoded 256 px
 #: RGB frames, more than a 2048 px read touches, so neighbouring reads over DICOMweb fetch each frame once.
 FRAME_CACHE_BYTES = 64 << 20
-#: Seconds a DICOMweb request may wait to connect and between bytes of the answer before the read fails: a server
-#: that stops answering ends the slide with an error naming it instead of hanging the run.
-DICOMWEB_TIMEOUT_S = 60.0
-#: Tries of a DICOMweb request that fails to connect or gets a retriable status (429, 503, 504), with waits of 0.5
-#: and 1 s between them: enough for a server's brief hiccup; dicomweb-client's own 5 tries took 30 s per request.
-DICOMWEB_ATTEMPTS = 3
 #: Image flavours (ImageType value 3) of VL WSI instances; others are patched to VOLUME (see the module text).
 _FLAVOURS = ("VOLUME", "LABEL", "OVERVIEW", "THUMBNAIL")
 #: What an inferred ImageType becomes.
 _PATCHED_IMAGE_TYPE = ["DERIVED", "PRIMARY", "VOLUME", "NONE"]
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_MAX_UID_CHARS = 64
-_URL_PATH = re.compile(r"^(?P<root>(?:/[^/]+)*?)/studies/(?P<study>[^/]+)/series/(?P<series>[^/]+)/?$")
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _warned_patched: set[str] = set()
 #: Tags read from each file's header to list a folder's series (no pixel data is read).
@@ -69,70 +60,13 @@ _HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Container
 # ---- sources -----------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class DicomWebSeries:
-    """A DICOMweb series reference.
-
-    Attributes:
-        base_url: the DICOMweb service root (``http://host:8042/dicom-web``), without a trailing slash.
-        study_uid: StudyInstanceUID.
-        series_uid: SeriesInstanceUID.
-    """
-
-    base_url: str
-    study_uid: str
-    series_uid: str
-
-    @property
-    def url(self) -> str:
-        """The reference as a URL (what `parse_dicomweb_url` reads)."""
-        return f"{self.base_url}/studies/{self.study_uid}/series/{self.series_uid}"
-
-
-def is_dicomweb_url(text: Any) -> bool:
-    """Whether ``text`` is meant as a URL (starts with ``http://`` or ``https://``): such an image is never a path."""
-    return isinstance(text, str) and text[:8].lower().startswith(("http://", "https://"))
-
-
-def parse_dicomweb_url(text: str) -> DicomWebSeries:
-    """Read a DICOMweb series reference ``http(s)://HOST[:PORT]/PATH/studies/<StudyUID>/series/<SeriesUID>``.
-
-    Strict, since it comes from datalists: scheme http or https, a host, a valid port, no credentials, query or
-    fragment, no spaces or control characters, UIDs of digits and dots of at most 64 characters.
-
-    Raises:
-        InputError: naming ``text`` and what is wrong.
-    """
-    def refuse(problem: str) -> InputError:
-        return InputError(text, f"not a DICOMweb series URL: {problem} (expected http(s)://HOST[:PORT]/PATH/studies/"
-                                "<StudyInstanceUID>/series/<SeriesInstanceUID>)")
-
-    if not isinstance(text, str) or not is_dicomweb_url(text):
-        raise refuse("the scheme must be http or https")
-    if re.search(r"[\s\x00-\x1f\x7f]", text):
-        raise refuse("it contains a space or control character")
-    parts = urllib.parse.urlsplit(text)
-    if parts.query or parts.fragment or "?" in text or "#" in text:
-        raise refuse("a query or fragment is not part of a series reference")
-    if parts.username is not None or parts.password is not None:
-        raise refuse("credentials in the URL are refused (they would end up in logs and records)")
+def dicomweb_series(url: str, error: type[InputError] = InputError) -> DicomWebSeries:
+    """`pathbundles.dicomweb.parse_series_url` of a datalist image or slide source, its refusal raised as ``error``
+    (InputError; SlideError for a slide) naming ``url`` (credentials left out)."""
     try:
-        port = parts.port
-    except ValueError:
-        raise refuse("the port is not a number from 0 to 65535") from None
-    if not parts.hostname:
-        raise refuse("it names no host")
-    match = _URL_PATH.match(parts.path)
-    if match is None:
-        raise refuse("its path does not end in /studies/<uid>/series/<uid>")
-    for what in ("study", "series"):
-        uid = match.group(what)
-        if len(uid) > _MAX_UID_CHARS or not _UID.match(uid):
-            raise refuse(f"the {what} UID {uid[:80]!r} is not a DICOM UID (digits and dots, at most 64 characters)")
-    netloc = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
-    netloc += f":{port}" if port is not None else ""
-    base = f"{parts.scheme.lower()}://{netloc}{match.group('root')}"
-    return DicomWebSeries(base, match.group("study"), match.group("series"))
+        return parse_series_url(url)
+    except DicomWebError as err:
+        raise error(redact(str(url)), err.problem) from None
 
 
 def is_dicom_file(path: str | os.PathLike) -> bool:
@@ -147,14 +81,34 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
         return False
 
 
-def dicom_files(folder: Path) -> list[Path]:
-    """The DICOM files directly in ``folder`` (``.dcm`` or no suffix, not hidden), sorted by name."""
+def _is_instance_file(path: Path) -> bool:
+    """Whether a folder entry is taken as a series' instance: not hidden, ``.dcm`` or no suffix, DICOM."""
+    return not path.name.startswith(".") and path.suffix.lower() in (".dcm", "") and is_dicom_file(path)
+
+
+def dicom_files_in(folder: Path) -> list[Path]:
+    """The DICOM files directly in ``folder`` (``.dcm`` or no suffix, not hidden), sorted by name: the instances a
+    series folder is read from. (Files to send to a server: `pathbundles.dicomweb.dicom_files_under`.)"""
     try:
         entries = sorted(folder.iterdir())
     except OSError as err:
         raise InputError(folder, f"cannot list the folder: {err}") from err
-    return [p for p in entries if not p.name.startswith(".") and p.suffix.lower() in (".dcm", "")
-            and is_dicom_file(p)]
+    return [p for p in entries if _is_instance_file(p)]
+
+
+def read_dicom(path: str | os.PathLike, header_only: bool = False, tags: list[str] | None = None) -> Any:
+    """The pydicom Dataset of the DICOM file ``path``: without pixel data when ``header_only``, only ``tags``
+    (keywords) when given.
+
+    Raises:
+        InputError: naming ``path`` when it is not a readable DICOM file.
+    """
+    import pydicom
+
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=header_only, specific_tags=tags)
+    except Exception as err:  # noqa: BLE001 - pydicom raises many kinds on a damaged file
+        raise InputError(path, f"cannot read the DICOM file: {err}") from err
 
 
 def is_dicom_source(image: Any) -> bool:
@@ -167,8 +121,7 @@ def is_dicom_source(image: Any) -> bool:
     path = Path(image)
     if path.is_dir():
         try:
-            return any(not p.name.startswith(".") and p.suffix.lower() in (".dcm", "") and is_dicom_file(p)
-                       for p in path.iterdir())
+            return any(map(_is_instance_file, path.iterdir()))
         except OSError:
             return False
     return path.suffix.lower() == ".dcm" or (not path.suffix and is_dicom_file(path))
@@ -176,11 +129,9 @@ def is_dicom_source(image: Any) -> bool:
 
 def _headers(path: Path) -> Any:
     """The header tags `_HEADER_TAGS` of a DICOM file (pydicom, no pixel data), or None when it is no DICOM."""
-    import pydicom
-
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-    except Exception:  # not DICOM, truncated, unreadable: not part of a series here
+        return read_dicom(path, header_only=True, tags=_HEADER_TAGS)
+    except InputError:  # not DICOM, truncated, unreadable: not part of a series here
         return None
 
 
@@ -232,25 +183,12 @@ def series_name(source: str) -> str:
         InputError: naming ``source`` when it holds no VL WSI instance or the server cannot be asked.
     """
     if is_dicomweb_url(source):
-        import pydicom
-
-        ref = parse_dicomweb_url(source)
-        client = _dicomweb_client(ref)
+        ref = dicomweb_series(source)
         try:
-            found = client.search_for_instances(ref.study_uid, ref.series_uid,
-                                                search_filters={"SOPClassUID": VL_WSI_SOP_CLASS}, limit=1)
-            if not found:
-                raise InputError(source, "the DICOMweb server lists no VL Whole Slide Microscopy instance in this "
-                                         "series")
-            instance_uid = pydicom.Dataset.from_json(found[0]).SOPInstanceUID
-            metadata = pydicom.Dataset.from_json(client.retrieve_instance_metadata(ref.study_uid, ref.series_uid,
-                                                                                   instance_uid))
-        except InputError:
-            raise
-        except Exception as err:  # requests' and dicomweb-client's errors
-            raise InputError(source, f"cannot read the series from the DICOMweb server: {type(err).__name__}: "
-                                     f"{err}") from err
-        return _series_name_of(metadata)
+            return _series_name_of(instance_metadata(*ref, sop_class_uid=VL_WSI_SOP_CLASS))
+        except DicomWebError as err:
+            raise InputError(redact(source), "cannot read the series from the DICOMweb server (VL Whole Slide "
+                                             f"Microscopy instances): {err.problem}") from None
     files = _series_files(Path(source))
     header = _headers(files[0])
     return _series_name_of(header)
@@ -260,7 +198,7 @@ def _series_files(path: Path) -> list[Path]:
     """The files of the one series ``path`` names: a folder's (it must hold exactly one VL WSI series), or a file's
     series in its folder. InputError naming ``path`` otherwise."""
     if path.is_dir():
-        series = dicom_series(dicom_files(path))
+        series = dicom_series(dicom_files_in(path))
         if not series:
             raise InputError(path, "holds no DICOM VL Whole Slide Microscopy instances (.dcm files)")
         if len(series) > 1:
@@ -272,7 +210,7 @@ def _series_files(path: Path) -> list[Path]:
         raise InputError(path, "not a DICOM file")
     if str(header.get("SOPClassUID", "")) != VL_WSI_SOP_CLASS:
         raise InputError(path, f"not a VL Whole Slide Microscopy image (SOP Class {header.get('SOPClassUID')})")
-    siblings = [p for p in dicom_files(path.parent) if p != path]
+    siblings = [p for p in dicom_files_in(path.parent) if p != path]
     return dicom_series([path, *siblings])[str(header.get("SeriesInstanceUID", ""))]
 
 
@@ -291,25 +229,6 @@ def _patch_image_type(dataset: Any, patched: list[str]) -> Any:
     return dataset
 
 
-def _dicomweb_client(ref: DicomWebSeries) -> Any:
-    """A dicomweb-client client of ``ref``'s server whose requests time out after `DICOMWEB_TIMEOUT_S` (requests
-    waits forever by default) and are tried `DICOMWEB_ATTEMPTS` times."""
-    import requests
-    from dicomweb_client import DICOMwebClient
-    from requests.adapters import HTTPAdapter
-
-    class TimeoutAdapter(HTTPAdapter):
-        def send(self, request: Any, timeout: Any = None, **kwargs: Any) -> Any:
-            return super().send(request, timeout=DICOMWEB_TIMEOUT_S if timeout is None else timeout, **kwargs)
-
-    session = requests.Session()
-    for prefix in ("http://", "https://"):
-        session.mount(prefix, TimeoutAdapter())
-    client = DICOMwebClient(ref.base_url, session=session)
-    client.set_http_retry_params(max_attempts=DICOMWEB_ATTEMPTS, wait_exponential_multiplier=250)
-    return client
-
-
 def _web_client(ref: DicomWebSeries, patched: list[str]) -> Any:
     """A wsidicom DICOMweb client (dicomweb-client underneath) for ``ref``'s server whose instance metadata is
     patched by `_patch_image_type`."""
@@ -319,7 +238,7 @@ def _web_client(ref: DicomWebSeries, patched: list[str]) -> Any:
         def get_instance(self, study_uid: Any, series_uid: Any, instance_uid: Any) -> Any:
             return _patch_image_type(super().get_instance(study_uid, series_uid, instance_uid), patched)
 
-    return PatchingClient(_dicomweb_client(ref))
+    return PatchingClient(client(ref.base_url))
 
 
 def _file_source(files: list[Path], patched: list[str]) -> Any:
@@ -347,7 +266,7 @@ class DicomSlide(Slide):
 
     Args:
         path: a folder of one series' instances, one instance file (its series is the instances in its folder
-            sharing its SeriesInstanceUID), or a DICOMweb series URL (`parse_dicomweb_url`).
+            sharing its SeriesInstanceUID), or a DICOMweb series URL (`pathbundles.dicomweb.parse_series_url`).
         mpp: level-0 um/px overriding the instances' pixel spacing.
         max_level0_px: as for `Slide`.
 
@@ -361,10 +280,7 @@ class DicomSlide(Slide):
     @classmethod
     def _checked_path(cls, source: str) -> Path | str:
         if is_dicomweb_url(source):
-            try:
-                parse_dicomweb_url(source)
-            except InputError as err:
-                raise SlideError(source, err.problem) from None
+            dicomweb_series(source, SlideError)
             return source
         path = Path(source)
         if not path.exists():
@@ -379,7 +295,7 @@ class DicomSlide(Slide):
         if isinstance(self.path, str):
             from wsidicom.web import WsiDicomWebSource
 
-            ref = parse_dicomweb_url(self.path)
+            ref = dicomweb_series(self.path, SlideError)
             try:
                 self._source = WsiDicomWebSource(_web_client(ref, self._patched), ref.study_uid, [ref.series_uid])
             except Exception as err:

@@ -7,8 +7,14 @@ there go through one HTTP client. This module adds what a deployment needs aroun
 https, a host, no user name or password in the URL, which would end up in logs and error messages), a timeout on
 every request, errors naming the URL and the HTTP status, and file names built only from validated UIDs.
 
-Everything a server sends is data: a UID is used in a file name only when it matches :data:`UID_PATTERN` (digits and
-dots, at most 64 characters), and instances are written atomically, never over a different file.
+Everything a server sends is data: a UID is used in a file name only when it passes :func:`is_uid` (digit groups
+without leading zeros and dots, at most 64 characters), and instances are written atomically, never over a different
+file.
+
+This module is the package's one place for DICOMweb URLs (:func:`is_dicomweb_url`, :func:`validate_url`, the strict
+series URL parser :func:`parse_series_url` -> :class:`DicomWebSeries`), DICOM UIDs (:func:`is_uid`,
+:func:`check_uid`) and the HTTP client (:func:`client`: :data:`TIMEOUT_S`, :data:`RETRY_ATTEMPTS`), which
+:mod:`pathbundles.dicom_wsi` reads slides through too.
 """
 
 from __future__ import annotations
@@ -20,16 +26,16 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 from pathbundles.errors import InputError, PathBundlesError
 
 logger = logging.getLogger(__name__)
 
-#: A DICOM UID (PS3.5 9.1): digit groups separated by dots, at most 64 characters. Leading zeros are not checked:
-#: the pattern is what makes a UID safe as a file name, not a full validator.
-UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+#: A DICOM UID (PS3.5 9.1): groups of digits without leading zeros, separated by dots, at most 64 characters. The
+#: one UID check of the package (:func:`is_uid`): what makes a UID safe in a file name or URL.
+UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 UID_MAX_CHARS = 64
 #: Seconds to connect and seconds between bytes of a response, for every request.
 TIMEOUT_S = (10.0, 120.0)
@@ -45,16 +51,47 @@ SERIES_FIELDS = ("StudyInstanceUID", "SeriesInstanceUID", "Modality", "SeriesNum
                  "NumberOfSeriesRelatedInstances", "PatientID", "StudyID", "StudyDate", "AccessionNumber")
 #: The tail of a DICOMweb series URL: ``.../studies/<StudyInstanceUID>/series/<SeriesInstanceUID>``.
 _SERIES_TAIL = re.compile(r"/studies/(?P<study>[^/]+)/series/(?P<series>[^/]+)/?$")
+_SERIES_URL_FORM = "http(s)://HOST[:PORT]/PATH/studies/<StudyInstanceUID>/series/<SeriesInstanceUID>"
 
 
 class DicomWebError(PathBundlesError):
     """A DICOMweb request failed, or a server answered something unusable; the message names the URL (without
-    credentials) and the HTTP status when there was one."""
+    credentials) and the HTTP status when there was one.
+
+    Attributes:
+        url: the URL (or other source) the error is about, credentials left out; "" when not known.
+        problem: what is wrong with it (the message without the URL).
+    """
+
+    def __init__(self, message: str, url: str = "", problem: str = "") -> None:
+        super().__init__(message)
+        self.url, self.problem = url, problem or message
+
+    @classmethod
+    def about(cls, url: str, problem: str) -> DicomWebError:
+        """The error ``<url>: <problem>``, ``url`` without credentials."""
+        shown = redact(url) if url else ""
+        return cls(f"{shown + ': ' if shown else ''}{problem}", url=shown, problem=problem)
+
+
+class DicomWebSeries(NamedTuple):
+    """A DICOMweb series: its server's base URL (``http://host:8042/dicom-web``, no trailing slash), its
+    StudyInstanceUID and SeriesInstanceUID (checked UIDs); what :func:`parse_series_url` returns."""
+
+    base_url: str
+    study_uid: str
+    series_uid: str
+
+    @property
+    def url(self) -> str:
+        """The series' URL, ``<base_url>/studies/<study_uid>/series/<series_uid>``."""
+        return f"{self.base_url}/studies/{self.study_uid}/series/{self.series_uid}"
 
 
 def validate_url(url: str) -> str:
-    """A DICOMweb base URL checked for use: ``http`` or ``https``, a host, no user name or password, no query or
-    fragment; returned without a trailing slash (``http://127.0.0.1:8042/dicom-web``).
+    """A DICOMweb base URL checked for use: ``http`` or ``https``, a host, a port from 0 to 65535 if any, no user name
+    or password, no query or fragment, no space or control character (around it, spaces are stripped); returned
+    with the scheme and host in lower case and without a trailing slash (``http://127.0.0.1:8042/dicom-web``).
 
     Raises:
         DicomWebError: naming the URL (its credentials left out) and what is wrong.
@@ -62,20 +99,28 @@ def validate_url(url: str) -> str:
     text = str(url).strip()
     try:
         parts = urlsplit(text)
-        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
     except ValueError as err:
-        raise DicomWebError(f"{redact(text)}: not a URL ({err})") from None
+        raise DicomWebError.about(text, f"not a URL ({err})") from None
     if parts.scheme not in ("http", "https"):
-        raise DicomWebError(f"{redact(text)}: a DICOMweb URL must start with http:// or https://, not "
-                            f"{parts.scheme + '://' if parts.scheme else 'a path'}")
-    if not parts.hostname:
-        raise DicomWebError(f"{redact(text)}: no host in the DICOMweb URL")
+        raise DicomWebError.about(text, "a DICOMweb URL must start with http:// or https://, not "
+                                        f"{parts.scheme + '://' if parts.scheme else 'a path'} (the scheme must be "
+                                        "http or https)")
+    if re.search(r"[\s\x00-\x1f\x7f]", text):
+        raise DicomWebError.about(text, "it contains a space or control character")
     if parts.username is not None or parts.password is not None:
-        raise DicomWebError(f"{redact(text)}: credentials in a URL end up in logs and error messages; give the "
-                            "server's URL without user name and password")
-    if parts.query or parts.fragment:
-        raise DicomWebError(f"{redact(text)}: a DICOMweb base URL has no query (?...) or fragment (#...)")
-    return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+        raise DicomWebError.about(text, "credentials in a URL end up in logs and error messages; give the server's "
+                                        "URL without user name and password")
+    if parts.query or parts.fragment or "?" in text or "#" in text:
+        raise DicomWebError.about(text, "a DICOMweb URL has no query (?...) or fragment (#...)")
+    try:
+        port = parts.port
+    except ValueError as err:
+        raise DicomWebError.about(text, f"not a URL: the port is not a number from 0 to 65535 ({err})") from None
+    if not parts.hostname:
+        raise DicomWebError.about(text, "no host in the DICOMweb URL")
+    netloc = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    netloc += f":{port}" if port is not None else ""
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
 
 
 def redact(url: str) -> str:
@@ -90,45 +135,52 @@ def redact(url: str) -> str:
                        parts.fragment))
 
 
-def is_dicomweb_url(text: str | os.PathLike) -> bool:
-    """Whether ``text`` is meant as a URL (``http://`` or ``https://``), not a path; whether it is a valid one is
-    :func:`validate_url`'s to say."""
+def is_dicomweb_url(text: Any) -> bool:
+    """Whether ``text`` is meant as a URL (a string starting with ``http://`` or ``https://``), never a path;
+    whether it is a valid one is :func:`validate_url`'s / :func:`parse_series_url`'s to say."""
     return isinstance(text, str) and text.strip().lower().startswith(("http://", "https://"))
 
 
+def is_uid(value: Any) -> bool:
+    """Whether ``value`` (a string, or a pydicom UID) is a DICOM UID: :data:`UID_PATTERN`, at most
+    :data:`UID_MAX_CHARS` characters."""
+    text = str(value) if value is not None else ""
+    return len(text) <= UID_MAX_CHARS and UID_PATTERN.match(text) is not None
+
+
 def check_uid(uid: Any, what: str = "UID", source: str = "") -> str:
-    """``uid`` as a string when it is a DICOM UID (:data:`UID_PATTERN`, at most 64 characters), else an error naming
-    ``what`` and ``source``: the only check a value from a server or file passes before it is used in a path or
-    URL."""
+    """``uid`` as a string when it is a DICOM UID (:func:`is_uid`), else an error naming ``what`` and ``source``:
+    the check a value from a server, a file or a URL passes before it is used in a path or URL."""
     text = str(uid) if uid is not None else ""
-    if len(text) > UID_MAX_CHARS or not UID_PATTERN.match(text):
+    if not is_uid(text):
         shown = text if len(text) <= 80 else text[:77] + "..."
-        raise DicomWebError(f"{source + ': ' if source else ''}{what} {shown!r} is not a DICOM UID (digits and "
-                            f"dots, at most {UID_MAX_CHARS} characters)")
+        raise DicomWebError.about(source, f"{what} {shown!r} is not a DICOM UID (digits and dots, no leading zeros, "
+                                          f"at most {UID_MAX_CHARS} characters)")
     return text
 
 
 def series_url(url: str, study_uid: str, series_uid: str) -> str:
-    """The DICOMweb URL of a series, ``<url>/studies/<study_uid>/series/<series_uid>`` (UIDs checked)."""
+    """The DICOMweb URL of a series, ``<url>/studies/<study_uid>/series/<series_uid>`` (URL and UIDs checked)."""
     base = validate_url(url)
-    return (f"{base}/studies/{check_uid(study_uid, 'StudyInstanceUID', base)}"
-            f"/series/{check_uid(series_uid, 'SeriesInstanceUID', base)}")
+    return DicomWebSeries(base, check_uid(study_uid, "StudyInstanceUID", base),
+                          check_uid(series_uid, "SeriesInstanceUID", base)).url
 
 
-def parse_series_url(url: str) -> tuple[str, str, str]:
-    """A DICOMweb series URL (:func:`series_url`) split into (base URL, StudyInstanceUID, SeriesInstanceUID).
+def parse_series_url(url: str) -> DicomWebSeries:
+    """Read a DICOMweb series URL, ``http(s)://HOST[:PORT]/PATH/studies/<StudyUID>/series/<SeriesUID>``: the one
+    parser of series URLs (datalists, slides, deploy inputs). Strict, since it comes from data: everything
+    :func:`validate_url` checks, a path ending in ``/studies/<uid>/series/<uid>``, and UIDs (:func:`check_uid`).
 
     Raises:
-        DicomWebError: naming the URL when it is not one, or its UIDs are not UIDs.
+        DicomWebError: naming the URL (credentials left out) and what is wrong (``.problem``).
     """
     base = validate_url(url)
     match = _SERIES_TAIL.search(base)
     if match is None:
-        raise DicomWebError(f"{base}: not a DICOMweb series URL (expected <server>/studies/<StudyInstanceUID>/"
-                            "series/<SeriesInstanceUID>)")
-    root = base[:match.start()]
-    return root, check_uid(match["study"], "StudyInstanceUID", base), check_uid(match["series"], "SeriesInstanceUID",
-                                                                               base)
+        raise DicomWebError.about(str(url).strip(), "not a DICOMweb series URL: its path does not end in "
+                                                    f"/studies/<uid>/series/<uid> (expected {_SERIES_URL_FORM})")
+    return DicomWebSeries(base[:match.start()], check_uid(match["study"], "StudyInstanceUID", base),
+                          check_uid(match["series"], "SeriesInstanceUID", base))
 
 
 def _session(timeout_s: float | tuple[float, float]) -> Any:
@@ -161,14 +213,14 @@ def _request_error(url: str, action: str, err: Exception) -> DicomWebError:
     response = getattr(err, "response", None)
     if response is not None and getattr(response, "status_code", None) is not None:
         detail = response.text.strip().replace("\n", " ")[:300] if response.text else ""
-        return DicomWebError(f"{redact(url)}: {action} failed with HTTP {response.status_code} {response.reason}"
-                             f"{': ' + detail if detail else ''}")
+        return DicomWebError.about(url, f"{action} failed with HTTP {response.status_code} {response.reason}"
+                                        f"{': ' + detail if detail else ''}")
     if isinstance(err, requests.Timeout):
-        return DicomWebError(f"{redact(url)}: {action} timed out ({err.__class__.__name__})")
+        return DicomWebError.about(url, f"{action} timed out ({err.__class__.__name__})")
     if isinstance(err, requests.ConnectionError):
-        return DicomWebError(f"{redact(url)}: {action} failed: cannot connect to the server (is it running, and is "
-                             "the URL right?)")
-    return DicomWebError(f"{redact(url)}: {action} failed: {err}")
+        return DicomWebError.about(url, f"{action} failed: cannot connect to the server (is it running, and is the "
+                                        "URL right?)")
+    return DicomWebError.about(url, f"{action} failed: {err}")
 
 
 def _calling(url: str, action: str, call: Any, *args: Any, **kwargs: Any) -> Any:
@@ -183,15 +235,43 @@ def _calling(url: str, action: str, call: Any, *args: Any, **kwargs: Any) -> Any
     except requests.RequestException as err:
         raise _request_error(url, action, err) from None
     except (ValueError, KeyError, InvalidDicomError) as err:
-        raise DicomWebError(f"{redact(url)}: {action}: the server's answer is not valid DICOMweb: "
-                            f"{str(err)[:300]}") from None
+        raise DicomWebError.about(url, f"{action}: the server's answer is not valid DICOMweb: {str(err)[:300]}") \
+            from None
+
+
+def instance_metadata(url: str, study_uid: str, series_uid: str, sop_class_uid: str | None = None,
+                      timeout_s: float | tuple[float, float] = TIMEOUT_S) -> Any:
+    """The metadata (a pydicom Dataset without bulk data) of one instance of a series, of SOP Class
+    ``sop_class_uid`` when given: QIDO-RS for the instance, then WADO-RS for its metadata.
+
+    Raises:
+        DicomWebError: naming the series' URL: a request failed, the answer is not DICOMweb, or the series holds no
+            such instance.
+    """
+    import pydicom
+
+    base = validate_url(url)
+    source = series_url(base, study_uid, series_uid)
+    web = client(base, timeout_s)
+    filters = {"SOPClassUID": check_uid(sop_class_uid, "SOPClassUID")} if sop_class_uid is not None else {}
+    found = _calling(source, "QIDO-RS (search for instances)", lambda: [
+        pydicom.Dataset.from_json(answer) for answer in web.search_for_instances(
+            study_uid, series_uid, search_filters=filters, limit=1)])
+    if not found:
+        raise DicomWebError.about(source, "the server lists no instance "
+                                          f"{'of SOP Class ' + sop_class_uid + ' ' if sop_class_uid else ''}in this "
+                                          "series")
+    instance_uid = check_uid(found[0].get("SOPInstanceUID"), "SOPInstanceUID", source)
+    return _calling(source, "WADO-RS (retrieve instance metadata)", lambda: pydicom.Dataset.from_json(
+        web.retrieve_instance_metadata(study_uid, series_uid, instance_uid)))
 
 
 # ---------------------------------------------------------------------------------------------------- STOW-RS
 
-def dicom_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """The DICOM files of ``paths``: a file is taken as given (and must be a DICOM Part 10 file), a folder gives its
-    ``*.dcm`` files, recursively, sorted by path.
+def dicom_files_under(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """The DICOM files of ``paths`` to send: a file is taken as given (and must be a DICOM Part 10 file), a folder
+    gives its ``*.dcm`` files, recursively, sorted by path. (A series folder's own instances, for reading:
+    `pathbundles.dicom_wsi.dicom_files_in`.)
 
     Raises:
         InputError: naming a path that does not exist, a folder without ``.dcm`` files, or a file that is not DICOM.
@@ -208,21 +288,12 @@ def dicom_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
             files.append(path)
         else:
             raise InputError(path, "no such file or folder")
+    from pathbundles.dicom_wsi import is_dicom_file
+
     for path in files:
-        with open(path, "rb") as handle:
-            handle.seek(128)
-            if handle.read(4) != b"DICM":
-                raise InputError(path, "not a DICOM file (no 'DICM' marker at byte 128 of a DICOM Part 10 file)")
+        if not is_dicom_file(path):
+            raise InputError(path, "not a DICOM file (no 'DICM' marker at byte 128 of a DICOM Part 10 file)")
     return files
-
-
-def _read(path: Path, header_only: bool = False) -> Any:
-    import pydicom
-
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=header_only)
-    except Exception as err:  # noqa: BLE001 - pydicom raises many kinds on a damaged file
-        raise InputError(path, f"cannot read the DICOM file: {err}") from err
 
 
 def _batches(files: Sequence[Path]) -> Iterator[list[Path]]:
@@ -244,7 +315,7 @@ def store_instances(url: str, files: Iterable[str | os.PathLike],
 
     Args:
         url: the DICOMweb base URL (``http://host:8042/dicom-web``).
-        files: DICOM files, or folders of ``*.dcm`` files (:func:`dicom_files`).
+        files: DICOM files, or folders of ``*.dcm`` files (:func:`dicom_files_under`).
         timeout_s: seconds per request (one value, or (connect, read)).
 
     Returns:
@@ -256,12 +327,14 @@ def store_instances(url: str, files: Iterable[str | os.PathLike],
         DicomWebError: the request failed (URL, HTTP status), or the server refused or left out an instance (its
             file, UID and the server's failure reason); instances of earlier requests stay stored.
     """
+    from pathbundles.dicom_wsi import read_dicom
+
     base = validate_url(url)
-    paths = dicom_files(files)
+    paths = dicom_files_under(files)
     # Every file is read and checked before anything is sent: one bad file stores nothing.
     first_file: dict[str, Path] = {}
     for path in paths:
-        uid = check_uid(_read(path, header_only=True).get("SOPInstanceUID"), "SOPInstanceUID", str(path))
+        uid = check_uid(read_dicom(path, header_only=True).get("SOPInstanceUID"), "SOPInstanceUID", str(path))
         if uid in first_file:
             raise InputError(path, f"SOPInstanceUID {uid} is also that of {first_file[uid]}: a server keeps one "
                              "of them; send one")
@@ -271,7 +344,7 @@ def store_instances(url: str, files: Iterable[str | os.PathLike],
     for batch in _batches(paths):
         by_uid = {}
         for path in batch:
-            ds = _read(path)
+            ds = read_dicom(path)
             by_uid[str(ds.SOPInstanceUID)] = (path, ds)
         datasets = [ds for _, ds in by_uid.values()]
         logger.info("STOW-RS %d instance(s) to %s", len(batch), base)

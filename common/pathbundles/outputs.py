@@ -46,6 +46,9 @@ LOCK_FILE = ".pathbundles.lock"
 WORK_AREA = ".pathbundles-work"
 #: Start of a stitching canvas file's name (:class:`pathbundles.writers.DiskCanvas`).
 CANVAS_PREFIX = ".pathbundles-canvas-"
+#: Subfolder of an output folder that holds the DICOM results, one folder per slide
+#: (:func:`pathbundles.dicom_writers.export_slide_results`).
+DICOM_SUBFOLDER = "dicom"
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # The work files' names as partial_path, levels_dir_prefix (plus tempfile's 8 random characters) and DiskCanvas
@@ -92,7 +95,8 @@ def slide_name(item: Mapping[str, Any] | str) -> tuple[str, str]:
     path = item if isinstance(item, str) else str(item["image"])
     base = None if isinstance(item, str) else item.get("name")
     if not base:
-        from pathbundles.dicom_wsi import is_dicom_source, is_dicomweb_url, series_name
+        from pathbundles.dicom_wsi import is_dicom_source, series_name
+        from pathbundles.dicomweb import is_dicomweb_url
 
         dicom = is_dicom_source(path) and (is_dicomweb_url(path) or Path(path).exists())
         base = series_name(path) if dicom else Path(path).stem
@@ -183,16 +187,21 @@ def work_area(folder: str | os.PathLike) -> Path:
 
 
 def remove_stale_work_files(folder: str | os.PathLike) -> list[Path]:
-    """Remove the work files a killed run left in ``folder`` and its subfolders (one level down, where the
-    outputs are): partial atomic writes, pyramid level folders, stitching canvases. Only names this module makes
-    are removed; symlinks are not followed. Call it holding the folder's lock (:func:`claim_folder`).
+    """Remove the work files a killed run left in ``folder``, its subfolders (one level down, where the outputs
+    are) and the slide folders of its DICOM results (``dicom/<slide>/``, :data:`DICOM_SUBFOLDER`): partial atomic
+    writes, pyramid level folders, stitching canvases. Only names this module makes are removed; symlinks are not
+    followed. Call it holding the folder's lock (:func:`claim_folder`).
 
     Returns:
         The paths removed.
     """
     root = Path(folder)
     removed = []
-    for directory in [root, *(p for p in _entries(root) if p.is_dir() and not p.is_symlink())]:
+    subfolders = [p for p in _entries(root) if p.is_dir() and not p.is_symlink()]
+    dicom = root / DICOM_SUBFOLDER
+    if dicom in subfolders:
+        subfolders += [p for p in _entries(dicom) if p.is_dir() and not p.is_symlink()]
+    for directory in [root, *subfolders]:
         for path in _entries(directory):
             if path.is_symlink():
                 continue

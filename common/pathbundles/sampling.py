@@ -232,7 +232,7 @@ def read_datalist(path: str | Path, split: str | None = None) -> list[dict]:
     """
     import json
 
-    from pathbundles.dicom_wsi import is_dicomweb_url
+    from pathbundles.dicomweb import is_dicomweb_url
     from pathbundles.errors import InputError
 
     path = Path(path)

@@ -1175,7 +1175,8 @@ def open_slide(path: str | os.PathLike, backend: str = "auto",
         if name not in BACKENDS:
             raise SlideError(path, f"unknown backend {backend!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
         return _backend_class(name)(path, mpp=mpp, max_level0_px=max_level0_px)
-    from pathbundles.dicom_wsi import is_dicom_source, is_dicomweb_url
+    from pathbundles.dicom_wsi import is_dicom_source
+    from pathbundles.dicomweb import is_dicomweb_url
 
     found = available_backends()
     if is_dicom_source(path):

@@ -181,14 +181,12 @@ def slide_list(source: str | os.PathLike, kind: str) -> list[dict]:
 
 
 def is_dicom_input(image: str | os.PathLike) -> bool:
-    """Whether a datalist item's image is DICOM: a DICOMweb URL, a ``.dcm`` file or a folder (of DICOM instances:
-    the other inputs of a bundle are single files)."""
-    from pathbundles.dicomweb import is_dicomweb_url
+    """Whether a datalist item's image is DICOM (:func:`pathbundles.dicom_wsi.is_dicom_source`: a DICOMweb URL, a
+    ``.dcm`` file or a file with the DICOM prefix, a folder of DICOM files), or any folder (the other inputs of a
+    bundle are single files: a folder that is no series fails its DICOM export by name)."""
+    from pathbundles.dicom_wsi import is_dicom_source
 
-    if is_dicomweb_url(image):
-        return True
-    path = Path(image)
-    return path.suffix.lower() == ".dcm" or path.is_dir()
+    return is_dicom_source(image) or Path(image).is_dir()
 
 
 def export_dicom_results(records: Sequence[dict], datalist: Sequence[dict], output_dir: str | os.PathLike,
