@@ -477,7 +477,7 @@ def test_source_without_frame_of_reference_gets_one_derived_from_its_series(sour
     assert "FrameOfReferenceUID" not in source
     assert f"DICOM source image {source.SOPInstanceUID} states no Frame of Reference UID" in caplog.text
     uids = {str(dcmread(p, stop_before_pixels=True).FrameOfReferenceUID) for p in paths}
-    again = dw._with_frame_of_reference(source).FrameOfReferenceUID
+    again = dw._source_with_frame_of_reference(source).FrameOfReferenceUID
     assert uids == {again} and again.startswith("1.2.826.0.1.3680043.8.498.")  # pydicom's root, deterministic
     for path in paths:
         assert_valid(path)

@@ -165,7 +165,7 @@ def _check_sources(source_images: Sequence[Any]) -> list[Any]:
     images = list(source_images)
     if not images:
         raise SlideError("DICOM source images", "none given: the results reference their source image")
-    images = [_with_frame_of_reference(ds) for ds in images]
+    images = [_source_with_frame_of_reference(ds) for ds in images]
     for ds in images:
         where = _source_label(ds)
         if str(ds.get("SOPClassUID", "")) != VL_WSI_SOP_CLASS:
@@ -183,7 +183,7 @@ def _check_sources(source_images: Sequence[Any]) -> list[Any]:
     return sorted(images, key=lambda ds: -int(ds.TotalPixelMatrixColumns) * int(ds.TotalPixelMatrixRows))
 
 
-def _with_frame_of_reference(ds: Any) -> Any:
+def _source_with_frame_of_reference(ds: Any) -> Any:
     """``ds``, or a copy with a Frame of Reference UID when it has none (OrthancWSIDicomizer writes none, though the
     VL WSI IOD requires one): derived from its SeriesInstanceUID, so every result of the series, in every run, names
     the same one. Logged as a warning naming the instance."""
