@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from bundle_helpers import REPO
+from orthanc_fixtures import orthanc_url  # noqa: F401 - the fixture
 from hostile_files import million_px_square
 from pathbundles import cohort
 from pathbundles.cohort import LoopTimer, ProcessGroup, is_done, read_manifest, run_cohort, shard_by_area
@@ -482,3 +483,35 @@ def test_corrupt_slide_fails_by_name_while_the_others_finish(slides: Path, tmp_p
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["skipped"], summary["done"], summary["failed"]) == (3, 0, 2)
     assert read_manifest(out)["truncated"]["run_id"] == summary["run_id"]
+
+
+@pytest.mark.slow
+def test_a_cohort_of_dicom_slides_from_a_folder_and_a_pacs(slides: Path, orthanc_url: str,  # noqa: F811
+                                                           tmp_path: Path) -> None:
+    """A cohort lists a folder of DICOM series and a DICOMweb series URL (a text manifest of both), sizes them for
+    its shares, and writes each slide under its container identifier with the scores of the same slides as TIFF."""
+    from orthanc_fixtures import dicomize
+    from pathbundles.dicomweb import series_url, store_instances
+
+    series = tmp_path / "series"
+    dicomize(slides / "phantom_tumor_000.tif", series / "tumour")
+    (stored, *_) = store_instances(orthanc_url, dicomize(slides / "phantom_normal_001.tif",
+                                                         tmp_path / "normal"))["stored"]
+    url = series_url(orthanc_url, stored["study_instance_uid"], stored["series_instance_uid"])
+    manifest = tmp_path / "slides.txt"
+    manifest.write_text(f"series/tumour\n{url}\n")
+    items = cohort.bundle_datalist(SCANNET, manifest)
+    assert [(i["name"], i["image"]) for i in items] == [("phantom_tumor_000", str(series / "tumour")),
+                                                        ("phantom_normal_001", url)]
+    assert [cohort.slide_area_px(i) for i in items] == [2048.0 * 2048.0] * 2
+    done = _cohort(manifest, tmp_path / "out")
+    assert done.returncode == 0, done.stderr[-3000:]
+    tiff = _cohort(slides / "dataset.json", tmp_path / "tiff")
+    assert tiff.returncode == 0, tiff.stderr[-3000:]
+    with open(tmp_path / "out" / "scores.csv", newline="") as f, open(tmp_path / "tiff" / "scores.csv", newline="") as g:
+        dicom_scores = {r["name"]: float(r["score"]) for r in csv.DictReader(f)}
+        tiff_scores = {r["name"]: float(r["score"]) for r in csv.DictReader(g)}
+    assert sorted(dicom_scores) == ["phantom_normal_001", "phantom_tumor_000"]
+    for name, score in dicom_scores.items():  # JPEG re-encoding by the dicomizer aside, the same slide
+        assert score == pytest.approx(tiff_scores[name], abs=0.01)
+        assert (tmp_path / "out" / "maps" / f"{name}.tif").is_file()

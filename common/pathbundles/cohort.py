@@ -100,22 +100,27 @@ def shard_by_area(areas: Sequence[float], world_size: int) -> list[list[int]]:
 
 def slide_area_px(item: Mapping[str, Any]) -> float:
     """Level-0 area in pixels of a datalist item: its ``box`` (HPF boxes of a slide), the slide's level-0 size, or
-    an image's pixel size (HPF files); 0 when it is not a regular file or cannot be opened (the run then reports
-    why)."""
+    an image's pixel size (HPF files); 0 when it is not a regular file or a DICOM slide (a folder of a series'
+    instances, a DICOMweb series URL: its metadata is fetched), or cannot be opened (the run then reports why)."""
     if item.get("box") is not None:
         return float(item["box"][2]) * float(item["box"][3])
     path = str(item["image"])
-    if not os.path.isfile(path):  # PIL would open a FIFO or a device and wait for data that never comes
-        return 0.0
+    from pathbundles.dicom_wsi import is_dicom_source
     from pathbundles.errors import PathBundlesError
     from pathbundles.wsi import open_slide
+
+    dicom = is_dicom_source(path)
+    # PIL would open a FIFO or a device and wait for data that never comes.
+    if not dicom and not os.path.isfile(path):
+        return 0.0
 
     try:
         with open_slide(path) as slide:
             width, height = slide.level_dimensions[0]
         return float(width) * float(height)
     except (PathBundlesError, OSError, ValueError):
-        pass
+        if dicom:
+            return 0.0
     try:
         from PIL import Image
 
@@ -620,8 +625,12 @@ def bundle_datalist(bundle: str | os.PathLike, source: str | os.PathLike,
     parser.read_config([str(p) for p in config_paths(root, config_files)])
     if "datalist" not in parser or "data_source" not in parser:
         raise ValueError(f"{root}: the config has no 'datalist' / 'data_source' items to list the slides with")
-    # Absolute, so that the path is never read as config syntax (a name starting with '$', '@' or '%').
-    parser.update({"bundle_root": str(root), **dict(overrides or {}), "data_source": os.path.abspath(source)})
+    from pathbundles.dicomweb import is_dicomweb_url
+
+    # Absolute, so that the path is never read as config syntax (a name starting with '$', '@' or '%'); a DICOMweb
+    # series URL starts with http(s)://, which is no config syntax either.
+    source = str(source).strip() if is_dicomweb_url(source) else os.path.abspath(source)
+    parser.update({"bundle_root": str(root), **dict(overrides or {}), "data_source": source})
     with config_errors_unwrapped():  # an empty or malformed datalist names its file, not a config expression
         return [dict(item) for item in parser.get_parsed_content("datalist")]
 
