@@ -706,3 +706,49 @@ def test_dicom_in_dicom_out_of_every_slide_bundle(name: str, orthanc_url: str, t
             fetch_series(orthanc_url, study, series["SeriesInstanceUID"], tmp_path / "back")
     assert sorted(p.stem for p in (tmp_path / "back").glob("*.dcm")) == sorted(record["dicom"]["stored"])
     assert_dicom_results_equal_file_outputs(tmp_path / "back", out, record["slide"], first["series_instance_uid"])
+
+
+@pytest.mark.slow
+@needs_sdk
+@needs_dicom_io
+def test_segmitos_application_on_hpf_boxes_of_a_dicom_slide(orthanc_url: str, tmp_path: Path) -> None:  # noqa: F811
+    """SegMitos takes HPFs; on a DICOM slide they are boxes of it (a datalist of ``{"image": series URL, "box"}``):
+    the application reads them from Orthanc and stores one annotation object (points in the slide's pixels) and one
+    report per box, equal to the run's GeoJSON of that box."""
+    import json as _json
+
+    from PIL import Image
+
+    from orthanc_fixtures import dicomize
+    from pathbundles.dicomweb import fetch_series, find_series, series_url, store_instances
+    from pathbundles.phantom import make_mitosis_dataset
+    from pathbundles.writers import write_pyramid_tiff
+
+    doc = _json.loads(make_mitosis_dataset(tmp_path / "hpfs", n=2, seed=3, size_px=512).read_text())
+    hpfs = [np.asarray(Image.open(tmp_path / "hpfs" / item["image"]).convert("RGB")) for item in doc["items"]]
+    slide = write_pyramid_tiff(tmp_path / "mitosis_slide.tif", np.concatenate(hpfs, axis=1), mpp=0.25,
+                               compression="jpeg", quality=95)
+    (first, *_) = store_instances(orthanc_url, dicomize(slide, tmp_path / "dicomized"))["stored"]
+    study, url = first["study_instance_uid"], series_url(orthanc_url, first["study_instance_uid"],
+                                                         first["series_instance_uid"])
+    datalist = tmp_path / "boxes.json"
+    datalist.write_text(_json.dumps({"items": [{"image": url, "box": [512 * k, 0, 512, 512]} for k in range(2)]}))
+    app = tmp_path / "app"
+    build(app, bundle=existing_bundle("segmitos"))
+    out = tmp_path / "out"
+    _run([sys.executable, str(app), "-i", str(datalist), "-o", str(out), "--stow_url", orthanc_url,
+          "--override=num_workers=0"], cwd=tmp_path)
+    records = {s["slide"]: s for s in _json.loads((out / "summary.json").read_text())["slides"]}
+    assert sorted(records) == ["mitosis_slide_x0_y0", "mitosis_slide_x512_y0"]
+    assert sum(r["n_detections"] for r in records.values()) > 0  # points to compare
+    stored = [uid for r in records.values() for uid in r["dicom"]["stored"]]
+    for series in find_series(orthanc_url, study=study):
+        if series["Modality"] != "SM":
+            fetch_series(orthanc_url, study, series["SeriesInstanceUID"], tmp_path / "back")
+    assert sorted(p.stem for p in (tmp_path / "back").glob("*.dcm")) == sorted(stored)
+    for name, record in records.items():
+        box_back = tmp_path / f"back-{name}"
+        box_back.mkdir()
+        for uid in record["dicom"]["stored"]:
+            (tmp_path / "back" / f"{uid}.dcm").rename(box_back / f"{uid}.dcm")
+        assert_dicom_results_equal_file_outputs(box_back, out, name, first["series_instance_uid"])

@@ -226,21 +226,20 @@ def datalist(source: str | os.PathLike | None = None, kind: str = "metastasis", 
         other = f"; a {suffix} is not read as {what}s by this bundle" if suffix in SLIDE_SUFFIXES + HPF_SUFFIXES \
             else ""
         raise InputError(path, f"unknown extension {suffix!r}{other}: {expected}")
+    # Items of slides: every item of a slide bundle, and HPF boxes of a slide (``box``) for segmitos.
+    of_slides = [slides_kind or item.get("box") is not None for item in items]
     if existing:
-        for line, item in zip(lines, items):
+        for line, item, slide in zip(lines, items, of_slides):
             image = item["image"]
-            if slides_kind and is_dicomweb_url(image):
+            if slide and is_dicomweb_url(image):
                 try:
                     parse_series_url(image)
                 except DicomWebError as err:
                     raise InputError(path, f"{redact(image)}: {err.problem}", line=line) from None
-            elif not (Path(image).is_file() or (slides_kind and Path(image).is_dir()
-                                                and dicom_wsi.is_dicom_source(image))):
+            elif not (Path(image).is_file() or (slide and Path(image).is_dir() and dicom_wsi.is_dicom_source(image))):
                 raise InputError(path, f"{image}: no such file", line=line)
-    if slides_kind:
-        items = [_dicom_item(item["image"], item) if "name" not in item and _is_dicom_image(item["image"]) else item
-                 for item in items]
-    return items
+    return [_dicom_item(item["image"], item) if slide and "name" not in item and _is_dicom_image(item["image"])
+            else item for item, slide in zip(items, of_slides)]
 
 
 def _is_dicom_image(image: object) -> bool:
