@@ -302,3 +302,37 @@ def test_dicomized_phantom_goes_through_orthanc(orthanc_url: str, tmp_path: Path
     tile = tifffile.imread(tiff, level=0)[256:512, 256:512]  # frame 5: row 1, column 1 of the 4 x 4 tiles
     # The same JPEG tile (copied, not re-encoded); pydicom's and tifffile's JPEG decoders round a few values apart.
     np.testing.assert_allclose(frames.pixel_array[5], tile, atol=1, rtol=0)
+
+
+@pytest.mark.slow
+def test_cli_export_writes_and_stores_the_dicom_results_of_a_bundle_run(orthanc_url: str,  # noqa: F811
+                                                                         tmp_path: Path) -> None:
+    """``dicom export`` after ``python -m monai.bundle run`` on a DICOM folder: the run's results as DICOM in
+    OUT/dicom/<slide>/, stored to the PACS, equal to the run's files; a run of no DICOM slide fails naming it."""
+    from bundle_helpers import REPO, run_bundle
+    from dicom_helpers import assert_dicom_results_equal_file_outputs
+    from orthanc_fixtures import dicomize
+    from pathbundles.phantom import make_phantom
+
+    make_phantom(tmp_path / "tiff", kind="metastasis", n=1, seed=7, size_px=(2048, 2048))
+    tiff = sorted((tmp_path / "tiff").glob("*.tif"))[0]
+    files = dicomize(tiff, tmp_path / "series")
+    out = tmp_path / "out"
+    bundle = REPO / "bundles" / "scannet"
+    done = run_bundle("run", "--config_file", str(bundle / "configs" / "inference.json"), "--data_source",
+                      str(tmp_path / "series"), "--output_dir", str(out), "--lp", "8", "--num_workers", "0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = pathbundles("dicom", "export", str(out), str(tmp_path / "series"), str(bundle), "--stow_url", orthanc_url)
+    assert run.returncode == 0, run.stderr
+    (name, result), = json.loads(run.stdout)["slides"].items()
+    assert name == tiff.stem and len(result["stored"]) == len(result["files"]) == 3  # annotations, map, report
+    assert all(Path(f).parent == out / "dicom" / name for f in result["files"])
+    source = pydicom.dcmread(files[0], stop_before_pixels=True)
+    for series in find_series(orthanc_url, study=source.StudyInstanceUID):
+        if series["Modality"] != "SM":
+            fetch_series(orthanc_url, source.StudyInstanceUID, series["SeriesInstanceUID"], tmp_path / "back")
+    assert sorted(p.stem for p in (tmp_path / "back").glob("*.dcm")) == sorted(result["stored"])
+    assert_dicom_results_equal_file_outputs(tmp_path / "back", out, name, source.SeriesInstanceUID)
+
+    run = pathbundles("dicom", "export", str(out), str(tiff), str(bundle))
+    assert run.returncode == 2 and f"{tiff}: no DICOM slide among the run's inputs" in run.stderr

@@ -93,7 +93,8 @@ def deploy() -> object:
 
 def dicom() -> object:
     """DICOMweb (PACS): ``dicom send URL FILES_OR_FOLDERS...``, ``dicom find URL [--study UID] [--modality SM]``,
-    ``dicom fetch URL STUDY SERIES DEST``; URL is the server's DICOMweb base (see docs/DEPLOY.md)."""
+    ``dicom fetch URL STUDY SERIES DEST``, ``dicom export OUTPUT_DIR DATA_SOURCE BUNDLE [--stow_url URL]``; URL is the
+    server's DICOMweb base (see docs/DEPLOY.md)."""
     from pathbundles.dicomweb import Dicom
 
     return Dicom()

@@ -496,8 +496,9 @@ def fetch_series(url: str, study_uid: str, series_uid: str, dest_dir: str | os.P
 
 
 class Dicom:
-    """``python -m pathbundles dicom <verb>``: send DICOM files to a PACS, find series, fetch a series (DICOMweb);
-    each verb prints one JSON object. URL is the server's DICOMweb base, e.g. http://127.0.0.1:8042/dicom-web."""
+    """``python -m pathbundles dicom <verb>``: send DICOM files to a PACS, find series, fetch a series (DICOMweb),
+    export a bundle run's results of DICOM slides as DICOM; each verb prints one JSON object. URL is the server's
+    DICOMweb base, e.g. http://127.0.0.1:8042/dicom-web."""
 
     def send(self, url: str, *paths: str) -> None:
         """Store DICOM files (and the *.dcm files of folders, recursively) on the server at URL (STOW-RS)."""
@@ -518,6 +519,32 @@ class Dicom:
         files = fetch_series(url, str(study), str(series), dest)
         _print({"series_url": series_url(url, str(study), str(series)), "dest": str(Path(dest).resolve()),
                 "n_files": len(files), "files": [str(f) for f in files]})
+
+    def export(self, output_dir: str, data_source: str, bundle: str, stow_url: str | None = None) -> None:
+        """Write the DICOM results of a finished bundle run (``python -m monai.bundle run``): for each DICOM slide of
+        DATA_SOURCE (the run's --data_source: a DICOM folder, file, series URL, datalist or manifest) the annotations,
+        segmentations and report of its outputs in OUTPUT_DIR go to OUTPUT_DIR/dicom/<slide>/, referencing the
+        slide's series; BUNDLE is the bundle folder that ran. With --stow_url they are stored there (STOW-RS). Prints
+        per slide the files (and stored UIDs) or why it failed; exits 2 when any failed."""
+        from pathbundles.bundle_runner import bundle_info
+        from pathbundles.cohort import bundle_datalist
+        from pathbundles.deploy.runtime import export_dicom_results, store_dicom_results
+        from pathbundles.errors import PathBundlesError, SlidesFailedError
+        from pathbundles.outputs import output_names
+
+        items = bundle_datalist(bundle, data_source)
+        records = [{"name": name} for name in output_names(items)]
+        results = export_dicom_results(records, items, output_dir, bundle_info(bundle))
+        if not results:
+            raise PathBundlesError(f"{data_source}: no DICOM slide among the run's inputs (DICOM results reference "
+                                   "a DICOM source series)")
+        if stow_url:
+            results = store_dicom_results(results, validate_url(stow_url))
+        _print({"output_dir": str(Path(output_dir).resolve()), "stow_url": validate_url(stow_url) if stow_url else None,
+                "slides": results})
+        failed = {name: r["failed"] for name, r in results.items() if "failed" in r}
+        if failed:
+            raise SlidesFailedError.listing(failed, written=len(results) - len(failed))
 
 
 def _print(result: Any) -> None:

@@ -1,0 +1,50 @@
+"""What the DICOM end-to-end tests share: checking a run's DICOM results, as retrieved from a PACS, against the run's
+own file outputs. Imported by tests/test_deploy.py and tests/test_dicomweb.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def assert_dicom_results_equal_file_outputs(fetched: Path, out: Path, name: str, source_series: str) -> None:
+    """The DICOM results retrieved from the PACS (``fetched``) hold what the run's own files of slide ``name`` say:
+    annotation points equal the GeoJSON's level-0 positions and their probabilities its scores (float32, as the
+    standard stores them); segmentations equal the label map (dmmn) or the probability map (8-bit values) at every
+    pixel of level 0; there is one report; every object references the source series."""
+    import highdicom as hd
+    import pydicom
+    import tifffile
+
+    from pathbundles.writers import read_detections_geojson
+
+    objects = {}
+    for path in sorted(fetched.glob("*.dcm")):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        objects.setdefault(str(ds.Modality), []).append(path)
+        assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == source_series if "ReferencedSeriesSequence" in ds \
+            else ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].SeriesInstanceUID == \
+            source_series
+    detections_file = out / "detections" / f"{name}.geojson"
+    if detections_file.is_file():
+        detections = read_detections_geojson(detections_file)
+        (ann,) = objects["ANN"]
+        (group, *_) = hd.ann.annread(ann).get_annotation_groups()
+        points = np.vstack(group.get_graphic_data("2D")) if len(detections) else np.zeros((0, 2))
+        np.testing.assert_array_equal(points, detections[:, 1:])
+        if len(detections):
+            np.testing.assert_array_equal(group.get_measurements()[1][:, 0], detections[:, 0].astype(np.float32))
+    segs = sorted((hd.seg.segread(p) for p in objects.get("SEG", [])), key=lambda s: -int(s.TotalPixelMatrixColumns))
+    labels_file, map_file = out / "labels" / f"{name}.tif", out / "maps" / f"{name}.tif"
+    if labels_file.is_file():
+        assert segs and segs[0].SegmentationType == "BINARY"
+        np.testing.assert_array_equal(segs[0].get_total_pixel_matrix(combine_segments=True),
+                                      tifffile.imread(labels_file, level=0))
+    elif map_file.is_file():
+        assert segs and segs[0].SegmentationType == "FRACTIONAL"
+        probability = tifffile.imread(map_file, level=0)  # grey in all three samples (readers that need RGB)
+        np.testing.assert_array_equal(segs[0].get_total_pixel_matrix(rescale_fractional=False)[..., 0],
+                                      probability[..., 0] if probability.ndim == 3 else probability)
+    assert len(objects["SR"]) == 1
+
