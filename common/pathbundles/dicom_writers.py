@@ -792,11 +792,23 @@ def _check_mpp(doc: Mapping[str, Any], source: Any, path: Path, name: str) -> No
 def _complete(dataset: Any) -> Any:
     """Type 2 attributes a valid object needs that highdicom fills only from the source, empty when the source
     lacks them (real files do): the Specimen module's issuers, container type and preparation sequences, and
-    General Image's Patient Orientation of image objects (Type 2C: no Image Orientation (Patient) on a slide)."""
+    General Image's Patient Orientation of image objects (Type 2C: no Image Orientation (Patient) on a slide).
+    A container without a specimen description (OrthancWSIDicomizer's series) gets one (Type 1 in the Specimen
+    module): the container's identifier, and a specimen UID derived from the study and that identifier, so that
+    every result of the slide names the same specimen."""
+    from pydicom import Dataset
+    from pydicom.uid import generate_uid
+
     if "ContainerIdentifier" in dataset:
         for keyword in ("IssuerOfTheContainerIdentifierSequence", "ContainerTypeCodeSequence"):
             if keyword not in dataset:
                 setattr(dataset, keyword, [])
+        if not dataset.get("SpecimenDescriptionSequence"):
+            specimen = Dataset()
+            specimen.SpecimenIdentifier = str(dataset.ContainerIdentifier)
+            specimen.SpecimenUID = generate_uid(entropy_srcs=["pathbundles specimen", str(dataset.StudyInstanceUID),
+                                                              str(dataset.ContainerIdentifier)])
+            dataset.SpecimenDescriptionSequence = [specimen]
     for specimen in dataset.get("SpecimenDescriptionSequence", []):
         for keyword in ("IssuerOfTheSpecimenIdentifierSequence", "SpecimenPreparationSequence"):
             if keyword not in specimen:
