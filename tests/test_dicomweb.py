@@ -336,3 +336,90 @@ def test_cli_export_writes_and_stores_the_dicom_results_of_a_bundle_run(orthanc_
 
     run = pathbundles("dicom", "export", str(out), str(tiff), str(bundle))
     assert run.returncode == 2 and f"{tiff}: no DICOM slide among the run's inputs" in run.stderr
+
+
+@pytest.fixture
+def misbehaving_server() -> Iterator[tuple[str, dict]]:
+    """A server whose answers misbehave as ``mode["mode"]`` says: "busy" (always HTTP 503), "drip" (a byte every
+    0.3 s, forever), "endless" (bytes as fast as it can, forever). Yields its DICOMweb URL and the mode dict."""
+    import time
+
+    mode = {"mode": "busy", "requests": 0}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            mode["requests"] += 1
+            if mode["mode"] == "busy":
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.end_headers()
+            try:
+                for _ in range(100_000):
+                    if mode["mode"] == "drip":
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+                        time.sleep(0.3)
+                    else:
+                        self.wfile.write(b" " * (1 << 16))
+            except OSError:  # the client cut it off
+                pass
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web", mode
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_busy_slow_or_endless_server_fails_by_name(misbehaving_server: tuple[str, dict], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTTP 503 to the last attempt is a DicomWebError naming the URL and the status (it escaped as dicomweb-client's
+    RetryError and crashed the deploy app's summary); a server that drips or never ends is cut off by the response
+    deadline and size limit instead of hanging the run or filling memory."""
+    import time
+
+    from pathbundles import dicomweb
+    from pathbundles.deploy.runtime import store_dicom_results
+
+    url, mode = misbehaving_server
+    with pytest.raises(DicomWebError, match=rf"^{url}: QIDO-RS .* failed with HTTP 503 Service Unavailable after 3 "
+                                            "attempts"):
+        find_series(url)
+    assert mode["requests"] == 3
+    sent = tmp_path / "a.dcm"
+    sent.write_bytes(_instance("1.2.5"))
+    (result,) = store_dicom_results({"s": {"files": [str(sent)]}}, url).values()  # POST: 501 from http.server
+    assert result["failed"].startswith(f"STOW-RS: {url}: STOW-RS") and result["files"] == [str(sent)]
+
+    monkeypatch.setattr(dicomweb, "RETRY_ATTEMPTS", 1)
+    web = dicomweb.client(url, deadline_s=1.0, max_bytes=1 << 20)
+    for kind, expected in (("drip", "took over 1 s; cut off"), ("endless", f"is over {1 << 20} bytes; cut off")):
+        mode["mode"] = kind
+        start = time.monotonic()
+        with pytest.raises(DicomWebError, match=rf"{url}/studies: the server's answer {expected}"):
+            web._session.get(f"{url}/studies")
+        assert time.monotonic() - start < 30
+
+
+def test_a_server_s_instance_uid_never_reaches_a_frame_url() -> None:
+    """wsidicom takes instance UIDs from the server's QIDO answer; the slide's client checks them before they become
+    part of a metadata or frame URL (here no request is made: the UID is refused first)."""
+    from pathbundles.dicom_wsi import _web_client
+    from pathbundles.dicomweb import parse_series_url
+
+    web = _web_client(parse_series_url("http://127.0.0.1:9/dicom-web/studies/1.2/series/1.3"), [])
+    for call in (lambda: web.get_instance("1.2", "1.3", "../../x"),
+                 lambda: web.get_frames("1.2", "1.3", "1.4/../../5", [1], "1.2.840.10008.1.2.4.50")):
+        with pytest.raises(DicomWebError, match="SOPInstanceUID .* is not a DICOM UID"):
+            call()

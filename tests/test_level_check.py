@@ -135,3 +135,16 @@ def test_content_found_without_a_small_coarsest_level(tissue: np.ndarray, tmp_pa
         assert slide.read_level_region(1, (x * 3.7, y * 3.7), (256, 256)).mean() < 235  # tissue, not glass
     with open_slide(shifted, backend="tifffile") as slide:
         assert slide._check_level_agreement(1, 0).startswith("it is shifted by about (-1, 0) level px")
+
+
+def test_a_level_too_far_from_a_sound_one_is_not_read_to_check_it(tissue: np.ndarray, tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Checking a level 256 times coarser than level 0 (the levels between having failed) would read about 5600 px
+    a side of level 0, and gigabytes as floats for coarser ones: such a level is refused unread, with the warning."""
+    level0 = np.tile(tissue[:256, :256], (16, 24, 1))  # 6144 x 4096 px, so that the 1/256 level is 24 x 16 px
+    path = write_pyramid(tmp_path / "far.tif", [level0, resample_area(level0, (0, 0, 6144, 4096), (24, 16))])
+    with caplog.at_level(logging.WARNING), open_slide(path, backend="tifffile") as slide:
+        assert not slide._level_agrees(1)
+        assert slide._level_for(slide.level_mpp(1)[0]) == 0
+    (warning,) = level_warnings(caplog)
+    assert "256 times coarser than level 0" in warning and "not checked, not used" in warning

@@ -7,8 +7,9 @@ images beside them). `DicomSlide` opens
 - one instance file: its series is the instances in the same folder that share its SeriesInstanceUID (as OpenSlide
   4 does);
 - a DICOMweb series, ``http(s)://HOST[:PORT]/PATH/studies/<StudyInstanceUID>/series/<SeriesInstanceUID>``
-  (`pathbundles.dicomweb.parse_series_url`), read lazily frame by frame over WADO-RS: only instance metadata is fetched on opening and
-  each read fetches the frames it touches, through wsidicom's in-memory LRU frame caches of `FRAME_CACHE_BYTES`.
+  (`pathbundles.dicomweb.parse_series_url`), read lazily frame by frame over WADO-RS: opening fetches the instances'
+  metadata and, where the server lists no transfer syntaxes (Orthanc 1.10), wsidicom's probe of each instance's
+  first frame; each read fetches the frames it touches, through wsidicom's in-memory LRU frame caches of `FRAME_CACHE_BYTES`.
 
 Why wsidicom (Apache-2.0, pinned < 0.34 with TIAToolbox): it reads folders, concatenations, TILED_SPARSE tiling,
 JPEG / JPEG 2000 / JPEG-LS frames and has a DICOMweb source over dicomweb-client, the standard DICOMweb client;
@@ -35,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from pathbundles.dicomweb import (DicomWebError, DicomWebSeries, client, instance_metadata, is_dicomweb_url,
+from pathbundles.dicomweb import (DicomWebError, DicomWebSeries, check_uid, client, instance_metadata, is_dicomweb_url,
                                   parse_series_url, redact)
 from pathbundles.errors import InputError, SlideError
 from pathbundles.wsi import MPP_HINT, Slide, _similar_ratio
@@ -235,8 +236,20 @@ def _web_client(ref: DicomWebSeries, patched: list[str]) -> Any:
     from wsidicom import WsiDicomWebClient
 
     class PatchingClient(WsiDicomWebClient):
+        """Checks every UID the server's answers give before it becomes part of a request URL."""
+
         def get_instance(self, study_uid: Any, series_uid: Any, instance_uid: Any) -> Any:
+            _check_uids(study_uid, series_uid, instance_uid)
             return _patch_image_type(super().get_instance(study_uid, series_uid, instance_uid), patched)
+
+        def get_frames(self, study_uid: Any, series_uid: Any, instance_uid: Any, *args: Any, **kwargs: Any) -> Any:
+            _check_uids(study_uid, series_uid, instance_uid)
+            return super().get_frames(study_uid, series_uid, instance_uid, *args, **kwargs)
+
+    def _check_uids(study_uid: Any, series_uid: Any, instance_uid: Any) -> None:
+        for uid, what in ((study_uid, "StudyInstanceUID"), (series_uid, "SeriesInstanceUID"),
+                          (instance_uid, "SOPInstanceUID")):
+            check_uid(uid, what, ref.url)
 
     return PatchingClient(client(ref.base_url))
 

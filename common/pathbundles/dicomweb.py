@@ -19,11 +19,13 @@ series URL parser :func:`parse_series_url` -> :class:`DicomWebSeries`), DICOM UI
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 import os
 import re
+import socket
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -39,6 +41,16 @@ UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 UID_MAX_CHARS = 64
 #: Seconds to connect and seconds between bytes of a response, for every request.
 TIMEOUT_S = (10.0, 120.0)
+#: Seconds one response may take in all (a server sending a byte every minute never trips the read timeout); a
+#: watchdog closes the connection then, and the request fails naming the URL. A frame or metadata answer takes
+#: seconds; :func:`fetch_series` gives whole instances longer.
+RESPONSE_DEADLINE_S = 600.0
+#: Most bytes one response may hold: a frame (at most `pathbundles.wsi.MAX_TILE_PX` RGBA pixels) or the metadata of
+#: a sparse level's million frames fit; a server that streams without end is cut off.
+MAX_RESPONSE_BYTES = 1 << 30
+#: Whole instances of a series (:func:`fetch_series`): a level-0 instance of a real slide holds gigabytes.
+FETCH_DEADLINE_S = 6 * 3600.0
+FETCH_MAX_BYTES = 1 << 36
 #: Attempts per request, and the first wait between them (ms; doubled each time): dicomweb-client retries a
 #: failed connection and HTTP 408, 429, 503 and 504 (by default 5 attempts from 2 s: 30 s before a stopped server is
 #: reported).
@@ -183,25 +195,84 @@ def parse_series_url(url: str) -> DicomWebSeries:
                           check_uid(match["series"], "SeriesInstanceUID", base))
 
 
-def _session(timeout_s: float | tuple[float, float]) -> Any:
+def _bounded(response: Any, url: str, deadline_s: float, max_bytes: int) -> Any:
+    """``response`` (requested with ``stream=True``) whose body is cut off, with a DicomWebError naming ``url``, past
+    ``max_bytes`` bytes or ``deadline_s`` seconds (a watchdog closes the connection, so even a read blocked on a
+    dripping server ends)."""
+    import threading
+
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        # Shut the socket down rather than close the response: close() waits for the lock the blocked read holds.
+        # urllib3 detaches the socket from its connection once the headers are read; http.client's reader keeps it.
+        sock = getattr(getattr(getattr(getattr(response.raw, "_fp", None), "fp", None), "raw", None), "_sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # closed already
+                pass
+
+    watchdog = threading.Timer(deadline_s, expire)
+    watchdog.daemon = True
+    watchdog.start()
+    read = response.iter_content
+
+    def iter_content(chunk_size: int | None = 1, decode_unicode: bool = False) -> Iterator[Any]:
+        received = 0
+        try:
+            for chunk in read(chunk_size, decode_unicode):
+                received += len(chunk)
+                if received > max_bytes:
+                    response.close()
+                    raise DicomWebError.about(url, f"the server's answer is over {max_bytes} bytes; cut off")
+                if expired.is_set():
+                    break
+                yield chunk
+        except DicomWebError:
+            raise
+        except Exception:  # the watchdog closed the connection under the read
+            if not expired.is_set():
+                raise
+        finally:
+            watchdog.cancel()
+        if expired.is_set():
+            raise DicomWebError.about(url, f"the server's answer took over {deadline_s:g} s; cut off")
+
+    response.iter_content = iter_content
+    return response
+
+
+def _session(timeout_s: float | tuple[float, float], deadline_s: float = RESPONSE_DEADLINE_S,
+             max_bytes: int = MAX_RESPONSE_BYTES) -> Any:
     import requests
 
-    class TimeoutSession(requests.Session):
-        """A session whose every request has a timeout (dicomweb-client passes none)."""
+    class BoundedSession(requests.Session):
+        """A session whose every request has a timeout (dicomweb-client passes none) and whose every response is
+        bounded in time and size (:func:`_bounded`), streamed or not."""
 
-        def request(self, *args: Any, **kwargs: Any) -> Any:
+        def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
             kwargs.setdefault("timeout", timeout_s)
-            return super().request(*args, **kwargs)
+            streamed = kwargs.pop("stream", False)
+            response = _bounded(super().request(method, url, *args, stream=True, **kwargs), url, deadline_s,
+                                max_bytes)
+            if not streamed:  # read it now, through the bounds, as requests would have
+                response._content = b"".join(response.iter_content(1 << 16))
+                response._content_consumed = True
+            return response
 
-    return TimeoutSession()
+    return BoundedSession()
 
 
-def client(url: str, timeout_s: float | tuple[float, float] = TIMEOUT_S) -> Any:
+def client(url: str, timeout_s: float | tuple[float, float] = TIMEOUT_S, deadline_s: float = RESPONSE_DEADLINE_S,
+           max_bytes: int = MAX_RESPONSE_BYTES) -> Any:
     """A ``dicomweb_client.DICOMwebClient`` for the base URL ``url`` (checked by :func:`validate_url`), every
-    request with ``timeout_s`` (seconds: one value, or (connect, read)), :data:`RETRY_ATTEMPTS` attempts."""
+    request with ``timeout_s`` (seconds: one value, or (connect, read)), :data:`RETRY_ATTEMPTS` attempts, and every
+    response cut off past ``deadline_s`` seconds or ``max_bytes`` bytes."""
     from dicomweb_client import DICOMwebClient
 
-    web = DICOMwebClient(validate_url(url), session=_session(timeout_s))
+    web = DICOMwebClient(validate_url(url), session=_session(timeout_s, deadline_s, max_bytes))
     web.set_http_retry_params(max_attempts=RETRY_ATTEMPTS, wait_exponential_multiplier=RETRY_WAIT_MS)
     return web
 
@@ -229,9 +300,14 @@ def _calling(url: str, action: str, call: Any, *args: Any, **kwargs: Any) -> Any
     InvalidDicomError, which is an Exception)."""
     import requests
     from pydicom.errors import InvalidDicomError
+    from retrying import RetryError
 
     try:
         return call(*args, **kwargs)
+    except RetryError as err:  # dicomweb-client's retries ended on a retriable status (408, 429, 503, 504)
+        response = getattr(err.last_attempt, "value", None)
+        status = f"HTTP {response.status_code} {response.reason}" if hasattr(response, "status_code") else "an error"
+        raise DicomWebError.about(url, f"{action} failed with {status} after {RETRY_ATTEMPTS} attempts") from None
     except requests.RequestException as err:
         raise _request_error(url, action, err) from None
     except (ValueError, KeyError, InvalidDicomError) as err:
@@ -439,7 +515,7 @@ def _encoded(ds: Any) -> bytes:
 def fetch_series(url: str, study_uid: str, series_uid: str, dest_dir: str | os.PathLike,
                  timeout_s: float | tuple[float, float] = TIMEOUT_S) -> list[Path]:
     """Retrieve every instance of a series (WADO-RS) into ``dest_dir`` as ``<SOPInstanceUID>.dcm``, one instance at
-    a time (streamed, never the whole series in memory), in the transfer syntax the server stores it in (the pixel
+    a time (never the whole series in memory; each instance is, twice), in the transfer syntax the server stores it in (the pixel
     data as stored, not transcoded).
 
     Args:
@@ -458,12 +534,13 @@ def fetch_series(url: str, study_uid: str, series_uid: str, dest_dir: str | os.P
             with other content (it is not replaced).
     """
     from pathbundles.atomic import atomic_path
+    from pathbundles.bundle_runner import sha256_file
 
     base = validate_url(url)
     source = series_url(base, study_uid, series_uid)
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
-    web = client(base, timeout_s)
+    web = client(base, timeout_s, deadline_s=FETCH_DEADLINE_S, max_bytes=FETCH_MAX_BYTES)
     written: list[Path] = []
     # transfer-syntax=*: as stored. Without it the server must transcode to Explicit VR Little Endian, which
     # changes the pixel data and fails where it has no decoder (Orthanc 1.10: JPEG 2000, HTTP 500).
@@ -482,7 +559,7 @@ def fetch_series(url: str, study_uid: str, series_uid: str, dest_dir: str | os.P
         target = dest / f"{uid}.dcm"
         content = _encoded(ds)
         if target.exists():
-            if target.read_bytes() != content:
+            if target.stat().st_size != len(content) or sha256_file(target) != hashlib.sha256(content).hexdigest():
                 raise DicomWebError(f"{source}: {target} exists with other content; not replaced (fetch into an "
                                     "empty folder, or remove it)")
         else:

@@ -87,8 +87,10 @@ _THUMBNAIL_BAND_SOURCE_PX = 1 << 24
 _TILE_CACHE_BYTES = 32 << 20
 #: Level check (`Slide._level_agrees`): a pyramid level other than 0 is read only after it was compared, once per
 #: process, slide and level, with the next finer level that passed, on a window of at most LEVEL_CHECK_PX px a side
-#: at the checked level (a few tiles: cheap even over DICOMweb), with the finer level's area at most
-#: LEVEL_CHECK_REFERENCE_PX px a side (the window shrinks for a level far coarser than its reference).
+#: at the checked level (a few tiles: cheap even over DICOMweb), with the finer level's area about
+#: LEVEL_CHECK_REFERENCE_PX px a side (the window shrinks for a level far coarser than its reference, down to
+#: LEVEL_CHECK_MIN_PX; a level whose reference area would still exceed twice that, some 190 times coarser than the
+#: last sound level after the levels between failed, is not used).
 LEVEL_CHECK_PX = 256
 LEVEL_CHECK_REFERENCE_PX = 2048
 #: Smallest window (px a side) worth comparing; a level smaller than this is used unchecked.
@@ -573,11 +575,16 @@ class Slide(abc.ABC):
         w, h = min(side, lw), min(side, lh)
         if min(w, h) < LEVEL_CHECK_MIN_PX:
             return ""  # a level this small is too small to compare; it costs nothing to use
+        # The reference area the window covers, with the shift search's margin, in reference pixels.
+        margin = LEVEL_CHECK_MAX_SHIFT_PX + 1
+        reference_side = (side + 2 * margin) * max(ratio_x, ratio_y)
+        if reference_side > 2 * LEVEL_CHECK_REFERENCE_PX:
+            # Only after finer levels failed: reading enough of the last sound one would take gigabytes.
+            return (f"it is {max(ratio_x, ratio_y):.0f} times coarser than level {reference}, the finest level it can "
+                    f"be checked against (its area would be {reference_side:.0f} px a side): not checked, not used")
         x, y = self._content_window(level, (w, h))
         pixels = self._read_level_px(level, (x, y), (w, h)).astype(np.float32)
         off_x, off_y = self._level_offset(level, (x, y))
-        # The reference area the window covers, with the shift search's margin, in reference pixels.
-        margin = LEVEL_CHECK_MAX_SHIFT_PX + 1
         rx0 = math.floor((x - margin) * ratio_x)
         ry0 = math.floor((y - margin) * ratio_y)
         rx1, ry1 = math.ceil((x + w + margin) * ratio_x), math.ceil((y + h + margin) * ratio_y)

@@ -240,8 +240,9 @@ def store_dicom_results(results: Mapping[str, dict], stow_url: str) -> dict[str,
         try:
             answer = store_instances(stow_url, result["files"])
             out[name] = {**result, "stored": [s["sop_instance_uid"] for s in answer["stored"]]}
-        except PathBundlesError as err:
-            out[name] = {**result, "failed": f"STOW-RS: {err}"}
+        except Exception as err:  # noqa: BLE001 - one slide's failure is reported, never dropped, the others go on
+            why = str(err) if isinstance(err, PathBundlesError) else f"{err.__class__.__name__}: {err}"
+            out[name] = {**result, "failed": f"STOW-RS: {why}"}
     return out
 
 
