@@ -557,23 +557,6 @@ def test_dicom_results_are_stored_and_failures_reported(orthanc_url: str, tmp_pa
     assert failed["s1"]["files"] == exported["s1"]["files"]
 
 
-def _missing_modules(*names: str) -> str | None:
-    import importlib.util
-
-    missing = [n for n in names if importlib.util.find_spec(n) is None]
-    return f"{', '.join(missing)} not on this branch" if missing else None
-
-
-#: The DICOM slide reader and result writers (pathbundles.dicom_wsi, pathbundles.dicom_writers) the DICOM path of
-#: the applications uses; marked before any fixture is made.
-needs_dicom_reader = pytest.mark.skipif(_missing_modules("pathbundles.dicom_wsi") is not None,
-                                        reason=str(_missing_modules("pathbundles.dicom_wsi")))
-needs_dicom_io = pytest.mark.skipif(
-    _missing_modules("pathbundles.dicom_wsi", "pathbundles.dicom_writers") is not None,
-    reason=str(_missing_modules("pathbundles.dicom_wsi", "pathbundles.dicom_writers")))
-
-
-@needs_dicom_reader
 def test_slide_list_hands_dicomweb_urls_to_the_datalist(orthanc_url: str, tmp_path: Path,  # noqa: F811
                                                         shared_data: Path) -> None:
     """A series URL and a text file of them list the series (pathbundles.dicom_wsi reads them)."""
@@ -591,7 +574,6 @@ def test_slide_list_hands_dicomweb_urls_to_the_datalist(orthanc_url: str, tmp_pa
 
 @pytest.mark.slow
 @needs_sdk
-@needs_dicom_io
 def test_dicom_in_dicom_out_through_orthanc(orthanc_url: str, tiny_inputs: dict,  # noqa: F811
                                             tmp_path: Path) -> None:
     """A dicomized phantom stored in Orthanc goes through the scannet application by its DICOMweb series URL; its
@@ -639,7 +621,6 @@ def test_dicom_in_dicom_out_through_orthanc(orthanc_url: str, tiny_inputs: dict,
 
 @pytest.mark.slow
 @needs_sdk
-@needs_dicom_io
 @pytest.mark.parametrize("name", ["spatial_lstm", "dmmn"])
 def test_dicom_in_dicom_out_of_every_slide_bundle(name: str, orthanc_url: str, tiny_inputs: dict,  # noqa: F811
                                                   tmp_path: Path) -> None:
@@ -670,7 +651,6 @@ def test_dicom_in_dicom_out_of_every_slide_bundle(name: str, orthanc_url: str, t
 
 @pytest.mark.slow
 @needs_sdk
-@needs_dicom_io
 def test_segmitos_application_on_hpf_boxes_of_a_dicom_slide(orthanc_url: str, tmp_path: Path) -> None:  # noqa: F811
     """SegMitos takes HPFs; on a DICOM slide they are boxes of it (a datalist of ``{"image": series URL, "box"}``):
     the application reads them from Orthanc and stores one annotation object (points in the slide's pixels) and one

@@ -559,12 +559,23 @@ def segmentation_from_probability_map(source_images: Sequence[Any],
         if values.dtype != np.uint8:
             raise InputError("probability map", f"dtype {values.dtype}: expected uint8 (probability * 255)")
         # highdicom multiplies fractions by 255 and rounds: value / 255 comes back as the value exactly.
-        arrays.append(((values.astype(np.float64) / 255.0)[np.newaxis], mpp_xy))
+        arrays.append(((values.astype(np.float32) / np.float32(255.0))[np.newaxis], mpp_xy))  # v / 255 * 255 = v
     return _segmentation_levels(source_images, arrays, bundle_info, "probability", f"{label} probability",
                                 "FRACTIONAL", [description])
 
 
 # ---- structured report ---------------------------------------------------------------------------------------------
+
+
+def _metric_code(metric: str) -> str:
+    """The local code value (at most 16 characters) of a run metric, made from its name (``froc``, ``auc``), so
+    that one code means one metric in every report; a name that does not fit gets a hash of it."""
+    import hashlib
+
+    plain = re.sub(r"[^A-Za-z0-9_.-]", "", str(metric))
+    if plain and len(plain) <= 16:
+        return plain
+    return plain[:9] + "-" + hashlib.sha256(str(metric).encode("utf-8")).hexdigest()[:6]
 
 
 def score_report(source_images: Sequence[Any], bundle_info: Mapping[str, Any], *, name: str,
@@ -618,9 +629,9 @@ def score_report(source_images: Sequence[Any], bundle_info: Mapping[str, Any], *
         groups.append(group(f"{name} {class_name} area", [hd.sr.Measurement(
             name=codes.SCT.Area, value=_finite(area, f"{class_name} area"), unit=codes.UCUM.SquareMillimeter,
             algorithm_id=algorithm)], class_concepts(class_name)[1]))
-    metrics = [hd.sr.Measurement(name=_local(_text(f"metric-{k}", 16), _text(metric, 64)),
+    metrics = [hd.sr.Measurement(name=_local(_metric_code(metric), _text(metric, 64)),
                                  value=_finite(value, metric), unit=codes.UCUM.NoUnits, algorithm_id=algorithm)
-               for k, (metric, value) in enumerate((run_metrics or {}).items())]
+               for metric, value in (run_metrics or {}).items()]
     if metrics:
         groups.append(group("run metrics", metrics, prop_type))
     if not groups:

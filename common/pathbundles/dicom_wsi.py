@@ -55,7 +55,7 @@ _PATCHED_IMAGE_TYPE = ["DERIVED", "PRIMARY", "VOLUME", "NONE"]
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _warned_patched: set[str] = set()
 #: Tags read from each file's header to list a folder's series (no pixel data is read).
-_HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "ContainerIdentifier", "SeriesDescription"]
+_HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "ContainerIdentifier"]
 
 
 # ---- sources -----------------------------------------------------------------------------------------------------
@@ -163,10 +163,12 @@ def sanitise_name(text: str) -> str:
 
 
 def _series_name_of(dataset: Any) -> str:
-    """A series' output name: its ContainerIdentifier, else SeriesDescription, else SeriesInstanceUID, sanitised."""
+    """A series' output name: its ContainerIdentifier (the slide's label), else its SeriesInstanceUID, sanitised.
+    Not the SeriesDescription: scanners give every slide of a protocol the same one ("WSI", a stain), and two
+    slides of one name stop a run."""
     from pydicom.multival import MultiValue
 
-    for keyword in ("ContainerIdentifier", "SeriesDescription", "SeriesInstanceUID"):
+    for keyword in ("ContainerIdentifier", "SeriesInstanceUID"):
         value = dataset.get(keyword) or ""
         # A backslash in a text value splits it into several values: join them back.
         name = sanitise_name("_".join(map(str, value)) if isinstance(value, (list, MultiValue)) else str(value))
@@ -284,7 +286,7 @@ class DicomSlide(Slide):
         max_level0_px: as for `Slide`.
 
     Attributes:
-        series_name: the series' output name (ContainerIdentifier, else SeriesDescription, else SeriesInstanceUID,
+        series_name: the series' output name (ContainerIdentifier, else SeriesInstanceUID,
             sanitised to one plain file name).
     """
 

@@ -32,8 +32,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pathbundles.deploy.runtime import (APP_CONFIG, BUILD_RECORD, DICOM_DIR, DICOM_SECTION, SECTION, SUMMARY,
+from pathbundles.deploy.runtime import (APP_CONFIG, BUILD_RECORD, DICOM_SECTION, SECTION, SUMMARY,
                                         DeployError)
+from pathbundles.outputs import DICOM_SUBFOLDER
 
 #: Bundle content that is not copied: outputs, tracking stores, caches, hidden files (as for a registered model,
 #: ``pathbundles.registry``).
@@ -288,7 +289,7 @@ if __name__ == "__main__":
 #: The ``dicom`` section of a built ``app.yaml``, with its defaults and what they mean (yaml.safe_dump writes no
 #: comments).
 _DICOM_YAML = f"""# DICOM results of the slides read from DICOM (a folder of instances, a .dcm file, a DICOMweb series URL as -i):
-# always written under OUTPUT/{DICOM_DIR}/<slide>/ and listed in {SUMMARY}. stow_url: a DICOMweb base URL (e.g.
+# always written under OUTPUT/{DICOM_SUBFOLDER}/<slide>/ and listed in {SUMMARY}. stow_url: a DICOMweb base URL (e.g.
 # http://pacs.example.org:8042/dicom-web) to store them to over STOW-RS; empty: not stored. A failure to store is
 # listed in {SUMMARY} and fails the run. --stow_url URL sets it for one run ("" turns it off).
 {DICOM_SECTION}:
@@ -345,7 +346,7 @@ files relative to `OUTPUT`; the bundle's name, version, weights hash and whether
 
 DICOM in, DICOM out: `INPUT` may also be a folder of DICOM whole-slide instances (one or more series), one `.dcm`
 file, a DICOMweb series URL (`-i http://HOST:8042/dicom-web/studies/<StudyUID>/series/<SeriesUID>`) or a text file
-of such URLs. The results of those slides are also written as DICOM objects under `OUTPUT/{DICOM_DIR}/<slide>/`
+of such URLs. The results of those slides are also written as DICOM objects under `OUTPUT/{DICOM_SUBFOLDER}/<slide>/`
 (listed per slide in `{SUMMARY}`); with `{DICOM_SECTION}.stow_url` in `app.yaml` (or `--stow_url URL`) they are
 stored to that DICOMweb server, and a failure to store fails the run.
 

@@ -15,6 +15,7 @@ from monai.deploy.core import Fragment, Operator, OperatorSpec
 from pathbundles.dicomweb import is_dicomweb_url
 from pathbundles.deploy.runtime import (AppSettings, export_dicom_results, slide_list, store_dicom_results, summarize,
                                         write_summary)
+from pathbundles.outputs import DICOM_SUBFOLDER
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class ResultWriterOperator(Operator):
         path = write_summary(summary, self.output_dir)
         logger.info("summary of %d slide(s), %d failed: %s", summary["n_slides"], len(self.failed), path)
         if dicom:
-            logger.info("DICOM results of %d slide(s) in %s%s, %d failed", len(dicom), self.output_dir / "dicom",
+            logger.info("DICOM results of %d slide(s) in %s%s, %d failed", len(dicom), self.output_dir / DICOM_SUBFOLDER,
                         f", stored to {self.settings.stow_url}" if self.settings.stow_url else "",
                         len(self.dicom_failed))
         if summary["bundle"]["weights_warning"]:

@@ -40,8 +40,6 @@ SECTION = "pathbundles"
 #: Optional section of ``app.yaml`` for DICOM results: ``stow_url``, the DICOMweb base URL they are stored to (STOW-RS;
 #: empty or absent: not stored).
 DICOM_SECTION = "dicom"
-#: Folder of the output folder that holds the DICOM results, one subfolder per slide.
-DICOM_DIR = "dicom"
 
 
 class DeployError(PathBundlesError):
