@@ -416,6 +416,9 @@ def store_instances(url: str, files: Iterable[str | os.PathLike],
                              "of them; send one")
         first_file[uid] = path
     web = client(base, timeout_s)
+    # dicomweb-client sends a body over its chunk size as a generator made outside its retried call: a retry after
+    # HTTP 503 posts an empty body. The request is in memory anyway (a batch): never chunk it.
+    web.set_chunk_size(1 << 62)
     stored = []
     for batch in _batches(paths):
         by_uid = {}
