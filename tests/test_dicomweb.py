@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import io
 import json
@@ -221,6 +222,21 @@ def _instance(sop_uid: str, study: str = "1.2.3", series: str = "1.2.4") -> byte
     return buffer.getvalue()
 
 
+@contextlib.contextmanager
+def _serving(handler: type) -> Iterator[str]:
+    """A local HTTP server of ``handler`` on 127.0.0.1 and a free port, in a thread; yields its DICOMweb base URL and
+    stops it (its request threads are daemons: a handler still dripping does not hold the test up)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def hostile_server() -> Iterator[tuple[str, list[bytes]]]:
     """A DICOMweb server that answers every WADO-RS request with the instances put in the yielded list."""
@@ -240,14 +256,8 @@ def hostile_server() -> Iterator[tuple[str, list[bytes]]]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web", instances
-    finally:
-        server.shutdown()
-        server.server_close()
+    with _serving(Handler) as url:
+        yield url, instances
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # pydicom's, while the test writes a hostile UID
@@ -371,15 +381,8 @@ def misbehaving_server() -> Iterator[tuple[str, dict]]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web", mode
-    finally:
-        server.shutdown()
-        server.server_close()
+    with _serving(Handler) as url:
+        yield url, mode
 
 
 def test_a_busy_slow_or_endless_server_fails_by_name(misbehaving_server: tuple[str, dict], tmp_path: Path,
