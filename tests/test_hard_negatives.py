@@ -108,3 +108,44 @@ def test_iterative_mining_stops_and_mines_only_normal_tissue(training_slides: li
             with torch.no_grad():
                 prob = torch.softmax(trainer.network(image[None]), dim=1)[0, 1, 0, 0]
             assert float(prob) > threshold, (slide.name, x, y, float(prob))
+
+
+def test_model_before_mining_and_rounds_are_recorded(training_slides: list[dict], tmp_path) -> None:
+    """The first stage's model is saved before any mining round changes it (for the before/after comparison), and
+    every round's additions, pool size and share are written as they happen."""
+    import json
+
+    from pathbundles.checkpoints import TrainingSettings
+
+    dataset = _dataset(training_slides)
+    network = _Oracle()
+    trainer = _Trainer(network)
+    before, record = tmp_path / "train" / "model_before_mining.pt", tmp_path / "train" / "hnm.json"
+    with torch.no_grad():
+        network.unused.fill_(7.0)
+    mining = HardNegativeMining(trainer, dataset, rounds=3, epochs_per_round=2, threshold=0.3, max_per_slide=20,
+                                lp=4, alpha=1, preprocessing=_preprocess, batch_size=2,
+                                save_dict={"model": network, "training": TrainingSettings({"bundle": "scannet"})},
+                                before_mining_path=str(before), record_path=str(record))
+    original_run = trainer.run
+
+    def run_and_change() -> None:  # each fine-tuning changes the model after the saved copy was taken
+        original_run()
+        with torch.no_grad():
+            network.unused.add_(1.0)
+
+    trainer.run = run_and_change
+    mining.run()
+    saved = torch.load(before, weights_only=True)
+    assert saved["training"] == {"bundle": "scannet"}
+    assert float(saved["model"]["unused"]) == 8.0  # after the first stage, before the one fine-tuning
+    assert float(network.unused.detach()) == 9.0
+    rounds = json.loads(record.read_text())
+    assert [r["added"] for r in rounds["rounds"]] == mining.mined and mining.mined[0] > 0
+    assert rounds["rounds"][0]["pool"] == mining.mined[0] == dataset.n_hard_negatives
+    assert rounds["rounds"][0]["share"] == pytest.approx(dataset.hard_negative_share())
+    assert [r["epochs_after"] for r in rounds["rounds"]] == [2, 0]
+    assert rounds["before_mining"] == str(before) and rounds["threshold"] == 0.3
+    assert not list(before.parent.glob(".*"))  # nothing half-written left
+    with pytest.raises(ValueError, match="save_dict"):
+        HardNegativeMining(trainer, dataset, before_mining_path=str(before))

@@ -201,16 +201,28 @@ class HardNegativeMining:
         lp, alpha: scan geometry used for mining (as :class:`ScanNetInferer`).
         preprocessing: the inference preprocessing transform (uint8 ROI -> network input).
         batch_size: ROIs per forward pass while mining.
+        save_dict: what to save of the model before mining, ``{key: object with state_dict()}`` (the training
+            CheckpointSaver's ``save_dict``); saved to ``before_mining_path``.
+        before_mining_path: where the model of the first stage (before any mining) is saved, atomically; None:
+            not saved. With it the effect of mining can be measured (``evaluate.json --ckpt_path``).
+        record_path: a JSON file written after every round: ``{"rounds": [{"round", "added", "pool",
+            "share", "epochs_after"}], "before_mining": path}``; None: not written.
     """
 
     def __init__(self, trainer: Any, dataset: Any, rounds: int = 1, epochs_per_round: int = 2,
                  threshold: float = 0.5, max_per_slide: int = 256, lp: int = 8, alpha: int = 1,
-                 preprocessing: Any = None, batch_size: int = 2, num_workers: int = 0) -> None:
+                 preprocessing: Any = None, batch_size: int = 2, num_workers: int = 0,
+                 save_dict: dict[str, Any] | None = None, before_mining_path: str | None = None,
+                 record_path: str | None = None) -> None:
         self.trainer, self.dataset, self.rounds, self.epochs_per_round = trainer, dataset, rounds, epochs_per_round
         self.threshold, self.max_per_slide = probability(threshold, "threshold"), max_per_slide
         self.inferer = ScanNetInferer(lp=lp, alpha=alpha)
         self.preprocessing, self.batch_size, self.num_workers = preprocessing, batch_size, num_workers
+        if before_mining_path is not None and not save_dict:
+            raise ValueError("HardNegativeMining: before_mining_path needs save_dict (what to save)")
+        self.save_dict, self.before_mining_path, self.record_path = save_dict, before_mining_path, record_path
         self.mined: list[int] = []
+        self.rounds_done: list[dict[str, Any]] = []
 
     def mine(self) -> int:
         """Scan every training slide, add false positives on normal tissue; returns how many were added."""
@@ -244,10 +256,47 @@ class HardNegativeMining:
         """Train, then alternate mining and fine-tuning for up to ``rounds`` rounds, stopping at a round that adds
         no new false positive."""
         self.trainer.run()
+        if self.before_mining_path is not None:
+            self._save_before_mining()
         for round_index in range(self.rounds):
-            if self.mine() == 0:
+            added = self.mine()
+            if added:
+                self.trainer.state.max_epochs += self.epochs_per_round
+            self.rounds_done.append({"round": round_index + 1, "added": added,
+                                     "pool": int(self.dataset.n_hard_negatives),
+                                     "share": float(self.dataset.hard_negative_share()),
+                                     "epochs_after": self.epochs_per_round if added else 0})
+            self._write_record()
+            if added == 0:
                 logger.info("hard negative mining: round %d found no new false positive; mining ends",
                             round_index + 1)
                 break
-            self.trainer.state.max_epochs += self.epochs_per_round
             self.trainer.run()
+
+    def _save_before_mining(self) -> None:
+        """Save the first stage's model (rank 0 only under DDP), atomically."""
+        import torch.distributed as dist
+
+        from pathbundles.atomic import atomic_path
+
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return
+        state = {key: getattr(obj, "module", obj).state_dict() for key, obj in self.save_dict.items()}
+        with atomic_path(self.before_mining_path) as tmp:
+            torch.save(state, tmp)
+        logger.info("hard negative mining: the model before mining is saved to %s", self.before_mining_path)
+
+    def _write_record(self) -> None:
+        """Write the rounds so far to ``record_path`` (rank 0 only under DDP), atomically."""
+        import json
+
+        import torch.distributed as dist
+
+        from pathbundles.atomic import atomic_path
+
+        if self.record_path is None or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+            return
+        record = {"threshold": self.threshold, "max_per_slide": self.max_per_slide, "rounds": self.rounds_done,
+                  "before_mining": None if self.before_mining_path is None else str(self.before_mining_path)}
+        with atomic_path(self.record_path) as tmp:
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
