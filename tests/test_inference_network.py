@@ -1,0 +1,146 @@
+"""Inference-time network rewrites (pathbundles.inference_network): BatchNorm folded into convolutions and
+channels_last give every bundle's shipped network the outputs of the plain one, within 1e-4 of the logit scale;
+pairs are found through torch.fx, through Sequentials when tracing fails, and never where folding would change the
+result."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from torch import nn
+
+from pathbundles.errors import SettingError
+from pathbundles.inference_network import (PrepareNetworkForInference, conv_batchnorm_pairs, fold_batchnorm,
+                                           prepare_for_inference)
+
+REPO = Path(__file__).resolve().parents[1]
+#: Per shipped weights file: the bundle, config overrides that fit it, an input.
+SHIPPED = {
+    "scannet/models/model.pt": ("scannet", {}, (1, 3, 340, 340)),
+    "spatial_lstm/models/model.pt": ("spatial_lstm", {}, (2, 9, 3, 224, 224)),
+    "segmitos/models/model.pt": ("segmitos", {}, (1, 3, 333, 411)),
+    "segmitos/models/model_8s.pt": ("segmitos", {"variant": "8s"}, (1, 3, 333, 411)),
+    "dmmn/models/model.pt": ("dmmn", {}, (1, 9, 256, 256)),
+}
+TOLERANCE = 1e-4  # of the logit scale (std of the plain network's output)
+
+
+def _shipped_network(weights: str) -> nn.Module:
+    bundle, overrides, _ = SHIPPED[weights]
+    parser = ConfigParser()
+    parser.read_config(REPO / "bundles" / bundle / "configs" / "inference.json")
+    parser.update(overrides)
+    network = parser.get_parsed_content("network_def")
+    state = torch.load(REPO / "bundles" / weights, map_location="cpu", weights_only=True)
+    network.load_state_dict(state.get("model", state) if isinstance(state.get("model"), dict) else state)
+    return network.eval()
+
+
+@pytest.mark.parametrize("weights", sorted(SHIPPED))
+def test_shipped_networks_folded_and_channels_last_equal_the_plain_ones(weights: str) -> None:
+    torch.manual_seed(0)
+    network = _shipped_network(weights)
+    n_norms = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in network.modules())
+    names = {name for name, _ in network.named_modules()}
+    x = torch.rand(SHIPPED[weights][2]) * 2 - 1
+    with torch.no_grad():
+        plain = network(x)
+        for channels_last in (False, True):
+            fast = copy.deepcopy(network)
+            prepare_for_inference(fast, fold=True, channels_last=channels_last)
+            assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fast.modules())
+            assert {name for name, _ in fast.named_modules()} == names  # the module tree is kept
+            out = fast(x)
+            assert out.shape == plain.shape
+            assert float((out - plain).abs().max()) <= TOLERANCE * float(plain.std()), weights
+    assert n_norms > 0 and len(conv_batchnorm_pairs(network)) == n_norms
+
+
+class _Branching(nn.Module):
+    """Data-dependent control flow (torch.fx cannot trace it) around a Sequential of conv, BN, ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1),
+                                  nn.BatchNorm2d(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) if float(x.mean()) > -10 else x
+
+
+class _NotFoldable(nn.Module):
+    """A conv whose output is used beside its BN, and a conv called twice: folding either would change results."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skip, self.skip_bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+        self.shared, self.shared_bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.skip(x)
+        return self.skip_bn(y) + y + self.shared_bn(self.shared(self.shared(x)))
+
+
+def _randomise_norms(module: nn.Module) -> nn.Module:
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 2)
+            m.bias.data.uniform_(-1, 1)
+    return module.eval()
+
+
+def test_untraceable_module_is_folded_through_its_sequential() -> None:
+    torch.manual_seed(1)
+    net = _randomise_norms(_Branching())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        plain = net(x)
+        assert conv_batchnorm_pairs(net) == [("body.0", "body.1"), ("body.3", "body.4")]
+        assert fold_batchnorm(net) == 2
+        assert isinstance(net.body[1], nn.Identity) and isinstance(net.body[4], nn.Identity)
+        torch.testing.assert_close(net(x), plain, rtol=0, atol=1e-5)
+
+
+def test_no_fold_where_it_would_change_the_result() -> None:
+    torch.manual_seed(2)
+    net = _randomise_norms(_NotFoldable())
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        plain = net(x)
+        assert conv_batchnorm_pairs(net) == [] and fold_batchnorm(net) == 0
+        torch.testing.assert_close(net(x), plain, rtol=0, atol=0)
+
+
+def test_handler_settings_and_exported_graphs() -> None:
+    with pytest.raises(SettingError, match="channels_last"):
+        PrepareNetworkForInference(channels_last="maybe")
+    off = PrepareNetworkForInference(fold_batchnorm="false", channels_last="False")
+    assert (off.fold_batchnorm, off.channels_last) == (False, False)
+    net = _randomise_norms(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)))
+    engine = type("Engine", (), {"network": net})()
+    off(engine)
+    assert isinstance(net[1], nn.BatchNorm2d)  # both off: untouched
+    PrepareNetworkForInference()(engine)
+    assert isinstance(net[1], nn.Identity)
+    scripted = torch.jit.script(_randomise_norms(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))))
+    assert prepare_for_inference(scripted) is scripted  # an exported graph is left as it is
+
+
+def test_every_bundle_config_with_a_checkpoint_loader_prepares_the_network_after_it() -> None:
+    """Each handler list that loads weights lists the rewrite right after the loader (it must see loaded weights);
+    exported graphs switch it off."""
+    for config in sorted((REPO / "bundles").glob("*/configs/*.json")):
+        doc = json.loads(config.read_text())
+        handlers = doc.get("handlers")
+        if isinstance(handlers, list) and "@checkpoint_loader" in handlers:
+            at = handlers.index("@checkpoint_loader")
+            assert handlers[at + 1] == "@prepare_network", config
+        if config.name == "exported.json":
+            assert doc["fold_batchnorm"] is False and doc["channels_last"] is False, config
