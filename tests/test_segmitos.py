@@ -264,3 +264,32 @@ def test_chain_network_init_ckpt_resumes_the_same_variant(tmp_path) -> None:
                           coarser_ckpt=str(tmp_path / "absent_16s.pt"))
     for key, value in net.state_dict().items():
         torch.testing.assert_close(again.state_dict()[key], value)
+
+
+def test_trunk_ckpt_starts_a_coarser_variant_from_a_finer_nets_trunk(tmp_path) -> None:
+    """FCN-32s from a trained FCN-8s's trunk (the bundle's demo FCN-32s was started so, standing in for the paper's
+    pre-trained FCN): VGG16, fc6, fc7 and score_fr are copied, the 32s's own upsampling keeps its bilinear start;
+    weights of another width are refused naming the file."""
+    from pathbundles.errors import InputError
+    from pathbundles.segmitos import load_trunk, weights_filename
+
+    fine = _net("8s", seed=5)
+    torch.save({"model": fine.state_dict(), "training": {"variant": "8s"}}, tmp_path / "model_8s.pt")
+    coarse = chain_network("32s", width=WIDTH, trunk_ckpt=str(tmp_path / "model_8s.pt"),
+                           coarser_ckpt=str(tmp_path / "ignored.pt")).eval()
+    scratch = SegMitosFCN("32s", width=WIDTH)
+    for key, value in coarse.state_dict().items():
+        if key.startswith("upscore."):
+            torch.testing.assert_close(value, scratch.state_dict()[key])  # the bilinear kernel, not the 8s's
+        else:
+            torch.testing.assert_close(value, fine.state_dict()[key])
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():  # the 32s computes the 8s's coarse score path: same score_fr map
+        torch.testing.assert_close(coarse.score_map(x), fine.score_fr(fine.fc(fine.to_pool5(fine.to_pool4(
+            fine.to_pool3(x))))))
+    with pytest.raises(InputError, match="model_8s.pt.*not a SegMitos trunk"):
+        load_trunk(SegMitosFCN("32s", width=2 * WIDTH), str(tmp_path / "model_8s.pt"))
+    assert [weights_filename(v) for v in ("32s", "16s", "8s")] == ["model.pt", "model_16s.pt", "model_8s.pt"]
+    assert weights_filename("32s", default_variant="8s") == "model_32s.pt"
+    with pytest.raises(ValueError, match="unknown SegMitos variant"):
+        weights_filename("4s")

@@ -27,12 +27,15 @@ from torch import nn
 
 from pathbundles.checkpoints import check_fit, read_weights
 from pathbundles.checks import flag
+from pathbundles.errors import InputError
 from pathbundles.scannet import VGG16_LAYOUT
 
 #: variant -> (kernel, stride) of the final upsampling and the crop offset of its output (FCN's voc-fcn* nets).
 FINAL_UPSCORE = {"32s": (64, 32, 19), "16s": (32, 16, 27), "8s": (16, 8, 31)}
 CONV1_PADDING_PX = 100  # lets any input size survive the 32x downsampling and fc6's 7x7 window
 NET_STRIDE_PX = 32  # five 2x2 pools: the grid of fc6/score_fr samples on the input
+#: the layers every variant shares (VGG16 convolutions, fc6, fc7, score_fr): what :func:`load_trunk` transfers
+_TRUNK = ("to_pool3", "to_pool4", "to_pool5", "fc", "score_fr")
 SKIP_CROP_PX = (5, 9)  # crop offsets of score_pool4 and score_pool3 against the upsampled scores they are added to
 
 
@@ -192,10 +195,46 @@ class SegMitosFCN(nn.Module):
 #: the paper's training chain: each variant starts from the trained net of the previous one
 COARSER = {"16s": "32s", "8s": "16s"}
 
+# The paper trains the random concentric label on FCN-32s only (Sec. 3.3: "we do not use the concentric label to
+# train a 16s or 8s model"); the 32s -> 16s -> 8s chain on concentric labels is this project's extension.
+DEFAULT_VARIANT = "32s"
+
+
+def weights_filename(variant: str, default_variant: str = DEFAULT_VARIANT) -> str:
+    """The file name of a variant's weights in a bundle's ``models/`` folder: ``model.pt`` for the variant the
+    bundle runs by default (``default_variant``), ``model_<variant>.pt`` for the others (``model_8s.pt``)."""
+    if variant not in FINAL_UPSCORE or default_variant not in FINAL_UPSCORE:
+        raise ValueError(f"unknown SegMitos variant {variant!r} or {default_variant!r}: one of "
+                         f"{', '.join(FINAL_UPSCORE)}")
+    return "model.pt" if variant == default_variant else f"model_{variant}.pt"
+
+
+def load_trunk(net: SegMitosFCN, ckpt: str) -> SegMitosFCN:
+    """Start ``net`` from the trunk of trained weights of any variant (same width and normalisation): the VGG16
+    convolutions, fc6, fc7 and score_fr. ``net``'s own skip score layers and upsamplings keep their initialisation.
+    This stands in for the paper's start from a pre-trained FCN (this project downloads no weights).
+
+    Raises:
+        InputError: ``ckpt`` cannot be read, or its trunk does not fit ``net`` (another width, normalisation or
+            network), naming it.
+    """
+    state = read_weights(ckpt)
+    own = net.state_dict()
+    trunk = {k: v for k, v in own.items() if k.split(".")[0] in _TRUNK}
+    missing = sorted(k for k in trunk if k not in state)
+    misfit = sorted(k for k in trunk if k in state and tuple(state[k].shape) != tuple(trunk[k].shape))
+    if missing or misfit:
+        raise InputError(ckpt, "its weights are not a SegMitos trunk of this network (width "
+                               f"{net.width}, batch_norm {net.batch_norm}): "
+                               + "; ".join(f"{what} {', '.join(keys[:4])}" for what, keys in
+                                           (("missing", missing), ("other shape", misfit)) if keys))
+    net.load_state_dict({**own, **{k: state[k] for k in trunk}})
+    return net
+
 
 def chain_network(variant: str = "32s", width: float = 1.0, coarser_ckpt: str | None = None, num_classes: int = 2,
                   dropout: float = 0.5, learnable_upsampling: bool = True, batch_norm: bool = False,
-                  init_ckpt: str | None = None) -> SegMitosFCN:
+                  init_ckpt: str | None = None, trunk_ckpt: str | None = None) -> SegMitosFCN:
     """The network of one stage of the 32s -> 16s -> 8s chain (what the bundle's train.json builds).
 
     Args:
@@ -207,6 +246,8 @@ def chain_network(variant: str = "32s", width: float = 1.0, coarser_ckpt: str | 
 
         init_ckpt: weights of this same variant to start from instead (fine-tuning, or more epochs of a stage);
             takes precedence over ``coarser_ckpt``.
+        trunk_ckpt: weights of any variant whose trunk starts the network (:func:`load_trunk`), instead of
+            ``coarser_ckpt``; ``init_ckpt`` takes precedence.
 
     Raises:
         FileNotFoundError: ``coarser_ckpt`` does not exist (train the previous stage first).
@@ -221,6 +262,9 @@ def chain_network(variant: str = "32s", width: float = 1.0, coarser_ckpt: str | 
         check_fit(init_ckpt, net, state)
         net.load_state_dict(state)
         return net
+    if trunk_ckpt is not None:
+        return load_trunk(SegMitosFCN(variant, num_classes=num_classes, width=width, dropout=dropout,
+                                      learnable_upsampling=learnable_upsampling, batch_norm=batch_norm), trunk_ckpt)
     if coarser_ckpt is None:
         return SegMitosFCN(variant, num_classes=num_classes, width=width, dropout=dropout,
                            learnable_upsampling=learnable_upsampling, batch_norm=batch_norm)
