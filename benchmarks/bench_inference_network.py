@@ -15,7 +15,8 @@ HPF, a DMMN batch of 16 three-view sets, 4 spatial-LSTM grids; smaller for the p
 Weights: random (seed 0) with BatchNorm statistics set to non-trivial values; timing does not depend on them, and
 the shipped weights' equality is tested in tests/test_inference_network.py.
 
-    python benchmarks/bench_inference_network.py [--threads 2] [--repeats 5] [--out benchmarks/results/inference_network.json]
+    python benchmarks/bench_inference_network.py [--threads 2] [--repeats 5] [--only scannet,dmmn]
+        [--out benchmarks/results/inference_network.json]
 """
 
 from __future__ import annotations

@@ -178,7 +178,8 @@ def test_multi_gpu_overlay_runs_with_gloo_on_two_processes(small_hpfs: Path, tmp
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
     assert log.count("Train completed, saved final checkpoint") == 1  # rank 0 only
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # the default FCN-32s (pathbundles.segmitos.weights_filename)
+    # The default FCN-32s writes model.pt (pathbundles.segmitos.weights_filename).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
 
 
 def test_registry_pyfunc_prediction_on_hpfs(small_hpfs: Path, tmp_path: Path) -> None:
