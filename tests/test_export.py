@@ -221,8 +221,8 @@ def without_weights(value: object) -> object:
 
 def assert_same_outputs(eager: Path, other: Path) -> None:
     """The same files; tables, GeoJSON/JSON and ASAP XML to float tolerance, but for the weights they record
-    (checked by the callers); maps, label maps and overlays equal at all but 0.1 % of their pixels (a probability within float
-    error of a quantisation step or a class tie)."""
+    (checked by the callers); maps, label maps and overlays equal at all but 0.1 % of their pixels (a probability
+    within float error of a quantisation step or a class tie)."""
     # report.html is a view of the other files that also holds its date and folder: both runs write it.
     files = sorted(p.relative_to(eager) for p in eager.rglob("*") if p.is_file() and p.name != "report.html")
     assert files == sorted(p.relative_to(other) for p in other.rglob("*") if p.is_file() and p.name != "report.html")
