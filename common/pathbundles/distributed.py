@@ -1,4 +1,5 @@
-"""The end of a ``torch.distributed`` run, shared by the bundles' ``multi_gpu_train.json`` and the cohort runner."""
+"""The ranks of a ``torch.distributed`` run: which one writes shared files, and the end of the run, shared by the
+bundles' ``multi_gpu_train.json`` and the cohort runner."""
 
 from __future__ import annotations
 
@@ -6,6 +7,14 @@ import time
 
 #: Seconds the main thread sleeps (GIL and CPU released) after tearing the group down; see :func:`end_process_group`.
 SETTLE_SECONDS = 1.0
+
+
+def is_first_rank() -> bool:
+    """True in a process that is not part of a ``torch.distributed`` group, or is its rank 0: the one that writes
+    a run's shared files."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def end_process_group(barrier: bool = True, settle_s: float = SETTLE_SECONDS) -> None:

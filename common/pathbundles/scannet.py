@@ -12,6 +12,7 @@ Dense reconstruction (Eq. 2-3): with dense coefficient ``alpha`` the ROI is scan
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,9 @@ import torch
 from monai.inferers import Inferer
 from torch import nn
 
+from pathbundles.atomic import atomic_path
 from pathbundles.checks import flag, probability
+from pathbundles.distributed import is_first_rank
 from pathbundles.slide_inference import MapGrid
 
 #: VGG16 convolution widths; "M" is a 2x2 max-pool with stride 2.
@@ -275,11 +278,7 @@ class HardNegativeMining:
 
     def _save_before_mining(self) -> None:
         """Save the first stage's model (rank 0 only under DDP), atomically."""
-        import torch.distributed as dist
-
-        from pathbundles.atomic import atomic_path
-
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        if not is_first_rank():
             return
         state = {key: getattr(obj, "module", obj).state_dict() for key, obj in self.save_dict.items()}
         with atomic_path(self.before_mining_path) as tmp:
@@ -288,13 +287,7 @@ class HardNegativeMining:
 
     def _write_record(self) -> None:
         """Write the rounds so far to ``record_path`` (rank 0 only under DDP), atomically."""
-        import json
-
-        import torch.distributed as dist
-
-        from pathbundles.atomic import atomic_path
-
-        if self.record_path is None or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+        if self.record_path is None or not is_first_rank():
             return
         record = {"threshold": self.threshold, "max_per_slide": self.max_per_slide, "rounds": self.rounds_done,
                   "before_mining": None if self.before_mining_path is None else str(self.before_mining_path)}
