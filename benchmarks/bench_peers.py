@@ -1,6 +1,10 @@
-"""ScanNet's shipped network through TIAToolbox's PatchPredictor and through this project's pipeline, side by side.
+"""Bundles' shipped networks through TIAToolbox's engines and through this project's pipelines, side by side.
 
-Issue #22 ("performance against real peers"). One network (``bundles/scannet/models/model.pt``, loaded as
+Issue #22 ("performance against real peers"). ``--bundles`` (default ``scannet,dmmn``) picks what runs; each bundle
+has its own section in the results file (``bundles.<name>``, with its own date, command, machine and load), and the
+sections of bundles not run are kept as they are (``--fresh`` drops them).
+
+ScanNet. One network (``bundles/scannet/models/model.pt``, loaded as
 bench_scannet.py's ``_load_net`` does), one slide and one set of positions go through two pipelines, each in its own
 fresh subprocess with 2 torch threads (see benchmarks/README.md for the numbers and the machine):
 
@@ -36,12 +40,40 @@ Slides: phantoms from ``make_phantom(kind="metastasis", n=1, seed=11, size_px=(S
 skipped with the reason when absent). When ``--peers-python`` is missing or its worker fails, TIAToolbox is recorded
 as skipped with the reason and ours still runs.
 
-Run (2 cores, about 10 min under load; the 8192 px phantom's TIAToolbox run is most of it):
+DMMN (``bench_dmmn_one``). The shipped ``bundles/dmmn/models/model.pt`` (DMMN-M3, copied first by bench_dmmn.py's
+``snapshot_weights``) on bench_dmmn.py's multi-class phantom (``make_slide``: 0.5 um/px level 0, 2x JPEG levels;
+``--dmmn-sizes``, default 4096), every tile of the stride-256 grid, in two fresh processes, each run under
+bench_dmmn.py's ``measure_child`` wrapper (wall time of the process, peak RSS of its largest process):
+
+(a) Ours: the bundle's own inference (``monai.bundle.run`` of ``configs/inference.json``, what ``python -m
+    monai.bundle run`` calls, as bench_dmmn.py runs it: views read by the "levels" path, padding 0, BatchNorm
+    folded, channels_last), batch 2 and 2 DataLoader workers (the bundle's CPU defaults). Forward hooks count the
+    network's seconds and copy each tile's softmax out (the bundle writes labels only).
+(b) TIAToolbox 2.1.3 ``SemanticSegmentor`` in WSI mode. Its WSI dataset reads ONE resolution, the first of
+    ``input_resolutions`` (``SemanticSegmentor.get_dataloader`` builds a ``WSIPatchDataset`` with
+    ``ioconfig.input_resolutions[0]``; the worker checks this with a three-resolution ``IOSegmentorConfig`` and
+    records the item shape), so DMMN's three concentric views cannot be read at 0.5, 1.0 and 2.0 um/px by the
+    engine. What it can do: read the 5x footprint, 1024 px at 0.5 um/px (``patch_input_shape`` 1024,
+    ``patch_output_shape`` 256, stride 256: its input box is the output box grown by 384 px on every side, the
+    concentric geometry exactly), and derive the 10x and 5x views in the model's ``preproc`` by area averaging
+    (the bundle's "tile" read path, same PIL call). Pixels outside the slide are 255 there (hard-coded in
+    ``WSIPatchDataset``), 0 in the bundle. TorchScript network, batch 2, 2 workers, ``auto_get_mask=False``,
+    probabilities written to zarr.
+
+Both outputs lie on the same 0.5 um/px grid (tile (r, c) covers level-0 pixels [256 r, 256 r + 256) x [256 c,
+256 c + 256) in both), so labels (argmax) and probabilities are compared pixel by pixel without resampling, over
+interior tiles (5x footprint inside the slide) and border tiles apart. At probe tiles (the largest differences and
+spread ones) the causes are split: our "levels" versus "tile" views, padding 0 versus 255, TIAToolbox's pixels
+against ours, its TorchScript result against the eager network, folding, and the residual.
+
+Run (2 cores under load: scannet about 10 min, most of it the 8192 px phantom's TIAToolbox run; dmmn about 10 min):
     ulimit -s 32768; PYTHONPATH=common MPLBACKEND=Agg .venv/bin/python benchmarks/bench_peers.py
 TIAToolbox's interpreter (default ``../peers-venv/bin/python`` beside the repository, or ``--peers-python``):
     python3 -m venv ../peers-venv && ../peers-venv/bin/pip install tiatoolbox==2.1.3
-Smoke run (2048 px phantom only, about 2 min):
+Smoke run (2048 px phantom only, about 2 min; dmmn on a 1024 px phantom, about 3 min under load):
     ... .venv/bin/python benchmarks/bench_peers.py --quick --out /tmp/peers_quick.json
+DMMN alone, keeping the ScanNet section of results/peers.json (about 12 min on the 4096 px phantom under load):
+    ... .venv/bin/python benchmarks/bench_peers.py --bundles dmmn
 """
 
 from __future__ import annotations
@@ -214,6 +246,150 @@ def tiatoolbox_probe_worker(cfg: dict) -> dict[str, Any]:
     return {**calibration_entry(times[1:], len(batch),
                                 f"TorchScript in TIAToolbox's infer_batch, torch {torch.__version__}"),
             "probe_level0_bounds": level0}
+
+
+# ---- DMMN, TIAToolbox side (TIAToolbox's interpreter) -----------------------------------------------------------
+
+# The dmmn bundle's geometry (bundles/dmmn/configs/inference.json; checked against bench_dmmn.py's constants in the
+# project's environment): 256 px views at 0.5, 1.0 and 2.0 um/px around one centre, targets on the stride-256 grid.
+DMMN_MPPS, DMMN_PATCH_PX, DMMN_CLASSES = (0.5, 1.0, 2.0), 256, 6
+DMMN_TILE_PX = round(DMMN_PATCH_PX * DMMN_MPPS[-1] / DMMN_MPPS[0])  # 1024 px at 0.5 um/px: the 5x footprint
+
+
+def dmmn_views_from_tile(tile: np.ndarray) -> np.ndarray:
+    """The three concentric 256 px views (9 channels, 20x first, uint8 HWC) of one 1024 px tile at 0.5 um/px, area
+    averaged exactly as the bundle's "tile" read path (``pathbundles.multimag.read_concentric``: PIL BOX over the
+    centre span of each view). Plain numpy + PIL, so TIAToolbox's ``preproc`` and the probes here share it."""
+    from PIL import Image
+
+    views = []
+    for mpp in DMMN_MPPS:
+        span = DMMN_PATCH_PX * mpp / DMMN_MPPS[0]
+        lo = (tile.shape[0] - span) / 2
+        views.append(np.asarray(Image.fromarray(np.ascontiguousarray(tile[..., :3])).resize(
+            (DMMN_PATCH_PX, DMMN_PATCH_PX), Image.Resampling.BOX, box=(lo, lo, lo + span, lo + span))))
+    return np.concatenate(views, axis=-1)
+
+
+def dmmn_tiatoolbox_model(torchscript: str):
+    """The TorchScript DMMN as a TIAToolbox ``ModelABC`` segmentor: one 1024 px RGB tile at 0.5 um/px in (the only
+    resolution TIAToolbox 2.1.3's WSI engine reads), the three views derived in ``preproc``, class probabilities of
+    the centre 256 px out."""
+    import torch
+    from tiatoolbox.models.models_abc import ModelABC
+
+    class TorchScriptDMMN(ModelABC):
+        """``preproc``: the 20x/10x/5x views of the tile (:func:`dmmn_views_from_tile`), then the bundle's
+        ScaleIntensityRange(0, 255, -1, 1) (MONAI's float32 operations), (256, 256, 9); ``infer_batch``: the network
+        and the softmax over the 6 classes, NHWC, adding up the seconds in the network's forward passes."""
+
+        def __init__(self, path: str) -> None:
+            super().__init__()
+            self.net = torch.jit.load(path, map_location="cpu").eval()
+            self.class_dict = {k: f"class {k + 1}" for k in range(DMMN_CLASSES)}
+            self.seconds, self.calls, self.first_start, self.last_end = 0.0, 0, None, None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        @staticmethod
+        def preproc(image: np.ndarray) -> np.ndarray:
+            return (dmmn_views_from_tile(image).astype(np.float32) - 0.0) / 255.0 * 2.0 + -1.0
+
+        @staticmethod
+        def postproc(image: np.ndarray) -> np.ndarray:
+            return np.argmax(image, axis=-1)
+
+        @staticmethod
+        def infer_batch(model: torch.nn.Module, batch_data: torch.Tensor, *, device: str = "cpu") -> np.ndarray:
+            x = batch_data.to(device=device, dtype=torch.float32).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+            model.eval()
+            with torch.inference_mode():
+                start = time.perf_counter()
+                model.first_start = model.first_start or start
+                logits = model(x)
+                model.last_end = time.perf_counter()
+                model.seconds += model.last_end - start
+                model.calls += 1
+                return torch.softmax(logits.float(), 1).permute(0, 2, 3, 1).cpu().numpy()
+
+    return TorchScriptDMMN(torchscript)
+
+
+def dmmn_tiatoolbox_worker(cfg: dict) -> dict[str, Any]:
+    """TIAToolbox's SemanticSegmentor over the whole slide (every tile of the stride-256 grid, no mask) with the
+    TorchScript DMMN, in this fresh process; writes its result JSON and the probability map (.npy, after timing)."""
+    import torch
+
+    torch.set_num_threads(cfg["threads"])
+    start = time.perf_counter()
+    import zarr
+    from tiatoolbox.models.engine.io_config import IOSegmentorConfig
+    from tiatoolbox.models.engine.semantic_segmentor import SemanticSegmentor
+
+    import_s = time.perf_counter() - start
+    model = dmmn_tiatoolbox_model(cfg["torchscript"])
+    res = {"units": "mpp", "resolution": DMMN_MPPS[0]}
+    ioconfig = IOSegmentorConfig(input_resolutions=[res], output_resolutions=[res],
+                                 patch_input_shape=(DMMN_TILE_PX, DMMN_TILE_PX),
+                                 patch_output_shape=(DMMN_PATCH_PX, DMMN_PATCH_PX),
+                                 stride_shape=(DMMN_PATCH_PX, DMMN_PATCH_PX), save_resolution=res)
+    hwm_before = vm_status_kib("VmHWM")
+    start = time.perf_counter()
+    engine = SemanticSegmentor(model=model, batch_size=cfg["batch"], num_workers=cfg["num_workers"], device="cpu",
+                               verbose=False)
+    out = engine.run(images=[Path(cfg["slide"])], masks=None, patch_mode=False, ioconfig=ioconfig,
+                     save_dir=Path(cfg["save_dir"]), overwrite=True, output_type="zarr", return_probabilities=True,
+                     auto_get_mask=False)
+    total = time.perf_counter() - start
+    hwm = vm_status_kib("VmHWM")
+    dataset = engine.dataloader.dataset
+    result: dict[str, Any] = {
+        "mode": "tiatoolbox", "import_s": import_s, "total_s": total, "network_forward_s": model.seconds,
+        "network_calls": model.calls, "tiles": int(len(dataset.inputs)),
+        "first_forward_after_s": model.first_start - start, "after_last_forward_s": start + total - model.last_end,
+        "vmhwm_before_pipeline_mib": hwm_before / 1024, "vmhwm_mib": hwm / 1024,
+        "num_workers": cfg["num_workers"], "batch_size": cfg["batch"], "threads": torch.get_num_threads(),
+        "input_bounds_first": np.asarray(dataset.inputs[0]).tolist(),
+        "output_bounds_first": np.asarray(dataset.outputs[0]).tolist(),
+        "output": "zarr (probabilities, predictions, coordinates)",
+        "environment": machine_info(("tiatoolbox", "torch", "numpy", "zarr", "dask", "tifffile", "imagecodecs",
+                                     "pillow", "opencv-python"))}
+    # After timing: the probability map for the comparison, and what the engine does with three input resolutions.
+    store = zarr.open(str(next(iter(out.values()))), mode="r")
+    result["zarr_arrays"] = {k: list(store[k].shape) for k in store.array_keys()}
+    np.save(cfg["prob_out"], np.asarray(store["probabilities"], np.float32))
+    three = IOSegmentorConfig(input_resolutions=[{"units": "mpp", "resolution": m} for m in DMMN_MPPS],
+                              output_resolutions=[res], patch_input_shape=(DMMN_PATCH_PX, DMMN_PATCH_PX),
+                              patch_output_shape=(DMMN_PATCH_PX, DMMN_PATCH_PX),
+                              stride_shape=(DMMN_PATCH_PX, DMMN_PATCH_PX), save_resolution=res)
+    probe = SemanticSegmentor(model=model, batch_size=1, num_workers=0, device="cpu", verbose=False)
+    loader = probe.get_dataloader(Path(cfg["slide"]), masks=None, ioconfig=three, patch_mode=False,
+                                  auto_get_mask=False)
+    loader.dataset.preproc_func = None
+    item = loader.dataset[0]
+    result["three_resolution_ioconfig"] = {
+        "input_resolutions_mpp": list(DMMN_MPPS), "dataset_resolution_read": [loader.dataset.resolution,
+                                                                              loader.dataset.units],
+        "item_image_shape": list(np.asarray(item["image"]).shape),
+        "note": "WSIPatchDataset is built with input_resolutions[0] only: one patch per item, at 0.5 um/px"}
+    Path(cfg["result_out"]).write_text(json.dumps(result))
+    return result
+
+
+def dmmn_tiatoolbox_probe_worker(cfg: dict) -> dict[str, Any]:
+    """The 1024 px input tiles TIAToolbox reads at the probe tiles (the same ``read_bounds`` call as its
+    WSIPatchDataset, padding 255)."""
+    from tiatoolbox.wsicore.wsireader import WSIReader
+
+    reader = WSIReader.open(cfg["slide"])
+    margin = (DMMN_TILE_PX - DMMN_PATCH_PX) // 2
+    tiles = [reader.read_bounds([c * DMMN_PATCH_PX - margin, r * DMMN_PATCH_PX - margin,
+                                 c * DMMN_PATCH_PX - margin + DMMN_TILE_PX, r * DMMN_PATCH_PX - margin + DMMN_TILE_PX],
+                                resolution=DMMN_MPPS[0], units="mpp", pad_constant_values=255,
+                                coord_space="resolution")[..., :3] for r, c in cfg["probes_rc"]]
+    np.save(cfg["tiles_out"], np.stack(tiles).astype(np.uint8))
+    return {"reader": type(reader).__name__, "tiles": len(tiles)}
 
 
 def calibration_entry(times: list[float], n_patches: int, runtime: str) -> dict[str, Any]:
@@ -460,6 +636,364 @@ def bench_one(name: str, slide: Path, backend: str, generator: str | None, args:
     return entry
 
 
+# ---- DMMN, project side ----------------------------------------------------------------------------------------
+
+DMMN_CONFIG = REPO / "bundles" / "dmmn" / "configs" / "inference.json"
+
+
+def dmmn_ours_worker(cfg: dict) -> dict[str, Any]:
+    """Ours: the dmmn bundle's own whole-slide inference (``monai.bundle.run`` of configs/inference.json, what
+    ``python -m monai.bundle run`` calls; bench_dmmn.py's command) in this fresh process. Forward hooks, attached
+    to the network right after the bundle's ``PrepareNetworkForInference`` handler has folded it, add up the
+    seconds in the network and append every tile's softmax (float32, dataset order) to ``cfg["prob_out"]`` for the
+    comparison (the bundle itself writes only labels; the copy's seconds are counted apart, ``capture_s``)."""
+    import torch
+
+    torch.set_num_threads(cfg["threads"])
+    start = time.perf_counter()
+    import monai.bundle
+    from pathbundles.inference_network import PrepareNetworkForInference
+
+    import_s = time.perf_counter() - start
+    stats: dict[str, Any] = {"seconds": 0.0, "calls": 0, "items": 0, "capture_s": 0.0, "first": None, "last": None}
+    capture = open(cfg["prob_out"], "wb")  # noqa: SIM115  (closed after the run)
+    original = PrepareNetworkForInference.__call__
+
+    def prepare_then_time(self: Any, engine: Any) -> None:
+        original(self, engine)
+        net = getattr(engine.network, "module", engine.network)
+
+        def before(module: Any, args: Any) -> None:
+            stats["t"] = time.perf_counter()
+            stats["first"] = stats["first"] or stats["t"]
+
+        def after(module: Any, args: Any, output: Any) -> None:
+            stats["last"] = time.perf_counter()
+            stats["seconds"] += stats["last"] - stats["t"]
+            stats["calls"] += 1
+            t0 = time.perf_counter()
+            prob = torch.softmax(output.detach().float(), 1).contiguous().cpu().numpy()
+            capture.write(prob.tobytes())
+            stats["items"] += len(prob)
+            stats["capture_s"] += time.perf_counter() - t0
+
+        net.register_forward_pre_hook(before)
+        net.register_forward_hook(after)
+        stats["network"] = {"class": type(net).__name__, "channels_last": bool(
+            next(net.parameters()).is_contiguous(memory_format=torch.channels_last)),
+            "batchnorms_left": sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())}
+
+    PrepareNetworkForInference.__call__ = prepare_then_time
+    hwm_before = vm_status_kib("VmHWM")
+    start = time.perf_counter()
+    monai.bundle.run(config_file=cfg["config"], data_source=cfg["data_source"], output_dir=cfg["output_dir"],
+                     ckpt_path=cfg["ckpt_path"], batch_size=cfg["batch"], num_workers=cfg["num_workers"],
+                     **cfg.get("overrides", {}))
+    total = time.perf_counter() - start
+    hwm = vm_status_kib("VmHWM")
+    capture.close()
+    result = {"mode": "ours", "import_s": import_s, "total_s": total, "network_forward_s": stats["seconds"],
+              "network_calls": stats["calls"], "tiles": stats["items"], "capture_s": stats["capture_s"],
+              "first_forward_after_s": stats["first"] - start, "after_last_forward_s": start + total - stats["last"],
+              "vmhwm_before_pipeline_mib": hwm_before / 1024, "vmhwm_mib": hwm / 1024,
+              "num_workers": cfg["num_workers"], "batch_size": cfg["batch"], "threads": torch.get_num_threads(),
+              "network": stats.get("network")}
+    Path(cfg["result_out"]).write_text(json.dumps(result))
+    return result
+
+
+def dmmn_networks(weights: str, plain: bool = False) -> dict[str, Any]:
+    """The bundle's network_def with the weights: eager as loaded, and prepared as the bundle runs it (``plain``:
+    as it runs with ``--fold_batchnorm false --channels_last false``)."""
+    import copy
+
+    import torch
+    from monai.bundle import ConfigParser
+    from pathbundles.inference_network import prepare_for_inference
+
+    parser = ConfigParser()
+    parser.read_config(str(DMMN_CONFIG))
+    parser["bundle_root"] = str(DMMN_CONFIG.parents[1])
+    net = parser.get_parsed_content("network_def")
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    net.load_state_dict(state.get("model", state) if isinstance(state.get("model"), dict) else state)
+    net.eval()
+    prepared = prepare_for_inference(copy.deepcopy(net), fold=parser["fold_batchnorm"] and not plain,
+                                     channels_last=parser["channels_last"] and not plain)
+    return {"eager": net, "prepared": prepared}
+
+
+def dmmn_export_torchscript(net: Any, path: Path) -> dict[str, Any]:
+    """Trace the eval-mode eager DMMN (BatchNorm not folded, NCHW) to TorchScript and check it against it."""
+    import torch
+
+    x = torch.rand(2, 3 * 3, DMMN_PATCH_PX, DMMN_PATCH_PX, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(net, x[:1])
+        diff = float((traced(x) - net(x)).abs().max())
+        traced.save(str(path))
+    return {"method": "torch.jit.trace of the eval-mode network (BatchNorm not folded, contiguous NCHW)",
+            "max_abs_logit_diff_vs_eager": diff, "checked_input": list(x.shape)}
+
+
+def dmmn_probs(net: Any, views: np.ndarray) -> np.ndarray:
+    """Softmax (N, 6, 256, 256) of uint8 stacked views (N, 256, 256, 9), the bundle's preprocessing."""
+    import torch
+    from monai.transforms import ScaleIntensityRange
+
+    x = ScaleIntensityRange(0.0, 255.0, -1.0, 1.0)(torch.from_numpy(views.transpose(0, 3, 1, 2).astype(np.float32)))
+    out = []
+    with torch.no_grad():
+        for i in range(len(x)):
+            out.append(torch.softmax(net(torch.as_tensor(x[i:i + 1])).float(), 1).numpy())
+    return np.concatenate(out)
+
+
+def dmmn_compare(ours_prob: np.ndarray, tia_prob: np.ndarray, ours_labels: np.ndarray, grid: tuple[int, int],
+                 interior: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+    """Labels and probabilities of the two pipelines over the whole 0.5 um/px grid, tile row by tile row; the
+    per-tile max abs probability difference (for the probes)."""
+    p = DMMN_PATCH_PX
+    acc = {part: {"pixels": 0, "same": 0, "diff_sum": 0.0, "diff_max": 0.0, "over_0.01": 0}
+           for part in ("all", "interior", "border")}
+    confusion = np.zeros((DMMN_CLASSES + 1, DMMN_CLASSES + 1), np.int64)  # ours label (0..6) x TIAToolbox class+1
+    bundle_vs_capture = 0
+    tile_max = np.zeros(grid, np.float64)
+    for r in range(grid[0]):
+        ours = ours_prob[r * grid[1]:(r + 1) * grid[1]].transpose(0, 2, 3, 1)  # (cols, 256, 256, 6)
+        ours = np.concatenate(list(ours), axis=1)  # (256, cols * 256, 6)
+        h = min(p, tia_prob.shape[0] - r * p, ours_labels.shape[0] - r * p)
+        w = min(ours.shape[1], tia_prob.shape[1], ours_labels.shape[1])
+        ours, tia = ours[:h, :w], np.asarray(tia_prob[r * p:r * p + h, :w])
+        lab_ours, lab_tia = ours_labels[r * p:r * p + h, :w].astype(np.int64), tia.argmax(-1) + 1
+        bundle_vs_capture += int((ours.argmax(-1) + 1 != lab_ours).sum())
+        np.add.at(confusion, (lab_ours.ravel(), lab_tia.ravel()), 1)
+        diff = np.abs(ours - tia).max(-1)
+        for c in range(grid[1]):
+            d, same = diff[:, c * p:(c + 1) * p], lab_ours[:, c * p:(c + 1) * p] == lab_tia[:, c * p:(c + 1) * p]
+            if not d.size:
+                continue
+            tile_max[r, c] = float(d.max())
+            for part in ("all", "interior" if interior[r, c] else "border"):
+                a = acc[part]
+                a["pixels"] += d.size
+                a["same"] += int(same.sum())
+                a["diff_sum"] += float(d.sum())
+                a["diff_max"] = max(a["diff_max"], float(d.max()))
+                a["over_0.01"] += int((d > 0.01).sum())
+    out: dict[str, Any] = {}
+    for part, a in acc.items():
+        n = max(a["pixels"], 1)
+        out[part] = {"pixels": a["pixels"], "tiles": int(interior.size if part == "all" else
+                                                         interior.sum() if part == "interior" else (~interior).sum()),
+                     "same_label_fraction": a["same"] / n, "prob_max_abs_diff": a["diff_max"],
+                     "prob_mean_abs_diff": a["diff_sum"] / n, "pixels_prob_diff_over_0.01": a["over_0.01"]}
+    per_class = {}
+    for k in range(1, DMMN_CLASSES + 1):
+        n = int(confusion[k].sum())
+        per_class[str(k)] = {"pixels_ours": n, "same_in_tiatoolbox": float(confusion[k, k] / n) if n else None}
+    out["per_class_ours"] = per_class
+    out["confusion_ours_rows_tiatoolbox_cols"] = confusion[1:, 1:].tolist()
+    out["bundle_labels_differing_from_captured_argmax"] = bundle_vs_capture
+    return out, tile_max
+
+
+def bench_dmmn_one(size: int, args: argparse.Namespace, cache: Path, work: Path) -> dict[str, Any]:
+    """Both pipelines on one DMMN phantom slide, then agreement and its causes at probe tiles."""
+    import tifffile
+    from bench_dmmn import MPPS, PATCH_PX, make_slide, measure_child
+    from pathbundles.multimag import read_concentric
+    from pathbundles.tissue import tissue_mask
+    from pathbundles.wsi import open_slide
+
+    assert tuple(MPPS) == DMMN_MPPS and PATCH_PX == DMMN_PATCH_PX, "bench_dmmn.py's geometry changed"
+    load_start = list(os.getloadavg())
+    name = f"phantom_mc_{size}"
+    folder = work / name
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    print(f"dmmn: multi-class phantom {size} px ...", flush=True)
+    slide = make_slide(cache, size)
+    with open_slide(slide, backend="tifffile") as s:
+        (w0, h0), mpp0, levels = s.dimensions, float(s.mpp[0]), s.info()["levels"]
+        mask = tissue_mask(s, mpp=8.0)
+    assert abs(mpp0 - DMMN_MPPS[0]) < 1e-6, "the comparison assumes a 0.5 um/px level 0"
+    grid = (-(-h0 // DMMN_PATCH_PX), -(-w0 // DMMN_PATCH_PX))
+    rr, cc = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing="ij")
+    margin = (DMMN_TILE_PX - DMMN_PATCH_PX) // 2  # 384 px: how far the 5x view reaches beyond the target
+    x0, y0 = cc * DMMN_PATCH_PX - margin, rr * DMMN_PATCH_PX - margin  # the 5x footprint's corner
+    interior = (x0 >= 0) & (y0 >= 0) & (x0 + DMMN_TILE_PX <= w0) & (y0 + DMMN_TILE_PX <= h0)
+    tissue_tiles = len(mask.tile_origins(DMMN_PATCH_PX, DMMN_PATCH_PX, DMMN_MPPS[0]))
+    entry: dict[str, Any] = {
+        "name": name, "slide": {"file": slide.name, "generator": f"bench_dmmn.make_slide (pathbundles.phantom."
+                                f"make_multiclass_dataset(n=1, size_px={size}, seed=5, mpp=0.5))",
+                                "level0_size": [w0, h0], "level0_mpp": mpp0, "levels": levels},
+        "tiles": int(grid[0] * grid[1]), "grid": list(grid), "interior_tiles": int(interior.sum()),
+        "tissue_fraction": float(np.mean(np.asarray(mask.mask) != 0)),
+        "tiles_touching_tissue": tissue_tiles, "tiles_touching_tissue_fraction": tissue_tiles / (grid[0] * grid[1]),
+        "tissue_rule": "Otsu tissue mask at 8 um/px (pathbundles.tissue.tissue_mask); both pipelines segment every "
+                       "tile of the grid (the bundle's use_tissue false; TIAToolbox auto_get_mask=False, no mask)",
+        "prepared_s": time.perf_counter() - t0, "load_average_at_start": load_start}
+    print(f"  {w0} x {h0} px, {entry['tiles']} tiles ({entry['interior_tiles']} interior), tissue "
+          f"{100 * entry['tissue_fraction']:.1f} % of the slide", flush=True)
+
+    from bench_dmmn import snapshot_weights as dmmn_snapshot
+    weights, entry["weights"] = dmmn_snapshot(folder)
+    nets = dmmn_networks(str(weights), plain=args.dmmn_plain_network)
+    torchscript = folder / "dmmn_torchscript.pt"
+    entry["torchscript"] = dmmn_export_torchscript(nets["eager"], torchscript)
+    script = Path(__file__).resolve()
+
+    source = folder / "slides"
+    source.mkdir(exist_ok=True)
+    if not (source / slide.name).exists():
+        try:
+            os.link(slide, source / slide.name)
+        except OSError:
+            shutil.copyfile(slide, source / slide.name)
+    cfg = {"config": str(DMMN_CONFIG), "data_source": str(source), "output_dir": str(folder / "out_ours"),
+           "ckpt_path": str(weights), "threads": args.threads, "batch": args.dmmn_batch,
+           "num_workers": args.dmmn_num_workers, "prob_out": str(folder / "prob_ours.f32"),
+           "result_out": str(folder / "result_ours.json"),
+           "overrides": {"fold_batchnorm": False, "channels_last": False} if args.dmmn_plain_network else {}}
+    (folder / "cfg_dmmn_ours.json").write_text(json.dumps(cfg))
+    print("  ours (the bundle's inference, fresh process) ...", flush=True)
+    child = measure_child([sys.executable, str(script), "--worker", "dmmn-ours", str(folder / "cfg_dmmn_ours.json")],
+                          args.dmmn_timeout)
+    if child.get("returncode") != 0:
+        raise RuntimeError(f"ours failed: {child}")
+    ours = json.loads(Path(cfg["result_out"]).read_text())
+    ours.update({"subprocess_wall_s": child["wall_s"], "peak_rss_largest_process_mib": child["peak_rss_mib"],
+                 "pipeline": "python -m monai.bundle run --config_file bundles/dmmn/configs/inference.json (in "
+                             "process: monai.bundle.run), defaults (read_path levels, pad 0, BatchNorm "
+                             + ("NOT folded, NCHW: --fold_batchnorm false --channels_last false" if
+                                args.dmmn_plain_network else "folded, channels_last")
+                             + f") and batch_size {args.dmmn_batch}, num_workers {args.dmmn_num_workers}"})
+    entry["ours"] = ours
+    print(f"  ours        {ours['total_s']:8.1f} s (network {ours['network_forward_s']:.1f} s), {ours['tiles']} "
+          f"tiles, VmHWM {ours['vmhwm_mib']:.0f} MiB, largest process {child['peak_rss_mib']:.0f} MiB", flush=True)
+
+    peers = Path(args.peers_python)
+    if not peers.exists():
+        entry["tiatoolbox"] = {"skipped": f"{peers} does not exist (TIAToolbox's own virtual environment)"}
+        return entry
+    tcfg = {"slide": str(slide), "torchscript": str(torchscript), "threads": args.threads,
+            "batch": args.dmmn_batch, "num_workers": args.dmmn_num_workers, "save_dir": str(folder / "out_tia"),
+            "prob_out": str(folder / "prob_tia.npy"), "result_out": str(folder / "result_tia.json")}
+    (folder / "cfg_dmmn_tia.json").write_text(json.dumps(tcfg))
+    print("  TIAToolbox SemanticSegmentor (fresh process) ...", flush=True)
+    child = measure_child([str(peers), str(script), "--worker", "dmmn-tiatoolbox", str(folder / "cfg_dmmn_tia.json")],
+                          args.dmmn_timeout)
+    if child.get("returncode") != 0:
+        entry["tiatoolbox"] = {"skipped": f"TIAToolbox worker failed: {child}"}
+        print(f"  TIAToolbox failed: {child}", flush=True)
+        return entry
+    tia = json.loads(Path(tcfg["result_out"]).read_text())
+    tia.update({"subprocess_wall_s": child["wall_s"], "peak_rss_largest_process_mib": child["peak_rss_mib"],
+                "pipeline": f"SemanticSegmentor(patch_mode=False, auto_get_mask=False), IOSegmentorConfig(input and "
+                            f"output 0.5 mpp, patch_input_shape {DMMN_TILE_PX}, patch_output_shape {DMMN_PATCH_PX}, "
+                            f"stride {DMMN_PATCH_PX}), views derived in the model's preproc, TorchScript network, "
+                            f"batch {args.dmmn_batch}, num_workers {args.dmmn_num_workers}, return_probabilities"})
+    entry["tiatoolbox"] = tia
+    print(f"  TIAToolbox  {tia['total_s']:8.1f} s (network {tia['network_forward_s']:.1f} s), {tia['tiles']} "
+          f"tiles, VmHWM {tia['vmhwm_mib']:.0f} MiB, largest process {child['peak_rss_mib']:.0f} MiB", flush=True)
+    entry["ratios_tiatoolbox_over_ours"] = {
+        "pipeline_s": tia["total_s"] / ours["total_s"],
+        "subprocess_wall_s": tia["subprocess_wall_s"] / ours["subprocess_wall_s"],
+        "network_s": tia["network_forward_s"] / ours["network_forward_s"],
+        "peak_rss_largest_process": tia["peak_rss_largest_process_mib"] / ours["peak_rss_largest_process_mib"],
+        "vmhwm_main_process": tia["vmhwm_mib"] / ours["vmhwm_mib"]}
+
+    # Agreement over the whole grid at 0.5 um/px (both outputs are on it: tile (r, c) covers pixels
+    # [256 r, 256 r + 256) x [256 c, 256 c + 256) of level 0 in both, no resampling of either map).
+    ours_prob = np.memmap(cfg["prob_out"], np.float32, "r").reshape(-1, DMMN_CLASSES, DMMN_PATCH_PX, DMMN_PATCH_PX)
+    tia_prob = np.load(tcfg["prob_out"], mmap_mode="r")
+    labels_tif = next((folder / "out_ours" / "labels").glob("*.tif"))
+    ours_labels = tifffile.imread(labels_tif, level=0)
+    if len(ours_prob) != grid[0] * grid[1]:
+        raise RuntimeError(f"captured {len(ours_prob)} tiles, expected {grid[0] * grid[1]}")
+    agreement, tile_max = dmmn_compare(ours_prob, tia_prob, ours_labels, grid, interior)
+    agreement.update({
+        "compared_at": "0.5 um/px (level 0 of this phantom, the 20x target grid of both pipelines): ours' label map "
+                       "(level 0 of labels/<slide>.tif) and captured softmax, TIAToolbox's zarr probabilities and "
+                       "their argmax; no resampling, the two grids coincide (both anchored at (0, 0), stride 256)",
+        "shapes": {"ours_labels": list(ours_labels.shape), "tiatoolbox_probabilities": list(tia_prob.shape)},
+        "border_rule": f"a border tile's 5x footprint ({DMMN_TILE_PX} px at 0.5 um/px round the target) reaches "
+                       "beyond the slide, where ours pads 0 (the bundle's pad_value) and TIAToolbox 255"})
+    entry["agreement"] = agreement
+
+    # Causes, at probe tiles: the pixels each pipeline feeds and the network each runs.
+    flat = np.argsort(-tile_max, axis=None, kind="stable")
+    inner, outer = flat[interior.ravel()[flat]], flat[~interior.ravel()[flat]]
+    spread = np.linspace(0, grid[0] * grid[1] - 1, args.dmmn_probes_spread).astype(int)
+    picks = np.unique(np.concatenate([inner[:args.dmmn_probes_largest], outer[:args.dmmn_probes_largest // 2],
+                                      spread]))
+    probes = [[int(i // grid[1]), int(i % grid[1])] for i in picks]
+    pcfg = {"slide": str(slide), "probes_rc": probes, "tiles_out": str(folder / "probe_tiles.npy")}
+    probe, error, _ = run_subprocess(str(peers), script, "dmmn-tiatoolbox-probe", pcfg, folder)
+    causes: dict[str, Any] = {"tiles": probes, "interior": [bool(interior[r, c]) for r, c in probes]}
+    if probe is None:
+        causes["error"] = error
+    else:
+        tia_tiles = np.load(pcfg["tiles_out"])
+        views_tia = np.stack([dmmn_views_from_tile(t) for t in tia_tiles])
+        views = {}
+        with open_slide(slide, backend="tifffile") as s:
+            for key, path, pad in (("levels_pad0", "levels", 0), ("tile_pad0", "tile", 0), ("tile_pad255", "tile",
+                                                                                               255)):
+                views[key] = np.stack([np.concatenate(read_concentric(
+                    s, ((c + 0.5) * DMMN_PATCH_PX, (r + 0.5) * DMMN_PATCH_PX), DMMN_MPPS, DMMN_PATCH_PX, path, pad),
+                    axis=-1) for r, c in probes])
+        prep, eager = nets["prepared"], nets["eager"]
+        p = {k: dmmn_probs(prep, v) for k, v in views.items()}
+        p_tia_eager, p_tia_prep = dmmn_probs(eager, views_tia), dmmn_probs(prep, views_tia)
+        idx = [r * grid[1] + c for r, c in probes]
+        captured = np.asarray(ours_prob[idx])
+        tia_at = np.stack([np.asarray(tia_prob[r * DMMN_PATCH_PX:(r + 1) * DMMN_PATCH_PX,
+                                               c * DMMN_PATCH_PX:(c + 1) * DMMN_PATCH_PX]).transpose(2, 0, 1)
+                           for r, c in probes])
+        pix = np.abs(views_tia.astype(np.int16) - views["tile_pad255"].astype(np.int16))
+        lv = np.abs(views["levels_pad0"].astype(np.int16) - views["tile_pad0"].astype(np.int16))
+        inside = np.asarray(causes["interior"])
+
+        def mx(a: np.ndarray, b: np.ndarray, sel: np.ndarray | None = None) -> float | None:
+            d = np.abs(a - b) if sel is None else np.abs(a[sel] - b[sel])
+            return float(d.max()) if d.size else None
+
+        def same(a: np.ndarray, b: np.ndarray) -> float:
+            return float(np.mean(a.argmax(1) == b.argmax(1)))
+
+        causes.update({
+            "ours_reconstructed_vs_captured_max": mx(p["levels_pad0"], captured),
+            "tiatoolbox_pixels_vs_our_tile_read_pad255_max_grey": int(pix.max()),
+            "read_path_levels_vs_tile_view_mean_abs_grey_per_view": [float(lv[..., 3 * k:3 * k + 3].mean())
+                                                                     for k in range(3)],
+            "read_path_prob_max_abs_diff": mx(p["levels_pad0"], p["tile_pad0"]),
+            "read_path_prob_max_abs_diff_interior": mx(p["levels_pad0"], p["tile_pad0"], inside),
+            "padding_prob_max_abs_diff_border": mx(p["tile_pad0"], p["tile_pad255"], ~inside),
+            "padding_prob_max_abs_diff_interior": mx(p["tile_pad0"], p["tile_pad255"], inside),
+            "runtime_prob_max_abs_diff": mx(p_tia_eager, tia_at),
+            "folding_channels_last_prob_max_abs_diff": mx(p_tia_prep, p_tia_eager),
+            "read_path_same_label_fraction": same(p["levels_pad0"], p["tile_pad0"]),
+            "padding_same_label_fraction_border": same(p["tile_pad0"][~inside], p["tile_pad255"][~inside])
+            if (~inside).any() else None,
+            "residual_prob_max_abs_diff": mx(p["tile_pad255"], tia_at),
+            "residual_same_label_fraction": same(p["tile_pad255"], tia_at),
+            "probes_total_prob_max_abs_diff": mx(captured, tia_at),
+            "probes_total_same_label_fraction": same(captured, tia_at),
+            "probes_total_prob_max_abs_diff_interior": mx(captured, tia_at, inside),
+            "note": "read path: ours' 'levels' views (stored 1.0 / 2.0 um/px JPEG levels) versus the 'tile' views "
+                    "(area means of level 0, what TIAToolbox's single 0.5 um/px read allows) through the prepared "
+                    "network; padding: pad 0 versus 255 with the 'tile' views; runtime: TIAToolbox's pixels through "
+                    "the eager network here versus its TorchScript result; folding: the bundle's folded "
+                    "channels_last network versus the eager one on the same pixels; residual: ours' network on "
+                    "our 'tile' views padded 255 versus TIAToolbox's result (all but the two input choices)"})
+    agreement["probes"] = causes
+    entry["load_average_at_end"] = list(os.getloadavg())
+    return entry
+
+
 def print_table(report: dict[str, Any]) -> None:
     print(f"\n{'slide':22s} {'pipeline':11s} {'wall s':>8s} {'net s':>8s} {'VmHWM MiB':>10s} {'positions':>10s} "
           f"{'max|dp|':>9s} {'ratio':>7s}")
@@ -484,12 +1018,104 @@ def print_table(report: dict[str, Any]) -> None:
 # ---- main ------------------------------------------------------------------------------------------------------
 
 
+def print_dmmn_table(section: dict[str, Any]) -> None:
+    print(f"\n{'dmmn slide':22s} {'pipeline':11s} {'wall s':>8s} {'net s':>8s} {'peak MiB':>9s} {'VmHWM':>7s} "
+          f"{'same lbl':>9s} {'max|dp|':>9s} {'ratio':>7s}")
+    for e in section["slides"]:
+        o, tia, a = e["ours"], e.get("tiatoolbox", {}), e.get("agreement", {})
+        print(f"{e['name']:22s} {'ours':11s} {o['total_s']:8.1f} {o['network_forward_s']:8.1f} "
+              f"{o['peak_rss_largest_process_mib']:9.0f} {o['vmhwm_mib']:7.0f} {'':>9s} {'':>9s} {'1.0':>7s}")
+        if "skipped" in tia:
+            print(f"{'':22s} TIAToolbox skipped: {tia['skipped'][:200]}")
+            continue
+        print(f"{'':22s} {'TIAToolbox':11s} {tia['total_s']:8.1f} {tia['network_forward_s']:8.1f} "
+              f"{tia['peak_rss_largest_process_mib']:9.0f} {tia['vmhwm_mib']:7.0f} "
+              f"{a['all']['same_label_fraction']:9.5f} {a['all']['prob_max_abs_diff']:9.2e} "
+              f"{e['ratios_tiatoolbox_over_ours']['pipeline_s']:7.2f}")
+        for part in ("interior", "border"):
+            print(f"{'':22s}   {part:9s} tiles {a[part]['tiles']:5d}: same label {a[part]['same_label_fraction']:.5f}, "
+                  f"max |dp| {a[part]['prob_max_abs_diff']:.2e}, mean {a[part]['prob_mean_abs_diff']:.2e}")
+        pr = a.get("probes", {})
+        if "error" not in pr:
+            print(f"{'':22s}   probes: read path {pr.get('read_path_prob_max_abs_diff')}, padding (border) "
+                  f"{pr.get('padding_prob_max_abs_diff_border')}, runtime {pr.get('runtime_prob_max_abs_diff')}, "
+                  f"folding {pr.get('folding_channels_last_prob_max_abs_diff')}")
+
+
+def load_sections(path: Path) -> dict[str, Any]:
+    """The per-bundle sections of an existing results file (the first format, one ScanNet report, is scannet's)."""
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    if "bundles" in old:
+        return old["bundles"]
+    return {"scannet": old} if old.get("benchmark") == "bench_peers" else {}
+
+
+def run_scannet(args: argparse.Namespace, work: Path, cache: Path, section: dict[str, Any], write: Any) -> None:
+    """ScanNet: the shipped network over phantoms and the SVS through PatchPredictor and through ours."""
+    from bench_scannet import LEVEL0_MPP, SLIDE_SEED
+    from pathbundles.phantom import make_phantom
+
+    sizes = [int(s) for s in (("2048" if args.quick else "8192") if args.sizes is None else args.sizes).split(",") if s]
+    section["settings"] = {"threads": args.threads, "lp": args.lp, "alpha": 1, "ours_batch_rois": 1,
+                           "tiatoolbox_patch_batch": args.patch_batch, "num_workers": args.num_workers,
+                           "scan_mpp": 1.0, "stride_px": 32, "patch_px": 244, "tissue_mpp": 8.0}
+    section["slides"] = []
+    weights, section["weights"] = snapshot_weights(work)
+    torchscript = work / "scannet_torchscript.pt"
+    section["torchscript"] = export_torchscript(weights, torchscript)
+    section["calibration_project_env"] = calibrate_here(weights, torchscript, calibration_patches(CALIBRATION_PATCHES),
+                                                        args.repeats)
+    for size in sizes:
+        folder = cache / f"phantom_metastasis_{size}_seed{SLIDE_SEED}"
+        path = folder / "phantom_tumor_000.tif"
+        if not path.exists():
+            t0 = time.perf_counter()
+            print(f"generating the {size} px phantom ...", flush=True)
+            make_phantom(folder, kind="metastasis", n=1, seed=SLIDE_SEED, size_px=(size, size), mpp=LEVEL0_MPP)
+            print(f"  {time.perf_counter() - t0:.0f} s", flush=True)
+        generator = (f"pathbundles.phantom.make_phantom(kind='metastasis', n=1, seed={SLIDE_SEED}, "
+                     f"size_px=({size}, {size}), mpp={LEVEL0_MPP})")
+        section["slides"].append(bench_one(f"phantom_{size}", path, "tifffile", generator, args, weights,
+                                           torchscript, work))
+        write()
+    skipped = ("--quick" if args.quick else "--skip-svs" if args.skip_svs
+               else None if args.svs.exists() else f"{args.svs} does not exist")
+    if skipped:
+        section["slides"].append({"name": args.svs.name, "skipped": skipped})
+    else:
+        section["slides"].append(bench_one(args.svs.name, args.svs, "openslide", None, args, weights, torchscript,
+                                           work))
+
+
+def run_dmmn(args: argparse.Namespace, work: Path, cache: Path, section: dict[str, Any], write: Any) -> None:
+    """DMMN: the shipped network over multi-class phantoms through SemanticSegmentor and through the bundle."""
+    sizes = [int(s) for s in (("1024" if args.quick else "4096") if args.dmmn_sizes is None
+                              else args.dmmn_sizes).split(",") if s]
+    section["settings"] = {"threads": args.threads, "batch_size": args.dmmn_batch,
+                           "ours_network": "plain (BatchNorm not folded, NCHW)" if args.dmmn_plain_network else
+                           "the bundle's default: BatchNorm folded, channels_last",
+                           "tiatoolbox_network": "TorchScript trace of the plain network (BatchNorm not folded, NCHW)",
+                           "num_workers": args.dmmn_num_workers, "mpps": list(DMMN_MPPS), "patch_px": DMMN_PATCH_PX,
+                           "stride_px": DMMN_PATCH_PX, "tiatoolbox_input_px": DMMN_TILE_PX, "sizes": sizes}
+    section["slides"] = []
+    for size in sizes:
+        section["slides"].append(bench_dmmn_one(size, args, cache, work))
+        write()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: one 2048 px phantom, no SVS (2-3 min)")
+    parser.add_argument("--bundles", default="scannet,dmmn", help="bundles to run, comma separated (scannet, dmmn; "
+                                                                  "default both); the sections of the others in "
+                                                                  "--out are kept as they are")
+    parser.add_argument("--fresh", action="store_true", help="drop the other bundles' sections of --out")
+    parser.add_argument("--quick", action="store_true", help="smoke run: one 2048 px phantom, no SVS (scannet), "
+                                                             "one 1024 px phantom (dmmn)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "peers.json")
-    parser.add_argument("--sizes", default=None, help="phantom level-0 sizes in px at 0.5 um/px, comma separated "
-                                                      "(default 8192; --quick 2048)")
+    parser.add_argument("--sizes", default=None, help="scannet: phantom level-0 sizes in px at 0.5 um/px, comma "
+                                                      "separated (default 8192; --quick 2048)")
     parser.add_argument("--svs", type=Path, default=DEFAULT_SVS, help="a real slide (default CMU-1-Small-Region)")
     parser.add_argument("--skip-svs", action="store_true", help="leave the real slide out")
     parser.add_argument("--peers-python", default=str(DEFAULT_PEERS_PYTHON),
@@ -497,79 +1123,76 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every pipeline (default 2)")
     parser.add_argument("--lp", type=int, default=24, help="ScanNet output tile per ROI, ours (default 24, the "
                                                            "bundle's CPU value)")
-    parser.add_argument("--patch-batch", type=int, default=64, help="patches per forward pass, TIAToolbox")
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers of both pipelines")
+    parser.add_argument("--patch-batch", type=int, default=64, help="patches per forward pass, TIAToolbox (scannet)")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers of both pipelines (scannet)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the patch-classifier calibration")
+    parser.add_argument("--dmmn-sizes", default=None, help="dmmn: multi-class phantom sides in px at 0.5 um/px, comma "
+                                                           "separated (default 4096; --quick 1024)")
+    parser.add_argument("--dmmn-batch", type=int, default=2, help="dmmn: tiles per forward pass of both pipelines "
+                                                                  "(default 2, the bundle's CPU value)")
+    parser.add_argument("--dmmn-num-workers", type=int, default=2, help="dmmn: DataLoader workers of both pipelines "
+                                                                        "(default 2, the bundle's)")
+    parser.add_argument("--dmmn-plain-network", action="store_true",
+                        help="dmmn: run ours with --fold_batchnorm false --channels_last false, the same plain "
+                             "network as TIAToolbox's TorchScript (default: the bundle's folded channels_last one)")
+    parser.add_argument("--dmmn-timeout", type=float, default=3600.0, help="dmmn: seconds per pipeline run")
+    parser.add_argument("--dmmn-probes-largest", type=int, default=6, help="dmmn: interior probe tiles with the "
+                                                                           "largest differences (and half as many "
+                                                                           "border ones)")
+    parser.add_argument("--dmmn-probes-spread", type=int, default=6, help="dmmn: probe tiles spread over the grid")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where phantoms are generated (default: a "
                                                                      "temporary folder)")
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "CFG"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         mode, cfg_path = args.worker
-        worker = {"tiatoolbox": tiatoolbox_worker, "tiatoolbox-probe": tiatoolbox_probe_worker}[mode]
+        worker = {"tiatoolbox": tiatoolbox_worker, "tiatoolbox-probe": tiatoolbox_probe_worker,
+                  "dmmn-tiatoolbox": dmmn_tiatoolbox_worker, "dmmn-tiatoolbox-probe": dmmn_tiatoolbox_probe_worker,
+                  "dmmn-ours": dmmn_ours_worker}[mode]
         print(json.dumps(worker(json.loads(Path(cfg_path).read_text()))))
         return
 
     import torch
 
-    from bench_scannet import LEVEL0_MPP, SLIDE_SEED
     from pathbundles.atomic import atomic_path
-    from pathbundles.phantom import make_phantom
 
     torch.set_num_threads(args.threads)
-    sizes = [int(s) for s in (("2048" if args.quick else "8192") if args.sizes is None else args.sizes).split(",") if s]
-    load_start = list(os.getloadavg())
+    bundles = [b for b in args.bundles.split(",") if b]
+    unknown = set(bundles) - {"scannet", "dmmn"}
+    if unknown:
+        parser.error(f"unknown bundles {sorted(unknown)}: expected scannet, dmmn")
+    sections = {} if args.fresh else {k: v for k, v in load_sections(args.out).items() if k not in bundles}
+    report: dict[str, Any] = {"benchmark": "bench_peers", "bundles": sections,
+                              "note": "one section per bundle, each with its own date, command, machine and load"}
     started = time.perf_counter()
-    report: dict[str, Any] = {
-        "benchmark": "bench_peers", "quick": args.quick, "complete": False,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": sys.argv[1:] if argv is None else argv, "load_average_at_start": load_start,
-        "machine": machine_info(("torch", "monai", "numpy", "openslide-python", "tifffile", "pillow")),
-        "settings": {"threads": args.threads, "lp": args.lp, "alpha": 1, "ours_batch_rois": 1,
-                     "tiatoolbox_patch_batch": args.patch_batch, "num_workers": args.num_workers,
-                     "scan_mpp": 1.0, "stride_px": 32, "patch_px": 244, "tissue_mpp": 8.0},
-        "slides": []}
 
     def write() -> None:
-        report["benchmark_wall_s"] = time.perf_counter() - started
+        report["updated"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         with atomic_path(args.out) as tmp_out:
             tmp_out.write_text(json.dumps(report, indent=2) + "\n")
 
+    runners = {"scannet": run_scannet, "dmmn": run_dmmn}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         cache = args.cache_dir or work
         cache.mkdir(parents=True, exist_ok=True)
-        weights, report["weights"] = snapshot_weights(work)
-        torchscript = work / "scannet_torchscript.pt"
-        report["torchscript"] = export_torchscript(weights, torchscript)
-        report["calibration_project_env"] = calibrate_here(weights, torchscript,
-                                                           calibration_patches(CALIBRATION_PATCHES), args.repeats)
-        for size in sizes:
-            folder = cache / f"phantom_metastasis_{size}_seed{SLIDE_SEED}"
-            path = folder / "phantom_tumor_000.tif"
-            if not path.exists():
-                t0 = time.perf_counter()
-                print(f"generating the {size} px phantom ...", flush=True)
-                make_phantom(folder, kind="metastasis", n=1, seed=SLIDE_SEED, size_px=(size, size), mpp=LEVEL0_MPP)
-                print(f"  {time.perf_counter() - t0:.0f} s", flush=True)
-            generator = (f"pathbundles.phantom.make_phantom(kind='metastasis', n=1, seed={SLIDE_SEED}, "
-                         f"size_px=({size}, {size}), mpp={LEVEL0_MPP})")
-            report["slides"].append(bench_one(f"phantom_{size}", path, "tifffile", generator, args, weights,
-                                              torchscript, work))
+        for bundle in bundles:
+            t0 = time.perf_counter()
+            section: dict[str, Any] = {
+                "benchmark": "bench_peers", "bundle": bundle, "quick": args.quick, "complete": False,
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "command": sys.argv[1:] if argv is None else argv, "load_average_at_start": list(os.getloadavg()),
+                "machine": machine_info(("torch", "monai", "numpy", "openslide-python", "tifffile", "pillow"))}
+            report["bundles"][bundle] = section
+            (work / bundle).mkdir(exist_ok=True)
+            runners[bundle](args, work / bundle, cache, section, write)
+            section["complete"] = True
+            section["load_average_at_end"] = list(os.getloadavg())
+            section["benchmark_wall_s"] = time.perf_counter() - t0
             write()
-        skipped = ("--quick" if args.quick else "--skip-svs" if args.skip_svs
-                   else None if args.svs.exists() else f"{args.svs} does not exist")
-        if skipped:
-            report["slides"].append({"name": args.svs.name, "skipped": skipped})
-        else:
-            report["slides"].append(bench_one(args.svs.name, args.svs, "openslide", None, args, weights, torchscript,
-                                              work))
-    report["complete"] = True
-    report["load_average_at_end"] = list(os.getloadavg())
-    write()
-    print_table(report)
-    print(f"\nload average start {load_start} end {report['load_average_at_end']}; "
-          f"{report['benchmark_wall_s']:.0f} s; wrote {args.out}", flush=True)
+    for bundle in bundles:
+        (print_table if bundle == "scannet" else print_dmmn_table)(report["bundles"][bundle])
+    print(f"\n{time.perf_counter() - started:.0f} s; wrote {args.out}", flush=True)
 
 
 if __name__ == "__main__":
