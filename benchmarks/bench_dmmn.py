@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import resource
@@ -76,7 +75,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "common"))
 
-from machine import cpu_bf16_flags, machine_info  # noqa: E402  (benchmarks/machine.py, the script's own folder)
+from machine import cpu_bf16_flags, machine_info, snapshot_file  # noqa: E402  (benchmarks/machine.py, the script's own folder)
 import numpy as np  # noqa: E402
 
 from pathbundles.atomic import atomic_path  # noqa: E402
@@ -365,11 +364,7 @@ def snapshot_weights(tmp: Path) -> tuple[Path, str]:
     """
     weights = tmp / "dmmn_model.pt"
     if SHIPPED_MODEL.exists():
-        shutil.copyfile(SHIPPED_MODEL, weights)
-        digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
-        mtime = datetime.datetime.fromtimestamp(SHIPPED_MODEL.stat().st_mtime, datetime.timezone.utc)
-        return weights, (f"{SHIPPED_MODEL.relative_to(REPO)} (sha256 {digest}..., modified "
-                         f"{mtime.isoformat(timespec='seconds')})")
+        return weights, snapshot_file(SHIPPED_MODEL, weights)
     import torch
     from monai.bundle import ConfigParser
 

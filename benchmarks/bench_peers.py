@@ -80,7 +80,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -98,7 +97,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "common"))
 
-from machine import machine_info, vm_status_kib  # noqa: E402  (benchmarks/machine.py, stdlib only: both venvs)
+from machine import machine_info, snapshot_file, vm_status_kib  # noqa: E402  (benchmarks/machine.py, stdlib only: both venvs)
 
 # This module is also run by TIAToolbox's interpreter (--worker tiatoolbox...), which has no MONAI and no
 # pathbundles dependencies: everything from the project (bench_scannet, pathbundles) is imported inside the
@@ -407,11 +406,7 @@ def snapshot_weights(folder: Path) -> tuple[str, str]:
     if not SHIPPED_MODEL.exists():
         raise SystemExit(f"{SHIPPED_MODEL} is missing: this benchmark compares the shipped network")
     weights = folder / "model.pt"
-    shutil.copyfile(SHIPPED_MODEL, weights)
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
-    mtime = datetime.datetime.fromtimestamp(SHIPPED_MODEL.stat().st_mtime, datetime.timezone.utc)
-    return str(weights), (f"{SHIPPED_MODEL.relative_to(REPO)} (sha256 {digest}..., modified "
-                          f"{mtime.isoformat(timespec='seconds')})")
+    return str(weights), snapshot_file(SHIPPED_MODEL, weights)
 
 
 def export_torchscript(weights: str, path: Path) -> dict[str, Any]:

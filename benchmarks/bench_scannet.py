@@ -19,7 +19,7 @@ Three measurements (see benchmarks/README.md for the numbers and the machine):
    as a fraction of the machine's measured float32 matmul peak (2048 x 2048 torch.matmul, median of repeats).
 
 Run (2 cores, 10-15 min): cd /work/main && .venv/bin/python benchmarks/bench_scannet.py
-Smoke run (1-2 min):   cd /work/main && .venv/bin/python benchmarks/bench_scannet.py --quick --out /tmp/scannet_quick.json
+Smoke run (1-2 min):   .venv/bin/python benchmarks/bench_scannet.py --quick --out /tmp/scannet_quick.json
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "common"))
 
-from machine import machine_info, matmul_peak, median_time, vm_status_kib  # noqa: E402  (benchmarks/machine.py, the script's own folder)
+from machine import (machine_info, matmul_peak, median_time, snapshot_file,  # noqa: E402  (the script's folder)
+                     vm_status_kib)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -470,16 +471,8 @@ def main(argv: list[str] | None = None) -> None:
             cache = args.cache_dir or Path(tmp)
             cache.mkdir(parents=True, exist_ok=True)
             if SHIPPED_MODEL.exists():
-                # A snapshot: training may rewrite the shipped file while the benchmark runs.
-                import hashlib
-                import shutil
-
                 weights = str(Path(tmp) / "model.pt")
-                shutil.copyfile(SHIPPED_MODEL, weights)
-                digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
-                mtime = datetime.datetime.fromtimestamp(SHIPPED_MODEL.stat().st_mtime, datetime.timezone.utc)
-                label = (f"{SHIPPED_MODEL.relative_to(REPO)} (sha256 {digest}..., modified "
-                         f"{mtime.isoformat(timespec='seconds')})")
+                label = snapshot_file(SHIPPED_MODEL, Path(weights))
             else:
                 weights = str(Path(tmp) / "random_demo_scannet.pt")
                 label = "random demo-width ScanNet (make_net seed 0; no bundles/scannet/models/model.pt yet)"

@@ -46,10 +46,8 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
-import hashlib
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -61,7 +59,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "common"))
 
-from machine import machine_info, matmul_peak, median_time, sync, vm_status_kib  # noqa: E402  (benchmarks/machine.py, the script's own folder)
+from machine import (machine_info, matmul_peak, median_time, snapshot_file, sync,  # noqa: E402  (the script's folder)
+                     vm_status_kib)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -423,11 +422,7 @@ def snapshot_weights(tmp: Path) -> tuple[str | None, str | None]:
     if not SHIPPED_MODEL.exists():
         return None, None
     weights = tmp / "segmitos_model.pt"
-    shutil.copyfile(SHIPPED_MODEL, weights)
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
-    mtime = datetime.datetime.fromtimestamp(SHIPPED_MODEL.stat().st_mtime, datetime.timezone.utc)
-    return str(weights), (f"{SHIPPED_MODEL.relative_to(REPO)} (sha256 {digest}..., modified "
-                          f"{mtime.isoformat(timespec='seconds')})")
+    return str(weights), snapshot_file(SHIPPED_MODEL, weights)
 
 
 # ---- output ----------------------------------------------------------------------------------------------------

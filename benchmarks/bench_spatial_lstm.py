@@ -59,10 +59,8 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -73,7 +71,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "common"))
 
-from machine import machine_info, matmul_peak, median_time, vm_status_kib  # noqa: E402  (benchmarks/machine.py, the script's own folder)
+from machine import (machine_info, matmul_peak, median_time, snapshot_file,  # noqa: E402  (the script's folder)
+                     vm_status_kib)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -152,11 +151,7 @@ def snapshot_weights(bundle: str, tmp: Path) -> tuple[str | None, str | None]:
     if not source.exists():
         return None, None
     weights = tmp / f"{bundle}_model.pt"
-    shutil.copyfile(source, weights)
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
-    mtime = datetime.datetime.fromtimestamp(source.stat().st_mtime, datetime.timezone.utc)
-    return str(weights), (f"{source.relative_to(REPO)} (sha256 {digest}..., modified "
-                          f"{mtime.isoformat(timespec='seconds')})")
+    return str(weights), snapshot_file(source, weights)
 
 
 def conv_macs(net: nn.Module, call: str, shape: tuple[int, ...]) -> int:

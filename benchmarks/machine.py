@@ -1,16 +1,22 @@
-"""What every benchmark records about the machine it ran on (CPU model, cores, platform, library versions), and the
-timing and memory helpers every benchmark measures with. torch is imported by the helpers that need it."""
+"""What every benchmark records about the machine it ran on (CPU model, cores, platform, library versions) and the
+weights it ran, and the timing and memory helpers every benchmark measures with. torch is imported by the helpers
+that need it."""
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import importlib.metadata
 import os
 import platform
+import shutil
 import statistics
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def cpuinfo_field(key: str) -> str | None:
@@ -45,6 +51,17 @@ def machine_info(distributions: Iterable[str] = ()) -> dict[str, Any]:
             continue
     return {"platform": platform.platform(), "cpu": cpu_model(), "cores": os.cpu_count(),
             "python": platform.python_version(), "versions": versions}
+
+
+def snapshot_file(source: Path, copy: Path) -> str:
+    """Copy a bundle's shipped weights to ``copy`` (training may rewrite the shipped file while a benchmark runs) and
+    return the label every result names them by: the path in the repository, the copy's sha256 prefix and the
+    shipped file's modification time (UTC)."""
+    shutil.copyfile(source, copy)
+    digest = hashlib.sha256(Path(copy).read_bytes()).hexdigest()[:16]
+    mtime = datetime.datetime.fromtimestamp(Path(source).stat().st_mtime, datetime.timezone.utc)
+    return (f"{Path(source).resolve().relative_to(REPO)} (sha256 {digest}..., modified "
+            f"{mtime.isoformat(timespec='seconds')})")
 
 
 def vm_status_kib(key: str) -> int:
