@@ -113,29 +113,30 @@ PROBES_LARGEST, PROBES_SPREAD, CALIBRATION_PATCHES = 8, 8, 16
 # ---- TIAToolbox side (TIAToolbox's interpreter) ----------------------------------------------------------------
 
 
-def tiatoolbox_model(torchscript: str):
-    """The TorchScript ScanNet as a TIAToolbox ``ModelABC`` patch classifier (preproc, infer_batch, postproc)."""
+def tiatoolbox_model(torchscript: str, class_names: list[str], views: Any = None, per_pixel: bool = False):
+    """A TorchScript network as a TIAToolbox ``ModelABC``: uint8 RGB input (H, W, 3), class probabilities out.
+
+    ``preproc``: ``views`` of the input if given (DMMN's three views of one tile, :func:`dmmn_views_from_tile`),
+    then the bundle's ScaleIntensityRange(0, 255, -1, 1) with MONAI's float32 operations. ``infer_batch``: the network
+    and the softmax over the classes, (N, C) for a patch classifier (ScanNet's 1 x 1 output) or NHWC with
+    ``per_pixel`` (a segmentor); it adds up the seconds spent in the network's forward passes (``seconds``,
+    ``calls``, ``first_start``, ``last_end``)."""
     import torch
     from tiatoolbox.models.models_abc import ModelABC
 
-    class TorchScriptPatchClassifier(ModelABC):
-        """A TorchScript patch classifier: uint8 RGB patches (H, W, 3) in, tumour probabilities out.
-
-        ``preproc`` is the bundle's ScaleIntensityRange(0, 255, -1, 1) with MONAI's float32 operations;
-        ``infer_batch`` returns the softmax over the classes, (N, 2), and adds up the seconds spent in the network's
-        forward passes (``seconds``, ``calls``)."""
-
+    class TimedTorchScript(ModelABC):
         def __init__(self, path: str) -> None:
             super().__init__()
             self.net = torch.jit.load(path, map_location="cpu").eval()
-            self.class_dict = {0: "normal", 1: "tumour"}
-            self.seconds, self.calls = 0.0, 0
+            self.class_dict = dict(enumerate(class_names))
+            self.seconds, self.calls, self.first_start, self.last_end = 0.0, 0, None, None
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.net(x)
 
         @staticmethod
         def preproc(image: np.ndarray) -> np.ndarray:
+            image = views(image) if views is not None else image
             return (image.astype(np.float32) - 0.0) / 255.0 * 2.0 + -1.0
 
         @staticmethod
@@ -148,12 +149,18 @@ def tiatoolbox_model(torchscript: str):
             model.eval()
             with torch.inference_mode():
                 start = time.perf_counter()
+                model.first_start = model.first_start or start
                 logits = model(x)
-                model.seconds += time.perf_counter() - start
+                model.last_end = time.perf_counter()
+                model.seconds += model.last_end - start
                 model.calls += 1
-                return torch.softmax(logits.float(), 1)[:, :, 0, 0].cpu().numpy()
+                prob = torch.softmax(logits.float(), 1)
+                return (prob.permute(0, 2, 3, 1) if per_pixel else prob[:, :, 0, 0]).cpu().numpy()
 
-    return TorchScriptPatchClassifier(torchscript)
+    return TimedTorchScript(torchscript)
+
+
+SCANNET_CLASSES = ["normal", "tumour"]
 
 
 def tiatoolbox_worker(cfg: dict) -> dict[str, Any]:
@@ -168,7 +175,7 @@ def tiatoolbox_worker(cfg: dict) -> dict[str, Any]:
     from tiatoolbox.models.engine.patch_predictor import PatchPredictor
 
     import_s = time.perf_counter() - start
-    model = tiatoolbox_model(cfg["torchscript"])
+    model = tiatoolbox_model(cfg["torchscript"], SCANNET_CLASSES)
     wanted = np.load(cfg["positions"])
     stride, patch = cfg["stride_px"], cfg["patch_px"]
     dataset_info: dict[str, Any] = {}
@@ -235,7 +242,7 @@ def tiatoolbox_probe_worker(cfg: dict) -> dict[str, Any]:
     level0 = [np.asarray(reader.bounds_at_resolution_to_baseline(b, cfg["scan_mpp"], "mpp"), np.float64).tolist()
               for b in bounds]
     np.save(cfg["patches_out"], np.stack(patches).astype(np.uint8) if patches else np.zeros((0, patch, patch, 3)))
-    model = tiatoolbox_model(cfg["torchscript"])
+    model = tiatoolbox_model(cfg["torchscript"], SCANNET_CLASSES)
     batch = torch.from_numpy(model.preproc(np.load(cfg["calibration_patches"])))
     times = []
     for _ in range(1 + cfg["calibration_repeats"]):
@@ -270,51 +277,6 @@ def dmmn_views_from_tile(tile: np.ndarray) -> np.ndarray:
     return np.concatenate(views, axis=-1)
 
 
-def dmmn_tiatoolbox_model(torchscript: str):
-    """The TorchScript DMMN as a TIAToolbox ``ModelABC`` segmentor: one 1024 px RGB tile at 0.5 um/px in (the only
-    resolution TIAToolbox 2.1.3's WSI engine reads), the three views derived in ``preproc``, class probabilities of
-    the centre 256 px out."""
-    import torch
-    from tiatoolbox.models.models_abc import ModelABC
-
-    class TorchScriptDMMN(ModelABC):
-        """``preproc``: the 20x/10x/5x views of the tile (:func:`dmmn_views_from_tile`), then the bundle's
-        ScaleIntensityRange(0, 255, -1, 1) (MONAI's float32 operations), (256, 256, 9); ``infer_batch``: the network
-        and the softmax over the 6 classes, NHWC, adding up the seconds in the network's forward passes."""
-
-        def __init__(self, path: str) -> None:
-            super().__init__()
-            self.net = torch.jit.load(path, map_location="cpu").eval()
-            self.class_dict = {k: f"class {k + 1}" for k in range(DMMN_CLASSES)}
-            self.seconds, self.calls, self.first_start, self.last_end = 0.0, 0, None, None
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.net(x)
-
-        @staticmethod
-        def preproc(image: np.ndarray) -> np.ndarray:
-            return (dmmn_views_from_tile(image).astype(np.float32) - 0.0) / 255.0 * 2.0 + -1.0
-
-        @staticmethod
-        def postproc(image: np.ndarray) -> np.ndarray:
-            return np.argmax(image, axis=-1)
-
-        @staticmethod
-        def infer_batch(model: torch.nn.Module, batch_data: torch.Tensor, *, device: str = "cpu") -> np.ndarray:
-            x = batch_data.to(device=device, dtype=torch.float32).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
-            model.eval()
-            with torch.inference_mode():
-                start = time.perf_counter()
-                model.first_start = model.first_start or start
-                logits = model(x)
-                model.last_end = time.perf_counter()
-                model.seconds += model.last_end - start
-                model.calls += 1
-                return torch.softmax(logits.float(), 1).permute(0, 2, 3, 1).cpu().numpy()
-
-    return TorchScriptDMMN(torchscript)
-
-
 def dmmn_tiatoolbox_worker(cfg: dict) -> dict[str, Any]:
     """TIAToolbox's SemanticSegmentor over the whole slide (every tile of the stride-256 grid, no mask) with the
     TorchScript DMMN, in this fresh process; writes its result JSON and the probability map (.npy, after timing)."""
@@ -327,7 +289,8 @@ def dmmn_tiatoolbox_worker(cfg: dict) -> dict[str, Any]:
     from tiatoolbox.models.engine.semantic_segmentor import SemanticSegmentor
 
     import_s = time.perf_counter() - start
-    model = dmmn_tiatoolbox_model(cfg["torchscript"])
+    model = tiatoolbox_model(cfg["torchscript"], [f"class {k + 1}" for k in range(DMMN_CLASSES)],
+                             views=dmmn_views_from_tile, per_pixel=True)
     res = {"units": "mpp", "resolution": DMMN_MPPS[0]}
     ioconfig = IOSegmentorConfig(input_resolutions=[res], output_resolutions=[res],
                                  patch_input_shape=(DMMN_TILE_PX, DMMN_TILE_PX),

@@ -8,6 +8,7 @@ by metadata verification and TorchScript export.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import subprocess
@@ -177,8 +178,6 @@ def test_evaluate_demo_weights_on_held_out_phantom_slides(tmp_path: Path) -> Non
     """The demo claim of metadata.json's eval_metrics, on the weights it names by sha256: FROC and slide AUC on the
     6 held-out phantom slides (seed 1000) with the evaluation defaults on a CPU (no TTA), and the demo target FROC
     >= 0.7."""
-    import hashlib
-
     out = tmp_path / "eval"
     result = bundle_helpers.run_bundle("run", "--config_file", merged(CONFIGS, "inference.json", "evaluate.json"),
                                        "--output_dir", str(out), "--n_bootstrap", "200")
