@@ -901,7 +901,9 @@ def write_annotated_png(path: str | os.PathLike, slide: np.ndarray, *, title: Se
     info = PngImagePlugin.PngInfo()
     info.add_text(OVERLAY_LAYOUT_KEY, json.dumps(layout))
     with atomic_path(path) as tmp:
-        canvas.save(tmp, format="PNG", pnginfo=info)
+        # zlib level 1, not Pillow's 6: a 2084 px HPF overlay encodes 3.5x faster for a 6 % larger file (slide
+        # and HPF pixels compress little at any level); the decoded pixels are the same.
+        canvas.save(tmp, format="PNG", pnginfo=info, compress_level=1)
     return Path(path)
 
 
