@@ -66,6 +66,38 @@ interior tiles (5x footprint inside the slide) and border tiles apart. At probe 
 spread ones) the causes are split: our "levels" versus "tile" views, padding 0 versus 255, TIAToolbox's pixels
 against ours, its TorchScript result against the eager network, folding, and the residual.
 
+MONAI's own pipeline (``monai_modelzoo``, ScanNet phantoms): bench_scannet.py's model-zoo worker, the
+pathology_tumor_detection bundle's wiring (``MaskedPatchWSIDataset`` + ``DataLoader`` + the same eager network as a
+patch classifier on every 244 px patch of our positions, 488 px level-0 reads averaged 2 x 2 to 1.0 um/px), in its
+own fresh process; its map is compared with ours at the positions both evaluate. It needs a 0.5 um/px level 0
+(its grid steps are 64 level-0 px), so the SVS is skipped with that reason. ``--skip-monai`` leaves it out.
+
+SegMitos (``run_segmitos``, ``--bundles segmitos``). The shipped ``bundles/segmitos/models/model.pt`` over
+``--segmitos-hpfs`` phantom HPFs (``make_phantom(kind="mitosis", seed=10, size_px=--segmitos-side, mpp=0.25)``,
+PNG files with ground-truth centroids), each pipeline in a fresh process under bench_dmmn.py's ``measure_child``:
+
+(a) ``ours``: the bundle's own inference (``monai.bundle.run`` of configs/inference.json with the HPFs as its
+    datalist): each HPF in one pass (``whole_max_px`` 2560 on a CPU), BatchNorm folded, channels_last, outputs
+    as always (detection CSV, GeoJSON, ASAP XML, map and overlay PNGs, counts, report). ``bundle_ours_worker``
+    copies each HPF's stitched mitosis map out of ``SegMitosInferer`` for the comparison.
+(b) ``ours_no_images``: the same with ``write_images`` false (no map or overlay PNGs; detections and the report
+    are still written); ``ours_tiled``: with ``whole_max_px`` 0, every HPF in the bundle's 1024 px tiles with
+    256 px context.
+(c) ``monai_sliding_window``: MONAI's pipeline as model-zoo segmentation bundles wire it: ``LoadImaged``
+    (PILReader) + ``ScaleIntensityRanged`` in a ``Dataset`` / ``DataLoader``, ``SlidingWindowInferer(roi_size
+    1024, sw_batch_size --segmitos-batch, overlap 0.25, mode "constant")`` (MONAI's defaults) with the bundle's
+    prepared network and a softmax; it writes nothing.
+(d) ``tiatoolbox_tiles``: TIAToolbox's ``SemanticSegmentor`` over the PNGs (VirtualWSIReader, baseline
+    resolution), ``patch_input_shape`` 1024 and ``patch_output_shape`` / stride 512: the bundle's tiles; the
+    model (TorchScript of the plain network) keeps the centre 512 px of its 1024 px output.
+(e) ``tiatoolbox_one_tile``: the same with one tile per HPF (input = the HPF plus 256 px round it, output = the
+    HPF), the closest TIAToolbox comes to the bundle's one pass.
+
+Every map is compared with (a) pixel by pixel, over all pixels and over those at least 256 px from every edge
+(where no padding reaches a pixel's receptive field: TIAToolbox pads 255 beyond the HPF, the bundle's tiles are
+clamped inside it); every map goes through the bundle's post-processing at its thresholds
+(``pathbundles.hpf.detect_mitoses``) and is scored against the ground truth (``mitosis_counts``, 30 px radius).
+
 Run (2 cores under load: scannet about 10 min, most of it the 8192 px phantom's TIAToolbox run; dmmn about 10 min):
     ulimit -s 32768; PYTHONPATH=common MPLBACKEND=Agg .venv/bin/python benchmarks/bench_peers.py
 TIAToolbox's interpreter (default ``../peers-venv/bin/python`` beside the repository, or ``--peers-python``):
@@ -113,14 +145,16 @@ PROBES_LARGEST, PROBES_SPREAD, CALIBRATION_PATCHES = 8, 8, 16
 # ---- TIAToolbox side (TIAToolbox's interpreter) ----------------------------------------------------------------
 
 
-def tiatoolbox_model(torchscript: str, class_names: list[str], views: Any = None, per_pixel: bool = False):
+def tiatoolbox_model(torchscript: str, class_names: list[str], views: Any = None, per_pixel: bool = False,
+                     crop_px: int = 0):
     """A TorchScript network as a TIAToolbox ``ModelABC``: uint8 RGB input (H, W, 3), class probabilities out.
 
     ``preproc``: ``views`` of the input if given (DMMN's three views of one tile, :func:`dmmn_views_from_tile`),
     then the bundle's ScaleIntensityRange(0, 255, -1, 1) with MONAI's float32 operations. ``infer_batch``: the network
     and the softmax over the classes, (N, C) for a patch classifier (ScanNet's 1 x 1 output) or NHWC with
-    ``per_pixel`` (a segmentor); it adds up the seconds spent in the network's forward passes (``seconds``,
-    ``calls``, ``first_start``, ``last_end``)."""
+    ``per_pixel`` (a segmentor), less ``crop_px`` on every side (an FCN whose output is as large as its input tile,
+    SegMitos: TIAToolbox places each output at ``patch_output_shape``, the centre of the input tile); it adds up the
+    seconds spent in the network's forward passes (``seconds``, ``calls``, ``first_start``, ``last_end``)."""
     import torch
     from tiatoolbox.models.models_abc import ModelABC
 
@@ -155,6 +189,8 @@ def tiatoolbox_model(torchscript: str, class_names: list[str], views: Any = None
                 model.seconds += model.last_end - start
                 model.calls += 1
                 prob = torch.softmax(logits.float(), 1)
+                if crop_px:
+                    prob = prob[:, :, crop_px:-crop_px, crop_px:-crop_px]
                 return (prob.permute(0, 2, 3, 1) if per_pixel else prob[:, :, 0, 0]).cpu().numpy()
 
     return TimedTorchScript(torchscript)
@@ -354,6 +390,64 @@ def dmmn_tiatoolbox_probe_worker(cfg: dict) -> dict[str, Any]:
     return {"reader": type(reader).__name__, "tiles": len(tiles)}
 
 
+# ---- SegMitos, TIAToolbox side (TIAToolbox's interpreter) -------------------------------------------------------
+
+SEGMITOS_CLASSES = ["background", "mitosis"]
+
+
+def segmitos_tiatoolbox_worker(cfg: dict) -> dict[str, Any]:
+    """TIAToolbox's SemanticSegmentor over the HPF images (PNG, read by its VirtualWSIReader at baseline
+    resolution) with the TorchScript SegMitos FCN, ``tile_px`` input tiles whose centre ``tile_px - 2 overlap_px``
+    is kept (``patch_output_shape``, stride the same), in this fresh process; writes its result JSON and, after
+    timing, each HPF's mitosis probability (channel 1) as .npy."""
+    import torch
+
+    torch.set_num_threads(cfg["threads"])
+    start = time.perf_counter()
+    import zarr
+    from tiatoolbox.models.engine.io_config import IOSegmentorConfig
+    from tiatoolbox.models.engine.semantic_segmentor import SemanticSegmentor
+
+    import_s = time.perf_counter() - start
+    tile, overlap = cfg["tile_px"], cfg["overlap_px"]
+    core = tile - 2 * overlap
+    model = tiatoolbox_model(cfg["torchscript"], SEGMITOS_CLASSES, per_pixel=True, crop_px=overlap)
+    res = {"units": "baseline", "resolution": 1.0}
+    ioconfig = IOSegmentorConfig(input_resolutions=[res], output_resolutions=[res], patch_input_shape=(tile, tile),
+                                 patch_output_shape=(core, core), stride_shape=(core, core), save_resolution=res)
+    hwm_before = vm_status_kib("VmHWM")
+    start = time.perf_counter()
+    engine = SemanticSegmentor(model=model, batch_size=cfg["batch"], num_workers=cfg["num_workers"], device="cpu",
+                               verbose=False)
+    out = engine.run(images=[Path(f) for f in cfg["images"]], masks=None, patch_mode=False, ioconfig=ioconfig,
+                     save_dir=Path(cfg["save_dir"]), overwrite=True, output_type="zarr", return_probabilities=True,
+                     auto_get_mask=False)
+    total = time.perf_counter() - start
+    hwm = vm_status_kib("VmHWM")
+    dataset = engine.dataloader.dataset
+    result: dict[str, Any] = {
+        "mode": "tiatoolbox", "import_s": import_s, "total_s": total, "network_forward_s": model.seconds,
+        "network_calls": model.calls, "tiles_last_image": int(len(dataset.inputs)),
+        "first_forward_after_s": model.first_start - start, "after_last_forward_s": start + total - model.last_end,
+        "vmhwm_before_pipeline_mib": hwm_before / 1024, "vmhwm_mib": hwm / 1024,
+        "num_workers": cfg["num_workers"], "batch_size": cfg["batch"], "threads": torch.get_num_threads(),
+        "tile_px": tile, "overlap_px": overlap, "input_bounds_first": np.asarray(dataset.inputs[0]).tolist(),
+        "output_bounds_first": np.asarray(dataset.outputs[0]).tolist(),
+        "reader": type(dataset.reader).__name__ if getattr(dataset, "reader", None) is not None else None,
+        "output": "zarr (probabilities, predictions, coordinates)",
+        "environment": machine_info(("tiatoolbox", "torch", "numpy", "zarr", "dask", "pillow", "opencv-python"))}
+    by_stem = {Path(str(k)).stem: v for k, v in out.items()}
+    shapes = []
+    for i, image in enumerate(cfg["images"]):
+        store = zarr.open(str(by_stem[Path(image).stem]), mode="r")
+        prob = np.asarray(store["probabilities"], np.float32)
+        shapes.append(list(prob.shape))
+        np.save(cfg["prob_out"].format(i), prob[..., 1])
+    result["probabilities_shapes"] = shapes
+    Path(cfg["result_out"]).write_text(json.dumps(result))
+    return result
+
+
 def calibration_entry(times: list[float], n_patches: int, runtime: str) -> dict[str, Any]:
     """Seconds per patch of a calibration (median and best of the repeats, after one warm-up)."""
     return {"calibration_s_per_patch": statistics.median(times) / n_patches,
@@ -459,6 +553,56 @@ def calibrate_here(weights: str, torchscript: Path, patches: np.ndarray, repeats
             for label, t in times.items()}
 
 
+def monai_modelzoo(entry: dict[str, Any], slide: Path, folder: Path, keep: np.ndarray, covered: np.ndarray,
+                   args: argparse.Namespace, weights: str) -> None:
+    """MONAI's own pathology pipeline on the slide (``entry["monai"]``): bench_scannet.py's model-zoo worker, the
+    pathology_tumor_detection bundle's wiring (``MaskedPatchWSIDataset`` + ``DataLoader`` + the same eager network
+    as a patch classifier on every 244 px patch at stride 32, 1.0 um/px as 2 x 2 area means of a 488 px level-0
+    read), at exactly our positions; its map against ours at the positions both evaluate."""
+    from bench_scannet import LEVEL0_MPP
+
+    mpp0 = entry["slide"]["level0_mpp"]
+    if args.skip_monai or abs(mpp0 - LEVEL0_MPP) > 1e-9:
+        entry["monai"] = {"skipped": "--skip-monai" if args.skip_monai else
+                          f"bench_scannet.py's model-zoo worker lays its grid in 64 px steps of a {LEVEL0_MPP} um/px "
+                          f"level 0 (2 x 2 averaging to 1.0 um/px); this slide's level 0 is {mpp0} um/px"}
+        return
+    cfg = {"slide": str(slide), "weights": weights, "threads": args.threads, "backend": "tifffile", "lp": args.lp,
+           "scannet_batch": 1, "patch_batch": args.patch_batch, "num_workers": args.num_workers,
+           "map_shape": [max(n, -(-int(size * mpp0) // 32)) for n, size in
+                         zip(keep.shape, entry["slide"]["level0_size"][::-1])],  # its grid: every 64 level-0 px
+           "map_out": str(folder / "map_monai.npy")}
+    zoo, error, wall = run_subprocess(sys.executable, REPO / "benchmarks" / "bench_scannet.py", "modelzoo", cfg,
+                                      folder)
+    if zoo is None:
+        entry["monai"] = {"skipped": error}
+        print(f"  MONAI failed: {error[-500:]}", flush=True)
+        return
+    zoo_map, ours_map = np.load(cfg["map_out"]), np.load(folder / "map_ours.npy")
+    beyond = ~np.isnan(zoo_map)
+    beyond[:keep.shape[0], :keep.shape[1]] = False
+    outside = int(beyond.sum())
+    zoo_map = zoo_map[:keep.shape[0], :keep.shape[1]]
+    evaluated = ~np.isnan(zoo_map)
+    common = evaluated & covered
+    zoo.update({"subprocess_wall_s": wall, "positions_equal_ours": bool((evaluated == keep).all()) and not outside,
+                "positions_beyond_our_map": outside,
+                "prob_max_abs_diff_vs_ours": float(np.abs(zoo_map[common] - ours_map[common]).max()),
+                "prob_mean_abs_diff_vs_ours": float(np.abs(zoo_map[common] - ours_map[common]).mean()),
+                "pipeline": f"MONAI model-zoo style: MaskedPatchWSIDataset (our tissue positions) + DataLoader + "
+                            f"the eager network as a patch classifier, batch {args.patch_batch}, "
+                            f"TiledTiffWSIReader, 488 px level-0 reads averaged 2 x 2"})
+    entry["monai"] = zoo
+    ours = entry["ours"]
+    entry["ratios_monai_over_ours"] = {"pipeline_s": zoo["total_s"] / ours["total_s"],
+                                       "subprocess_wall_s": wall / ours["subprocess_wall_s"],
+                                       "network_s": zoo["network_forward_s"] / ours["network_forward_s"],
+                                       "peak_rss": zoo["vmhwm_mib"] / ours["vmhwm_mib"]}
+    print(f"  MONAI       {zoo['total_s']:8.1f} s (network {zoo['network_forward_s']:.1f} s), "
+          f"{zoo['positions_evaluated']} positions, VmHWM {zoo['vmhwm_mib']:.0f} MiB, max |dp| "
+          f"{zoo['prob_max_abs_diff_vs_ours']:.3f}", flush=True)
+
+
 def bench_one(name: str, slide: Path, backend: str, generator: str | None, args: argparse.Namespace,
               weights: str, torchscript: Path, work: Path) -> dict[str, Any]:
     """Both pipelines on one slide, then agreement and its causes."""
@@ -500,6 +644,7 @@ def bench_one(name: str, slide: Path, backend: str, generator: str | None, args:
     entry["ours"] = ours
     print(f"  ours        {ours['total_s']:8.1f} s (network {ours['network_forward_s']:.1f} s), "
           f"{ours['positions_evaluated']} positions, VmHWM {ours['vmhwm_mib']:.0f} MiB", flush=True)
+    monai_modelzoo(entry, slide, folder, keep, covered, args, weights)
 
     peers = Path(args.peers_python)
     if not peers.exists():
@@ -599,12 +744,17 @@ def bench_one(name: str, slide: Path, backend: str, generator: str | None, args:
 DMMN_CONFIG = REPO / "bundles" / "dmmn" / "configs" / "inference.json"
 
 
-def dmmn_ours_worker(cfg: dict) -> dict[str, Any]:
-    """Ours: the dmmn bundle's own whole-slide inference (``monai.bundle.run`` of configs/inference.json, what
-    ``python -m monai.bundle run`` calls; bench_dmmn.py's command) in this fresh process. Forward hooks, attached
-    to the network right after the bundle's ``PrepareNetworkForInference`` handler has folded it, add up the
-    seconds in the network and append every tile's softmax (float32, dataset order) to ``cfg["prob_out"]`` for the
-    comparison (the bundle itself writes only labels; the copy's seconds are counted apart, ``capture_s``)."""
+def bundle_ours_worker(cfg: dict) -> dict[str, Any]:
+    """Ours: a bundle's own inference (``monai.bundle.run`` of its configs/inference.json with ``cfg["run_kwargs"]``,
+    what ``python -m monai.bundle run`` calls; bench_dmmn.py's command) in this fresh process. Forward hooks,
+    attached to the network right after the bundle's ``PrepareNetworkForInference`` handler has prepared it, add
+    up the seconds in the network. For the comparison (the bundles write labels or detections, not probabilities)
+    the worker appends float32 probabilities, in dataset order, to ``cfg["prob_out"]``: with ``capture``
+    "network" (DMMN) the softmax of every forward pass (all channels, per tile), with "inferer" (SegMitos) channel
+    ``capture_channel`` of what the inferer class ``cfg["inferer"]`` returns for each item (the stitched map of a
+    whole HPF); the copy's seconds are counted apart (``capture_s``)."""
+    import importlib
+
     import torch
 
     torch.set_num_threads(cfg["threads"])
@@ -613,8 +763,19 @@ def dmmn_ours_worker(cfg: dict) -> dict[str, Any]:
     from pathbundles.inference_network import PrepareNetworkForInference
 
     import_s = time.perf_counter() - start
-    stats: dict[str, Any] = {"seconds": 0.0, "calls": 0, "items": 0, "capture_s": 0.0, "first": None, "last": None}
+    stats: dict[str, Any] = {"seconds": 0.0, "calls": 0, "items": 0, "capture_s": 0.0, "first": None, "last": None,
+                             "shapes": []}
     capture = open(cfg["prob_out"], "wb")  # noqa: SIM115  (closed after the run)
+    by_network = cfg.get("capture", "network") == "network"
+
+    def keep(prob: Any) -> None:
+        t0 = time.perf_counter()
+        prob = prob.detach().float().contiguous().cpu().numpy()
+        capture.write(prob.tobytes())
+        stats["items"] += len(prob)
+        stats["shapes"].append(list(prob.shape[1:]))
+        stats["capture_s"] += time.perf_counter() - t0
+
     original = PrepareNetworkForInference.__call__
 
     def prepare_then_time(self: Any, engine: Any) -> None:
@@ -629,11 +790,8 @@ def dmmn_ours_worker(cfg: dict) -> dict[str, Any]:
             stats["last"] = time.perf_counter()
             stats["seconds"] += stats["last"] - stats["t"]
             stats["calls"] += 1
-            t0 = time.perf_counter()
-            prob = torch.softmax(output.detach().float(), 1).contiguous().cpu().numpy()
-            capture.write(prob.tobytes())
-            stats["items"] += len(prob)
-            stats["capture_s"] += time.perf_counter() - t0
+            if by_network:
+                keep(torch.softmax(output.detach().float(), 1))
 
         net.register_forward_pre_hook(before)
         net.register_forward_hook(after)
@@ -642,27 +800,39 @@ def dmmn_ours_worker(cfg: dict) -> dict[str, Any]:
             "batchnorms_left": sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())}
 
     PrepareNetworkForInference.__call__ = prepare_then_time
+    if not by_network:
+        module, _, name = cfg["inferer"].rpartition(".")
+        inferer_class = getattr(importlib.import_module(module), name)
+        infer = inferer_class.__call__
+
+        def infer_then_keep(self: Any, inputs: Any, network: Any, *args: Any, **kwargs: Any) -> Any:
+            out = infer(self, inputs, network, *args, **kwargs)
+            keep(out[:, cfg["capture_channel"]])
+            return out
+
+        inferer_class.__call__ = infer_then_keep
     hwm_before = vm_status_kib("VmHWM")
     start = time.perf_counter()
-    monai.bundle.run(config_file=cfg["config"], data_source=cfg["data_source"], output_dir=cfg["output_dir"],
-                     ckpt_path=cfg["ckpt_path"], batch_size=cfg["batch"], num_workers=cfg["num_workers"],
-                     **cfg.get("overrides", {}))
+    monai.bundle.run(config_file=cfg["config"], **cfg["run_kwargs"])
     total = time.perf_counter() - start
     hwm = vm_status_kib("VmHWM")
     capture.close()
     result = {"mode": "ours", "import_s": import_s, "total_s": total, "network_forward_s": stats["seconds"],
-              "network_calls": stats["calls"], "tiles": stats["items"], "capture_s": stats["capture_s"],
-              "first_forward_after_s": stats["first"] - start, "after_last_forward_s": start + total - stats["last"],
+              "network_calls": stats["calls"], "captured_items": stats["items"], "captured_shapes": stats["shapes"],
+              "capture_s": stats["capture_s"], "first_forward_after_s": stats["first"] - start,
+              "after_last_forward_s": start + total - stats["last"],
               "vmhwm_before_pipeline_mib": hwm_before / 1024, "vmhwm_mib": hwm / 1024,
-              "num_workers": cfg["num_workers"], "batch_size": cfg["batch"], "threads": torch.get_num_threads(),
-              "network": stats.get("network")}
+              "threads": torch.get_num_threads(), "run_kwargs": cfg["run_kwargs"], "network": stats.get("network")}
+    if by_network:
+        result["tiles"] = stats["items"]
+        del result["captured_shapes"]
     Path(cfg["result_out"]).write_text(json.dumps(result))
     return result
 
 
-def dmmn_networks(weights: str, plain: bool = False) -> dict[str, Any]:
-    """The bundle's network_def with the weights: eager as loaded, and prepared as the bundle runs it (``plain``:
-    as it runs with ``--fold_batchnorm false --channels_last false``)."""
+def bundle_networks(config: Path, weights: str, plain: bool = False) -> dict[str, Any]:
+    """A bundle's network_def (``config``: its inference.json) with the weights: eager as loaded, and prepared as
+    the bundle runs it (``plain``: as it runs with ``--fold_batchnorm false --channels_last false``)."""
     import copy
 
     import torch
@@ -670,8 +840,8 @@ def dmmn_networks(weights: str, plain: bool = False) -> dict[str, Any]:
     from pathbundles.inference_network import prepare_for_inference
 
     parser = ConfigParser()
-    parser.read_config(str(DMMN_CONFIG))
-    parser["bundle_root"] = str(DMMN_CONFIG.parents[1])
+    parser.read_config(str(config))
+    parser["bundle_root"] = str(config.parents[1])
     net = parser.get_parsed_content("network_def")
     state = torch.load(weights, map_location="cpu", weights_only=True)
     net.load_state_dict(state.get("model", state) if isinstance(state.get("model"), dict) else state)
@@ -798,7 +968,7 @@ def bench_dmmn_one(size: int, args: argparse.Namespace, cache: Path, work: Path)
 
     from bench_dmmn import snapshot_weights as dmmn_snapshot
     weights, entry["weights"] = dmmn_snapshot(folder)
-    nets = dmmn_networks(str(weights), plain=args.dmmn_plain_network)
+    nets = bundle_networks(DMMN_CONFIG, str(weights), plain=args.dmmn_plain_network)
     torchscript = folder / "dmmn_torchscript.pt"
     entry["torchscript"] = dmmn_export_torchscript(nets["eager"], torchscript)
     script = Path(__file__).resolve()
@@ -810,19 +980,21 @@ def bench_dmmn_one(size: int, args: argparse.Namespace, cache: Path, work: Path)
             os.link(slide, source / slide.name)
         except OSError:
             shutil.copyfile(slide, source / slide.name)
-    cfg = {"config": str(DMMN_CONFIG), "data_source": str(source), "output_dir": str(folder / "out_ours"),
-           "ckpt_path": str(weights), "threads": args.threads, "batch": args.dmmn_batch,
-           "num_workers": args.dmmn_num_workers, "prob_out": str(folder / "prob_ours.f32"),
+    cfg = {"config": str(DMMN_CONFIG), "threads": args.threads, "prob_out": str(folder / "prob_ours.f32"),
            "result_out": str(folder / "result_ours.json"),
-           "overrides": {"fold_batchnorm": False, "channels_last": False} if args.dmmn_plain_network else {}}
+           "run_kwargs": {"data_source": str(source), "output_dir": str(folder / "out_ours"),
+                          "ckpt_path": str(weights), "batch_size": args.dmmn_batch,
+                          "num_workers": args.dmmn_num_workers,
+                          **({"fold_batchnorm": False, "channels_last": False} if args.dmmn_plain_network else {})}}
     (folder / "cfg_dmmn_ours.json").write_text(json.dumps(cfg))
     print("  ours (the bundle's inference, fresh process) ...", flush=True)
-    child = measure_child([sys.executable, str(script), "--worker", "dmmn-ours", str(folder / "cfg_dmmn_ours.json")],
+    child = measure_child([sys.executable, str(script), "--worker", "bundle-ours", str(folder / "cfg_dmmn_ours.json")],
                           args.dmmn_timeout)
     if child.get("returncode") != 0:
         raise RuntimeError(f"ours failed: {child}")
     ours = json.loads(Path(cfg["result_out"]).read_text())
     ours.update({"subprocess_wall_s": child["wall_s"], "peak_rss_largest_process_mib": child["peak_rss_mib"],
+                 "num_workers": args.dmmn_num_workers, "batch_size": args.dmmn_batch,
                  "pipeline": "python -m monai.bundle run --config_file bundles/dmmn/configs/inference.json (in "
                              "process: monai.bundle.run), defaults (read_path levels, pad 0, BatchNorm "
                              + ("NOT folded, NCHW: --fold_batchnorm false --channels_last false" if
@@ -952,6 +1124,286 @@ def bench_dmmn_one(size: int, args: argparse.Namespace, cache: Path, work: Path)
     return entry
 
 
+# ---- SegMitos, project side -----------------------------------------------------------------------------------
+
+SEGMITOS_CONFIG = REPO / "bundles" / "segmitos" / "configs" / "inference.json"
+
+
+def segmitos_hpfs(cache: Path, n: int, side: int) -> tuple[list[dict[str, Any]], str]:
+    """``n`` phantom HPFs of ``side`` px at 0.25 um/px (bench_segmitos.py's seed) and their datalist items."""
+    from bench_segmitos import MPP, PHANTOM_SEED
+    from pathbundles.phantom import make_phantom
+
+    folder = cache / f"phantom_mitosis_{side}_n{n}_seed{PHANTOM_SEED}"
+    if not (folder / "dataset.json").exists():
+        print(f"segmitos: generating {n} phantom HPFs of {side} px ...", flush=True)
+        make_phantom(folder, kind="mitosis", n=n, seed=PHANTOM_SEED, size_px=side, mpp=MPP)
+    items = json.loads((folder / "dataset.json").read_text())["items"]
+    datalist = [{"image": str(folder / it["image"]), "centroids": str(folder / it["centroids"]), "mpp": MPP}
+                for it in items]
+    return datalist, (f"pathbundles.phantom.make_phantom(kind='mitosis', n={n}, seed={PHANTOM_SEED}, "
+                      f"size_px={side}, mpp={MPP})")
+
+
+def segmitos_export_torchscript(net: Any, tile_px: int, path: Path) -> dict[str, Any]:
+    """Trace the eval-mode eager SegMitos FCN (BatchNorm not folded, NCHW) at ``tile_px`` and check it."""
+    import torch
+
+    x = torch.rand(2, 3, tile_px, tile_px, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(net, x[:1])
+        diff = float((traced(x) - net(x)).abs().max())
+        traced.save(str(path))
+    return {"method": "torch.jit.trace of the eval-mode network (BatchNorm not folded, contiguous NCHW)",
+            "max_abs_logit_diff_vs_eager": diff, "checked_input": list(x.shape)}
+
+
+def segmitos_compare(a: np.ndarray, b: np.ndarray, margin_px: int) -> dict[str, Any]:
+    """Max and mean |a - b| of two (H, W) mitosis maps over all pixels and over those >= ``margin_px`` from every
+    edge (where no pipeline's padding reaches a pixel's receptive field)."""
+    d = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    inner = d[margin_px:-margin_px, margin_px:-margin_px]
+    return {"max_abs": float(d.max()), "mean_abs": float(d.mean()), "interior_max_abs": float(inner.max()),
+            "interior_mean_abs": float(inner.mean()), "interior_margin_px": margin_px}
+
+
+def segmitos_monai_worker(cfg: dict) -> dict[str, Any]:
+    """MONAI's own pipeline, as model-zoo segmentation bundles wire it, in this fresh process: ``LoadImaged``
+    (PILReader) + ``EnsureChannelFirstd`` + the bundle's ``ScaleIntensityRanged`` in a ``Dataset`` and
+    ``DataLoader``, then ``SlidingWindowInferer(roi_size = the bundle's tile, sw_batch_size, overlap, mode)`` over
+    each HPF with the bundle's prepared network (BatchNorm folded, channels_last) and a softmax; appends each HPF's
+    mitosis probability (float32) to ``cfg["prob_out"]``."""
+    import torch
+
+    torch.set_num_threads(cfg["threads"])
+    start = time.perf_counter()
+    from monai.data import DataLoader, Dataset
+    from monai.inferers import SlidingWindowInferer
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, ScaleIntensityRanged
+
+    import_s = time.perf_counter() - start
+    net = bundle_networks(SEGMITOS_CONFIG, cfg["weights"])["prepared"]
+    stats = {"seconds": 0.0, "calls": 0}
+
+    def before(module: Any, args: Any) -> None:
+        stats["t"] = time.perf_counter()
+
+    def after(module: Any, args: Any, output: Any) -> None:
+        stats["seconds"] += time.perf_counter() - stats["t"]
+        stats["calls"] += 1
+
+    net.register_forward_pre_hook(before)
+    net.register_forward_hook(after)
+    transform = Compose([LoadImaged("image", reader="PILReader", reverse_indexing=False, image_only=True),
+                         EnsureChannelFirstd("image"),
+                         ScaleIntensityRanged("image", a_min=0.0, a_max=255.0, b_min=-1.0, b_max=1.0)])
+    inferer = SlidingWindowInferer(roi_size=(cfg["tile_px"], cfg["tile_px"]), sw_batch_size=cfg["batch"],
+                                   overlap=cfg["overlap"], mode=cfg["mode"])
+    hwm_before = vm_status_kib("VmHWM")
+    start = time.perf_counter()
+    loader = DataLoader(Dataset([{"image": f} for f in cfg["images"]], transform=transform), batch_size=1,
+                        num_workers=cfg["num_workers"])
+    shapes = []
+    with open(cfg["prob_out"], "wb") as capture, torch.no_grad():
+        for batch in loader:
+            x = torch.as_tensor(batch["image"]).float()
+            prob = torch.softmax(inferer(x, net).float(), 1)[:, 1].contiguous().numpy()
+            capture.write(prob.tobytes())
+            shapes.append(list(prob.shape[1:]))
+    total = time.perf_counter() - start
+    result = {"mode": "monai", "import_s": import_s, "total_s": total, "network_forward_s": stats["seconds"],
+              "network_calls": stats["calls"], "captured_shapes": shapes,
+              "vmhwm_before_pipeline_mib": hwm_before / 1024,
+              "vmhwm_mib": vm_status_kib("VmHWM") / 1024, "threads": torch.get_num_threads(),
+              "inferer": {"roi_size": cfg["tile_px"], "sw_batch_size": cfg["batch"], "overlap": cfg["overlap"],
+                          "mode": cfg["mode"]}}
+    Path(cfg["result_out"]).write_text(json.dumps(result))
+    return result
+
+
+def run_segmitos(args: argparse.Namespace, work: Path, cache: Path, section: dict[str, Any], write: Any) -> None:
+    """SegMitos: the shipped network over phantom HPFs through the bundle (one pass per HPF, and tiled) and
+    through TIAToolbox's SemanticSegmentor (the bundle's tiles, and one tile per HPF)."""
+    from bench_dmmn import measure_child
+    from bench_segmitos import MPP
+    from bench_segmitos import snapshot_weights as segmitos_snapshot
+    from monai.bundle import ConfigParser
+
+    from pathbundles.annotations import read_points_csv
+    from pathbundles.hpf import detect_mitoses
+    from pathbundles.metrics.mitosis import mitosis_counts
+
+    parser = ConfigParser()
+    parser.read_config(str(SEGMITOS_CONFIG))
+    bundle = {k: parser[k] for k in ("tile_px", "overlap_px", "mpp", "sigma_um", "min_mean_score", "min_area_um2",
+                                     "radius_px", "num_workers")}
+    assert bundle["mpp"] == MPP, "bench_segmitos.py's phantom resolution is not the bundle's"
+    n, side = (1, 1200) if args.quick else (args.segmitos_hpfs, args.segmitos_side)
+    tile, overlap = bundle["tile_px"], bundle["overlap_px"]
+    one_tile = side + 2 * overlap  # TIAToolbox's one tile per HPF: the HPF plus the bundle's context on each side
+    section["settings"] = {"threads": args.threads, "hpfs": n, "hpf_px": side, "mpp": MPP, "bundle": bundle,
+                           "tiatoolbox_batch": args.segmitos_batch, "num_workers": bundle["num_workers"],
+                           "ours_network": "the bundle's default: BatchNorm folded, channels_last",
+                           "tiatoolbox_network": "TorchScript trace of the plain network (BatchNorm not folded, "
+                                                 "NCHW)"}
+    datalist, generator = segmitos_hpfs(cache, n, side)
+    truths = [read_points_csv(it["centroids"], "xy")[0] for it in datalist]
+    weights, weights_label = segmitos_snapshot(work)
+    if weights is None:
+        raise RuntimeError("bundles/segmitos/models/model.pt is missing: the comparison runs the shipped weights")
+    nets = bundle_networks(SEGMITOS_CONFIG, weights)
+    entry: dict[str, Any] = {"name": f"phantom_hpf_{side}_x{n}", "hpfs": {"generator": generator, "n": n,
+                                                                          "size_px": [side, side], "mpp": MPP,
+                                                                          "mitoses": int(sum(map(len, truths)))},
+                             "weights": weights_label, "load_average_at_start": list(os.getloadavg()), "runs": {}}
+    section["slides"] = [entry]
+    script = Path(__file__).resolve()
+    runs = entry["runs"]
+    timeout = args.dmmn_timeout
+
+    def ours(key: str, overrides: dict[str, Any], what: str) -> None:
+        cfg = {"config": str(SEGMITOS_CONFIG), "threads": args.threads, "capture": "inferer",
+               "inferer": "pathbundles.segmitos.SegMitosInferer", "capture_channel": 1,
+               "prob_out": str(work / f"prob_{key}.f32"), "result_out": str(work / f"result_{key}.json"),
+               "run_kwargs": {"datalist": datalist, "output_dir": str(work / f"out_{key}"), "ckpt_path": weights,
+                              **overrides}}
+        (work / f"cfg_{key}.json").write_text(json.dumps(cfg))
+        print(f"  {key}: {what} (fresh process) ...", flush=True)
+        child = measure_child([sys.executable, str(script), "--worker", "bundle-ours", str(work / f"cfg_{key}.json")],
+                              timeout)
+        if child.get("returncode") != 0:
+            raise RuntimeError(f"{key} failed: {child}")
+        result = json.loads(Path(cfg["result_out"]).read_text())
+        flat = np.fromfile(cfg["prob_out"], np.float32)
+        maps, at = [], 0
+        for shape in result["captured_shapes"]:
+            size = int(np.prod(shape))
+            maps.append(flat[at:at + size].reshape(shape))
+            at += size
+        result.update({"subprocess_wall_s": child["wall_s"], "peak_rss_largest_process_mib": child["peak_rss_mib"],
+                       "pipeline": what})
+        runs[key] = result
+        runs[key]["_maps"] = maps
+
+    def tiatoolbox(key: str, tile_px: int, what: str) -> None:
+        peers = Path(args.peers_python)
+        if not peers.exists():
+            runs[key] = {"skipped": f"{peers} does not exist (TIAToolbox's own virtual environment)"}
+            return
+        torchscript = work / f"segmitos_torchscript_{tile_px}.pt"
+        exported = segmitos_export_torchscript(nets["eager"], tile_px, torchscript)
+        cfg = {"images": [it["image"] for it in datalist], "torchscript": str(torchscript), "threads": args.threads,
+               "batch": args.segmitos_batch, "num_workers": bundle["num_workers"], "tile_px": tile_px,
+               "overlap_px": overlap, "save_dir": str(work / f"out_{key}"),
+               "prob_out": str(work / f"prob_{key}_{{}}.npy"), "result_out": str(work / f"result_{key}.json")}
+        (work / f"cfg_{key}.json").write_text(json.dumps(cfg))
+        print(f"  {key}: {what} (fresh process) ...", flush=True)
+        child = measure_child([str(peers), str(script), "--worker", "segmitos-tiatoolbox",
+                               str(work / f"cfg_{key}.json")], timeout)
+        if child.get("returncode") != 0:
+            runs[key] = {"skipped": f"TIAToolbox worker failed: {child}"}
+            print(f"  {key} failed: {child}", flush=True)
+            return
+        result = json.loads(Path(cfg["result_out"]).read_text())
+        result.update({"subprocess_wall_s": child["wall_s"], "peak_rss_largest_process_mib": child["peak_rss_mib"],
+                       "pipeline": what, "torchscript": exported})
+        result["_maps"] = [np.load(cfg["prob_out"].format(i))[:side, :side] for i in range(n)]
+        runs[key] = result
+
+    ours("ours", {}, f"python -m monai.bundle run --config_file bundles/segmitos/configs/inference.json, defaults: "
+                     f"each HPF in one pass (whole_max_px {parser.get_parsed_content('whole_max_px')} on a CPU), "
+                     f"BatchNorm folded, "
+                     f"channels_last, num_workers {bundle['num_workers']}, writes detections, maps and overlays")
+    ours("ours_no_images", {"write_images": False}, "the same with --write_images false: detections (CSV, "
+                                                    "GeoJSON, ASAP XML), counts and report, no map or overlay PNGs")
+    ours("ours_tiled", {"whole_max_px": 0}, f"the same with --whole_max_px 0: every HPF in the bundle's "
+                                            f"{tile}px tiles with {overlap} px context")
+    cfg = {"images": [it["image"] for it in datalist], "weights": weights, "threads": args.threads,
+           "tile_px": tile, "batch": args.segmitos_batch, "overlap": args.segmitos_monai_overlap,
+           "mode": args.segmitos_monai_mode, "num_workers": bundle["num_workers"],
+           "prob_out": str(work / "prob_monai.f32"), "result_out": str(work / "result_monai.json")}
+    (work / "cfg_monai.json").write_text(json.dumps(cfg))
+    what = (f"MONAI model-zoo style: LoadImaged(PILReader) + ScaleIntensityRanged in a Dataset/DataLoader, "
+            f"SlidingWindowInferer(roi_size {tile}, sw_batch_size {args.segmitos_batch}, overlap "
+            f"{args.segmitos_monai_overlap}, mode {args.segmitos_monai_mode!r}) with the bundle's prepared network, "
+            f"softmax, num_workers {bundle['num_workers']}")
+    print(f"  monai_sliding_window: {what} (fresh process) ...", flush=True)
+    child = measure_child([sys.executable, str(script), "--worker", "segmitos-monai", str(work / "cfg_monai.json")],
+                          timeout)
+    if child.get("returncode") != 0:
+        raise RuntimeError(f"monai_sliding_window failed: {child}")
+    result = json.loads(Path(cfg["result_out"]).read_text())
+    flat = np.fromfile(cfg["prob_out"], np.float32).reshape(-1, side, side)
+    result.update({"subprocess_wall_s": child["wall_s"], "peak_rss_largest_process_mib": child["peak_rss_mib"],
+                   "pipeline": what, "_maps": list(flat)})
+    runs["monai_sliding_window"] = result
+    tiatoolbox("tiatoolbox_tiles", tile, f"SemanticSegmentor(patch_mode=False, auto_get_mask=False), "
+                                         f"IOSegmentorConfig(baseline resolution, patch_input_shape {tile}, "
+                                         f"patch_output_shape and stride {tile - 2 * overlap}): the bundle's tiles, "
+                                         f"TorchScript network, batch {args.segmitos_batch}, num_workers "
+                                         f"{bundle['num_workers']}, return_probabilities")
+    tiatoolbox("tiatoolbox_one_tile", one_tile, f"the same with patch_input_shape {one_tile} and patch_output_shape "
+                                                f"and stride {side}: one tile per HPF (the HPF with {overlap} px of "
+                                                f"padding round it), the closest to the bundle's one pass")
+
+    # Agreement and detections (the bundle's post-processing at its thresholds on every pipeline's maps).
+    ref = runs["ours"]["_maps"]
+    for key, run in runs.items():
+        if "skipped" in run:
+            continue
+        maps = run.pop("_maps")
+        if len(maps) != n or any(m.shape != (side, side) for m in maps):
+            raise RuntimeError(f"{key}: {len(maps)} maps of shapes {[m.shape for m in maps]}, expected {n} x "
+                               f"{side} px")
+        per = [segmitos_compare(m, r, overlap) for m, r in zip(maps, ref)]
+        run["vs_ours_prob"] = {k: max(p[k] for p in per) for k in ("max_abs", "interior_max_abs")}
+        run["vs_ours_prob"]["mean_abs"] = float(np.mean([p["mean_abs"] for p in per]))
+        dets = [detect_mitoses(m, MPP, bundle["sigma_um"], bundle["min_mean_score"], bundle["min_area_um2"])
+                for m in maps]
+        counts = [mitosis_counts(t, d[:, :2], radius_px=bundle["radius_px"]) for t, d in zip(truths, dets)]
+        tp, fp, fn = (sum(getattr(c, k) for c in counts) for k in ("tp", "fp", "fn"))
+        run["detections"] = {"n": int(sum(map(len, dets))), "tp": tp, "fp": fp, "fn": fn,
+                             "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None,
+                             "positions_xy": [d[:, :2].round(2).tolist() for d in dets]}
+        if key == "ours":
+            run["_dets"] = dets
+    ref_dets = runs["ours"].pop("_dets")
+    for key, run in runs.items():
+        if "skipped" in run or key == "ours":
+            continue
+        same = 0
+        for mine, theirs in zip(ref_dets, run["detections"]["positions_xy"]):
+            theirs = np.asarray(theirs).reshape(-1, 2)
+            same += sum(bool(len(theirs)) and float(np.min(np.hypot(*(theirs - d[:2]).T))) <= 1.0 for d in mine)
+        run["detections"]["same_as_ours_within_1px"] = int(same)
+    base = runs["ours"]
+    entry["ratios_over_ours"] = {key: {"pipeline_s": run["total_s"] / base["total_s"],
+                                       "subprocess_wall_s": run["subprocess_wall_s"] / base["subprocess_wall_s"],
+                                       "network_s": run["network_forward_s"] / base["network_forward_s"],
+                                       "peak_rss_largest_process": run["peak_rss_largest_process_mib"]
+                                       / base["peak_rss_largest_process_mib"]}
+                                 for key, run in runs.items() if "skipped" not in run and key != "ours"}
+    entry["load_average_at_end"] = list(os.getloadavg())
+    write()
+
+
+def print_segmitos_table(section: dict[str, Any]) -> None:
+    print(f"\n{'segmitos HPFs':22s} {'pipeline':20s} {'wall s':>8s} {'net s':>8s} {'peak MiB':>9s} {'max|dp|':>9s} "
+          f"{'interior':>9s} {'F1':>6s} {'ratio':>7s}")
+    for e in section["slides"]:
+        for key, run in e["runs"].items():
+            if "skipped" in run:
+                print(f"{e['name']:22s} {key:20s} skipped: {run['skipped'][:200]}")
+                continue
+            v, d = run["vs_ours_prob"], run["detections"]
+            ratio = e["ratios_over_ours"].get(key, {}).get("pipeline_s", 1.0)
+            f1 = f"{d['f1']:.3f}" if d["f1"] is not None else "-"
+            print(f"{e['name']:22s} {key:20s} {run['total_s']:8.1f} {run['network_forward_s']:8.1f} "
+                  f"{run['peak_rss_largest_process_mib']:9.0f} {v['max_abs']:9.2e} {v['interior_max_abs']:9.2e} "
+                  f"{f1:>6s} {ratio:7.2f}")
+
+
 def print_table(report: dict[str, Any]) -> None:
     print(f"\n{'slide':22s} {'pipeline':11s} {'wall s':>8s} {'net s':>8s} {'VmHWM MiB':>10s} {'positions':>10s} "
           f"{'max|dp|':>9s} {'ratio':>7s}")
@@ -964,6 +1416,13 @@ def print_table(report: dict[str, Any]) -> None:
         o = e["ours"]
         print(f"{e['name']:22s} {'ours':11s} {o['total_s']:8.1f} {o['network_forward_s']:8.1f} {o['vmhwm_mib']:10.0f} "
               f"{o['positions_evaluated']:10d} {'':>9s} {'1.0':>7s}")
+        zoo = e.get("monai", {})
+        if "skipped" in zoo:
+            print(f"{'':22s} MONAI skipped: {zoo['skipped'][:200]}")
+        elif zoo:
+            print(f"{'':22s} {'MONAI':11s} {zoo['total_s']:8.1f} {zoo['network_forward_s']:8.1f} "
+                  f"{zoo['vmhwm_mib']:10.0f} {zoo['positions_evaluated']:10d} "
+                  f"{zoo['prob_max_abs_diff_vs_ours']:9.1e} {e['ratios_monai_over_ours']['pipeline_s']:7.1f}")
         if "skipped" in tia:
             print(f"{'':22s} TIAToolbox skipped: {tia['skipped'][:200]}")
             continue
@@ -1076,6 +1535,7 @@ def main(argv: list[str] | None = None) -> None:
                                                       "separated (default 8192; --quick 2048)")
     parser.add_argument("--svs", type=Path, default=DEFAULT_SVS, help="a real slide (default CMU-1-Small-Region)")
     parser.add_argument("--skip-svs", action="store_true", help="leave the real slide out")
+    parser.add_argument("--skip-monai", action="store_true", help="scannet: leave MONAI's model-zoo pipeline out")
     parser.add_argument("--peers-python", default=str(DEFAULT_PEERS_PYTHON),
                         help="the interpreter of TIAToolbox's virtual environment")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every pipeline (default 2)")
@@ -1098,6 +1558,15 @@ def main(argv: list[str] | None = None) -> None:
                                                                            "largest differences (and half as many "
                                                                            "border ones)")
     parser.add_argument("--dmmn-probes-spread", type=int, default=6, help="dmmn: probe tiles spread over the grid")
+    parser.add_argument("--segmitos-hpfs", type=int, default=4, help="segmitos: phantom HPFs (default 4)")
+    parser.add_argument("--segmitos-side", type=int, default=2084, help="segmitos: HPF side in px at 0.25 um/px "
+                                                                        "(default 2084, TUPAC16's HPF)")
+    parser.add_argument("--segmitos-batch", type=int, default=2, help="segmitos: tiles per forward pass, "
+                                                                      "TIAToolbox (the bundle runs one HPF at a time)")
+    parser.add_argument("--segmitos-monai-overlap", type=float, default=0.25,
+                        help="segmitos: SlidingWindowInferer overlap of MONAI's pipeline (default 0.25, MONAI's)")
+    parser.add_argument("--segmitos-monai-mode", default="constant",
+                        help="segmitos: SlidingWindowInferer blend mode (default 'constant', MONAI's)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where phantoms are generated (default: a "
                                                                      "temporary folder)")
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "CFG"), help=argparse.SUPPRESS)
@@ -1106,7 +1575,8 @@ def main(argv: list[str] | None = None) -> None:
         mode, cfg_path = args.worker
         worker = {"tiatoolbox": tiatoolbox_worker, "tiatoolbox-probe": tiatoolbox_probe_worker,
                   "dmmn-tiatoolbox": dmmn_tiatoolbox_worker, "dmmn-tiatoolbox-probe": dmmn_tiatoolbox_probe_worker,
-                  "dmmn-ours": dmmn_ours_worker}[mode]
+                  "segmitos-tiatoolbox": segmitos_tiatoolbox_worker, "segmitos-monai": segmitos_monai_worker,
+                  "bundle-ours": bundle_ours_worker}[mode]
         print(json.dumps(worker(json.loads(Path(cfg_path).read_text()))))
         return
 
@@ -1116,9 +1586,9 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     bundles = [b for b in args.bundles.split(",") if b]
-    unknown = set(bundles) - {"scannet", "dmmn"}
+    unknown = set(bundles) - {"scannet", "dmmn", "segmitos"}
     if unknown:
-        parser.error(f"unknown bundles {sorted(unknown)}: expected scannet, dmmn")
+        parser.error(f"unknown bundles {sorted(unknown)}: expected scannet, dmmn, segmitos")
     sections = {} if args.fresh else {k: v for k, v in load_sections(args.out).items() if k not in bundles}
     report: dict[str, Any] = {"benchmark": "bench_peers", "bundles": sections,
                               "note": "one section per bundle, each with its own date, command, machine and load"}
@@ -1129,7 +1599,7 @@ def main(argv: list[str] | None = None) -> None:
         with atomic_path(args.out) as tmp_out:
             tmp_out.write_text(json.dumps(report, indent=2) + "\n")
 
-    runners = {"scannet": run_scannet, "dmmn": run_dmmn}
+    runners = {"scannet": run_scannet, "dmmn": run_dmmn, "segmitos": run_segmitos}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         cache = args.cache_dir or work
@@ -1148,8 +1618,9 @@ def main(argv: list[str] | None = None) -> None:
             section["load_average_at_end"] = list(os.getloadavg())
             section["benchmark_wall_s"] = time.perf_counter() - t0
             write()
+    tables = {"scannet": print_table, "dmmn": print_dmmn_table, "segmitos": print_segmitos_table}
     for bundle in bundles:
-        (print_table if bundle == "scannet" else print_dmmn_table)(report["bundles"][bundle])
+        tables[bundle](report["bundles"][bundle])
     print(f"\n{time.perf_counter() - started:.0f} s; wrote {args.out}", flush=True)
 
 

@@ -1,0 +1,71 @@
+"""The arithmetic the benchmark scripts report with: the scaling fit, segmitos's HPF grid and map agreement."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import bench_peers  # noqa: E402
+import bench_scaling  # noqa: E402
+
+from pathbundles.tissue import LevelMask  # noqa: E402
+
+
+def test_fit_line_matches_hand_computed_least_squares():
+    # x mean 2, y mean 14.1667; Sxy = 4.5, Sxx = 2 -> slope 2.25, intercept 9.6667; residuals 1/12, -1/6, 1/12.
+    fit = bench_scaling.fit_line([1.0, 2.0, 3.0], [12.0, 14.0, 16.5])
+    assert fit["slope_s_per_mm2"] == pytest.approx(2.25)
+    assert fit["intercept_s"] == pytest.approx(29 / 3)
+    assert fit["max_relative_residual"] == pytest.approx((1 / 6) / 14)
+    assert bench_scaling.fit_line([1.0], [3.0]) == {}
+
+
+def test_summarise_ratios_and_flat_memory():
+    runs = [{"size_px": 2, "returncode": 0, "tissue_area_mm2": 4.0, "wall_s": 30.0, "peak_rss_mib": 1000.0},
+            {"size_px": 1, "returncode": 0, "tissue_area_mm2": 1.0, "wall_s": 12.0, "peak_rss_mib": 1000.0},
+            {"size_px": 3, "returncode": 1, "tissue_area_mm2": 16.0, "wall_s": 5.0, "peak_rss_mib": 900.0}]
+    summary = bench_scaling.summarise(runs, baseline_mib=700.0)
+    assert summary["fit_time_vs_tissue_area"]["slope_s_per_mm2"] == pytest.approx(6.0)  # (30 - 12) / 3
+    assert summary["fit_time_vs_tissue_area"]["points"] == 2  # the failed run is left out
+    assert summary["peak_rss_mib_range"] == [1000.0, 1000.0]
+    big = runs[0]
+    assert big["vs_smallest"] == {"tissue_area_ratio": 4.0, "time_ratio": 2.5, "peak_rss_ratio": 1.0}
+    assert big["s_per_tissue_mm2"] == pytest.approx(7.5)
+    assert big["incremental_s_per_tissue_mm2"] == pytest.approx(6.0)  # 18 s more for 3 mm^2 more
+    assert "incremental_s_per_tissue_mm2" not in runs[1]
+    assert big["peak_rss_above_baseline_mib"] == pytest.approx(300.0)
+
+
+def test_hpf_boxes_keep_the_grid_boxes_whose_centre_is_tissue(tmp_path):
+    # Level 0 at 5 um/px: an HPF of 2084 px at 0.25 um/px is a box of round(104.2) = 104 level-0 px. A 400 x 300
+    # slide holds 3 x 2 whole boxes (x 0, 104, 208; y 0, 104). Mask at 20 um/px (4 level-0 px per mask px),
+    # tissue only round the centre (156, 52) of the box at x 104, y 0.
+    mask = np.zeros((75, 100), bool)
+    mask[12:15, 38:41] = True
+    level_mask = LevelMask(mask, mpp=20.0, level0_mpp=5.0, level0_size=(400, 300))
+    info = {"level0_size": [400, 300], "level0_mpp": 5.0, "mask": level_mask}
+    path, n = bench_scaling.hpf_boxes(tmp_path / "slide.tif", info, tmp_path)
+    assert n == 1
+    assert json.loads(path.read_text()) == [{"image": str(tmp_path / "slide.tif"), "box": [104, 0, 104, 104],
+                                             "mpp": 5.0}]
+    mask[:] = True
+    _, n_all = bench_scaling.hpf_boxes(tmp_path / "slide.tif", info, tmp_path)
+    assert n_all == 6
+
+
+def test_segmitos_compare_splits_border_and_interior():
+    ours = np.zeros((10, 10), np.float32)
+    theirs = ours.copy()
+    theirs[0, 0], theirs[5, 5] = 0.5, 0.1  # a border pixel (padding's reach) and an interior one
+    got = bench_peers.segmitos_compare(theirs, ours, margin_px=2)
+    assert got["max_abs"] == pytest.approx(0.5)
+    assert got["interior_max_abs"] == pytest.approx(0.1)
+    assert got["mean_abs"] == pytest.approx(0.6 / 100)
+    assert got["interior_mean_abs"] == pytest.approx(0.1 / 36)
