@@ -290,6 +290,33 @@ def tiatoolbox_probe_worker(cfg: dict) -> dict[str, Any]:
             "probe_level0_bounds": level0}
 
 
+def run_semantic_segmentor(model: Any, images: list[Path], ioconfig: Any, cfg: dict) -> tuple[dict, Any, dict]:
+    """TIAToolbox's SemanticSegmentor in WSI mode over ``images`` (no mask, ``auto_get_mask=False``, probabilities
+    written to zarr under ``cfg["save_dir"]``), batch ``cfg["batch"]`` and ``cfg["num_workers"]`` workers, timed:
+    the engine's output (image -> zarr path), its last dataset, and the result's timing and memory fields."""
+    import torch
+    from tiatoolbox.models.engine.semantic_segmentor import SemanticSegmentor
+
+    hwm_before = vm_status_kib("VmHWM")
+    start = time.perf_counter()
+    engine = SemanticSegmentor(model=model, batch_size=cfg["batch"], num_workers=cfg["num_workers"], device="cpu",
+                               verbose=False)
+    out = engine.run(images=images, masks=None, patch_mode=False, ioconfig=ioconfig, save_dir=Path(cfg["save_dir"]),
+                     overwrite=True, output_type="zarr", return_probabilities=True, auto_get_mask=False)
+    total = time.perf_counter() - start
+    hwm = vm_status_kib("VmHWM")
+    dataset = engine.dataloader.dataset
+    return out, dataset, {
+        "mode": "tiatoolbox", "total_s": total, "network_forward_s": model.seconds, "network_calls": model.calls,
+        "first_forward_after_s": model.first_start - start, "after_last_forward_s": start + total - model.last_end,
+        "vmhwm_before_pipeline_mib": hwm_before / 1024, "vmhwm_mib": hwm / 1024,
+        "num_workers": cfg["num_workers"], "batch_size": cfg["batch"], "threads": torch.get_num_threads(),
+        "input_bounds_first": np.asarray(dataset.inputs[0]).tolist(),
+        "output_bounds_first": np.asarray(dataset.outputs[0]).tolist(),
+        "reader": type(dataset.reader).__name__ if getattr(dataset, "reader", None) is not None else None,
+        "output": "zarr (probabilities, predictions, coordinates)"}
+
+
 # ---- DMMN, TIAToolbox side (TIAToolbox's interpreter) -----------------------------------------------------------
 
 # The dmmn bundle's geometry (bundles/dmmn/configs/inference.json; checked against bench_dmmn.py's constants in the
@@ -332,27 +359,10 @@ def dmmn_tiatoolbox_worker(cfg: dict) -> dict[str, Any]:
                                  patch_input_shape=(DMMN_TILE_PX, DMMN_TILE_PX),
                                  patch_output_shape=(DMMN_PATCH_PX, DMMN_PATCH_PX),
                                  stride_shape=(DMMN_PATCH_PX, DMMN_PATCH_PX), save_resolution=res)
-    hwm_before = vm_status_kib("VmHWM")
-    start = time.perf_counter()
-    engine = SemanticSegmentor(model=model, batch_size=cfg["batch"], num_workers=cfg["num_workers"], device="cpu",
-                               verbose=False)
-    out = engine.run(images=[Path(cfg["slide"])], masks=None, patch_mode=False, ioconfig=ioconfig,
-                     save_dir=Path(cfg["save_dir"]), overwrite=True, output_type="zarr", return_probabilities=True,
-                     auto_get_mask=False)
-    total = time.perf_counter() - start
-    hwm = vm_status_kib("VmHWM")
-    dataset = engine.dataloader.dataset
-    result: dict[str, Any] = {
-        "mode": "tiatoolbox", "import_s": import_s, "total_s": total, "network_forward_s": model.seconds,
-        "network_calls": model.calls, "tiles": int(len(dataset.inputs)),
-        "first_forward_after_s": model.first_start - start, "after_last_forward_s": start + total - model.last_end,
-        "vmhwm_before_pipeline_mib": hwm_before / 1024, "vmhwm_mib": hwm / 1024,
-        "num_workers": cfg["num_workers"], "batch_size": cfg["batch"], "threads": torch.get_num_threads(),
-        "input_bounds_first": np.asarray(dataset.inputs[0]).tolist(),
-        "output_bounds_first": np.asarray(dataset.outputs[0]).tolist(),
-        "output": "zarr (probabilities, predictions, coordinates)",
-        "environment": machine_info(("tiatoolbox", "torch", "numpy", "zarr", "dask", "tifffile", "imagecodecs",
-                                     "pillow", "opencv-python"))}
+    out, dataset, result = run_semantic_segmentor(model, [Path(cfg["slide"])], ioconfig, cfg)
+    result.update({"import_s": import_s, "tiles": int(len(dataset.inputs)),
+                   "environment": machine_info(("tiatoolbox", "torch", "numpy", "zarr", "dask", "tifffile",
+                                                "imagecodecs", "pillow", "opencv-python"))})
     # After timing: the probability map for the comparison, and what the engine does with three input resolutions.
     store = zarr.open(str(next(iter(out.values()))), mode="r")
     result["zarr_arrays"] = {k: list(store[k].shape) for k in store.array_keys()}
@@ -404,9 +414,9 @@ def segmitos_tiatoolbox_worker(cfg: dict) -> dict[str, Any]:
 
     torch.set_num_threads(cfg["threads"])
     start = time.perf_counter()
+    import tiatoolbox.models.engine.semantic_segmentor  # noqa: F401  (imported here, so import_s counts it)
     import zarr
     from tiatoolbox.models.engine.io_config import IOSegmentorConfig
-    from tiatoolbox.models.engine.semantic_segmentor import SemanticSegmentor
 
     import_s = time.perf_counter() - start
     tile, overlap = cfg["tile_px"], cfg["overlap_px"]
@@ -415,27 +425,11 @@ def segmitos_tiatoolbox_worker(cfg: dict) -> dict[str, Any]:
     res = {"units": "baseline", "resolution": 1.0}
     ioconfig = IOSegmentorConfig(input_resolutions=[res], output_resolutions=[res], patch_input_shape=(tile, tile),
                                  patch_output_shape=(core, core), stride_shape=(core, core), save_resolution=res)
-    hwm_before = vm_status_kib("VmHWM")
-    start = time.perf_counter()
-    engine = SemanticSegmentor(model=model, batch_size=cfg["batch"], num_workers=cfg["num_workers"], device="cpu",
-                               verbose=False)
-    out = engine.run(images=[Path(f) for f in cfg["images"]], masks=None, patch_mode=False, ioconfig=ioconfig,
-                     save_dir=Path(cfg["save_dir"]), overwrite=True, output_type="zarr", return_probabilities=True,
-                     auto_get_mask=False)
-    total = time.perf_counter() - start
-    hwm = vm_status_kib("VmHWM")
-    dataset = engine.dataloader.dataset
-    result: dict[str, Any] = {
-        "mode": "tiatoolbox", "import_s": import_s, "total_s": total, "network_forward_s": model.seconds,
-        "network_calls": model.calls, "tiles_last_image": int(len(dataset.inputs)),
-        "first_forward_after_s": model.first_start - start, "after_last_forward_s": start + total - model.last_end,
-        "vmhwm_before_pipeline_mib": hwm_before / 1024, "vmhwm_mib": hwm / 1024,
-        "num_workers": cfg["num_workers"], "batch_size": cfg["batch"], "threads": torch.get_num_threads(),
-        "tile_px": tile, "overlap_px": overlap, "input_bounds_first": np.asarray(dataset.inputs[0]).tolist(),
-        "output_bounds_first": np.asarray(dataset.outputs[0]).tolist(),
-        "reader": type(dataset.reader).__name__ if getattr(dataset, "reader", None) is not None else None,
-        "output": "zarr (probabilities, predictions, coordinates)",
-        "environment": machine_info(("tiatoolbox", "torch", "numpy", "zarr", "dask", "pillow", "opencv-python"))}
+    out, dataset, result = run_semantic_segmentor(model, [Path(f) for f in cfg["images"]], ioconfig, cfg)
+    result.update({"import_s": import_s, "tiles_last_image": int(len(dataset.inputs)), "tile_px": tile,
+                   "overlap_px": overlap,
+                   "environment": machine_info(("tiatoolbox", "torch", "numpy", "zarr", "dask", "pillow",
+                                                "opencv-python"))})
     by_stem = {Path(str(k)).stem: v for k, v in out.items()}
     shapes = []
     for i, image in enumerate(cfg["images"]):
