@@ -460,21 +460,29 @@ def snapshot_weights(folder: Path) -> tuple[str, str]:
     return str(weights), snapshot_file(SHIPPED_MODEL, weights)
 
 
-def export_torchscript(weights: str, path: Path) -> dict[str, Any]:
-    """Trace the eval-mode network (as ``_load_net`` loads it) to TorchScript and check it against the eager one."""
+def export_traced(net: Any, shape: tuple[int, ...], path: Path, trace_px: int | None = None) -> dict[str, Any]:
+    """Trace an eval-mode eager network (BatchNorm not folded, NCHW) to TorchScript at ``path``: traced on the first
+    item of a random batch of ``shape`` in [-1, 1] (its top-left ``trace_px`` square when given), checked against
+    the eager network on the whole batch."""
     import torch
-    from bench_scannet import _load_net
-    from pathbundles.scannet import PATCH_PX
 
-    net = _load_net(weights)
-    x = torch.rand(4, 3, PATCH_PX + 64, PATCH_PX + 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    example = x[:1] if trace_px is None else x[:1, :, :trace_px, :trace_px]
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit is deprecated in torch 2.13, and still what crosses versions
-        traced = torch.jit.trace(net, x[:1, :, :PATCH_PX, :PATCH_PX])
+        traced = torch.jit.trace(net, example)
         diff = float((traced(x) - net(x)).abs().max())
         traced.save(str(path))
     return {"method": "torch.jit.trace of the eval-mode network (BatchNorm not folded, contiguous NCHW)",
-            "max_abs_logit_diff_vs_eager": diff, "checked_input": list(x.shape)}
+            "max_abs_logit_diff_vs_eager": diff, "traced_input": list(example.shape), "checked_input": list(x.shape)}
+
+
+def export_torchscript(weights: str, path: Path) -> dict[str, Any]:
+    """ScanNet's network (as ``_load_net`` loads it) traced on one patch and checked on larger inputs."""
+    from bench_scannet import _load_net
+    from pathbundles.scannet import PATCH_PX
+
+    return export_traced(_load_net(weights), (4, 3, PATCH_PX + 64, PATCH_PX + 64), path, trace_px=PATCH_PX)
 
 
 def tissue_positions(slide_path: Path, backend: str, lp: int) -> dict[str, Any]:
@@ -845,20 +853,6 @@ def bundle_networks(config: Path, weights: str, plain: bool = False) -> dict[str
     return {"eager": net, "prepared": prepared}
 
 
-def dmmn_export_torchscript(net: Any, path: Path) -> dict[str, Any]:
-    """Trace the eval-mode eager DMMN (BatchNorm not folded, NCHW) to TorchScript and check it against it."""
-    import torch
-
-    x = torch.rand(2, 3 * 3, DMMN_PATCH_PX, DMMN_PATCH_PX, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(net, x[:1])
-        diff = float((traced(x) - net(x)).abs().max())
-        traced.save(str(path))
-    return {"method": "torch.jit.trace of the eval-mode network (BatchNorm not folded, contiguous NCHW)",
-            "max_abs_logit_diff_vs_eager": diff, "checked_input": list(x.shape)}
-
-
 def dmmn_probs(net: Any, views: np.ndarray) -> np.ndarray:
     """Softmax (N, 6, 256, 256) of uint8 stacked views (N, 256, 256, 9), the bundle's preprocessing."""
     import torch
@@ -964,7 +958,7 @@ def bench_dmmn_one(size: int, args: argparse.Namespace, cache: Path, work: Path)
     weights, entry["weights"] = dmmn_snapshot(folder)
     nets = bundle_networks(DMMN_CONFIG, str(weights), plain=args.dmmn_plain_network)
     torchscript = folder / "dmmn_torchscript.pt"
-    entry["torchscript"] = dmmn_export_torchscript(nets["eager"], torchscript)
+    entry["torchscript"] = export_traced(nets["eager"], (2, 3 * 3, DMMN_PATCH_PX, DMMN_PATCH_PX), torchscript)
     script = Path(__file__).resolve()
 
     source = folder / "slides"
@@ -1139,20 +1133,6 @@ def segmitos_hpfs(cache: Path, n: int, side: int) -> tuple[list[dict[str, Any]],
                       f"size_px={side}, mpp={MPP})")
 
 
-def segmitos_export_torchscript(net: Any, tile_px: int, path: Path) -> dict[str, Any]:
-    """Trace the eval-mode eager SegMitos FCN (BatchNorm not folded, NCHW) at ``tile_px`` and check it."""
-    import torch
-
-    x = torch.rand(2, 3, tile_px, tile_px, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(net, x[:1])
-        diff = float((traced(x) - net(x)).abs().max())
-        traced.save(str(path))
-    return {"method": "torch.jit.trace of the eval-mode network (BatchNorm not folded, contiguous NCHW)",
-            "max_abs_logit_diff_vs_eager": diff, "checked_input": list(x.shape)}
-
-
 def segmitos_compare(a: np.ndarray, b: np.ndarray, margin_px: int) -> dict[str, Any]:
     """Max and mean |a - b| of two (H, W) mitosis maps over all pixels and over those >= ``margin_px`` from every
     edge (where no pipeline's padding reaches a pixel's receptive field)."""
@@ -1286,7 +1266,7 @@ def run_segmitos(args: argparse.Namespace, work: Path, cache: Path, section: dic
             runs[key] = {"skipped": f"{peers} does not exist (TIAToolbox's own virtual environment)"}
             return
         torchscript = work / f"segmitos_torchscript_{tile_px}.pt"
-        exported = segmitos_export_torchscript(nets["eager"], tile_px, torchscript)
+        exported = export_traced(nets["eager"], (2, 3, tile_px, tile_px), torchscript)
         cfg = {"images": [it["image"] for it in datalist], "torchscript": str(torchscript), "threads": args.threads,
                "batch": args.segmitos_batch, "num_workers": bundle["num_workers"], "tile_px": tile_px,
                "overlap_px": overlap, "save_dir": str(work / f"out_{key}"),
