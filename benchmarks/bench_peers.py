@@ -113,6 +113,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import shutil
 import statistics
@@ -741,6 +742,34 @@ def bench_one(name: str, slide: Path, backend: str, generator: str | None, args:
     return entry
 
 
+def run_worker(python: str, mode: str, cfg: dict, cfg_path: Path, timeout_s: float) -> dict[str, Any] | str:
+    """Write ``cfg`` to ``cfg_path`` and run this script's ``--worker mode`` with ``python`` in a fresh process under
+    bench_dmmn.py's ``measure_child``: the worker's result (its ``cfg["result_out"]``) with the subprocess's wall
+    seconds and the peak RSS of its largest process, or the reason it failed (a string)."""
+    from bench_dmmn import measure_child
+
+    cfg_path.write_text(json.dumps(cfg))
+    child = measure_child([python, str(Path(__file__).resolve()), "--worker", mode, str(cfg_path)], timeout_s)
+    if child.get("returncode") != 0:
+        return f"{mode} worker failed: {child}"
+    result = json.loads(Path(cfg["result_out"]).read_text())
+    result.update({"subprocess_wall_s": child["wall_s"], "peak_rss_largest_process_mib": child["peak_rss_mib"]})
+    return result
+
+
+def read_captured(path: str, shapes: list[list[int]]) -> list[np.ndarray]:
+    """The float32 arrays a worker appended to ``path`` one after the other, cut by their ``shapes``."""
+    flat = np.fromfile(path, np.float32)
+    out, at = [], 0
+    for shape in shapes:
+        size = int(np.prod(shape))
+        out.append(flat[at:at + size].reshape(shape))
+        at += size
+    if at != flat.size:
+        raise RuntimeError(f"{path}: {flat.size} values, the shapes account for {at}")
+    return out
+
+
 # ---- DMMN, project side ----------------------------------------------------------------------------------------
 
 DMMN_CONFIG = REPO / "bundles" / "dmmn" / "configs" / "inference.json"
@@ -918,7 +947,7 @@ def dmmn_compare(ours_prob: np.ndarray, tia_prob: np.ndarray, ours_labels: np.nd
 def bench_dmmn_one(size: int, args: argparse.Namespace, cache: Path, work: Path) -> dict[str, Any]:
     """Both pipelines on one DMMN phantom slide, then agreement and its causes at probe tiles."""
     import tifffile
-    from bench_dmmn import MPPS, PATCH_PX, make_slide, measure_child
+    from bench_dmmn import MPPS, PATCH_PX, make_slide
     from pathbundles.multimag import read_concentric
     from pathbundles.tissue import tissue_mask
     from pathbundles.wsi import open_slide
@@ -974,15 +1003,11 @@ def bench_dmmn_one(size: int, args: argparse.Namespace, cache: Path, work: Path)
                           "ckpt_path": str(weights), "batch_size": args.dmmn_batch,
                           "num_workers": args.dmmn_num_workers,
                           **({"fold_batchnorm": False, "channels_last": False} if args.dmmn_plain_network else {})}}
-    (folder / "cfg_dmmn_ours.json").write_text(json.dumps(cfg))
     print("  ours (the bundle's inference, fresh process) ...", flush=True)
-    child = measure_child([sys.executable, str(script), "--worker", "bundle-ours", str(folder / "cfg_dmmn_ours.json")],
-                          args.dmmn_timeout)
-    if child.get("returncode") != 0:
-        raise RuntimeError(f"ours failed: {child}")
-    ours = json.loads(Path(cfg["result_out"]).read_text())
-    ours.update({"subprocess_wall_s": child["wall_s"], "peak_rss_largest_process_mib": child["peak_rss_mib"],
-                 "num_workers": args.dmmn_num_workers, "batch_size": args.dmmn_batch,
+    ours = run_worker(sys.executable, "bundle-ours", cfg, folder / "cfg_dmmn_ours.json", args.dmmn_timeout)
+    if isinstance(ours, str):
+        raise RuntimeError(ours)
+    ours.update({"num_workers": args.dmmn_num_workers, "batch_size": args.dmmn_batch,
                  "pipeline": "python -m monai.bundle run --config_file bundles/dmmn/configs/inference.json (in "
                              "process: monai.bundle.run), defaults (read_path levels, pad 0, BatchNorm "
                              + ("NOT folded, NCHW: --fold_batchnorm false --channels_last false" if
@@ -990,7 +1015,8 @@ def bench_dmmn_one(size: int, args: argparse.Namespace, cache: Path, work: Path)
                              + f") and batch_size {args.dmmn_batch}, num_workers {args.dmmn_num_workers}"})
     entry["ours"] = ours
     print(f"  ours        {ours['total_s']:8.1f} s (network {ours['network_forward_s']:.1f} s), {ours['tiles']} "
-          f"tiles, VmHWM {ours['vmhwm_mib']:.0f} MiB, largest process {child['peak_rss_mib']:.0f} MiB", flush=True)
+          f"tiles, VmHWM {ours['vmhwm_mib']:.0f} MiB, largest process {ours['peak_rss_largest_process_mib']:.0f} "
+          f"MiB", flush=True)
 
     peers = Path(args.peers_python)
     if not peers.exists():
@@ -999,23 +1025,20 @@ def bench_dmmn_one(size: int, args: argparse.Namespace, cache: Path, work: Path)
     tcfg = {"slide": str(slide), "torchscript": str(torchscript), "threads": args.threads,
             "batch": args.dmmn_batch, "num_workers": args.dmmn_num_workers, "save_dir": str(folder / "out_tia"),
             "prob_out": str(folder / "prob_tia.npy"), "result_out": str(folder / "result_tia.json")}
-    (folder / "cfg_dmmn_tia.json").write_text(json.dumps(tcfg))
     print("  TIAToolbox SemanticSegmentor (fresh process) ...", flush=True)
-    child = measure_child([str(peers), str(script), "--worker", "dmmn-tiatoolbox", str(folder / "cfg_dmmn_tia.json")],
-                          args.dmmn_timeout)
-    if child.get("returncode") != 0:
-        entry["tiatoolbox"] = {"skipped": f"TIAToolbox worker failed: {child}"}
-        print(f"  TIAToolbox failed: {child}", flush=True)
+    tia = run_worker(str(peers), "dmmn-tiatoolbox", tcfg, folder / "cfg_dmmn_tia.json", args.dmmn_timeout)
+    if isinstance(tia, str):
+        entry["tiatoolbox"] = {"skipped": tia}
+        print(f"  TIAToolbox failed: {tia}", flush=True)
         return entry
-    tia = json.loads(Path(tcfg["result_out"]).read_text())
-    tia.update({"subprocess_wall_s": child["wall_s"], "peak_rss_largest_process_mib": child["peak_rss_mib"],
-                "pipeline": f"SemanticSegmentor(patch_mode=False, auto_get_mask=False), IOSegmentorConfig(input and "
+    tia.update({"pipeline": f"SemanticSegmentor(patch_mode=False, auto_get_mask=False), IOSegmentorConfig(input and "
                             f"output 0.5 mpp, patch_input_shape {DMMN_TILE_PX}, patch_output_shape {DMMN_PATCH_PX}, "
                             f"stride {DMMN_PATCH_PX}), views derived in the model's preproc, TorchScript network, "
                             f"batch {args.dmmn_batch}, num_workers {args.dmmn_num_workers}, return_probabilities"})
     entry["tiatoolbox"] = tia
     print(f"  TIAToolbox  {tia['total_s']:8.1f} s (network {tia['network_forward_s']:.1f} s), {tia['tiles']} "
-          f"tiles, VmHWM {tia['vmhwm_mib']:.0f} MiB, largest process {child['peak_rss_mib']:.0f} MiB", flush=True)
+          f"tiles, VmHWM {tia['vmhwm_mib']:.0f} MiB, largest process {tia['peak_rss_largest_process_mib']:.0f} "
+          f"MiB", flush=True)
     entry["ratios_tiatoolbox_over_ours"] = {
         "pipeline_s": tia["total_s"] / ours["total_s"],
         "subprocess_wall_s": tia["subprocess_wall_s"] / ours["subprocess_wall_s"],
@@ -1199,14 +1222,13 @@ def segmitos_monai_worker(cfg: dict) -> dict[str, Any]:
 def run_segmitos(args: argparse.Namespace, work: Path, cache: Path, section: dict[str, Any], write: Any) -> None:
     """SegMitos: the shipped network over phantom HPFs through the bundle (one pass per HPF, and tiled) and
     through TIAToolbox's SemanticSegmentor (the bundle's tiles, and one tile per HPF)."""
-    from bench_dmmn import measure_child
     from bench_segmitos import MPP
     from bench_segmitos import snapshot_weights as segmitos_snapshot
     from monai.bundle import ConfigParser
 
     from pathbundles.annotations import read_points_csv
     from pathbundles.hpf import detect_mitoses
-    from pathbundles.metrics.mitosis import mitosis_counts
+    from pathbundles.metrics.mitosis import DetectionCounts, match_points, mitosis_counts
 
     parser = ConfigParser()
     parser.read_config(str(SEGMITOS_CONFIG))
@@ -1232,7 +1254,6 @@ def run_segmitos(args: argparse.Namespace, work: Path, cache: Path, section: dic
                                                                           "mitoses": int(sum(map(len, truths)))},
                              "weights": weights_label, "load_average_at_start": list(os.getloadavg()), "runs": {}}
     section["slides"] = [entry]
-    script = Path(__file__).resolve()
     runs = entry["runs"]
     timeout = args.dmmn_timeout
 
@@ -1242,23 +1263,12 @@ def run_segmitos(args: argparse.Namespace, work: Path, cache: Path, section: dic
                "prob_out": str(work / f"prob_{key}.f32"), "result_out": str(work / f"result_{key}.json"),
                "run_kwargs": {"datalist": datalist, "output_dir": str(work / f"out_{key}"), "ckpt_path": weights,
                               **overrides}}
-        (work / f"cfg_{key}.json").write_text(json.dumps(cfg))
         print(f"  {key}: {what} (fresh process) ...", flush=True)
-        child = measure_child([sys.executable, str(script), "--worker", "bundle-ours", str(work / f"cfg_{key}.json")],
-                              timeout)
-        if child.get("returncode") != 0:
-            raise RuntimeError(f"{key} failed: {child}")
-        result = json.loads(Path(cfg["result_out"]).read_text())
-        flat = np.fromfile(cfg["prob_out"], np.float32)
-        maps, at = [], 0
-        for shape in result["captured_shapes"]:
-            size = int(np.prod(shape))
-            maps.append(flat[at:at + size].reshape(shape))
-            at += size
-        result.update({"subprocess_wall_s": child["wall_s"], "peak_rss_largest_process_mib": child["peak_rss_mib"],
-                       "pipeline": what})
+        result = run_worker(sys.executable, "bundle-ours", cfg, work / f"cfg_{key}.json", timeout)
+        if isinstance(result, str):
+            raise RuntimeError(result)
+        result.update({"pipeline": what, "_maps": read_captured(cfg["prob_out"], result["captured_shapes"])})
         runs[key] = result
-        runs[key]["_maps"] = maps
 
     def tiatoolbox(key: str, tile_px: int, what: str) -> None:
         peers = Path(args.peers_python)
@@ -1271,18 +1281,14 @@ def run_segmitos(args: argparse.Namespace, work: Path, cache: Path, section: dic
                "batch": args.segmitos_batch, "num_workers": bundle["num_workers"], "tile_px": tile_px,
                "overlap_px": overlap, "save_dir": str(work / f"out_{key}"),
                "prob_out": str(work / f"prob_{key}_{{}}.npy"), "result_out": str(work / f"result_{key}.json")}
-        (work / f"cfg_{key}.json").write_text(json.dumps(cfg))
         print(f"  {key}: {what} (fresh process) ...", flush=True)
-        child = measure_child([str(peers), str(script), "--worker", "segmitos-tiatoolbox",
-                               str(work / f"cfg_{key}.json")], timeout)
-        if child.get("returncode") != 0:
-            runs[key] = {"skipped": f"TIAToolbox worker failed: {child}"}
-            print(f"  {key} failed: {child}", flush=True)
+        result = run_worker(str(peers), "segmitos-tiatoolbox", cfg, work / f"cfg_{key}.json", timeout)
+        if isinstance(result, str):
+            runs[key] = {"skipped": result}
+            print(f"  {key} failed: {result}", flush=True)
             return
-        result = json.loads(Path(cfg["result_out"]).read_text())
-        result.update({"subprocess_wall_s": child["wall_s"], "peak_rss_largest_process_mib": child["peak_rss_mib"],
-                       "pipeline": what, "torchscript": exported})
-        result["_maps"] = [np.load(cfg["prob_out"].format(i))[:side, :side] for i in range(n)]
+        result.update({"pipeline": what, "torchscript": exported,
+                       "_maps": [np.load(cfg["prob_out"].format(i))[:side, :side] for i in range(n)]})
         runs[key] = result
 
     ours("ours", {}, f"python -m monai.bundle run --config_file bundles/segmitos/configs/inference.json, defaults: "
@@ -1297,20 +1303,15 @@ def run_segmitos(args: argparse.Namespace, work: Path, cache: Path, section: dic
            "tile_px": tile, "batch": args.segmitos_batch, "overlap": args.segmitos_monai_overlap,
            "mode": args.segmitos_monai_mode, "num_workers": bundle["num_workers"],
            "prob_out": str(work / "prob_monai.f32"), "result_out": str(work / "result_monai.json")}
-    (work / "cfg_monai.json").write_text(json.dumps(cfg))
     what = (f"MONAI model-zoo style: LoadImaged(PILReader) + ScaleIntensityRanged in a Dataset/DataLoader, "
             f"SlidingWindowInferer(roi_size {tile}, sw_batch_size {args.segmitos_batch}, overlap "
             f"{args.segmitos_monai_overlap}, mode {args.segmitos_monai_mode!r}) with the bundle's prepared network, "
             f"softmax, num_workers {bundle['num_workers']}")
     print(f"  monai_sliding_window: {what} (fresh process) ...", flush=True)
-    child = measure_child([sys.executable, str(script), "--worker", "segmitos-monai", str(work / "cfg_monai.json")],
-                          timeout)
-    if child.get("returncode") != 0:
-        raise RuntimeError(f"monai_sliding_window failed: {child}")
-    result = json.loads(Path(cfg["result_out"]).read_text())
-    flat = np.fromfile(cfg["prob_out"], np.float32).reshape(-1, side, side)
-    result.update({"subprocess_wall_s": child["wall_s"], "peak_rss_largest_process_mib": child["peak_rss_mib"],
-                   "pipeline": what, "_maps": list(flat)})
+    result = run_worker(sys.executable, "segmitos-monai", cfg, work / "cfg_monai.json", timeout)
+    if isinstance(result, str):
+        raise RuntimeError(result)
+    result.update({"pipeline": what, "_maps": read_captured(cfg["prob_out"], result["captured_shapes"])})
     runs["monai_sliding_window"] = result
     tiatoolbox("tiatoolbox_tiles", tile, f"SemanticSegmentor(patch_mode=False, auto_get_mask=False), "
                                          f"IOSegmentorConfig(baseline resolution, patch_input_shape {tile}, "
@@ -1335,22 +1336,20 @@ def run_segmitos(args: argparse.Namespace, work: Path, cache: Path, section: dic
         run["vs_ours_prob"]["mean_abs"] = float(np.mean([p["mean_abs"] for p in per]))
         dets = [detect_mitoses(m, MPP, bundle["sigma_um"], bundle["min_mean_score"], bundle["min_area_um2"])
                 for m in maps]
-        counts = [mitosis_counts(t, d[:, :2], radius_px=bundle["radius_px"]) for t, d in zip(truths, dets)]
-        tp, fp, fn = (sum(getattr(c, k) for c in counts) for k in ("tp", "fp", "fn"))
-        run["detections"] = {"n": int(sum(map(len, dets))), "tp": tp, "fp": fp, "fn": fn,
-                             "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None,
+        pooled = sum((mitosis_counts(t, d[:, :2], radius_px=bundle["radius_px"]) for t, d in zip(truths, dets)),
+                     DetectionCounts())
+        run["detections"] = {"n": int(sum(map(len, dets))), "tp": pooled.tp, "fp": pooled.fp, "fn": pooled.fn,
+                             "f1": None if math.isnan(pooled.f1) else pooled.f1,
                              "positions_xy": [d[:, :2].round(2).tolist() for d in dets]}
-        if key == "ours":
-            run["_dets"] = dets
-    ref_dets = runs["ours"].pop("_dets")
+        run["_dets"] = dets
+    ref_dets = runs["ours"]["_dets"]
     for key, run in runs.items():
-        if "skipped" in run or key == "ours":
+        if "skipped" in run:
             continue
-        same = 0
-        for mine, theirs in zip(ref_dets, run["detections"]["positions_xy"]):
-            theirs = np.asarray(theirs).reshape(-1, 2)
-            same += sum(bool(len(theirs)) and float(np.min(np.hypot(*(theirs - d[:2]).T))) <= 1.0 for d in mine)
-        run["detections"]["same_as_ours_within_1px"] = int(same)
+        dets = run.pop("_dets")
+        if key != "ours":  # detections paired one to one with ours within 1 px
+            run["detections"]["same_as_ours_within_1px"] = sum(
+                len(match_points(mine[:, :2], theirs[:, :2], 1.0)) for mine, theirs in zip(ref_dets, dets))
     base = runs["ours"]
     entry["ratios_over_ours"] = {key: {"pipeline_s": run["total_s"] / base["total_s"],
                                        "subprocess_wall_s": run["subprocess_wall_s"] / base["subprocess_wall_s"],

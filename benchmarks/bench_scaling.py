@@ -21,14 +21,16 @@ round(2084 x 0.25 / M) px) of the slide's grid whose centre lies on tissue, as `
 its work grows with the tissue area as the others' does. Tissue: Otsu mask at 8 um/px
 (``pathbundles.tissue.tissue_mask``, what the bundles use); the fraction and the area in mm^2 are recorded.
 
-Reported per bundle: seconds, seconds per mm^2 of tissue, peak RSS and peak RSS above the baseline at each size;
-a least-squares line ``seconds = a + b * tissue mm^2`` (a: the fixed start-up cost) with its largest relative
-residual; and for each larger slide the ratios of area, time and peak RSS to the smallest. ``results/scaling.png``
+Reported per bundle: seconds, seconds per mm^2 of tissue, the added seconds per added mm^2 from the next smaller
+slide, peak RSS and peak RSS above the baseline at each size; a least-squares line ``seconds = a + b * tissue mm^2``
+(a: the fixed start-up cost) with its largest relative residual; and for each larger slide the ratios of area, time
+and peak RSS to the smallest. ``results/scaling.png``
 plots time against tissue area and peak RSS against slide area for every bundle. Results of bundles and sizes not
 run are kept from the existing file (``--fresh`` drops them), so sizes can be added in separate runs.
 
-Full run (2 cores under load: about 25 min for 4096, 8192 and 16384 px; a 32768 px slide adds about 14 min for
-scannet, 11 for spatial_lstm and dmmn and 10 for segmitos's 117 HPFs):
+Full run (2 cores at load 1-2, 2026-12-07: about 10 min for 4096, 8192 and 16384 px; 32768 px took 1 min for
+scannet, 3 for spatial_lstm, 6 for dmmn and 7 for segmitos's 99 HPFs, plus 3-4 min to generate each of the two
+32768 px phantoms):
     ulimit -s 32768; PYTHONPATH=common MPLBACKEND=Agg .venv/bin/python benchmarks/bench_scaling.py
     ... .venv/bin/python benchmarks/bench_scaling.py --bundles scannet --sizes 32768
 Smoke run (about 3 min): ... .venv/bin/python benchmarks/bench_scaling.py --quick --out /tmp/scaling_quick.json
@@ -83,8 +85,8 @@ def phantom(cache: Path, kind: str, size: int, mpp: float) -> tuple[Path, str, f
             f"size_px={size}, mpp={mpp})", time.perf_counter() - start)
 
 
-def tissue(slide: Path) -> dict[str, Any]:
-    """Tissue fraction and area of the slide (Otsu at 8 um/px), its size and level-0 um/px, and the mask."""
+def tissue(slide: Path) -> tuple[dict[str, Any], Any]:
+    """Tissue fraction and area of the slide (Otsu at 8 um/px), its size and level-0 um/px; and the mask."""
     import numpy as np
 
     from pathbundles.tissue import tissue_mask
@@ -96,14 +98,15 @@ def tissue(slide: Path) -> dict[str, Any]:
     fraction = float(np.mean(np.asarray(mask.mask) != 0))
     area_mm2 = w * h * mpp * mpp / 1e6
     return {"level0_size": [w, h], "level0_mpp": mpp, "slide_area_mm2": area_mm2, "tissue_fraction": fraction,
-            "tissue_area_mm2": fraction * area_mm2, "mask": mask}
+            "tissue_area_mm2": fraction * area_mm2}, mask
 
 
-def hpf_boxes(slide: Path, info: dict[str, Any], folder: Path) -> tuple[Path, int]:
-    """Segmitos's datalist: every HPF box of the slide's grid whose centre is on tissue (JSON list, one slide)."""
+def hpf_boxes(slide: Path, info: dict[str, Any], mask: Any, folder: Path) -> tuple[Path, int]:
+    """Segmitos's datalist: every HPF box of the slide's grid whose centre is on the tissue ``mask`` (a
+    ``LevelMask``), as a JSON list of ``box`` items of the one slide."""
     import numpy as np
 
-    (w, h), mpp, mask = info["level0_size"], info["level0_mpp"], info["mask"]
+    (w, h), mpp = info["level0_size"], info["level0_mpp"]
     box = round(HPF_PX * HPF_MPP / mpp)
     ys, xs = np.meshgrid(np.arange(0, h - box + 1, box), np.arange(0, w - box + 1, box), indexing="ij")
     on = np.asarray(mask.at_level0(xs + box / 2, ys + box / 2)) != 0
@@ -189,6 +192,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def write_json(report: dict[str, Any], path: Path) -> None:
+    """The report, atomically."""
+    from pathbundles.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundles", default=",".join(BUNDLES), help="comma separated (default all four)")
@@ -208,13 +219,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     plot_path = args.plot or args.out.with_suffix(".png")
     if args.replot:
-        from pathbundles.atomic import atomic_path
-
         report = json.loads(args.out.read_text())
         for part in report["bundles"].values():
             part["summary"] = summarise(part["runs"], report["baseline"].get("peak_rss_mib"))
-        with atomic_path(args.out) as tmp:
-            tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_json(report, args.out)
         plot(report, plot_path)
         print(f"wrote {args.out} and {plot_path}")
         return
@@ -225,8 +233,6 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the bundle processes' torch threads
 
     from bench_dmmn import measure_child
-
-    from pathbundles.atomic import atomic_path
 
     old = json.loads(args.out.read_text()) if args.out.exists() and not args.fresh else {}
     report: dict[str, Any] = {
@@ -240,8 +246,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def write() -> None:
         report["updated"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        with atomic_path(args.out) as tmp:
-            tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_json(report, args.out)
 
     print("baseline (imports only) ...", flush=True)
     report["baseline"] = {"imports": BASELINE_IMPORTS,
@@ -261,13 +266,12 @@ def main(argv: list[str] | None = None) -> None:
             for size in sizes:
                 kind = "multiclass" if bundle == "dmmn" else "metastasis"
                 slide, generator, made_s = phantom(cache, kind, size, args.mpp)
-                info = tissue(slide)
-                mask = info.pop("mask")
+                info, mask = tissue(slide)
                 run: dict[str, Any] = {"size_px": size, "slide": {"file": slide.name, "generator": generator,
                                                                   "generated_s": made_s}, **info}
                 source: Path = slide
                 if bundle == "segmitos":
-                    source, run["hpfs"] = hpf_boxes(slide, {**info, "mask": mask}, tmp)
+                    source, run["hpfs"] = hpf_boxes(slide, info, mask, tmp)
                     run["work_unit"] = f"{run['hpfs']} HPFs of {HPF_PX} px at {HPF_MPP} um/px on tissue"
                     if not run["hpfs"]:
                         print(f"{bundle}: {size} px holds no whole HPF on tissue, skipped", flush=True)

@@ -50,13 +50,13 @@ def test_hpf_boxes_keep_the_grid_boxes_whose_centre_is_tissue(tmp_path):
     mask = np.zeros((75, 100), bool)
     mask[12:15, 38:41] = True
     level_mask = LevelMask(mask, mpp=20.0, level0_mpp=5.0, level0_size=(400, 300))
-    info = {"level0_size": [400, 300], "level0_mpp": 5.0, "mask": level_mask}
-    path, n = bench_scaling.hpf_boxes(tmp_path / "slide.tif", info, tmp_path)
+    info = {"level0_size": [400, 300], "level0_mpp": 5.0}
+    path, n = bench_scaling.hpf_boxes(tmp_path / "slide.tif", info, level_mask, tmp_path)
     assert n == 1
     assert json.loads(path.read_text()) == [{"image": str(tmp_path / "slide.tif"), "box": [104, 0, 104, 104],
                                              "mpp": 5.0}]
     mask[:] = True
-    _, n_all = bench_scaling.hpf_boxes(tmp_path / "slide.tif", info, tmp_path)
+    _, n_all = bench_scaling.hpf_boxes(tmp_path / "slide.tif", info, level_mask, tmp_path)
     assert n_all == 6
 
 
