@@ -76,10 +76,10 @@ SegMitos (``run_segmitos``, ``--bundles segmitos``). The shipped ``bundles/segmi
 ``--segmitos-hpfs`` phantom HPFs (``make_phantom(kind="mitosis", seed=10, size_px=--segmitos-side, mpp=0.25)``,
 PNG files with ground-truth centroids), each pipeline in a fresh process under bench_dmmn.py's ``measure_child``:
 
-(a) ``ours``: the bundle's own inference (``monai.bundle.run`` of configs/inference.json with the HPFs as its
-    datalist): each HPF in one pass (``whole_max_px`` 2560 on a CPU), BatchNorm folded, channels_last, outputs
-    as always (detection CSV, GeoJSON, ASAP XML, map and overlay PNGs, counts, report). ``bundle_ours_worker``
-    copies each HPF's stitched mitosis map out of ``SegMitosInferer`` for the comparison.
+(a) ``ours``: the bundle's own inference (``monai.bundle.run`` of configs/inference.json, ``--data_source`` a
+    datalist file of the HPFs): each HPF in one pass (``whole_max_px`` 2560 on a CPU), BatchNorm folded,
+    channels_last, outputs as always (detection CSV, GeoJSON, ASAP XML, map and overlay PNGs, counts, report).
+    ``bundle_ours_worker`` copies each HPF's stitched mitosis map out of ``SegMitosInferer`` for the comparison.
 (b) ``ours_no_images``: the same with ``write_images`` false (no map or overlay PNGs; detections and the report
     are still written); ``ours_tiled``: with ``whole_max_px`` 0, every HPF in the bundle's 1024 px tiles with
     256 px context.
@@ -1245,6 +1245,10 @@ def run_segmitos(args: argparse.Namespace, work: Path, cache: Path, section: dic
                                                  "NCHW)"}
     datalist, generator = segmitos_hpfs(cache, n, side)
     truths = [read_points_csv(it["centroids"], "xy")[0] for it in datalist]
+    # The bundle reads the HPFs as users give them, a datalist file (--data_source): file paths never pass through
+    # the config parser, which would evaluate a value starting with "$".
+    datalist_file = work / "hpfs.json"
+    datalist_file.write_text(json.dumps(datalist))
     weights, weights_label = segmitos_snapshot(work)
     if weights is None:
         raise RuntimeError("bundles/segmitos/models/model.pt is missing: the comparison runs the shipped weights")
@@ -1261,8 +1265,8 @@ def run_segmitos(args: argparse.Namespace, work: Path, cache: Path, section: dic
         cfg = {"config": str(SEGMITOS_CONFIG), "threads": args.threads, "capture": "inferer",
                "inferer": "pathbundles.segmitos.SegMitosInferer", "capture_channel": 1,
                "prob_out": str(work / f"prob_{key}.f32"), "result_out": str(work / f"result_{key}.json"),
-               "run_kwargs": {"datalist": datalist, "output_dir": str(work / f"out_{key}"), "ckpt_path": weights,
-                              **overrides}}
+               "run_kwargs": {"data_source": str(datalist_file), "output_dir": str(work / f"out_{key}"),
+                              "ckpt_path": weights, **overrides}}
         print(f"  {key}: {what} (fresh process) ...", flush=True)
         result = run_worker(sys.executable, "bundle-ours", cfg, work / f"cfg_{key}.json", timeout)
         if isinstance(result, str):
