@@ -52,6 +52,27 @@ def test_components_diagonal_pixels_are_one_component() -> None:
     assert len(det) == 1  # 8-connectivity
 
 
+def test_components_saturated_plateau_keeps_its_position_across_one_ulp() -> None:
+    """A lesion saturated at 1.0: two runtimes round a pixel to 1.0 or to the float32 below it; the detection stays on
+    the first plateau pixel in raster order, where an exact tie moved it across the lesion (scannet's ONNX export
+    against the folded channels_last network on an AVX-512 CPU)."""
+    below_one = np.nextafter(np.float32(1), np.float32(0))
+    prob = np.zeros((12, 12), dtype=np.float32)
+    prob[2:9, 2:9] = 1.0
+    prob[2, 2:9] = below_one  # runtime A: the top row just under 1
+    a = detections_from_components(prob, MAP_MPP, LEVEL0_MPP, opening_px=0)
+    prob[2, 2:9] = 1.0        # runtime B: all of it at 1
+    b = detections_from_components(prob, MAP_MPP, LEVEL0_MPP, opening_px=0)
+    np.testing.assert_array_equal(a[:, 1:], b[:, 1:])
+    np.testing.assert_allclose(a[:, 1:], [[2 * 32 + 16, 2 * 32 + 16]])
+    assert a[0, 0] == 1.0 and b[0, 0] == 1.0
+    # Beyond the tolerance the maximum decides: 0.9 at (row 2, col 5) before 0.95 at (row 6, col 3).
+    prob[2:9, 2:9] = 0.7
+    prob[2, 5], prob[6, 3] = 0.9, 0.95
+    c = detections_from_components(prob, MAP_MPP, LEVEL0_MPP, opening_px=0)
+    np.testing.assert_allclose(c, [[0.95, 3 * 32 + 16, 6 * 32 + 16]], rtol=1e-6)
+
+
 def test_components_empty_map() -> None:
     assert detections_from_components(np.zeros((8, 8)), MAP_MPP, LEVEL0_MPP).shape == (0, 3)
 

@@ -85,13 +85,21 @@ def _disk(radius: float) -> np.ndarray:
     return (yy * yy + xx * xx) <= radius * radius
 
 
+#: Probabilities within this of a component's maximum tie with it for the detection's position
+#: (:func:`detections_from_components`); float32 resolves about 6e-8 near 1.
+POSITION_TIE = 1e-6
+
+
 def detections_from_components(prob: np.ndarray, map_mpp: float, level0_mpp: float,
                                origin_xy: tuple[float, float] | None = None, threshold: float = 0.5,
                                opening_px: int = 1) -> np.ndarray:
     """ScanNet post-processing: threshold, morphological opening, 8-connected components, one detection each.
 
-    Each component gives one detection whose score is the component's maximum probability, placed at that
-    maximum (first in raster order on ties). All labels 1..n are used (the background label 0 is not a component).
+    Each component gives one detection whose score is the component's maximum probability, placed at the first
+    pixel in raster order within :data:`POSITION_TIE` of that maximum. The tolerance keeps a saturated or flat
+    maximum in place across runtimes: such a maximum is a plateau whose exact float values depend on how the network
+    ran (folded, channels_last, TorchScript, ONNX, bfloat16); before, ``ndimage.maximum_position`` took an undefined
+    pixel of an exact tie, so one ulp could move the detection across the lesion. All labels 1..n are used (the background label 0 is not a component).
 
     Args:
         prob: (H, W) probability map.
@@ -116,8 +124,13 @@ def detections_from_components(prob: np.ndarray, map_mpp: float, level0_mpp: flo
     if n == 0:
         return np.zeros((0, 3))
     index = np.arange(1, n + 1)
-    scores = ndimage.maximum(prob, labels, index)
-    positions = np.asarray(ndimage.maximum_position(prob, labels, index), dtype=np.float64).reshape(-1, 2)
+    scores = np.asarray(ndimage.maximum(prob, labels, index), dtype=np.float64).reshape(-1)
+    top = np.concatenate([[np.inf], scores])  # per label; the background (0) ties with nothing
+    # The first near-maximum pixel of each label in raster order (flatnonzero is ascending; np.unique's index is the
+    # first occurrence). ndimage.maximum_position is not used: on ties it returns no defined pixel.
+    candidates = np.flatnonzero((labels > 0) & (prob >= top[labels] - POSITION_TIE))
+    _, first = np.unique(labels.reshape(-1)[candidates], return_index=True)
+    positions = np.stack(np.divmod(candidates[first], prob.shape[1]), axis=1).astype(np.float64)
     return _detections(scores, geometry.to_level0(positions))
 
 
