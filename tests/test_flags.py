@@ -110,7 +110,7 @@ def test_bundle_command_line_false_turns_tta_off(tmp_path: Path) -> None:
         return subprocess.run(
             [sys.executable, "-m", "monai.bundle", "run", "probe", "--config_file",
              str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
-             "--probe", "$print('tta =', @inferer.tta)", "--tta", value],
+             "--probe", "$print('tta =', @network_inferer.tta)", "--tta", value],
             capture_output=True, text=True, timeout=300, cwd=tmp_path)
 
     run = probe("false")

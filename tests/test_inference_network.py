@@ -144,3 +144,57 @@ def test_every_bundle_config_with_a_checkpoint_loader_prepares_the_network_after
             assert handlers[at + 1] == "@prepare_network", config
         if config.name == "exported.json":
             assert doc["fold_batchnorm"] is False and doc["channels_last"] is False, config
+
+
+#: bfloat16 autocast against float32, per bundle: the largest probability difference allowed on a random input
+#: through the bundle's own inferer with its shipped network (measured 2026-12-07: scannet 2.7e-6, spatial_lstm
+#: 1.3e-4, segmitos 4.2e-3, dmmn 0.091 on noise; the held-out phantoms' metrics are in benchmarks/bench_autocast.py).
+AUTOCAST = {
+    "scannet/models/model.pt": ({"lp": 4}, 0.01),
+    "spatial_lstm/models/model.pt": ({"tile_px": 2, "tta": False}, 0.01),
+    "segmitos/models/model.pt": ({}, 0.05),
+    "dmmn/models/model.pt": ({}, 0.25),
+}
+
+
+def _autocast_input(bundle: str, inferer) -> torch.Tensor:
+    geometry = getattr(getattr(inferer, "inferer", None), "geometry", None)
+    if bundle == "dmmn":
+        return torch.rand(1, 9, 256, 256) * 2 - 1
+    if bundle == "segmitos":
+        return torch.rand(1, 3, 320, 352) * 2 - 1
+    return torch.rand(1, 3, geometry.read_px, geometry.read_px) * 2 - 1
+
+
+@pytest.mark.parametrize("weights", sorted(AUTOCAST))
+def test_autocast_key_is_off_by_default_and_bfloat16_stays_close(weights: str) -> None:
+    """Each bundle's ``inferer`` is its method's inferer under ``AutocastInferer``, off by default (the float32
+    result exactly); ``--autocast true`` runs the shipped network in bfloat16 within the stated difference."""
+    from pathbundles.inferers import AutocastInferer
+
+    bundle, overrides, _ = SHIPPED[weights]
+    parser = ConfigParser()
+    parser.read_config(REPO / "bundles" / bundle / "configs" / "inference.json")
+    parser.update({**overrides, **AUTOCAST[weights][0]})
+    inferer = parser.get_parsed_content("inferer")
+    assert isinstance(inferer, AutocastInferer) and inferer.enabled is False and inferer.dtype == torch.bfloat16
+    if bundle != "dmmn":
+        assert inferer.inferer is parser.get_parsed_content("network_inferer")
+    network = prepare_for_inference(_shipped_network(weights), channels_last=True)
+    torch.manual_seed(1)
+    x = _autocast_input(bundle, inferer)
+    with torch.no_grad():
+        plain = inferer.inferer(x, network)
+        off = inferer(x, network)
+        inferer.enabled = True
+        on = inferer(x, network)
+    assert torch.equal(off, plain)
+    if bundle == "dmmn":  # the bare network: logits in bfloat16
+        assert on.dtype == torch.bfloat16
+        plain, on = plain.softmax(1), on.float().softmax(1)
+    else:
+        assert on.dtype == torch.float32
+    assert on.shape == plain.shape
+    difference = float((on - plain).abs().max())
+    assert 0 < difference <= AUTOCAST[weights][1], (weights, difference)
+    assert float((on.argmax(1) == plain.argmax(1)).float().mean()) >= 0.95

@@ -38,3 +38,28 @@ def test_gradients_flow_in_float32_parameters() -> None:
 def test_unknown_dtype_name_is_refused() -> None:
     with pytest.raises(ValueError, match="half_precision"):
         AutocastInferer("half_precision")
+
+
+class _Doubling:
+    """An inferer of its own that casts the network's output to float32, as the method inferers do."""
+
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
+        self.dtype_seen = network(inputs).dtype
+        return torch.softmax(network(inputs).float(), dim=1) * 2
+
+
+def test_wraps_another_inferer_whose_network_calls_run_in_bfloat16() -> None:
+    net, x = _net(), torch.rand(2, 3, 16, 16)
+    inner = _Doubling()
+    with torch.no_grad():
+        out = AutocastInferer("bfloat16", inferer=inner)(x, net)
+        assert inner.dtype_seen == torch.bfloat16 and out.dtype == torch.float32
+        full = torch.softmax(net(x), dim=1) * 2
+        assert float((out - full).abs().max()) < 0.02 and not torch.equal(out, full)
+        off = AutocastInferer("bfloat16", enabled=False, inferer=inner)(x, net)
+    assert inner.dtype_seen == torch.float32 and torch.equal(off, full)
+
+
+def test_an_inferer_that_is_not_callable_is_refused() -> None:
+    with pytest.raises(TypeError, match="inferer must be an inferer"):
+        AutocastInferer(inferer="ScanNetInferer")

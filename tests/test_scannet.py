@@ -168,7 +168,7 @@ def _bundle_scan(alpha: int, item: dict, width: float | None = None,
         parser["width"] = width
         torch.manual_seed(1)
         net = _random_bn(parser.get_parsed_content("network_def"))
-    geometry = parser.get_parsed_content("inferer").geometry
+    geometry = parser.get_parsed_content("network_inferer").geometry
     dataset = parser.get_parsed_content("dataset")
     region = next(dataset[i]["image"] for i in range(len(dataset)))
     return net.double().eval(), torch.as_tensor(region).double()[None], geometry
