@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import importlib.metadata
+import json
 import os
 import platform
 import shutil
@@ -97,6 +98,33 @@ def median_time(fn: Callable[[], Any], repeats: int, device: str = "cpu",
         sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times), times, out
+
+
+def fma_peak(threads: int, seconds: float = 2.0, kinds: Iterable[str] = ("avx512", "avx2", "bf16")
+             ) -> dict[str, Any]:
+    """The CPU's arithmetic peak in GFLOP/s per ``kinds`` (float32 AVX-512 / AVX2 FMA, bfloat16 dot products),
+    measured by benchmarks/fma_peak.c with ``threads`` threads: register-only FMA chains, the roofline's compute
+    ceiling. Built with the machine's C compiler (``cc -O3 -march=native -fopenmp``) into a temporary folder; a
+    kind the CPU or compiler lacks, or a missing compiler, is recorded as ``{"error": ...}``."""
+    import subprocess
+    import tempfile
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return {kind: {"error": "no C compiler (cc, gcc) on PATH"} for kind in kinds}
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="fma_peak_") as tmp:
+        binary = Path(tmp) / "fma_peak"
+        build = subprocess.run([compiler, "-O3", "-march=native", "-fopenmp", str(REPO / "benchmarks" / "fma_peak.c"),
+                                "-o", str(binary)], capture_output=True, text=True, check=False)
+        if build.returncode:
+            return {kind: {"error": f"build failed: {build.stderr.strip()[-300:]}"} for kind in kinds}
+        for kind in kinds:
+            run = subprocess.run([str(binary), kind, str(threads), str(seconds)], capture_output=True, text=True,
+                                 check=False, timeout=60 + 10 * seconds)
+            results[kind] = (json.loads(run.stdout.strip().splitlines()[-1]) if run.returncode == 0
+                             else {"error": run.stderr.strip() or f"exit {run.returncode}"})
+    return results
 
 
 def matmul_peak(n: int, repeats: int, device: str = "cpu") -> dict[str, Any]:

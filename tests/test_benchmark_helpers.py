@@ -1,4 +1,5 @@
-"""The arithmetic the benchmark scripts report with: the scaling fit, segmitos's HPF grid and map agreement."""
+"""The arithmetic the benchmark scripts report with: the scaling fit, segmitos's HPF grid and map agreement, the
+per-layer roofline's FLOPs and bytes, the FMA peak program, and bench_autocast's output comparisons."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import bench_autocast  # noqa: E402
+import bench_inference_network  # noqa: E402
 import bench_peers  # noqa: E402
 import bench_scaling  # noqa: E402
+import machine  # noqa: E402
 
 from pathbundles.tissue import LevelMask  # noqa: E402
 
@@ -69,3 +73,48 @@ def test_segmitos_compare_splits_border_and_interior():
     assert got["interior_max_abs"] == pytest.approx(0.1)
     assert got["mean_abs"] == pytest.approx(0.6 / 100)
     assert got["interior_mean_abs"] == pytest.approx(0.1 / 36)
+
+
+def test_layer_flops_and_bytes_match_hand_counts():
+    import torch
+
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1, groups=2)  # 6 x (2 x 3 x 3) weights + 6 biases = 114 parameters
+    x = torch.zeros(1, 4, 5, 7)
+    flops, nbytes = bench_inference_network.layer_flops_bytes(conv, x, conv(x))
+    assert flops == 2 * (6 * 5 * 7) * (2 * 9)  # 2 per multiply-add, 18 per output value
+    assert nbytes == 4 * (4 * 35 + 6 * 35 + 114)
+    linear = torch.nn.Linear(10, 3)
+    x = torch.zeros(2, 10)
+    flops, nbytes = bench_inference_network.layer_flops_bytes(linear, x, linear(x))
+    assert (flops, nbytes) == (2 * 6 * 10, 4 * (20 + 6 + 33))
+
+
+def test_fma_peak_program_measures_a_positive_rate():
+    import shutil
+
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler: the benchmark records the error instead")
+    result = machine.fma_peak(threads=1, seconds=0.05, kinds=("avx2", "no_such_kind"))
+    assert result["no_such_kind"]["error"].startswith("no_such_kind: not built")
+    avx2 = result["avx2"]
+    if "error" in avx2:
+        pytest.skip(f"this CPU or compiler has no AVX2 FMA: {avx2['error']}")
+    assert avx2["threads"] == 1 and avx2["seconds"] >= 0.05 and avx2["gflops"] > 0.1
+
+
+def test_autocast_comparisons_of_written_outputs(tmp_path):
+    from PIL import Image
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, values in ((a, [0, 255, 10]), (b, [3, 250, 10])):
+        (folder / "maps").mkdir(parents=True)
+        Image.fromarray(np.array([values], dtype=np.uint8)).save(folder / "maps" / "h.png")
+        (folder / "detections").mkdir()
+        (folder / "detections" / "h.csv").write_text("10,10,0.9\n50,50,0.8\n" if folder == a else "12,13,0.9\n")
+    maps = bench_autocast.map_difference(a, b, "maps/*.png")
+    assert maps["maps"] == 1
+    assert maps["max_abs_probability_difference"] == pytest.approx(5 / 255)
+    assert maps["mean_abs_probability_difference"] == pytest.approx(8 / 255 / 3)
+    near = bench_autocast.detection_agreement(a, b)
+    assert (near["float32"], near["bfloat16"]) == (2, 1)
+    assert (near["float32_near_bfloat16"], near["bfloat16_near_float32"]) == (1, 1)  # (10, 10)-(12, 13): 3.6 px

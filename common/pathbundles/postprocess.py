@@ -99,7 +99,8 @@ def detections_from_components(prob: np.ndarray, map_mpp: float, level0_mpp: flo
     pixel in raster order within :data:`POSITION_TIE` of that maximum. The tolerance keeps a saturated or flat
     maximum in place across runtimes: such a maximum is a plateau whose exact float values depend on how the network
     ran (folded, channels_last, TorchScript, ONNX, bfloat16); before, ``ndimage.maximum_position`` took an undefined
-    pixel of an exact tie, so one ulp could move the detection across the lesion. All labels 1..n are used (the background label 0 is not a component).
+    pixel of an exact tie, so one ulp could move the detection across the lesion. All labels 1..n are used (the
+    background label 0 is not a component).
 
     Args:
         prob: (H, W) probability map.
