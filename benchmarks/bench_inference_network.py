@@ -48,7 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import (cpu_bf16_flags, fma_peak, machine_info, matmul_peak,  # noqa: E402  (the script's folder)
-                     median_time)
+                     median_time, sync)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "common"))
@@ -100,7 +100,12 @@ def memory_bandwidth(repeats: int = 7, mib: int = 256) -> dict[str, Any]:
             "gbytes_per_s_best": 3 * 4 * n / min(times) / 1e9}
 
 
-def measure_peaks(threads: int) -> dict[str, Any]:
+def measure_peaks(threads: int, device: str = "cpu") -> dict[str, Any]:
+    """The CPU's FMA peaks, matmul rate and bandwidth; on a GPU only the 8192^2 float32 matmul rate (its FMA peak
+    is the card's datasheet figure, not measured here)."""
+    if device != "cpu":
+        return {"fma": None, "float32_gflops": None, "bfloat16_gflops": None,
+                "matmul": matmul_peak(8192, 7, device), "bandwidth": None}
     fma = fma_peak(threads)
     fp32 = [fma[k]["gflops"] for k in ("avx512", "avx2") if "gflops" in fma.get(k, {})]
     return {"fma": fma, "float32_gflops": max(fp32) if fp32 else None,
@@ -163,23 +168,31 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile of the folded channels_last network (compile time recorded)")
     parser.add_argument("--no-layers", action="store_true", help="leave the per-layer roofline out")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: the networks on the GPU (benchmarks/gpu.sh); no FMA peak and no roofline there")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "inference_network.json"))
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
+    device = args.device
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     report: dict[str, Any] = {
         "machine": machine_info(["torch"]), "cpu_bf16_flags": cpu_bf16_flags(), "threads": args.threads,
         "repeats": args.repeats, "load_average_at_start": list(os.getloadavg()),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "entries": []}
-    peaks_before = measure_peaks(args.threads)
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": device, "entries": []}
+    if device == "cuda":
+        report["cuda"] = {"device": torch.cuda.get_device_name(0), "cuda": torch.version.cuda,
+                          "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32}
+    peaks_before = measure_peaks(args.threads, device)
     print(f"peaks: float32 FMA {peaks_before['float32_gflops']} GFLOP/s, bfloat16 {peaks_before['bfloat16_gflops']}, "
           f"matmul {peaks_before['matmul']['gflops_median']:.1f}, bandwidth "
-          f"{peaks_before['bandwidth']['gbytes_per_s']:.1f} GB/s", flush=True)
+          f"{(peaks_before['bandwidth'] or {}).get('gbytes_per_s')} GB/s", flush=True)
     for bundle, width, plain, shape in networks():
         if args.only and bundle.split()[0] not in args.only.split(","):
             continue
-        plain = _randomise_norms(plain)
-        x = torch.rand(shape) * 2 - 1
+        plain = _randomise_norms(plain).to(device)
+        x = (torch.rand(shape) * 2 - 1).to(device)
         fast = prepare_for_inference(copy.deepcopy(plain), fold=True, channels_last=True)
         variants: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
             "plain": plain,
@@ -202,8 +215,10 @@ def main() -> None:
             diffs = {k: float((m(x) - reference).abs().max() / reference.std()) for k, m in variants.items()}
             for _ in range(args.repeats):
                 for key, network in variants.items():
+                    sync(device)
                     start = time.perf_counter()
                     network(x)
+                    sync(device)
                     times[key].append(time.perf_counter() - start)
         median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
         entry = {"bundle": bundle, "width": width, "input_shape": list(shape), "gflop_per_pass": flops / 1e9,
@@ -211,14 +226,14 @@ def main() -> None:
                  "achieved_gflops": {k: flops / t / 1e9 for k, t in median.items()},
                  "speedup_over_plain": {k: median["plain"] / t for k, t in median.items()},
                  "max_abs_diff_over_output_std": diffs, "compile_seconds": compile_seconds}
-        if not args.no_layers:
+        if not args.no_layers and device == "cpu":
             entry["roofline"] = layer_roofline(fast, x, args.repeats, median["folded_channels_last"],
                                                peaks_before["float32_gflops"],
                                                peaks_before["bandwidth"]["gbytes_per_s"])
         report["entries"].append(entry)
         print(f"{bundle:13s} {width:11s} {flops / 1e9:8.1f} GFLOP  " + "  ".join(
             f"{k} {t:7.3f} s ({flops / t / 1e9:6.1f} GF/s)" for k, t in median.items()), flush=True)
-    peaks_after = measure_peaks(args.threads)
+    peaks_after = measure_peaks(args.threads, device)
     report["peaks"] = {"before": peaks_before, "after": peaks_after}
     used = {key: min(v for v in (peaks_before[key], peaks_after[key]) if v is not None) if peaks_before[key] else None
             for key in ("float32_gflops", "bfloat16_gflops")}

@@ -7,7 +7,10 @@ Three measurements (see benchmarks/README.md for the numbers and the machine):
    must agree (max abs difference reported); seconds per ROI of each and their ratio. Done for the demo network
    (width 0.125, batch norm) at lp 16 (724 px ROI), alpha 1 and 2, and for the paper's full-width network
    (width 1.0, no batch norm) at a smaller ROI (lp 6, 404 px; alpha 1 and 2), where patch-wise scanning is slow.
-   No extrapolation to the paper's 2868 px ROI is made: only measured sizes are reported.
+   No extrapolation to the paper's 2868 px ROI is made: only measured sizes are reported. ``--paper-roi`` adds the
+   paper's own comparison (Table 4: full width at lp 83, a 2868 px ROI, alpha 1; 0.018 against 0.975 min on a GPU,
+   54x), hours of patch-wise work on a CPU, minutes on a GPU: ``--device cuda`` runs this part on the GPU
+   (``benchmarks/gpu.sh``), float32 with torch's defaults (cuDNN convolutions may use TF32; the JSON records it).
 2. A whole phantom metastasis slide (make_phantom, 4096 x 4096 px at 0.5 um/px, seed 11) scanned at 1.0 um/px by
    (a) our pipeline: ``SlideROIDataset`` over tissue ROIs + ``predict_maps`` with ``ScanNetInferer(lp=24, alpha=1)``
    and (b) MONAI model-zoo style: ``MaskedPatchWSIDataset`` (locations from our tissue mask on the same stride-32
@@ -117,23 +120,24 @@ def patchwise_scan(net: nn.Module, region: torch.Tensor, geometry: ScanGeometry,
 
 
 def bench_roi(label: str, spec: dict, lp: int, alpha: int, repeats_fcn: int, repeats_patch: int,
-              batch: int, peak_gflops: float) -> dict[str, Any]:
+              batch: int, peak_gflops: float, device: str = "cpu") -> dict[str, Any]:
     geometry = ScanGeometry(lp=lp, alpha=alpha)
-    net = make_net(spec)
+    net = make_net(spec).to(device)
     gen = torch.Generator().manual_seed(1234)
-    region = torch.rand(1, 3, geometry.read_px, geometry.read_px, generator=gen) * 2 - 1
+    region = (torch.rand(1, 3, geometry.read_px, geometry.read_px, generator=gen) * 2 - 1).to(device)
     with torch.no_grad():
-        t_fcn, fcn_times, fcn_out = median_time(lambda: dense_scan(net, region, geometry), repeats_fcn)
+        t_fcn, fcn_times, fcn_out = median_time(lambda: dense_scan(net, region, geometry), repeats_fcn, device)
         net(region[:, :, :PATCH_PX, :PATCH_PX].expand(batch, -1, -1, -1).contiguous())  # warm-up: one batch
         t_patch, patch_times, patch_out = median_time(lambda: patchwise_scan(net, region, geometry, batch),
-                                                      repeats_patch, warmup=0)
+                                                      repeats_patch, device, warmup=0)
     diff = float((fcn_out - patch_out).abs().max())
     scale = float(fcn_out.abs().max())
     n_patches = (alpha * lp) ** 2
     fcn_macs = alpha ** 2 * conv_macs(net, geometry.roi_px)
     patch_macs = n_patches * conv_macs(net, PATCH_PX)
     entry = {
-        "label": label, "width": spec["width"], "batch_norm": spec["batch_norm"], "lp": lp, "alpha": alpha,
+        "label": label, "device": device, "width": spec["width"], "batch_norm": spec["batch_norm"], "lp": lp,
+        "alpha": alpha,
         "roi_px": geometry.roi_px, "read_px": geometry.read_px, "stride_px": geometry.dense_stride_px,
         "predictions_per_roi": n_patches, "patch_batch": batch,
         "fcn_s_per_roi": t_fcn, "fcn_times_s": fcn_times, "patchwise_s_per_roi": t_patch,
@@ -418,8 +422,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-roi", action="store_true",
                         help="skip the ROI and FLOP parts; their sections (with their own date and load) are "
                              "carried over from an existing --out file")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the ROI part runs (the whole-slide part is CPU only; gpu.sh skips it)")
+    parser.add_argument("--paper-roi", action="store_true",
+                        help="add the paper's Table 4 ROI: full width, lp 83 (2868 px), alpha 1 (hours on a CPU)")
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
     if args.worker:
         print(json.dumps(worker(args.worker[0], json.loads(args.worker[1]))))
         return
@@ -440,6 +450,14 @@ def main(argv: list[str] | None = None) -> None:
         roi_runs = [("demo", DEMO, 16, 1, 5, 3), ("demo", DEMO, 16, 2, 5, 3),
                     ("paper full width", PAPER, 6, 1, 3, 2), ("paper full width", PAPER, 6, 2, 3, 2)]
         matmul_n, matmul_repeats, slide_px, slide_lp = 2048, 10, SLIDE_PX, 24
+    if args.paper_roi:
+        roi_runs.append(("paper full width, Table 4 ROI", PAPER, 83, 1, 3, 1))
+    if args.device == "cuda":
+        matmul_n = 4096
+        report["cuda"] = {"device": torch.cuda.get_device_name(0), "cuda": torch.version.cuda,
+                          "cudnn": torch.backends.cudnn.version(),
+                          "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+                          "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32}
 
     if args.skip_roi:
         previous = json.loads(args.out.read_text())
@@ -451,14 +469,15 @@ def main(argv: list[str] | None = None) -> None:
             "seconds": previous.get("benchmark_wall_s"), "note": "times of the whole earlier run"}
         report["roi_part_carried_over"] = True
     else:
-        print(f"matmul peak ({matmul_n}^3 float32, {args.threads} threads) ...", flush=True)
-        peak = matmul_peak(matmul_n, matmul_repeats)
+        print(f"matmul peak ({matmul_n}^3 float32, {args.device}, {args.threads} threads) ...", flush=True)
+        peak = matmul_peak(matmul_n, matmul_repeats, args.device)
         report["matmul_peak"] = peak
         print(f"  {peak['gflops_median']:.1f} GFLOP/s (median), {peak['gflops_best']:.1f} best", flush=True)
 
         print("one ROI, FCN dense scan vs patch by patch (random input, same weights):", flush=True)
         report["roi"] = [bench_roi(label, spec, lp, alpha, rf, rp, args.patch_batch if spec is DEMO else 16,
-                                   peak["gflops_median"]) for label, spec, lp, alpha, rf, rp in roi_runs]
+                                   peak["gflops_median"], args.device)
+                         for label, spec, lp, alpha, rf, rp in roi_runs]
         report["roi_part_run"] = {"date": report["date"], "load_average_at_start": load_start,
                                   "load_average_at_end": list(os.getloadavg()),
                                   "seconds": time.perf_counter() - started}

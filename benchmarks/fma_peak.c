@@ -20,68 +20,44 @@
 
 static double now(void) { return omp_get_wtime(); }
 
-#if defined(__AVX512F__)
-static double run_avx512(double seconds, long *iterations) {
-    __m512 acc[CHAINS], a = _mm512_set1_ps(1.0000001f), b = _mm512_set1_ps(0.9999999f);
-    for (int i = 0; i < CHAINS; i++) acc[i] = _mm512_set1_ps((float)i);
-    long n = 0;
-    double start = now(), t;
-    do {
-        for (int k = 0; k < INNER; k++)
-#pragma GCC unroll 16
-            for (int i = 0; i < CHAINS; i++) acc[i] = _mm512_fmadd_ps(acc[i], a, b);
-        n += INNER;
-    } while ((t = now() - start) < seconds);
-    float sink = 0;
-    for (int i = 0; i < CHAINS; i++) sink += _mm512_reduce_add_ps(acc[i]);
-    if (sink == 12345.0f) printf("#");  /* keeps the chains alive */
-    *iterations = n;
-    return t;
-}
-#endif
-
-#if defined(__AVX512BF16__)
-static double run_bf16(double seconds, long *iterations) {
-    __m512 acc[CHAINS];
-    __m512bh a = (__m512bh)_mm512_set1_epi16(0x3f80), b = (__m512bh)_mm512_set1_epi16(0x3c00);
-    for (int i = 0; i < CHAINS; i++) acc[i] = _mm512_set1_ps((float)i);
-    long n = 0;
-    double start = now(), t;
-    do {
-        for (int k = 0; k < INNER; k++)
-#pragma GCC unroll 16
-            for (int i = 0; i < CHAINS; i++) acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
-        n += INNER;
-    } while ((t = now() - start) < seconds);
-    float sink = 0;
-    for (int i = 0; i < CHAINS; i++) sink += _mm512_reduce_add_ps(acc[i]);
-    if (sink == 12345.0f) printf("#");
-    *iterations = n;
-    return t;
-}
-#endif
-
-#if defined(__AVX2__) && defined(__FMA__)
-static double run_avx2(double seconds, long *iterations) {
-    __m256 acc[CHAINS], a = _mm256_set1_ps(1.0000001f), b = _mm256_set1_ps(0.9999999f);
-    for (int i = 0; i < CHAINS; i++) acc[i] = _mm256_set1_ps((float)i);
-    long n = 0;
-    double start = now(), t;
-    do {
-        for (int k = 0; k < INNER; k++)
-#pragma GCC unroll 16
-            for (int i = 0; i < CHAINS; i++) acc[i] = _mm256_fmadd_ps(acc[i], a, b);
-        n += INNER;
-    } while ((t = now() - start) < seconds);
-    float lanes[8], sink = 0;
-    for (int i = 0; i < CHAINS; i++) {
-        _mm256_storeu_ps(lanes, acc[i]);
-        for (int j = 0; j < 8; j++) sink += lanes[j];
+/* One kernel per instruction: CHAINS accumulators of type VEC, each updated by STEP(acc, a, b) INNER times per
+ * clock check, until SECONDS have passed; the accumulators' sum is printed only if it is an impossible value, so the
+ * compiler must keep every chain. Returns the seconds run and sets *ITERATIONS to the steps per chain. */
+#define FMA_KERNEL(NAME, VEC, ACC_INIT, A_TYPE, A_INIT, B_INIT, STEP)                                   \
+    static double NAME(double seconds, long *iterations) {                                             \
+        VEC acc[CHAINS];                                                                               \
+        A_TYPE a = A_INIT, b = B_INIT;                                                                 \
+        for (int i = 0; i < CHAINS; i++) acc[i] = ACC_INIT((float)i);                                  \
+        long n = 0;                                                                                    \
+        double start = now(), t;                                                                       \
+        do {                                                                                           \
+            for (int k = 0; k < INNER; k++) {                                                          \
+                _Pragma("GCC unroll 16") for (int i = 0; i < CHAINS; i++) acc[i] = STEP(acc[i], a, b); \
+            }                                                                                          \
+            n += INNER;                                                                                \
+        } while ((t = now() - start) < seconds);                                                       \
+        float lanes[sizeof(VEC) / sizeof(float)], sink = 0;                                            \
+        for (int i = 0; i < CHAINS; i++) {                                                             \
+            memcpy(lanes, &acc[i], sizeof(VEC));                                                       \
+            for (size_t j = 0; j < sizeof(VEC) / sizeof(float); j++) sink += lanes[j];                 \
+        }                                                                                              \
+        if (sink == 12345.0f) printf("#");                                                             \
+        *iterations = n;                                                                               \
+        return t;                                                                                      \
     }
-    if (sink == 12345.0f) printf("#");
-    *iterations = n;
-    return t;
-}
+
+#if defined(__AVX512F__)
+FMA_KERNEL(run_avx512, __m512, _mm512_set1_ps, __m512, _mm512_set1_ps(1.0000001f), _mm512_set1_ps(0.9999999f),
+           _mm512_fmadd_ps)
+#endif
+#if defined(__AVX512BF16__)
+/* bfloat16 pairs 1.0 (0x3f80) and 2^-7 (0x3c00) */
+FMA_KERNEL(run_bf16, __m512, _mm512_set1_ps, __m512bh, (__m512bh)_mm512_set1_epi16(0x3f80),
+           (__m512bh)_mm512_set1_epi16(0x3c00), _mm512_dpbf16_ps)
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+FMA_KERNEL(run_avx2, __m256, _mm256_set1_ps, __m256, _mm256_set1_ps(1.0000001f), _mm256_set1_ps(0.9999999f),
+           _mm256_fmadd_ps)
 #endif
 
 int main(int argc, char **argv) {

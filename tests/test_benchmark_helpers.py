@@ -118,3 +118,20 @@ def test_autocast_comparisons_of_written_outputs(tmp_path):
     near = bench_autocast.detection_agreement(a, b)
     assert (near["float32"], near["bfloat16"]) == (2, 1)
     assert (near["float32_near_bfloat16"], near["bfloat16_near_float32"]) == (1, 1)  # (10, 10)-(12, 13): 3.6 px
+
+
+def test_gpu_script_refuses_a_machine_without_cuda(tmp_path):
+    """benchmarks/gpu.sh checks for a CUDA device before it writes anything (CI and this project's machines have
+    none; where torch sees one, the check passes and the script is not run here)."""
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: gpu.sh would run the GPU benchmarks")
+    run = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh")], capture_output=True, text=True, timeout=600,
+                         env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "GPU_OUT": str(tmp_path / "gpu")})
+    assert run.returncode == 1, run.stderr
+    assert "sees no CUDA device" in run.stderr
+    assert not (tmp_path / "gpu").exists()
