@@ -12,8 +12,8 @@ far the written outputs moved:
   and how many of each run's lie within 5 px of one of the other's;
 - dmmn: the label maps (``labels/*.tif`` level 0): the fraction of pixels with the same label.
 
-Native bfloat16 needs AVX512-BF16 or AMX (``machine.cpu_bf16_flags``, recorded); without them oneDNN emulates it and
-autocast is slower than float32, which is why every bundle's default stays ``autocast false``.
+Native bfloat16 needs AVX512-BF16 or AMX (``machine.cpu_bf16_flags``, recorded); without them bfloat16 is converted
+in software and can be slower than float32, which is why every bundle's default stays ``autocast false``.
 
     ulimit -s 32768; PYTHONPATH=common .venv/bin/python benchmarks/bench_autocast.py [--bundles scannet,dmmn]
         [--threads 2] [--out benchmarks/results/autocast.json]
