@@ -9,7 +9,7 @@ far the written outputs moved:
 - scannet, spatial_lstm: the probability maps (``maps/*.tif`` level 0, uint8 = probability x 255): max and mean
   |difference| in probability, and the slide scores (``slide_scores.csv``);
 - segmitos: the probability maps (``maps/*.png``) likewise, and the detections (``detections/*.csv``): how many,
-  and how many of each run's lie within 5 px of one of the other's;
+  and how many pair one to one within 5 px;
 - dmmn: the label maps (``labels/*.tif`` level 0): the fraction of pixels with the same label.
 
 Native bfloat16 needs AVX512-BF16 or AMX (``machine.cpu_bf16_flags``, recorded); without them bfloat16 is converted
@@ -92,29 +92,22 @@ def label_agreement(a_dir: Path, b_dir: Path) -> dict[str, Any]:
 
 
 def slide_scores(output_dir: Path) -> dict[str, float]:
+    """{name: score} of a run's ``slide_scores.csv`` (scannet, spatial_lstm)."""
     with open(output_dir / "slide_scores.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    key = next(k for k in rows[0] if k not in ("slide", "name", "image"))
-    name = next(k for k in rows[0] if k in ("slide", "name", "image"))
-    return {row[name]: float(row[key]) for row in rows}
+        return {row["name"]: float(row["score"]) for row in csv.DictReader(f)}
 
 
 def detection_agreement(a_dir: Path, b_dir: Path, radius_px: float = 5.0) -> dict[str, Any]:
-    """segmitos: detections of both runs per HPF and how many of each lie within ``radius_px`` of the other's."""
-    def points(path: Path) -> np.ndarray:
-        rows = [r for r in csv.reader(path.open()) if r and not r[0].startswith("x")]
-        return np.array([[float(r[0]), float(r[1])] for r in rows]).reshape(-1, 2)
+    """segmitos: the detections of both runs, and how many pair one to one within ``radius_px`` (the project's
+    ``match_points``, as the F1 of ``metrics.json`` pairs detections with mitoses)."""
+    from pathbundles.annotations import read_points_csv
+    from pathbundles.metrics.mitosis import match_points
 
-    n_a = n_b = near_a = near_b = 0
+    n_a = n_b = matched = 0
     for a in sorted((a_dir / "detections").glob("*.csv")):
-        pa, pb = points(a), points(b_dir / "detections" / a.name)
-        n_a, n_b = n_a + len(pa), n_b + len(pb)
-        if len(pa) and len(pb):
-            d = np.linalg.norm(pa[:, None] - pb[None], axis=2)
-            near_a += int((d.min(1) <= radius_px).sum())
-            near_b += int((d.min(0) <= radius_px).sum())
-    return {"float32": n_a, "bfloat16": n_b, "float32_near_bfloat16": near_a, "bfloat16_near_float32": near_b,
-            "radius_px": radius_px}
+        pa, pb = read_points_csv(a, "xy")[0], read_points_csv(b_dir / "detections" / a.name, "xy")[0]
+        n_a, n_b, matched = n_a + len(pa), n_b + len(pb), matched + len(match_points(pa, pb, radius_px))
+    return {"float32": n_a, "bfloat16": n_b, "matched": matched, "radius_px": radius_px}
 
 
 def compare(bundle: str, dirs: dict[str, Path]) -> dict[str, Any]:
@@ -183,15 +176,18 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     report: dict[str, Any] = {
         "machine": machine_info(["torch", "monai"]), "cpu_bf16_flags": cpu_bf16_flags(), "threads": args.threads,
-        "load_average_at_start": list(os.getloadavg()),
-        "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "bundles": {}}
+        "note": "each bundle's entry has its own start time and load (runs of single bundles are merged)",
+        "bundles": {}}
     if args.out.exists():  # keep the bundles this run does not measure
         report["bundles"] = {k: v for k, v in json.loads(args.out.read_text()).get("bundles", {}).items()
                              if k not in bundles}
     with tempfile.TemporaryDirectory(prefix="bench_autocast_") as tmp:
         for bundle in bundles:
-            entry = run_bundle(bundle, Path(tmp), args.timeout)
-            entry["load_average_after"] = list(os.getloadavg())
+            started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+            load = list(os.getloadavg())
+            entry = {"started": started, "load_average_at_start": load,
+                     **run_bundle(bundle, Path(tmp), args.timeout), "load_average_after": list(os.getloadavg())}
+            report["updated"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
             report["bundles"][bundle] = entry
             write_json(report, args.out)
     print(json.dumps({b: {k: report["bundles"][b].get(k) for k in ("speedup", "agreement", "error")}

@@ -9,7 +9,9 @@ Three measurements (see benchmarks/README.md for the numbers and the machine):
    (width 1.0, no batch norm) at a smaller ROI (lp 6, 404 px; alpha 1 and 2), where patch-wise scanning is slow.
    No extrapolation to the paper's 2868 px ROI is made: only measured sizes are reported. ``--paper-roi`` adds the
    paper's own comparison (Table 4: full width at lp 83, a 2868 px ROI, alpha 1; 0.018 against 0.975 min on a GPU,
-   54x), hours of patch-wise work on a CPU, minutes on a GPU: ``--device cuda`` runs this part on the GPU
+   54x): 172 TFLOP patch by patch against 4.9 for the FCN, counted by ``conv_macs``, so on this 2-core CPU, at
+   the 110-160 GFLOP/s its plain paper-width network reaches (bench_inference_network.py), 18-26 minutes per
+   repeat (an estimate; not run here). ``--device cuda`` runs this part on the GPU
    (``benchmarks/gpu.sh``), float32 with torch's defaults (cuDNN convolutions may use TF32; the JSON records it).
 2. A whole phantom metastasis slide (make_phantom, 4096 x 4096 px at 0.5 um/px, seed 11) scanned at 1.0 um/px by
    (a) our pipeline: ``SlideROIDataset`` over tissue ROIs + ``predict_maps`` with ``ScanNetInferer(lp=24, alpha=1)``
@@ -425,7 +427,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where the ROI part runs (the whole-slide part is CPU only; gpu.sh skips it)")
     parser.add_argument("--paper-roi", action="store_true",
-                        help="add the paper's Table 4 ROI: full width, lp 83 (2868 px), alpha 1 (hours on a CPU)")
+                        help="add the paper's Table 4 ROI: full width, lp 83 (2868 px), alpha 1 "
+                             "(172 TFLOP patch by patch)")
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

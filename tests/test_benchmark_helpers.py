@@ -105,6 +105,10 @@ def test_fma_peak_program_measures_a_positive_rate():
 def test_autocast_comparisons_of_written_outputs(tmp_path):
     from PIL import Image
 
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "slide_scores.csv").write_text("name,score,n_detections\ns1,0.75,2\ns2,0.125,0\n")
+    assert bench_autocast.slide_scores(tmp_path / "a") == {"s1": 0.75, "s2": 0.125}
+
     a, b = tmp_path / "a", tmp_path / "b"
     for folder, values in ((a, [0, 255, 10]), (b, [3, 250, 10])):
         (folder / "maps").mkdir(parents=True)
@@ -117,7 +121,7 @@ def test_autocast_comparisons_of_written_outputs(tmp_path):
     assert maps["mean_abs_probability_difference"] == pytest.approx(8 / 255 / 3)
     near = bench_autocast.detection_agreement(a, b)
     assert (near["float32"], near["bfloat16"]) == (2, 1)
-    assert (near["float32_near_bfloat16"], near["bfloat16_near_float32"]) == (1, 1)  # (10, 10)-(12, 13): 3.6 px
+    assert near["matched"] == 1  # (10, 10)-(12, 13): 3.6 px; (50, 50) has no partner
 
 
 def test_gpu_script_refuses_a_machine_without_cuda(tmp_path):
