@@ -147,7 +147,7 @@ PROBES_LARGEST, PROBES_SPREAD, CALIBRATION_PATCHES = 8, 8, 16
 
 
 def tiatoolbox_model(torchscript: str, class_names: list[str], views: Any = None, per_pixel: bool = False,
-                     crop_px: int = 0):
+                     crop_px: int = 0, normalise: Any = None, features: bool = False):
     """A TorchScript network as a TIAToolbox ``ModelABC``: uint8 RGB input (H, W, 3), class probabilities out.
 
     ``preproc``: ``views`` of the input if given (DMMN's three views of one tile, :func:`dmmn_views_from_tile`),
@@ -155,7 +155,9 @@ def tiatoolbox_model(torchscript: str, class_names: list[str], views: Any = None
     and the softmax over the classes, (N, C) for a patch classifier (ScanNet's 1 x 1 output) or NHWC with
     ``per_pixel`` (a segmentor), less ``crop_px`` on every side (an FCN whose output is as large as its input tile,
     SegMitos: TIAToolbox places each output at ``patch_output_shape``, the centre of the input tile); it adds up the
-    seconds spent in the network's forward passes (``seconds``, ``calls``, ``first_start``, ``last_end``)."""
+    seconds spent in the network's forward passes (``seconds``, ``calls``, ``first_start``, ``last_end``).
+    ``normalise`` replaces the ScaleIntensityRange step (a function of the uint8 image); with ``features`` the
+    network's output (N, D) is returned as it is (a feature extractor, Spatial LSTM's CNN)."""
     import torch
     from tiatoolbox.models.models_abc import ModelABC
 
@@ -172,6 +174,8 @@ def tiatoolbox_model(torchscript: str, class_names: list[str], views: Any = None
         @staticmethod
         def preproc(image: np.ndarray) -> np.ndarray:
             image = views(image) if views is not None else image
+            if normalise is not None:
+                return normalise(image)
             return (image.astype(np.float32) - 0.0) / 255.0 * 2.0 + -1.0
 
         @staticmethod
@@ -189,6 +193,8 @@ def tiatoolbox_model(torchscript: str, class_names: list[str], views: Any = None
                 model.last_end = time.perf_counter()
                 model.seconds += model.last_end - start
                 model.calls += 1
+                if features:
+                    return logits.float().cpu().numpy()
                 prob = torch.softmax(logits.float(), 1)
                 if crop_px:
                     prob = prob[:, :, crop_px:-crop_px, crop_px:-crop_px]
@@ -198,6 +204,30 @@ def tiatoolbox_model(torchscript: str, class_names: list[str], views: Any = None
 
 
 SCANNET_CLASSES = ["normal", "tumour"]
+
+
+def positions_patch_predictor(base: type, wanted: np.ndarray, stride: int, patch: int, info: dict) -> type:
+    """A subclass of TIAToolbox's ``PatchPredictor`` (``base``) whose WSI dataset evaluates exactly the grid
+    positions of the boolean map ``wanted`` (row r, column c: the patch whose corner is at (c, r) * ``stride`` at the
+    requested resolution): TIAToolbox builds its coordinates first (with its own mask filter, patches whose footprint
+    touches the mask, when a mask is given), then they are cut down to ours; ``info`` gets the counts and seconds."""
+
+    class PositionsPatchPredictor(base):
+        def get_dataloader(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            loader = super().get_dataloader(*args, **kwargs)
+            coords = np.asarray(loader.dataset.inputs)  # (N, 4) x0, y0, x1, y1 at the requested resolution
+            rc = coords[:, [1, 0]] // stride
+            ok = ((coords[:, :2] % stride == 0).all(1) & (rc < wanted.shape).all(1)
+                  & (coords[:, 2:] - coords[:, :2] == patch).all(1))
+            keep = np.zeros(len(coords), bool)
+            keep[ok] = wanted[rc[ok, 0], rc[ok, 1]]
+            loader.dataset.inputs = coords[keep]
+            info.update({"mask_rule_positions": int(len(coords)), "positions_kept": int(keep.sum()),
+                         "dataset_s": time.perf_counter() - t0})
+            return loader
+
+    return PositionsPatchPredictor
 
 
 def tiatoolbox_worker(cfg: dict) -> dict[str, Any]:
@@ -216,30 +246,10 @@ def tiatoolbox_worker(cfg: dict) -> dict[str, Any]:
     wanted = np.load(cfg["positions"])
     stride, patch = cfg["stride_px"], cfg["patch_px"]
     dataset_info: dict[str, Any] = {}
-
-    class PositionsPatchPredictor(PatchPredictor):
-        """PatchPredictor whose WSI dataset evaluates exactly the grid positions of ``wanted``: TIAToolbox's own
-        mask filter runs first (patches whose footprint touches the mask), then its coordinates are cut down to
-        ours (patch centre on tissue)."""
-
-        def get_dataloader(self, *args, **kwargs):
-            t0 = time.perf_counter()
-            loader = super().get_dataloader(*args, **kwargs)
-            coords = np.asarray(loader.dataset.inputs)  # (N, 4) x0, y0, x1, y1 at the requested resolution
-            rc = coords[:, [1, 0]] // stride
-            ok = ((coords[:, :2] % stride == 0).all(1) & (rc < wanted.shape).all(1)
-                  & (coords[:, 2:] - coords[:, :2] == patch).all(1))
-            keep = np.zeros(len(coords), bool)
-            keep[ok] = wanted[rc[ok, 0], rc[ok, 1]]
-            loader.dataset.inputs = coords[keep]
-            dataset_info.update({"mask_rule_positions": int(len(coords)), "positions_kept": int(keep.sum()),
-                                 "dataset_s": time.perf_counter() - t0})
-            return loader
-
     hwm_before = vm_status_kib("VmHWM")
     start = time.perf_counter()
-    engine = PositionsPatchPredictor(model=model, batch_size=cfg["patch_batch"], num_workers=cfg["num_workers"],
-                                     device="cpu", verbose=False)
+    engine = positions_patch_predictor(PatchPredictor, wanted, stride, patch, dataset_info)(
+        model=model, batch_size=cfg["patch_batch"], num_workers=cfg["num_workers"], device="cpu", verbose=False)
     ioconfig = IOPatchPredictorConfig(input_resolutions=[{"units": "mpp", "resolution": cfg["scan_mpp"]}],
                                       patch_input_shape=(patch, patch), stride_shape=(stride, stride))
     out = engine.run(images=[Path(cfg["slide"])], masks=[np.load(cfg["mask"])], patch_mode=False,
@@ -783,7 +793,10 @@ def bundle_ours_worker(cfg: dict) -> dict[str, Any]:
     the worker appends float32 probabilities, in dataset order, to ``cfg["prob_out"]``: with ``capture``
     "network" (DMMN) the softmax of every forward pass (all channels, per tile), with "inferer" (SegMitos) channel
     ``capture_channel`` of what the inferer class ``cfg["inferer"]`` returns for each item (the stitched map of a
-    whole HPF); the copy's seconds are counted apart (``capture_s``)."""
+    whole HPF), with "writer" (Spatial LSTM) the whole map canvas of each slide as ``SlideMapWriter`` gets it
+    before it writes anything (stitched float32, every ROI; its ROIs go to ``rois_rc``); the copy's seconds are
+    counted apart (``capture_s``). ``cfg["timed_modules"]`` names the submodules whose calls are timed (default the
+    network itself; Spatial LSTM's inferer calls ``cnn``, ``lstm`` and ``classifier``, never ``forward``)."""
     import importlib
 
     import torch
@@ -798,10 +811,13 @@ def bundle_ours_worker(cfg: dict) -> dict[str, Any]:
                              "shapes": []}
     capture = open(cfg["prob_out"], "wb")  # noqa: SIM115  (closed after the run)
     by_network = cfg.get("capture", "network") == "network"
+    rois: list[list[list[int]]] = []
 
     def keep(prob: Any) -> None:
         t0 = time.perf_counter()
-        prob = prob.detach().float().contiguous().cpu().numpy()
+        if hasattr(prob, "detach"):
+            prob = prob.detach().float().cpu().numpy()
+        prob = np.ascontiguousarray(prob, np.float32)
         capture.write(prob.tobytes())
         stats["items"] += len(prob)
         stats["shapes"].append(list(prob.shape[1:]))
@@ -824,14 +840,27 @@ def bundle_ours_worker(cfg: dict) -> dict[str, Any]:
             if by_network:
                 keep(torch.softmax(output.detach().float(), 1))
 
-        net.register_forward_pre_hook(before)
-        net.register_forward_hook(after)
+        for name in cfg.get("timed_modules", [""]):
+            timed = net.get_submodule(name)
+            timed.register_forward_pre_hook(before)
+            timed.register_forward_hook(after)
         stats["network"] = {"class": type(net).__name__, "channels_last": bool(
             next(net.parameters()).is_contiguous(memory_format=torch.channels_last)),
             "batchnorms_left": sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())}
 
     PrepareNetworkForInference.__call__ = prepare_then_time
-    if not by_network:
+    if cfg.get("capture") == "writer":
+        from pathbundles.slide_inference import SlideMapWriter
+
+        write_slide = SlideMapWriter._write_slide
+
+        def keep_then_write(self: Any, plan: Any, canvas: Any) -> None:
+            keep(np.asarray(canvas[:], np.float32)[None])
+            rois.append(np.asarray(plan.rois_rc).tolist())
+            write_slide(self, plan, canvas)
+
+        SlideMapWriter._write_slide = keep_then_write
+    elif not by_network:
         module, _, name = cfg["inferer"].rpartition(".")
         inferer_class = getattr(importlib.import_module(module), name)
         infer = inferer_class.__call__
@@ -857,6 +886,8 @@ def bundle_ours_worker(cfg: dict) -> dict[str, Any]:
     if by_network:
         result["tiles"] = stats["items"]
         del result["captured_shapes"]
+    if rois:
+        result["rois_rc"] = rois
     Path(cfg["result_out"]).write_text(json.dumps(result))
     return result
 
@@ -1501,9 +1532,9 @@ def run_dmmn(args: argparse.Namespace, work: Path, cache: Path, section: dict[st
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundles", default="scannet,dmmn", help="bundles to run, comma separated (scannet, dmmn; "
-                                                                  "default both); the sections of the others in "
-                                                                  "--out are kept as they are")
+    parser.add_argument("--bundles", default="scannet,dmmn", help="bundles to run, comma separated (scannet, dmmn, "
+                                                                  "segmitos, spatial_lstm; default scannet,dmmn); "
+                                                                  "the sections of the others in --out are kept")
     parser.add_argument("--fresh", action="store_true", help="drop the other bundles' sections of --out")
     parser.add_argument("--quick", action="store_true", help="smoke run: one 2048 px phantom, no SVS (scannet), "
                                                              "one 1024 px phantom (dmmn)")
@@ -1544,6 +1575,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="segmitos: SlidingWindowInferer overlap of MONAI's pipeline (default 0.25, MONAI's)")
     parser.add_argument("--segmitos-monai-mode", default="constant",
                         help="segmitos: SlidingWindowInferer blend mode (default 'constant', MONAI's)")
+    parser.add_argument("--spatial-lstm-sizes", default=None,
+                        help="spatial_lstm: metastasis phantom level-0 sizes in px at 0.5 um/px, comma separated "
+                             "(default 4096,8192,16384; --quick 2048)")
+    parser.add_argument("--spatial-lstm-grid-batch", type=int, default=8,
+                        help="spatial_lstm: grids per forward pass of MONAI's pipeline (default 8: 72 patches, the "
+                             "bundle's CPU patch_batch is 64)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where phantoms are generated (default: a "
                                                                      "temporary folder)")
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "CFG"), help=argparse.SUPPRESS)
@@ -1553,7 +1590,12 @@ def main(argv: list[str] | None = None) -> None:
         worker = {"tiatoolbox": tiatoolbox_worker, "tiatoolbox-probe": tiatoolbox_probe_worker,
                   "dmmn-tiatoolbox": dmmn_tiatoolbox_worker, "dmmn-tiatoolbox-probe": dmmn_tiatoolbox_probe_worker,
                   "segmitos-tiatoolbox": segmitos_tiatoolbox_worker, "segmitos-monai": segmitos_monai_worker,
-                  "bundle-ours": bundle_ours_worker}[mode]
+                  "bundle-ours": bundle_ours_worker}.get(mode)
+        if worker is None:
+            import peers_spatial_lstm
+
+            worker = {"spatial-lstm-tiatoolbox": peers_spatial_lstm.tiatoolbox_worker,
+                      "spatial-lstm-monai": peers_spatial_lstm.monai_worker}[mode]
         print(json.dumps(worker(json.loads(Path(cfg_path).read_text()))))
         return
 
@@ -1563,9 +1605,10 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     bundles = [b for b in args.bundles.split(",") if b]
-    unknown = set(bundles) - {"scannet", "dmmn", "segmitos"}
+    unknown = set(bundles) - {"scannet", "dmmn", "segmitos", "spatial_lstm"}
     if unknown:
-        parser.error(f"unknown bundles {sorted(unknown)}: expected scannet, dmmn, segmitos")
+        parser.error(f"unknown bundles {sorted(unknown)}: expected scannet, dmmn, segmitos, spatial_lstm")
+    import peers_spatial_lstm
     sections = {} if args.fresh else {k: v for k, v in load_sections(args.out).items() if k not in bundles}
     report: dict[str, Any] = {"benchmark": "bench_peers", "bundles": sections,
                               "note": "one section per bundle, each with its own date, command, machine and load"}
@@ -1576,7 +1619,8 @@ def main(argv: list[str] | None = None) -> None:
         with atomic_path(args.out) as tmp_out:
             tmp_out.write_text(json.dumps(report, indent=2) + "\n")
 
-    runners = {"scannet": run_scannet, "dmmn": run_dmmn, "segmitos": run_segmitos}
+    runners = {"scannet": run_scannet, "dmmn": run_dmmn, "segmitos": run_segmitos,
+               "spatial_lstm": peers_spatial_lstm.run_spatial_lstm}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         cache = args.cache_dir or work
@@ -1595,7 +1639,8 @@ def main(argv: list[str] | None = None) -> None:
             section["load_average_at_end"] = list(os.getloadavg())
             section["benchmark_wall_s"] = time.perf_counter() - t0
             write()
-    tables = {"scannet": print_table, "dmmn": print_dmmn_table, "segmitos": print_segmitos_table}
+    tables = {"scannet": print_table, "dmmn": print_dmmn_table, "segmitos": print_segmitos_table,
+              "spatial_lstm": peers_spatial_lstm.print_table}
     for bundle in bundles:
         tables[bundle](report["bundles"][bundle])
     print(f"\n{time.perf_counter() - started:.0f} s; wrote {args.out}", flush=True)

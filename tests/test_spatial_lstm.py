@@ -11,7 +11,8 @@ import torch
 
 from pathbundles.spatial_lstm import (GridToPatchesd, LatticeGeometry, RandDihedrald, SpatialGridDataset,
                                       SpatialLSTMInferer, SpatialLSTMLoss, SpatialLSTMNet, dihedral,
-                                      inverse_dihedral, lattice_map, naive_grid_map, neighbour_pairs)
+                                      inverse_dihedral, lattice_map, naive_grid_map, neighbour_pairs,
+                                      sparse_lattice_map)
 
 # A small geometry with the paper's proportions (patch = 4 strides, crop = patch - 1/8): cheap enough for a CPU.
 SMALL = {"grid_size": 3, "patch_px": 32, "crop_px": 24, "stride_px": 8}
@@ -415,6 +416,50 @@ def test_test_time_augmentation(net: SpatialLSTMNet) -> None:
     torch.testing.assert_close(out.sum(1), torch.ones(1, 2, 2))
 
 
+def test_positions_compute_only_their_grids_and_only_the_patches_those_read() -> None:
+    net = _net(seed=6)
+    g = LatticeGeometry(tile_px=5, **SMALL)  # grid_step 4: the grid at (0, 4) shares two columns with (0, 0)'s
+    region = torch.randn(2, 3, g.read_px, g.read_px, generator=torch.Generator().manual_seed(7))
+    positions = torch.zeros(2, 5, 5, dtype=torch.bool)
+    positions[0, 0, 0] = positions[0, 0, 4] = True
+    positions[1] = torch.rand(5, 5, generator=torch.Generator().manual_seed(8)) > 0.5
+    seen = []
+    hook = net.cnn.register_forward_hook(lambda module, args, output: seen.append(len(args[0])))
+    with torch.no_grad():
+        full = lattice_map(net, region, g)
+        seen.clear()
+        sparse = lattice_map(net, region, g, patch_batch=5, positions=positions)
+        patches = list(seen)
+        hook.remove()
+        # Equal to the full map at the positions, 0 elsewhere.
+        torch.testing.assert_close(sparse, full * positions, atol=1e-5, rtol=1e-5)
+        assert torch.all(sparse[~positions] == 0) and torch.all(sparse[positions] > 0)
+        # ROI 0: grids at (0, 0) and (0, 4) read lattice columns {0, 4, 8} and {4, 8, 12} of rows {0, 4, 8}: 12
+        # patches, not 18, in chunks of at most patch_batch 5. ROI 1: the union of its grids' patches.
+        union = {(r + 4 * u) * g.lattice_px + c + 4 * v for r, c in positions[1].nonzero().tolist()
+                 for u in range(3) for v in range(3)}
+        assert sum(patches) == 12 + len(union) < 2 * g.lattice_px ** 2 and max(patches) <= 5
+        # Test-time augmentation turns the positions with the region.
+        torch.testing.assert_close(lattice_map(net, region, g, tta=True, positions=positions),
+                                   lattice_map(net, region, g, tta=True) * positions, atol=1e-5, rtol=1e-5)
+        # An exported network (forward only) runs the naive path; the map is masked the same way.
+        scripted = torch.jit.trace(net, torch.randn(1, 9, 3, 24, 24))
+        torch.testing.assert_close(lattice_map(scripted, region, g, positions=positions), sparse, atol=1e-5,
+                                   rtol=1e-5)
+        # The inferer passes them on (PrepareBatchExtraInput's keyword), or ignores them when told to.
+        inferer = SpatialLSTMInferer(tile_px=5, tta=False, **SMALL)
+        torch.testing.assert_close(inferer(region, net, positions=positions)[:, 1], sparse)
+        off = SpatialLSTMInferer(tile_px=5, tta=False, tissue_grids_only="false", **SMALL)
+        torch.testing.assert_close(off(region, net, positions=positions)[:, 1], full)
+        with pytest.raises(ValueError, match="expected positions"):
+            lattice_map(net, region, g, positions=positions[:, :4])
+        # sparse_lattice_map itself: one position of ROI 1 alone.
+        one = torch.zeros_like(positions)
+        one[1, 2, 3] = True
+        assert sparse_lattice_map(net, region, g, one)[1, 2, 3].item() == pytest.approx(full[1, 2, 3].item(),
+                                                                                       abs=1e-5)
+
+
 def test_stitched_roi_tiles_equal_one_pass_over_the_union(net: SpatialLSTMNet) -> None:
     tile = LatticeGeometry(tile_px=3, **SMALL)
     union = LatticeGeometry(tile_px=6, **SMALL)
@@ -478,3 +523,20 @@ def test_slide_map_from_roi_tiles_equals_one_pass(net: SpatialLSTMNet, tmp_path)
             with torch.no_grad():
                 centre = torch.sigmoid(net(item["image"][None])[0, 4]).item()
             assert prob[rows[i], cols[i]] == pytest.approx(centre, abs=1e-5)
+
+    # With the dataset's tissue_key, items say which of their map pixels lie on tissue (the writer's tissue_only
+    # rule) and only those are computed: the same map where they lie, 0 elsewhere.
+    from pathbundles.slide_inference import map_on_tissue
+
+    dataset = SlideROIDataset([str(path)], g.grid(), scan_mpp=0.5, backend="tifffile", transform=normalise,
+                              tissue_key="tissue")
+    on_tissue = map_on_tissue(plan, g.grid(), 0.5, *np.indices(plan.map_shape))
+    item = dataset[0]
+    r, c = item["roi_row"], item["roi_col"]
+    np.testing.assert_array_equal(item["tissue"].numpy(), on_tissue[r * 8:(r + 1) * 8, c * 8:(c + 1) * 8])
+    # Map pixel k is centred on level-0 pixel 8 k + 48 (0.5 um/px, no resampling): pixel 13 at 152 px lies inside
+    # the tissue square [20, 320) px, pixel 40 at 368 px and pixel 60 at 528 px (beyond the slide) outside it.
+    assert on_tissue[13, 13] and not on_tissue[40, 40] and not on_tissue[13, 60] and on_tissue.mean() < 0.5
+    (_, sparse), = list(predict_maps(dataset, net, inferer, batch_size=4))
+    np.testing.assert_allclose(sparse, prob * on_tissue, atol=1e-5)
+    assert np.all(sparse[~on_tissue] == 0) and (sparse[on_tissue & covered] > 0).all()

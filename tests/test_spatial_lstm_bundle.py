@@ -122,6 +122,24 @@ def test_inference_writes_maps_detections_and_scores(small_dataset: Path, tmp_pa
         assert layout["fields"]["model"] == f"Spatial LSTM metastasis detection {version}"
 
 
+def test_tissue_grids_only_writes_the_same_outputs(small_dataset: Path, tmp_path: Path) -> None:
+    """The default (tissue_grids_only: only grids centred on tissue go through the network) writes byte for byte what
+    computing every grid of the ROIs writes: the writer zeroes the map off tissue either way (tissue_only)."""
+    slide = small_dataset / "phantom_tumor_000.tif"
+    outputs = {}
+    for value in ("True", "False"):
+        out = tmp_path / value
+        result = run_bundle("run", "--config_file", str(CONFIGS / "inference.json"), "--data_source", str(slide),
+                            "--output_dir", str(out), "--ckpt_path", str(small_dataset / "tiny.pt"),
+                            "--detection_threshold", "0.0", "--tissue_grids_only", value, *TINY_SCAN)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[value] = {f: (out / f).read_bytes() for f in ("maps/phantom_tumor_000.tif", "slide_scores.csv",
+                                                              "detections/phantom_tumor_000.csv",
+                                                              "detections/phantom_tumor_000.geojson")}
+    assert outputs["True"] == outputs["False"]
+    assert len(outputs["True"]["detections/phantom_tumor_000.csv"].splitlines()) > 2  # a map with content
+
+
 def test_evaluate_writes_froc_and_auc(small_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
     result = run_bundle("run", "--config_file", merged(CONFIGS, "inference.json", "evaluate.json"), "--data_source",

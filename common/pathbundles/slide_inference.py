@@ -121,6 +121,17 @@ def plan_slides(data: Sequence[dict | str], grid: MapGrid, scan_mpp: float, *, b
     return plans
 
 
+def map_on_tissue(plan: SlidePlan, grid: MapGrid, scan_mpp: float, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Whether map pixels (``rows``, ``cols``: map indices, broadcast together) of a slide lie on its tissue mask:
+    the mask at the level-0 point on which each map pixel is centred. All of them where the plan has no mask."""
+    rows, cols = np.broadcast_arrays(np.asarray(rows, np.float64), np.asarray(cols, np.float64))
+    if plan.tissue is None:
+        return np.ones(rows.shape, bool)
+    origin0 = grid.map_origin_px * scan_mpp / plan.level0_mpp
+    step0 = grid.map_step_px * scan_mpp / plan.level0_mpp
+    return np.asarray(plan.tissue.at_level0(origin0 + cols * step0, origin0 + rows * step0)) > 0
+
+
 class SlideHandles:
     """Slides opened lazily and kept open, one handle per (path, mpp override) per process (each DataLoader worker
     has its own)."""
@@ -147,8 +158,10 @@ class SlideROIDataset(torch.utils.data.Dataset):
     """Tissue ROIs of many slides, read at ``scan_mpp``; one item per ROI.
 
     Items are dicts: ``image`` (3, read_px, read_px) uint8 tensor (after ``transform``), ``slide_index``,
-    ``roi_row``, ``roi_col`` and ``error`` ("" when the read succeeded). Slides are opened lazily once per
-    DataLoader worker, so reading overlaps with the network in worker processes.
+    ``roi_row``, ``roi_col`` and ``error`` ("" when the read succeeded); with ``tissue_key`` also that key, a
+    (tile_px, tile_px) bool tensor telling which of the ROI's map pixels lie on the slide's tissue mask
+    (:func:`map_on_tissue`, the rule of ``SlideMapWriter(tissue_only=True)``), for inferers that compute only those.
+    Slides are opened lazily once per DataLoader worker, so reading overlaps with the network in worker processes.
 
     Args:
         data: slide paths or datalist dicts with ``image`` (and optionally ``mpp``, level-0 um/px over the file's).
@@ -160,13 +173,15 @@ class SlideROIDataset(torch.utils.data.Dataset):
             a wrong one; an item's own ``mpp`` wins over it.
         transform: a MONAI dict transform applied to each item.
         tissue_mask_key: datalist key of user-supplied tissue mask images (None: always the Otsu mask).
+        tissue_key: item key of the ROI's map pixels on tissue (None: not given).
     """
 
     def __init__(self, data: Sequence[dict | str], grid: MapGrid, scan_mpp: float, backend: str = "auto",
                  tissue_mpp: float = 8.0, mpp_override: float | None = None,
-                 transform: Callable[[dict], dict] | None = None, tissue_mask_key: str | None = None) -> None:
+                 transform: Callable[[dict], dict] | None = None, tissue_mask_key: str | None = None,
+                 tissue_key: str | None = None) -> None:
         self.grid, self.scan_mpp, self.backend, self.mpp_override = grid, float(scan_mpp), backend, mpp_override
-        self.transform = transform
+        self.transform, self.tissue_key = transform, tissue_key
         self.plans = plan_slides(data, grid, scan_mpp, backend=backend, tissue_mpp=tissue_mpp,
                                  mpp_override=mpp_override, tissue_mask_key=tissue_mask_key)
         self.index = [(s, r, c) for s, plan in enumerate(self.plans) for r, c in plan.rois_rc]
@@ -187,6 +202,11 @@ class SlideROIDataset(torch.utils.data.Dataset):
             region, error = np.zeros((grid.read_px, grid.read_px, 3), np.uint8), f"{plan.path}: {err}"
         item = {"image": torch.from_numpy(np.ascontiguousarray(region.transpose(2, 0, 1))),
                 "slide_index": s, "roi_row": int(r), "roi_col": int(c), "error": error}
+        if self.tissue_key:
+            k = np.arange(grid.tile_px)
+            on_tissue = map_on_tissue(plan, grid, self.scan_mpp, r * grid.tile_px + k[:, None],
+                                      c * grid.tile_px + k[None, :])
+            item[self.tissue_key] = torch.from_numpy(on_tissue)
         return self.transform(item) if self.transform is not None else item
 
 
@@ -450,9 +470,7 @@ class SlideMapWriter(StreamedSlideWriter):
         map_mpp = grid.map_step_px * scan_mpp
         origin0 = grid.map_origin_px * scan_mpp / plan.level0_mpp
         if self.tissue_only and plan.tissue is not None:
-            step0 = grid.map_step_px * scan_mpp / plan.level0_mpp
-            rows, cols = np.indices(prob.shape, dtype=np.float64)
-            prob *= np.asarray(plan.tissue.at_level0(origin0 + cols * step0, origin0 + rows * step0)) > 0
+            prob *= map_on_tissue(plan, grid, scan_mpp, *np.indices(prob.shape, dtype=np.float64))
         detections = np.asarray(self.detect(prob, map_mpp, plan.level0_mpp, origin_xy=(origin0, origin0)),
                                 dtype=np.float64)[:, :3].reshape(-1, 3)
         files = self.outputs(plan.name)
@@ -541,6 +559,7 @@ def predict_maps(dataset: SlideROIDataset, network: torch.nn.Module,
 
     For work on the maps themselves (hard negative mining, tests, benchmarks); bundle runs stream to disk with
     :class:`SlideMapWriter` instead. Slides that failed to open are skipped; slides without tissue yield zeros.
+    A dataset with a ``tissue_key`` passes its items' map pixels on tissue to the inferer as ``positions``.
     """
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     maps = {s: np.zeros(plan.map_shape, np.float32) for s, plan in enumerate(dataset.plans) if plan.error is None}
@@ -549,7 +568,8 @@ def predict_maps(dataset: SlideROIDataset, network: torch.nn.Module,
     try:
         with torch.no_grad():
             for batch in loader:
-                probs = inferer(batch["image"].to(device), network)[:, prob_channel].float().cpu().numpy()
+                extra = {"positions": batch[dataset.tissue_key].to(device)} if dataset.tissue_key else {}
+                probs = inferer(batch["image"].to(device), network, **extra)[:, prob_channel].float().cpu().numpy()
                 for s, r, c, tile in zip(batch["slide_index"].tolist(), batch["roi_row"].tolist(),
                                          batch["roi_col"].tolist(), probs):
                     paste_tile(maps[s], dataset.plans[s].map_shape, r, c, tile)

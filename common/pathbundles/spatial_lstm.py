@@ -500,9 +500,61 @@ def _check_region(region: torch.Tensor, geometry: LatticeGeometry, network: nn.M
                          f"{geometry.grid_size}")
 
 
-def _dihedral_mean(scan: Callable[[torch.Tensor], torch.Tensor], region: torch.Tensor) -> torch.Tensor:
-    """Test-time augmentation: the mean over the 8 dihedral transforms of the region of the maps brought back."""
-    return torch.stack([inverse_dihedral(scan(dihedral(region, k)), k) for k in range(N_DIHEDRAL)]).mean(0)
+def _check_positions(positions: Any, region: torch.Tensor, geometry: LatticeGeometry) -> torch.Tensor | None:
+    """``positions`` as a bool tensor (N, tile_px, tile_px) on the region's device, or None."""
+    if positions is None:
+        return None
+    positions = torch.as_tensor(positions, device=region.device)
+    expected = (region.shape[0], geometry.tile_px, geometry.tile_px)
+    if tuple(positions.shape) != expected:
+        raise ValueError(f"expected positions {expected} (map pixels to compute), got {tuple(positions.shape)}")
+    return positions.bool()
+
+
+def _dihedral_mean(scan: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], region: torch.Tensor,
+                   positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Test-time augmentation: the mean over the 8 dihedral transforms of the region (and of the map positions to
+    compute, which turn with it) of the maps brought back."""
+    return torch.stack([inverse_dihedral(scan(dihedral(region, k), None if positions is None else
+                                              dihedral(positions, k)), k) for k in range(N_DIHEDRAL)]).mean(0)
+
+
+def _lattice_windows(region: torch.Tensor, geometry: LatticeGeometry) -> torch.Tensor:
+    """A view (N, C, L, L, crop, crop) of the regions: entry (a, b) is the centre crop of the patch window at offset
+    ``(a * stride_px, b * stride_px)``, ``L = lattice_px``."""
+    lattice, crop, o = geometry.lattice_px, geometry.crop_px, geometry.crop_offset_px
+    span = (lattice - 1) * geometry.stride_px + crop
+    return region[:, :, o:o + span, o:o + span].unfold(2, crop, geometry.stride_px).unfold(
+        3, crop, geometry.stride_px)
+
+
+def _grid_cells(positions: torch.Tensor, geometry: LatticeGeometry) -> torch.Tensor:
+    """Flat lattice indices (P, G*G) of the patches of the grids at map pixels ``positions`` (P, 2), raster order:
+    patch (u, v) of the grid at (r, c) is lattice patch (r + u * grid_step, c + v * grid_step)."""
+    g, step = geometry.grid_size, geometry.grid_step
+    offsets = torch.arange(g, device=positions.device) * step
+    rows = positions[:, 0, None, None] + offsets[None, :, None]
+    cols = positions[:, 1, None, None] + offsets[None, None, :]
+    return (rows * geometry.lattice_px + cols).reshape(len(positions), g * g)
+
+
+def sparse_lattice_map(network: nn.Module, region: torch.Tensor, geometry: LatticeGeometry,
+                       positions: torch.Tensor, patch_batch: int = 256) -> torch.Tensor:
+    """:func:`lattice_map` (no TTA) at the map pixels ``positions`` (N, tile_px, tile_px) only, 0 at the others:
+    only the lattice patches their grids read go through the CNN, each once per region."""
+    out = torch.zeros((region.shape[0], geometry.tile_px, geometry.tile_px), dtype=torch.float32,
+                      device=region.device)
+    windows, lattice = _lattice_windows(region, geometry), geometry.lattice_px
+    for i in range(region.shape[0]):
+        where = torch.nonzero(positions[i])  # (P, 2)
+        if not len(where):
+            continue
+        needed, grid_rows = torch.unique(_grid_cells(where, geometry), return_inverse=True)  # sorted, (P, G*G)
+        features = torch.cat([network.patch_features(windows[i][:, part // lattice, part % lattice].transpose(0, 1))
+                              for part in needed.split(patch_batch)])
+        logits = network.grid_logits(features[grid_rows])  # (P, G*G)
+        out[i, where[:, 0], where[:, 1]] = torch.sigmoid(logits[:, geometry.centre_index].float())
+    return out
 
 
 def lattice_features(network: nn.Module, region: torch.Tensor, geometry: LatticeGeometry,
@@ -519,10 +571,8 @@ def lattice_features(network: nn.Module, region: torch.Tensor, geometry: Lattice
         (N, L, L, feature_size); entry (a, b) is the crop of the patch window at offset
         ``(a * stride_px, b * stride_px)`` of the region, ``L = lattice_px``.
     """
-    n, lattice, crop, o = region.shape[0], geometry.lattice_px, geometry.crop_px, geometry.crop_offset_px
-    span = (lattice - 1) * geometry.stride_px + crop
-    windows = region[:, :, o:o + span, o:o + span].unfold(2, crop, geometry.stride_px).unfold(
-        3, crop, geometry.stride_px)  # a view (N, C, L, L, crop, crop)
+    n, lattice, crop = region.shape[0], geometry.lattice_px, geometry.crop_px
+    windows = _lattice_windows(region, geometry)
     flat = torch.arange(lattice * lattice, device=region.device)
     chunk = max(1, patch_batch // max(n, 1))
     features = []
@@ -534,7 +584,7 @@ def lattice_features(network: nn.Module, region: torch.Tensor, geometry: Lattice
 
 
 def lattice_map(network: nn.Module, region: torch.Tensor, geometry: LatticeGeometry, tta: bool = False,
-                patch_batch: int = 256) -> torch.Tensor:
+                patch_batch: int = 256, positions: Any = None) -> torch.Tensor:
     """Tumour probability map tiles of ROI regions: CNN once per lattice patch, then the LSTM per grid.
 
     Args:
@@ -544,24 +594,30 @@ def lattice_map(network: nn.Module, region: torch.Tensor, geometry: LatticeGeome
         geometry: the scan geometry.
         tta: average the probabilities over the 8 dihedral transforms of the region (Sec. 4.1).
         patch_batch: patches per CNN call.
+        positions: (N, tile_px, tile_px) bool, the map pixels to compute (:func:`sparse_lattice_map`: only the
+            lattice patches their grids read go through the CNN); the others are 0. None: every map pixel.
 
     Returns:
         (N, tile_px, tile_px) probabilities of the centre patch of the grid centred on each map pixel.
     """
+    positions = _check_positions(positions, region, geometry)
     if not (hasattr(network, "patch_features") and hasattr(network, "grid_logits")):
-        return naive_grid_map(network, region, geometry, tta=tta)  # an exported model: forward only
+        prob = naive_grid_map(network, region, geometry, tta=tta)  # an exported model: forward only
+        return prob if positions is None else prob * positions
     _check_region(region, geometry, network)
     g, t = geometry.grid_size, geometry.tile_px
     cells = torch.arange(t, device=region.device)[:, None] + \
         torch.arange(g, device=region.device)[None, :] * geometry.grid_step  # (T, G) lattice rows/cols
 
-    def scan(x: torch.Tensor) -> torch.Tensor:
+    def scan(x: torch.Tensor, wanted: torch.Tensor | None = None) -> torch.Tensor:
+        if wanted is not None:
+            return sparse_lattice_map(network, x, geometry, wanted, patch_batch)
         features = lattice_features(network, x, geometry, patch_batch)  # (N, L, L, D)
         grids = features[:, cells[:, None, :, None], cells[None, :, None, :]]  # (N, T, T, G, G, D)
         logits = network.grid_logits(grids.reshape(-1, g * g, features.shape[-1]))
         return torch.sigmoid(logits[:, geometry.centre_index].float()).reshape(x.shape[0], t, t)
 
-    return _dihedral_mean(scan, region) if tta else scan(region)
+    return _dihedral_mean(scan, region, positions) if tta else scan(region, positions)
 
 
 def naive_grid_map(network: nn.Module, region: torch.Tensor, geometry: LatticeGeometry,
@@ -572,7 +628,7 @@ def naive_grid_map(network: nn.Module, region: torch.Tensor, geometry: LatticeGe
     g, t, s, p = geometry.grid_size, geometry.tile_px, geometry.stride_px, geometry.patch_px
     o, crop, step = geometry.crop_offset_px, geometry.crop_px, geometry.grid_step
 
-    def scan(x: torch.Tensor) -> torch.Tensor:
+    def scan(x: torch.Tensor, wanted: torch.Tensor | None = None) -> torch.Tensor:
         rows = []
         for i in range(t):  # one network call per map row
             grids = []
@@ -604,18 +660,26 @@ class SpatialLSTMInferer(Inferer):
         grid_size, patch_px, crop_px, stride_px: as :class:`LatticeGeometry`.
         tta: average over the 8 dihedral transforms (the paper's test-time augmentation; 8x the work).
         patch_batch: patches per CNN call.
+
+        tissue_grids_only: when called with ``positions`` (N, tile_px, tile_px) bool (the dataset's ``tissue_key``
+            item, passed by ``monai.engines.PrepareBatchExtraInput({"positions": key})``), compute those map pixels
+            only and leave the others 0 (:func:`sparse_lattice_map`); False: every map pixel, ``positions`` ignored.
     """
 
     def __init__(self, tile_px: int = 16, grid_size: int = GRID_SIZE, patch_px: int = PATCH_PX,
-                 crop_px: int = CROP_PX, stride_px: int = STRIDE_PX, tta: bool = True, patch_batch: int = 256) -> None:
+                 crop_px: int = CROP_PX, stride_px: int = STRIDE_PX, tta: bool = True, patch_batch: int = 256,
+                 tissue_grids_only: bool = True) -> None:
         super().__init__()
         if patch_batch < 1:
             raise ValueError(f"patch_batch must be >= 1, got {patch_batch}")
         self.geometry = LatticeGeometry(tile_px=tile_px, grid_size=grid_size, patch_px=patch_px, crop_px=crop_px,
                                         stride_px=stride_px)
         self.tta, self.patch_batch = flag(tta, "tta"), int(patch_batch)
+        self.tissue_grids_only = flag(tissue_grids_only, "tissue_grids_only")
 
-    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, positions: Any = None,
+                 **kwargs: Any) -> torch.Tensor:
         region = convert_to_tensor(inputs, track_meta=False)
-        prob = lattice_map(network, region, self.geometry, tta=self.tta, patch_batch=self.patch_batch)
+        prob = lattice_map(network, region, self.geometry, tta=self.tta, patch_batch=self.patch_batch,
+                           positions=positions if self.tissue_grids_only else None)
         return torch.stack([1 - prob, prob], 1)
