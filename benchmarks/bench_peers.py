@@ -98,6 +98,12 @@ Every map is compared with (a) pixel by pixel, over all pixels and over those at
 clamped inside it); every map goes through the bundle's post-processing at its thresholds
 (``pathbundles.hpf.detect_mitoses``) and is scored against the ground truth (``mitosis_counts``, 30 px radius).
 
+Spatial LSTM (``--bundles spatial_lstm``, ``--spatial-lstm-sizes``, default 4096,8192,16384): in
+``peers_spatial_lstm.py`` (its docstring says what each pipeline does): the bundle's own inference (and with
+``--tissue_grids_only False``), TIAToolbox's ``PatchPredictor`` computing the lattice's CNN features followed by the
+TorchScript LSTM head, and MONAI's ``MaskedPatchWSIDataset`` with the network's forward per grid, on the ScanNet
+phantoms.
+
 Run (2 cores under load: scannet about 10 min, most of it the 8192 px phantom's TIAToolbox run; dmmn about 10 min):
     ulimit -s 32768; PYTHONPATH=common MPLBACKEND=Agg .venv/bin/python benchmarks/bench_peers.py
 TIAToolbox's interpreter (default ``../peers-venv/bin/python`` beside the repository, or ``--peers-python``):
@@ -230,6 +236,28 @@ def positions_patch_predictor(base: type, wanted: np.ndarray, stride: int, patch
     return PositionsPatchPredictor
 
 
+def run_patch_predictor_at(model: Any, wanted: np.ndarray, cfg: dict, info: dict, masks: Any = None,
+                           **run_kwargs: Any) -> tuple[Any, np.ndarray, np.ndarray]:
+    """TIAToolbox's PatchPredictor in WSI mode over ``cfg["slide"]`` at exactly the grid positions of ``wanted``
+    (``positions_patch_predictor``): ``cfg["patch_px"]`` patches at stride ``cfg["stride_px"]`` at
+    ``cfg["scan_mpp"]`` um/px, batch ``cfg["patch_batch"]``, ``cfg["num_workers"]`` workers, output written to zarr
+    under ``cfg["save_dir"]``. Returns the engine, the model's outputs (N, C) and their coordinates (N, 4)."""
+    import zarr
+    from tiatoolbox.models.engine.io_config import IOPatchPredictorConfig
+    from tiatoolbox.models.engine.patch_predictor import PatchPredictor
+
+    stride, patch = cfg["stride_px"], cfg["patch_px"]
+    engine = positions_patch_predictor(PatchPredictor, wanted, stride, patch, info)(
+        model=model, batch_size=cfg["patch_batch"], num_workers=cfg["num_workers"], device="cpu", verbose=False)
+    ioconfig = IOPatchPredictorConfig(input_resolutions=[{"units": "mpp", "resolution": cfg["scan_mpp"]}],
+                                      patch_input_shape=(patch, patch), stride_shape=(stride, stride))
+    out = engine.run(images=[Path(cfg["slide"])], masks=masks, patch_mode=False, ioconfig=ioconfig,
+                     save_dir=Path(cfg["save_dir"]), overwrite=True, output_type="zarr", return_probabilities=True,
+                     **run_kwargs)
+    store = zarr.open(str(next(iter(out.values()))), mode="r")
+    return engine, np.asarray(store["probabilities"]), np.asarray(store["coordinates"])
+
+
 def tiatoolbox_worker(cfg: dict) -> dict[str, Any]:
     """Run TIAToolbox's PatchPredictor over the slide at exactly the positions in ``cfg["positions"]`` (a boolean
     map, our grid) in this fresh process; returns timings, counts and VmHWM and saves the probability map."""
@@ -237,28 +265,18 @@ def tiatoolbox_worker(cfg: dict) -> dict[str, Any]:
 
     torch.set_num_threads(cfg["threads"])
     start = time.perf_counter()
-    import zarr
-    from tiatoolbox.models.engine.io_config import IOPatchPredictorConfig
-    from tiatoolbox.models.engine.patch_predictor import PatchPredictor
+    import tiatoolbox.models.engine.patch_predictor  # noqa: F401  (the import's seconds, counted apart)
 
     import_s = time.perf_counter() - start
     model = tiatoolbox_model(cfg["torchscript"], SCANNET_CLASSES)
     wanted = np.load(cfg["positions"])
-    stride, patch = cfg["stride_px"], cfg["patch_px"]
+    stride = cfg["stride_px"]
     dataset_info: dict[str, Any] = {}
     hwm_before = vm_status_kib("VmHWM")
     start = time.perf_counter()
-    engine = positions_patch_predictor(PatchPredictor, wanted, stride, patch, dataset_info)(
-        model=model, batch_size=cfg["patch_batch"], num_workers=cfg["num_workers"], device="cpu", verbose=False)
-    ioconfig = IOPatchPredictorConfig(input_resolutions=[{"units": "mpp", "resolution": cfg["scan_mpp"]}],
-                                      patch_input_shape=(patch, patch), stride_shape=(stride, stride))
-    out = engine.run(images=[Path(cfg["slide"])], masks=[np.load(cfg["mask"])], patch_mode=False,
-                     ioconfig=ioconfig, save_dir=Path(cfg["save_dir"]), overwrite=True, output_type="zarr",
-                     return_probabilities=True)
+    engine, prob, coords = run_patch_predictor_at(model, wanted, cfg, dataset_info, masks=[np.load(cfg["mask"])])
     total = time.perf_counter() - start
     hwm = vm_status_kib("VmHWM")
-    store = zarr.open(str(next(iter(out.values()))), mode="r")
-    prob, coords = np.asarray(store["probabilities"]), np.asarray(store["coordinates"])
     prob_map = np.full(wanted.shape, np.nan, np.float32)
     prob_map[coords[:, 1] // stride, coords[:, 0] // stride] = prob[:, 1]
     np.save(cfg["map_out"], prob_map)
@@ -1581,6 +1599,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--spatial-lstm-grid-batch", type=int, default=8,
                         help="spatial_lstm: grids per forward pass of MONAI's pipeline (default 8: 72 patches, the "
                              "bundle's CPU patch_batch is 64)")
+    parser.add_argument("--spatial-lstm-skip-every-grid", action="store_true",
+                        help="spatial_lstm: leave out the bundle's run with --tissue_grids_only False")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where phantoms are generated (default: a "
                                                                      "temporary folder)")
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "CFG"), help=argparse.SUPPRESS)

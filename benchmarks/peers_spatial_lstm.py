@@ -8,8 +8,12 @@ would wire it:
     ``python -m monai.bundle run`` calls) with its CPU defaults (no TTA, ``tile_px`` 32, ``patch_batch`` 64, batch 1,
     2 DataLoader workers, BatchNorm folded, channels_last), writing all its outputs. Each lattice patch (256 px at
     stride 64 at 1.0 um/px, the network sees the 224 px centre) goes through the CNN once per ROI, then the LSTM
-    reads each 3 x 3 grid of features. Forward hooks time ``cnn``, ``lstm`` and ``classifier``;
-    ``SlideMapWriter``'s canvas (the stitched map before the tissue mask) is copied out for the comparison.
+    reads each 3 x 3 grid of features; since 0.10.0 (``tissue_grids_only``) only the grids centred on tissue and
+    the lattice patches they read, each once per slide (the ROIs' shared margins are cached). Forward hooks time
+    ``cnn``, ``lstm`` and ``classifier``; ``SlideMapWriter``'s canvas (the stitched map before the tissue mask) is
+    copied out for the comparison. ``ours_every_grid``: the
+    same with ``--tissue_grids_only False`` (every grid of every ROI, as before 0.10.0;
+    ``--spatial-lstm-skip-every-grid`` leaves it out).
 (b) TIAToolbox 2.1.3 (its own virtual environment): ``PatchPredictor`` in WSI mode computes the CNN features of the
     lattice patches (``IOPatchPredictorConfig``: 256 px at 1.0 um/px, stride 64, the grid TIAToolbox lays from the
     slide's origin is our lattice), the model's ``preproc`` takes the 224 px centre and the bundle's (x - 128) / 128,
@@ -56,7 +60,8 @@ def grid_indices(positions: np.ndarray, grid_size: int, grid_step: int) -> tuple
     offsets, shape = np.arange(grid_size) * grid_step, (len(positions), grid_size, grid_size)
     rows = np.broadcast_to(positions[:, 0, None, None] + offsets[None, :, None], shape)
     cols = np.broadcast_to(positions[:, 1, None, None] + offsets[None, None, :], shape)
-    return rows.reshape(len(positions), -1), cols.reshape(len(positions), -1)
+    cells = (len(positions), grid_size * grid_size)
+    return rows.reshape(cells), cols.reshape(cells)
 
 
 def lattice_needed(wanted: np.ndarray, grid_size: int, grid_step: int) -> np.ndarray:
@@ -75,11 +80,9 @@ def tiatoolbox_worker(cfg: dict) -> dict[str, Any]:
 
     torch.set_num_threads(cfg["threads"])
     start = time.perf_counter()
-    import zarr
-    from bench_peers import positions_patch_predictor, tiatoolbox_model
+    import tiatoolbox.models.engine.patch_predictor  # noqa: F401  (the import's seconds, counted apart)
+    from bench_peers import run_patch_predictor_at, tiatoolbox_model
     from machine import machine_info, vm_status_kib
-    from tiatoolbox.models.engine.io_config import IOPatchPredictorConfig
-    from tiatoolbox.models.engine.patch_predictor import PatchPredictor
 
     import_s = time.perf_counter() - start
     o, crop = cfg["crop_offset_px"], cfg["crop_px"]
@@ -91,20 +94,13 @@ def tiatoolbox_worker(cfg: dict) -> dict[str, Any]:
                              normalise=normalise, features=True)
     head = torch.jit.load(cfg["head_torchscript"], map_location="cpu").eval()
     needed, wanted = np.load(cfg["lattice"]), np.load(cfg["positions"])
-    stride, patch = cfg["stride_px"], cfg["patch_px"]
+    stride = cfg["stride_px"]
     info: dict[str, Any] = {}
     hwm_before = vm_status_kib("VmHWM")
     start = time.perf_counter()
-    engine = positions_patch_predictor(PatchPredictor, needed, stride, patch, info)(
-        model=model, batch_size=cfg["patch_batch"], num_workers=cfg["num_workers"], device="cpu", verbose=False)
-    ioconfig = IOPatchPredictorConfig(input_resolutions=[{"units": "mpp", "resolution": cfg["scan_mpp"]}],
-                                      patch_input_shape=(patch, patch), stride_shape=(stride, stride))
-    out = engine.run(images=[Path(cfg["slide"])], masks=None, patch_mode=False, ioconfig=ioconfig,
-                     save_dir=Path(cfg["save_dir"]), overwrite=True, output_type="zarr", return_probabilities=True,
-                     auto_get_mask=False)
+    engine, features, coords = run_patch_predictor_at(model, needed, cfg, info, auto_get_mask=False)
     features_s = time.perf_counter() - start
-    store = zarr.open(str(next(iter(out.values()))), mode="r")
-    features, coords = np.asarray(store["probabilities"], np.float32), np.asarray(store["coordinates"])
+    features = features.astype(np.float32, copy=False)
     lattice = np.zeros((*needed.shape, features.shape[1]), np.float32)
     have = np.zeros(needed.shape, bool)
     lattice[coords[:, 1] // stride, coords[:, 0] // stride] = features
@@ -329,32 +325,57 @@ def bench_size(size: int, args: Any, cache: Path, work: Path, feature_size: int,
           f"({100 * wanted.mean():.1f} %), {int(needed.sum())} lattice patches", flush=True)
     runs, timeout = entry["runs"], args.dmmn_timeout
 
-    cfg = {"config": str(SPATIAL_LSTM_CONFIG), "threads": args.threads, "capture": "writer",
-           "timed_modules": ["cnn", "lstm", "classifier"], "prob_out": str(run / "prob_ours.f32"),
-           "result_out": str(run / "result_ours.json"),
-           "run_kwargs": {"data_source": str(slide), "output_dir": str(run / "out_ours"), "ckpt_path": weights}}
-    print("  ours (fresh process) ...", flush=True)
-    ours = run_worker(sys.executable, "bundle-ours", cfg, run / "cfg_ours.json", timeout)
-    if isinstance(ours, str):
-        raise RuntimeError(ours)
-    ours_map = read_captured(cfg["prob_out"], ours.pop("captured_shapes"))[0]
-    rois = np.asarray(ours.pop("rois_rc")[0], np.int64).reshape(-1, 2)
-    covered = np.zeros(wanted.shape, bool)
     t = geometry.tile_px
-    for r, c in rois:
-        covered[r * t:(r + 1) * t, c * t:(c + 1) * t] = True
-    ours_map = np.where(covered, ours_map, np.nan).astype(np.float32)
-    lattice_per_roi = geometry.lattice_px ** 2
-    ours.update({"pipeline": "python -m monai.bundle run --config_file bundles/spatial_lstm/configs/inference.json "
-                             "(CPU defaults: no TTA, tile_px 32, patch_batch 64, batch 1, 2 workers, BatchNorm "
-                             "folded, channels_last), all outputs written",
-                 "rois": int(len(rois)), "positions_evaluated": int(covered.sum()),
-                 "cnn_patches": int(len(rois) * lattice_per_roi),
-                 "positions_wanted_outside_rois": int((wanted & ~covered).sum())})
+
+    def ours_run(key: str, overrides: dict[str, Any], what: str) -> tuple[dict[str, Any], np.ndarray]:
+        cfg = {"config": str(SPATIAL_LSTM_CONFIG), "threads": args.threads, "capture": "writer",
+               "timed_modules": ["cnn", "lstm", "classifier"], "prob_out": str(run / f"prob_{key}.f32"),
+               "result_out": str(run / f"result_{key}.json"),
+               "run_kwargs": {"data_source": str(slide), "output_dir": str(run / f"out_{key}"), "ckpt_path": weights,
+                              **overrides}}
+        print(f"  {key} (fresh process) ...", flush=True)
+        result = run_worker(sys.executable, "bundle-ours", cfg, run / f"cfg_{key}.json", timeout)
+        if isinstance(result, str):
+            raise RuntimeError(result)
+        canvas = read_captured(cfg["prob_out"], result.pop("captured_shapes"))[0]
+        rois = np.asarray(result.pop("rois_rc")[0], np.int64).reshape(-1, 2)
+        covered = np.zeros(wanted.shape, bool)
+        for r, c in rois:
+            covered[r * t:(r + 1) * t, c * t:(c + 1) * t] = True
+        # The default computes each lattice patch a wanted grid reads once per slide (LatticeFeatureCache shares
+        # the ROIs' margins); every grid of every ROI means the whole lattice of each ROI.
+        patches = int(lattice_needed(wanted & covered, geometry.grid_size, geometry.grid_step).sum()) \
+            if overrides.get("tissue_grids_only", True) else len(rois) * geometry.lattice_px ** 2
+        result.update({"pipeline": what, "rois": int(len(rois)), "positions_in_rois": int(covered.sum()),
+                       "cnn_patches": patches, "positions_wanted_outside_rois": int((wanted & ~covered).sum())})
+        print(f"    {result['subprocess_wall_s']:.1f} s wall, pipeline {result['total_s']:.1f} s (network "
+              f"{result['network_forward_s']:.1f} s), {len(rois)} ROIs, {patches} CNN patches, "
+              f"{result['peak_rss_largest_process_mib']:.0f} MiB", flush=True)
+        return result, np.where(covered, canvas, np.nan).astype(np.float32)
+
+    defaults = ("python -m monai.bundle run --config_file bundles/spatial_lstm/configs/inference.json (CPU defaults: "
+                "no TTA, tile_px 32, patch_batch 64, batch 1, 2 workers, BatchNorm folded, channels_last), all outputs "
+                "written")
+    ours, ours_map = ours_run("ours", {}, defaults + "; tissue_grids_only true: the grids centred on tissue only")
     runs["ours"] = ours
-    print(f"    {ours['subprocess_wall_s']:.1f} s wall, pipeline {ours['total_s']:.1f} s (network "
-          f"{ours['network_forward_s']:.1f} s), {len(rois)} ROIs, {ours['peak_rss_largest_process_mib']:.0f} MiB",
-          flush=True)
+    if not args.spatial_lstm_skip_every_grid:
+        every, every_map = ours_run("ours_every_grid", {"tissue_grids_only": False},
+                                    defaults + "; --tissue_grids_only False: every grid of every ROI (before 0.10.0)")
+        every["agreement"] = compare(ours_map, every_map, wanted, interior)
+        runs["ours_every_grid"] = every
+
+    def peer_run(key: str, python: str, mode: str, cfg: dict[str, Any], what: str) -> None:
+        print(f"  {key} (fresh process) ...", flush=True)
+        result = run_worker(python, mode, cfg, run / f"cfg_{key}.json", timeout)
+        if isinstance(result, str):
+            runs[key] = {"skipped": result}
+            print(f"    failed: {result[-800:]}", flush=True)
+            return
+        result.update({"pipeline": what, "agreement": compare(ours_map, np.load(cfg["map_out"]), wanted, interior)})
+        runs[key] = result
+        print(f"    {result['subprocess_wall_s']:.1f} s wall, pipeline {result['total_s']:.1f} s (network "
+              f"{result['network_forward_s']:.1f} s), {result['peak_rss_largest_process_mib']:.0f} MiB, max |dp| "
+              f"{result['agreement']['all']['prob_max_abs_diff']}", flush=True)
 
     if args.skip_monai:
         runs["monai"] = {"skipped": "--skip-monai"}
@@ -368,20 +389,10 @@ def bench_size(size: int, args: Any, cache: Path, work: Path, feature_size: int,
                "read_px": geometry.grid_size * geometry.patch_px, "grid_batch": args.spatial_lstm_grid_batch,
                "num_workers": parser["num_workers"], "map_out": str(run / "map_monai.npy"),
                "result_out": str(run / "result_monai.json")}
-        print("  MONAI (fresh process) ...", flush=True)
-        monai = run_worker(sys.executable, "spatial-lstm-monai", cfg, run / "cfg_monai.json", timeout)
-        if isinstance(monai, str):
-            runs["monai"] = {"skipped": monai}
-        else:
-            monai["pipeline"] = (f"MaskedPatchWSIDataset (one grid per item, {cfg['read_level0_px']} level-0 px "
-                                 f"read, Resized area to {cfg['read_px']}) + NormalizeIntensityd + GridToPatchesd + "
-                                 f"DataLoader ({cfg['num_workers']} workers, batch {cfg['grid_batch']} grids) + the "
-                                 f"network's forward (folded, channels_last)")
-            monai["agreement"] = compare(ours_map, np.load(cfg["map_out"]), wanted, interior)
-            runs["monai"] = monai
-            print(f"    {monai['subprocess_wall_s']:.1f} s wall, pipeline {monai['total_s']:.1f} s (network "
-                  f"{monai['network_forward_s']:.1f} s), {monai['peak_rss_largest_process_mib']:.0f} MiB, max |dp| "
-                  f"{monai['agreement']['all']['prob_max_abs_diff']}", flush=True)
+        peer_run("monai", sys.executable, "spatial-lstm-monai", cfg,
+                 f"MaskedPatchWSIDataset (one grid per item, {cfg['read_level0_px']} level-0 px read, Resized area to "
+                 f"{cfg['read_px']}) + NormalizeIntensityd + GridToPatchesd + DataLoader ({cfg['num_workers']} "
+                 f"workers, batch {cfg['grid_batch']} grids) + the network's forward (folded, channels_last)")
 
     peers = Path(args.peers_python)
     if not peers.exists():
@@ -396,23 +407,13 @@ def bench_size(size: int, args: Any, cache: Path, work: Path, feature_size: int,
                "lattice": str(run / "lattice.npy"), "positions": str(run / "positions.npy"),
                "save_dir": str(run / "out_tiatoolbox"), "map_out": str(run / "map_tiatoolbox.npy"),
                "result_out": str(run / "result_tiatoolbox.json")}
-        print("  TIAToolbox (fresh process) ...", flush=True)
-        tia = run_worker(str(peers), "spatial-lstm-tiatoolbox", cfg, run / "cfg_tiatoolbox.json", timeout)
-        if isinstance(tia, str):
-            runs["tiatoolbox"] = {"skipped": tia}
-            print(f"    failed: {tia[-800:]}", flush=True)
-        else:
-            tia["pipeline"] = (f"PatchPredictor(patch_mode=False), IOPatchPredictorConfig(mpp {scan_mpp}, patch "
-                               f"{geometry.patch_px}, stride {geometry.stride_px}), TorchScript CNN (features, "
-                               f"centre crop {geometry.crop_px} in preproc), batch {cfg['patch_batch']}, "
-                               f"{cfg['num_workers']} workers; then the TorchScript LSTM head per grid")
-            tia["agreement"] = compare(ours_map, np.load(cfg["map_out"]), wanted, interior)
-            runs["tiatoolbox"] = tia
-            print(f"    {tia['subprocess_wall_s']:.1f} s wall, pipeline {tia['total_s']:.1f} s (network "
-                  f"{tia['network_forward_s']:.1f} s), {tia['peak_rss_largest_process_mib']:.0f} MiB, max |dp| "
-                  f"{tia['agreement']['all']['prob_max_abs_diff']}", flush=True)
-    for peer in ("monai", "tiatoolbox"):
-        other = runs[peer]
+        peer_run("tiatoolbox", str(peers), "spatial-lstm-tiatoolbox", cfg,
+                 f"PatchPredictor(patch_mode=False), IOPatchPredictorConfig(mpp {scan_mpp}, patch {geometry.patch_px}, "
+                 f"stride {geometry.stride_px}), TorchScript CNN (features, centre crop {geometry.crop_px} in "
+                 f"preproc), batch {cfg['patch_batch']}, {cfg['num_workers']} workers; then the TorchScript LSTM head "
+                 f"per grid")
+    for peer in ("ours_every_grid", "monai", "tiatoolbox"):
+        other = runs.get(peer, {"skipped": "not run"})
         if "skipped" not in other:
             entry[f"ratios_{peer}_over_ours"] = {
                 "subprocess_wall_s": other["subprocess_wall_s"] / ours["subprocess_wall_s"],
@@ -456,13 +457,13 @@ def print_table(section: dict[str, Any]) -> None:
         runs = entry["runs"]
         print(f"{entry['name']}: {entry['positions_wanted']} grids on tissue, {entry['lattice_patches_needed']} "
               f"lattice patches needed")
-        for key in ("ours", "monai", "tiatoolbox"):
+        for key in ("ours", "ours_every_grid", "monai", "tiatoolbox"):
             run = runs.get(key, {})
             if "skipped" in run or not run:
-                print(f"  {key:11s} skipped: {run.get('skipped', '')[:200]}")
+                print(f"  {key:15s} skipped: {run.get('skipped', '')[:200]}")
                 continue
             ratio = entry.get(f"ratios_{key}_over_ours", {}).get("subprocess_wall_s")
             agree = run.get("agreement", {}).get("interior", {}).get("prob_max_abs_diff")
-            print(f"  {key:11s} {run['subprocess_wall_s']:8.1f} ({run['total_s']:.1f}, {run['network_forward_s']:.1f})"
+            print(f"  {key:15s} {run['subprocess_wall_s']:8.1f} ({run['total_s']:.1f}, {run['network_forward_s']:.1f})"
                   f" {run['peak_rss_largest_process_mib']:7.0f}" + (f"  {ratio:.2f}x" if ratio else "")
                   + (f"  {agree:.4f}" if agree is not None else ""))

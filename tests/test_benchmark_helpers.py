@@ -1,5 +1,6 @@
 """The arithmetic the benchmark scripts report with: the scaling fit, segmitos's HPF grid and map agreement, the
-per-layer roofline's FLOPs and bytes, the FMA peak program, and bench_autocast's output comparisons."""
+per-layer roofline's FLOPs and bytes, the FMA peak program, bench_autocast's output comparisons, and the Spatial
+LSTM peers' grid and lattice bookkeeping."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import bench_inference_network  # noqa: E402
 import bench_peers  # noqa: E402
 import bench_scaling  # noqa: E402
 import machine  # noqa: E402
+import peers_spatial_lstm  # noqa: E402
 
 from pathbundles.tissue import LevelMask  # noqa: E402
 
@@ -139,3 +141,26 @@ def test_gpu_script_refuses_a_machine_without_cuda(tmp_path):
     assert run.returncode == 1, run.stderr
     assert "sees no CUDA device" in run.stderr
     assert not (tmp_path / "gpu").exists()
+
+
+def test_spatial_lstm_peers_grid_cells_lattice_and_agreement():
+    # The grid at map pixel (1, 2), G = 3, grid_step 4: lattice rows 1, 5, 9 x columns 2, 6, 10, raster order.
+    rows, cols = peers_spatial_lstm.grid_indices(np.array([[1, 2]]), 3, 4)
+    assert rows.tolist() == [[1, 1, 1, 5, 5, 5, 9, 9, 9]] and cols.tolist() == [[2, 6, 10] * 3]
+    # Grids at (0, 0) and (0, 4) share lattice columns 4 and 8: 12 patches, not 18, on a 3 x 5 + 8 lattice.
+    wanted = np.zeros((3, 5), bool)
+    wanted[0, 0] = wanted[0, 4] = True
+    needed = peers_spatial_lstm.lattice_needed(wanted, 3, 4)
+    assert needed.shape == (11, 13) and needed.sum() == 12
+    assert needed[np.ix_([0, 4, 8], [0, 4, 8, 12])].all()
+    # No wanted grid (an ROI chosen for tissue under its footprint but with no map pixel centred on it): no patch.
+    assert peers_spatial_lstm.grid_indices(np.zeros((0, 2), int), 3, 4)[0].shape == (0, 9)
+    assert not peers_spatial_lstm.lattice_needed(np.zeros((4, 4), bool), 3, 4).any()
+    ours = np.array([[0.2, 0.9], [0.6, np.nan]], np.float32)
+    other = np.array([[0.25, 0.4], [np.nan, 0.1]], np.float32)
+    got = peers_spatial_lstm.compare(ours, other, np.array([[True, True], [True, False]]),
+                                     np.array([[True, False], [True, True]]))
+    assert got["all"]["positions"] == 2 and got["all"]["prob_max_abs_diff"] == pytest.approx(0.5)
+    assert got["all"]["decision_disagreements_at_0.5"] == 1  # 0.9 against 0.4
+    assert got["interior"]["positions"] == 1 and got["interior"]["prob_max_abs_diff"] == pytest.approx(0.05)
+    assert got["positions_wanted_not_evaluated"] == 1  # (1, 0): the other pipeline has no value there

@@ -177,6 +177,31 @@ def test_blobs_area_score_and_weighted_centroid() -> None:
     assert 0.5 < kept[0, 0] <= 0.9
 
 
+def test_blob_statistics_equal_scipy_label_statistics_exactly() -> None:
+    """Counting over the labelled pixels only gives scipy's float64 sums bit for bit (same pixels, same order)."""
+    from scipy import ndimage
+
+    from pathbundles.postprocess import _blob_statistics
+
+    rng = np.random.default_rng(0)
+    values = ndimage.gaussian_filter(rng.random((300, 257)).astype(np.float32), 3)
+    labels, n = ndimage.label(values > np.quantile(values, 0.9), structure=np.ones((3, 3)))
+    assert n > 20
+    count, mean, centroid = _blob_statistics(values, labels, n)
+    index = np.arange(1, n + 1)
+    np.testing.assert_array_equal(count, ndimage.sum_labels(np.ones_like(labels, dtype=np.float64), labels, index))
+    np.testing.assert_array_equal(mean, ndimage.mean(values, labels, index))
+    np.testing.assert_array_equal(centroid, np.asarray(ndimage.center_of_mass(values, labels, index)))
+    # By hand: one 2 x 2 blob of values 1, 1, 1, 3 at rows 4-5, columns 7-8.
+    one = np.zeros((10, 10), np.int32)
+    one[4:6, 7:9] = 1
+    vals = np.zeros((10, 10), np.float32)
+    vals[4:6, 7:9] = [[1, 1], [1, 3]]
+    count, mean, centroid = _blob_statistics(vals, one, 1)
+    assert count.tolist() == [4] and mean.tolist() == [1.5]
+    np.testing.assert_allclose(centroid, [[(4 + 4 + 5 + 3 * 5) / 6, (7 + 8 + 7 + 3 * 8) / 6]])
+
+
 def test_blobs_positions_follow_the_map_geometry() -> None:
     prob = _disk_map((60, 60), [(20, 30, 6, 0.9)])
     # A map at 0.5 um/px of an image at 0.25 um/px (step 2), whose pixel (0, 0) centre is at level-0 (100, 200).

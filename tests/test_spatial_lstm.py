@@ -12,7 +12,7 @@ import torch
 from pathbundles.spatial_lstm import (GridToPatchesd, LatticeGeometry, RandDihedrald, SpatialGridDataset,
                                       SpatialLSTMInferer, SpatialLSTMLoss, SpatialLSTMNet, dihedral,
                                       inverse_dihedral, lattice_map, naive_grid_map, neighbour_pairs,
-                                      sparse_lattice_map)
+                                      LatticeFeatureCache, sparse_lattice_map)
 
 # A small geometry with the paper's proportions (patch = 4 strides, crop = patch - 1/8): cheap enough for a CPU.
 SMALL = {"grid_size": 3, "patch_px": 32, "crop_px": 24, "stride_px": 8}
@@ -473,6 +473,68 @@ def test_stitched_roi_tiles_equal_one_pass_over_the_union(net: SpatialLSTMNet) -
                 roi = region[:, :, y0:y0 + tile.read_px, x0:x0 + tile.read_px]
                 stitched[r * 3:(r + 1) * 3, c * 3:(c + 1) * 3] = lattice_map(net, roi, tile)[0]
     torch.testing.assert_close(stitched, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_feature_cache_shares_the_lattice_margins_of_neighbouring_rois(net: SpatialLSTMNet) -> None:
+    tile = LatticeGeometry(tile_px=3, **SMALL)  # lattice 11 x 11 per ROI (3 + 2 * 4)
+    union = LatticeGeometry(tile_px=6, **SMALL)
+    region = torch.randn(1, 3, union.read_px, union.read_px, generator=torch.Generator().manual_seed(9))
+    everywhere = torch.ones(1, 3, 3, dtype=torch.bool)
+    rois = [(r, c) for r in range(2) for c in range(2)]  # raster order, as SlideROIDataset lists them
+
+    def roi(r: int, c: int) -> torch.Tensor:
+        y0, x0 = r * tile.roi_stride_px, c * tile.roi_stride_px
+        return region[:, :, y0:y0 + tile.read_px, x0:x0 + tile.read_px]
+
+    cache = LatticeFeatureCache()
+    with torch.no_grad():
+        whole = lattice_map(net, region, union)[0]
+        cached = torch.zeros(6, 6)
+        for r, c in rois:
+            cached[r * 3:(r + 1) * 3, c * 3:(c + 1) * 3] = sparse_lattice_map(net, roi(r, c), tile, everywhere,
+                                                                             origins=[(0, r, c)], cache=cache)[0]
+    torch.testing.assert_close(cached, whole, atol=1e-5, rtol=1e-5)
+    # An ROI's 3 x 3 map reads lattice rows (and columns) {0, 1, 2} + 4 u: 9 of its 11, 81 patches, 4 x 81 = 324
+    # for the four ROIs. The slide-wide 6 x 6 map reads every row and column of its 14 x 14 lattice: 196 patches,
+    # each computed once, the other 128 requests read from the cache.
+    assert (cache.computed, cache.hits) == (196, 324 - 196)
+    # Rows above the current ROI row are dropped; another slide starts afresh.
+    assert min(a for a, _ in cache.features) >= 3
+    cache.start(1, 0)
+    assert not cache.features and cache.slide == 1
+    with torch.no_grad():
+        again = sparse_lattice_map(net, roi(0, 0), tile, everywhere, origins=[(1, 0, 0)], cache=cache)[0]
+    assert cache.computed == 196 + 81
+    torch.testing.assert_close(again, whole[:3, :3], atol=1e-5, rtol=1e-5)
+
+
+def test_inferer_keeps_a_cache_per_engine_epoch(net: SpatialLSTMNet) -> None:
+    from ignite.engine import Engine, Events
+
+    inferer = SpatialLSTMInferer(tile_px=3, tta=False, **SMALL)
+    g = inferer.geometry
+    region = torch.randn(1, 3, g.read_px, g.read_px, generator=torch.Generator().manual_seed(10))
+    seen = []
+
+    def step(engine: Engine, batch: int) -> torch.Tensor:
+        with torch.no_grad():
+            return inferer(region, net, positions=torch.ones(1, 3, 3, dtype=torch.bool),
+                           slide_index=torch.tensor([0]), roi_row=torch.tensor([batch]), roi_col=torch.tensor([0]))
+
+    engine = Engine(step)
+    inferer.attach(engine)
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append((inferer.cache.computed,
+                                                                               inferer.cache.hits)))
+    engine.run([0, 1], max_epochs=2)
+    # ROI (0, 0) reads slide-wide lattice rows {0, 1, 2, 4, 5, 6, 8, 9, 10}, ROI (1, 0) below it rows 3 + those:
+    # {3, 4, 5, 7, 8, 9, 11, 12, 13}; rows {4, 5, 8, 9} of its 9 columns (36 patches) come from the cache, 45 go
+    # through the CNN. Each epoch starts with a fresh cache (the network may have changed), none is kept after.
+    assert seen == [(81, 0), (81 + 45, 36), (81, 0), (81 + 45, 36)]
+    assert inferer.cache is None
+    with torch.no_grad():  # outside an engine: no cache, the same map
+        torch.testing.assert_close(inferer(region, net, positions=torch.ones(1, 3, 3, dtype=torch.bool),
+                                           slide_index=torch.tensor([0]), roi_row=torch.tensor([1]),
+                                           roi_col=torch.tensor([0])), step(engine, 1))
 
 
 def test_slide_map_from_roi_tiles_equals_one_pass(net: SpatialLSTMNet, tmp_path) -> None:

@@ -538,21 +538,69 @@ def _grid_cells(positions: torch.Tensor, geometry: LatticeGeometry) -> torch.Ten
     return (rows * geometry.lattice_px + cols).reshape(len(positions), g * g)
 
 
+class LatticeFeatureCache:
+    """CNN features of the lattice patches that neighbouring ROIs share, kept from one ROI to the next.
+
+    An ROI's lattice reaches ``(grid_size - 1) * grid_step`` steps (8 at the defaults) into its right and lower
+    neighbours' tiles, so on a slide each patch of those margins belongs to up to four ROIs' lattices. ROIs come
+    in raster order; the features of an ROI's margin patches are kept under their slide-wide lattice position and
+    read by the ROIs after it instead of going through the CNN again. Entries above the current ROI row are
+    dropped as the rows advance, and everything when the slide changes (``start``). Valid for one network state:
+    :meth:`SpatialLSTMInferer.attach` makes a fresh cache at each engine epoch and drops it at its end.
+    """
+
+    def __init__(self) -> None:
+        self.slide: Any = None
+        self.top_row = 0
+        self.features: dict[tuple[int, int], torch.Tensor] = {}
+        self.hits = self.computed = 0
+
+    def start(self, slide: Any, top_row: int) -> None:
+        """An ROI of ``slide`` whose lattice starts at slide-wide lattice row ``top_row`` comes next."""
+        if slide != self.slide:
+            self.slide, self.top_row = slide, top_row
+            self.features.clear()
+        elif top_row > self.top_row:
+            self.top_row = top_row
+            self.features = {k: v for k, v in self.features.items() if k[0] >= top_row}
+
+
 def sparse_lattice_map(network: nn.Module, region: torch.Tensor, geometry: LatticeGeometry,
-                       positions: torch.Tensor, patch_batch: int = 256) -> torch.Tensor:
+                       positions: torch.Tensor, patch_batch: int = 256, origins: Sequence[tuple[Any, int, int]]
+                       | None = None, cache: LatticeFeatureCache | None = None) -> torch.Tensor:
     """:func:`lattice_map` (no TTA) at the map pixels ``positions`` (N, tile_px, tile_px) only, 0 at the others:
-    only the lattice patches their grids read go through the CNN, each once per region."""
+    only the lattice patches their grids read go through the CNN, each once per region, and with a ``cache`` once
+    per slide: ``origins`` gives each region's (slide, ROI row, ROI column), whose lattice starts at slide-wide
+    lattice position ``(row, column) * tile_px``."""
     out = torch.zeros((region.shape[0], geometry.tile_px, geometry.tile_px), dtype=torch.float32,
                       device=region.device)
-    windows, lattice = _lattice_windows(region, geometry), geometry.lattice_px
+    windows, lattice, t = _lattice_windows(region, geometry), geometry.lattice_px, geometry.tile_px
     for i in range(region.shape[0]):
         where = torch.nonzero(positions[i])  # (P, 2)
         if not len(where):
             continue
         needed, grid_rows = torch.unique(_grid_cells(where, geometry), return_inverse=True)  # sorted, (P, G*G)
-        features = torch.cat([network.patch_features(windows[i][:, part // lattice, part % lattice].transpose(0, 1))
-                              for part in needed.split(patch_batch)])
-        logits = network.grid_logits(features[grid_rows])  # (P, G*G)
+        rows, cols = (needed // lattice).tolist(), (needed % lattice).tolist()
+        found: list[torch.Tensor | None] = [None] * len(rows)
+        if cache is not None and origins is not None:
+            slide, roi_row, roi_col = origins[i]
+            cache.start(slide, int(roi_row) * t)
+            keys = [(a + int(roi_row) * t, b + int(roi_col) * t) for a, b in zip(rows, cols)]
+            found = [cache.features.get(k) for k in keys]
+        missing = [j for j, f in enumerate(found) if f is None]
+        if missing:
+            computed = torch.cat([network.patch_features(windows[i][:, part // lattice, part % lattice]
+                                                         .transpose(0, 1))
+                                  for part in needed[missing].split(patch_batch)])
+            for j, feature in zip(missing, computed):
+                found[j] = feature
+                if cache is not None and origins is not None and (rows[j] >= t or cols[j] >= t):
+                    cache.features[keys[j]] = feature  # a margin patch: the next ROIs read it
+            if cache is not None:
+                cache.computed += len(missing)
+        if cache is not None:
+            cache.hits += len(rows) - len(missing)
+        logits = network.grid_logits(torch.stack(found)[grid_rows])  # (P, G*G)
         out[i, where[:, 0], where[:, 1]] = torch.sigmoid(logits[:, geometry.centre_index].float())
     return out
 
@@ -584,7 +632,8 @@ def lattice_features(network: nn.Module, region: torch.Tensor, geometry: Lattice
 
 
 def lattice_map(network: nn.Module, region: torch.Tensor, geometry: LatticeGeometry, tta: bool = False,
-                patch_batch: int = 256, positions: Any = None) -> torch.Tensor:
+                patch_batch: int = 256, positions: Any = None, origins: Sequence[tuple[Any, int, int]] | None = None,
+                cache: LatticeFeatureCache | None = None) -> torch.Tensor:
     """Tumour probability map tiles of ROI regions: CNN once per lattice patch, then the LSTM per grid.
 
     Args:
@@ -596,6 +645,8 @@ def lattice_map(network: nn.Module, region: torch.Tensor, geometry: LatticeGeome
         patch_batch: patches per CNN call.
         positions: (N, tile_px, tile_px) bool, the map pixels to compute (:func:`sparse_lattice_map`: only the
             lattice patches their grids read go through the CNN); the others are 0. None: every map pixel.
+        origins, cache: with ``positions`` and without TTA, each region's (slide, ROI row, ROI column) and a
+            :class:`LatticeFeatureCache`: the features of patches an earlier ROI of the slide computed are reused.
 
     Returns:
         (N, tile_px, tile_px) probabilities of the centre patch of the grid centred on each map pixel.
@@ -611,7 +662,8 @@ def lattice_map(network: nn.Module, region: torch.Tensor, geometry: LatticeGeome
 
     def scan(x: torch.Tensor, wanted: torch.Tensor | None = None) -> torch.Tensor:
         if wanted is not None:
-            return sparse_lattice_map(network, x, geometry, wanted, patch_batch)
+            return sparse_lattice_map(network, x, geometry, wanted, patch_batch,
+                                      origins=None if tta else origins, cache=None if tta else cache)
         features = lattice_features(network, x, geometry, patch_batch)  # (N, L, L, D)
         grids = features[:, cells[:, None, :, None], cells[None, :, None, :]]  # (N, T, T, G, G, D)
         logits = network.grid_logits(grids.reshape(-1, g * g, features.shape[-1]))
@@ -664,6 +716,10 @@ class SpatialLSTMInferer(Inferer):
         tissue_grids_only: when called with ``positions`` (N, tile_px, tile_px) bool (the dataset's ``tissue_key``
             item, passed by ``monai.engines.PrepareBatchExtraInput({"positions": key})``), compute those map pixels
             only and leave the others 0 (:func:`sparse_lattice_map`); False: every map pixel, ``positions`` ignored.
+
+    Attached to an engine (:meth:`attach`, the bundle lists it among its handlers) and called with the items'
+    ``slide_index``, ``roi_row`` and ``roi_col`` as well, it keeps a :class:`LatticeFeatureCache` for the epoch:
+    patches shared with the ROIs before (the lattice margins) go through the CNN once per slide, not once per ROI.
     """
 
     def __init__(self, tile_px: int = 16, grid_size: int = GRID_SIZE, patch_px: int = PATCH_PX,
@@ -676,10 +732,29 @@ class SpatialLSTMInferer(Inferer):
                                         stride_px=stride_px)
         self.tta, self.patch_batch = flag(tta, "tta"), int(patch_batch)
         self.tissue_grids_only = flag(tissue_grids_only, "tissue_grids_only")
+        self.cache: LatticeFeatureCache | None = None
+
+    def attach(self, engine: Any) -> None:
+        """A fresh :class:`LatticeFeatureCache` for each epoch of ``engine`` (one network state), none after it."""
+        from ignite.engine import Events
+
+        def fresh(_: Any) -> None:
+            self.cache = LatticeFeatureCache()
+
+        def drop(_: Any) -> None:
+            self.cache = None
+
+        engine.add_event_handler(Events.EPOCH_STARTED, fresh)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, drop)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, drop)
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, positions: Any = None,
-                 **kwargs: Any) -> torch.Tensor:
+                 slide_index: Any = None, roi_row: Any = None, roi_col: Any = None, **kwargs: Any) -> torch.Tensor:
         region = convert_to_tensor(inputs, track_meta=False)
+        origins = None
+        if self.cache is not None and slide_index is not None and roi_row is not None and roi_col is not None:
+            origins = list(zip(*(torch.as_tensor(v).reshape(-1).tolist() for v in (slide_index, roi_row, roi_col))))
         prob = lattice_map(network, region, self.geometry, tta=self.tta, patch_batch=self.patch_batch,
-                           positions=positions if self.tissue_grids_only else None)
+                           positions=positions if self.tissue_grids_only else None, origins=origins,
+                           cache=self.cache)
         return torch.stack([1 - prob, prob], 1)
