@@ -56,7 +56,8 @@ HEAD_BATCH = 1024  # grids per call of the LSTM head in TIAToolbox's process
 
 def grid_indices(positions: np.ndarray, grid_size: int, grid_step: int) -> tuple[np.ndarray, np.ndarray]:
     """Lattice rows and columns (P, G*G) of the patches of each grid (P, 2) (map row, column), raster order: patch
-    (u, v) of the grid at map pixel (r, c) is lattice patch (r + u * grid_step, c + v * grid_step)."""
+    (u, v) of the grid at map pixel (r, c) is lattice patch (r + u * grid_step, c + v * grid_step). The numpy twin
+    of ``pathbundles.spatial_lstm._grid_cells``: TIAToolbox's environment has no MONAI, so it cannot import it."""
     offsets, shape = np.arange(grid_size) * grid_step, (len(positions), grid_size, grid_size)
     rows = np.broadcast_to(positions[:, 0, None, None] + offsets[None, :, None], shape)
     cols = np.broadcast_to(positions[:, 1, None, None] + offsets[None, None, :], shape)
@@ -231,7 +232,7 @@ def export_networks(net: Any, folder: Path, crop_px: int) -> dict[str, Any]:
 
     from bench_peers import export_traced
 
-    cnn = export_traced(net.cnn, (4, 3, crop_px, crop_px), folder / "cnn_torchscript.pt", trace_px=None)
+    cnn = export_traced(net.cnn, (4, 3, crop_px, crop_px), folder / "cnn_torchscript.pt")
     cnn["method"] = "torch.jit.trace of the CNN (patches -> features) of the eval-mode network, BatchNorm folded, NCHW"
     head = centre_probability_head(net)
     g2, d = net.grid_size ** 2, net.feature_size
@@ -247,24 +248,26 @@ def export_networks(net: Any, folder: Path, crop_px: int) -> dict[str, Any]:
 
 
 def wanted_positions(slide: Path, geometry: Any, scan_mpp: float, tissue_mpp: float) -> dict[str, Any]:
-    """The map's wanted positions (grid centre on the Otsu tissue mask, the writer's ``tissue_only`` rule), the
-    interior ones (the grid's footprint inside the slide), the map shape and the slide's facts."""
-    from pathbundles.tissue import tissue_mask
+    """The map's wanted positions (grid centre on the Otsu tissue mask: the bundle's plan and the writer's
+    ``tissue_only`` rule, ``map_on_tissue``), the interior ones (the grid's footprint inside the slide), the map shape
+    and the slide's facts."""
+    from pathbundles.slide_inference import map_on_tissue, plan_slides
     from pathbundles.wsi import open_slide
 
+    grid = geometry.grid()
+    plan = plan_slides([str(slide)], grid, scan_mpp, backend="tifffile", tissue_mpp=tissue_mpp)[0]
+    if plan.error:
+        raise RuntimeError(plan.error)
     with open_slide(slide, backend="tifffile") as s:
-        mask = tissue_mask(s, mpp=tissue_mpp)
-        (w0, h0), mpp0, levels = s.dimensions, float(s.mpp[0]), s.info()["levels"]
-    to_level0 = scan_mpp / mpp0
-    map_shape = geometry.grid().map_shape((w0 / to_level0, h0 / to_level0))
-    rows, cols = np.indices(map_shape, dtype=np.float64)
-    origin0, step0 = geometry.map_origin_px * to_level0, geometry.stride_px * to_level0
-    wanted = np.asarray(mask.at_level0(origin0 + cols * step0, origin0 + rows * step0)) > 0
-    footprint0 = geometry.grid_size * geometry.patch_px * to_level0
-    interior = ((cols * step0 + footprint0 <= w0) & (rows * step0 + footprint0 <= h0))
-    return {"wanted": wanted, "interior": interior, "map_shape": list(map_shape), "level0_size": [w0, h0],
-            "level0_mpp": mpp0, "levels": levels, "to_level0": to_level0,
-            "tissue_fraction": float(np.mean(np.asarray(mask.mask) != 0))}
+        levels = s.info()["levels"]
+    (w0, h0), to_level0 = plan.level0_size, scan_mpp / plan.level0_mpp
+    rows, cols = np.indices(plan.map_shape, dtype=np.float64)
+    step0, footprint0 = geometry.stride_px * to_level0, geometry.grid_size * geometry.patch_px * to_level0
+    interior = (cols * step0 + footprint0 <= w0) & (rows * step0 + footprint0 <= h0)
+    return {"wanted": map_on_tissue(plan, grid, scan_mpp, rows, cols), "interior": interior,
+            "map_shape": list(plan.map_shape), "level0_size": [w0, h0], "level0_mpp": plan.level0_mpp,
+            "levels": levels, "to_level0": to_level0,
+            "tissue_fraction": float(np.mean(np.asarray(plan.tissue.mask) != 0))}
 
 
 def compare(ours: np.ndarray, other: np.ndarray, wanted: np.ndarray, interior: np.ndarray) -> dict[str, Any]:

@@ -475,6 +475,26 @@ def test_stitched_roi_tiles_equal_one_pass_over_the_union(net: SpatialLSTMNet) -
     torch.testing.assert_close(stitched, whole, atol=1e-5, rtol=1e-5)
 
 
+def test_map_pixels_on_tissue_at_a_scanner_resolution() -> None:
+    """map_on_tissue (the dataset's tissue item and the writer's tissue_only) on a 0.2527 um/px slide scanned at
+    1.0 um/px: map pixel (r, c) is the grid centred (384 + 64 c, 384 + 64 r) um from the slide's origin."""
+    from pathbundles.slide_inference import SlidePlan, map_on_tissue
+    from pathbundles.tissue import LevelMask
+
+    mask = np.zeros((400, 400), np.uint8)  # 8 um/px over 3.2 mm
+    mask[63:188, 125:250] = 1  # tissue at x in [1000, 2000) um, y in [504, 1504) um
+    level0 = round(3200 / 0.2527)
+    plan = SlidePlan(name="s", path="s.tif", level0_mpp=0.2527, level0_size=(level0, level0), map_shape=(40, 40),
+                     tissue=LevelMask(mask, mpp=8.0, level0_mpp=0.2527, level0_size=(level0, level0)))
+    on = map_on_tissue(plan, LatticeGeometry(tile_px=32).grid(), 1.0, *np.indices((40, 40)))
+    # x: 384 + 64 c in [1000, 2000) um for c = 10..25; y: 384 + 64 r in [504, 1504) um for r = 2..17.
+    expected = np.zeros((40, 40), bool)
+    expected[2:18, 10:26] = True
+    np.testing.assert_array_equal(on, expected)
+    assert map_on_tissue(SlidePlan(name="s", path="s.tif", level0_mpp=0.2527), LatticeGeometry(tile_px=32).grid(),
+                         1.0, np.arange(3)[:, None], np.arange(2)[None, :]).all()  # no mask: everything
+
+
 def test_feature_cache_shares_the_lattice_margins_of_neighbouring_rois(net: SpatialLSTMNet) -> None:
     tile = LatticeGeometry(tile_px=3, **SMALL)  # lattice 11 x 11 per ROI (3 + 2 * 4)
     union = LatticeGeometry(tile_px=6, **SMALL)

@@ -575,6 +575,7 @@ def sparse_lattice_map(network: nn.Module, region: torch.Tensor, geometry: Latti
     out = torch.zeros((region.shape[0], geometry.tile_px, geometry.tile_px), dtype=torch.float32,
                       device=region.device)
     windows, lattice, t = _lattice_windows(region, geometry), geometry.lattice_px, geometry.tile_px
+    caching = cache is not None and origins is not None
     for i in range(region.shape[0]):
         where = torch.nonzero(positions[i])  # (P, 2)
         if not len(where):
@@ -582,7 +583,7 @@ def sparse_lattice_map(network: nn.Module, region: torch.Tensor, geometry: Latti
         needed, grid_rows = torch.unique(_grid_cells(where, geometry), return_inverse=True)  # sorted, (P, G*G)
         rows, cols = (needed // lattice).tolist(), (needed % lattice).tolist()
         found: list[torch.Tensor | None] = [None] * len(rows)
-        if cache is not None and origins is not None:
+        if caching:
             slide, roi_row, roi_col = origins[i]
             cache.start(slide, int(roi_row) * t)
             keys = [(a + int(roi_row) * t, b + int(roi_col) * t) for a, b in zip(rows, cols)]
@@ -594,11 +595,10 @@ def sparse_lattice_map(network: nn.Module, region: torch.Tensor, geometry: Latti
                                   for part in needed[missing].split(patch_batch)])
             for j, feature in zip(missing, computed):
                 found[j] = feature
-                if cache is not None and origins is not None and (rows[j] >= t or cols[j] >= t):
+                if caching and (rows[j] >= t or cols[j] >= t):
                     cache.features[keys[j]] = feature  # a margin patch: the next ROIs read it
-            if cache is not None:
-                cache.computed += len(missing)
-        if cache is not None:
+        if caching:
+            cache.computed += len(missing)
             cache.hits += len(rows) - len(missing)
         logits = network.grid_logits(torch.stack(found)[grid_rows])  # (P, G*G)
         out[i, where[:, 0], where[:, 1]] = torch.sigmoid(logits[:, geometry.centre_index].float())
