@@ -42,7 +42,7 @@ as skipped with the reason and ours still runs.
 
 DMMN (``bench_dmmn_one``). The shipped ``bundles/dmmn/models/model.pt`` (DMMN-M3, copied first by bench_dmmn.py's
 ``snapshot_weights``) on bench_dmmn.py's multi-class phantom (``make_slide``: 0.5 um/px level 0, 2x JPEG levels;
-``--dmmn-sizes``, default 4096), every tile of the stride-256 grid, in two fresh processes, each run under
+``--dmmn-sizes``, default 4096), every tile of the stride-256 grid, in three fresh processes, each run under
 bench_dmmn.py's ``measure_child`` wrapper (wall time of the process, peak RSS of its largest process):
 
 (a) Ours: the bundle's own inference (``monai.bundle.run`` of ``configs/inference.json``, what ``python -m
@@ -59,8 +59,12 @@ bench_dmmn.py's ``measure_child`` wrapper (wall time of the process, peak RSS of
     (the bundle's "tile" read path, same PIL call). Pixels outside the slide are 255 there (hard-coded in
     ``WSIPatchDataset``), 0 in the bundle. TorchScript network, batch 2, 2 workers, ``auto_get_mask=False``,
     probabilities written to zarr.
+(c) MONAI: core MONAI has no multi-resolution engine, so ``peers_dmmn.py`` wires the three views from MONAI's
+    parts (one ``PatchWSIDataset`` per pyramid level, ``ZipDataset``, the bundle's preprocessing, ``DataLoader``,
+    the prepared network, argmax into an in-memory label canvas; its docstring says why the corners are given in
+    level-0 pixels). ``--skip-monai`` leaves it out.
 
-Both outputs lie on the same 0.5 um/px grid (tile (r, c) covers level-0 pixels [256 r, 256 r + 256) x [256 c,
+All outputs lie on the same 0.5 um/px grid (tile (r, c) covers level-0 pixels [256 r, 256 r + 256) x [256 c,
 256 c + 256) in both), so labels (argmax) and probabilities are compared pixel by pixel without resampling, over
 interior tiles (5x footprint inside the slide) and border tiles apart. At probe tiles (the largest differences and
 spread ones) the causes are split: our "levels" versus "tile" views, padding 0 versus 255, TIAToolbox's pixels
@@ -704,7 +708,7 @@ def bench_one(name: str, slide: Path, backend: str, generator: str | None, args:
     common = evaluated & covered
     diff = np.abs(ours_map[common] - tia_map[common])
     entry["ratios_tiatoolbox_over_ours"] = {
-        "pipeline_s": tia["total_s"] / ours["total_s"],
+        "pipeline_s": tia["total_s"] / ours["pipeline_s"],
         "subprocess_wall_s": tia["subprocess_wall_s"] / ours["subprocess_wall_s"],
         "network_s": tia["network_forward_s"] / ours["network_forward_s"],
         "peak_rss": tia["vmhwm_mib"] / ours["vmhwm_mib"],
@@ -944,28 +948,35 @@ def dmmn_probs(net: Any, views: np.ndarray) -> np.ndarray:
     return np.concatenate(out)
 
 
-def dmmn_compare(ours_prob: np.ndarray, tia_prob: np.ndarray, ours_labels: np.ndarray, grid: tuple[int, int],
-                 interior: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
-    """Labels and probabilities of the two pipelines over the whole 0.5 um/px grid, tile row by tile row; the
-    per-tile max abs probability difference (for the probes)."""
+def dmmn_tile_row(tiles: np.ndarray, row: int, cols: int) -> np.ndarray:
+    """Row ``row`` of a grid of (N, 6, 256, 256) tiles stored row-major, as a (256, cols * 256, 6) canvas strip."""
+    return np.concatenate(list(np.asarray(tiles[row * cols:(row + 1) * cols]).transpose(0, 2, 3, 1)), axis=1)
+
+
+def dmmn_compare(ours_prob: np.ndarray, peer_prob: np.ndarray, ours_labels: np.ndarray, grid: tuple[int, int],
+                 interior: np.ndarray, peer_tiles: bool = False) -> tuple[dict[str, Any], np.ndarray]:
+    """Labels and probabilities of ours and a peer over the whole 0.5 um/px grid, tile row by tile row; the
+    per-tile max abs probability difference (for the probes). ``peer_prob`` is an (H, W, 6) canvas (TIAToolbox's)
+    or, with ``peer_tiles``, (N, 6, 256, 256) tiles in ours' row-major order (MONAI's)."""
     p = DMMN_PATCH_PX
     acc = {part: {"pixels": 0, "same": 0, "diff_sum": 0.0, "diff_max": 0.0, "over_0.01": 0}
            for part in ("all", "interior", "border")}
-    confusion = np.zeros((DMMN_CLASSES + 1, DMMN_CLASSES + 1), np.int64)  # ours label (0..6) x TIAToolbox class+1
+    confusion = np.zeros((DMMN_CLASSES + 1, DMMN_CLASSES + 1), np.int64)  # ours label (0..6) x peer class+1
     bundle_vs_capture = 0
     tile_max = np.zeros(grid, np.float64)
     for r in range(grid[0]):
-        ours = ours_prob[r * grid[1]:(r + 1) * grid[1]].transpose(0, 2, 3, 1)  # (cols, 256, 256, 6)
-        ours = np.concatenate(list(ours), axis=1)  # (256, cols * 256, 6)
-        h = min(p, tia_prob.shape[0] - r * p, ours_labels.shape[0] - r * p)
-        w = min(ours.shape[1], tia_prob.shape[1], ours_labels.shape[1])
-        ours, tia = ours[:h, :w], np.asarray(tia_prob[r * p:r * p + h, :w])
-        lab_ours, lab_tia = ours_labels[r * p:r * p + h, :w].astype(np.int64), tia.argmax(-1) + 1
+        ours = dmmn_tile_row(ours_prob, r, grid[1])  # (256, cols * 256, 6)
+        peer = dmmn_tile_row(peer_prob, r, grid[1]) if peer_tiles else peer_prob[r * p:(r + 1) * p]
+        h = min(p, peer.shape[0], ours_labels.shape[0] - r * p)
+        w = min(ours.shape[1], peer.shape[1], ours_labels.shape[1])
+        ours, peer = ours[:h, :w], np.asarray(peer[:h, :w])
+        lab_ours, lab_peer = ours_labels[r * p:r * p + h, :w].astype(np.int64), peer.argmax(-1) + 1
         bundle_vs_capture += int((ours.argmax(-1) + 1 != lab_ours).sum())
-        np.add.at(confusion, (lab_ours.ravel(), lab_tia.ravel()), 1)
-        diff = np.abs(ours - tia).max(-1)
+        confusion += np.bincount((lab_ours * (DMMN_CLASSES + 1) + lab_peer).ravel(),
+                                 minlength=confusion.size).reshape(confusion.shape)
+        diff = np.abs(ours - peer).max(-1)
         for c in range(grid[1]):
-            d, same = diff[:, c * p:(c + 1) * p], lab_ours[:, c * p:(c + 1) * p] == lab_tia[:, c * p:(c + 1) * p]
+            d, same = diff[:, c * p:(c + 1) * p], lab_ours[:, c * p:(c + 1) * p] == lab_peer[:, c * p:(c + 1) * p]
             if not d.size:
                 continue
             tile_max[r, c] = float(d.max())
@@ -986,9 +997,9 @@ def dmmn_compare(ours_prob: np.ndarray, tia_prob: np.ndarray, ours_labels: np.nd
     per_class = {}
     for k in range(1, DMMN_CLASSES + 1):
         n = int(confusion[k].sum())
-        per_class[str(k)] = {"pixels_ours": n, "same_in_tiatoolbox": float(confusion[k, k] / n) if n else None}
+        per_class[str(k)] = {"pixels_ours": n, "same_in_peer": float(confusion[k, k] / n) if n else None}
     out["per_class_ours"] = per_class
-    out["confusion_ours_rows_tiatoolbox_cols"] = confusion[1:, 1:].tolist()
+    out["confusion_ours_rows_peer_cols"] = confusion[1:, 1:].tolist()
     out["bundle_labels_differing_from_captured_argmax"] = bundle_vs_capture
     return out, tile_max
 
@@ -1062,10 +1073,50 @@ def bench_dmmn_one(size: int, args: argparse.Namespace, cache: Path, work: Path)
                              + ("NOT folded, NCHW: --fold_batchnorm false --channels_last false" if
                                 args.dmmn_plain_network else "folded, channels_last")
                              + f") and batch_size {args.dmmn_batch}, num_workers {args.dmmn_num_workers}"})
+    # The pipeline's seconds without the benchmark's copy of every tile's softmax (the bundle writes labels only);
+    # the ratios use it, as the peers' figures leave their own comparison copies out.
+    ours["pipeline_s"] = ours["total_s"] - ours["capture_s"]
     entry["ours"] = ours
     print(f"  ours        {ours['total_s']:8.1f} s (network {ours['network_forward_s']:.1f} s), {ours['tiles']} "
           f"tiles, VmHWM {ours['vmhwm_mib']:.0f} MiB, largest process {ours['peak_rss_largest_process_mib']:.0f} "
           f"MiB", flush=True)
+
+    ours_prob = np.memmap(cfg["prob_out"], np.float32, "r").reshape(-1, DMMN_CLASSES, DMMN_PATCH_PX, DMMN_PATCH_PX)
+    labels_tif = next((folder / "out_ours" / "labels").glob("*.tif"))
+    ours_labels = tifffile.imread(labels_tif, level=0)
+    if len(ours_prob) != grid[0] * grid[1]:
+        raise RuntimeError(f"captured {len(ours_prob)} tiles, expected {grid[0] * grid[1]}")
+    if args.skip_monai:
+        entry["monai"] = {"skipped": "--skip-monai"}
+    else:
+        mcfg = {"config": str(DMMN_CONFIG), "slide": str(slide), "weights": str(weights), "threads": args.threads,
+                "batch": args.dmmn_batch, "num_workers": args.dmmn_num_workers,
+                "prob_out": str(folder / "prob_monai.f32"), "result_out": str(folder / "result_monai.json")}
+        print("  MONAI PatchWSIDataset x 3 + ZipDataset (fresh process) ...", flush=True)
+        zoo = run_worker(sys.executable, "dmmn-monai", mcfg, folder / "cfg_dmmn_monai.json", args.dmmn_timeout)
+        if isinstance(zoo, str):
+            entry["monai"] = {"skipped": zoo}
+            print(f"  MONAI failed: {zoo[-800:]}", flush=True)
+        else:
+            zoo["pipeline"] = (f"one PatchWSIDataset per view (patch_level {zoo['levels']}, {DMMN_PATCH_PX} px, "
+                               f"corners at the target tile centres in level-0 px, center_location False) + "
+                               f"ZipDataset + the bundle's preprocessing + DataLoader (batch {args.dmmn_batch}, "
+                               f"{args.dmmn_num_workers} workers) + the prepared network (folded, channels_last), "
+                               f"argmax into a uint8 label canvas in memory; writes no file")
+            monai_prob = np.memmap(mcfg["prob_out"], np.float32, "r").reshape(ours_prob.shape)
+            zoo["agreement"], _ = dmmn_compare(ours_prob, monai_prob, ours_labels, grid, interior, peer_tiles=True)
+            del monai_prob
+            os.remove(mcfg["prob_out"])
+            entry["monai"] = zoo
+            entry["ratios_monai_over_ours"] = {
+                "pipeline_s": zoo["total_s"] / ours["pipeline_s"],
+                "subprocess_wall_s": zoo["subprocess_wall_s"] / ours["subprocess_wall_s"],
+                "network_s": zoo["network_forward_s"] / ours["network_forward_s"],
+                "peak_rss_largest_process": zoo["peak_rss_largest_process_mib"] / ours["peak_rss_largest_process_mib"]}
+            print(f"  MONAI       {zoo['total_s']:8.1f} s (network {zoo['network_forward_s']:.1f} s), {zoo['tiles']} "
+                  f"tiles, largest process {zoo['peak_rss_largest_process_mib']:.0f} MiB, same label "
+                  f"{zoo['agreement']['all']['same_label_fraction']:.5f} (interior "
+                  f"{zoo['agreement']['interior']['same_label_fraction']:.5f})", flush=True)
 
     peers = Path(args.peers_python)
     if not peers.exists():
@@ -1089,7 +1140,7 @@ def bench_dmmn_one(size: int, args: argparse.Namespace, cache: Path, work: Path)
           f"tiles, VmHWM {tia['vmhwm_mib']:.0f} MiB, largest process {tia['peak_rss_largest_process_mib']:.0f} "
           f"MiB", flush=True)
     entry["ratios_tiatoolbox_over_ours"] = {
-        "pipeline_s": tia["total_s"] / ours["total_s"],
+        "pipeline_s": tia["total_s"] / ours["pipeline_s"],
         "subprocess_wall_s": tia["subprocess_wall_s"] / ours["subprocess_wall_s"],
         "network_s": tia["network_forward_s"] / ours["network_forward_s"],
         "peak_rss_largest_process": tia["peak_rss_largest_process_mib"] / ours["peak_rss_largest_process_mib"],
@@ -1097,12 +1148,7 @@ def bench_dmmn_one(size: int, args: argparse.Namespace, cache: Path, work: Path)
 
     # Agreement over the whole grid at 0.5 um/px (both outputs are on it: tile (r, c) covers pixels
     # [256 r, 256 r + 256) x [256 c, 256 c + 256) of level 0 in both, no resampling of either map).
-    ours_prob = np.memmap(cfg["prob_out"], np.float32, "r").reshape(-1, DMMN_CLASSES, DMMN_PATCH_PX, DMMN_PATCH_PX)
     tia_prob = np.load(tcfg["prob_out"], mmap_mode="r")
-    labels_tif = next((folder / "out_ours" / "labels").glob("*.tif"))
-    ours_labels = tifffile.imread(labels_tif, level=0)
-    if len(ours_prob) != grid[0] * grid[1]:
-        raise RuntimeError(f"captured {len(ours_prob)} tiles, expected {grid[0] * grid[1]}")
     agreement, tile_max = dmmn_compare(ours_prob, tia_prob, ours_labels, grid, interior)
     agreement.update({
         "compared_at": "0.5 um/px (level 0 of this phantom, the 20x target grid of both pipelines): ours' label map "
@@ -1468,6 +1514,16 @@ def print_dmmn_table(section: dict[str, Any]) -> None:
         o, tia, a = e["ours"], e.get("tiatoolbox", {}), e.get("agreement", {})
         print(f"{e['name']:22s} {'ours':11s} {o['total_s']:8.1f} {o['network_forward_s']:8.1f} "
               f"{o['peak_rss_largest_process_mib']:9.0f} {o['vmhwm_mib']:7.0f} {'':>9s} {'':>9s} {'1.0':>7s}")
+        zoo = e.get("monai", {"skipped": "not run"})
+        if "skipped" in zoo:
+            print(f"{'':22s} MONAI skipped: {zoo['skipped'][:200]}")
+        else:
+            za = zoo["agreement"]
+            print(f"{'':22s} {'MONAI':11s} {zoo['total_s']:8.1f} {zoo['network_forward_s']:8.1f} "
+                  f"{zoo['peak_rss_largest_process_mib']:9.0f} {zoo['vmhwm_mib']:7.0f} "
+                  f"{za['all']['same_label_fraction']:9.5f} {za['all']['prob_max_abs_diff']:9.2e} "
+                  f"{e['ratios_monai_over_ours']['pipeline_s']:7.2f}   (interior: same label "
+                  f"{za['interior']['same_label_fraction']:.5f}, max |dp| {za['interior']['prob_max_abs_diff']:.2e})")
         if "skipped" in tia:
             print(f"{'':22s} TIAToolbox skipped: {tia['skipped'][:200]}")
             continue
@@ -1561,7 +1617,7 @@ def main(argv: list[str] | None = None) -> None:
                                                       "separated (default 8192; --quick 2048)")
     parser.add_argument("--svs", type=Path, default=DEFAULT_SVS, help="a real slide (default CMU-1-Small-Region)")
     parser.add_argument("--skip-svs", action="store_true", help="leave the real slide out")
-    parser.add_argument("--skip-monai", action="store_true", help="scannet: leave MONAI's model-zoo pipeline out")
+    parser.add_argument("--skip-monai", action="store_true", help="scannet, dmmn, spatial_lstm: leave MONAI's pipeline out")
     parser.add_argument("--peers-python", default=str(DEFAULT_PEERS_PYTHON),
                         help="the interpreter of TIAToolbox's virtual environment")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every pipeline (default 2)")
@@ -1611,7 +1667,11 @@ def main(argv: list[str] | None = None) -> None:
                   "dmmn-tiatoolbox": dmmn_tiatoolbox_worker, "dmmn-tiatoolbox-probe": dmmn_tiatoolbox_probe_worker,
                   "segmitos-tiatoolbox": segmitos_tiatoolbox_worker, "segmitos-monai": segmitos_monai_worker,
                   "bundle-ours": bundle_ours_worker}.get(mode)
-        if worker is None:
+        if worker is None and mode == "dmmn-monai":
+            import peers_dmmn
+
+            worker = peers_dmmn.monai_worker
+        elif worker is None:
             import peers_spatial_lstm
 
             worker = {"spatial-lstm-tiatoolbox": peers_spatial_lstm.tiatoolbox_worker,

@@ -1,6 +1,6 @@
 """The arithmetic the benchmark scripts report with: the scaling fit, segmitos's HPF grid and map agreement, the
-per-layer roofline's FLOPs and bytes, the FMA peak program, bench_autocast's output comparisons, and the Spatial
-LSTM peers' grid and lattice bookkeeping."""
+per-layer roofline's FLOPs and bytes, the FMA peak program, bench_autocast's output comparisons, the Spatial
+LSTM peers' grid and lattice bookkeeping, and the DMMN peers' view corners and tile-by-tile agreement."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import bench_inference_network  # noqa: E402
 import bench_peers  # noqa: E402
 import bench_scaling  # noqa: E402
 import machine  # noqa: E402
+import peers_dmmn  # noqa: E402
 import peers_spatial_lstm  # noqa: E402
 
 from pathbundles.tissue import LevelMask  # noqa: E402
@@ -164,3 +165,36 @@ def test_spatial_lstm_peers_grid_cells_lattice_and_agreement():
     assert got["all"]["decision_disagreements_at_0.5"] == 1  # 0.9 against 0.4
     assert got["interior"]["positions"] == 1 and got["interior"]["prob_max_abs_diff"] == pytest.approx(0.05)
     assert got["positions_wanted_not_evaluated"] == 1  # (1, 0): the other pipeline has no value there
+
+
+def test_dmmn_monai_view_corners_centre_each_view_on_its_target_tile():
+    # Tile (r, c) of the 256 px target grid has its centre at level-0 (256 r + 128, 256 c + 128); a view of
+    # downsample d spans 256 d level-0 px round it, so its corner is the centre minus 128 d.
+    x20, x10, x5 = peers_dmmn.view_corners(2, 3, 256, [1.0, 2.0, 4.0])
+    assert x20.tolist() == [[0, 0], [0, 256], [0, 512], [256, 0], [256, 256], [256, 512]]
+    assert x10[4].tolist() == [384 - 256, 384 - 256] and x5[4].tolist() == [384 - 512, 384 - 512]
+    assert x5[0].tolist() == [-384, -384]  # reaches 384 px beyond the slide's corner, as the bundle's 5x view
+    # an uneven pyramid step (a 3.9x level): the corner rounds half the footprint to whole level-0 pixels
+    assert peers_dmmn.view_corners(1, 1, 256, [3.9])[0].tolist() == [[128 - 499, 128 - 499]]
+
+
+def test_dmmn_compare_reads_a_peer_in_tiles_as_in_a_canvas():
+    rng = np.random.default_rng(3)
+    grid, p, k = (2, 3), bench_peers.DMMN_PATCH_PX, bench_peers.DMMN_CLASSES
+    ours = rng.dirichlet(np.ones(k), size=(6, p, p)).astype(np.float32).transpose(0, 3, 1, 2)  # (6, k, p, p)
+    labels = np.concatenate([bench_peers.dmmn_tile_row(ours, r, 3) for r in range(2)]).argmax(-1) + 1
+    peer = ours.copy()
+    peer[4, :, 10, 20] = np.eye(k)[(ours[4, :, 10, 20].argmax() + 1) % k]  # one pixel of tile (1, 1) relabelled
+    canvas = np.concatenate([bench_peers.dmmn_tile_row(peer, r, 3) for r in range(2)])  # (512, 768, k)
+    assert canvas.shape == (2 * p, 3 * p, k) and np.array_equal(canvas[p + 10, p + 20], peer[4, :, 10, 20])
+    interior = np.array([[False, False, False], [False, True, False]])
+    by_tiles, tile_max = bench_peers.dmmn_compare(ours, peer, labels.astype(np.uint8), grid, interior,
+                                                  peer_tiles=True)
+    by_canvas, _ = bench_peers.dmmn_compare(ours, canvas, labels.astype(np.uint8), grid, interior)
+    assert by_tiles == by_canvas
+    assert by_tiles["all"]["same_label_fraction"] == 1 - 1 / (6 * p * p)
+    assert by_tiles["interior"]["same_label_fraction"] == 1 - 1 / (p * p)
+    assert by_tiles["border"]["same_label_fraction"] == 1.0 and by_tiles["border"]["prob_max_abs_diff"] == 0.0
+    assert tile_max[1, 1] == pytest.approx(np.abs(peer[4, :, 10, 20] - ours[4, :, 10, 20]).max())
+    assert by_tiles["bundle_labels_differing_from_captured_argmax"] == 0
+    assert sum(map(sum, by_tiles["confusion_ours_rows_peer_cols"])) == 6 * p * p

@@ -63,3 +63,29 @@ def test_wraps_another_inferer_whose_network_calls_run_in_bfloat16() -> None:
 def test_an_inferer_that_is_not_callable_is_refused() -> None:
     with pytest.raises(TypeError, match="inferer must be an inferer"):
         AutocastInferer(inferer="ScanNetInferer")
+
+
+class _Recording(torch.nn.Module):
+    """A network that notes the type of what it is called with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _net()
+        self.seen: list[type] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(type(x))
+        return self.net(x)
+
+
+def test_a_metatensor_batch_reaches_the_network_as_a_plain_tensor_with_the_same_result() -> None:
+    from monai.data import MetaTensor
+
+    net, x = _Recording(), torch.rand(2, 3, 16, 16)
+    batch = MetaTensor(x.clone(), meta={"location": [[0, 0], [16, 0]]})
+    with torch.no_grad():
+        plain = AutocastInferer(enabled=False)(batch, net)
+        assert net.seen == [torch.Tensor] and type(plain) is torch.Tensor
+        meta = net.net(batch)  # the network on the MetaTensor itself: every op carries the metadata along
+    assert isinstance(meta, MetaTensor) and torch.equal(plain, meta.as_tensor())
+    assert batch.meta["location"] == [[0, 0], [16, 0]]  # the batch keeps its metadata for the writers
