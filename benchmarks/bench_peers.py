@@ -42,8 +42,8 @@ as skipped with the reason and ours still runs.
 
 DMMN (``bench_dmmn_one``). The shipped ``bundles/dmmn/models/model.pt`` (DMMN-M3, copied first by bench_dmmn.py's
 ``snapshot_weights``) on bench_dmmn.py's multi-class phantom (``make_slide``: 0.5 um/px level 0, 2x JPEG levels;
-``--dmmn-sizes``, default 4096), every tile of the stride-256 grid, in three fresh processes, each run under
-bench_dmmn.py's ``measure_child`` wrapper (wall time of the process, peak RSS of its largest process):
+``--dmmn-sizes``, default 4096, 8192 and 16384), every tile of the stride-256 grid, in three fresh processes, each run
+under bench_dmmn.py's ``measure_child`` wrapper (wall time of the process, peak RSS of its largest process):
 
 (a) Ours: the bundle's own inference (``monai.bundle.run`` of ``configs/inference.json``, what ``python -m
     monai.bundle run`` calls, as bench_dmmn.py runs it: views read by the "levels" path, padding 0, BatchNorm
@@ -108,7 +108,8 @@ Spatial LSTM (``--bundles spatial_lstm``, ``--spatial-lstm-sizes``, default 4096
 TorchScript LSTM head, and MONAI's ``MaskedPatchWSIDataset`` with the network's forward per grid, on the ScanNet
 phantoms.
 
-Run (2 cores under load: scannet about 10 min, most of it the 8192 px phantom's TIAToolbox run; dmmn about 10 min):
+Run (2 cores: scannet about 10 min, most of it the 8192 px phantom's TIAToolbox and MONAI runs; dmmn about 25 min,
+half of it the 16384 px phantom's TIAToolbox run; spatial_lstm about 18 min):
     ulimit -s 32768; PYTHONPATH=common MPLBACKEND=Agg .venv/bin/python benchmarks/bench_peers.py
 TIAToolbox's interpreter (default ``../peers-venv/bin/python`` beside the repository, or ``--peers-python``):
     python3 -m venv ../peers-venv && ../peers-venv/bin/pip install tiatoolbox==2.1.3
@@ -708,7 +709,7 @@ def bench_one(name: str, slide: Path, backend: str, generator: str | None, args:
     common = evaluated & covered
     diff = np.abs(ours_map[common] - tia_map[common])
     entry["ratios_tiatoolbox_over_ours"] = {
-        "pipeline_s": tia["total_s"] / ours["pipeline_s"],
+        "pipeline_s": tia["total_s"] / ours["total_s"],
         "subprocess_wall_s": tia["subprocess_wall_s"] / ours["subprocess_wall_s"],
         "network_s": tia["network_forward_s"] / ours["network_forward_s"],
         "peak_rss": tia["vmhwm_mib"] / ours["vmhwm_mib"],
@@ -1556,7 +1557,8 @@ def run_scannet(args: argparse.Namespace, work: Path, cache: Path, section: dict
     from bench_scannet import LEVEL0_MPP, SLIDE_SEED
     from pathbundles.phantom import make_phantom
 
-    sizes = [int(s) for s in (("2048" if args.quick else "8192") if args.sizes is None else args.sizes).split(",") if s]
+    sizes = [int(s) for s in (("2048" if args.quick else "4096,8192") if args.sizes is None else args.sizes).split(",")
+             if s]
     section["settings"] = {"threads": args.threads, "lp": args.lp, "alpha": 1, "ours_batch_rois": 1,
                            "tiatoolbox_patch_batch": args.patch_batch, "num_workers": args.num_workers,
                            "scan_mpp": 1.0, "stride_px": 32, "patch_px": 244, "tissue_mpp": 8.0}
@@ -1590,7 +1592,7 @@ def run_scannet(args: argparse.Namespace, work: Path, cache: Path, section: dict
 
 def run_dmmn(args: argparse.Namespace, work: Path, cache: Path, section: dict[str, Any], write: Any) -> None:
     """DMMN: the shipped network over multi-class phantoms through SemanticSegmentor and through the bundle."""
-    sizes = [int(s) for s in (("1024" if args.quick else "4096") if args.dmmn_sizes is None
+    sizes = [int(s) for s in (("1024" if args.quick else "4096,8192,16384") if args.dmmn_sizes is None
                               else args.dmmn_sizes).split(",") if s]
     section["settings"] = {"threads": args.threads, "batch_size": args.dmmn_batch,
                            "ours_network": "plain (BatchNorm not folded, NCHW)" if args.dmmn_plain_network else
@@ -1614,10 +1616,11 @@ def main(argv: list[str] | None = None) -> None:
                                                              "one 1024 px phantom (dmmn)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "peers.json")
     parser.add_argument("--sizes", default=None, help="scannet: phantom level-0 sizes in px at 0.5 um/px, comma "
-                                                      "separated (default 8192; --quick 2048)")
+                                                      "separated (default 4096,8192; --quick 2048)")
     parser.add_argument("--svs", type=Path, default=DEFAULT_SVS, help="a real slide (default CMU-1-Small-Region)")
     parser.add_argument("--skip-svs", action="store_true", help="leave the real slide out")
-    parser.add_argument("--skip-monai", action="store_true", help="scannet, dmmn, spatial_lstm: leave MONAI's pipeline out")
+    parser.add_argument("--skip-monai", action="store_true",
+                        help="scannet, dmmn, spatial_lstm: leave MONAI's pipeline out")
     parser.add_argument("--peers-python", default=str(DEFAULT_PEERS_PYTHON),
                         help="the interpreter of TIAToolbox's virtual environment")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every pipeline (default 2)")
@@ -1627,7 +1630,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers of both pipelines (scannet)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the patch-classifier calibration")
     parser.add_argument("--dmmn-sizes", default=None, help="dmmn: multi-class phantom sides in px at 0.5 um/px, comma "
-                                                           "separated (default 4096; --quick 1024)")
+                                                           "separated (default 4096,8192,16384; --quick 1024)")
     parser.add_argument("--dmmn-batch", type=int, default=2, help="dmmn: tiles per forward pass of both pipelines "
                                                                   "(default 2, the bundle's CPU value)")
     parser.add_argument("--dmmn-num-workers", type=int, default=2, help="dmmn: DataLoader workers of both pipelines "
