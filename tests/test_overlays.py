@@ -176,3 +176,21 @@ def test_hpf_overlay_numbers_detections_and_has_a_title_and_legend(tmp_path: Pat
     legend = drawn[py:py + ph, px:px + pw]
     assert px >= w and all((legend == c).all(axis=-1).sum() > 20 for c in (TP_COLOUR, FP_COLOUR))
     assert _ink(drawn[:y0]).sum() > 50
+
+
+def test_overlay_layout_is_read_from_the_header_without_decoding_the_pixels(tmp_path: Path) -> None:
+    """The layout chunk precedes the pixel data, so the report reads it without decoding the overlay: an overlay
+    cut short inside its pixel data still gives its layout (decoding it would fail)."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (400, 400, 3), dtype=np.uint8)  # noise: the pixel data is most of the file
+    detections = np.array([[120.0, 80.0, 0.9]])
+    write_circle_overlay_png(tmp_path / "o.png", image, detections, truth=None, radius_px=12, title=["hpf_01"])
+    whole = read_overlay_layout(tmp_path / "o.png")
+    data = (tmp_path / "o.png").read_bytes()
+    first_pixels = data.index(b"IDAT")
+    assert data.index(b"tEXt") < first_pixels
+    (tmp_path / "cut.png").write_bytes(data[:first_pixels + 4096])
+    with pytest.raises(OSError), Image.open(tmp_path / "cut.png") as cut:
+        cut.load()
+    layout = read_overlay_layout(tmp_path / "cut.png")
+    assert layout == whole and layout["markers"][0] == [120.0, 80.0 + layout["slide_box_px"][1]]

@@ -804,7 +804,11 @@ def read_overlay_layout(path: str | os.PathLike) -> dict[str, Any]:
         InputError: the PNG has no layout record (not written by this module).
     """
     with Image.open(path) as image:
-        text = getattr(image, "text", {}).get(OVERLAY_LAYOUT_KEY)
+        # The writer puts the chunk before the pixel data, where opening the file reads it (``info``); ``text``
+        # decodes every pixel first to find chunks after them (a 2084 px HPF overlay: 0.26 s against 0.2 ms).
+        text = image.info.get(OVERLAY_LAYOUT_KEY)
+        if text is None:
+            text = getattr(image, "text", {}).get(OVERLAY_LAYOUT_KEY)
     if text is None:
         raise InputError(path, f"no {OVERLAY_LAYOUT_KEY!r} text chunk: not an overlay written by pathbundles")
     return json.loads(text)
