@@ -60,9 +60,9 @@ under bench_dmmn.py's ``measure_child`` wrapper (wall time of the process, peak 
     ``WSIPatchDataset``), 0 in the bundle. TorchScript network, batch 2, 2 workers, ``auto_get_mask=False``,
     probabilities written to zarr.
 (c) MONAI: core MONAI has no multi-resolution engine, so ``peers_dmmn.py`` wires the three views from MONAI's
-    parts (one ``PatchWSIDataset`` per pyramid level, ``ZipDataset``, the bundle's preprocessing, ``DataLoader``,
-    the prepared network, argmax into an in-memory label canvas; its docstring says why the corners are given in
-    level-0 pixels). ``--skip-monai`` leaves it out.
+    parts (one ``PatchWSIDataset`` per pyramid level with the bundle's per-view transforms, ``ZipDataset``,
+    ``DataLoader``, the prepared network, argmax into an in-memory label canvas; its docstring says why the corners
+    are given in level-0 pixels). ``--skip-monai`` leaves it out.
 
 All outputs lie on the same 0.5 um/px grid (tile (r, c) covers level-0 pixels [256 r, 256 r + 256) x [256 c,
 256 c + 256) in both), so labels (argmax) and probabilities are compared pixel by pixel without resampling, over
@@ -1101,7 +1101,7 @@ def bench_dmmn_one(size: int, args: argparse.Namespace, cache: Path, work: Path)
         else:
             zoo["pipeline"] = (f"one PatchWSIDataset per view (patch_level {zoo['levels']}, {DMMN_PATCH_PX} px, "
                                f"corners at the target tile centres in level-0 px, center_location False) + "
-                               f"ZipDataset + the bundle's preprocessing + DataLoader (batch {args.dmmn_batch}, "
+                               f"the bundle's per-view transforms + ZipDataset + DataLoader (batch {args.dmmn_batch}, "
                                f"{args.dmmn_num_workers} workers) + the prepared network (folded, channels_last), "
                                f"argmax into a uint8 label canvas in memory; writes no file")
             monai_prob = np.memmap(mcfg["prob_out"], np.float32, "r").reshape(ours_prob.shape)

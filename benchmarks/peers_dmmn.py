@@ -8,9 +8,10 @@ each read one level. A MONAI user wires DMMN's three concentric views from its p
   tifffile backend decodes a whole level per patch), all at the centres of the bundle's 256 px target grid. The
   corners are given in level-0 pixels with ``center_location=False``: MONAI's ``center_location`` subtracts half
   the patch size in level-0 pixels whatever the level, so it would misplace the 1.0 and 2.0 um/px views;
-- each view with the bundle's intensity transforms (``CastToTyped`` float32, ``ScaleIntensityRanged`` 0..255 to
-  -1..1), ``ZipDataset`` of the three (its items are tuples of the views), ``DataLoader`` (the bundle's batch 2 and
-  2 workers), the three batches concatenated into 9 channels (the bundle's ``ConcatItemsd`` order: 20x, 10x, 5x);
+- each view with the bundle's own per-view transforms, read from its ``preprocessing`` (``CastToTyped`` float32,
+  ``ScaleIntensityRanged`` 0..255 to -1..1), ``ZipDataset`` of the three (its items are tuples of the views),
+  ``DataLoader`` (the bundle's batch 2 and 2 workers), the three batches concatenated into 9 channels (the
+  bundle's ``ConcatItemsd`` order: 20x, 10x, 5x);
 - the bundle's prepared network (BatchNorm folded, channels_last), softmax, argmax into an in-memory uint8 label
   canvas at 0.5 um/px (the tiles do not overlap, so no merger is needed). It writes no file; the bundle writes its
   label pyramid TIFF, overlay, polygons and report.
@@ -38,6 +39,21 @@ def view_corners(rows: int, cols: int, patch_px: int, downsamples: list[float]) 
     return [centre - round(patch_px * d / 2) for d in downsamples]
 
 
+def view_transforms(parser: Any) -> list[Any]:
+    """The bundle's per-view transforms of its ``preprocessing`` (all before ``ConcatItemsd``: the cast and the
+    intensity scaling), instantiated for one view under the key "image"; the concatenation they feed is checked to
+    take the views in ``mpps`` order, the order of the zipped datasets."""
+    from monai.bundle import ConfigParser
+
+    steps = list(parser["preprocessing"]["transforms"])
+    concat = next(i for i, step in enumerate(steps) if step["_target_"] == "ConcatItemsd")
+    if list(steps[concat]["keys"]) != ["x20", "x10", "x5"] or len(parser["mpps"]) != 3:
+        raise ValueError(f"the bundle's ConcatItemsd takes {steps[concat]['keys']}: expected the 20x, 10x and 5x "
+                         f"views in mpps order")
+    views = ConfigParser({"views": [{**step, "keys": "image"} for step in steps[:concat]]})
+    return views.get_parsed_content("views")
+
+
 def monai_worker(cfg: dict) -> dict[str, Any]:
     """MONAI's pipeline in this fresh process; writes timings, peak memory and label counts to ``result_out``."""
     import torch
@@ -46,7 +62,7 @@ def monai_worker(cfg: dict) -> dict[str, Any]:
     start = time.perf_counter()
     from monai.bundle import ConfigParser
     from monai.data import DataLoader, PatchWSIDataset, ZipDataset
-    from monai.transforms import CastToTyped, Compose, ScaleIntensityRanged
+    from monai.transforms import Compose
 
     from bench_peers import bundle_networks
     from machine import vm_status_kib
@@ -57,8 +73,7 @@ def monai_worker(cfg: dict) -> dict[str, Any]:
     parser.read_config(cfg["config"])
     parser["bundle_root"] = str(Path(cfg["config"]).parents[1])
     mpps, patch_px = list(parser["mpps"]), int(parser["patch_px"])
-    intensity = Compose([CastToTyped(keys="image", dtype=torch.float32),
-                         ScaleIntensityRanged(keys="image", a_min=0.0, a_max=255.0, b_min=-1.0, b_max=1.0)])
+    intensity = Compose(view_transforms(parser))
     net = bundle_networks(Path(cfg["config"]), cfg["weights"])["prepared"]
 
     hwm_before = vm_status_kib("VmHWM")

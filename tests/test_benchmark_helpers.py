@@ -198,3 +198,19 @@ def test_dmmn_compare_reads_a_peer_in_tiles_as_in_a_canvas():
     assert tile_max[1, 1] == pytest.approx(np.abs(peer[4, :, 10, 20] - ours[4, :, 10, 20]).max())
     assert by_tiles["bundle_labels_differing_from_captured_argmax"] == 0
     assert sum(map(sum, by_tiles["confusion_ours_rows_peer_cols"])) == 6 * p * p
+
+
+def test_dmmn_monai_views_get_the_bundles_own_per_view_transforms():
+    import torch
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bench_peers.DMMN_CONFIG))
+    transforms = peers_dmmn.view_transforms(parser)
+    assert [type(t).__name__ for t in transforms] == ["CastToTyped", "ScaleIntensityRanged"]
+    view = {"image": torch.tensor([[[0, 51, 255]]], dtype=torch.uint8)}
+    for t in transforms:
+        view = t(view)
+    # 0..255 to -1..1 in float32, as the bundle scales each of x20, x10, x5 before concatenating them
+    assert view["image"].dtype == torch.float32
+    assert torch.allclose(torch.as_tensor(view["image"]), torch.tensor([[[-1.0, -0.6, 1.0]]]))
