@@ -818,8 +818,9 @@ def bundle_ours_worker(cfg: dict) -> dict[str, Any]:
     ``capture_channel`` of what the inferer class ``cfg["inferer"]`` returns for each item (the stitched map of a
     whole HPF), with "writer" (Spatial LSTM) the whole map canvas of each slide as ``SlideMapWriter`` gets it
     before it writes anything (stitched float32, every ROI; its ROIs go to ``rois_rc``); the copy's seconds are
-    counted apart (``capture_s``). ``cfg["timed_modules"]`` names the submodules whose calls are timed (default the
-    network itself; Spatial LSTM's inferer calls ``cnn``, ``lstm`` and ``classifier``, never ``forward``)."""
+    counted apart (``capture_s``); with "none" (bench_scaling.py) nothing is copied and ``prob_out`` is not needed.
+    ``cfg["timed_modules"]`` names the submodules whose calls are timed (default the network itself; Spatial LSTM's
+    inferer calls ``cnn``, ``lstm`` and ``classifier``, never ``forward``)."""
     import importlib
 
     import torch
@@ -832,8 +833,11 @@ def bundle_ours_worker(cfg: dict) -> dict[str, Any]:
     import_s = time.perf_counter() - start
     stats: dict[str, Any] = {"seconds": 0.0, "calls": 0, "items": 0, "capture_s": 0.0, "first": None, "last": None,
                              "shapes": []}
-    capture = open(cfg["prob_out"], "wb")  # noqa: SIM115  (closed after the run)
-    by_network = cfg.get("capture", "network") == "network"
+    mode = cfg.get("capture", "network")
+    if mode not in ("network", "inferer", "writer", "none"):
+        raise ValueError(f"capture {mode!r}: expected network, inferer, writer or none")
+    capture = open(cfg["prob_out"], "wb") if mode != "none" else None  # noqa: SIM115  (closed after the run)
+    by_network = mode == "network"
     rois: list[list[list[int]]] = []
 
     def keep(prob: Any) -> None:
@@ -872,7 +876,7 @@ def bundle_ours_worker(cfg: dict) -> dict[str, Any]:
             "batchnorms_left": sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())}
 
     PrepareNetworkForInference.__call__ = prepare_then_time
-    if cfg.get("capture") == "writer":
+    if mode == "writer":
         from pathbundles.slide_inference import SlideMapWriter
 
         write_slide = SlideMapWriter._write_slide
@@ -883,7 +887,7 @@ def bundle_ours_worker(cfg: dict) -> dict[str, Any]:
             write_slide(self, plan, canvas)
 
         SlideMapWriter._write_slide = keep_then_write
-    elif not by_network:
+    elif mode == "inferer":
         module, _, name = cfg["inferer"].rpartition(".")
         inferer_class = getattr(importlib.import_module(module), name)
         infer = inferer_class.__call__
@@ -899,7 +903,8 @@ def bundle_ours_worker(cfg: dict) -> dict[str, Any]:
     monai.bundle.run(config_file=cfg["config"], **cfg["run_kwargs"])
     total = time.perf_counter() - start
     hwm = vm_status_kib("VmHWM")
-    capture.close()
+    if capture is not None:
+        capture.close()
     result = {"mode": "ours", "import_s": import_s, "total_s": total, "network_forward_s": stats["seconds"],
               "network_calls": stats["calls"], "captured_items": stats["items"], "captured_shapes": stats["shapes"],
               "capture_s": stats["capture_s"], "first_forward_after_s": stats["first"] - start,

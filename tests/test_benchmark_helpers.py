@@ -34,6 +34,17 @@ def test_fit_line_matches_hand_computed_least_squares():
     assert bench_scaling.fit_line([1.0], [3.0]) == {}
 
 
+def test_network_share_end_to_end_and_steady_state():
+    # 100 s in the run, 80 s in the network, 5 s before its first call and 7 s after its last:
+    # end to end 100 / 80 = 1.25, steady state (100 - 5 - 7) / 80 = 1.1.
+    worker = {"import_s": 4.0, "total_s": 100.0, "network_forward_s": 80.0, "network_calls": 10,
+              "first_forward_after_s": 5.0, "after_last_forward_s": 7.0, "capture_s": 0.0}
+    share = bench_scaling.network_share(worker)
+    assert share["end_to_end_over_network"] == pytest.approx(1.25)
+    assert share["steady_state_over_network"] == pytest.approx(1.1)
+    assert (share["run_s"], share["network_calls"]) == (100.0, 10)
+
+
 def test_summarise_ratios_and_flat_memory():
     runs = [{"size_px": 2, "returncode": 0, "tissue_area_mm2": 4.0, "wall_s": 30.0, "peak_rss_mib": 1000.0},
             {"size_px": 1, "returncode": 0, "tissue_area_mm2": 1.0, "wall_s": 12.0, "peak_rss_mib": 1000.0},

@@ -133,6 +133,35 @@ def test_handler_settings_and_exported_graphs() -> None:
     assert prepare_for_inference(scripted) is scripted  # an exported graph is left as it is
 
 
+def test_compile_key_is_off_by_default_and_the_compiled_network_gives_the_eager_outputs() -> None:
+    """``compile_network`` (every bundle, default false) compiles the prepared network in place: the module and its
+    sub-modules stay the same objects, the outputs equal the eager ones to float rounding; exported graphs are
+    left as they are."""
+    from pathbundles.inference_network import compile_for_inference
+
+    for bundle in ("scannet", "segmitos", "dmmn"):
+        doc = json.loads((REPO / "bundles" / bundle / "configs" / "inference.json").read_text())
+        assert doc["compile_network"] is False and doc["prepare_network"]["compile"] == "@compile_network", bundle
+    # spatial_lstm's inferer calls the network's cnn, lstm and classifier, never the network: nothing to compile.
+    doc = json.loads((REPO / "bundles" / "spatial_lstm" / "configs" / "inference.json").read_text())
+    assert "compile_network" not in doc and "compile" not in doc["prepare_network"]
+    torch.manual_seed(0)
+    net = _randomise_norms(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                         nn.Conv2d(8, 2, 1)))
+    x = torch.rand(2, 3, 40, 48)
+    with torch.no_grad():
+        eager = net.eval()(x)
+        engine = type("Engine", (), {"network": net})()
+        PrepareNetworkForInference(compile="true")(engine)
+        assert engine.network is net and isinstance(net[1], nn.Identity)
+        assert net._compiled_call_impl is not None  # noqa: SLF001 - what nn.Module.compile sets
+        compiled = net(x)
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(net(x[:1]), eager[:1], rtol=1e-5, atol=1e-5)  # a new shape compiles again
+    scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 3, 1)))
+    assert compile_for_inference(scripted) is scripted
+
+
 def test_every_bundle_config_with_a_checkpoint_loader_prepares_the_network_after_it() -> None:
     """Each handler list that loads weights lists the rewrite right after the loader (it must see loaded weights);
     exported graphs switch it off."""

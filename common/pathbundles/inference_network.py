@@ -1,5 +1,5 @@
 """Inference-time rewrites of a trained network that keep its outputs: BatchNorm folded into the convolution before
-it, and channels_last memory format.
+it, channels_last memory format, and (when asked) ``torch.compile``.
 
 Folding (``fold_batchnorm``): in eval mode a BatchNorm after a convolution is an affine map per channel, so it can be
 merged into that convolution's weights and bias (``torch.nn.utils.fusion.fuse_conv_bn_eval``), which saves one pass
@@ -13,7 +13,7 @@ one and the BatchNorm by ``nn.Identity`` under their own names, so inferers that
 (``network.encoder``) still work. Weights must be loaded before folding; the folded network cannot load a
 checkpoint of the unfolded one.
 
-:class:`PrepareNetworkForInference` applies both in a MONAI evaluator, after its checkpoint loader.
+:class:`PrepareNetworkForInference` applies them in a MONAI evaluator, after its checkpoint loader.
 """
 
 from __future__ import annotations
@@ -111,18 +111,35 @@ def prepare_for_inference(network: nn.Module, fold: bool = True, channels_last: 
     return network
 
 
+def compile_for_inference(network: nn.Module) -> nn.Module:
+    """Compile ``network``'s calls with ``torch.compile`` (inductor, one graph per input shape), in place: the
+    module, its weights and its sub-modules stay as they are (an inferer that calls ``network.encoder`` runs that
+    part eagerly). The first call of each shape compiles (seconds to tens of seconds on a CPU; inductor caches the
+    code on disk for later runs). An exported network is returned as it is."""
+    if not isinstance(network, nn.Module) or isinstance(network, torch.jit.ScriptModule):
+        logger.info("network is an exported graph (%s): not compiled", type(network).__name__)
+        return network
+    network.compile(dynamic=False)
+    logger.info("network compiled with torch.compile (each new input shape compiles on its first call)")
+    return network
+
+
 class PrepareNetworkForInference:
     """MONAI handler: when the evaluator starts (after the checkpoint loader listed before it), rewrite its network
-    for inference with :func:`prepare_for_inference`.
+    for inference with :func:`prepare_for_inference`, then compile it (:func:`compile_for_inference`) when asked.
 
     Args:
         fold_batchnorm: fold BatchNorms into the convolutions before them (a bundle's ``fold_batchnorm`` key).
         channels_last: channels_last memory format (``channels_last`` key).
+        compile: ``torch.compile`` the network (``compile_network`` key of scannet, segmitos and dmmn; default
+            off: on the 2-core CPU whole runs were no faster, within +-5 % at 16384 px and up to 3x slower on small
+            slides, where compilation dominates; benchmarks/README.md, bench_scaling.py).
     """
 
-    def __init__(self, fold_batchnorm: Any = True, channels_last: Any = False) -> None:
+    def __init__(self, fold_batchnorm: Any = True, channels_last: Any = False, compile: Any = False) -> None:
         self.fold_batchnorm = flag(fold_batchnorm, "fold_batchnorm")
         self.channels_last = flag(channels_last, "channels_last")
+        self.compile = flag(compile, "compile")
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
@@ -133,3 +150,5 @@ class PrepareNetworkForInference:
         if self.fold_batchnorm or self.channels_last:
             prepare_for_inference(getattr(engine.network, "module", engine.network), fold=self.fold_batchnorm,
                                   channels_last=self.channels_last)
+        if self.compile:
+            compile_for_inference(getattr(engine.network, "module", engine.network))
