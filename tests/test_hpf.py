@@ -489,3 +489,34 @@ def test_hpf_file_detections_keep_the_challenge_csv_and_get_geojson(tmp_path: Pa
     np.testing.assert_allclose(xy, [[60, 70]], atol=0.05)
     np.testing.assert_allclose(read_detections_geojson(files["geojson"]), [[scores[0], *(xy[0] + 0.5)]], atol=1e-9)
     np.testing.assert_allclose(read_annotations(files["asap_xml"])[0].xy, xy + 0.5, atol=1e-9)
+
+
+def test_overlay_takes_the_pixels_the_dataset_read_instead_of_reading_the_hpf_again(tmp_path: Path) -> None:
+    """With ``pixels_key`` each item carries the HPF as read (uint8, untouched by the transform); the writer draws
+    the overlay from them, byte for byte the overlay it draws after reading the HPF again."""
+    from monai.transforms import CastToTyped, NormalizeIntensityd
+
+    item = _hand_made(tmp_path, (120, 90), [(40, 30)], "a")
+    transform = lambda d: NormalizeIntensityd("image", subtrahend=128.0, divisor=128.0)(  # noqa: E731
+        CastToTyped("image", dtype=torch.float32)(d))
+    prob = _gaussian_map((90, 120), [(40, 30, 0.9, 4)])
+    written = {}
+    for key in (None, "hpf_rgb"):
+        ds = HPFDataset([item], transform=transform, pixels_key=key)
+        got = ds[0]
+        assert got["image"].dtype == torch.float32 and float(got["image"].min()) < 0  # transformed
+        if key is None:
+            assert "hpf_rgb" not in got
+        else:
+            assert got[key].dtype == torch.uint8 and got[key].shape == (90, 120, 3)
+            np.testing.assert_array_equal(got[key].numpy(), ds.read_image(0))
+            ds.read_image = None  # the writer must not read the HPF again
+        writer = HPFDetectionWriter(ds, tmp_path / f"out_{key}", min_mean_score=0.0)
+        engine = _Engine()
+        writer.started(engine)
+        engine.state.batch = [got]
+        engine.state.output = [{"pred": torch.from_numpy(np.stack([1 - prob, prob]))}]
+        writer.iteration_completed(engine)
+        writer.completed(engine)
+        written[key] = (tmp_path / f"out_{key}" / "overlays" / "a.png").read_bytes()
+    assert written[None] == written["hpf_rgb"]

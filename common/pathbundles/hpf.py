@@ -406,7 +406,9 @@ class HPFDataset(torch.utils.data.Dataset):
     ground-truth (x, y) when the item has ``centroids`` (MONAI engines carry ``label`` into their output, where
     metrics find it); ``name`` (:func:`pathbundles.outputs.slide_name`: the item's ``name`` or file stem, plus
     ``_x{x}_y{y}`` for a slide box); ``index`` (the datalist index) and ``error`` ("" when the read succeeded; a read
-    that fails later gives a small blank image and the error, which the writer reports).
+    that fails later gives a small blank image and the error, which the writer reports); with ``pixels_key`` also
+    that key, the HPF as read (uint8 (H, W, 3), untouched by ``transform``), so that :class:`HPFDetectionWriter`
+    draws its overlay without reading the HPF again.
 
     Args:
         data: datalist items.
@@ -416,15 +418,17 @@ class HPFDataset(torch.utils.data.Dataset):
         transform: dict transform of each item (e.g. intensity scaling of ``image``).
         mpp_override: um/px of the items that give no ``mpp`` (the bundle's ``slide_mpp``): the slides' level-0
             resolution for ``box`` items, the HPF files' resolution otherwise.
+        pixels_key: item key of the HPF's pixels as read (the segmitos configs give ``"hpf_rgb"`` when they write
+            overlays); None: not given.
     """
 
     def __init__(self, data: Sequence[dict], mpp: float = 0.25, *, centroid_order: Literal["xy", "rc"] = "xy",
                  backend: str = "auto", transform: Callable[[dict], dict] | None = None,
-                 mpp_override: float | None = None) -> None:
+                 mpp_override: float | None = None, pixels_key: str | None = None) -> None:
         if not data:
             raise ValueError("HPFDataset needs at least one datalist item")
         self.items, self.mpp, self.backend, self.transform = [dict(d) for d in data], float(mpp), backend, transform
-        self.mpp_override = mpp_override
+        self.mpp_override, self.pixels_key = mpp_override, pixels_key or None
         self._level0_mpp: dict[str, float] = {}  # slide path -> level-0 um/px, of the box items' slides
         self.names: list[str] = output_names(self.items)
         self.truths: list[np.ndarray | None] = []
@@ -523,7 +527,10 @@ class HPFDataset(torch.utils.data.Dataset):
                      "name": self.names[i], "index": i, "error": error}
         if self.truths[i] is not None:
             out["label"] = torch.from_numpy(self.truths[i].astype(np.float32))
-        return dict(self.transform(out)) if self.transform is not None else out
+        out = dict(self.transform(out)) if self.transform is not None else out
+        if self.pixels_key and not error:
+            out[self.pixels_key] = torch.from_numpy(np.ascontiguousarray(image))
+        return out
 
 
 class HPFDetectionWriter(RecordsWeights):
@@ -628,10 +635,12 @@ class HPFDetectionWriter(RecordsWeights):
                 logger.error("HPF %s failed: %s", name, item["error"])
                 continue
             prob = out[self.pred_key][self.prob_channel].detach().float().cpu().numpy()
-            self.add(index, prob)
+            pixels = item.get(getattr(self.dataset, "pixels_key", None) or "", None)
+            self.add(index, prob, None if pixels is None else np.asarray(pixels, np.uint8))
 
-    def add(self, index: int, prob: np.ndarray) -> np.ndarray:
-        """Post-process and write HPF ``index`` of the dataset from its (H, W) probability map; its detections."""
+    def add(self, index: int, prob: np.ndarray, pixels: np.ndarray | None = None) -> np.ndarray:
+        """Post-process and write HPF ``index`` of the dataset from its (H, W) probability map; its detections.
+        ``pixels``: the HPF as the dataset read it, uint8 (H, W, 3), for the overlay (None: read again)."""
         name = self.dataset.names[index]
         blobs = blob_candidates(prob, self.mpp, self.sigma_um)
         detections = filter_blobs(blobs, self.min_mean_score, self.min_area_um2)
@@ -649,7 +658,8 @@ class HPFDetectionWriter(RecordsWeights):
         if self.write_images:
             with atomic_path(files["map"]) as tmp:
                 Image.fromarray(np.clip(np.rint(prob * 255), 0, 255).astype(np.uint8)).save(tmp, format="PNG")
-            write_circle_overlay_png(files["overlay"], self.dataset.read_image(index), detections,
+            image = pixels if pixels is not None else self.dataset.read_image(index)
+            write_circle_overlay_png(files["overlay"], image, detections,
                                      self.dataset.truths[index], radius_px=self.radius_px,
                                      title=[name, *([self.model_label] if self.model_label else []),
                                             f"{len(detections)} detections, numbered as the rows of "
