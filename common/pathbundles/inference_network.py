@@ -132,8 +132,8 @@ class PrepareNetworkForInference:
         fold_batchnorm: fold BatchNorms into the convolutions before them (a bundle's ``fold_batchnorm`` key).
         channels_last: channels_last memory format (``channels_last`` key).
         compile: ``torch.compile`` the network (``compile_network`` key of scannet, segmitos and dmmn; default
-            off: on the 2-core CPU whole runs were no faster, within +-5 % at 16384 px and up to 3x slower on small
-            slides, where compilation dominates; benchmarks/README.md, bench_scaling.py).
+            off: on the 2-core CPU whole runs were no faster: dmmn within +-5 % at 16384 px, up to 3x slower on
+            small slides, where compilation dominates; benchmarks/README.md, bench_scaling.py).
     """
 
     def __init__(self, fold_batchnorm: Any = True, channels_last: Any = False, compile: Any = False) -> None:
