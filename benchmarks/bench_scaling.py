@@ -332,8 +332,8 @@ def main(argv: list[str] | None = None) -> None:
                     run["in_process"] = network_share(json.loads(Path(cfg["result_out"]).read_text()))
                 share = run.get("in_process", {})
                 print(f"  {run.get('wall_s', 0):.1f} s, peak RSS {run.get('peak_rss_mib', 0):.0f} MiB, "
-                      f"returncode {run.get('returncode')}; network {share.get('network_forward_s', 0):.1f} s, "
-                      f"steady state {share.get('steady_state_over_network', 0):.3f}x it", flush=True)
+                      f"returncode {run.get('returncode')}; network {share.get('network_forward_s') or 0:.1f} s, "
+                      f"steady state {share.get('steady_state_over_network') or 0:.3f}x it", flush=True)
                 part["runs"].append(run)
                 part["runs"].sort(key=lambda r: r["size_px"])
                 part["summary"] = summarise(part["runs"], report["baseline"].get("peak_rss_mib"))

@@ -635,7 +635,8 @@ class HPFDetectionWriter(RecordsWeights):
                 logger.error("HPF %s failed: %s", name, item["error"])
                 continue
             prob = out[self.pred_key][self.prob_channel].detach().float().cpu().numpy()
-            pixels = item.get(getattr(self.dataset, "pixels_key", None) or "", None)
+            key = getattr(self.dataset, "pixels_key", None)
+            pixels = item.get(key) if key else None
             self.add(index, prob, None if pixels is None else np.asarray(pixels, np.uint8))
 
     def add(self, index: int, prob: np.ndarray, pixels: np.ndarray | None = None) -> np.ndarray:

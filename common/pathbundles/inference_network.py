@@ -95,11 +95,16 @@ def fold_batchnorm(network: nn.Module) -> int:
     return len(pairs)
 
 
+def _exported(network: Any) -> bool:
+    """Whether ``network`` is an exported graph (TorchScript, an ONNX session): fixed, never rewritten."""
+    return not isinstance(network, nn.Module) or isinstance(network, torch.jit.ScriptModule)
+
+
 def prepare_for_inference(network: nn.Module, fold: bool = True, channels_last: bool = False) -> nn.Module:
     """``network`` (weights loaded) in eval mode with its BatchNorms folded (``fold``) and in channels_last memory
     format (``channels_last``, 4-D weights only); changed in place and returned. An exported network (TorchScript,
     an ONNX session) is returned as it is: its graph is fixed."""
-    if not isinstance(network, nn.Module) or isinstance(network, torch.jit.ScriptModule):
+    if _exported(network):
         logger.info("network is an exported graph (%s): not rewritten for inference", type(network).__name__)
         return network
     network.eval()
@@ -116,7 +121,7 @@ def compile_for_inference(network: nn.Module) -> nn.Module:
     module, its weights and its sub-modules stay as they are (an inferer that calls ``network.encoder`` runs that
     part eagerly). The first call of each shape compiles (seconds to tens of seconds on a CPU; inductor caches the
     code on disk for later runs). An exported network is returned as it is."""
-    if not isinstance(network, nn.Module) or isinstance(network, torch.jit.ScriptModule):
+    if _exported(network):
         logger.info("network is an exported graph (%s): not compiled", type(network).__name__)
         return network
     network.compile(dynamic=False)
@@ -147,8 +152,8 @@ class PrepareNetworkForInference:
         engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Any) -> None:
+        network = getattr(engine.network, "module", engine.network)
         if self.fold_batchnorm or self.channels_last:
-            prepare_for_inference(getattr(engine.network, "module", engine.network), fold=self.fold_batchnorm,
-                                  channels_last=self.channels_last)
+            prepare_for_inference(network, fold=self.fold_batchnorm, channels_last=self.channels_last)
         if self.compile:
-            compile_for_inference(getattr(engine.network, "module", engine.network))
+            compile_for_inference(network)
