@@ -188,7 +188,7 @@ def test_overlay_layout_is_read_from_the_header_without_decoding_the_pixels(tmp_
     whole = read_overlay_layout(tmp_path / "o.png")
     data = (tmp_path / "o.png").read_bytes()
     first_pixels = data.index(b"IDAT")
-    assert data.index(b"tEXt") < first_pixels
+    assert data.index(b"iTXt") < first_pixels
     (tmp_path / "cut.png").write_bytes(data[:first_pixels + 4096])
     with pytest.raises(OSError), Image.open(tmp_path / "cut.png") as cut:
         cut.load()

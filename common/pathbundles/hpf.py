@@ -32,6 +32,7 @@ from pathbundles.atomic import atomic_path
 from pathbundles.checks import flag, probability
 from pathbundles.errors import InputError, PathBundlesError, SlidesFailedError
 from pathbundles.outputs import claim_folder, output_file, output_names
+from pathbundles.png import write_png
 from pathbundles.metrics.mitosis import check_matching, match_points, mitosis_f1
 from pathbundles.postprocess import mitosis_blobs
 from pathbundles.weights import RecordsWeights, WeightsIdentity, csv_header_and_row
@@ -658,7 +659,7 @@ class HPFDetectionWriter(RecordsWeights):
         write_detections_asap_xml(files["asap_xml"], level0, class_name=MITOSIS_CLASS, color=DETECTION_COLOUR)
         if self.write_images:
             with atomic_path(files["map"]) as tmp:
-                Image.fromarray(np.clip(np.rint(prob * 255), 0, 255).astype(np.uint8)).save(tmp, format="PNG")
+                write_png(tmp, np.clip(np.rint(prob * 255), 0, 255).astype(np.uint8))
             image = pixels if pixels is not None else self.dataset.read_image(index)
             write_circle_overlay_png(files["overlay"], image, detections,
                                      self.dataset.truths[index], radius_px=self.radius_px,

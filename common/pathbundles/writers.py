@@ -51,11 +51,12 @@ import imagecodecs
 import numpy as np
 import tifffile
 from numpy.typing import ArrayLike, DTypeLike
-from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+from PIL import Image, ImageDraw, ImageFont
 
 from pathbundles.annotations import Annotation, feature_id, write_asap_xml
 from pathbundles.atomic import atomic_path
 from pathbundles.outputs import CANVAS_PREFIX, levels_dir_prefix
+from pathbundles.png import write_png
 from pathbundles.errors import InputError
 from pathbundles.progress import progress
 
@@ -902,12 +903,10 @@ def write_annotated_png(path: str | os.PathLike, slide: np.ndarray, *, title: Se
               "colour_bar_box_px": ([panel_x + bar_box[0], title_h + bar_box[1], *bar_box[2:]] if bar_box
                                     else [0, 0, 0, 0]),
               "markers": placed, "fields": dict(fields or {})}
-    info = PngImagePlugin.PngInfo()
-    info.add_text(OVERLAY_LAYOUT_KEY, json.dumps(layout))
     with atomic_path(path) as tmp:
-        # zlib level 1, not Pillow's 6: a 2084 px HPF overlay encodes 3.5x faster for a 6 % larger file (slide
-        # and HPF pixels compress little at any level); the decoded pixels are the same.
-        canvas.save(tmp, format="PNG", pnginfo=info, compress_level=1)
+        # pathbundles.png, not Pillow's encoder: a 2084 px HPF overlay encodes 2.4x faster for 1.11x the bytes, real
+        # H&E 3.1x faster for 1.01x (slide and HPF pixels compress little at any level); the same decoded pixels.
+        write_png(tmp, np.asarray(canvas), {OVERLAY_LAYOUT_KEY: json.dumps(layout)})
     return Path(path)
 
 
