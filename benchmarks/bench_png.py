@@ -45,7 +45,6 @@ def _overlay(image: np.ndarray, detections: np.ndarray, workdir: Path) -> np.nda
 
 def _images(workdir: Path) -> dict[str, np.ndarray]:
     from pathbundles.phantom import make_phantom
-
     from pathbundles.sampling import read_datalist
 
     dataset = make_phantom(workdir / "hpf", kind="mitosis", n=1, seed=10, size_px=2084, mpp=0.25)

@@ -90,9 +90,9 @@ def _write(out: BinaryIO, pixels: np.ndarray, chunks: list[tuple[bytes, bytes]],
     for start in range(0, height, _ROWS_PER_BLOCK):
         stop = min(start + _ROWS_PER_BLOCK, height)
         filtered = block[: stop - start]
-        # Up: each byte minus the byte above it, modulo 256 (the row above the first row is zeros).
-        np.subtract(rows[start:stop], rows[start - 1:stop - 1] if start else
-                    np.vstack([np.zeros((1, rows.shape[1]), np.uint8), rows[:stop - 1]]), out=filtered[:, 1:])
+        # Up: each byte minus the byte above it, modulo 256 (the row above the image's first row is zeros).
+        np.subtract(rows[start + 1:stop], rows[start:stop - 1], out=filtered[1:, 1:])
+        filtered[0, 1:] = rows[start] - rows[start - 1] if start else rows[0]
         if compressed := deflate.compress(filtered):
             _chunk(out, b"IDAT", compressed)
     _chunk(out, b"IDAT", deflate.flush())
