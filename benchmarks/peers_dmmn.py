@@ -8,8 +8,9 @@ each read one level. A MONAI user wires DMMN's three concentric views from its p
   tifffile backend decodes a whole level per patch), all at the centres of the bundle's 256 px target grid. The
   corners are given in level-0 pixels with ``center_location=False``: MONAI's ``center_location`` subtracts half
   the patch size in level-0 pixels whatever the level, so it would misplace the 1.0 and 2.0 um/px views;
-- each view with the bundle's own per-view transforms, read from its ``preprocessing`` (``CastToTyped`` float32,
-  ``ScaleIntensityRanged`` 0..255 to -1..1), ``ZipDataset`` of the three (its items are tuples of the views),
+- each view with the bundle's own per-view transforms, read from its ``preprocessing``, as MONAI's own
+  (``CastToTyped`` float32, ``ScaleIntensityRanged`` 0..255 to -1..1; the bundle runs the same arithmetic in one
+  buffer, ``CastScaleIntensityRanged``), ``ZipDataset`` of the three (its items are tuples of the views),
   ``DataLoader`` (the bundle's batch 2 and 2 workers), the three batches concatenated into 9 channels (the
   bundle's ``ConcatItemsd`` order: 20x, 10x, 5x);
 - the bundle's prepared network (BatchNorm folded, channels_last), softmax, argmax into an in-memory uint8 label
@@ -39,10 +40,16 @@ def view_corners(rows: int, cols: int, patch_px: int, downsamples: list[float]) 
     return [centre - round(patch_px * d / 2) for d in downsamples]
 
 
+#: The bundle's one-buffer step and the MONAI transforms it stands for (the same values: tests/test_transforms.py).
+_BUNDLE_CAST_SCALE = "pathbundles.transforms.CastScaleIntensityRanged"
+
+
 def view_transforms(parser: Any) -> list[Any]:
     """The bundle's per-view transforms of its ``preprocessing`` (all before ``ConcatItemsd``: the cast and the
-    intensity scaling), instantiated for one view under the key "image"; the concatenation they feed is checked to
-    take the views in ``mpps`` order, the order of the zipped datasets."""
+    intensity scaling), instantiated for one view under the key "image", as MONAI's own transforms: the bundle's
+    ``CastScaleIntensityRanged`` becomes MONAI's ``CastToTyped`` + ``ScaleIntensityRanged`` with its arguments (the
+    same values; MONAI's pipeline runs MONAI's code). The concatenation they feed is checked to take the views in
+    ``mpps`` order, the order of the zipped datasets."""
     from monai.bundle import ConfigParser
 
     steps = list(parser["preprocessing"]["transforms"])
@@ -50,8 +57,15 @@ def view_transforms(parser: Any) -> list[Any]:
     if list(steps[concat]["keys"]) != ["x20", "x10", "x5"] or len(parser["mpps"]) != 3:
         raise ValueError(f"the bundle's ConcatItemsd takes {steps[concat]['keys']}: expected the 20x, 10x and 5x "
                          f"views in mpps order")
-    views = ConfigParser({"views": [{**step, "keys": "image"} for step in steps[:concat]]})
-    return views.get_parsed_content("views")
+    views: list[dict[str, Any]] = []
+    for step in steps[:concat]:
+        if step["_target_"] == _BUNDLE_CAST_SCALE:
+            ranges = {k: step[k] for k in ("a_min", "a_max", "b_min", "b_max")}
+            views += [{"_target_": "CastToTyped", "keys": "image", "dtype": step.get("dtype", "$torch.float32")},
+                      {"_target_": "ScaleIntensityRanged", "keys": "image", **ranges}]
+        else:
+            views.append({**step, "keys": "image"})
+    return ConfigParser({"views": views}).get_parsed_content("views")
 
 
 def monai_worker(cfg: dict) -> dict[str, Any]:

@@ -133,6 +133,65 @@ def test_handler_settings_and_exported_graphs() -> None:
     assert prepare_for_inference(scripted) is scripted  # an exported graph is left as it is
 
 
+class _CountingNet(nn.Sequential):
+    """A Sequential that counts the ``train``/``eval`` calls reaching it (each one walks every sub-module)."""
+
+    def __init__(self, *modules: nn.Module) -> None:
+        super().__init__(*modules)
+        self.mode_calls = 0
+
+    def train(self, mode: bool = True) -> nn.Module:
+        self.mode_calls += 1
+        return super().train(mode)
+
+
+def _evaluate(net: nn.Module, handlers: list, n_batches: int = 4) -> tuple[list[torch.Tensor], object]:
+    from monai.engines import SupervisedEvaluator
+
+    torch.manual_seed(1)
+    data = [{"image": torch.rand(2, 3, 12, 10)} for _ in range(n_batches)]
+    outputs: list[torch.Tensor] = []
+    evaluator = SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=data, network=net,
+                                    val_handlers=handlers, decollate=False)
+    from ignite.engine import Events
+
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED,
+                                lambda engine: outputs.append(engine.state.output["pred"].clone()))
+    evaluator.run()
+    return outputs, evaluator
+
+
+def test_prepared_network_is_not_walked_into_eval_mode_every_batch() -> None:
+    """After the handler, the evaluator enters ``prepared_eval_mode`` per batch: no ``eval()`` walk over the
+    modules (MONAI's ``eval_mode`` makes one per batch), gradients off, the same outputs as MONAI's own; a
+    network set back to training gets MONAI's ``eval_mode`` again."""
+    from monai.networks.utils import eval_mode
+
+    from pathbundles.inference_network import prepared_eval_mode
+
+    def network() -> _CountingNet:
+        torch.manual_seed(0)
+        return _CountingNet(nn.Conv2d(3, 4, 3, padding=1), _randomise_norms(nn.BatchNorm2d(4)), nn.ReLU())
+
+    plain_net = network()
+    plain, plain_engine = _evaluate(plain_net, [])
+    assert plain_engine.mode is eval_mode and plain_net.mode_calls >= 4  # MONAI: one eval() per batch
+    prepared_net = network()
+    prepared, engine = _evaluate(prepared_net, [PrepareNetworkForInference(fold_batchnorm=False)])
+    assert engine.mode is prepared_eval_mode
+    assert prepared_net.mode_calls == 1  # the handler's one eval(), none per batch
+    assert len(prepared) == len(plain) == 4
+    for ours, theirs in zip(prepared, plain):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        assert not ours.requires_grad
+    with prepared_eval_mode(prepared_net) as nets:
+        assert nets == [prepared_net] and not torch.is_grad_enabled() and not prepared_net.training
+    prepared_net.train()
+    with prepared_eval_mode(prepared_net):
+        assert not prepared_net.training and not prepared_net[1].training
+    assert prepared_net.training  # MONAI's eval_mode restores what it found
+
+
 def test_compile_key_is_off_by_default_and_the_compiled_network_gives_the_eager_outputs() -> None:
     """``compile_network`` (every bundle, default false) compiles the prepared network in place: the module and its
     sub-modules stay the same objects, the outputs equal the eager ones to float rounding; exported graphs are

@@ -206,8 +206,8 @@ def test_a_writer_cleans_its_folder_and_keeps_its_canvases_there(tmp_path: Path)
     assert not any(p.exists() for p in ours) and all(p.exists() for p in theirs)
     assert not (out / LOCK_FILE).exists() and not (out / WORK_AREA).exists()
 
-    stitching = SlideMapWriter(types.SimpleNamespace(plans=[SlidePlan("s", "s.tif", map_shape=(4, 4))]), str(out),
-                               detect=None)
+    stitching = SlideMapWriter(types.SimpleNamespace(plans=[SlidePlan("s", "s.tif", map_shape=(4, 4))],
+                                                     backend="tifffile"), str(out), detect=None)
     canvas = stitching._canvas_for(0)
     assert [Path(p).parent for p in canvas._paths] == [out / WORK_AREA]
     canvas.close()

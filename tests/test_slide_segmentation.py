@@ -301,6 +301,47 @@ def test_a_failure_while_writing_removes_what_was_already_written(tmp_path, monk
     assert files == ["areas.csv"]  # the label TIFF written before the overlay is gone
 
 
+def test_overview_is_read_on_the_writer_thread_while_the_tiles_come_in(tmp_path, monkeypatch):
+    """Each slide's overview is read once, on the writer thread, as soon as its first tile is in (not after its last,
+    when the network has nothing left to hide it behind); a failed read fails that slide alone."""
+    import threading
+
+    from pathbundles import slide_inference
+
+    reads: list[tuple[str, str, int]] = []
+    tiles_in: dict = {"n": 0}
+    read = slide_inference._read_overview
+
+    def recording(path, backend, mpp, long_side_px):
+        reads.append((Path(path).stem, threading.current_thread().name, tiles_in["n"]))
+        if Path(path).stem == "bad":
+            raise OSError("overview unreadable")
+        return read(path, backend, mpp, long_side_px)
+
+    monkeypatch.setattr(slide_inference, "_read_overview", recording)
+    dataset = _dataset([_slide(tmp_path, "good", (600, 500)), _slide(tmp_path, "bad", (300, 300))])
+    writer = SlideLabelWriter(dataset, tmp_path / "out", MULTICLASS_CLASSES, overlay_long_side_px=150)
+    paste = writer.iteration_completed
+
+    def counting(engine):
+        paste(engine)
+        if tiles_in["n"] == 0:
+            tiles_in["reading after the first tile"] = set(writer._overviews)
+        tiles_in["n"] += 1
+
+    writer.iteration_completed = counting
+    with pytest.raises(RuntimeError, match=r"1 slide.*bad: overview unreadable"):
+        _run(writer, dataset, lambda s, x0, y0: np.full((256, 256), 2, np.uint8))
+    assert [r[0] for r in reads] == ["good", "bad"]
+    assert all(r[1].startswith("slide-writer") for r in reads)
+    assert tiles_in["reading after the first tile"] == {"good"}
+    n_good = int((dataset.tiles[:, 0] == 0).sum())
+    assert n_good == 6 and reads[0][2] < n_good  # before the good slide's last tile was in
+    assert max(read_overlay_layout(writer.outputs("good")["overlay"])["slide_box_px"][2:]) == 150
+    assert not any(p.exists() for p in writer.outputs("bad").values())
+    assert writer._overviews == {}
+
+
 def test_a_slide_without_tiles_gets_an_all_zero_map(tmp_path):
     dataset = MultiMagnificationDataset([{"image": _slide(tmp_path, "blank", (300, 200), grey=245)}], mode="infer")
     assert len(dataset.tiles) == 0  # no tissue on a blank slide

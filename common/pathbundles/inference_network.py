@@ -19,6 +19,8 @@ checkpoint of the unfolded one.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -129,9 +131,31 @@ def compile_for_inference(network: nn.Module) -> nn.Module:
     return network
 
 
+@contextmanager
+def prepared_eval_mode(*nets: Any) -> Iterator[list[Any]]:
+    """MONAI's ``eval_mode`` for networks already in eval mode: ``torch.no_grad`` without calling ``eval()``.
+
+    MONAI's evaluator enters ``eval_mode(network)`` around every batch, and ``eval()`` walks every sub-module:
+    2.5 ms per batch for DMMN's 255 modules (0.33 s of a 4096 px slide's 128 batches, measured 2026-12-08), time
+    the network waits. A network prepared for inference is put in eval mode once (:class:`PrepareNetworkForInference`
+    installs this context in the evaluator); one whose own flag says training again gets MONAI's ``eval_mode``.
+    """
+    from monai.networks.utils import eval_mode
+
+    if any(getattr(n, "training", False) for n in nets):
+        with eval_mode(*nets) as out:
+            yield out
+        return
+    with torch.no_grad():
+        yield list(nets)
+
+
 class PrepareNetworkForInference:
     """MONAI handler: when the evaluator starts (after the checkpoint loader listed before it), rewrite its network
     for inference with :func:`prepare_for_inference`, then compile it (:func:`compile_for_inference`) when asked.
+    The network is then in eval mode for the run, and an evaluator in MONAI's eval mode enters
+    :func:`prepared_eval_mode` around each batch instead of walking the network's modules every time (the same
+    outputs).
 
     Args:
         fold_batchnorm: fold BatchNorms into the convolutions before them (a bundle's ``fold_batchnorm`` key).
@@ -157,3 +181,9 @@ class PrepareNetworkForInference:
             prepare_for_inference(network, fold=self.fold_batchnorm, channels_last=self.channels_last)
         if self.compile:
             compile_for_inference(network)
+        from monai.networks.utils import eval_mode
+
+        if getattr(engine, "mode", None) is eval_mode:
+            if hasattr(engine.network, "eval"):
+                engine.network.eval()
+            engine.mode = prepared_eval_mode

@@ -210,6 +210,13 @@ class SlideROIDataset(torch.utils.data.Dataset):
         return self.transform(item) if self.transform is not None else item
 
 
+def _read_overview(path: str | os.PathLike, backend: str, mpp: Any, long_side_px: int) -> np.ndarray:
+    from pathbundles.wsi import open_slide
+
+    with open_slide(path, backend=backend, mpp=mpp) as slide:
+        return slide.read_overview(long_side_px)[0]
+
+
 class StreamedSlideWriter(RecordsWeights):
     """Ignite handler base of the whole-slide writers: per-slide outputs written on a background thread.
 
@@ -252,6 +259,8 @@ class StreamedSlideWriter(RecordsWeights):
         self._bar: Any = None
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
+        #: {slide name: its overview being read on the writer thread} (:meth:`_prefetch_overview`)
+        self._overviews: dict[str, Future] = {}
         self._completed = False
         self._lock: Any = None
 
@@ -282,11 +291,29 @@ class StreamedSlideWriter(RecordsWeights):
         if self._bar is not None:
             self._bar.update(n)
 
-    def _submit(self, name: str, error: str | None, canvas: Any, write: Callable[[Any], None]) -> None:
-        """Write slide ``name`` on the writer thread: ``write(canvas)``, or its failure when ``error`` is set."""
+    def _writer_thread(self) -> ThreadPoolExecutor:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slide-writer")
-        self._pending.append(self._pool.submit(self._finish_slide, name, error, canvas, write))
+        return self._pool
+
+    def _submit(self, name: str, error: str | None, canvas: Any, write: Callable[[Any], None]) -> None:
+        """Write slide ``name`` on the writer thread: ``write(canvas)``, or its failure when ``error`` is set."""
+        self._pending.append(self._writer_thread().submit(self._finish_slide, name, error, canvas, write))
+
+    def _prefetch_overview(self, name: str, path: str | os.PathLike, backend: str, mpp: Any,
+                           long_side_px: int) -> None:
+        """Read slide ``name``'s overview (:meth:`pathbundles.wsi.Slide.read_overview`) on the writer thread now,
+        while the network works through the slide's items, instead of after its last one; called with the slide's
+        first item. :meth:`_overview` takes it when the slide is written (the one thread runs tasks in order)."""
+        if name not in self._overviews:
+            self._overviews[name] = self._writer_thread().submit(_read_overview, path, backend, mpp, long_side_px)
+
+    def _overview(self, name: str, path: str | os.PathLike, backend: str, mpp: Any,
+                  long_side_px: int) -> np.ndarray:
+        """Slide ``name``'s overview, uint8 (H, W, 3): the prefetched one, or read now. A read that failed raises
+        here, in the slide's writing, which fails that slide alone."""
+        future = self._overviews.pop(name, None)
+        return _read_overview(path, backend, mpp, long_side_px) if future is None else future.result()
 
     def _finish_slide(self, name: str, error: str | None, canvas: Any, write: Callable[[Any], None]) -> None:
         try:
@@ -320,6 +347,7 @@ class StreamedSlideWriter(RecordsWeights):
             if self._pool is not None:
                 self._pool.shutdown()
                 self._pool = None
+            self._overviews.clear()  # those of slides that failed before they were written
             self._write_run_files()
         finally:
             self._lock.release()
@@ -353,7 +381,8 @@ class SlideMapWriter(StreamedSlideWriter):
     """Ignite handler: stitch ROI tiles into per-slide maps on disk and write each slide's outputs when complete.
 
     For slide ``name`` under ``output_dir``: ``maps/name.tif`` (probability x 255, stored R = G = B, as a tiled
-    pyramidal OME-TIFF with mpp tags (:func:`pathbundles.writers.write_pyramid_tiff`), registered to the slide: pixel (0, 0) starts at the slide's origin, see :func:`registered_map`),
+    pyramidal OME-TIFF with mpp tags (:func:`pathbundles.writers.write_pyramid_tiff`), registered to the slide:
+    pixel (0, 0) starts at the slide's origin, see :func:`registered_map`),
     ``overlays/name.png`` (for review: the slide thumbnail, its long side ``overlay_long_side_px``, with the map in
     the jet colours where it is at least ``overlay_min_probability`` on tissue, glass left as scanned, in the same
     registration; the detections ringed and numbered as the CSV's rows; a colour bar; the slide name, model and
@@ -402,8 +431,10 @@ class SlideMapWriter(StreamedSlideWriter):
         if s not in self._canvas:
             from pathbundles.writers import DiskCanvas
 
-            self._canvas[s] = DiskCanvas(self.dataset.plans[s].map_shape, np.float32, fill=0.0,
-                                         dir=work_area(self.output_dir))
+            plan = self.dataset.plans[s]
+            self._canvas[s] = DiskCanvas(plan.map_shape, np.float32, fill=0.0, dir=work_area(self.output_dir))
+            self._prefetch_overview(plan.name, plan.path, self.dataset.backend, plan.mpp_override,
+                                    self.overlay_long_side_px)
         return self._canvas[s]
 
     def iteration_completed(self, engine: Any) -> None:
@@ -459,7 +490,6 @@ class SlideMapWriter(StreamedSlideWriter):
         self._submit(plan.name, plan.error, self._canvas.pop(s, None), lambda canvas: self._write_slide(plan, canvas))
 
     def _write_slide(self, plan: SlidePlan, canvas: Any) -> None:
-        from pathbundles.wsi import open_slide
         from pathbundles.writers import (write_detections_asap_xml, write_detections_csv, write_detections_geojson,
                                          write_overlay_png, write_pyramid_tiff)
 
@@ -485,8 +515,8 @@ class SlideMapWriter(StreamedSlideWriter):
                                                         f"(r, c) covers level-0 [c * s, (c + 1) * s) x [r * s, "
                                                         f"(r + 1) * s), s = {map_mpp} / level-0 mpp",
                                         **self.weights_record()})
-        with open_slide(plan.path, backend=self.dataset.backend, mpp=plan.mpp_override) as slide:
-            thumb, _ = slide.read_overview(self.overlay_long_side_px)
+        thumb = self._overview(plan.name, plan.path, self.dataset.backend, plan.mpp_override,
+                               self.overlay_long_side_px)
         # Thumbnail pixel centres in level-0 and scan pixels: the overlay samples the map where each pixel lies.
         (w0, h0), to_scan = plan.level0_size, plan.level0_mpp / scan_mpp
         step_x, step_y = w0 / thumb.shape[1], h0 / thumb.shape[0]

@@ -296,6 +296,9 @@ class SlideLabelWriter(StreamedSlideWriter):
             from pathbundles.writers import DiskCanvas
 
             self._canvas[s] = DiskCanvas(self.map_shape(s), np.uint8, fill=0, dir=work_area(self.output_dir))
+            entry = self.dataset.slides[s]
+            self._prefetch_overview(entry.name, entry.path, self.dataset.handles.backend, entry.mpp_override,
+                                    self.overlay_long_side_px)
         return self._canvas[s]
 
     def iteration_completed(self, engine: Any) -> None:
@@ -381,14 +384,14 @@ class SlideLabelWriter(StreamedSlideWriter):
 
     def _write_slide(self, s: int, canvas: Any) -> None:
         from pathbundles.writers import write_pyramid_tiff
-        from pathbundles.wsi import open_slide
 
         entry = self.dataset.slides[s]
         files = self.outputs(entry.name)
         height, width = canvas.shape
-        # The thumbnail first: a slide that cannot be read fails before anything is written.
-        with open_slide(entry.path, backend=self.dataset.handles.backend, mpp=entry.mpp_override) as slide:
-            thumb, _ = slide.read_overview(self.overlay_long_side_px)
+        # The thumbnail first (read while the network ran): a slide that cannot be read fails before anything is
+        # written.
+        thumb = self._overview(entry.name, entry.path, self.dataset.handles.backend, entry.mpp_override,
+                               self.overlay_long_side_px)
         w0, h0 = entry.level0_size
         thumb_map = _NearestCopy(_centre_indices(thumb.shape[0], h0 * entry.level0_mpp / thumb.shape[0] / self.map_mpp,
                                                  height),

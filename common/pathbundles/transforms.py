@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 
 import torch
+from monai.data.meta_obj import get_track_meta
 from monai.transforms import MapTransform, RandomizableTransform
+from monai.utils import convert_to_tensor
 
 from pathbundles.checks import flag
 
@@ -61,4 +63,39 @@ class RandHEColorJitterd(RandomizableTransform, MapTransform):
             return out
         for key in self.key_iterator(out):
             out[key] = self.jitter(out[key])
+        return out
+
+
+class CastScaleIntensityRanged(MapTransform):
+    """``CastToTyped(dtype)`` then ``ScaleIntensityRanged(a_min, a_max, b_min, b_max)``, in one buffer.
+
+    The same arithmetic as the two MONAI transforms, operation by operation in ``dtype`` (subtract ``a_min``, divide by
+    ``a_max - a_min``, multiply by ``b_max - b_min``, add ``b_min``), so the values are bit for bit theirs; but the
+    four steps run in place on the one cast copy instead of allocating a new image each. On a (3, 2084, 2084) uint8
+    HPF that is 0.03 s against 0.11 s on one core (2-core AMD EPYC VM, 2026-12-08), work a DataLoader worker does
+    for every HPF, tile or ROI while the network runs. The input is never modified.
+
+    Args:
+        keys: keys of the images.
+        a_min, a_max: input range; must differ.
+        b_min, b_max: output range.
+        dtype: the cast's dtype (default float32).
+    """
+
+    def __init__(self, keys: str | Sequence[str], a_min: float, a_max: float, b_min: float, b_max: float,
+                 dtype: torch.dtype = torch.float32, allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, flag(allow_missing_keys, "allow_missing_keys"))
+        if a_max == a_min:
+            raise ValueError(f"CastScaleIntensityRanged: a_min == a_max == {a_min}, an empty input range")
+        if not torch.empty(0, dtype=dtype).is_floating_point():
+            raise ValueError(f"CastScaleIntensityRanged: dtype {dtype} is not a floating point type")
+        self.a_min, self.a_max, self.b_min, self.b_max = float(a_min), float(a_max), float(b_min), float(b_max)
+        self.dtype = dtype
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        out = dict(data)
+        for key in self.key_iterator(out):
+            img = convert_to_tensor(out[key], track_meta=get_track_meta()).to(dtype=self.dtype, copy=True)
+            img.sub_(self.a_min).div_(self.a_max - self.a_min)
+            out[key] = img.mul_(self.b_max - self.b_min).add_(self.b_min)
         return out
