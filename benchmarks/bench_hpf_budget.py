@@ -180,8 +180,11 @@ def main(argv: list[str] | None = None) -> None:
               "monai_transforms_over_ours": median["to_tensor_and_monai_transforms"]
               / median["to_tensor_and_transforms"],
               "budget": budget(median, args.threads), "seconds": seconds}
+    from pathbundles.atomic import atomic_path
+
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
     for stage in STAGES:
         print(f"{stage:32s} {median[stage]:.4f} s")
     print(json.dumps(report["budget"], indent=2))

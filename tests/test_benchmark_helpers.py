@@ -15,6 +15,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import bench_autocast  # noqa: E402
+import bench_hpf_budget  # noqa: E402
 import bench_inference_network  # noqa: E402
 import bench_peers  # noqa: E402
 import bench_scaling  # noqa: E402
@@ -225,3 +226,16 @@ def test_dmmn_monai_views_get_the_bundles_own_per_view_transforms():
     # 0..255 to -1..1 in float32, as the bundle scales each of x20, x10, x5 before concatenating them
     assert view["image"].dtype == torch.float32
     assert torch.allclose(torch.as_tensor(view["image"]), torch.tensor([[[-1.0, -0.6, 1.0]]]))
+
+
+def test_hpf_budget_predicts_the_steady_state_from_core_seconds():
+    """bench_hpf_budget.budget by hand: 2 threads x 0.5 s = 1.0 core-s of network; 0.1 + 0.02 + 0.01 + 0.17 = 0.30
+    core-s of the rest -> 1.30x (1.33x with MONAI's 0.05 s transforms); 1.1x allows 0.1; 0.8 / (2 x 0.5) = 80 %."""
+    median = {"network": 0.5, "network_1_thread": 0.8, "read": 0.1, "to_tensor_and_transforms": 0.02,
+              "to_tensor_and_monai_transforms": 0.05, "softmax": 0.01, "writer_add": 0.17}
+    out = bench_hpf_budget.budget(median, threads=2)
+    assert out["network_core_s"] == pytest.approx(1.0) and out["other_core_s"] == pytest.approx(0.30)
+    assert out["predicted_steady_state"] == pytest.approx(1.30)
+    assert out["predicted_steady_state_with_monai_transforms"] == pytest.approx(1.33)
+    assert out["other_core_s_allowed_at_1_1x"] == pytest.approx(0.1)
+    assert out["network_parallel_efficiency"] == pytest.approx(0.8)
