@@ -57,9 +57,9 @@ def _timed(fn: Any) -> tuple[float, Any]:
 
 def build(config: Path, datalist: Path, output_dir: Path) -> dict[str, Any]:
     """The bundle's dataset, preprocessing, network (weights loaded, prepared as its handler does) and writer."""
-    import torch
     from monai.bundle import ConfigParser
 
+    from pathbundles.checkpoints import read_weights
     from pathbundles.inference_network import prepare_for_inference
 
     parser = ConfigParser()
@@ -67,8 +67,7 @@ def build(config: Path, datalist: Path, output_dir: Path) -> dict[str, Any]:
     parser.update({"bundle_root": str(config.parents[1]), "data_source": str(datalist),
                    "output_dir": str(output_dir)})
     parts = {key: parser.get_parsed_content(key) for key in ("dataset", "network", "writer", "preprocessing")}
-    state = torch.load(parser.get_parsed_content("ckpt_path"), map_location="cpu", weights_only=True)
-    parts["network"].load_state_dict(state.get("model", state) if isinstance(state.get("model"), dict) else state)
+    parts["network"].load_state_dict(read_weights(parser.get_parsed_content("ckpt_path")))
     prepare_for_inference(parts["network"], fold=bool(parser["fold_batchnorm"]),
                           channels_last=bool(parser["channels_last"]))
     return parts
